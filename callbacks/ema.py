@@ -1,0 +1,125 @@
+"""Sampling EMA of one named submodule (default ``student``).
+
+Built on ``torch.optim.swa_utils.AveragedModel`` with ``get_ema_multi_avg_fn``. Lightning's own
+``EMAWeightAveraging`` averages the whole LightningModule (the frozen teacher included) and so does not
+fit: this callback averages only the named submodule, keeps its state in checkpoints, and offers the
+averaged copy for sampling, evaluation and export through ``sampling_module(pl_module)``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning as L
+import torch
+from torch import nn
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+
+def ema_decay(num_updates: int, decay: float, warmup: bool) -> float:
+    """Decay used for update number ``num_updates`` (0-based).
+
+    With ``warmup`` the decay ramps as (1 + n) / (10 + n) (the TensorFlow / DDPM convention), so early
+    averages are not dominated by the random initialisation; it never exceeds ``decay``.
+    """
+    if not warmup:
+        return decay
+    return min(decay, (1.0 + num_updates) / (10.0 + num_updates))
+
+
+class EMA(L.Callback):
+    """Exponential moving average of ``pl_module.<module_name>`` for sampling.
+
+    Args:
+        decay: EMA decay (e.g. 0.999 for short runs, 0.9999 for long ones).
+        warmup: ramp the decay up at the start (see :func:`ema_decay`).
+        module_name: the submodule to average (``student``).
+        update_every_n_steps: update every N optimiser steps.
+        start_step: first global step at which averaging starts (copies the weights then).
+
+    Example::
+
+        >>> trainer = L.Trainer(callbacks=[EMA(decay=0.999)])
+    """
+
+    def __init__(
+        self,
+        decay: float = 0.999,
+        warmup: bool = True,
+        module_name: str = "student",
+        update_every_n_steps: int = 1,
+        start_step: int = 0,
+    ) -> None:
+        if not 0.0 <= decay < 1.0:
+            raise ValueError(f"EMA decay must lie in [0, 1), got {decay}")
+        if update_every_n_steps < 1:
+            raise ValueError(f"update_every_n_steps must be >= 1, got {update_every_n_steps}")
+        self.decay = decay
+        self.warmup = warmup
+        self.module_name = module_name
+        self.update_every_n_steps = update_every_n_steps
+        self.start_step = start_step
+        self.averaged: AveragedModel | None = None
+        self._pending: dict | None = None
+        self._last_step = -1
+
+    # the one small override hook
+    def should_update(self, step: int) -> bool:
+        return step >= self.start_step and step % self.update_every_n_steps == 0
+
+    def _target(self, pl_module: L.LightningModule) -> nn.Module:
+        module = getattr(pl_module, self.module_name, None)
+        if not isinstance(module, nn.Module):
+            raise AttributeError(f"EMA: {type(pl_module).__name__} has no submodule {self.module_name!r}")
+        return module
+
+    def _build(self, pl_module: L.LightningModule) -> None:
+        target = self._target(pl_module)
+        self.averaged = AveragedModel(target, multi_avg_fn=get_ema_multi_avg_fn(self.decay), use_buffers=True)
+        self.averaged.requires_grad_(False)
+        self.averaged.eval()
+        if self._pending is not None:
+            self.averaged.load_state_dict(self._pending)
+            self._pending = None
+
+    def reset(self, pl_module: L.LightningModule) -> None:
+        """Restart averaging from the current weights (progressive distillation does this every round)."""
+        self._pending = None
+        self._build(pl_module)
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if self.averaged is None:
+            self._build(pl_module)
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.averaged.to(pl_module.device)
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
+        step = trainer.global_step  # already counts the optimiser step just taken
+        # With gradient accumulation this hook runs per micro-batch: update once per optimiser step.
+        if step == self._last_step or not self.should_update(step):
+            return
+        self._last_step = step
+        n = int(self.averaged.n_averaged.item())
+        self.averaged.multi_avg_fn = get_ema_multi_avg_fn(ema_decay(n, self.decay, self.warmup))
+        self.averaged.update_parameters(self._target(pl_module))
+
+    def sampling_module(self, pl_module: L.LightningModule) -> nn.Module | None:
+        """The averaged copy of the submodule, or None before averaging has started."""
+        if self.averaged is None or int(self.averaged.n_averaged.item()) == 0:
+            return None
+        return self.averaged.module
+
+    def state_dict(self) -> dict[str, Any]:
+        if self.averaged is None:
+            return {"averaged": self._pending}
+        return {"averaged": self.averaged.state_dict()}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        sd = state_dict.get("averaged")
+        if sd is None:
+            return
+        if self.averaged is None:
+            self._pending = sd
+        else:
+            self.averaged.load_state_dict(sd)

@@ -1,0 +1,90 @@
+"""``lightning-distill``: the Lightning CLI (fit / validate / test / predict) with OmegaConf interpolation.
+
+``parser_mode="omegaconf"`` resolves ``${...}`` after command-line overrides are merged, so
+``--data.image_size 32`` reaches every value that interpolates it. The teacher is loaded once by the
+data module and linked into the method on instantiation.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.cli import LightningCLI
+
+from .data import DataError, TeacherDataModule
+from .methods.base import DistillationMethod, NonFiniteLossError
+from .teacher import TeacherError
+
+
+def _resolve_per_subcommand() -> None:
+    """Make "omegaconf+" resolve ``${...}`` inside the chosen subcommand's config.
+
+    jsonargparse applies OmegaConf on the root parser, whose keys carry the subcommand prefix
+    ("fit.trainer...."), so ``${trainer.default_root_dir}`` in a config would not resolve. The wrapper
+    resolves the subcommand's own sub-config with its own parser instead (after command-line overrides
+    are merged, which is the point of "omegaconf+"). Tested in tests/test_cli.py.
+    """
+    import jsonargparse._core as core
+
+    original = core.omegaconf_apply
+    if getattr(original, "_per_subcommand", False):
+        return
+
+    def apply(parser, cfg):
+        action = getattr(parser, "_subcommands_action", None)
+        sub = cfg.get("subcommand") if action is not None else None
+        if sub and sub in action._name_parser_map and cfg.get(sub) is not None:
+            cfg[sub] = original(action._name_parser_map[sub], cfg[sub])
+            return cfg
+        return original(parser, cfg)
+
+    apply._per_subcommand = True
+    core.omegaconf_apply = apply
+
+
+class DistillCLI(LightningCLI):
+    """LightningCLI with the shared data module, teacher linking and project defaults."""
+
+    def add_arguments_to_parser(self, parser) -> None:
+        parser.link_arguments("data.teacher", "model.init_args.teacher", apply_on="instantiate")
+
+
+def default_trainer() -> dict:
+    """TensorBoard logging unless a config says otherwise (Lightning adds a ModelCheckpoint itself;
+    every shipped config configures one with ``save_last: true``)."""
+    from jsonargparse import lazy_instance
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    return {
+        "logger": lazy_instance(TensorBoardLogger, save_dir="runs"),
+        "enable_progress_bar": True,
+    }
+
+
+def main(args: list[str] | None = None) -> None:
+    """Entry point of the ``lightning-distill`` console script."""
+    cli_main(args)
+
+
+def cli_main(args: list[str] | None = None, run: bool = True) -> DistillCLI:
+    """Build (and with ``run`` execute) the CLI; returns it for tests and notebooks."""
+    _resolve_per_subcommand()
+    try:
+        return DistillCLI(
+            DistillationMethod,
+            TeacherDataModule,
+            subclass_mode_model=True,
+            parser_kwargs={"parser_mode": "omegaconf+", "default_env": False},
+            trainer_defaults=default_trainer(),
+            save_config_kwargs={"overwrite": True},
+            args=args,
+            run=run,
+        )
+    except (TeacherError, DataError, NonFiniteLossError) as err:
+        # Bad input: one line naming the problem, before any training step wrote anything.
+        print(f"lightning-distill: error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+__all__ = ["DistillCLI", "main", "cli_main"]

@@ -1,0 +1,254 @@
+"""Data and the frozen teacher, shared by every method: :class:`TeacherDataModule`.
+
+Data sources:
+  * ``"digits"``: scikit-learn's bundled 8x8 handwritten digits (1,797 images, shipped inside the
+    scikit-learn wheel: nothing is downloaded), resized to ``image_size``, scaled to [-1, 1].
+  * a folder of PNG/JPEG images (searched recursively), resized and centre-cropped; with
+    ``class_conditional`` the first-level sub-folder names are the classes.
+
+Batches are dicts: ``{"x": (B, C, H, W) in [-1, 1], "label": (B,) long}``.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Literal
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset, Subset
+
+from .teacher import DiffusionTeacher, TeacherError, load_teacher
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+
+
+class DataError(ValueError):
+    """Unusable data: an empty folder, an unreadable image, a bad setting."""
+
+
+def load_digits_tensor(image_size: int = 16) -> tuple[Tensor, Tensor]:
+    """All 1,797 scikit-learn digits as (N, 1, S, S) float in [-1, 1] and (N,) labels."""
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    x = torch.from_numpy(digits.images).float().unsqueeze(1) / 16.0  # values 0..16 -> [0, 1]
+    if image_size != 8:
+        x = F.interpolate(x, size=(image_size, image_size), mode="bilinear", align_corners=False, antialias=True)
+    x = (x.clamp(0, 1) * 2 - 1).contiguous()
+    return x, torch.from_numpy(digits.target).long()
+
+
+class TensorImageDataset(Dataset):
+    """Images held in memory as one tensor."""
+
+    def __init__(self, images: Tensor, labels: Tensor) -> None:
+        self.images, self.labels = images, labels
+
+    def __len__(self) -> int:
+        return self.images.shape[0]
+
+    def __getitem__(self, i: int) -> dict:
+        return {"x": self.images[i], "label": self.labels[i]}
+
+
+def find_images(root: str | os.PathLike) -> list[Path]:
+    root = Path(root).expanduser()
+    if not root.is_dir():
+        raise DataError(f"image folder {str(root)!r} does not exist")
+    files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    if not files:
+        raise DataError(f"image folder {str(root)!r} holds no PNG/JPEG images")
+    return files
+
+
+def load_image(path: Path, image_size: int, channels: int) -> Tensor:
+    """Read one image, resize the short side and centre-crop to ``image_size``; (C, S, S) in [-1, 1]."""
+    from PIL import Image, UnidentifiedImageError
+    from torchvision.transforms import functional as TF
+
+    try:
+        with Image.open(path) as img:
+            img.load()  # forces decoding, so a truncated file fails here and is named
+            img = img.convert("L" if channels == 1 else "RGB")
+    except (OSError, UnidentifiedImageError, SyntaxError) as err:
+        raise DataError(f"unreadable image {path}: {err}") from err
+    img = TF.resize(img, image_size, antialias=True)
+    img = TF.center_crop(img, image_size)
+    return TF.to_tensor(img) * 2 - 1
+
+
+def load_image_folder(
+    root: str | os.PathLike, image_size: int, channels: int, class_conditional: bool
+) -> tuple[Tensor, Tensor]:
+    """Decode a whole folder into memory (every file checked before training starts)."""
+    files = find_images(root)
+    root = Path(root).expanduser()
+    classes = sorted({p.relative_to(root).parts[0] for p in files if len(p.relative_to(root).parts) > 1})
+    index = {c: i for i, c in enumerate(classes)}
+    images, labels = [], []
+    for p in files:
+        images.append(load_image(p, image_size, channels))
+        parts = p.relative_to(root).parts
+        labels.append(index[parts[0]] if class_conditional and len(parts) > 1 else 0)
+    return torch.stack(images), torch.tensor(labels, dtype=torch.long)
+
+
+class TeacherDataModule(L.LightningDataModule):
+    """The frozen teacher plus the data every method trains on.
+
+    Args:
+        teacher: ``"bundled:digits"``, a local diffusers folder (``unet/`` + ``scheduler/``), a hub id
+            (needs a network), or None to train without a teacher (``DiffusionTraining``).
+        teacher_revision: hub revision (commit, branch or tag) for hub ids.
+        teacher_dtype: precision the teacher is held in; the student is unaffected.
+        teacher_prediction_type: override the teacher scheduler's ``prediction_type``.
+        data: ``"digits"`` or a folder of images.
+        image_size: side of the square training images.
+        channels: image channels for a folder (1 or 3); default: the teacher's, else 3. Digits are 1.
+        class_conditional: keep labels for class-conditional teachers (folders: sub-folder = class).
+        batch_size, val_batch_size, num_workers: loader settings.
+        val_fraction, split_seed: the fixed seeded train/val split.
+
+    Example::
+
+        >>> dm = TeacherDataModule(teacher="bundled:digits", data="digits", image_size=16)
+        >>> dm.teacher.denoiser  # the frozen teacher every method receives
+    """
+
+    def __init__(
+        self,
+        teacher: str | None = "bundled:digits",
+        teacher_revision: str | None = None,
+        teacher_dtype: Literal["float32", "bfloat16", "float16"] = "float32",
+        teacher_prediction_type: Literal["epsilon", "sample", "v_prediction"] | None = None,
+        data: str = "digits",
+        image_size: int = 16,
+        channels: int | None = None,
+        class_conditional: bool = False,
+        batch_size: int = 128,
+        val_batch_size: int | None = None,
+        num_workers: int = 0,
+        val_fraction: float = 0.1,
+        split_seed: int = 0,
+    ) -> None:
+        super().__init__()
+        if image_size < 4:
+            raise DataError(f"image_size must be at least 4, got {image_size}")
+        if batch_size < 1:
+            raise DataError(f"batch_size must be positive, got {batch_size}")
+        if not 0.0 < val_fraction < 1.0:
+            raise DataError(f"val_fraction must lie in (0, 1), got {val_fraction}")
+        if channels is not None and channels not in (1, 3):
+            raise DataError(f"channels must be 1 or 3, got {channels}")
+        self.save_hyperparameters()
+        self.teacher: DiffusionTeacher | None = (
+            load_teacher(teacher, revision=teacher_revision, dtype=teacher_dtype, prediction_type=teacher_prediction_type)
+            if teacher is not None
+            else None
+        )
+        if data == "digits":
+            if channels not in (None, 1):
+                raise DataError("the digits data set is grayscale: channels must be 1")
+            self.channels = 1
+        else:
+            if not Path(data).expanduser().is_dir():
+                raise DataError(f"data must be 'digits' or an existing image folder; {data!r} is neither")
+            self.channels = channels or (self.teacher.in_channels if self.teacher and not self.teacher.is_latent else 3)
+        self.image_size = image_size
+        self.check_teacher()
+        self.train_set: Dataset | None = None
+        self.val_set: Dataset | None = None
+
+    # --- teacher / data agreement --------------------------------------------------------------
+
+    @property
+    def sample_shape(self) -> tuple[int, int, int]:
+        """Shape (C, H, W) of what the networks see (latent shape for latent teachers)."""
+        t = self.teacher
+        if t is not None and t.is_latent:
+            f = t.vae_scale_factor
+            return (t.in_channels, self.image_size // f, self.image_size // f)
+        return (self.channels, self.image_size, self.image_size)
+
+    def check_teacher(self) -> None:
+        """Raise a one-line TeacherError when teacher and data disagree (before any training step)."""
+        t = self.teacher
+        if t is None:
+            return
+        if t.is_latent:
+            vae_in = int(t.vae.config.in_channels)
+            if vae_in != self.channels:
+                raise TeacherError(f"teacher VAE takes {vae_in}-channel images but the data has {self.channels}")
+            if self.image_size % t.vae_scale_factor:
+                raise TeacherError(
+                    f"image_size {self.image_size} is not divisible by the VAE's factor {t.vae_scale_factor}"
+                )
+        elif t.in_channels != self.channels:
+            raise TeacherError(f"teacher UNet takes {t.in_channels} channels but the data has {self.channels}")
+        size = self.sample_shape[-1]
+        if t.sample_size != size:
+            raise TeacherError(
+                f"teacher sample_size is {t.sample_size} but the data gives {size}x{size} "
+                f"(set image_size to match the teacher)"
+            )
+        if self.hparams.class_conditional and t.num_classes is None and t.unet.config.get("class_embed_type") is None:
+            raise TeacherError("class_conditional=True but the teacher UNet has no class embedding (num_class_embeds)")
+
+    # --- Lightning hooks -----------------------------------------------------------------------
+
+    def load_all(self) -> tuple[Tensor, Tensor]:
+        hp = self.hparams
+        if hp.data == "digits":
+            return load_digits_tensor(self.image_size)
+        return load_image_folder(hp.data, self.image_size, self.channels, hp.class_conditional)
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.train_set is not None:
+            return
+        images, labels = self.load_all()
+        n = images.shape[0]
+        n_val = max(1, int(round(n * self.hparams.val_fraction)))
+        if n - n_val < 1:
+            raise DataError(f"only {n} images: too few to split into train and validation")
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(self.hparams.split_seed))
+        full = TensorImageDataset(images, labels)
+        self.val_set = Subset(full, perm[:n_val].tolist())
+        self.train_set = Subset(full, perm[n_val:].tolist())
+
+    def train_images(self) -> Tensor:
+        """All training images as one tensor (reference statistics, FID)."""
+        self.setup()
+        return self.train_set.dataset.images[self.train_set.indices]
+
+    def val_images(self) -> Tensor:
+        self.setup()
+        return self.val_set.dataset.images[self.val_set.indices]
+
+    def _loader(self, ds: Dataset, batch_size: int, shuffle: bool) -> DataLoader:
+        return DataLoader(
+            ds,
+            batch_size=batch_size,
+            shuffle=shuffle,
+            drop_last=shuffle and len(ds) > batch_size,
+            num_workers=self.hparams.num_workers,
+            persistent_workers=self.hparams.num_workers > 0,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.train_set, self.hparams.batch_size, shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.val_set, self.hparams.val_batch_size or self.hparams.batch_size, shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self.val_dataloader()
+
+    def predict_dataloader(self) -> DataLoader:
+        return self.val_dataloader()
+
+
+__all__ = ["TeacherDataModule", "DataError", "TeacherError", "load_digits_tensor", "load_image_folder"]

@@ -1,0 +1,268 @@
+"""``DistillationMethod``: the LightningModule every method subclasses.
+
+What it owns:
+  * ``student`` (a :class:`~lightning_distill.parametrisation.Denoiser`) and the frozen ``teacher``.
+  * The optimiser (``OptimizerCallable``) over ``trainable_parameters()``, the student by default.
+  * ``sample(n, steps, generator)``: the student's sampler, a loop over a stock diffusers scheduler so
+    that the exported pipeline reproduces it sample for sample.
+  * Image-grid logging every ``sample_every_n_steps`` optimiser steps, and a finite-loss guard.
+
+Checkpoint rule for the teacher: a teacher loaded from a source (a folder or hub id) is reloadable and
+its weights are left out of checkpoints (they are re-read from the source on resume). A teacher that
+has no source, such as a progressive-distillation student promoted to teacher, is saved in full.
+
+A subclass writes its maths as pure functions and implements ``compute_loss(batch) -> LossOutput``.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from typing import Literal
+
+import lightning as L
+import torch
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from torch import Tensor, nn
+
+from ..parametrisation import Denoiser, PredictionType, VPSchedule
+from ..teacher import DiffusionTeacher
+
+
+@dataclass
+class LossOutput:
+    """A method's loss and the named terms it logs (each must be finite)."""
+
+    loss: Tensor
+    logs: dict[str, Tensor] = field(default_factory=dict)
+
+
+class NonFiniteLossError(FloatingPointError):
+    """A loss term became NaN or inf; training stops and the last good checkpoint is kept."""
+
+
+def check_finite(out: LossOutput, step: int) -> None:
+    terms = {"loss": out.loss, **out.logs}
+    for name, value in terms.items():
+        value = torch.as_tensor(value)
+        if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            raise NonFiniteLossError(f"non-finite value in loss term {name!r} at global step {step}: {value.item()}")
+
+
+def default_optimizer(params) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(params, lr=1e-4, weight_decay=0.0)
+
+
+class DistillationMethod(L.LightningModule):
+    """Base class: a trainable ``student`` denoiser, an optional frozen ``teacher``, sampling and logging.
+
+    Args:
+        teacher: the frozen teacher (from ``TeacherDataModule.teacher``; linked by the CLI).
+        student: the student network (a diffusers UNet). None: a copy of the teacher's UNet.
+        student_prediction_type: what the student outputs; None keeps the teacher's.
+        optimizer: optimiser factory for ``trainable_parameters()``.
+        lr_scheduler: optional LR scheduler factory (stepped every optimiser step).
+        sample_steps: step count used for logged sample grids and ``predict``.
+        sample_every_n_steps: log an image grid every N optimiser steps (0: never).
+        num_log_samples: images per logged grid.
+        seed: seed of the fixed noise used for logged grids.
+
+    Example::
+
+        >>> class MyMethod(DistillationMethod):
+        ...     def compute_loss(self, batch):
+        ...         ...
+        ...         return LossOutput(loss, {"mse": loss})
+    """
+
+    #: ``sample()`` uses this diffusers scheduler class (methods override: consistency uses LCM).
+    sampler_class: str = "DDIMScheduler"
+
+    def __init__(
+        self,
+        teacher: DiffusionTeacher | None = None,
+        student: nn.Module | None = None,
+        student_prediction_type: PredictionType | None = None,
+        optimizer: OptimizerCallable = default_optimizer,
+        lr_scheduler: LRSchedulerCallable | None = None,
+        sample_steps: int = 4,
+        sample_every_n_steps: int = 0,
+        num_log_samples: int = 64,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters(ignore=["teacher", "student", "optimizer", "lr_scheduler"])
+        self.teacher = teacher
+        self.optimizer_factory = optimizer
+        self.lr_scheduler_factory = lr_scheduler
+        self.student: Denoiser | None = None
+        if teacher is not None or student is not None:
+            self.build_student(student, student_prediction_type)
+
+    # --- construction --------------------------------------------------------------------------
+
+    def build_student(self, student: nn.Module | None, prediction_type: PredictionType | None) -> None:
+        """Wrap the student network in a Denoiser that shares the teacher's schedule."""
+        if self.teacher is None:
+            raise ValueError(f"{type(self).__name__} needs a teacher (set data.teacher)")
+        if student is None:
+            student = copy.deepcopy(self.teacher.unet).float()
+        student.requires_grad_(True)
+        student.train()
+        schedule = VPSchedule(self.teacher.schedule._alphas_cumprod[1:].clone())
+        self.student = Denoiser(
+            student, schedule, prediction_type or self.teacher.prediction_type, self.teacher.denoiser.clip_x0
+        )
+        self.student_scheduler_config = dict(self.teacher.scheduler_config)
+
+    def trainable_parameters(self):
+        return [p for p in self.student.parameters() if p.requires_grad]
+
+    # --- Lightning plumbing --------------------------------------------------------------------
+
+    def configure_optimizers(self):
+        opt = self.optimizer_factory(self.trainable_parameters())
+        if self.lr_scheduler_factory is None:
+            return opt
+        sched = self.lr_scheduler_factory(opt)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    def compute_loss(self, batch: dict) -> LossOutput:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def training_step(self, batch: dict, batch_idx: int) -> Tensor:
+        out = self.compute_loss(batch)
+        check_finite(out, self.global_step)
+        self.log_dict({f"train/{k}": v for k, v in out.logs.items()}, prog_bar=True, batch_size=batch["x"].shape[0])
+        return out.loss
+
+    def validation_step(self, batch: dict, batch_idx: int) -> Tensor:
+        return self._eval_step(batch, "val")
+
+    def test_step(self, batch: dict, batch_idx: int) -> Tensor:
+        return self._eval_step(batch, "test")
+
+    def _eval_step(self, batch: dict, prefix: str) -> Tensor:
+        # Fixed seed: validation losses of the same weights are comparable across epochs and runs.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.hparams.seed + 1)
+            out = self.compute_loss(batch)
+        self.log_dict({f"{prefix}/{k}": v for k, v in out.logs.items()}, sync_dist=True, batch_size=batch["x"].shape[0])
+        return out.loss
+
+    def predict_step(self, batch: dict, batch_idx: int) -> Tensor:
+        gen = torch.Generator(device="cpu").manual_seed(self.hparams.seed + batch_idx)
+        return self.sample(batch["x"].shape[0], self.hparams.sample_steps, gen, labels=self._labels(batch))
+
+    def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
+        every = self.hparams.sample_every_n_steps
+        if every and self.global_step % every == 0 and self.global_step > 0:
+            self.log_sample_grid()
+
+    # --- teacher in checkpoints ----------------------------------------------------------------
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        if self.teacher is not None and self.teacher.reloadable:
+            sd = checkpoint["state_dict"]
+            for key in [k for k in sd if k.startswith("teacher.")]:
+                del sd[key]
+            checkpoint["teacher_source"] = {"source": self.teacher.source, "revision": self.teacher.revision}
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        sd = checkpoint["state_dict"]
+        if self.teacher is not None and not any(k.startswith("teacher.") for k in sd):
+            # Reloadable teacher: its weights come from the source the data module just loaded.
+            sd.update({f"teacher.{k}": v for k, v in self.teacher.state_dict().items()})
+
+    # --- sampling ------------------------------------------------------------------------------
+
+    def _labels(self, batch: dict) -> Tensor | None:
+        return batch["label"] if self.is_class_conditional else None
+
+    @property
+    def is_class_conditional(self) -> bool:
+        return bool(getattr(self.student.unet.config, "num_class_embeds", None))
+
+    @property
+    def sample_shape(self) -> tuple[int, int, int]:
+        cfg = self.student.unet.config
+        size = cfg.sample_size if isinstance(cfg.sample_size, int) else cfg.sample_size[0]
+        return (int(cfg.in_channels), int(size), int(size))
+
+    def make_scheduler(self):
+        """The stock diffusers scheduler that defines the student's sampler (and its export)."""
+        import diffusers
+
+        cfg = dict(self.student_scheduler_config)
+        cfg["prediction_type"] = self.student.prediction_type
+        if self.sampler_class == "DDIMScheduler":
+            # Trailing spacing starts at the last training timestep (pure noise for zero-terminal-SNR
+            # schedules), which few-step samplers need; set_alpha_to_one makes the last step land on x0.
+            cfg.update(timestep_spacing="trailing", set_alpha_to_one=True)
+            cfg["clip_sample"] = self.student.clip_x0 is not None
+            cfg["clip_sample_range"] = self.student.clip_x0 or 1.0
+        return getattr(diffusers, self.sampler_class).from_config(cfg)
+
+    def sampling_denoiser(self) -> Denoiser:
+        """The network used for sampling: the EMA copy when an EMA callback is attached."""
+        trainer = self._trainer
+        if trainer is not None:
+            for cb in trainer.callbacks:
+                module = getattr(cb, "sampling_module", None)
+                if callable(module) and module(self) is not None:
+                    return module(self)
+        return self.student
+
+    @torch.no_grad()
+    def sample(
+        self,
+        n: int,
+        steps: int | None = None,
+        generator: torch.Generator | None = None,
+        labels: Tensor | None = None,
+        denoiser: Denoiser | None = None,
+    ) -> Tensor:
+        """Draw ``n`` samples in ``steps`` network evaluations; returns (n, C, H, W) in model space.
+
+        The loop is ``DDPMPipeline``'s (noise from ``randn_tensor`` with ``generator``, then
+        ``scheduler.step``), so an exported pipeline given the same generator gives the same images.
+        """
+        from diffusers.utils.torch_utils import randn_tensor
+
+        den = denoiser or self.sampling_denoiser()
+        steps = steps or self.hparams.sample_steps
+        sched = self.make_scheduler()
+        sched.set_timesteps(steps)
+        device = next(den.parameters()).device
+        x = randn_tensor((n, *self.sample_shape), generator=generator, device=device)
+        was_training = den.training
+        den.eval()
+        try:
+            for t in sched.timesteps:
+                cond = {"class_labels": labels.to(device)} if labels is not None else {}
+                out = den.raw(x, t.to(device), **cond).float()
+                x = sched.step(out, t, x, generator=generator).prev_sample
+        finally:
+            den.train(was_training)
+        return x
+
+    def log_sample_grid(self, tag: str = "samples") -> None:
+        """Log a grid of samples from fixed noise to TensorBoard (rank 0 only)."""
+        if self.trainer.is_global_zero and self.logger is not None and hasattr(self.logger.experiment, "add_image"):
+            from torchvision.utils import make_grid
+
+            gen = torch.Generator().manual_seed(self.hparams.seed)
+            n = self.hparams.num_log_samples
+            labels = torch.arange(n) % self.student.unet.config.num_class_embeds if self.is_class_conditional else None
+            x = self.sample(n, self.hparams.sample_steps, gen, labels=labels)
+            grid = make_grid((x.float().clamp(-1, 1) + 1) / 2, nrow=int(n**0.5))
+            self.logger.experiment.add_image(f"{tag}/{self.hparams.sample_steps}step", grid, self.global_step)
+
+    # --- export --------------------------------------------------------------------------------
+
+    def export(self, target, use_ema: bool = True):
+        """Write the student (EMA weights when available) as a diffusers pipeline folder."""
+        from ..export import export_pipeline
+
+        den = self.sampling_denoiser() if use_ema else self.student
+        return export_pipeline(den.unet, self.make_scheduler(), target)

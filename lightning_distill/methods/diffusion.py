@@ -1,0 +1,110 @@
+"""Plain diffusion training (Ho et al. 2020; v-prediction from Salimans & Ho 2022): makes teachers.
+
+Loss: || F_theta(x_t, t) - target ||^2 with x_t = alpha_t x + sigma_t eps, t ~ U{0..T-1}, and
+target = eps, x or v according to ``prediction_type``. Optional min-SNR-gamma weighting
+(Hang et al. 2023) is off by default.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..parametrisation import Denoiser, PredictionType, VPSchedule, target_for
+from ..teacher import DiffusionTeacher
+from .base import DistillationMethod, LossOutput, default_optimizer
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+
+
+def denoising_loss(
+    denoiser: Denoiser, x0: Tensor, t: Tensor, eps: Tensor, min_snr_gamma: float | None = None, **cond
+) -> Tensor:
+    """Per-batch denoising loss in the network's own parametrisation (Ho et al. 2020, Eq. 14)."""
+    sched = denoiser.schedule
+    alpha, sigma = sched.alpha(t), sched.sigma(t)
+    x_t = sched.add_noise(x0, eps, t)
+    out = denoiser.raw(x_t, t, **cond).float()
+    target = target_for(denoiser.prediction_type, x0, eps, alpha, sigma)
+    per_sample = F.mse_loss(out, target, reduction="none").flatten(1).mean(1)
+    if min_snr_gamma is not None:
+        snr = sched.snr(t)
+        w = snr.clamp(max=min_snr_gamma)
+        # Min-SNR weights are defined for x0-loss; divide by what the parametrisation already implies.
+        implied = {"epsilon": snr, "sample": torch.ones_like(snr), "v_prediction": snr + 1}[denoiser.prediction_type]
+        per_sample = per_sample * w / implied
+    return per_sample.mean()
+
+
+class DiffusionTraining(DistillationMethod):
+    """Train a diffusion model from scratch (no teacher): the way to make a teacher.
+
+    Args:
+        unet: the network to train (e.g. ``diffusers.UNet2DModel``), configured in YAML.
+        teacher: must be None (linked from ``data.teacher`` by the CLI).
+        num_train_timesteps: T of the discrete schedule.
+        beta_schedule: diffusers beta schedule name.
+        prediction_type: what the network learns to output.
+        min_snr_gamma: optional Min-SNR-gamma loss weighting (None: plain MSE).
+        rescale_betas_zero_snr: enforce zero terminal SNR (Lin et al. 2023).
+
+    Example::
+
+        >>> model = DiffusionTraining(unet=UNet2DModel(sample_size=16, in_channels=1, out_channels=1))
+    """
+
+    def __init__(
+        self,
+        unet: nn.Module,
+        teacher: DiffusionTeacher | None = None,
+        num_train_timesteps: int = 1000,
+        beta_schedule: Literal["linear", "scaled_linear", "squaredcos_cap_v2"] = "squaredcos_cap_v2",
+        prediction_type: PredictionType = "v_prediction",
+        min_snr_gamma: float | None = None,
+        rescale_betas_zero_snr: bool = False,
+        clip_sample: bool = True,
+        optimizer: OptimizerCallable = default_optimizer,
+        lr_scheduler: LRSchedulerCallable | None = None,
+        sample_steps: int = 50,
+        sample_every_n_steps: int = 0,
+        num_log_samples: int = 64,
+        seed: int = 0,
+    ) -> None:
+        if teacher is not None:
+            raise ValueError("DiffusionTraining trains from scratch and takes no teacher: set data.teacher to null")
+        super().__init__(
+            teacher=None,
+            student=None,
+            optimizer=optimizer,
+            lr_scheduler=lr_scheduler,
+            sample_steps=sample_steps,
+            sample_every_n_steps=sample_every_n_steps,
+            num_log_samples=num_log_samples,
+            seed=seed,
+        )
+        self.save_hyperparameters(ignore=["unet", "optimizer", "lr_scheduler"])
+        from diffusers import DDIMScheduler
+
+        scheduler = DDIMScheduler(
+            num_train_timesteps=num_train_timesteps,
+            beta_schedule=beta_schedule,
+            prediction_type=prediction_type,
+            rescale_betas_zero_snr=rescale_betas_zero_snr,
+            clip_sample=clip_sample,
+            timestep_spacing="trailing",
+            set_alpha_to_one=True,
+        )
+        self.student_scheduler_config = {k: v for k, v in dict(scheduler.config).items() if not k.startswith("_")}
+        self.student = Denoiser(
+            unet, VPSchedule.from_scheduler(scheduler), prediction_type, 1.0 if clip_sample else None
+        )
+
+    def compute_loss(self, batch: dict) -> LossOutput:
+        x0 = batch["x"]
+        t = torch.randint(0, self.student.schedule.num_train_timesteps, (x0.shape[0],), device=x0.device)
+        eps = torch.randn_like(x0)
+        cond = {"class_labels": batch["label"]} if self.is_class_conditional else {}
+        loss = denoising_loss(self.student, x0, t, eps, self.hparams.min_snr_gamma, **cond)
+        return LossOutput(loss, {"loss": loss})

@@ -1,0 +1,237 @@
+"""Loading a frozen diffusers-format teacher (local folder or hub id) into one shared object.
+
+The teacher is loaded once, by :class:`~lightning_distill.data.TeacherDataModule`, and handed to the
+method (``link_arguments`` in the CLI, or ``trainer.datamodule.teacher``); no method loads its own.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+from typing import Literal
+
+import torch
+from torch import nn
+
+from .parametrisation import Denoiser, PredictionType, VPSchedule
+
+ASSETS = Path(__file__).resolve().parent / "assets"
+BUNDLED_TEACHERS = {"bundled:digits": ASSETS / "teacher_digits"}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+class TeacherError(ValueError):
+    """A teacher that cannot be used: missing, incomplete, or incompatible with the data."""
+
+
+def resolve_teacher_source(source: str | os.PathLike) -> tuple[Path | None, str | None]:
+    """Return (local_folder, hub_id); exactly one is not None. Raises TeacherError for a missing folder."""
+    source = str(source)
+    if source in BUNDLED_TEACHERS:
+        path = BUNDLED_TEACHERS[source]
+        if not path.is_dir():
+            raise TeacherError(f"bundled teacher {source!r} is missing from the installation ({path})")
+        return path, None
+    path = Path(source).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise TeacherError(f"teacher {source!r} is a file; expected a diffusers folder with unet/ and scheduler/")
+        return path, None
+    looks_local = source.startswith((".", "/", "~")) or source.count("/") != 1 or not _HUB_ID.match(source)
+    if looks_local:
+        raise TeacherError(f"teacher folder {source!r} does not exist")
+    return None, source
+
+
+def _subfolder_class(folder: Path, sub: str, config_name: str) -> str:
+    cfg = folder / sub / config_name
+    try:
+        return json.loads(cfg.read_text())["_class_name"]
+    except (OSError, KeyError, json.JSONDecodeError) as err:
+        raise TeacherError(f"teacher folder {folder}: cannot read {sub}/{config_name} ({err})") from err
+
+
+def _diffusers_class(name: str):
+    import diffusers
+
+    cls = getattr(diffusers, name, None)
+    if cls is None:
+        raise TeacherError(f"teacher component class {name!r} is not a diffusers class")
+    return cls
+
+
+class DiffusionTeacher(nn.Module):
+    """A frozen diffusion model: denoiser (UNet + schedule + prediction type) and optional VAE / text encoder.
+
+    It stays in eval mode whatever ``.train()`` is called with (a frozen teacher with active dropout
+    would give noisy targets), and none of its parameters require gradients.
+
+    Args:
+        unet: the teacher network.
+        scheduler: a diffusers scheduler instance (its config is kept for exports).
+        prediction_type: overrides the scheduler's ``prediction_type`` when given.
+        source, revision: where it was loaded from; a teacher with a source is reloadable and is
+            therefore left out of checkpoints (see ``DistillationMethod``).
+        vae, text_encoder, tokenizer: latent / text-conditional teachers (LCM).
+        clip_x0: clamp x0 estimates (pixel teachers); None for latent teachers.
+
+    Example::
+
+        >>> teacher = load_teacher("bundled:digits")
+        >>> teacher.denoiser(x_t, t).x0
+    """
+
+    def __init__(
+        self,
+        unet: nn.Module,
+        scheduler,
+        prediction_type: PredictionType | None = None,
+        source: str | None = None,
+        revision: str | None = None,
+        vae: nn.Module | None = None,
+        text_encoder: nn.Module | None = None,
+        tokenizer=None,
+        clip_x0: float | None = 1.0,
+    ) -> None:
+        super().__init__()
+        prediction_type = prediction_type or scheduler.config.get("prediction_type", "epsilon")
+        self.denoiser = Denoiser(unet, VPSchedule.from_scheduler(scheduler), prediction_type, clip_x0)
+        self.scheduler_class = type(scheduler).__name__
+        self.scheduler_config = {k: v for k, v in dict(scheduler.config).items() if not k.startswith("_")}
+        self.source = source
+        self.revision = revision
+        self.vae = vae
+        self.text_encoder = text_encoder
+        self.tokenizer = tokenizer
+        self.requires_grad_(False)
+        self.eval()
+
+    def train(self, mode: bool = True) -> "DiffusionTeacher":  # noqa: ARG002 - frozen on purpose
+        return super().train(False)
+
+    @property
+    def unet(self) -> nn.Module:
+        return self.denoiser.unet
+
+    @property
+    def schedule(self) -> VPSchedule:
+        return self.denoiser.schedule
+
+    @property
+    def prediction_type(self) -> str:
+        return self.denoiser.prediction_type
+
+    @property
+    def in_channels(self) -> int:
+        return int(self.unet.config.in_channels)
+
+    @property
+    def sample_size(self) -> int:
+        size = self.unet.config.sample_size
+        return int(size[0] if isinstance(size, (tuple, list)) else size)
+
+    @property
+    def num_classes(self) -> int | None:
+        n = getattr(self.unet.config, "num_class_embeds", None)
+        return int(n) if n else None
+
+    @property
+    def is_latent(self) -> bool:
+        return self.vae is not None
+
+    @property
+    def vae_scale_factor(self) -> int:
+        if self.vae is None:
+            return 1
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    @property
+    def reloadable(self) -> bool:
+        """True when the weights can be re-read from ``source`` (so checkpoints need not carry them)."""
+        return self.source is not None
+
+
+def load_teacher(
+    source: str | os.PathLike,
+    revision: str | None = None,
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32",
+    prediction_type: PredictionType | None = None,
+    clip_x0: float | None = 1.0,
+) -> DiffusionTeacher:
+    """Load a frozen teacher from a diffusers folder (``unet/`` + ``scheduler/``) or a hub id.
+
+    Hub ids need a network; with ``HF_HUB_OFFLINE=1`` only the local cache is consulted. Only
+    safetensors / plain configs are read; no remote code is ever run.
+
+    Raises:
+        TeacherError: the folder is missing, lacks ``unet/`` or ``scheduler/``, or holds unknown classes.
+    """
+    if dtype not in DTYPES:
+        raise TeacherError(f"teacher dtype {dtype!r} is not one of {sorted(DTYPES)}")
+    folder, hub_id = resolve_teacher_source(source)
+    torch_dtype = DTYPES[dtype]
+    if folder is not None:
+        missing = [sub for sub in ("unet", "scheduler") if not (folder / sub).is_dir()]
+        if missing:
+            raise TeacherError(
+                f"teacher folder {folder} lacks {' and '.join(m + '/' for m in missing)}; "
+                "a diffusers teacher needs unet/ and scheduler/"
+            )
+        location, kwargs = str(folder), {}
+        unet_cls = _diffusers_class(_subfolder_class(folder, "unet", "config.json"))
+        sched_cls = _diffusers_class(_subfolder_class(folder, "scheduler", "scheduler_config.json"))
+        has = {sub: (folder / sub).is_dir() for sub in ("vae", "text_encoder", "tokenizer")}
+    else:
+        location, kwargs = hub_id, {"revision": revision}
+        from huggingface_hub import model_info  # only reached for hub ids
+
+        try:
+            files = {s.rfilename.split("/")[0] for s in model_info(hub_id, revision=revision).siblings}
+        except Exception as err:  # offline or unknown id: say which
+            raise TeacherError(f"teacher {hub_id!r} is not a local folder and could not be reached on the hub ({err})")
+        import diffusers
+
+        unet_cls, sched_cls = diffusers.UNet2DConditionModel if "text_encoder" in files else diffusers.UNet2DModel, None
+        has = {sub: sub in files for sub in ("vae", "text_encoder", "tokenizer")}
+    try:
+        unet = unet_cls.from_pretrained(location, subfolder="unet", torch_dtype=torch_dtype, **kwargs)
+        if sched_cls is None:
+            import diffusers
+
+            sched_cfg = diffusers.DDIMScheduler.load_config(location, subfolder="scheduler", **kwargs)
+            sched_cls = _diffusers_class(sched_cfg["_class_name"])
+        scheduler = sched_cls.from_pretrained(location, subfolder="scheduler", **kwargs)
+    except TeacherError:
+        raise
+    except Exception as err:
+        raise TeacherError(f"teacher {location}: could not load unet/ or scheduler/ ({type(err).__name__}: {err})") from err
+    vae = text_encoder = tokenizer = None
+    if has["vae"]:
+        import diffusers
+
+        vae = diffusers.AutoencoderKL.from_pretrained(location, subfolder="vae", torch_dtype=torch_dtype, **kwargs)
+        clip_x0 = None  # latents are not bounded to [-1, 1]
+    if has["text_encoder"]:
+        import transformers
+
+        text_encoder = transformers.CLIPTextModel.from_pretrained(
+            location, subfolder="text_encoder", torch_dtype=torch_dtype, **kwargs
+        )
+    if has["tokenizer"]:
+        import transformers
+
+        tokenizer = transformers.CLIPTokenizer.from_pretrained(location, subfolder="tokenizer", **kwargs)
+    return DiffusionTeacher(
+        unet,
+        scheduler,
+        prediction_type=prediction_type,
+        source=str(source),
+        revision=revision,
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        clip_x0=clip_x0,
+    )
