@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import sys
 
+import lightning as L
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 
 from .data import DataError, TeacherDataModule
-from .methods.base import DistillationMethod, NonFiniteLossError
+from .methods.base import NonFiniteLossError
 from .teacher import TeacherError
 
 
@@ -71,8 +72,10 @@ def cli_main(args: list[str] | None = None, run: bool = True) -> DistillCLI:
     """Build (and with ``run`` execute) the CLI; returns it for tests and notebooks."""
     _resolve_per_subcommand()
     try:
+        # Any LightningModule may be trained (methods, and plain modules such as the digits feature
+        # classifier); a method with a `teacher` argument receives the data module's teacher.
         return DistillCLI(
-            DistillationMethod,
+            L.LightningModule,
             TeacherDataModule,
             subclass_mode_model=True,
             parser_kwargs={"parser_mode": "omegaconf+", "default_env": False},

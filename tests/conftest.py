@@ -1,0 +1,81 @@
+"""Shared fixtures: offline, single-threaded, tiny teachers written as diffusers folders."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+import pytest
+import torch
+
+torch.set_num_threads(1)
+
+
+def make_tiny_unet(sample_size: int = 8, channels: int = 1, num_class_embeds: int | None = None, seed: int = 0):
+    from diffusers import UNet2DModel
+
+    torch.manual_seed(seed)
+    return UNet2DModel(
+        sample_size=sample_size,
+        in_channels=channels,
+        out_channels=channels,
+        layers_per_block=1,
+        block_out_channels=(8, 16),
+        down_block_types=("DownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "UpBlock2D"),
+        norm_num_groups=4,
+        num_class_embeds=num_class_embeds,
+    )
+
+
+def write_tiny_teacher(
+    path,
+    sample_size: int = 8,
+    channels: int = 1,
+    prediction_type: str = "v_prediction",
+    num_train_timesteps: int = 1024,
+    num_class_embeds: int | None = None,
+):
+    """Save a randomly initialised tiny UNet2DModel + DDIMScheduler as a diffusers teacher folder."""
+    from diffusers import DDIMScheduler, DDPMPipeline
+
+    unet = make_tiny_unet(sample_size, channels, num_class_embeds)
+    sched = DDIMScheduler(
+        num_train_timesteps=num_train_timesteps,
+        beta_schedule="squaredcos_cap_v2",
+        prediction_type=prediction_type,
+        timestep_spacing="trailing",
+        set_alpha_to_one=True,
+    )
+    DDPMPipeline(unet=unet, scheduler=sched).save_pretrained(path)
+    return path
+
+
+@pytest.fixture
+def tiny_teacher_dir(tmp_path):
+    """A v-prediction 8x8 grayscale teacher folder (unet/ + scheduler/)."""
+    return write_tiny_teacher(tmp_path / "teacher")
+
+
+@pytest.fixture
+def tiny_eps_teacher_dir(tmp_path):
+    return write_tiny_teacher(tmp_path / "teacher_eps", prediction_type="epsilon")
+
+
+@pytest.fixture
+def image_folder(tmp_path):
+    """Twelve small PNGs in two class sub-folders."""
+    from PIL import Image
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    root = tmp_path / "images"
+    for cls in ("a", "b"):
+        (root / cls).mkdir(parents=True)
+        for i in range(6):
+            arr = rng.integers(0, 255, (12, 10, 3), dtype=np.uint8)
+            Image.fromarray(arr).save(root / cls / f"{i}.png")
+    return root
