@@ -207,8 +207,15 @@ class Denoiser(nn.Module):
         if t.ndim == 0:
             t = t.expand(x_t.shape[0])
         # t = -1 (clean) is never fed to a network; clamp keeps the call legal for the boundary.
-        cond = {k: v for k, v in cond.items() if v is not None}
-        out = self.unet(x_t, t.clamp_min(0), **cond, return_dict=False)[0]
+        # A teacher held in lower precision (data.teacher_dtype) receives inputs in its own dtype.
+        param = next(self.unet.parameters(), None)
+        dtype = param.dtype if param is not None and param.is_floating_point() else x_t.dtype
+        cond = {
+            k: (v.to(dtype) if torch.is_tensor(v) and v.is_floating_point() else v)
+            for k, v in cond.items()
+            if v is not None
+        }
+        out = self.unet(x_t.to(dtype), t.clamp_min(0), **cond, return_dict=False)[0]
         return out
 
     def forward(self, x_t: Tensor, t: Tensor, **cond) -> Prediction:
