@@ -120,6 +120,18 @@ class DistillationMethod(L.LightningModule):
 
     # --- Lightning plumbing --------------------------------------------------------------------
 
+    def setup(self, stage: str) -> None:
+        # Without a teacher (DiffusionTraining) nothing else compares the data with the network: a
+        # channel or size mismatch would otherwise surface as a conv error inside the first step.
+        shape = getattr(getattr(self._trainer, "datamodule", None), "sample_shape", None)
+        if self.student is not None and shape is not None and tuple(shape) != self.sample_shape:
+            from ..data import DataError
+
+            raise DataError(
+                f"the data gives samples of shape {tuple(shape)} but the {type(self).__name__} student "
+                f"expects {self.sample_shape} (match data.channels / data.image_size to the network)"
+            )
+
     def configure_optimizers(self):
         opt = self.optimizer_factory(self.trainable_parameters())
         if self.lr_scheduler_factory is None:
