@@ -7,6 +7,10 @@ Data sources:
     ``class_conditional`` the first-level sub-folder names are the classes.
 
 Batches are dicts: ``{"x": (B, C, H, W) in [-1, 1], "label": (B,) long}``.
+
+Teacher-data mode (``pairs``, see :mod:`lightning_distill.teacher_pairs`): the train / val sets are
+(noise, teacher sample) pairs generated once by the teacher's DDIM sampler and cached on disk; batches
+are then ``{"noise", "x" (the teacher's sample), "label"}``. ``train_images()`` still gives real data.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from .teacher import DiffusionTeacher, TeacherError, load_teacher
+from .teacher_pairs import PairsConfig
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 
@@ -112,6 +117,8 @@ class TeacherDataModule(L.LightningDataModule):
         class_conditional: keep labels for class-conditional teachers (folders: sub-folder = class).
         batch_size, val_batch_size, num_workers: loader settings.
         val_fraction, split_seed: the fixed seeded train/val split.
+        pairs: teacher-data mode: train on cached (noise, teacher sample) pairs instead (generated on
+            first use, resumable; see :class:`~lightning_distill.teacher_pairs.PairsConfig`).
 
     Example::
 
@@ -134,6 +141,7 @@ class TeacherDataModule(L.LightningDataModule):
         num_workers: int = 0,
         val_fraction: float = 0.1,
         split_seed: int = 0,
+        pairs: PairsConfig | None = None,
     ) -> None:
         super().__init__()
         if image_size < 4:
@@ -218,15 +226,37 @@ class TeacherDataModule(L.LightningDataModule):
         full = TensorImageDataset(images, labels)
         self.val_set = Subset(full, perm[:n_val].tolist())
         self.train_set = Subset(full, perm[n_val:].tolist())
+        self.image_train_set, self.image_val_set = self.train_set, self.val_set
+        if self.hparams.pairs is not None:
+            self.setup_pairs()
+
+    def setup_pairs(self) -> None:
+        """Teacher-data mode: generate (or resume, or verify) the pairs and train on them."""
+        from .teacher_pairs import ensure_pairs, pair_datasets
+
+        cfg = self.hparams.pairs
+        if isinstance(cfg, dict):
+            cfg = PairsConfig(**cfg)
+        if self.teacher is None:
+            raise DataError("teacher-data mode (pairs) needs a teacher")
+        dist = {}
+        if self.trainer is not None:
+            strategy = self.trainer.strategy
+            dist = {"rank": self.trainer.global_rank, "world_size": self.trainer.world_size, "barrier": strategy.barrier}
+            self.teacher.to(strategy.root_device)
+        pairs = ensure_pairs(
+            self.teacher.denoiser, cfg, self.sample_shape, self.teacher.num_classes, self.teacher.source, **dist
+        )
+        self.train_set, self.val_set = pair_datasets(pairs, cfg.val_fraction)
 
     def train_images(self) -> Tensor:
         """All training images as one tensor (reference statistics, FID)."""
         self.setup()
-        return self.train_set.dataset.images[self.train_set.indices]
+        return self.image_train_set.dataset.images[self.image_train_set.indices]
 
     def val_images(self) -> Tensor:
         self.setup()
-        return self.val_set.dataset.images[self.val_set.indices]
+        return self.image_val_set.dataset.images[self.image_val_set.indices]
 
     def _loader(self, ds: Dataset, batch_size: int, shuffle: bool) -> DataLoader:
         return DataLoader(

@@ -91,7 +91,8 @@ class DistillationMethod(L.LightningModule):
         seed: int = 0,
     ) -> None:
         super().__init__()
-        self.save_hyperparameters(ignore=["teacher", "student", "optimizer", "lr_scheduler"])
+        # The student config stays in hparams so `load_from_checkpoint(path, teacher=...)` can rebuild it.
+        self.save_hyperparameters(ignore=["teacher", "optimizer", "lr_scheduler"])
         self.teacher = teacher
         self.optimizer_factory = optimizer
         self.lr_scheduler_factory = lr_scheduler

@@ -84,7 +84,7 @@ class DiffusionTraining(DistillationMethod):
             num_log_samples=num_log_samples,
             seed=seed,
         )
-        self.save_hyperparameters(ignore=["unet", "optimizer", "lr_scheduler"])
+        self.save_hyperparameters(ignore=["teacher", "optimizer", "lr_scheduler"])
         from diffusers import DDIMScheduler
 
         scheduler = DDIMScheduler(
