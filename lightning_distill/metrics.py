@@ -1,0 +1,469 @@
+"""Sample-quality metrics: feature networks, Fréchet distance, KID, cached reference statistics, samplers.
+
+Protocol (Heusel et al. 2017 for FD; Binkowski et al. 2018 for KID): features of N generated images
+and of a fixed reference set are compared; FD fits a Gaussian to each set,
+
+    FD = ||mu_r - mu_g||^2 + Tr(S_r + S_g - 2 (S_r S_g)^(1/2)),
+
+KID is the unbiased MMD^2 with the cubic polynomial kernel k(a, b) = (a.b / d + 1)^3, averaged over
+random subsets. Both are meaningless without their protocol, so every number this module produces
+travels with the feature network's name, the sample count and the reference set (metric tags such as
+``fid/digits-feat/2step/n2000``).
+
+Feature networks are any ``nn.Module`` mapping model-space images ((B, C, H, W) in [-1, 1]) to
+(B, ``num_features``) features; ``name`` (optional) names them in tags. Shipped: the digits classifier
+(:mod:`lightning_distill.feature_net`, "digits-feat") and Inception-v3 through torch-fidelity
+(:class:`InceptionFeatures`, "inception", weights read offline from a local file).
+
+Everything here is a plain function of tensors; :class:`~lightning_distill.callbacks.fid.FIDCallback`
+and :mod:`lightning_distill.evaluate` only orchestrate them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import Tensor, nn
+
+# --- Fréchet distance and KID (pure functions) ---------------------------------------------------
+
+
+def gaussian_stats(features: Tensor) -> tuple[Tensor, Tensor]:
+    """Mean and unbiased covariance (denominator N - 1, as torchmetrics) of (N, d) features, in float64."""
+    f = features.double()
+    if f.ndim != 2 or f.shape[0] < 2:
+        raise ValueError(f"need (N, d) features with N >= 2, got shape {tuple(f.shape)}")
+    mu = f.mean(0)
+    centred = f - mu
+    return mu, centred.T @ centred / (f.shape[0] - 1)
+
+
+def _sqrt_psd(m: Tensor) -> Tensor:
+    vals, vecs = torch.linalg.eigh((m + m.T) / 2)
+    return (vecs * vals.clamp_min(0).sqrt()) @ vecs.T
+
+
+def frechet_distance(mu1: Tensor, sigma1: Tensor, mu2: Tensor, sigma2: Tensor) -> float:
+    """Fréchet distance between N(mu1, sigma1) and N(mu2, sigma2) (Dowson & Landau 1982).
+
+    Tr((S1 S2)^(1/2)) is computed as Tr((S1^(1/2) S2 S1^(1/2))^(1/2)): the inner matrix is symmetric
+    PSD, so ``eigh`` applies and rank-deficient covariances (dead ReLU features, fewer samples than
+    dimensions) give no complex parts or NaNs.
+    """
+    mu1, mu2, s1, s2 = (t.double() for t in (mu1, mu2, sigma1, sigma2))
+    if mu1.shape != mu2.shape or s1.shape != s2.shape or s1.shape != (mu1.numel(), mu1.numel()):
+        raise ValueError(f"shape mismatch: mu {tuple(mu1.shape)} / {tuple(mu2.shape)}, sigma {tuple(s1.shape)} / {tuple(s2.shape)}")
+    root1 = _sqrt_psd(s1)
+    inner = root1 @ s2 @ root1
+    tr_covmean = torch.linalg.eigvalsh((inner + inner.T) / 2).clamp_min(0).sqrt().sum()
+    fd = (mu1 - mu2).square().sum() + s1.trace() + s2.trace() - 2 * tr_covmean
+    return float(fd.clamp_min(0))  # tiny negative values are round-off of an exact 0
+
+
+def fd_from_features(f1: Tensor, f2: Tensor) -> float:
+    """FD between two (N, d) feature sets."""
+    return frechet_distance(*gaussian_stats(f1), *gaussian_stats(f2))
+
+
+def kernel_distance(
+    real: Tensor,
+    fake: Tensor,
+    subsets: int = 100,
+    subset_size: int = 1000,
+    degree: int = 3,
+    gamma: float | None = None,
+    coef: float = 1.0,
+    generator: torch.Generator | None = None,
+) -> tuple[float, float]:
+    """KID: mean and std of the unbiased polynomial-kernel MMD^2 over random subsets.
+
+    The subset draws follow torchmetrics' ``KernelInceptionDistance.compute`` exactly (one ``randperm``
+    of the real set, then one of the fake set, per subset) but from ``generator``, so the value is
+    reproducible without touching the global RNG. ``subset_size`` is capped at the smaller set size.
+    """
+    from torchmetrics.image.kid import poly_mmd
+
+    real, fake = real.double(), fake.double()
+    m = min(subset_size, real.shape[0], fake.shape[0])
+    if m < 2:
+        raise ValueError(f"KID needs at least 2 samples per set, got {real.shape[0]} real / {fake.shape[0]} fake")
+    scores = []
+    for _ in range(subsets):
+        r = real[torch.randperm(real.shape[0], generator=generator)[:m]]
+        f = fake[torch.randperm(fake.shape[0], generator=generator)[:m]]
+        scores.append(poly_mmd(r, f, degree, gamma, coef))
+    s = torch.stack(scores)
+    return float(s.mean()), float(s.std(unbiased=False))
+
+
+# --- feature networks ----------------------------------------------------------------------------
+
+#: The file torch-fidelity downloads (and that torchmetrics' default FID uses); never downloaded here.
+INCEPTION_URL = (
+    "https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/weights-inception-2015-12-05-6726825d.pth"
+)
+INCEPTION_FILE = INCEPTION_URL.rsplit("/", 1)[1]
+
+
+def inception_weights_path(feature_extractor_weights_path: str | os.PathLike | None = None) -> Path:
+    """The Inception-v3 weights file to read: the given one, else torch hub's cache location.
+
+    torch-fidelity stores its download at ``<torch hub dir>/checkpoints/<file>`` (``torch.hub.get_dir()``,
+    i.e. ``$TORCH_HOME/hub`` or ``~/.cache/torch/hub``); this looks there and nowhere else.
+
+    Raises:
+        FileNotFoundError: naming the file, where it was looked for, and where to get it.
+    """
+    if feature_extractor_weights_path is not None:
+        path = Path(feature_extractor_weights_path).expanduser()
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"Inception-v3 weights not found at feature_extractor_weights_path={str(path)!r}. "
+                f"This file is torch-fidelity's {INCEPTION_FILE} (download {INCEPTION_URL} on a machine with "
+                "network access and copy it there); nothing is downloaded at run time."
+            )
+        return path
+    path = Path(torch.hub.get_dir()) / "checkpoints" / INCEPTION_FILE
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"Inception-v3 weights {INCEPTION_FILE} not found in the torch hub cache: expected {path}. "
+            f"Download {INCEPTION_URL} on a machine with network access and put it at that path (or pass "
+            "feature_extractor_weights_path=<file>); nothing is downloaded at run time."
+        )
+    return path
+
+
+class InceptionFeatures(nn.Module):
+    """Inception-v3 pool features (2048-d, torch-fidelity's FID network) from a local weights file.
+
+    Takes model-space images ((B, C, H, W) in [-1, 1], 1 or 3 channels), quantises them to uint8 RGB
+    as saved images would be, and returns (B, 2048) features: the standard FID protocol.
+
+    Args:
+        feature_extractor_weights_path: the weights file; None: the torch hub cache (see
+            :func:`inception_weights_path`).
+        antialias: torchmetrics' antialiased resize to 299 (False: torch-fidelity's TF-1 resize).
+
+    Example::
+
+        >>> net = InceptionFeatures("/data/weights-inception-2015-12-05-6726825d.pth")
+        >>> net(torch.zeros(2, 3, 32, 32)).shape
+        torch.Size([2, 2048])
+    """
+
+    num_features = 2048
+    name = "inception"
+
+    def __init__(self, feature_extractor_weights_path: str | os.PathLike | None = None, antialias: bool = True) -> None:
+        super().__init__()
+        from torchmetrics.image.fid import NoTrainInceptionV3
+
+        path = inception_weights_path(feature_extractor_weights_path)
+        self.weights_path = str(path)
+        self.inception = NoTrainInceptionV3(
+            name="inception-v3-compat", features_list=["2048"], feature_extractor_weights_path=str(path),
+            antialias=antialias,
+        )
+        self.inception.requires_grad_(False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.shape[1] == 1:
+            x = x.expand(-1, 3, -1, -1)
+        elif x.shape[1] != 3:
+            raise ValueError(f"Inception features take 1- or 3-channel images, got {x.shape[1]} channels")
+        img = ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+        return self.inception(img).reshape(x.shape[0], -1)
+
+
+FEATURE_NETS = ("digits", "inception")
+
+
+def get_feature_net(spec: str | os.PathLike | nn.Module = "digits", **kwargs) -> nn.Module:
+    """Resolve a feature network: ``"digits"`` (bundled classifier), ``"inception"``, a saved classifier
+    folder, or any ``nn.Module`` with ``num_features``. Returned frozen, in eval mode."""
+    if isinstance(spec, nn.Module):
+        net = spec
+    elif spec == "digits":
+        from .feature_net import load_digits_feature_net
+
+        net = load_digits_feature_net(**kwargs)
+    elif spec == "inception":
+        net = InceptionFeatures(**kwargs)
+    elif Path(str(spec)).expanduser().is_dir():
+        from .feature_net import load_digits_feature_net
+
+        net = load_digits_feature_net(Path(str(spec)).expanduser())
+    else:
+        raise ValueError(f"unknown feature network {spec!r}; choose one of {FEATURE_NETS}, a saved classifier folder, or an nn.Module")
+    if not isinstance(getattr(net, "num_features", None), int):
+        raise TypeError(f"feature network {type(net).__name__} needs an int attribute num_features")
+    net.requires_grad_(False)
+    return net.eval()
+
+
+def feature_net_name(net: nn.Module) -> str:
+    """The name used in metric tags: ``net.name`` when set, else the class name."""
+    return str(getattr(net, "name", None) or type(net).__name__)
+
+
+def fingerprint(net: nn.Module) -> str:
+    """A content hash of a feature network (class, width and every weight): part of the cache key."""
+    h = hashlib.sha1(f"{type(net).__qualname__}:{net.num_features}".encode())
+    for k, v in net.state_dict().items():
+        h.update(k.encode())
+        h.update(v.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+@torch.no_grad()
+def extract_features(net: nn.Module, images: Tensor, batch_size: int = 500, device: torch.device | str | None = None) -> Tensor:
+    """Features of ``images`` ((N, C, H, W), model space) in batches; (N, d) float64 on the CPU."""
+    device = torch.device(device) if device is not None else next(iter(net.parameters()), torch.empty(0)).device
+    out = [net(images[i : i + batch_size].to(device)).double().cpu() for i in range(0, images.shape[0], batch_size)]
+    return torch.cat(out).reshape(images.shape[0], -1)
+
+
+# --- reference statistics, cached on disk --------------------------------------------------------
+
+
+@dataclass
+class ReferenceStats:
+    """Features of a reference set, their Gaussian fit and the key that identifies them."""
+
+    mu: Tensor
+    sigma: Tensor
+    features: Tensor
+    key: str
+    feature_net: str
+    from_cache: bool = False
+
+    @property
+    def num_images(self) -> int:
+        return int(self.features.shape[0])
+
+
+def default_cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "lightning_distill" / "reference_stats"
+
+
+def reference_key(images: Tensor, net: nn.Module) -> str:
+    """Cache key: hash of the reference images themselves, the feature network's fingerprint and the count.
+
+    Hashing the pixels (not the data's settings) means any change of data, split, size or channels
+    gives a new key, and the same images reached by another route share one entry.
+    """
+    h = hashlib.sha1(f"{tuple(images.shape)}".encode())
+    h.update(images.detach().float().cpu().contiguous().numpy().tobytes())
+    return f"{feature_net_name(net)}-n{images.shape[0]}-{h.hexdigest()[:12]}-{fingerprint(net)}"
+
+
+def reference_stats(
+    images: Tensor,
+    net: nn.Module,
+    cache_dir: str | os.PathLike | None = None,
+    batch_size: int = 500,
+    device: torch.device | str | None = None,
+) -> ReferenceStats:
+    """Reference features and Gaussian statistics, read from ``cache_dir`` when present, else computed
+    once and written there (atomically: a crash never leaves a half-written entry)."""
+    key = reference_key(images, net)
+    cache = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
+    path = cache / f"{key}.pt"
+    if path.is_file():
+        d = torch.load(path, map_location="cpu", weights_only=True)
+        return ReferenceStats(d["mu"], d["sigma"], d["features"], key, feature_net_name(net), from_cache=True)
+    feats = extract_features(net, images, batch_size, device)
+    mu, sigma = gaussian_stats(feats)
+    cache.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".tmp{os.getpid()}")
+    torch.save({"mu": mu, "sigma": sigma, "features": feats}, tmp)
+    os.replace(tmp, path)
+    return ReferenceStats(mu, sigma, feats, key, feature_net_name(net))
+
+
+@dataclass
+class Score:
+    """FD and KID of one generated set against one reference, with its protocol."""
+
+    fd: float
+    kid: float | None
+    kid_std: float | None
+    num_samples: int
+    feature_net: str
+    num_reference: int
+    extra: dict = field(default_factory=dict)
+
+
+def score_features(
+    fake: Tensor,
+    ref: ReferenceStats,
+    kid: bool = True,
+    kid_subsets: int = 100,
+    kid_subset_size: int = 1000,
+    seed: int = 0,
+) -> Score:
+    """FD (and KID, its subsets drawn from ``seed``) of generated features against a reference."""
+    mu, sigma = gaussian_stats(fake)
+    fd = frechet_distance(mu, sigma, ref.mu, ref.sigma)
+    k = ks = None
+    if kid:
+        k, ks = kernel_distance(
+            ref.features, fake, kid_subsets, kid_subset_size, generator=torch.Generator().manual_seed(seed)
+        )
+    return Score(fd, k, ks, int(fake.shape[0]), ref.feature_net, ref.num_images)
+
+
+# --- samplers ------------------------------------------------------------------------------------
+
+
+def ddim_scheduler_for(scheduler_config: dict, clip_x0: float | None = 1.0, prediction_type: str | None = None):
+    """A deterministic DDIM sampler (eta = 0, trailing spacing, last step onto x0) from any VP scheduler config.
+
+    The same settings as ``DistillationMethod.make_scheduler``, so teacher and student step counts mean
+    the same grid.
+    """
+    from diffusers import DDIMScheduler
+
+    cfg = {k: v for k, v in dict(scheduler_config).items() if not k.startswith("_")}
+    if prediction_type is not None:
+        cfg["prediction_type"] = prediction_type
+    cfg.update(timestep_spacing="trailing", set_alpha_to_one=True, clip_sample=clip_x0 is not None,
+               clip_sample_range=clip_x0 or 1.0)
+    return DDIMScheduler.from_config(cfg)
+
+
+@torch.no_grad()
+def scheduler_sample(
+    unet: nn.Module,
+    scheduler,
+    n: int,
+    steps: int,
+    generator: torch.Generator | None = None,
+    labels: Tensor | None = None,
+    device: torch.device | str | None = None,
+) -> Tensor:
+    """``DDPMPipeline``'s loop (``randn_tensor`` noise, then ``scheduler.step``): (n, C, H, W) in model space.
+
+    It is the loop of ``DistillationMethod.sample`` and of exported pipelines, so a checkpoint, its
+    export and the teacher are sampled the same way from the same generator.
+    """
+    from diffusers.utils.torch_utils import randn_tensor
+
+    cfg = unet.config
+    size = cfg.sample_size if isinstance(cfg.sample_size, int) else cfg.sample_size[0]
+    p = next(unet.parameters())
+    device = torch.device(device) if device is not None else p.device
+    scheduler.set_timesteps(steps)
+    x = randn_tensor((n, int(cfg.in_channels), int(size), int(size)), generator=generator, device=device)
+    cond = {"class_labels": labels.to(device)} if labels is not None else {}
+    was = unet.training
+    unet.eval()
+    try:
+        for t in scheduler.timesteps:
+            out = unet(x.to(p.dtype), t.to(device), **cond, return_dict=False)[0].float()
+            x = scheduler.step(out, t, x, generator=generator).prev_sample
+    finally:
+        unet.train(was)
+    return x
+
+
+def decode_latents(x: Tensor, vae: nn.Module | None) -> Tensor:
+    """Model space -> images in [-1, 1]: identity for pixel models, VAE decode for latent ones."""
+    if vae is None:
+        return x
+    scale = float(getattr(vae.config, "scaling_factor", 1.0))
+    p = next(vae.parameters())
+    return vae.decode(x.to(p.dtype) / scale, return_dict=False)[0].float()
+
+
+@torch.no_grad()
+def sample_teacher(teacher, n: int, steps: int, generator: torch.Generator | None = None, labels: Tensor | None = None) -> Tensor:
+    """Sample a :class:`~lightning_distill.teacher.DiffusionTeacher` with ``steps`` DDIM (eta = 0) steps.
+
+    Returns images in [-1, 1] (latent teachers are decoded by their VAE).
+
+    Example::
+
+        >>> x = sample_teacher(load_teacher("bundled:digits"), 16, 50, torch.Generator().manual_seed(0))
+    """
+    sched = ddim_scheduler_for(teacher.scheduler_config, teacher.denoiser.clip_x0, teacher.prediction_type)
+    return decode_latents(scheduler_sample(teacher.unet, sched, n, steps, generator, labels), teacher.vae)
+
+
+# --- generated feature sets, reproducible across ranks and batch sizes ---------------------------
+
+
+def chunk_seed(seed: int, chunk: int) -> int:
+    """Seed of chunk ``chunk``: each chunk of samples has its own generator, so the images do not depend
+    on how chunks are split over ranks (chunk c of seed s never equals a chunk of another seed)."""
+    return (int(seed) * 1_000_003 + int(chunk)) % (2**63 - 1)
+
+
+def chunk_bounds(n: int, chunk_size: int) -> list[tuple[int, int]]:
+    return [(i, min(i + chunk_size, n)) for i in range(0, n, chunk_size)]
+
+
+@torch.no_grad()
+def generated_features(
+    sample_fn: Callable[[int, torch.Generator, Tensor | None], Tensor],
+    net: nn.Module,
+    n: int,
+    seed: int = 0,
+    chunk_size: int = 250,
+    num_classes: int | None = None,
+    rank: int = 0,
+    world_size: int = 1,
+    device: torch.device | str | None = None,
+) -> Tensor:
+    """Features of this rank's share of ``n`` generated images ((n_local, d) float64, CPU).
+
+    Chunk c (images c*chunk_size ...) is sampled from ``chunk_seed(seed, c)`` by ``sample_fn(count,
+    generator, labels)`` on rank ``c % world_size``; class-conditional models get labels ``i % num_classes``
+    (balanced classes).
+    """
+    feats = []
+    for c, (a, b) in enumerate(chunk_bounds(n, chunk_size)):
+        if c % world_size != rank:
+            continue
+        gen = torch.Generator().manual_seed(chunk_seed(seed, c))
+        labels = torch.arange(a, b) % num_classes if num_classes else None
+        x = sample_fn(b - a, gen, labels)
+        feats.append(extract_features(net, x, chunk_size, device))
+    if not feats:
+        return torch.zeros(0, net.num_features, dtype=torch.float64)
+    return torch.cat(feats)
+
+
+__all__ = [
+    "gaussian_stats",
+    "frechet_distance",
+    "fd_from_features",
+    "kernel_distance",
+    "InceptionFeatures",
+    "inception_weights_path",
+    "INCEPTION_FILE",
+    "INCEPTION_URL",
+    "get_feature_net",
+    "feature_net_name",
+    "fingerprint",
+    "extract_features",
+    "ReferenceStats",
+    "reference_stats",
+    "reference_key",
+    "default_cache_dir",
+    "Score",
+    "score_features",
+    "ddim_scheduler_for",
+    "scheduler_sample",
+    "decode_latents",
+    "sample_teacher",
+    "chunk_seed",
+    "chunk_bounds",
+    "generated_features",
+]
