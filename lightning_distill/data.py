@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Subset
 
+from .resume import EpochSeededRandomSampler, ResumableDataLoader
 from .teacher import DiffusionTeacher, TeacherError, load_teacher
 from .teacher_pairs import PairsConfig
 
@@ -269,7 +270,17 @@ class TeacherDataModule(L.LightningDataModule):
         )
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_set, self.hparams.batch_size, shuffle=True)
+        # Shuffle order a function of (seed, epoch) and a loader that resumes mid-epoch, so a run
+        # resumed from last.ckpt sees the batches an uninterrupted run would (lightning_distill/resume.py).
+        ds, bs = self.train_set, self.hparams.batch_size
+        return ResumableDataLoader(
+            ds,
+            batch_size=bs,
+            sampler=EpochSeededRandomSampler(ds, seed=int(os.environ.get("PL_GLOBAL_SEED", 0))),
+            drop_last=len(ds) > bs,
+            num_workers=self.hparams.num_workers,
+            persistent_workers=self.hparams.num_workers > 0,
+        )
 
     def val_dataloader(self) -> DataLoader:
         return self._loader(self.val_set, self.hparams.val_batch_size or self.hparams.batch_size, shuffle=False)

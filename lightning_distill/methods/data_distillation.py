@@ -1,0 +1,111 @@
+"""Data distillation: a one-step student regressed on the teacher's DDIM pairs (Luhman & Luhman 2021).
+
+The teacher's knowledge is first frozen into a data set of pairs (x_T, y = F_teacher(x_T)) by
+:mod:`lightning_distill.teacher_pairs` (``data.pairs`` in the config), then the student learns
+s(x_T) ~= y by ordinary regression (METHODS.md section 0):
+
+* the student starts as a copy of the teacher and is queried at the last training timestep
+  t_N = T - 1 (Luhman & Luhman's code), where its input is pure noise;
+* its output is read as an x0 estimate through the parametrisation layer, so any prediction type
+  works (eps-prediction is ill-conditioned there, since x0 = (x - sigma eps) / alpha with alpha ~ 0:
+  set ``student_prediction_type: sample`` or use a v-prediction teacher);
+* loss: L1 (their CIFAR-10 setting) or L2 between the x0 estimate and the teacher's sample.
+
+Sampling (``sample(n, steps=1)``) is one step of the stock DDIM scheduler with trailing spacing: its
+single timestep is T - 1 and its single update lands on the (clipped) x0 estimate, which is exactly
+:func:`one_step_sample`, so training, ``sample()`` and the exported pipeline agree.
+"""
+
+from __future__ import annotations
+
+import torch
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from torch import Tensor, nn
+
+from ..losses import Distance, regression_distance
+from ..parametrisation import Denoiser, PredictionType, prediction_from_output
+from ..teacher import DiffusionTeacher
+from .base import DistillationMethod, LossOutput, default_optimizer
+
+
+def one_step_x0(student: Denoiser, noise: Tensor, clip: bool = False, **cond) -> Tensor:
+    """The student's x0 estimate from pure noise at the last timestep t_N = T - 1 (no clipping by default).
+
+    Training uses the unclipped estimate: clipping would zero the gradient of every pixel outside
+    [-1, 1]. With ``clip`` it is what the one-step DDIM sampler returns.
+    """
+    t = torch.full((noise.shape[0],), student.schedule.num_train_timesteps - 1, device=noise.device)
+    raw = student.raw(noise, t, **cond).float()
+    sched = student.schedule
+    pred = prediction_from_output(
+        raw, noise.float(), sched.alpha(t), sched.sigma(t), student.prediction_type, student.clip_x0 if clip else None
+    )
+    return pred.x0
+
+
+def one_step_sample(student: Denoiser, noise: Tensor, **cond) -> Tensor:
+    """What a 1-step trailing DDIM sampler (set_alpha_to_one) returns: the clipped x0 estimate."""
+    return one_step_x0(student, noise, clip=student.clip_x0 is not None, **cond)
+
+
+def pair_regression_loss(student: Denoiser, noise: Tensor, target: Tensor, distance: Distance = "l1", **cond) -> Tensor:
+    """Luhman & Luhman's objective: E d(s(x_T), F_teacher(x_T)) (Sec. 3, Eq. 5 with d = L1 or L2)."""
+    return regression_distance(one_step_x0(student, noise, **cond), target, distance).mean()
+
+
+class DataDistillation(DistillationMethod):
+    """One-step student trained by regression on cached teacher (noise, sample) pairs.
+
+    Needs ``data.pairs`` (teacher-data mode): batches are {"noise", "x", "label"} with x the teacher's
+    DDIM sample from that noise.
+
+    Args:
+        teacher: the frozen teacher (linked from ``data.teacher``); its UNet initialises the student.
+        student: optional other student network (None: a copy of the teacher, as in the paper).
+        student_prediction_type: None keeps the teacher's; ``sample`` suits eps-prediction teachers.
+        distance: ``l1`` (Luhman & Luhman on CIFAR-10) or ``l2`` (their other data sets).
+        optimizer, lr_scheduler, sample_every_n_steps, num_log_samples, seed: see
+            :class:`DistillationMethod`. ``sample_steps`` is 1: the student is a one-step generator.
+
+    Example::
+
+        >>> model = DataDistillation(teacher, distance="l1")
+        >>> x = model.sample(16, steps=1)
+    """
+
+    def __init__(
+        self,
+        teacher: DiffusionTeacher | None = None,
+        student: nn.Module | None = None,
+        student_prediction_type: PredictionType | None = None,
+        distance: Distance = "l1",
+        optimizer: OptimizerCallable = default_optimizer,
+        lr_scheduler: LRSchedulerCallable | None = None,
+        sample_steps: int = 1,
+        sample_every_n_steps: int = 0,
+        num_log_samples: int = 64,
+        seed: int = 0,
+    ) -> None:
+        if teacher is None:
+            raise ValueError("DataDistillation needs a teacher (set data.teacher)")
+        super().__init__(
+            teacher=teacher,
+            student=student,
+            student_prediction_type=student_prediction_type,
+            optimizer=optimizer,
+            lr_scheduler=lr_scheduler,
+            sample_steps=sample_steps,
+            sample_every_n_steps=sample_every_n_steps,
+            num_log_samples=num_log_samples,
+            seed=seed,
+        )
+
+    def compute_loss(self, batch: dict) -> LossOutput:
+        if "noise" not in batch:
+            raise KeyError("DataDistillation trains on teacher pairs: set data.pairs (batches need a 'noise' entry)")
+        cond = {"class_labels": batch["label"]} if self.is_class_conditional else {}
+        loss = pair_regression_loss(self.student, batch["noise"], batch["x"], self.hparams.distance, **cond)
+        return LossOutput(loss, {"loss": loss.detach(), self.hparams.distance: loss.detach()})
+
+
+__all__ = ["DataDistillation", "one_step_x0", "one_step_sample", "pair_regression_loss"]

@@ -1,0 +1,236 @@
+"""Knowledge distillation of a denoiser into a smaller one (Hinton et al. 2015; METHODS.md section 0).
+
+The student is any diffusers UNet the user configures (fewer channels or blocks) and samples with the
+same sampler and step count as the teacher. At a noisy input x_t = alpha_t x + sigma_t eps:
+
+* hard label: the true target of the student's parametrisation, ``target_for(kind, x, eps)``;
+* soft label: the teacher's prediction at the same (x_t, t), converted to the student's
+  parametrisation by :func:`~lightning_distill.parametrisation.prediction_from_output`;
+* loss = alpha * d(student, hard) + (1 - alpha) * d(student, soft) + sum_b w_b d(P_b f_s^b, f_t^b),
+  the last term matching named intermediate blocks (feature KD as in BK-SDM / FitNets), with a
+  learned 1x1 convolution P_b from student to teacher width wherever the widths differ.
+
+Block names are ``named_modules`` paths of the diffusers UNet, e.g. ``mid_block``, ``down_blocks.1``,
+``up_blocks.0``. A block's feature is its output (the first element when a block returns a tuple, as
+diffusers down blocks return (hidden_states, skip_states)).
+"""
+
+from __future__ import annotations
+
+import torch
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from torch import Tensor, nn
+
+from ..losses import Distance, feature_kd_loss, mixed_kd_loss
+from ..parametrisation import Denoiser, PredictionType, prediction_from_output, target_for
+from ..teacher import DiffusionTeacher
+from .base import DistillationMethod, LossOutput, default_optimizer
+
+
+class FeatureRecorder:
+    """A forward hook that stores a module's output under ``name`` while recording is switched on.
+
+    Copies (``copy.deepcopy`` of the student, e.g. by the EMA callback) get a fresh recorder that
+    never records, so averaged or exported copies neither hold tensors nor reference this module.
+    """
+
+    def __init__(self, store: dict[str, Tensor], name: str) -> None:
+        self.store, self.name = store, name
+        self.active = False
+
+    def __call__(self, module: nn.Module, inputs, output) -> None:
+        if self.active:
+            self.store[self.name] = output[0] if isinstance(output, (tuple, list)) else output
+
+    def __deepcopy__(self, memo) -> "FeatureRecorder":
+        return FeatureRecorder({}, self.name)
+
+
+class FeatureTap:
+    """Forward hooks on named blocks of one network; ``with tap: net(...)`` fills ``tap.features``.
+
+    Example::
+
+        >>> tap = FeatureTap(unet, ["mid_block", "up_blocks.0"])
+        >>> with tap:
+        ...     unet(x, t)
+        >>> tap.features["mid_block"].shape
+    """
+
+    def __init__(self, network: nn.Module, names: dict[str, str]) -> None:
+        """``names`` maps the key features are stored under to the block's path inside ``network``."""
+        self.features: dict[str, Tensor] = {}
+        self.recorders: list[FeatureRecorder] = []
+        self.handles = []
+        modules = dict(network.named_modules())
+        for key, path in names.items():
+            if path not in modules:
+                blocks = [n for n in modules if n and n.count(".") <= 1]
+                raise ValueError(f"no block named {path!r} in {type(network).__name__}; top-level blocks: {blocks}")
+            rec = FeatureRecorder(self.features, key)
+            self.recorders.append(rec)
+            self.handles.append(modules[path].register_forward_hook(rec))
+
+    def __enter__(self) -> "FeatureTap":
+        self.features.clear()
+        for rec in self.recorders:
+            rec.active = True
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for rec in self.recorders:
+            rec.active = False
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+
+
+def kd_targets(
+    teacher: Denoiser, student_kind: PredictionType, x0: Tensor, eps: Tensor, t: Tensor, **cond
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(x_t, hard, soft) for one batch; the teacher runs without gradients.
+
+    The soft label is converted from the teacher's raw output without the x0 clipping the Denoiser
+    may apply: diffusers' DDIM sampler uses the raw output for eps, so the unclipped prediction is the
+    function the teacher actually samples with.
+    """
+    sched = teacher.schedule
+    alpha, sigma = sched.alpha(t), sched.sigma(t)
+    x_t = sched.add_noise(x0, eps, t)
+    hard = target_for(student_kind, x0, eps, alpha, sigma)
+    with torch.no_grad():
+        raw = teacher.raw(x_t.to(next(teacher.parameters()).dtype), t, **cond).float()
+        soft = prediction_from_output(raw, x_t, alpha, sigma, teacher.prediction_type).get(student_kind)
+    return x_t, hard, soft
+
+
+class KnowledgeDistillation(DistillationMethod):
+    """Compress the teacher into a smaller student UNet with hard, soft and feature targets.
+
+    Args:
+        teacher: the frozen teacher (linked from ``data.teacher``).
+        student: the student UNet (e.g. a ``diffusers.UNet2DModel`` with fewer channels). None: a copy
+            of the teacher (self-distillation).
+        student_prediction_type: the student's output type; None keeps the teacher's.
+        alpha: weight of the hard label; 1 = plain diffusion training, 0 = soft labels only.
+        distance: d(., .) of the output terms (and of the feature terms).
+        feature_weights: per-block weights of feature KD, keyed by the student's block path
+            (e.g. ``{"mid_block": 1.0}``); empty: no feature KD.
+        feature_teacher_blocks: the teacher block each student block is matched to, where the paths
+            differ (e.g. a student with fewer blocks); default: the same path.
+        optimizer, lr_scheduler, sample_steps, sample_every_n_steps, num_log_samples, seed: see
+            :class:`DistillationMethod`. The optimiser covers the student and the projections.
+
+    Example::
+
+        >>> small = UNet2DModel(sample_size=16, in_channels=1, out_channels=1, block_out_channels=(16, 32, 32), ...)
+        >>> model = KnowledgeDistillation(teacher, student=small, alpha=0.5, feature_weights={"mid_block": 0.1})
+    """
+
+    def __init__(
+        self,
+        teacher: DiffusionTeacher | None = None,
+        student: nn.Module | None = None,
+        student_prediction_type: PredictionType | None = None,
+        alpha: float = 0.5,
+        distance: Distance = "l2",
+        feature_weights: dict[str, float] | None = None,
+        feature_teacher_blocks: dict[str, str] | None = None,
+        optimizer: OptimizerCallable = default_optimizer,
+        lr_scheduler: LRSchedulerCallable | None = None,
+        sample_steps: int = 50,
+        sample_every_n_steps: int = 0,
+        num_log_samples: int = 64,
+        seed: int = 0,
+    ) -> None:
+        if teacher is None:
+            raise ValueError("KnowledgeDistillation needs a teacher (set data.teacher)")
+        if not 0.0 <= alpha <= 1.0:
+            raise ValueError(f"alpha must lie in [0, 1], got {alpha}")
+        super().__init__(
+            teacher=teacher,
+            student=student,
+            student_prediction_type=student_prediction_type,
+            optimizer=optimizer,
+            lr_scheduler=lr_scheduler,
+            sample_steps=sample_steps,
+            sample_every_n_steps=sample_every_n_steps,
+            num_log_samples=num_log_samples,
+            seed=seed,
+        )
+        self.feature_weights = {k: float(w) for k, w in (feature_weights or {}).items() if w}
+        unknown = set(feature_teacher_blocks or {}) - set(self.feature_weights)
+        if unknown:
+            raise ValueError(f"feature_teacher_blocks names {sorted(unknown)}, which have no entry in feature_weights")
+        teacher_paths = {k: (feature_teacher_blocks or {}).get(k, k) for k in self.feature_weights}
+        self.student_tap = FeatureTap(self.student.unet, {k: k for k in self.feature_weights})
+        self.teacher_tap = FeatureTap(self.teacher.unet, teacher_paths)
+        self.projections = nn.ModuleDict(self._build_projections())
+
+    @staticmethod
+    def _key(name: str) -> str:
+        return name.replace(".", "__")  # ModuleDict keys may not contain dots
+
+    @torch.no_grad()
+    def _build_projections(self) -> dict[str, nn.Module]:
+        """1x1 convolutions student width -> teacher width, sized by one dry forward pass of each net."""
+        if not self.feature_weights:
+            return {}
+        x = torch.zeros(1, *self.sample_shape, device=next(self.student.parameters()).device)
+        t = torch.full((1,), self.student.schedule.num_train_timesteps // 2, device=x.device)
+        cond = {"class_labels": torch.zeros(1, dtype=torch.long)} if self.is_class_conditional else {}
+        with self.student_tap:
+            self.student.raw(x, t, **cond)
+        with self.teacher_tap:
+            self.teacher.denoiser.raw(x.to(next(self.teacher.parameters()).dtype), t, **cond)
+        projections = {}
+        for name in self.feature_weights:
+            c_s, c_t = self.student_tap.features[name].shape[1], self.teacher_tap.features[name].shape[1]
+            if c_s != c_t:
+                projections[self._key(name)] = nn.Conv2d(c_s, c_t, kernel_size=1)
+        self.student_tap.features.clear()
+        self.teacher_tap.features.clear()
+        return projections
+
+    def trainable_parameters(self):
+        return super().trainable_parameters() + list(self.projections.parameters())
+
+    def compute_loss(self, batch: dict) -> LossOutput:
+        x0 = batch["x"]
+        alpha = self.hparams.alpha
+        t = torch.randint(0, self.student.schedule.num_train_timesteps, (x0.shape[0],), device=x0.device)
+        eps = torch.randn_like(x0)
+        cond = {"class_labels": batch["label"]} if self.is_class_conditional else {}
+        need_teacher = alpha < 1 or bool(self.feature_weights)
+        if need_teacher:
+            with self.teacher_tap:
+                x_t, hard, soft = kd_targets(self.teacher.denoiser, self.student.prediction_type, x0, eps, t, **cond)
+        else:  # alpha = 1 without feature KD is plain diffusion training: skip the teacher pass
+            sched = self.student.schedule
+            x_t = sched.add_noise(x0, eps, t)
+            hard, soft = target_for(self.student.prediction_type, x0, eps, sched.alpha(t), sched.sigma(t)), None
+        with self.student_tap:
+            pred = self.student.raw(x_t, t, **cond).float()
+        out = mixed_kd_loss(pred, hard, soft if alpha < 1 else None, alpha, self.hparams.distance)
+        loss, logs = out.loss, dict(out.logs)
+        if self.feature_weights:
+            proj = {n: self.projections[self._key(n)] for n in self.feature_weights if self._key(n) in self.projections}
+            feat = feature_kd_loss(
+                self.student_tap.features, self.teacher_tap.features, self.feature_weights, proj, self.hparams.distance
+            )
+            loss = loss + feat.loss
+            logs.update(feat.logs)
+            logs["feat"] = feat.loss.detach()
+            self.student_tap.features.clear()
+            self.teacher_tap.features.clear()
+        logs["loss"] = loss.detach()
+        return LossOutput(loss, logs)
+
+
+def count_parameters(module: nn.Module) -> int:
+    """Number of parameters of a network (for the "student <= half the teacher" check)."""
+    return sum(p.numel() for p in module.parameters())
+
+
+__all__ = ["KnowledgeDistillation", "FeatureTap", "FeatureRecorder", "kd_targets", "count_parameters"]

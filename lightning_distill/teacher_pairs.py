@@ -1,0 +1,441 @@
+"""Teacher-data mode: (noise, teacher sample[, label]) pairs on disk (Luhman & Luhman 2021, arXiv 2101.02388).
+
+The teacher's deterministic DDIM sampler (eta = 0) maps noise x_T to a sample y = F_teacher(x_T); the
+pairs are stored once and then used for ordinary regression training (data distillation).
+
+Storage layout of a pairs folder::
+
+    manifest.json              settings + one entry per shard (file, count, bytes, sha256)
+    shard-00000.safetensors    tensors "noise", "sample" (and "label"), metadata = settings + index
+    shard-00001.safetensors
+    ...
+
+Guarantees:
+  * Shard i is drawn from its own generator seeded by (seed, i), so the pairs do not depend on the
+    number of ranks, the generation batch size, or on interruptions.
+  * Ranks split the shards (shard i goes to rank i % world_size); each shows its own progress bar.
+  * Every shard is written to a temporary name and renamed into place (``os.replace``), so a killed
+    run never leaves a final-named partial shard. A rerun skips the complete shards and regenerates
+    the rest; leftover temporary files are discarded.
+  * The manifest is written last (rank 0, after all ranks are done) and is the completion marker.
+    Loading checks every shard against it (size and sha256) and raises :class:`PairsError` on any
+    mismatch; :func:`ensure_pairs` instead regenerates a shard that fails the check.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable, Literal
+
+import torch
+from torch import Tensor
+from torch.utils.data import Dataset
+
+from .parametrisation import Denoiser, VPSchedule
+
+MANIFEST = "manifest.json"
+FORMAT_VERSION = 1
+TimeGrid = Literal["trailing", "quadratic"]
+
+
+class PairsError(RuntimeError):
+    """A pairs folder that cannot be used: missing, incomplete, corrupt, or made with other settings."""
+
+
+@dataclass
+class PairsConfig:
+    """Settings of a teacher-pairs cache (the ``data.pairs`` block of a config).
+
+    Args:
+        dir: folder of the shards and manifest (created; resumed when it already holds shards).
+        num_pairs: total number of pairs.
+        num_steps: teacher DDIM steps per sample.
+        time_grid: ``trailing`` (uniform, diffusers' trailing spacing) or ``quadratic``
+            ((linspace(0, sqrt(t_max), N))^2, rounded and deduplicated; Luhman & Luhman).
+        t_max: largest timestep of the quadratic grid (default: the last training timestep).
+        shard_size: pairs per shard (the unit of resumption and of rank assignment).
+        batch_size: teacher batch size during generation.
+        seed: base seed; shard i uses seed_for_shard(seed, i).
+        val_fraction: fraction of pairs held out for validation (the last pairs, by index; at least one).
+        progress: show a tqdm progress bar.
+
+    Example::
+
+        >>> cfg = PairsConfig(dir="runs/pairs_digits", num_pairs=10_000, num_steps=32, time_grid="quadratic")
+    """
+
+    dir: str
+    num_pairs: int = 10_000
+    num_steps: int = 32
+    time_grid: TimeGrid = "quadratic"
+    t_max: int | None = None
+    shard_size: int = 1024
+    batch_size: int = 256
+    seed: int = 0
+    val_fraction: float = 0.05
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if self.num_pairs < 1 or self.shard_size < 1 or self.batch_size < 1 or self.num_steps < 1:
+            raise ValueError("num_pairs, shard_size, batch_size and num_steps must be positive")
+        if self.time_grid not in ("trailing", "quadratic"):
+            raise ValueError(f"unknown time_grid {self.time_grid!r}; choose 'trailing' or 'quadratic'")
+        if not 0.0 < self.val_fraction < 1.0:
+            raise ValueError(f"val_fraction must lie in (0, 1), got {self.val_fraction}")
+
+    @property
+    def num_shards(self) -> int:
+        return -(-self.num_pairs // self.shard_size)
+
+    def shard_count(self, index: int) -> int:
+        return min(self.shard_size, self.num_pairs - index * self.shard_size)
+
+    def generation_settings(self) -> dict:
+        """What determines the pairs' content (batch size, progress and the val split do not)."""
+        d = asdict(self)
+        for k in ("dir", "batch_size", "progress", "val_fraction"):
+            d.pop(k)
+        return d
+
+
+# --- time grids (pure functions) -----------------------------------------------------------------
+
+
+def quadratic_timesteps(num_train_timesteps: int, num_steps: int, t_max: int | None = None) -> Tensor:
+    """Luhman & Luhman's grid (linspace(0, sqrt(t_max), N))^2, rounded, deduplicated, high to low, then -1.
+
+    Rounding can merge neighbouring points near t = 0, so the grid may hold fewer than N evaluations.
+    """
+    t_max = num_train_timesteps - 1 if t_max is None else t_max
+    if not 0 < t_max < num_train_timesteps:
+        raise ValueError(f"t_max must lie in [1, {num_train_timesteps - 1}], got {t_max}")
+    if num_steps < 2:
+        raise ValueError(f"a quadratic grid needs num_steps >= 2, got {num_steps}")
+    pts = torch.linspace(0, t_max**0.5, num_steps, dtype=torch.float64).pow(2).round().long()
+    pts = torch.unique(pts).flip(0)  # unique sorts ascending
+    return torch.cat([pts, torch.tensor([-1])])
+
+
+def sampling_grid(schedule: VPSchedule, num_steps: int, time_grid: TimeGrid, t_max: int | None = None) -> Tensor:
+    """The teacher's DDIM grid: a descending (K + 1,) long tensor whose last entry is -1 (clean)."""
+    if time_grid == "trailing":
+        return schedule.trailing_timesteps(num_steps)
+    if time_grid == "quadratic":
+        return quadratic_timesteps(schedule.num_train_timesteps, num_steps, t_max)
+    raise ValueError(f"unknown time_grid {time_grid!r}; choose 'trailing' or 'quadratic'")
+
+
+@torch.no_grad()
+def ddim_sample(denoiser: Denoiser, noise: Tensor, grid: Tensor, **cond) -> Tensor:
+    """Deterministic DDIM (eta = 0) from ``noise`` at grid[0] down the grid to grid[-1] = -1."""
+    x = noise
+    for t, s in zip(grid[:-1].tolist(), grid[1:].tolist()):
+        x = denoiser.ddim(x, torch.tensor(t, device=x.device), torch.tensor(s, device=x.device), **cond)
+    return x
+
+
+def teacher_fingerprint(denoiser: Denoiser) -> str:
+    """sha256 over the teacher's weights (first 16 hex digits): a retrained teacher invalidates the cache."""
+    h = hashlib.sha256()
+    for name, p in sorted(denoiser.unet.state_dict().items()):
+        h.update(name.encode())
+        h.update(p.detach().float().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def seed_for_shard(seed: int, index: int) -> int:
+    """Seed of shard ``index``: independent of world size and generation order."""
+    return (int(seed) * 1_000_003 + int(index)) % (2**63 - 1)
+
+
+def shard_noise(cfg: PairsConfig, index: int, shape: tuple[int, ...], num_classes: int | None):
+    """The noise (and labels) of one shard, drawn on the CPU so that every device gives the same pairs."""
+    gen = torch.Generator().manual_seed(seed_for_shard(cfg.seed, index))
+    n = cfg.shard_count(index)
+    noise = torch.randn((n, *shape), generator=gen)
+    labels = torch.randint(0, num_classes, (n,), generator=gen) if num_classes else None
+    return noise, labels
+
+
+# --- files ---------------------------------------------------------------------------------------
+
+
+def shard_name(index: int) -> str:
+    return f"shard-{index:05d}.safetensors"
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def read_shard(path: Path, expected_count: int | None = None, settings: dict | None = None) -> dict[str, Tensor]:
+    """Load one shard, raising PairsError if it is truncated, unreadable, or made with other settings."""
+    from safetensors.torch import load_file
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+        tensors = load_file(str(path))
+    except Exception as err:  # safetensors raises its own error types for truncated headers / data
+        raise PairsError(f"shard {path} is unreadable or truncated ({type(err).__name__}: {err})") from err
+    if "noise" not in tensors or "sample" not in tensors:
+        raise PairsError(f"shard {path} lacks the 'noise' / 'sample' tensors")
+    n = tensors["noise"].shape[0]
+    if tensors["sample"].shape[0] != n or ("label" in tensors and tensors["label"].shape[0] != n):
+        raise PairsError(f"shard {path}: tensors disagree in length")
+    if expected_count is not None and n != expected_count:
+        raise PairsError(f"shard {path} holds {n} pairs, expected {expected_count}")
+    if settings is not None and json.loads(meta.get("settings", "null")) != settings:
+        raise PairsError(f"shard {path} was generated with other settings: {meta.get('settings')}")
+    return tensors
+
+
+def write_shard(path: Path, tensors: dict[str, Tensor], metadata: dict[str, str]) -> None:
+    """Write to ``.<name>.tmp`` and rename into place, so a final-named shard is always complete."""
+    from safetensors.torch import save_file
+
+    tmp = path.with_name(f".{path.name}.tmp")
+    save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _dist_info() -> tuple[int, int, Callable[[], None]]:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size(), torch.distributed.barrier
+    return 0, 1, lambda: None
+
+
+def generate_pairs(
+    denoiser: Denoiser,
+    cfg: PairsConfig,
+    sample_shape: tuple[int, ...],
+    num_classes: int | None = None,
+    rank: int | None = None,
+    world_size: int | None = None,
+    barrier: Callable[[], None] | None = None,
+    teacher_source: str | None = None,
+    stop_after: int | None = None,
+) -> Path:
+    """Generate (or finish generating) the pairs of ``cfg`` into ``cfg.dir`` and write the manifest.
+
+    Args:
+        denoiser: the frozen teacher's denoiser (its device is used).
+        cfg: the pairs settings.
+        sample_shape: (C, H, W) of the model space.
+        num_classes: draw uniform labels for a class-conditional teacher.
+        rank, world_size, barrier: distribution; default: ``torch.distributed`` when initialised.
+        teacher_source: recorded in the manifest and the shards (a cache made from another teacher
+            is refused rather than silently reused).
+        stop_after: generate at most this many shards in this call and return without a manifest
+            (testing interruptions; None in normal use).
+
+    Returns:
+        The folder.
+    """
+    d_rank, d_world, d_barrier = _dist_info()
+    rank = d_rank if rank is None else rank
+    world_size = d_world if world_size is None else world_size
+    barrier = d_barrier if barrier is None else barrier
+    folder = Path(cfg.dir).expanduser()
+    folder.mkdir(parents=True, exist_ok=True)
+    settings = {**cfg.generation_settings(), "teacher": teacher_source, "sample_shape": list(sample_shape),
+                "num_classes": num_classes, "format": FORMAT_VERSION,
+                "teacher_sha256": teacher_fingerprint(denoiser)}
+    grid = sampling_grid(denoiser.schedule, cfg.num_steps, cfg.time_grid, cfg.t_max)
+    settings["timesteps"] = grid.tolist()
+    _check_existing_manifest(folder, settings)
+    mine = [i for i in range(cfg.num_shards) if i % world_size == rank]
+    todo = [i for i in mine if not _shard_ok(folder / shard_name(i), cfg.shard_count(i), settings)]
+    for i in mine:  # leftovers of a killed run
+        tmp = folder / f".{shard_name(i)}.tmp"
+        if tmp.exists():
+            tmp.unlink()
+    if stop_after is not None:
+        todo = todo[:stop_after]
+    device = next(denoiser.parameters()).device
+    dtype = next(denoiser.parameters()).dtype
+    from tqdm.auto import tqdm
+
+    bar = tqdm(
+        total=sum(cfg.shard_count(i) for i in todo),
+        desc=f"teacher pairs (rank {rank})",
+        unit="pair",
+        position=rank,
+        disable=not cfg.progress,
+    )
+    meta_settings = json.dumps(settings, sort_keys=True)
+    for i in todo:
+        noise, labels = shard_noise(cfg, i, sample_shape, num_classes)
+        samples = []
+        for start in range(0, noise.shape[0], cfg.batch_size):
+            z = noise[start : start + cfg.batch_size].to(device=device, dtype=dtype)
+            cond = {"class_labels": labels[start : start + cfg.batch_size].to(device)} if labels is not None else {}
+            samples.append(ddim_sample(denoiser, z, grid.to(device), **cond).float().cpu())
+            bar.update(z.shape[0])
+        tensors = {"noise": noise, "sample": torch.cat(samples)}
+        if labels is not None:
+            tensors["label"] = labels
+        write_shard(folder / shard_name(i), tensors, {"settings": meta_settings, "index": str(i)})
+    bar.close()
+    if stop_after is not None:
+        return folder
+    barrier()
+    if rank == 0:
+        write_manifest(folder, cfg, settings)
+    barrier()
+    return folder
+
+
+def _check_existing_manifest(folder: Path, settings: dict) -> None:
+    path = folder / MANIFEST
+    if not path.exists():
+        return
+    try:
+        old = json.loads(path.read_text())["settings"]
+    except (OSError, KeyError, json.JSONDecodeError) as err:
+        raise PairsError(f"{path} is unreadable ({err}); delete it to regenerate the manifest") from err
+    if json.loads(json.dumps(settings)) != old:
+        raise PairsError(
+            f"pairs folder {folder} holds pairs generated with other settings ({old}); "
+            "use another folder or delete this one"
+        )
+
+
+def _shard_ok(path: Path, count: int, settings: dict) -> bool:
+    if not path.exists():
+        return False
+    try:
+        read_shard(path, count, json.loads(json.dumps(settings)))
+        return True
+    except PairsError:
+        return False
+
+
+def write_manifest(folder: Path, cfg: PairsConfig, settings: dict) -> None:
+    """Record every shard's count, size and sha256 (rank 0, after all shards exist)."""
+    shards = []
+    for i in range(cfg.num_shards):
+        p = folder / shard_name(i)
+        if not p.exists():
+            raise PairsError(f"shard {p} is missing after generation (did a rank fail?)")
+        shards.append({"file": p.name, "index": i, "count": cfg.shard_count(i), "bytes": p.stat().st_size,
+                       "sha256": _sha256(p)})
+    manifest = {"format": FORMAT_VERSION, "num_pairs": cfg.num_pairs, "settings": settings, "shards": shards}
+    tmp = folder / f".{MANIFEST}.tmp"
+    tmp.write_text(json.dumps(manifest, indent=1))
+    os.replace(tmp, folder / MANIFEST)
+
+
+def verify_pairs(folder: str | os.PathLike) -> list[str]:
+    """Names of the shards that are missing or differ from the manifest (size or sha256); [] when all match."""
+    folder = Path(folder).expanduser()
+    manifest = read_manifest(folder)
+    bad = []
+    for s in manifest["shards"]:
+        p = folder / s["file"]
+        if not p.exists() or p.stat().st_size != s["bytes"] or _sha256(p) != s["sha256"]:
+            bad.append(s["file"])
+    return bad
+
+
+def read_manifest(folder: str | os.PathLike) -> dict:
+    path = Path(folder).expanduser() / MANIFEST
+    if not path.exists():
+        raise PairsError(f"{path} does not exist: the pairs in {folder} are incomplete (generation has not finished)")
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise PairsError(f"{path} is unreadable ({err})") from err
+
+
+def load_pairs(folder: str | os.PathLike) -> dict[str, Tensor]:
+    """All pairs of a complete folder, in index order; PairsError on any missing or corrupt shard."""
+    folder = Path(folder).expanduser()
+    manifest = read_manifest(folder)
+    bad = verify_pairs(folder)
+    if bad:
+        raise PairsError(
+            f"pairs folder {folder}: shard(s) {bad} are missing, truncated or corrupt (size / sha256 differ "
+            "from manifest.json); rerun generation to regenerate them"
+        )
+    parts = [read_shard(folder / s["file"], s["count"]) for s in manifest["shards"]]
+    return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+
+
+def ensure_pairs(
+    denoiser: Denoiser,
+    cfg: PairsConfig,
+    sample_shape: tuple[int, ...],
+    num_classes: int | None = None,
+    teacher_source: str | None = None,
+    **dist,
+) -> dict[str, Tensor]:
+    """Generate what is missing (resuming), regenerate shards that fail the manifest check, then load."""
+    folder = Path(cfg.dir).expanduser()
+    if (folder / MANIFEST).exists():
+        bad = verify_pairs(folder)
+        if bad:
+            import warnings
+
+            warnings.warn(f"pairs folder {folder}: regenerating corrupt or truncated shard(s) {bad}", stacklevel=2)
+            for name in bad:
+                (folder / name).unlink(missing_ok=True)
+            (folder / MANIFEST).unlink()
+        else:
+            return load_pairs(folder)
+    generate_pairs(denoiser, cfg, sample_shape, num_classes, teacher_source=teacher_source, **dist)
+    return load_pairs(folder)
+
+
+class PairDataset(Dataset):
+    """(noise, teacher sample, label) triples; batches are {"noise", "x", "label"} (x = the teacher sample)."""
+
+    def __init__(self, noise: Tensor, sample: Tensor, label: Tensor | None = None) -> None:
+        self.noise, self.sample = noise, sample
+        self.label = label if label is not None else torch.zeros(noise.shape[0], dtype=torch.long)
+
+    def __len__(self) -> int:
+        return self.noise.shape[0]
+
+    def __getitem__(self, i: int) -> dict:
+        return {"noise": self.noise[i], "x": self.sample[i], "label": self.label[i]}
+
+
+def pair_datasets(pairs: dict[str, Tensor], val_fraction: float) -> tuple[PairDataset, PairDataset]:
+    """Split by index: the last ``val_fraction`` of the pairs (at least one) for validation."""
+    n = pairs["noise"].shape[0]
+    n_val = max(1, int(round(n * val_fraction)))
+    if n - n_val < 1:
+        raise PairsError(f"only {n} pairs: too few to hold out {n_val} for validation")
+    label = pairs.get("label")
+    train = PairDataset(pairs["noise"][: n - n_val], pairs["sample"][: n - n_val], None if label is None else label[: n - n_val])
+    val = PairDataset(pairs["noise"][n - n_val :], pairs["sample"][n - n_val :], None if label is None else label[n - n_val :])
+    return train, val
+
+
+__all__ = [
+    "PairsConfig",
+    "PairsError",
+    "PairDataset",
+    "ddim_sample",
+    "ensure_pairs",
+    "generate_pairs",
+    "load_pairs",
+    "pair_datasets",
+    "quadratic_timesteps",
+    "read_shard",
+    "sampling_grid",
+    "seed_for_shard",
+    "verify_pairs",
+]
