@@ -1,0 +1,217 @@
+"""Adversarial diffusion distillation, ADD (Sauer et al. 2023, arXiv 2311.17042).
+
+The student (initialised from the teacher) denoises real images noised to one of 1-4 fixed timesteps
+in one step. Two losses train it (Sec. 3.2, Eq. 1-5):
+
+* adversarial: a discriminator made of a frozen feature network with small trainable heads on several
+  of its layers (DINOv2 in the paper; here pluggable, the teacher UNet's encoder by default), hinge
+  loss, R1 penalty on real images;
+* distillation: re-noise the student output x_theta to a random t, let the frozen teacher denoise it,
+  and regress x_theta onto that (stop-gradient) with weight c(t) = alpha_t (Eq. 4).
+
+Total generator loss L = L_adv + lambda L_distill, lambda = 2.5 (paper). The paper has no released
+training code; METHODS.md section 4 marks the details as unconfirmed.
+
+Notation (paper -> code):
+
+==========================  ====================================================
+tau_1..tau_n (student t)    ``student_timesteps`` (trailing grid of ``num_student_steps``)
+x_s (noised real input)     ``x_t`` in :meth:`AdversarialDiffusionDistillation.generate`
+x_theta(x_s, s)             the student's x0 estimate (``Generated.x``)
+t, x_theta,t (re-noised)    ``s``, ``x_s`` in :func:`add_distillation_loss`
+psi (teacher)               ``teacher.denoiser``
+c(t), lambda                ``distill_weighting``, ``distill_weight``
+==========================  ====================================================
+
+Sampling: the stock DDIM sampler (trailing spacing) with ``num_student_steps`` steps visits exactly
+the student timesteps, so the exported pipeline is a plain DDPMPipeline + DDIMScheduler.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from torch import Tensor, nn
+
+from ..parametrisation import Denoiser, PredictionType
+from ..teacher import DiffusionTeacher
+from .adversarial import AdversarialMethod, Discriminator, GanLoss, Generated, UNetEncoderFeatures, unclipped_x0
+from .base import LossOutput, default_optimizer
+
+Weighting = Literal["alpha", "constant", "alpha_squared"]
+
+
+def distillation_weight(alpha: Tensor, weighting: Weighting) -> Tensor:
+    """c(t) of ADD Eq. 4: ``"alpha"`` = alpha_t (the paper's choice), ``"alpha_squared"``, or 1."""
+    if weighting == "alpha":
+        return alpha
+    if weighting == "alpha_squared":
+        return alpha**2
+    if weighting == "constant":
+        return torch.ones_like(alpha)
+    raise ValueError(f"unknown distill_weighting {weighting!r}; choose 'alpha', 'alpha_squared' or 'constant'")
+
+
+def add_distillation_loss(
+    x0_student: Tensor,
+    teacher: Denoiser,
+    s: Tensor,
+    eps: Tensor,
+    weighting: Weighting = "alpha",
+    **cond,
+) -> Tensor:
+    """ADD distillation loss (Eq. 4): E c(s) || x_theta - stopgrad(x_psi(alpha_s x_theta + sigma_s eps, s)) ||^2.
+
+    The squared error is averaged over pixels, weighted per sample, then averaged over the batch.
+    Gradient reaches ``x0_student`` only through the first term (the target is under stop-gradient).
+    """
+    sched = teacher.schedule
+    with torch.no_grad():
+        x_s = sched.add_noise(x0_student.detach(), eps, s)
+        target = teacher(x_s, s, **cond).x0.to(x0_student.dtype)
+    per_sample = F.mse_loss(x0_student, target, reduction="none").flatten(1).mean(1)
+    return (distillation_weight(sched.alpha(s), weighting) * per_sample).mean()
+
+
+class AdversarialDiffusionDistillation(AdversarialMethod):
+    """ADD: a 1-4 step student trained by an adversarial loss on frozen features plus teacher distillation.
+
+    Args:
+        teacher: the frozen teacher (linked from the data module by the CLI).
+        student, student_prediction_type: as :class:`DistillationMethod` (default: copy of the teacher).
+        num_student_steps: number of fixed student timesteps (the trailing grid of that many steps).
+        student_timesteps: explicit timesteps instead (e.g. ``[999, 749, 499, 249]``).
+        feature_network: frozen feature network of the discriminator: any module mapping
+            ``(x, t=None, **cond)`` to a list of feature tensors (``ModuleFeatures`` wraps ordinary
+            networks, e.g. the digits classifier; ``HFVisionFeatures`` loads DINOv2 from a local folder).
+            None: the teacher UNet's encoder (``feature_levels``) at timestep ``feature_timestep``.
+        feature_levels: teacher-encoder levels (down block indices, -1 = mid block); None: all.
+        feature_timestep: timestep at which the teacher encoder looks at (clean) images.
+        head_hidden: width of the discriminator heads.
+        spatial_logits: one logit per feature position (as ADD's heads) instead of one per head.
+        conditional_discriminator: project class embeddings into the heads; None: when the
+            student is class-conditional.
+        distill_weight: lambda (2.5 in the paper).
+        distill_weighting: c(t).
+        distill_t_min, distill_t_max: range of the re-noising timestep (None: T - 1).
+        generator_optimizer, discriminator_optimizer, generator_lr_scheduler, gan_loss, r1, r1_weight,
+            r1_sigma, d_updates_per_g, generator_grad_clip, discriminator_grad_clip, sample_steps,
+            sample_every_n_steps, num_log_samples, seed: see :class:`AdversarialMethod`
+            (``sample_steps`` None: ``num_student_steps``).
+
+    Example::
+
+        >>> dm = TeacherDataModule("bundled:digits")
+        >>> model = AdversarialDiffusionDistillation(dm.teacher, num_student_steps=2)
+        >>> L.Trainer(max_steps=2000, callbacks=[EMA(0.999)]).fit(model, dm)
+    """
+
+    hparams_ignore = AdversarialMethod.hparams_ignore + ("feature_network",)
+
+    def __init__(
+        self,
+        teacher: DiffusionTeacher | None = None,
+        student: nn.Module | None = None,
+        student_prediction_type: PredictionType | None = None,
+        num_student_steps: int = 4,
+        student_timesteps: list[int] | None = None,
+        feature_network: nn.Module | None = None,
+        feature_levels: list[int] | None = None,
+        feature_timestep: int = 0,
+        head_hidden: int = 64,
+        spatial_logits: bool = True,
+        conditional_discriminator: bool | None = None,
+        distill_weight: float = 2.5,
+        distill_weighting: Weighting = "alpha",
+        distill_t_min: int = 0,
+        distill_t_max: int | None = None,
+        generator_optimizer: OptimizerCallable = default_optimizer,
+        discriminator_optimizer: OptimizerCallable = default_optimizer,
+        generator_lr_scheduler: LRSchedulerCallable | None = None,
+        gan_loss: GanLoss = "hinge",
+        r1: Literal["true", "approx", "none"] = "true",
+        r1_weight: float = 1e-2,
+        r1_sigma: float = 0.01,
+        d_updates_per_g: float = 1.0,
+        generator_grad_clip: float | None = None,
+        discriminator_grad_clip: float | None = None,
+        sample_steps: int | None = None,
+        sample_every_n_steps: int = 0,
+        num_log_samples: int = 64,
+        seed: int = 0,
+    ) -> None:
+        if teacher is None:
+            raise ValueError("AdversarialDiffusionDistillation needs a teacher (set data.teacher)")
+        distillation_weight(torch.ones(1), distill_weighting)  # validates the choice
+        super().__init__(
+            teacher=teacher,
+            student=student,
+            student_prediction_type=student_prediction_type,
+            generator_optimizer=generator_optimizer,
+            discriminator_optimizer=discriminator_optimizer,
+            generator_lr_scheduler=generator_lr_scheduler,
+            gan_loss=gan_loss,
+            r1=r1,
+            r1_weight=r1_weight,
+            r1_sigma=r1_sigma,
+            d_updates_per_g=d_updates_per_g,
+            generator_grad_clip=generator_grad_clip,
+            discriminator_grad_clip=discriminator_grad_clip,
+            sample_steps=sample_steps or len(student_timesteps or []) or num_student_steps,
+            sample_every_n_steps=sample_every_n_steps,
+            num_log_samples=num_log_samples,
+            seed=seed,
+        )
+        T = self.student.schedule.num_train_timesteps
+        if student_timesteps is None:
+            grid = self.student.schedule.trailing_timesteps(num_student_steps)[:-1]
+        else:
+            grid = torch.tensor(sorted(student_timesteps, reverse=True), dtype=torch.long)
+            if not bool(((grid >= 0) & (grid < T)).all()):
+                raise ValueError(f"student_timesteps must lie in [0, {T - 1}], got {student_timesteps}")
+        if not 1 <= grid.numel() <= 8:
+            raise ValueError(f"ADD uses 1-4 (at most 8) student timesteps, got {grid.tolist()}")
+        self.register_buffer("student_timesteps", grid, persistent=False)
+        self.distill_t_max = T - 1 if distill_t_max is None else distill_t_max
+        if not 0 <= distill_t_min <= self.distill_t_max < T:
+            raise ValueError(f"need 0 <= distill_t_min <= distill_t_max < {T}, got {distill_t_min}, {distill_t_max}")
+        if feature_network is None:
+            feature_network = UNetEncoderFeatures(teacher.unet, feature_levels, trainable=False, timestep=feature_timestep)
+        feature_network.requires_grad_(False)
+        cond = self.is_class_conditional if conditional_discriminator is None else conditional_discriminator
+        num_classes = int(self.student.unet.config.num_class_embeds) if cond else None
+        if cond and not num_classes:
+            raise ValueError("conditional_discriminator=True but the student has no class embedding")
+        self.discriminator = Discriminator(
+            feature_network, self.sample_shape, hidden=head_hidden, spatial=spatial_logits, num_classes=num_classes
+        )
+
+    # --- AdversarialMethod hooks ---------------------------------------------------------------
+
+    def _cond(self, labels: Tensor | None) -> dict:
+        return {"class_labels": labels} if labels is not None else {}
+
+    def generate(self, batch: dict, gen: torch.Generator) -> Generated:
+        """x_theta(x_s, s): real images noised to a random student timestep, denoised in one step."""
+        x = batch["x"]
+        idx = torch.randint(0, self.student_timesteps.numel(), (x.shape[0],), generator=gen, device=x.device)
+        t = self.student_timesteps[idx]
+        eps = torch.randn(x.shape, generator=gen, device=x.device, dtype=x.dtype)
+        x_t = self.student.schedule.add_noise(x, eps, t)
+        labels = self._labels(batch)
+        return Generated(unclipped_x0(self.student, x_t, t, **self._cond(labels)), labels)
+
+    def generator_extra_loss(self, fake: Generated, batch: dict, gen: torch.Generator) -> LossOutput:
+        x0 = fake.x
+        s = torch.randint(self.hparams.distill_t_min, self.distill_t_max + 1, (x0.shape[0],), generator=gen, device=x0.device)
+        eps = torch.randn(x0.shape, generator=gen, device=x0.device, dtype=x0.dtype)
+        distill = add_distillation_loss(
+            x0, self.teacher.denoiser, s, eps, self.hparams.distill_weighting, **self._cond(fake.class_labels)
+        )
+        return LossOutput(self.hparams.distill_weight * distill, {"distill": distill.detach()})
+
+
+__all__ = ["AdversarialDiffusionDistillation", "add_distillation_loss", "distillation_weight"]

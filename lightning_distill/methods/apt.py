@@ -1,0 +1,215 @@
+"""Adversarial post-training, APT (Lin et al. 2025, arXiv 2501.08316, "Seaweed-APT").
+
+A one-step generator, first distilled (consistency distillation) and then trained adversarially against
+REAL data only: no teacher targets. Confirmed by the paper (METHODS.md section 5): the generator starts
+from a consistency-distilled student; the discriminator backbone is initialised from the same
+diffusion network, with extra heads on several layers producing a logit; R1 is replaced by the
+approximated R1; 1-step generation. Unconfirmed starting points (tune): non-saturating loss, RMSProp
+(alpha 0.9), lr around 5e-6, generator EMA around 0.995, approx-R1 lambda 100 with sigma 0.01, and
+collapse if trained long, hence early stopping on FID.
+
+Notation (paper -> code):
+
+=======================  ===========================================================
+G(z)                     :meth:`AdversarialPostTraining.generate`: the student's x0 at t = T - 1
+D(x, t)                  ``discriminator``: teacher-UNet encoder copy + ``MultiLevelHeads``
+x_t (D's input)          alpha_t x + sigma_t n, t ~ U{d_t_min .. d_t_max} (:meth:`discriminate`)
+L_aR1                    :func:`~lightning_distill.methods.adversarial.approx_r1_penalty`
+=======================  ===========================================================
+
+Sampling and export: the stock DDIM sampler with one trailing step evaluates the student at t = T - 1
+on pure noise and returns its (clipped) x0: the same map G that is trained here.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+from typing import Callable, Literal
+
+import torch
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from torch import Tensor, nn
+
+from ..parametrisation import PredictionType
+from ..teacher import DiffusionTeacher
+from .adversarial import AdversarialMethod, Discriminator, GanLoss, Generated, UNetEncoderFeatures, unclipped_x0
+
+
+def apt_optimizer(params) -> torch.optim.Optimizer:
+    """RMSProp with alpha = 0.9, the APT paper's optimiser (lr unconfirmed; 5e-6 there, larger for small nets)."""
+    return torch.optim.RMSprop(params, lr=5e-6, alpha=0.9)
+
+
+def load_generator_state(path: str | Path, use_ema: bool = True) -> tuple[dict[str, Tensor], str | None]:
+    """UNet weights (and prediction type, when recorded) of a trained student, to initialise APT's generator.
+
+    Accepts:
+      * a Lightning ``.ckpt`` of any :class:`DistillationMethod` (e.g. ``ConsistencyDistillation``):
+        the sampling-EMA weights of an ``EMA`` callback when present and ``use_ema``, else ``student.unet``;
+        the prediction type from ``hyper_parameters.student_prediction_type`` when set;
+      * an exported pipeline folder (``unet/`` + ``scheduler/``): the UNet weights and the scheduler's
+        ``prediction_type``.
+
+    Raises:
+        FileNotFoundError: the path does not exist. ValueError: no student weights in it.
+    """
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise FileNotFoundError(f"APT init_from {str(path)!r} does not exist (a .ckpt file or an exported pipeline folder)")
+    if path.is_dir():
+        cfg = path / "unet" / "config.json"
+        if not cfg.is_file():
+            raise ValueError(f"APT init_from folder {path} has no unet/config.json (expected an exported pipeline)")
+        import diffusers
+
+        cls = getattr(diffusers, json.loads(cfg.read_text())["_class_name"])
+        unet = cls.from_pretrained(path, subfolder="unet")
+        sched_cfg = path / "scheduler" / "scheduler_config.json"
+        pred = json.loads(sched_cfg.read_text()).get("prediction_type") if sched_cfg.is_file() else None
+        return unet.state_dict(), pred
+    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    pred = (ckpt.get("hyper_parameters") or {}).get("student_prediction_type")
+    if use_ema:
+        for state in (ckpt.get("callbacks") or {}).values():
+            averaged = state.get("averaged") if isinstance(state, dict) else None
+            if averaged:
+                sd = {k[len("module.unet."):]: v for k, v in averaged.items() if k.startswith("module.unet.")}
+                if sd:
+                    return sd, pred
+    sd = {k[len("student.unet."):]: v for k, v in ckpt.get("state_dict", {}).items() if k.startswith("student.unet.")}
+    if not sd:
+        raise ValueError(f"checkpoint {path} holds no student.unet weights")
+    return sd, pred
+
+
+class AdversarialPostTraining(AdversarialMethod):
+    """APT: one-step generator vs a diffusion-backbone discriminator on real data, approximated R1.
+
+    Args:
+        teacher: the frozen teacher; its UNet initialises the discriminator backbone (and the generator
+            when ``init_from`` is None).
+        student, student_prediction_type: as :class:`DistillationMethod`.
+        init_from: a consistency-distilled student to start from: a ``.ckpt`` of
+            ``ConsistencyDistillation`` (or any method) or an exported pipeline folder.
+        init_use_ema: take the checkpoint's sampling-EMA weights when it has them.
+        d_levels: discriminator backbone levels with a head (down block indices, -1 = mid block).
+        head_hidden: head width.
+        spatial_logits: one logit per position instead of one per head (APT: one per head).
+        d_t_min, d_t_max: range of the discriminator's noise timestep (None: T - 1).
+        train_d_backbone: train the discriminator backbone (APT) or only its heads.
+        generator_optimizer, discriminator_optimizer, generator_lr_scheduler, gan_loss, r1, r1_weight,
+            r1_sigma, d_updates_per_g, generator_grad_clip, discriminator_grad_clip,
+            sample_every_n_steps, num_log_samples, seed: see :class:`AdversarialMethod`.
+
+    Example::
+
+        >>> model = AdversarialPostTraining(dm.teacher, init_from="runs/cd_digits/checkpoints/last.ckpt")
+        >>> L.Trainer(callbacks=[EMA(0.995), FIDCallback(steps=[1])]).fit(model, dm)
+    """
+
+    def __init__(
+        self,
+        teacher: DiffusionTeacher | None = None,
+        student: nn.Module | None = None,
+        student_prediction_type: PredictionType | None = None,
+        init_from: str | None = None,
+        init_use_ema: bool = True,
+        d_levels: list[int] | None = None,
+        head_hidden: int = 64,
+        spatial_logits: bool = False,
+        d_t_min: int = 0,
+        d_t_max: int | None = None,
+        train_d_backbone: bool = True,
+        generator_optimizer: OptimizerCallable = apt_optimizer,
+        discriminator_optimizer: OptimizerCallable = apt_optimizer,
+        generator_lr_scheduler: LRSchedulerCallable | None = None,
+        gan_loss: GanLoss = "non_saturating",
+        r1: Literal["true", "approx", "none"] = "approx",
+        r1_weight: float = 100.0,
+        r1_sigma: float = 0.01,
+        d_updates_per_g: float = 1.0,
+        generator_grad_clip: float | None = None,
+        discriminator_grad_clip: float | None = None,
+        sample_every_n_steps: int = 0,
+        num_log_samples: int = 64,
+        seed: int = 0,
+    ) -> None:
+        if teacher is None:
+            raise ValueError("AdversarialPostTraining needs a teacher (set data.teacher): it initialises the discriminator")
+        pred = student_prediction_type
+        state = None
+        if init_from is not None:
+            state, recorded = load_generator_state(init_from, init_use_ema)
+            pred = pred or recorded
+        super().__init__(
+            teacher=teacher,
+            student=student,
+            student_prediction_type=pred,
+            generator_optimizer=generator_optimizer,
+            discriminator_optimizer=discriminator_optimizer,
+            generator_lr_scheduler=generator_lr_scheduler,
+            gan_loss=gan_loss,
+            r1=r1,
+            r1_weight=r1_weight,
+            r1_sigma=r1_sigma,
+            d_updates_per_g=d_updates_per_g,
+            generator_grad_clip=generator_grad_clip,
+            discriminator_grad_clip=discriminator_grad_clip,
+            sample_steps=1,
+            sample_every_n_steps=sample_every_n_steps,
+            num_log_samples=num_log_samples,
+            seed=seed,
+        )
+        if state is not None:
+            missing, unexpected = self.student.unet.load_state_dict(state, strict=False)
+            if missing or unexpected:
+                raise ValueError(
+                    f"init_from {init_from!r} does not fit the student UNet: missing {missing[:5]}, unexpected {unexpected[:5]}"
+                )
+        T = self.student.schedule.num_train_timesteps
+        self.generator_timestep = int(self.student.schedule.trailing_timesteps(1)[0])  # T - 1: pure noise in
+        self.d_t_max = T - 1 if d_t_max is None else d_t_max
+        if not 0 <= d_t_min <= self.d_t_max < T:
+            raise ValueError(f"need 0 <= d_t_min <= d_t_max < {T}, got {d_t_min}, {d_t_max}")
+        backbone_unet = copy.deepcopy(teacher.unet).float()
+        backbone_unet.requires_grad_(train_d_backbone)
+        backbone = UNetEncoderFeatures(backbone_unet, d_levels, trainable=True)
+        cond = self.is_class_conditional
+        self.discriminator = Discriminator(
+            backbone,
+            self.sample_shape,
+            hidden=head_hidden,
+            spatial=spatial_logits,
+            num_classes=int(self.student.unet.config.num_class_embeds) if cond else None,
+            backbone_cond=cond,
+        )
+        self.discriminator.train()
+
+    # --- AdversarialMethod hooks ---------------------------------------------------------------
+
+    def generate(self, batch: dict, gen: torch.Generator) -> Generated:
+        """G(z): the student's x0 estimate from pure noise at t = T - 1 (one step)."""
+        x = batch["x"]
+        z = torch.randn(x.shape, generator=gen, device=x.device, dtype=x.dtype)
+        labels = self._labels(batch)
+        cond = {"class_labels": labels} if labels is not None else {}
+        t = torch.full((x.shape[0],), self.generator_timestep, device=x.device, dtype=torch.long)
+        return Generated(unclipped_x0(self.student, z, t, **cond), labels)
+
+    def discriminate(self, x: Tensor, class_labels: Tensor | None, gen: torch.Generator) -> Callable[[Tensor], Tensor]:
+        """D on inputs noised at a random t; t and the noise are drawn once, so real, fake and both R1
+        evaluations see the same function of the image."""
+        b = x.shape[0]
+        t = torch.randint(self.hparams.d_t_min, self.d_t_max + 1, (b,), generator=gen, device=x.device)
+        noise = torch.randn(x.shape, generator=gen, device=x.device, dtype=x.dtype)
+        sched = self.student.schedule
+
+        def d_fn(images: Tensor) -> Tensor:
+            return self.discriminator(sched.add_noise(images, noise[: images.shape[0]], t[: images.shape[0]]), t[: images.shape[0]], class_labels=class_labels)
+
+        return d_fn
+
+
+__all__ = ["AdversarialPostTraining", "load_generator_state", "apt_optimizer"]
