@@ -1,0 +1,413 @@
+"""Consistency distillation (Song et al. 2023, arXiv 2303.01469), discrete-time as in LCM (Luo et al. 2023).
+
+The student is a consistency function on the teacher's integer timesteps,
+
+    f_theta(x, t) = c_skip(t) x + c_out(t) x0_theta(x, t)                      (Song et al., Eq. 5)
+
+with ``c_skip`` / ``c_out`` exactly as diffusers' ``LCMScheduler`` computes them, so that the stock
+``LCMScheduler`` is the student's multistep sampler (Song et al., Algorithm 1, in VP form:
+x <- alpha_s f(x, t) + sigma_s z) and an exported pipeline reproduces :meth:`sample` sample for sample.
+
+Training (Song et al., Algorithm 2; LCM's skipping step k): draw a point t_{n+k} of the sampler's
+training grid, noise the data to it, take one teacher ODE step to t_n = t_{n+k} - k (DDIM by default),
+and regress f_theta(x_{n+k}, t_{n+k}) onto stopgrad f_theta_minus(x_hat_n, t_n), where theta_minus is an
+EMA of the student with rate ``mu`` (mu = 0: the student itself under stop-gradient).
+
+Notation (paper -> code):
+
+=========================  ==========================================================
+sigma_min boundary         t = 0 (c_skip(0) = 1, c_out(0) = 0, so f(x, 0) = x exactly)
+N (discretisation)         ``original_inference_steps`` (LCMScheduler's training grid)
+k (skipping interval)      ``num_train_timesteps // original_inference_steps``
+t_{n+k}, t_n               ``t_start``, ``t_end`` (= max(t_start - k, 0), as the LCM script)
+theta_minus                ``ConsistencyDistillation.theta_minus`` (target network)
+d(., .)                    :func:`consistency_loss`
+=========================  ==========================================================
+
+Three weight copies are kept apart (METHODS.md section 2): the online student (``student``), the
+target network ``theta_minus`` (here, part of the loss) and the sampling EMA (the ``EMA`` callback).
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Callable, Literal
+
+import torch
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from torch import Tensor, nn
+
+from ..parametrisation import Denoiser, Prediction, PredictionType, VPSchedule, _expand, ddim_step, prediction_from_output
+from ..teacher import DiffusionTeacher
+from .base import DistillationMethod, LossOutput, default_optimizer
+
+Solver = Literal["ddim", "euler", "heun"]
+LossKind = Literal["l2", "l1", "pseudo_huber", "pseudo_huber_elementwise"]
+SOLVERS = ("ddim", "euler", "heun")
+LOSSES = ("l2", "l1", "pseudo_huber", "pseudo_huber_elementwise")
+
+#: sigma_data of LCMScheduler.get_scalings_for_boundary_condition_discrete (hard-coded there).
+LCM_SIGMA_DATA = 0.5
+
+
+# --- boundary condition (pure functions) ----------------------------------------------------------
+
+
+def lcm_boundary_scalings(
+    t: Tensor, timestep_scaling: float = 10.0, sigma_data: float = LCM_SIGMA_DATA
+) -> tuple[Tensor, Tensor]:
+    """c_skip(t), c_out(t) exactly as diffusers' ``LCMScheduler.get_scalings_for_boundary_condition_discrete``.
+
+    With s = t * timestep_scaling:  c_skip = sigma_data^2 / (s^2 + sigma_data^2),
+    c_out = s / sqrt(s^2 + sigma_data^2). So c_skip(0) = 1 and c_out(0) = 0 exactly: f(x, 0) = x.
+
+    Known discrepancy (METHODS.md section 3): Song et al.'s c_out is (sigma - sigma_min) sigma_data /
+    sqrt(sigma^2 + sigma_data^2); the LCM script and LCMScheduler drop the sigma_data factor, so their
+    c_out tends to 1 (not sigma_data) at high noise. We keep diffusers' form on purpose: the exported
+    ``LCMScheduler`` applies it at sampling time, and training must use the same function.
+
+    Args:
+        t: integer timesteps (any shape).
+        timestep_scaling: LCMScheduler's ``timestep_scaling`` (10 by default); larger makes c_skip fall faster.
+        sigma_data: 0.5 in LCMScheduler.
+
+    Returns:
+        (c_skip, c_out), float32 tensors shaped like ``t``.
+    """
+    scaled = torch.as_tensor(t).float() * timestep_scaling
+    c_skip = sigma_data**2 / (scaled**2 + sigma_data**2)
+    c_out = scaled / (scaled**2 + sigma_data**2) ** 0.5
+    return c_skip, c_out
+
+
+def lcm_training_timesteps(num_train_timesteps: int, original_inference_steps: int) -> Tensor:
+    """The LCM training grid t_n = n k - 1, n = 1..N, k = T // N (ascending), as ``LCMScheduler.set_timesteps``.
+
+    Every inference schedule of LCMScheduler with this ``original_inference_steps`` is a subset of this
+    grid, so training on it trains exactly the timesteps the sampler visits.
+    """
+    if not 1 <= original_inference_steps <= num_train_timesteps:
+        raise ValueError(
+            f"original_inference_steps must lie in [1, {num_train_timesteps}], got {original_inference_steps}"
+        )
+    k = num_train_timesteps // original_inference_steps
+    return torch.arange(1, original_inference_steps + 1) * k - 1
+
+
+def consistency_function(
+    denoiser: Denoiser, x_t: Tensor, t: Tensor, timestep_scaling: float = 10.0, **cond
+) -> Tensor:
+    """f(x_t, t) = c_skip(t) x_t + c_out(t) x0(x_t, t) for a denoiser of any prediction type.
+
+    x0 is taken unclipped even for pixel models: clamping during training would zero the gradient of
+    every out-of-range pixel and leave it stuck there. Sampling (LCMScheduler) clips as the teacher did.
+    """
+    t = torch.as_tensor(t, device=x_t.device)
+    if t.ndim == 0:
+        t = t.expand(x_t.shape[0])
+    out = denoiser.raw(x_t, t, **cond).float()
+    sched = denoiser.schedule
+    x0 = prediction_from_output(out, x_t, sched.alpha(t), sched.sigma(t), denoiser.prediction_type, None).x0
+    c_skip, c_out = lcm_boundary_scalings(t, timestep_scaling)
+    return _expand(c_skip, x_t) * x_t + _expand(c_out, x_t) * x0
+
+
+# --- teacher ODE solvers (pure functions over a prediction callable) ------------------------------
+
+Predict = Callable[[Tensor, Tensor], Prediction]
+
+
+def _log_snr_half(schedule: VPSchedule, t: Tensor) -> Tensor:
+    """lambda_t = log(alpha_t / sigma_t) (half log-SNR)."""
+    return 0.5 * torch.log(schedule.snr(t))
+
+
+def solver_step(
+    predict: Predict, schedule: VPSchedule, x_t: Tensor, t: Tensor, s: Tensor, solver: Solver = "ddim"
+) -> Tensor:
+    """One step of the teacher's probability-flow ODE from timestep t down to s (per-sample tensors).
+
+    * ``ddim``: z_s = alpha_s x0 + sigma_s eps (Song et al. 2021, Eq. 12). This is also Euler's method in
+      the variance-exploding coordinates y = x / alpha, sigma_ve = sigma / alpha (EDM, Karras et al.
+      2022), i.e. the "Euler" of Song et al.'s official code.
+    * ``euler``: Euler's method on the VP ODE in lambda = log(alpha / sigma):
+      dx/dlambda = sigma^2 x - sigma eps = -alpha sigma v, so x_s = x_t - (lambda_s - lambda_t) alpha_t sigma_t v_t.
+      First order without the exponential integrator; kept for comparison (less accurate than DDIM).
+    * ``heun``: Heun's method in the EDM coordinates (Karras et al. 2022, Algorithm 1; Song et al.'s
+      official consistency-distillation solver): DDIM predictor, then the trapezoid rule on eps.
+      Two teacher evaluations. Where s = -1 (clean, sigma = 0) the corrector is skipped, as in EDM.
+
+    Args:
+        predict: ``(x, t) -> Prediction``; the teacher (guided or not).
+        schedule: the teacher's noise schedule.
+        x_t: (B, ...) current points; t, s: (B,) timesteps with s < t.
+        solver: one of ``ddim``, ``euler``, ``heun``.
+    """
+    if solver not in SOLVERS:
+        raise ValueError(f"unknown solver {solver!r}; choose one of {SOLVERS}")
+    pred = predict(x_t, t)
+    a_s, s_s = schedule.alpha(s), schedule.sigma(s)
+    if solver == "ddim":
+        return ddim_step(pred.x0, pred.eps, a_s, s_s)
+    if solver == "euler":
+        a_t, s_t = schedule.alpha(t), schedule.sigma(t)
+        if bool((s < 0).any()):
+            raise ValueError("the euler solver cannot step to t = -1 (lambda is infinite there)")
+        h = _log_snr_half(schedule, s) - _log_snr_half(schedule, t)
+        return x_t - _expand(h * a_t * s_t, x_t) * pred.v
+    # heun: trapezoid on x0 in the exponential-integrator form, h = lambda_s - lambda_t.
+    x_pred = ddim_step(pred.x0, pred.eps, a_s, s_s)
+    s_safe = s.clamp_min(0)  # the corrector at s = -1 is discarded below; keep the call legal
+    x0_s = predict(x_pred, s_safe).x0
+    s_t = schedule.sigma(t)
+    a_t = schedule.alpha(t)
+    ratio = s_s / s_t  # sigma_s / sigma_t
+    coef_x0 = a_s - s_s * a_t / s_t  # alpha_s (1 - exp(-h))
+    x_heun = _expand(ratio, x_t) * x_t + _expand(coef_x0, x_t) * 0.5 * (pred.x0 + x0_s)
+    return torch.where(_expand(s >= 0, x_t).bool(), x_heun, x_pred)
+
+
+# --- loss, target and EMA (pure functions) ----------------------------------------------------------
+
+
+def consistency_loss(a: Tensor, b: Tensor, kind: LossKind = "l2", huber_c: float = 0.001) -> Tensor:
+    """Per-sample distance d(a, b), shape (B,).
+
+    * ``l2``: mean squared error; ``l1``: mean absolute error.
+    * ``pseudo_huber``: sqrt(||a - b||^2 + c^2) - c over each sample (Song & Dhariwal 2023, improved
+      consistency training; they use c = 0.00054 sqrt(d)).
+    * ``pseudo_huber_elementwise``: mean of sqrt((a - b)^2 + c^2) - c per element (the diffusers LCM
+      script's "huber" loss, c = 0.001).
+    """
+    diff = (a.float() - b.float()).flatten(1)
+    if kind == "l2":
+        return diff.pow(2).mean(1)
+    if kind == "l1":
+        return diff.abs().mean(1)
+    if kind == "pseudo_huber":
+        return (diff.pow(2).sum(1) + huber_c**2).sqrt() - huber_c
+    if kind == "pseudo_huber_elementwise":
+        return ((diff.pow(2) + huber_c**2).sqrt() - huber_c).mean(1)
+    raise ValueError(f"unknown loss {kind!r}; choose one of {LOSSES}")
+
+
+def skipped_timesteps(t_start: Tensor, k: int) -> Tensor:
+    """t_n = t_{n+k} - k, clamped at 0 (the boundary) as in the LCM script."""
+    return (t_start - k).clamp_min(0)
+
+
+@torch.no_grad()
+def consistency_target(
+    teacher_predict: Predict,
+    target: Denoiser,
+    schedule: VPSchedule,
+    x_start: Tensor,
+    t_start: Tensor,
+    t_end: Tensor,
+    solver: Solver = "ddim",
+    timestep_scaling: float = 10.0,
+    **target_cond,
+) -> tuple[Tensor, Tensor]:
+    """The CD target (Song et al., Algorithm 2): x_hat_n = Phi(x_{n+k}; teacher), then f_theta_minus(x_hat_n, t_n).
+
+    Returns:
+        (x_hat_n, target), both detached.
+    """
+    x_hat = solver_step(teacher_predict, schedule, x_start, t_start, t_end, solver)
+    return x_hat, consistency_function(target, x_hat, t_end, timestep_scaling, **target_cond)
+
+
+@torch.no_grad()
+def ema_update_(target: nn.Module, online: nn.Module, mu: float) -> None:
+    """theta_minus <- mu theta_minus + (1 - mu) theta (buffers copied). mu = 0 copies the online weights."""
+    for p_t, p_o in zip(target.parameters(), online.parameters()):
+        p_t.lerp_(p_o.detach().to(p_t.dtype), 1.0 - mu)
+    for b_t, b_o in zip(target.buffers(), online.buffers()):
+        b_t.copy_(b_o)
+
+
+def shared_dropout_devices(x: Tensor) -> list:
+    """Devices whose RNG ``fork_rng`` must save so online and target passes draw the same dropout masks."""
+    return [x.device] if x.device.type == "cuda" else []
+
+
+# --- the LightningModule -------------------------------------------------------------------------------
+
+
+class ConsistencyDistillation(DistillationMethod):
+    """Consistency distillation of a diffusion teacher into a 1-4 step student, sampled with ``LCMScheduler``.
+
+    Args:
+        teacher: the frozen teacher (linked from ``data.teacher`` by the CLI).
+        student: student network; None: a copy of the teacher's UNet.
+        student_prediction_type: what the student outputs; None keeps the teacher's.
+        original_inference_steps: N, the LCMScheduler training grid (k = T // N). Choose N dividing T so
+            the grid reaches the last timestep T - 1 (e.g. 16 or 32 for T = 1024, 50 for T = 1000).
+        solver: teacher ODE solver, ``ddim`` (default), ``euler`` or ``heun`` (see :func:`solver_step`).
+        loss: distance d, ``l2``, ``l1``, ``pseudo_huber`` or ``pseudo_huber_elementwise``.
+        huber_c: the pseudo-Huber constant c.
+        target_decay: mu, the EMA rate of theta_minus (0: stop-gradient of the student itself;
+            Song et al. use 0 on CIFAR-10 and 0.95 on ImageNet-64; the LCM script 0.95).
+        timestep_scaling: LCMScheduler's ``timestep_scaling`` of the boundary scalings.
+        optimizer, lr_scheduler, sample_steps, sample_every_n_steps, num_log_samples, seed: see
+            :class:`DistillationMethod`.
+
+    Example::
+
+        >>> dm = TeacherDataModule(teacher="bundled:digits")
+        >>> method = ConsistencyDistillation(dm.teacher, original_inference_steps=32, target_decay=0.95)
+        >>> L.Trainer(max_steps=1000, callbacks=[EMA(0.995)]).fit(method, dm)
+        >>> x = method.sample(16, steps=2)
+    """
+
+    sampler_class = "LCMScheduler"
+
+    def __init__(
+        self,
+        teacher: DiffusionTeacher | None = None,
+        student: nn.Module | None = None,
+        student_prediction_type: PredictionType | None = None,
+        original_inference_steps: int = 50,
+        solver: Solver = "ddim",
+        loss: LossKind = "l2",
+        huber_c: float = 0.001,
+        target_decay: float = 0.95,
+        timestep_scaling: float = 10.0,
+        optimizer: OptimizerCallable = default_optimizer,
+        lr_scheduler: LRSchedulerCallable | None = None,
+        sample_steps: int = 2,
+        sample_every_n_steps: int = 0,
+        num_log_samples: int = 64,
+        seed: int = 0,
+    ) -> None:
+        if solver not in SOLVERS:
+            raise ValueError(f"unknown solver {solver!r}; choose one of {SOLVERS}")
+        if loss not in LOSSES:
+            raise ValueError(f"unknown loss {loss!r}; choose one of {LOSSES}")
+        if not 0.0 <= target_decay < 1.0:
+            raise ValueError(f"target_decay (mu) must lie in [0, 1), got {target_decay}")
+        if teacher is None:
+            raise ValueError(f"{type(self).__name__} needs a teacher (set data.teacher)")
+        super().__init__(
+            teacher=teacher,
+            student=self.init_student(teacher, student),
+            student_prediction_type=student_prediction_type,
+            optimizer=optimizer,
+            lr_scheduler=lr_scheduler,
+            sample_steps=sample_steps,
+            sample_every_n_steps=sample_every_n_steps,
+            num_log_samples=num_log_samples,
+            seed=seed,
+        )
+        self.save_hyperparameters(ignore=["teacher", "student", "optimizer", "lr_scheduler"])
+        T = self.student.schedule.num_train_timesteps
+        self.register_buffer("train_timesteps", lcm_training_timesteps(T, original_inference_steps), persistent=False)
+        self.skip = T // original_inference_steps
+        # theta_minus: a registered submodule (saved and restored with checkpoints), never optimised;
+        # with mu = 0 it is the student itself under stop-gradient, so no copy is kept.
+        self.theta_minus: Denoiser | None = None
+        if target_decay > 0:
+            self.theta_minus = copy.deepcopy(self.student).requires_grad_(False)
+        self.make_scheduler()  # fail at construction, not at the first sample, if the grids disagree
+
+    # --- hooks a conditional subclass overrides -------------------------------------------------
+
+    def init_student(self, teacher: DiffusionTeacher, student: nn.Module | None) -> nn.Module | None:
+        """The student network before wrapping (None: the base class copies the teacher's UNet)."""
+        return student
+
+    def student_condition(self, batch: dict, n: int) -> dict:
+        """Keyword arguments of the student's (and theta_minus's) network call for this batch."""
+        return {"class_labels": batch["label"]} if self.is_class_conditional else {}
+
+    def teacher_predictor(self, batch: dict, student_cond: dict) -> Predict:
+        """``(x, t) -> Prediction`` of the frozen teacher for this batch (float32 results)."""
+        cond = {"class_labels": batch["label"]} if self.teacher.num_classes else {}
+        return self._teacher_call(cond)
+
+    def _teacher_call(self, cond: dict) -> Predict:
+        den = self.teacher.denoiser
+        dtype = next(den.parameters()).dtype
+
+        def predict(x: Tensor, t: Tensor) -> Prediction:
+            p = den(x.to(dtype), t, **cond)
+            return Prediction(p.x0.float(), p.eps.float(), p.v.float())
+
+        return predict
+
+    # --- the loss ----------------------------------------------------------------------------
+
+    @property
+    def target_denoiser(self) -> Denoiser:
+        return self.theta_minus if self.theta_minus is not None else self.student
+
+    def compute_loss(self, batch: dict) -> LossOutput:
+        hp = self.hparams
+        x0 = batch["x"].float()
+        n = x0.shape[0]
+        idx = torch.randint(0, self.train_timesteps.numel(), (n,), device=x0.device)
+        t_start = self.train_timesteps.to(x0.device)[idx]
+        t_end = skipped_timesteps(t_start, self.skip)
+        eps = torch.randn_like(x0)
+        schedule = self.student.schedule
+        x_start = schedule.add_noise(x0, eps, t_start)
+        cond = self.student_condition(batch, n)
+        teacher_predict = self.teacher_predictor(batch, cond)
+        # Online and target passes share the dropout random state (Song et al.'s official code): fork the
+        # RNG around the online pass so the target pass replays the same draws.
+        with torch.random.fork_rng(devices=shared_dropout_devices(x0)):
+            online = consistency_function(self.student, x_start, t_start, hp.timestep_scaling, **cond)
+        _, target = consistency_target(
+            teacher_predict, self.target_denoiser, schedule, x_start, t_start, t_end, hp.solver,
+            hp.timestep_scaling, **cond,
+        )
+        per_sample = consistency_loss(online, target, hp.loss, hp.huber_c)
+        loss = per_sample.mean()
+        return LossOutput(loss, {"loss": loss, "t_start": t_start.float().mean().detach()})
+
+    def optimizer_step(self, *args, **kwargs) -> None:
+        super().optimizer_step(*args, **kwargs)
+        # Updated here, right after each real optimiser step (not in on_train_batch_end, which runs after
+        # ModelCheckpoint's save): a checkpoint always holds the theta_minus that matches its student.
+        if self.theta_minus is not None:
+            ema_update_(self.theta_minus, self.student, self.hparams.target_decay)
+
+    # --- sampling / export --------------------------------------------------------------------
+
+    def make_scheduler(self):
+        """A stock ``LCMScheduler`` on the teacher's noise schedule and this method's training grid."""
+        import diffusers
+
+        src = dict(self.student_scheduler_config)
+        keys = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas", "rescale_betas_zero_snr")
+        cfg = {k: src[k] for k in keys if k in src}
+        cfg.update(
+            prediction_type=self.student.prediction_type,
+            original_inference_steps=self.hparams.original_inference_steps,
+            timestep_scaling=self.hparams.timestep_scaling,
+            clip_sample=self.student.clip_x0 is not None,
+            clip_sample_range=self.student.clip_x0 or 1.0,
+            set_alpha_to_one=True,
+            thresholding=False,
+        )
+        sched = diffusers.LCMScheduler(**cfg)
+        ours = self.student.schedule._alphas_cumprod[1:].cpu()
+        if ours.shape != sched.alphas_cumprod.shape or not torch.allclose(ours, sched.alphas_cumprod.float(), atol=1e-6):
+            raise ValueError(
+                "LCMScheduler rebuilt from the teacher's scheduler config does not reproduce the teacher's "
+                f"alphas_cumprod (teacher scheduler {self.teacher.scheduler_class}); pass trained_betas in its config"
+            )
+        return sched
+
+
+__all__ = [
+    "ConsistencyDistillation",
+    "lcm_boundary_scalings",
+    "lcm_training_timesteps",
+    "consistency_function",
+    "solver_step",
+    "consistency_loss",
+    "consistency_target",
+    "skipped_timesteps",
+    "ema_update_",
+]

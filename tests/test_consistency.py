@@ -1,0 +1,267 @@
+"""Consistency distillation: boundary condition, closed-form target, solvers, losses, EMA, resume, export."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+from torch import nn
+
+from lightning_distill.data import TeacherDataModule
+from lightning_distill.methods.consistency import (
+    ConsistencyDistillation,
+    consistency_function,
+    consistency_loss,
+    consistency_target,
+    ema_update_,
+    lcm_boundary_scalings,
+    lcm_training_timesteps,
+    skipped_timesteps,
+    solver_step,
+)
+from lightning_distill.parametrisation import Denoiser, Prediction, VPSchedule
+
+from conftest import make_tiny_unet
+
+ROOT = Path(__file__).resolve().parents[1]
+MU, S = 0.3, 0.5  # x0 ~ N(MU, S^2 I)
+
+
+def cosine_schedule(T: int = 1024) -> VPSchedule:
+    from diffusers import LCMScheduler
+
+    return VPSchedule.from_scheduler(LCMScheduler(num_train_timesteps=T, beta_schedule="squaredcos_cap_v2"))
+
+
+class GaussianUNet(nn.Module):
+    """The exact v-prediction of x0 ~ N(MU, S^2 I): E[x0 | x_t] = MU + a S^2 / (a^2 S^2 + s^2) (x_t - a MU)."""
+
+    def __init__(self, schedule: VPSchedule) -> None:
+        super().__init__()
+        self.schedule = schedule
+        self.dummy = nn.Parameter(torch.zeros(()))
+
+    def forward(self, x, t, return_dict=False):
+        a = self.schedule.alpha(t).view(-1, 1, 1, 1).double()
+        s = self.schedule.sigma(t).view(-1, 1, 1, 1).double()
+        x = x.double()
+        x0 = MU + a * S**2 / (a**2 * S**2 + s**2) * (x - a * MU)
+        eps = (x - a * x0) / s
+        return ((a * eps - s * x0).float(),)
+
+
+def ideal_x0(x, a, s):
+    return MU + a * S**2 / (a**2 * S**2 + s**2) * (x - a * MU)
+
+
+def test_boundary_scalings_are_lcm_schedulers_and_f_is_identity_at_zero():
+    from diffusers import LCMScheduler
+
+    sched = LCMScheduler(timestep_scaling=10.0)
+    t = torch.tensor([0, 1, 5, 19, 500, 999])
+    c_skip, c_out = lcm_boundary_scalings(t)
+    for i, ti in enumerate(t):
+        ref_skip, ref_out = sched.get_scalings_for_boundary_condition_discrete(ti)
+        assert float(c_skip[i]) == pytest.approx(float(ref_skip), rel=1e-6)
+        assert float(c_out[i]) == pytest.approx(float(ref_out), rel=1e-6)
+    assert c_skip[0].item() == 1.0 and c_out[0].item() == 0.0
+    den = Denoiser(make_tiny_unet(), cosine_schedule(), "v_prediction", clip_x0=1.0)
+    x = 3 * torch.randn(2, 1, 8, 8)  # outside [-1, 1]: no clipping may touch the boundary
+    assert torch.equal(consistency_function(den, x, torch.zeros(2, dtype=torch.long)), x)
+
+
+def test_training_grid_is_the_lcm_schedulers():
+    from diffusers import LCMScheduler
+
+    sched = LCMScheduler(num_train_timesteps=1024, original_inference_steps=32)
+    grid = lcm_training_timesteps(1024, 32)
+    sched.set_timesteps(32)
+    assert torch.equal(grid.flip(0), sched.timesteps)
+    assert grid[-1] == 1023 and grid[0] == 31
+    sched.set_timesteps(4)
+    assert set(sched.timesteps.tolist()) <= set(grid.tolist())
+    assert skipped_timesteps(grid[:2], 32).tolist() == [0, 31]
+
+
+def test_cd_target_equals_closed_form_on_gaussian_data():
+    sch = cosine_schedule()
+    den = Denoiser(GaussianUNet(sch), sch, "v_prediction")
+    x = torch.randn(3, 1, 2, 2)
+    t = torch.tensor([1023, 511, 63])
+    s = skipped_timesteps(t, 32)
+    predict = lambda x_, t_: den(x_, t_)  # noqa: E731
+    x_hat, target = consistency_target(predict, den, sch, x, t, s, "ddim", 10.0)
+    # by hand, in float64
+    a_t, s_t = (v.double().view(-1, 1, 1, 1) for v in (sch.alpha(t), sch.sigma(t)))
+    a_s, s_s = (v.double().view(-1, 1, 1, 1) for v in (sch.alpha(s), sch.sigma(s)))
+    xd = x.double()
+    x0_t = ideal_x0(xd, a_t, s_t)
+    eps_t = (xd - a_t * x0_t) / s_t
+    x_hat_ref = a_s * x0_t + s_s * eps_t
+    scaled = s.double().view(-1, 1, 1, 1) * 10.0
+    c_skip = 0.25 / (scaled**2 + 0.25)
+    c_out = scaled / (scaled**2 + 0.25).sqrt()
+    target_ref = c_skip * x_hat_ref + c_out * ideal_x0(x_hat_ref, a_s, s_s)
+    torch.testing.assert_close(x_hat.double(), x_hat_ref, atol=2e-5, rtol=1e-4)
+    torch.testing.assert_close(target.double(), target_ref, atol=2e-5, rtol=1e-4)
+
+
+def test_solvers_against_the_exact_gaussian_ode():
+    """Along the PF-ODE of N(MU, S^2), x_t - a_t MU scales by sqrt(a^2 S^2 + s^2): exact steps to compare."""
+    sch = cosine_schedule()
+    den = Denoiser(GaussianUNet(sch), sch, "v_prediction")
+    x = torch.randn(4, 1, 2, 2, dtype=torch.float32)
+
+    def exact(t, s):
+        a_t, s_t, a_s, s_s = (v.double().view(-1, 1, 1, 1) for v in (sch.alpha(t), sch.sigma(t), sch.alpha(s), sch.sigma(s)))
+        return a_s * MU + ((a_s**2 * S**2 + s_s**2) / (a_t**2 * S**2 + s_t**2)).sqrt() * (x.double() - a_t * MU)
+
+    def err(solver, t, s):
+        t, s = torch.full((4,), t), torch.full((4,), s)
+        return (solver_step(den, sch, x, t, s, solver).double() - exact(t, s)).abs().max().item()
+
+    for solver in ("ddim", "euler", "heun"):
+        assert err(solver, 512, 510) < 1e-4
+    assert err("heun", 1023, 767) < 0.2 * err("ddim", 1023, 767)
+    assert err("heun", 511, 447) < 0.2 * err("ddim", 511, 447)
+    assert err("ddim", 1023, 767) < err("euler", 1023, 767)
+    with pytest.raises(ValueError, match="choose one of"):
+        solver_step(den, sch, x, torch.full((4,), 5), torch.full((4,), 1), "rk4")
+
+
+def test_losses_by_hand():
+    a = torch.tensor([[3.0, 0.0], [0.0, 0.0]])
+    b = torch.tensor([[0.0, 4.0], [0.0, 0.0]])
+    assert consistency_loss(a, b, "l2").tolist() == [12.5, 0.0]
+    assert consistency_loss(a, b, "l1").tolist() == [3.5, 0.0]
+    torch.testing.assert_close(consistency_loss(a, b, "pseudo_huber", 1.0), torch.tensor([26**0.5 - 1, 0.0]))
+    ref = ((10.0**0.5 - 1) + (17**0.5 - 1)) / 2
+    torch.testing.assert_close(consistency_loss(a, b, "pseudo_huber_elementwise", 1.0), torch.tensor([ref, 0.0]))
+
+
+def test_ema_update_by_hand():
+    online, target = nn.Linear(1, 1), nn.Linear(1, 1)
+    with torch.no_grad():
+        online.weight.fill_(1.0), target.weight.fill_(3.0)
+    ema_update_(target, online, 0.75)
+    assert target.weight.item() == pytest.approx(2.5)
+    ema_update_(target, online, 0.0)
+    assert target.weight.item() == 1.0
+
+
+def test_online_and_target_share_dropout_masks(tiny_teacher_dir):
+    """With t_n = t_{n+k} and a DDIM step of zero length the target equals the online output exactly only
+    if both passes draw the same dropout masks."""
+    dm = TeacherDataModule(teacher=str(tiny_teacher_dir), image_size=8, batch_size=4)
+    torch.manual_seed(0)
+    student = make_tiny_unet()
+    student.config.dropout = 0.5
+    for m in student.modules():
+        if isinstance(m, nn.Dropout):
+            m.p = 0.5
+    assert any(isinstance(m, nn.Dropout) and m.p == 0.5 for m in student.modules())
+    method = ConsistencyDistillation(dm.teacher, student=student, target_decay=0.0, original_inference_steps=32)
+    method.skip = 0
+    method.train()
+    dm.setup()
+    batch = next(iter(dm.train_dataloader()))
+    torch.manual_seed(1)
+    assert method.compute_loss(batch).loss.item() < 1e-8
+    # control: without the shared RNG state the two passes disagree
+    x = torch.randn(4, 1, 8, 8)
+    t = torch.full((4,), 511)
+    a = consistency_function(method.student, x, t)
+    assert (a - consistency_function(method.student, x, t)).abs().max() > 1e-3
+
+
+# --- training with a Trainer ------------------------------------------------------------------------
+
+
+class StepSeed(L.Callback):
+    """Seeds the global RNG from the step, so a resumed run draws what the uninterrupted one drew."""
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        torch.manual_seed(1000 + trainer.global_step)
+
+
+class FixedOrderData(TeacherDataModule):
+    def train_dataloader(self):
+        return self._loader(self.train_set, self.hparams.batch_size, shuffle=False)
+
+
+def _fit(teacher_dir, root, max_steps, ckpt_path=None, every=None):
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from lightning_distill.callbacks import EMA
+
+    dm = FixedOrderData(teacher=str(teacher_dir), image_size=8, batch_size=8)
+    method = ConsistencyDistillation(
+        dm.teacher, original_inference_steps=32, target_decay=0.9, solver="heun", loss="pseudo_huber",
+        optimizer=lambda p: torch.optim.Adam(p, lr=1e-3),
+    )
+    ckpt = ModelCheckpoint(dirpath=root / "ckpt", every_n_train_steps=every or max_steps, save_top_k=-1)
+    ema = EMA(decay=0.5, warmup=False)
+    trainer = L.Trainer(
+        max_steps=max_steps, default_root_dir=root, logger=False, enable_progress_bar=False,
+        enable_model_summary=False, callbacks=[StepSeed(), ema, ckpt], limit_val_batches=0, limit_train_batches=2,
+        accelerator="cpu", devices=1,
+    )
+    trainer.fit(method, dm, ckpt_path=ckpt_path)
+    return method, ema
+
+
+def test_target_and_sampling_ema_differ_and_survive_resume(tiny_teacher_dir, tmp_path):
+    full, ema = _fit(tiny_teacher_dir, tmp_path / "full", 4, every=2)
+    student = dict(full.student.named_parameters())
+    target = dict(full.theta_minus.named_parameters())
+    averaged = dict(ema.sampling_module(full).named_parameters())
+    name = "unet.conv_in.weight"
+    assert not torch.allclose(target[name], averaged[name])
+    assert not torch.allclose(target[name], student[name])
+    assert not target[name].requires_grad
+    opt_params = {id(p) for g in full.trainer.optimizers[0].param_groups for p in g["params"]}
+    assert not opt_params & {id(p) for p in full.theta_minus.parameters()}
+    mid = tmp_path / "full" / "ckpt" / "epoch=0-step=2.ckpt"
+    assert mid.exists()
+    assert any(k.startswith("theta_minus.") for k in torch.load(mid, weights_only=False)["state_dict"])
+    resumed, ema2 = _fit(tiny_teacher_dir, tmp_path / "resumed", 4, ckpt_path=str(mid))
+    for a, b in [(full.student, resumed.student), (full.theta_minus, resumed.theta_minus),
+                 (ema.sampling_module(full), ema2.sampling_module(resumed))]:
+        for (n, p), q in zip(a.named_parameters(), b.parameters()):
+            torch.testing.assert_close(p, q, msg=n)
+
+
+def test_exported_pipeline_reproduces_sample(tiny_teacher_dir, tmp_path):
+    from diffusers import DDPMPipeline, LCMScheduler
+
+    dm = TeacherDataModule(teacher=str(tiny_teacher_dir), image_size=8)
+    method = ConsistencyDistillation(dm.teacher, original_inference_steps=32)
+    path = method.export(tmp_path / "student")
+    pipe = DDPMPipeline.from_pretrained(path)
+    assert isinstance(pipe.scheduler, LCMScheduler)
+    for steps in (1, 2, 4):
+        ours = method.sample(3, steps, torch.Generator().manual_seed(steps))
+        theirs = pipe(3, torch.Generator().manual_seed(steps), steps, output_type="pt").images
+        torch.testing.assert_close((ours / 2 + 0.5).clamp(0, 1), theirs, rtol=0, atol=0)
+    method.student_scheduler_config = {**method.student_scheduler_config, "beta_schedule": "linear"}
+    with pytest.raises(ValueError, match="alphas_cumprod"):
+        method.make_scheduler()
+
+
+# --- configs ------------------------------------------------------------------------------------------
+
+
+def test_debug_config_runs_and_digits_config_builds(tiny_teacher_dir, tmp_path):
+    from lightning_distill.cli import cli_main
+
+    root = tmp_path / "run"
+    cli_main(["fit", "--config", str(ROOT / "configs/consistency/debug.yaml"), "--data.teacher", str(tiny_teacher_dir),
+              "--data.image_size", "8", "--trainer.default_root_dir", str(root)])
+    assert (root / "student" / "scheduler" / "scheduler_config.json").exists()
+    assert (root / "checkpoints" / "last.ckpt").exists()
+    cli = cli_main(["--config", str(ROOT / "configs/consistency/digits.yaml"), "--data.teacher", str(tiny_teacher_dir),
+                    "--data.image_size", "8", "--trainer.default_root_dir", str(tmp_path / "digits")], run=False)
+    assert isinstance(cli.model, ConsistencyDistillation)
+    assert cli.model.make_scheduler().timesteps is not None
