@@ -1,0 +1,284 @@
+"""FD / KID of the student during training (and of the teacher once per run), logged with their protocol.
+
+Every ``every_n_steps`` optimiser steps and at the end of training the callback draws ``num_samples``
+images from ``pl_module.sample`` (the sampling-EMA weights when an EMA callback is attached) at each
+configured step count, extracts features, and logs
+
+    fid/<feature net>/<steps>step/n<num_samples>      kid/<feature net>/<steps>step/n<num_samples>
+
+against a reference set (the data module's train split by default) whose statistics are computed once
+and cached on disk (see :func:`lightning_distill.metrics.reference_stats`). With ``log_teacher`` the
+teacher's DDIM FD at the same step counts is computed once per run (kept in the checkpoint) and logged
+next to it as ``.../teacher``, with a TensorBoard custom-scalars chart holding both lines.
+
+Under DDP the samples are split into fixed chunks, each with its own seed, dealt round-robin to ranks
+and gathered: the image set is the same for any number of ranks. Only rank 0 computes and logs.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import lightning as L
+import torch
+from lightning.pytorch.utilities import rank_zero_info
+from torch import Tensor, nn
+
+from lightning_distill.metrics import (
+    ReferenceStats,
+    chunk_bounds,
+    decode_latents,
+    feature_net_name,
+    generated_features,
+    get_feature_net,
+    reference_stats,
+    sample_teacher,
+    score_features,
+)
+
+StepSpec = int | Literal["current"]
+
+
+def resolve_steps(spec: list[StepSpec], pl_module: L.LightningModule) -> list[int]:
+    """Step counts to evaluate; ``"current"`` is the method's current step count (progressive
+    distillation halves it): ``pl_module.current_steps`` when present, else ``hparams.sample_steps``."""
+    out: list[int] = []
+    for s in spec:
+        if s == "current":
+            cur = getattr(pl_module, "current_steps", None)
+            if cur is None:
+                cur = getattr(pl_module, "hparams", {}).get("sample_steps")
+            if cur is None:
+                raise ValueError(f"FIDCallback: steps 'current' but {type(pl_module).__name__} has neither current_steps nor hparams.sample_steps")
+            s = int(cur)
+        if int(s) not in out:
+            out.append(int(s))
+    return out
+
+
+class FIDCallback(L.Callback):
+    """Periodic FD / KID of the student's samples against real data.
+
+    Args:
+        every_n_steps: evaluate every N optimiser steps (0: only at the end of training).
+        num_samples: generated images per step count (M in the tag ``n<M>``).
+        steps: step counts to sample at; ``"current"`` follows the method's own step count.
+        feature_net: ``"digits"`` (bundled classifier, FD-digits), ``"inception"``, a saved classifier
+            folder, or any ``nn.Module`` with ``num_features``.
+        feature_extractor_weights_path: Inception weights file (``feature_net="inception"`` only).
+        reference: which real images: the data module's ``train`` or ``val`` split, or ``all``.
+        kid: also compute KID.
+        kid_subsets, kid_subset_size: KID subset protocol (subset size capped at the set sizes).
+        log_teacher: also log the teacher's DDIM FD at the same step counts (once per run).
+        at_train_end: evaluate when training ends (if the last step was not just evaluated).
+        seed: seed of the evaluation noise (the same images every evaluation: curves show the model
+            changing, not the noise).
+        chunk_size: images per sampling chunk (one seed each; the unit dealt to ranks).
+        cache_dir: reference-statistics cache (None: ``~/.cache/lightning_distill/reference_stats``).
+        tag_format: metric name; fields ``metric``, ``feature``, ``steps``, ``num_samples``, ``reference``.
+
+    Example::
+
+        >>> trainer = L.Trainer(callbacks=[EMA(), FIDCallback(every_n_steps=1000, num_samples=2000, steps=[1, 2, 4])])
+    """
+
+    def __init__(
+        self,
+        every_n_steps: int = 1000,
+        num_samples: int = 2000,
+        steps: list[StepSpec] = (1, 2, 4, 8),
+        feature_net: str | nn.Module = "digits",
+        feature_extractor_weights_path: str | None = None,
+        reference: Literal["train", "val", "all"] = "train",
+        kid: bool = True,
+        kid_subsets: int = 100,
+        kid_subset_size: int = 1000,
+        log_teacher: bool = False,
+        at_train_end: bool = True,
+        seed: int = 0,
+        chunk_size: int = 250,
+        cache_dir: str | None = None,
+        tag_format: str = "{metric}/{feature}/{steps}step/n{num_samples}",
+    ) -> None:
+        if every_n_steps < 0 or num_samples < 2 or chunk_size < 1:
+            raise ValueError(
+                f"FIDCallback: need every_n_steps >= 0, num_samples >= 2, chunk_size >= 1; got "
+                f"{every_n_steps}, {num_samples}, {chunk_size}"
+            )
+        bad = [s for s in steps if s != "current" and (not isinstance(s, int) or s < 1)]
+        if bad or not steps:
+            raise ValueError(f"FIDCallback: steps must be positive ints or 'current', got {list(steps)}")
+        if reference not in ("train", "val", "all"):
+            raise ValueError(f"FIDCallback: reference must be 'train', 'val' or 'all', got {reference!r}")
+        self.every_n_steps = every_n_steps
+        self.num_samples = num_samples
+        self.steps = list(steps)
+        self.feature_net_spec = feature_net
+        self.feature_extractor_weights_path = feature_extractor_weights_path
+        self.reference = reference
+        self.kid = kid
+        self.kid_subsets = kid_subsets
+        self.kid_subset_size = kid_subset_size
+        self.log_teacher = log_teacher
+        self.at_train_end = at_train_end
+        self.seed = seed
+        self.chunk_size = chunk_size
+        self.cache_dir = cache_dir
+        self.tag_format = tag_format
+        self.feature_net: nn.Module | None = None
+        self._ref: ReferenceStats | None = None
+        # persisted state
+        self.last_eval_step = -1
+        self.teacher_metrics: dict[str, float] = {}
+        self.last_metrics: dict[str, float] = {}
+        self._layout_written = False
+
+    # --- the one small override hook -----------------------------------------------------------
+
+    def should_evaluate(self, step: int) -> bool:
+        return bool(self.every_n_steps) and step > 0 and step % self.every_n_steps == 0 and step != self.last_eval_step
+
+    # --- helpers -------------------------------------------------------------------------------
+
+    def tag(self, metric: str, steps: int) -> str:
+        return self.tag_format.format(
+            metric=metric, feature=feature_net_name(self.feature_net), steps=steps, num_samples=self.num_samples,
+            reference=self.reference,
+        )
+
+    def _get_feature_net(self, device: torch.device) -> nn.Module:
+        if self.feature_net is None:
+            spec = self.feature_net_spec
+            kwargs = {}
+            if spec == "inception" and self.feature_extractor_weights_path:
+                kwargs["feature_extractor_weights_path"] = self.feature_extractor_weights_path
+            self.feature_net = get_feature_net(spec, **kwargs)
+        return self.feature_net.to(device)
+
+    def reference_images(self, trainer: L.Trainer) -> Tensor:
+        dm = trainer.datamodule
+        if dm is None or not hasattr(dm, "train_images"):
+            raise AttributeError("FIDCallback needs a data module with train_images() / val_images() (TeacherDataModule)")
+        if self.reference == "train":
+            return dm.train_images()
+        if self.reference == "val":
+            return dm.val_images()
+        return torch.cat([dm.train_images(), dm.val_images()])
+
+    def _reference(self, trainer: L.Trainer, device: torch.device) -> ReferenceStats:
+        if self._ref is None:
+            self._ref = reference_stats(self.reference_images(trainer), self.feature_net, self.cache_dir, device=device)
+        return self._ref
+
+    def _features(self, trainer: L.Trainer, sample_fn, num_classes: int | None, device) -> Tensor | None:
+        """This rank's features, gathered; the full (num_samples, d) set on rank 0, None elsewhere."""
+        world, rank = trainer.world_size, trainer.global_rank
+        local = generated_features(
+            sample_fn, self.feature_net, self.num_samples, self.seed, self.chunk_size, num_classes, rank, world, device
+        )
+        if world == 1:
+            return local
+        # Ranks hold whole chunks, dealt round-robin: rank 0 has the most rows; pad to that and gather.
+        n_chunks = len(chunk_bounds(self.num_samples, self.chunk_size))
+        pad = -(-n_chunks // world) * self.chunk_size
+        buf = torch.zeros(pad, local.shape[1], dtype=torch.float64, device=device)
+        buf[: local.shape[0]] = local.to(device)
+        count = torch.tensor([local.shape[0]], device=device)
+        gathered = trainer.strategy.all_gather(buf)  # (world, pad, d)
+        counts = trainer.strategy.all_gather(count).reshape(-1)
+        if rank != 0:
+            return None
+        return torch.cat([gathered[r, : int(counts[r])] for r in range(world)]).cpu()
+
+    def _score(self, trainer, feats: Tensor | None, device) -> dict[str, float]:
+        if feats is None:
+            return {}
+        ref = self._reference(trainer, device)
+        s = score_features(feats, ref, self.kid, self.kid_subsets, self.kid_subset_size, self.seed)
+        out = {"fid": s.fd}
+        if s.kid is not None:
+            out["kid"] = s.kid
+        return out
+
+    # --- evaluation ----------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def evaluate(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, float]:
+        """Compute, log (rank 0) and return this step's metrics; every rank must call it."""
+        device = pl_module.device
+        self._get_feature_net(device)
+        teacher = getattr(pl_module, "teacher", None)
+        vae = getattr(teacher, "vae", None)
+        num_classes = None
+        if getattr(pl_module, "is_class_conditional", False):
+            num_classes = int(pl_module.student.unet.config.num_class_embeds)
+        steps = resolve_steps(self.steps, pl_module)
+        metrics: dict[str, float] = {}
+        # Sampling draws from explicit generators only; fork_rng keeps training's RNG stream untouched
+        # regardless (resumed and uninterrupted runs must see the same random numbers).
+        with torch.random.fork_rng(devices=[]):
+            for s in steps:
+                fn = lambda n, g, labels, s=s: decode_latents(pl_module.sample(n, s, g, labels=labels), vae)
+                for metric, v in self._score(trainer, self._features(trainer, fn, num_classes, device), device).items():
+                    metrics[self.tag(metric, s)] = v
+            if self.log_teacher and teacher is not None:
+                for s in steps:
+                    key = self.tag("fid", s) + "/teacher"
+                    if key in self.teacher_metrics:
+                        continue
+                    fn = lambda n, g, labels, s=s: sample_teacher(teacher, n, s, g, labels)
+                    scores = self._score(trainer, self._features(trainer, fn, num_classes, device), device)
+                    for metric, v in scores.items():
+                        self.teacher_metrics[self.tag(metric, s) + "/teacher"] = v
+        if self.log_teacher:
+            # Teacher values: computed once, logged at every evaluation so they draw a flat reference line.
+            for s in steps:
+                for m in ("fid", "kid"):
+                    key = self.tag(m, s) + "/teacher"
+                    if key in self.teacher_metrics:
+                        metrics[key] = self.teacher_metrics[key]
+        metrics = trainer.strategy.broadcast(metrics, src=0)
+        self.teacher_metrics = trainer.strategy.broadcast(self.teacher_metrics, src=0)
+        step = trainer.global_step
+        self.last_eval_step = step
+        self.last_metrics = metrics
+        for k, v in metrics.items():
+            trainer.callback_metrics[k] = torch.tensor(v)
+        if trainer.is_global_zero and trainer.loggers:
+            for logger in trainer.loggers:
+                logger.log_metrics(metrics, step=step)
+            self._write_layout(trainer, steps)
+            rank_zero_info(f"FIDCallback step {step}: " + ", ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
+        return metrics
+
+    def _write_layout(self, trainer: L.Trainer, steps: list[int]) -> None:
+        """One TensorBoard custom-scalars chart per step count holding the student and teacher lines."""
+        if self._layout_written or not self.log_teacher:
+            return
+        from lightning.pytorch.loggers import TensorBoardLogger
+
+        for logger in trainer.loggers:
+            if isinstance(logger, TensorBoardLogger):
+                charts = {f"{s} steps": ["Multiline", [self.tag("fid", s), self.tag("fid", s) + "/teacher"]] for s in steps}
+                logger.experiment.add_custom_scalars({"fid student vs teacher": charts})
+                self._layout_written = True
+
+    # --- hooks ---------------------------------------------------------------------------------
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
+        if self.should_evaluate(trainer.global_step):
+            self.evaluate(trainer, pl_module)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.at_train_end and trainer.global_step != self.last_eval_step:
+            self.evaluate(trainer, pl_module)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"last_eval_step": self.last_eval_step, "teacher_metrics": dict(self.teacher_metrics)}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.last_eval_step = int(state_dict.get("last_eval_step", -1))
+        self.teacher_metrics = dict(state_dict.get("teacher_metrics", {}))
+
+
+__all__ = ["FIDCallback", "resolve_steps"]

@@ -1,0 +1,441 @@
+"""Quality-versus-steps report: FD / KID of a teacher and its students at several step counts.
+
+Command::
+
+    python -m lightning_distill.evaluate --teacher bundled:digits \\
+        --student pd=runs/pd/checkpoints/last.ckpt --student cd=runs/cd/student \\
+        --steps 1 2 4 8 --teacher-steps 1 2 4 8 50 --num-samples 2000 --seed 0 --out reports/digits
+
+Students are checkpoints (``.ckpt`` of any LightningModule with a ``sample`` method, written by
+``lightning-distill fit``: the class is rebuilt from the class path stored in its hyper-parameters and
+the sampling-EMA weights are used when the checkpoint holds them) or exported diffusers pipeline folders.
+The teacher is sampled with deterministic DDIM (eta = 0, trailing spacing).
+
+Writes to ``--out``: ``results.csv`` and ``results.md`` (FD and KID per model and step count, with the
+protocol: sample count, seed, reference set, feature network), ``fd_vs_steps.png`` and one sample grid
+``samples_<model>.png`` per model (one row per step count, the same noise in every row and model).
+
+Every model is sampled from the same seeded noise chunks (common random numbers), so differences
+between rows are differences between models, not between noise draws. :func:`evaluate_models` is the
+same thing as a Python function.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import importlib
+import json
+import os
+import re
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from .metrics import (
+    decode_latents,
+    extract_features,
+    feature_net_name,
+    generated_features,
+    get_feature_net,
+    reference_stats,
+    sample_teacher,
+    scheduler_sample,
+    score_features,
+)
+from .teacher import DiffusionTeacher, load_teacher
+
+CSV_FIELDS = [
+    "model", "kind", "steps", "fd", "kid", "kid_std", "num_samples", "seed", "feature_net", "reference", "num_reference",
+]
+
+
+@dataclass
+class Sampler:
+    """Something that draws images in [-1, 1]: ``sample(n, steps, generator, labels)``."""
+
+    name: str
+    kind: str  # "teacher", "checkpoint", "pipeline"
+    source: str
+    sample: Callable[[int, int, torch.Generator, Tensor | None], Tensor]
+    num_classes: int | None = None
+    ema: bool | None = None
+
+
+# --- loading models ------------------------------------------------------------------------------
+
+
+def ema_state_from_checkpoint(ckpt: dict) -> dict | None:
+    """The sampling-EMA copy of the student stored by the EMA callback (``{"averaged": ...}``), without
+    ``AveragedModel``'s ``module.`` prefix; None when absent or never updated."""
+    for state in (ckpt.get("callbacks") or {}).values():
+        avg = state.get("averaged") if isinstance(state, dict) else None
+        if not avg:
+            continue
+        n = avg.get("n_averaged")
+        if n is not None and int(n) == 0:
+            continue
+        return {k[len("module.") :]: v for k, v in avg.items() if k.startswith("module.")}
+    return None
+
+
+def _import_class(class_path: str):
+    module, _, name = class_path.rpartition(".")
+    try:
+        return getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError) as err:
+        raise ValueError(f"cannot import class {class_path!r} named by the checkpoint ({err})") from err
+
+
+def load_checkpoint_model(
+    path: str | os.PathLike, teacher: DiffusionTeacher | None = None, class_path: str | None = None, use_ema: bool = True
+):
+    """Rebuild a method from a ``lightning-distill fit`` checkpoint; returns (model, used_ema).
+
+    The class comes from ``class_path`` or the ``_class_path`` LightningCLI stores in the hyper-parameters.
+    A method that was trained with a teacher gets one: the source recorded in the checkpoint, else the
+    ``teacher`` given here. The EMA callback's weights replace the student's when present.
+    """
+    import lightning as L
+
+    path = Path(path)
+    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    hp = ckpt.get("hyper_parameters") or {}
+    class_path = class_path or hp.get("_class_path")
+    if class_path is None:
+        raise ValueError(
+            f"checkpoint {path} does not record its class (it was not written by `lightning-distill fit`); "
+            "pass class_path='package.module.Class'"
+        )
+    cls = _import_class(class_path)
+    if not (isinstance(cls, type) and issubclass(cls, L.LightningModule)):
+        raise ValueError(f"{class_path!r} from checkpoint {path} is not a LightningModule")
+    kwargs = {}
+    needs_teacher = "teacher_source" in ckpt or any(k.startswith("teacher.") for k in ckpt["state_dict"])
+    if needs_teacher:
+        src = ckpt.get("teacher_source")
+        if src:
+            if teacher is None or teacher.source != src["source"]:
+                teacher = load_teacher(src["source"], revision=src.get("revision"))
+        elif teacher is None:
+            raise ValueError(f"checkpoint {path} holds a teacher without a source: pass --teacher with the same architecture")
+        kwargs["teacher"] = teacher
+    model = cls.load_from_checkpoint(path, map_location="cpu", **kwargs)
+    used_ema = False
+    ema = ema_state_from_checkpoint(ckpt) if use_ema else None
+    if ema is not None and getattr(model, "student", None) is not None:
+        model.student.load_state_dict(ema)
+        used_ema = True
+    return model.eval(), used_ema
+
+
+def load_sampler(name: str, spec: str | os.PathLike, teacher: DiffusionTeacher | None, device: torch.device) -> Sampler:
+    """A checkpoint (file) or an exported diffusers pipeline (folder) as a :class:`Sampler`."""
+    p = Path(spec).expanduser()
+    vae = teacher.vae if teacher is not None and teacher.is_latent else None
+    if p.is_file():
+        model, used_ema = load_checkpoint_model(p, teacher)
+        model.to(device)
+        if not hasattr(model, "sample"):
+            raise ValueError(f"{type(model).__name__} from {p} has no sample() method")
+        den = getattr(model, "student", None)
+        ncls = int(den.unet.config.num_class_embeds) if getattr(model, "is_class_conditional", False) else None
+        mvae = getattr(getattr(model, "teacher", None), "vae", None) or vae
+
+        def sample(n, steps, g, labels):
+            return decode_latents(model.sample(n, steps, g, labels=labels, denoiser=den), mvae)
+
+        return Sampler(name, "checkpoint", str(p), sample, ncls, used_ema)
+    if p.is_dir():
+        from diffusers import DiffusionPipeline
+
+        pipe = DiffusionPipeline.from_pretrained(p)
+        unet, sched = pipe.unet.to(device), pipe.scheduler
+        pvae = getattr(pipe, "vae", None) or vae
+        ncls = getattr(unet.config, "num_class_embeds", None)
+
+        def sample(n, steps, g, labels):
+            return decode_latents(scheduler_sample(unet, sched, n, steps, g, labels, device), pvae)
+
+        return Sampler(name, "pipeline", str(p), sample, int(ncls) if ncls else None)
+    raise FileNotFoundError(f"student {name!r}: {str(spec)!r} is neither a checkpoint file nor a pipeline folder")
+
+
+def teacher_sampler(teacher: DiffusionTeacher, name: str = "teacher") -> Sampler:
+    return Sampler(
+        name, "teacher", str(teacher.source), lambda n, steps, g, labels: sample_teacher(teacher, n, steps, g, labels),
+        teacher.num_classes,
+    )
+
+
+# --- the evaluation ------------------------------------------------------------------------------
+
+
+def reference_images(data: str, image_size: int, reference: str, split_seed: int, val_fraction: float, channels: int | None):
+    from .data import TeacherDataModule
+
+    dm = TeacherDataModule(teacher=None, data=data, image_size=image_size, channels=channels,
+                           split_seed=split_seed, val_fraction=val_fraction)
+    dm.setup("fit")
+    if reference == "train":
+        return dm.train_images(), dm.val_images()
+    if reference == "val":
+        return dm.val_images(), None
+    if reference == "all":
+        return torch.cat([dm.train_images(), dm.val_images()]), None
+    raise ValueError(f"reference must be 'train', 'val' or 'all', got {reference!r}")
+
+
+def evaluate_models(
+    teacher: str | DiffusionTeacher | None = "bundled:digits",
+    students: dict[str, str | os.PathLike] | None = None,
+    steps: Sequence[int] = (1, 2, 4, 8),
+    teacher_steps: Sequence[int] = (1, 2, 4, 8, 50),
+    num_samples: int = 2000,
+    seed: int = 0,
+    out_dir: str | os.PathLike | None = None,
+    feature_net: str | nn.Module = "digits",
+    feature_extractor_weights_path: str | None = None,
+    data: str = "digits",
+    image_size: int | None = None,
+    channels: int | None = None,
+    reference: str = "train",
+    split_seed: int = 0,
+    val_fraction: float = 0.1,
+    kid_subsets: int = 100,
+    kid_subset_size: int = 1000,
+    chunk_size: int = 250,
+    grid_size: int = 16,
+    real_baseline: bool = True,
+    cache_dir: str | os.PathLike | None = None,
+    device: str | torch.device | None = None,
+    log: Callable[[str], None] | None = None,
+) -> list[dict]:
+    """FD / KID of the teacher (at ``teacher_steps``) and each student (at ``steps``); one dict per row.
+
+    With ``out_dir`` the report files are written there (see the module docstring). Rows carry their
+    protocol (``num_samples``, ``seed``, ``feature_net``, ``reference``, ``num_reference``).
+
+    Example::
+
+        >>> rows = evaluate_models("bundled:digits", {"pd": "runs/pd/student"}, steps=[1, 2], num_samples=500)
+        >>> rows[0]["fd"]
+    """
+    log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if isinstance(teacher, (str, os.PathLike)):
+        teacher = load_teacher(teacher)
+    if teacher is not None:
+        teacher.to(device)
+    if image_size is None:
+        if teacher is None or teacher.is_latent:
+            raise ValueError("image_size is needed when there is no pixel-space teacher to take it from")
+        image_size = teacher.sample_size
+    kwargs = {"feature_extractor_weights_path": feature_extractor_weights_path} if feature_extractor_weights_path else {}
+    net = get_feature_net(feature_net, **kwargs).to(device)
+    feat_name = feature_net_name(net)
+    ref_images, heldout = reference_images(data, image_size, reference, split_seed, val_fraction, channels)
+    ref = reference_stats(ref_images, net, cache_dir, device=device)
+    ref_desc = f"{data} {reference} split (split_seed={split_seed}, val_fraction={val_fraction}, {ref.num_images} images, {image_size}x{image_size})"
+    log(f"reference: {ref_desc}; feature net {feat_name}; {'cached' if ref.from_cache else 'computed'} stats {ref.key}")
+
+    models: list[tuple[Sampler, Sequence[int]]] = []
+    if teacher is not None and teacher_steps:
+        models.append((teacher_sampler(teacher), list(teacher_steps)))
+    for name, spec in (students or {}).items():
+        models.append((load_sampler(name, spec, teacher, device), list(steps)))
+
+    rows: list[dict] = []
+    grids: dict[str, dict[int, Tensor]] = {}
+    protocol = dict(num_samples=num_samples, seed=seed, feature_net=feat_name, reference=ref_desc, num_reference=ref.num_images)
+    if real_baseline and heldout is not None and heldout.shape[0] >= 2:
+        s = score_features(extract_features(net, heldout, device=device), ref, True, kid_subsets, kid_subset_size, seed)
+        rows.append(dict(model="real held-out (val split)", kind="data", steps=0, fd=s.fd, kid=s.kid, kid_std=s.kid_std,
+                         **{**protocol, "num_samples": s.num_samples}))
+    for sampler, step_list in models:
+        grids[sampler.name] = {}
+        for st in step_list:
+            first: list[Tensor] = []
+
+            def fn(n, g, labels, st=st, first=first):
+                x = sampler.sample(n, st, g, labels)
+                if not first:
+                    first.append(x[:grid_size].float().cpu())
+                return x
+
+            feats = generated_features(fn, net, num_samples, seed, chunk_size, sampler.num_classes, device=device)
+            s = score_features(feats, ref, True, kid_subsets, kid_subset_size, seed)
+            grids[sampler.name][st] = first[0]
+            row = dict(model=sampler.name, kind=sampler.kind, steps=st, fd=s.fd, kid=s.kid, kid_std=s.kid_std, **protocol)
+            rows.append(row)
+            log(f"{sampler.name} {st} steps: FD {s.fd:.4f}  KID {s.kid:.5f} ± {s.kid_std:.5f}")
+    if out_dir is not None:
+        write_report(rows, grids, out_dir, models, protocol, feat_name)
+    return rows
+
+
+# --- report files --------------------------------------------------------------------------------
+
+
+def _safe(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", name)
+
+
+def write_report(rows: list[dict], grids: dict, out_dir, models, protocol: dict, feat_name: str) -> Path:
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / "results.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=CSV_FIELDS, extrasaction="ignore")
+        w.writeheader()
+        for r in rows:
+            w.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in r.items()})
+    all_steps = sorted({r["steps"] for r in rows if r["kind"] != "data"})
+    lines = [
+        "# FD / KID versus sampling steps",
+        "",
+        f"- Feature network: **{feat_name}** (FD-{feat_name.split('-')[0]} when the digits classifier)",
+        f"- Reference set: {protocol['reference']}",
+        f"- Generated samples per cell: {protocol['num_samples']}, seed {protocol['seed']} (the same noise chunks "
+        "for every model and step count)",
+        "- Teacher: deterministic DDIM (eta = 0, trailing timesteps); students: their own sampler (checkpoint: "
+        "`sample()` with EMA weights when stored; pipeline: its scheduler)",
+        "- KID: unbiased polynomial-kernel MMD^2 (x 1e3 below), mean over subsets of up to 1000",
+        "",
+    ]
+    for metric, scale, title in (("fd", 1.0, "FD"), ("kid", 1e3, "KID x 1e3")):
+        lines += [f"## {title}", "", "| model | " + " | ".join(f"{s} steps" for s in all_steps) + " |",
+                  "|---|" + "---|" * len(all_steps)]
+        for sampler, _ in models:
+            cells = {r["steps"]: r[metric] for r in rows if r["model"] == sampler.name}
+            lines.append(f"| {sampler.name} ({sampler.kind}) | " + " | ".join(
+                f"{cells[s] * scale:.4g}" if s in cells else "" for s in all_steps) + " |")
+        lines.append("")
+    for r in rows:
+        if r["kind"] == "data":
+            lines += [f"Real held-out data against the reference ({r['num_samples']} images; a small-sample "
+                      f"value, not a floor at {protocol['num_samples']}): FD {r['fd']:.4g}, KID x 1e3 {r['kid'] * 1e3:.4g}", ""]
+    lines += ["Models:", ""] + [
+        f"- {s.name}: {s.kind} `{s.source}`" + (f" (EMA weights: {'yes' if s.ema else 'no'})" if s.ema is not None else "")
+        for s, _ in models
+    ] + [""]
+    (out / "results.md").write_text("\n".join(lines))
+    (out / "protocol.json").write_text(json.dumps(protocol, indent=2) + "\n")
+    plot_fd_vs_steps(rows, out / "fd_vs_steps.png", feat_name, protocol["num_samples"])
+    save_grids(grids, out)
+    return out
+
+
+def plot_fd_vs_steps(rows: list[dict], path: Path, feat_name: str, num_samples: int) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    names = list(dict.fromkeys(r["model"] for r in rows if r["kind"] != "data"))
+    for name in names:
+        pts = sorted((r["steps"], r["fd"]) for r in rows if r["model"] == name)
+        kind = next(r["kind"] for r in rows if r["model"] == name)
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", ls="--" if kind == "teacher" else "-", label=name)
+    for r in rows:
+        if r["kind"] == "data":
+            ax.axhline(r["fd"], color="grey", lw=0.8, ls=":", label=f"real held-out (n={r['num_samples']})")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("sampling steps (network evaluations)")
+    ax.set_ylabel(f"FD ({feat_name})")
+    ax.set_title(f"FD vs steps, n={num_samples}")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def save_grids(grids: dict[str, dict[int, Tensor]], out: Path) -> None:
+    from torchvision.utils import make_grid, save_image
+
+    for name, per_step in grids.items():
+        if not per_step:
+            continue
+        rows = [per_step[s] for s in sorted(per_step)]
+        n = min(r.shape[0] for r in rows)
+        imgs = torch.cat([r[:n] for r in rows])
+        grid = make_grid((imgs.clamp(-1, 1) + 1) / 2, nrow=n, padding=1, pad_value=1.0)
+        save_image(grid, out / f"samples_{_safe(name)}.png")
+
+
+# --- command line --------------------------------------------------------------------------------
+
+
+def _student(arg: str) -> tuple[str, str]:
+    name, sep, path = arg.partition("=")
+    if not sep or not name or not path:
+        raise argparse.ArgumentTypeError(f"--student takes NAME=PATH, got {arg!r}")
+    return name, path
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m lightning_distill.evaluate", description=__doc__.split("\n\n")[0])
+    p.add_argument("--teacher", default="bundled:digits", help="teacher source; 'none' for students only")
+    p.add_argument("--student", type=_student, action="append", default=[], metavar="NAME=PATH",
+                   help="a checkpoint (.ckpt) or exported pipeline folder; repeatable")
+    p.add_argument("--steps", type=int, nargs="+", default=[1, 2, 4, 8])
+    p.add_argument("--teacher-steps", type=int, nargs="*", default=[1, 2, 4, 8, 50])
+    p.add_argument("--num-samples", type=int, default=2000)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", required=True)
+    p.add_argument("--feature-net", default="digits", help="digits, inception, or a saved classifier folder")
+    p.add_argument("--feature-extractor-weights-path", default=None, help="Inception weights file (offline)")
+    p.add_argument("--data", default="digits")
+    p.add_argument("--image-size", type=int, default=None, help="default: the teacher's sample size")
+    p.add_argument("--channels", type=int, default=None)
+    p.add_argument("--reference", choices=["train", "val", "all"], default="train")
+    p.add_argument("--split-seed", type=int, default=0)
+    p.add_argument("--val-fraction", type=float, default=0.1)
+    p.add_argument("--kid-subsets", type=int, default=100)
+    p.add_argument("--kid-subset-size", type=int, default=1000)
+    p.add_argument("--chunk-size", type=int, default=250)
+    p.add_argument("--cache-dir", default=None)
+    p.add_argument("--device", default=None)
+    p.add_argument("--no-real-baseline", action="store_true")
+    return p
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    a = build_parser().parse_args(argv)
+    names = [n for n, _ in a.student]
+    if len(set(names)) != len(names):
+        raise SystemExit(f"evaluate: duplicate student names {names}")
+    rows = evaluate_models(
+        teacher=None if a.teacher.lower() == "none" else a.teacher,
+        students=dict(a.student),
+        steps=a.steps,
+        teacher_steps=a.teacher_steps,
+        num_samples=a.num_samples,
+        seed=a.seed,
+        out_dir=a.out,
+        feature_net=a.feature_net,
+        feature_extractor_weights_path=a.feature_extractor_weights_path,
+        data=a.data,
+        image_size=a.image_size,
+        channels=a.channels,
+        reference=a.reference,
+        split_seed=a.split_seed,
+        val_fraction=a.val_fraction,
+        kid_subsets=a.kid_subsets,
+        kid_subset_size=a.kid_subset_size,
+        chunk_size=a.chunk_size,
+        real_baseline=not a.no_real_baseline,
+        cache_dir=a.cache_dir,
+        device=a.device,
+    )
+    print((Path(a.out) / "results.md").read_text())
+    return rows
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,202 @@
+"""Metrics maths against torchmetrics and closed forms; feature networks; the reference cache; samplers."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from torch import nn
+
+from lightning_distill import metrics as M
+from lightning_distill.feature_net import BUNDLED_CLASSIFIER, DigitsFeatureNet, load_digits_feature_net, save_feature_net
+
+
+class Flat(nn.Module):
+    """'Images' that already are features: lets torchmetrics and our functions see the same vectors."""
+
+    def __init__(self, d: int) -> None:
+        super().__init__()
+        self.num_features = d
+
+    def forward(self, x):
+        return x.flatten(1)
+
+
+def _features(n=300, d=6, shift=0.0, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    a = torch.randn(d, d, generator=g, dtype=torch.float64)
+    return torch.randn(n, d, generator=g, dtype=torch.float64) @ a + shift
+
+
+def test_fd_identical_sets_is_zero_and_closed_form():
+    f = _features()
+    assert M.fd_from_features(f, f) == pytest.approx(0.0, abs=1e-8)
+    # Two Gaussians with equal covariance: FD = ||mu1 - mu2||^2 exactly.
+    mu, sigma = M.gaussian_stats(f)
+    assert M.frechet_distance(mu, sigma, mu + 2.0, sigma) == pytest.approx(4.0 * mu.numel(), rel=1e-9)
+    # Diagonal covariances: FD = sum (s1 - s2)^2 in standard deviations.
+    s1, s2 = torch.tensor([1.0, 4.0]), torch.tensor([9.0, 1.0])
+    fd = M.frechet_distance(torch.zeros(2), torch.diag(s1), torch.zeros(2), torch.diag(s2))
+    assert fd == pytest.approx(float(((s1.sqrt() - s2.sqrt()) ** 2).sum()), rel=1e-9)
+
+
+def test_fd_matches_torchmetrics():
+    from torchmetrics.image.fid import FrechetInceptionDistance
+
+    real, fake = _features(seed=0), _features(seed=1, shift=0.5)
+    tm = FrechetInceptionDistance(feature=Flat(real.shape[1]), normalize=True)
+    tm.update(real.float(), real=True)
+    tm.update(fake.float(), real=False)
+    ours = M.fd_from_features(real.float(), fake.float())
+    assert ours > 1.0
+    assert ours == pytest.approx(float(tm.compute()), rel=1e-4)
+
+
+def test_kid_matches_torchmetrics_with_same_seed():
+    from torchmetrics.image.kid import KernelInceptionDistance
+
+    real, fake = _features(seed=0), _features(seed=2, shift=0.3)
+    tm = KernelInceptionDistance(feature=Flat(real.shape[1]), subsets=7, subset_size=50, normalize=True)
+    tm.update(real.float(), real=True)
+    tm.update(fake.float(), real=False)
+    torch.manual_seed(123)
+    tm_mean, tm_std = tm.compute()
+    mean, std = M.kernel_distance(real.float(), fake.float(), 7, 50, generator=torch.Generator().manual_seed(123))
+    assert mean == pytest.approx(float(tm_mean), rel=1e-5)
+    assert std == pytest.approx(float(tm_std), rel=1e-5)
+
+
+def _real_digits(size=8):
+    from lightning_distill.data import load_digits_tensor
+
+    return load_digits_tensor(size)[0]
+
+
+def test_reference_stats_are_cached_and_reused(tmp_path):
+    torch.manual_seed(0)
+    net = DigitsFeatureNet(image_size=8, widths=(4, 8), num_features=8).eval()
+    calls = []
+    net.register_forward_hook(lambda *a: calls.append(1))
+    images = _real_digits()[:64]
+    first = M.reference_stats(images, net, tmp_path, batch_size=32)
+    n_calls = len(calls)
+    assert n_calls == 2 and not first.from_cache
+    second = M.reference_stats(images, net, tmp_path, batch_size=32)
+    assert len(calls) == n_calls, "the second call recomputed the features"
+    assert second.from_cache and second.key == first.key
+    torch.testing.assert_close(second.sigma, first.sigma)
+    # Other images, or other weights: another entry.
+    assert M.reference_key(images[:32], net) != first.key
+    with torch.no_grad():
+        net.head.weight.add_(1.0)  # even a layer FD does not use changes the fingerprint
+    assert M.reference_key(images, net) != first.key
+
+
+def test_fd_grows_monotonically_with_gaussian_noise():
+    torch.manual_seed(0)
+    net = DigitsFeatureNet(image_size=8, widths=(4, 8), num_features=8).eval()
+    real = _real_digits()
+    a, b = real[::2], real[1::2]
+    fa = M.extract_features(net, a)
+    g = torch.Generator().manual_seed(1)
+    noise = torch.randn(b.shape, generator=g)
+    fds = [M.fd_from_features(fa, M.extract_features(net, b + s * noise)) for s in (0.0, 0.1, 0.2, 0.4, 0.8)]
+    assert all(x < y for x, y in zip(fds, fds[1:])), fds
+
+
+def _random_inception_file(tmp_path, monkeypatch):
+    """Save a randomly initialised state dict with torch-fidelity's Inception layout (no download)."""
+    import torch_fidelity.feature_extractor_inceptionv3 as fe
+
+    monkeypatch.setattr(fe, "load_state_dict_from_url", lambda *a, **k: {})
+    monkeypatch.setattr(fe.FeatureExtractorInceptionV3, "load_state_dict", lambda self, sd, *a, **k: None)
+    torch.manual_seed(0)
+    sd = fe.FeatureExtractorInceptionV3("inception-v3-compat", ["2048"]).state_dict()
+    monkeypatch.undo()
+    path = tmp_path / M.INCEPTION_FILE
+    torch.save(sd, path)
+    return path, sd
+
+
+def test_inception_loads_offline_from_file_and_hub_cache(tmp_path, monkeypatch):
+    path, sd = _random_inception_file(tmp_path, monkeypatch)
+    net = M.InceptionFeatures(feature_extractor_weights_path=path)
+    key = "Conv2d_1a_3x3.conv.weight"
+    torch.testing.assert_close(net.inception.state_dict()[key], sd[key])  # the file's weights, not fresh ones
+    assert M.get_feature_net(net) is net and net.num_features == 2048
+    feats = net(torch.rand(2, 1, 8, 8) * 2 - 1)
+    assert feats.shape == (2, 2048) and torch.isfinite(feats).all()
+    # The default location is torch hub's cache, where torch-fidelity would put its download.
+    hub = tmp_path / "hub"
+    (hub / "checkpoints").mkdir(parents=True)
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(hub))
+    with pytest.raises(FileNotFoundError) as err:
+        M.InceptionFeatures()
+    assert str(hub / "checkpoints" / M.INCEPTION_FILE) in str(err.value)
+    path.rename(hub / "checkpoints" / M.INCEPTION_FILE)
+    assert M.inception_weights_path() == hub / "checkpoints" / M.INCEPTION_FILE
+
+
+def test_inception_missing_explicit_file_names_it(tmp_path):
+    missing = tmp_path / "nowhere" / "inception.pth"
+    with pytest.raises(FileNotFoundError, match="nowhere/inception.pth") as err:
+        M.get_feature_net("inception", feature_extractor_weights_path=missing)
+    assert M.INCEPTION_FILE in str(err.value)
+
+
+def test_any_module_with_num_features_plugs_in(tmp_path):
+    with pytest.raises(TypeError, match="num_features"):
+        M.get_feature_net(nn.Flatten())
+    with pytest.raises(ValueError, match="choose one of"):
+        M.get_feature_net("vgg")
+    net = M.get_feature_net(Flat(64))
+    ref = M.reference_stats(_real_digits()[:40], net, tmp_path)
+    assert ref.mu.shape == (64,) and ref.feature_net == "Flat"
+
+
+def test_bundled_classifier_meets_accuracy_and_roundtrips(tmp_path):
+    meta = json.loads((BUNDLED_CLASSIFIER / "config.json").read_text())
+    assert meta["test_accuracy"] >= 0.97 and "val split" in meta["test_split"]
+    net = load_digits_feature_net()
+    assert net.num_features == 64 and M.feature_net_name(net) == "digits-feat"
+    assert not any(p.requires_grad for p in net.parameters())
+    # Works at 8x8 too: the 16x16 digits are the 8x8 ones upsampled the same way.
+    x8, x16 = _real_digits(8)[:50], _real_digits(16)[:50]
+    torch.testing.assert_close(net(x8), net(x16), atol=1e-4, rtol=1e-4)
+    save_feature_net(net, tmp_path / "copy", {"test_accuracy": meta["test_accuracy"]})
+    torch.testing.assert_close(load_digits_feature_net(tmp_path / "copy")(x16), net(x16))
+    with pytest.raises(FileNotFoundError, match="digits_classifier.yaml"):
+        load_digits_feature_net(tmp_path / "empty")
+
+
+def test_generated_features_same_seed_same_set_for_any_rank_split():
+    torch.manual_seed(0)
+    net = DigitsFeatureNet(image_size=8, widths=(4, 8), num_features=8).eval()
+
+    def sample(n, g, labels):
+        return torch.randn(n, 1, 8, 8, generator=g).clamp(-1, 1) + labels.view(-1, 1, 1, 1) * 0.1
+
+    one = M.generated_features(sample, net, 10, seed=3, chunk_size=4, num_classes=10)
+    again = M.generated_features(sample, net, 10, seed=3, chunk_size=4, num_classes=10)
+    torch.testing.assert_close(one, again)
+    r0 = M.generated_features(sample, net, 10, seed=3, chunk_size=4, num_classes=10, rank=0, world_size=2)
+    r1 = M.generated_features(sample, net, 10, seed=3, chunk_size=4, num_classes=10, rank=1, world_size=2)
+    assert r0.shape[0] == 6 and r1.shape[0] == 4  # chunks 0, 2 (4 + 2 images) and chunk 1
+    torch.testing.assert_close(torch.cat([r0[:4], r1, r0[4:]]), one)
+    other = M.generated_features(sample, net, 10, seed=4, chunk_size=4, num_classes=10)
+    assert not torch.allclose(other, one)
+
+
+def test_sample_teacher_one_step_is_the_clipped_x0_prediction(tiny_teacher_dir):
+    from diffusers.utils.torch_utils import randn_tensor
+
+    from lightning_distill.teacher import load_teacher
+
+    teacher = load_teacher(tiny_teacher_dir)
+    x = M.sample_teacher(teacher, 3, 1, torch.Generator().manual_seed(0))
+    noise = randn_tensor((3, 1, 8, 8), generator=torch.Generator().manual_seed(0))
+    t_max = teacher.schedule.num_train_timesteps - 1  # trailing spacing starts at the last timestep
+    expected = teacher.denoiser(noise, torch.tensor(t_max)).x0
+    torch.testing.assert_close(x, expected, atol=1e-5, rtol=1e-5)
+    assert x.abs().max() <= 1.0
