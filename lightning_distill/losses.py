@@ -42,7 +42,8 @@ def temperature_kd_loss(student_logits: Tensor, teacher_logits: Tensor, temperat
         raise ValueError(f"temperature must be positive, got {temperature}")
     if student_logits.shape != teacher_logits.shape:
         raise ValueError(
-            f"student and teacher logits differ in shape: {tuple(student_logits.shape)} vs {tuple(teacher_logits.shape)}"
+            f"student and teacher logits differ in shape: "
+            f"{tuple(student_logits.shape)} vs {tuple(teacher_logits.shape)}"
         )
     log_p_s = F.log_softmax(student_logits.float() / temperature, dim=-1)
     log_p_t = F.log_softmax(teacher_logits.detach().float() / temperature, dim=-1)

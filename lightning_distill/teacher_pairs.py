@@ -419,8 +419,11 @@ def pair_datasets(pairs: dict[str, Tensor], val_fraction: float) -> tuple[PairDa
     if n - n_val < 1:
         raise PairsError(f"only {n} pairs: too few to hold out {n_val} for validation")
     label = pairs.get("label")
-    train = PairDataset(pairs["noise"][: n - n_val], pairs["sample"][: n - n_val], None if label is None else label[: n - n_val])
-    val = PairDataset(pairs["noise"][n - n_val :], pairs["sample"][n - n_val :], None if label is None else label[n - n_val :])
+
+    def part(sl: slice) -> PairDataset:
+        return PairDataset(pairs["noise"][sl], pairs["sample"][sl], None if label is None else label[sl])
+
+    train, val = part(slice(0, n - n_val)), part(slice(n - n_val, n))
     return train, val
 
 
