@@ -1,0 +1,293 @@
+"""DMD2: the distribution-matching gradient against Gaussian closed forms, the update ratio, resume, CLI.
+
+Closed form: for Gaussian data x0 ~ N(mu, s^2 I) and x_t = alpha x0 + sigma eps, the marginal is
+x_t ~ N(alpha mu, (alpha^2 s^2 + sigma^2) I), its score is score(x_t) = -(x_t - alpha mu) / (alpha^2 s^2
++ sigma^2), and Tweedie's formula gives the ideal denoiser E[x0 | x_t] = (x_t + sigma^2 score(x_t)) / alpha.
+So with two Gaussians (real and fake), p_real - p_fake = D_fake - D_real = sigma^2 (score_fake -
+score_real) / alpha, a route independent of the posterior-mean formula the analytic modules implement.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from lightning_distill.data import TeacherDataModule, TensorImageDataset
+from lightning_distill.methods.dmd2 import (
+    DMD2,
+    BottleneckClassifier,
+    backward_simulation,
+    bottleneck_features,
+    distribution_matching_loss,
+    dm_gradient,
+    dm_surrogate_loss,
+    generator_timesteps,
+)
+from lightning_distill.parametrisation import Denoiser, VPSchedule, output_for
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _schedule(T: int = 1024) -> VPSchedule:
+    from diffusers import DDIMScheduler
+
+    return VPSchedule.from_scheduler(DDIMScheduler(num_train_timesteps=T, beta_schedule="squaredcos_cap_v2"))
+
+
+class GaussianUNet(nn.Module):
+    """The ideal denoiser of N(mu, s^2 I) data with a UNet's call signature, outputting ``kind``."""
+
+    def __init__(self, mu: float, s: float, schedule: VPSchedule, kind: str) -> None:
+        super().__init__()
+        self.mu, self.s, self.schedule, self.kind = mu, s, schedule, kind
+
+    def forward(self, x_t, t, return_dict=False, **_):
+        a = self.schedule.alpha(t).view(-1, 1, 1, 1).double()
+        sg = self.schedule.sigma(t).view(-1, 1, 1, 1).double()
+        x_t64 = x_t.double()
+        x0 = self.mu + a * self.s**2 / (a**2 * self.s**2 + sg**2) * (x_t64 - a * self.mu)
+        out = output_for(self.kind, x0, x_t64, a.flatten(), sg.flatten())
+        return (out.to(x_t.dtype),)
+
+
+def _gaussian_denoiser(mu, s, schedule, kind):
+    return Denoiser(GaussianUNet(mu, s, schedule, kind), schedule, kind, clip_x0=None)
+
+
+def _score(x_t, a, sg, mu, s):
+    return -(x_t - a * mu) / (a**2 * s**2 + sg**2)
+
+
+def _closed_form_grad(x, t, noise, schedule, real, fake):
+    (mu_r, s_r), (mu_f, s_f) = real, fake
+    a = schedule.alpha(t).view(-1, 1, 1, 1).double()
+    sg = schedule.sigma(t).view(-1, 1, 1, 1).double()
+    x, noise = x.double(), noise.double()
+    x_t = a * x + sg * noise
+    score_r, score_f = _score(x_t, a, sg, mu_r, s_r), _score(x_t, a, sg, mu_f, s_f)
+    d_real = (x_t + sg**2 * score_r) / a  # Tweedie
+    diff = sg**2 * (score_f - score_r) / a
+    weight = (x - d_real).abs().flatten(1).mean(1).view(-1, 1, 1, 1)
+    return (diff / weight).float()
+
+
+# --- maths ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["sample", "epsilon", "v_prediction"])
+def test_dm_gradient_matches_gaussian_closed_form(kind):
+    sched = _schedule()
+    g = torch.Generator().manual_seed(0)
+    real, fake = (0.3, 0.5), (-0.4, 0.8)
+    x = torch.randn(6, 2, 3, 3, generator=g) * 0.7 + 0.1
+    noise = torch.randn(x.shape, generator=g)
+    t = torch.tensor([20, 100, 300, 500, 700, 1000])
+    expected = _closed_form_grad(x, t, noise, sched, real, fake)
+
+    d_real, d_fake = _gaussian_denoiser(*real, sched, kind), _gaussian_denoiser(*fake, sched, kind)
+    x_t = sched.add_noise(x, noise, t)
+    grad = dm_gradient(x, d_real(x_t, t).x0, d_fake(x_t, t).x0)
+    torch.testing.assert_close(grad, expected, atol=1e-3, rtol=1e-3)
+
+    # The surrogate's autograd gradient is that same grad (scaled by 1 / numel for "mean").
+    for reduction, scale in (("sum", 1.0), ("mean", 1.0 / x.numel())):
+        xx = x.clone().requires_grad_(True)
+        out = distribution_matching_loss(xx, d_real, d_fake, t, noise, reduction=reduction)
+        out.loss.backward()
+        torch.testing.assert_close(xx.grad, expected * scale, atol=1e-3 * scale, rtol=1e-3)
+
+
+def test_dm_gradient_sign_and_fixed_point():
+    """Descent moves samples of the fake Gaussian towards the real mean; equal distributions give 0."""
+    sched = _schedule()
+    g = torch.Generator().manual_seed(1)
+    d_real = _gaussian_denoiser(0.5, 0.3, sched, "sample")
+    d_fake = _gaussian_denoiser(-0.5, 0.3, sched, "sample")
+    x = torch.randn(64, 1, 4, 4, generator=g) * 0.3 - 0.5
+    t = torch.full((64,), 400)
+    x_t = sched.add_noise(x, torch.randn(x.shape, generator=g), t)
+    grad = dm_gradient(x, d_real(x_t, t).x0, d_fake(x_t, t).x0)
+    assert (x - 0.1 * grad).mean() > x.mean() + 0.01
+    same = dm_gradient(x, d_real(x_t, t).x0, d_real(x_t, t).x0)
+    assert same.abs().max() == 0
+
+
+def test_dm_gradient_guards_zero_denominator_and_surrogate_reduction():
+    x = torch.randn(2, 1, 2, 2)
+    grad = dm_gradient(x, x, x + 1.0)  # p_real = 0: the normaliser would be 0
+    assert torch.isfinite(grad).all()
+    xx = x.clone().requires_grad_(True)
+    g = torch.randn_like(x)
+    dm_surrogate_loss(xx, g, "sum").backward()
+    torch.testing.assert_close(xx.grad, g)
+    with pytest.raises(ValueError, match="reduction"):
+        dm_surrogate_loss(xx, g, "max")
+
+
+def test_generator_timesteps_and_backward_simulation():
+    sched = _schedule()
+    assert generator_timesteps(sched, 1).tolist() == [1023]
+    assert generator_timesteps(sched, 4).tolist() == [1023, 767, 511, 255]
+    den = _gaussian_denoiser(0.2, 0.5, sched, "v_prediction")
+    z = torch.randn(3, 1, 2, 2, generator=torch.Generator().manual_seed(2))
+    grid = generator_timesteps(sched, 4)
+    assert torch.equal(backward_simulation(den, z, grid, 0), z)
+    # two steps by hand: DDIM from 1023 to 767 to 511
+    x1 = den.ddim(z, grid[0], grid[1])
+    torch.testing.assert_close(backward_simulation(den, z, grid, 2), den.ddim(x1, grid[1], grid[2]))
+
+
+def test_bottleneck_features_stop_at_mid_block(tiny_teacher_dir):
+    from diffusers import UNet2DModel
+
+    unet = UNet2DModel.from_pretrained(tiny_teacher_dir, subfolder="unet")
+    calls = []
+    unet.up_blocks[0].register_forward_hook(lambda *a: calls.append(1))
+    feats = bottleneck_features(unet, torch.randn(2, 1, 8, 8), torch.tensor([5, 500]))
+    assert feats.shape == (2, unet.config.block_out_channels[-1], 4, 4)
+    assert not calls  # the decoder never ran
+    assert BottleneckClassifier(feats.shape[1])(feats).shape == (2,)
+
+
+# --- the LightningModule -------------------------------------------------------------------------
+
+
+def _model(teacher_dir, seed=0, **kwargs):
+    torch.manual_seed(seed)
+    dm = TeacherDataModule(teacher=str(teacher_dir), image_size=8, batch_size=2)
+    kwargs.setdefault("fake_updates_per_generator", 3)
+    return DMD2(teacher=dm.teacher, **kwargs)
+
+
+def _loader(n=4, batch=2):
+    # Every batch holds the same images: Lightning replays an interrupted epoch's batches in another
+    # order on resume (its data-loader position is not restored), which must not be what is tested.
+    g = torch.Generator().manual_seed(0)
+    images = (torch.rand(batch, 1, 8, 8, generator=g) * 2 - 1).repeat(n // batch, 1, 1, 1)
+    return DataLoader(TensorImageDataset(images, torch.zeros(n, dtype=torch.long)), batch_size=batch, shuffle=False)
+
+
+def _trainer(tmp_path, max_steps, **kwargs):
+    return L.Trainer(
+        max_steps=max_steps,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        default_root_dir=tmp_path,
+        accelerator="cpu",
+        **kwargs,
+    )
+
+
+def test_generator_step_leaves_critic_gradients_empty(tiny_teacher_dir):
+    model = _model(tiny_teacher_dir)
+    batch = next(iter(_loader()))
+    model.generator_loss(batch, model.step_generator(0)).loss.backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.student.parameters())
+    for module in (model.fake_score, model.discriminator_head, model.teacher):
+        assert all(p.grad is None for p in module.parameters())
+
+
+@pytest.mark.parametrize("ratio,gan", [(3, True), (1, False)])
+def test_update_ratio(tiny_teacher_dir, tmp_path, ratio, gan):
+    model = _model(tiny_teacher_dir, fake_updates_per_generator=ratio, gan=gan)
+    trainer = _trainer(tmp_path, max_steps=7, enable_checkpointing=False)
+    trainer.fit(model, train_dataloaders=_loader())
+    steps = [int(next(iter(opt.state.values()))["step"]) for opt in trainer.optimizers]
+    assert trainer.global_step == int(model.gan_iteration) == 7  # global_step counts iterations
+    assert steps == [math.ceil(7 / ratio), 7, 7][: 3 if gan else 2]
+
+
+def test_discriminator_schedule_plugs_in(tiny_teacher_dir, tmp_path):
+    from lightning_distill.callbacks.discriminator import DiscriminatorSchedule
+
+    model = _model(tiny_teacher_dir, r1_weight=1.0)
+    schedule = DiscriminatorSchedule(d_warmup_steps=1, d_updates_per_g=2)
+    trainer = _trainer(tmp_path, max_steps=3, enable_checkpointing=False, callbacks=[schedule])
+    trainer.fit(model, train_dataloaders=_loader())
+    steps = [int(next(iter(opt.state.values()))["step"]) for opt in trainer.optimizers]
+    # iteration 0 is D warm-up (no G); then 2 critic updates + 1 generator update per iteration
+    assert steps == [2, 6, 6]
+    assert trainer.global_step == schedule.iterations == 3
+    assert (schedule.g_updates, schedule.d_updates) == (2, 6)
+    assert "train/r1" in trainer.callback_metrics
+
+
+def test_resume_restores_every_network_and_optimiser(tiny_teacher_dir, tmp_path):
+    # uninterrupted: 8 steps
+    full = _model(tiny_teacher_dir, seed=0)
+    full_trainer = _trainer(tmp_path / "full", max_steps=8, enable_checkpointing=False)
+    full_trainer.fit(full, train_dataloaders=_loader())
+
+    # killed after 4 steps, then resumed in a fresh Trainer
+    first = _model(tiny_teacher_dir, seed=0)
+    first_trainer = _trainer(tmp_path / "a", max_steps=4, enable_checkpointing=False)
+    first_trainer.fit(first, train_dataloaders=_loader())
+    ckpt = tmp_path / "mid.ckpt"
+    first_trainer.save_checkpoint(ckpt)
+    saved = torch.load(ckpt, weights_only=False)
+    assert len(saved["optimizer_states"]) == 3
+    assert int(saved["state_dict"]["gan_iteration"]) == 4
+    assert not any(k.startswith("teacher.") for k in saved["state_dict"])
+    assert any(k.startswith("fake_score.") for k in saved["state_dict"])
+    assert any(k.startswith("discriminator_head.") for k in saved["state_dict"])
+
+    resumed = _model(tiny_teacher_dir, seed=123)  # another head initialisation ...
+    with torch.no_grad():  # ... and every trainable weight moved: only the checkpoint can restore them
+        for p in list(resumed.student.parameters()) + list(resumed.fake_score.parameters()):
+            p.add_(0.01)
+    resumed_trainer = _trainer(tmp_path / "b", max_steps=8, enable_checkpointing=False)
+    resumed_trainer.fit(resumed, train_dataloaders=_loader(), ckpt_path=ckpt)
+
+    assert resumed_trainer.global_step == full_trainer.global_step == 8
+    for name in ("student", "fake_score", "discriminator_head"):
+        a, b = getattr(full, name).state_dict(), getattr(resumed, name).state_dict()
+        for key in a:
+            torch.testing.assert_close(b[key], a[key], atol=1e-6, rtol=1e-5, msg=f"{name}.{key}")
+    for opt_a, opt_b in zip(full_trainer.optimizers, resumed_trainer.optimizers):
+        for sa, sb in zip(opt_a.state.values(), opt_b.state.values()):
+            assert int(sa["step"]) == int(sb["step"])
+            torch.testing.assert_close(sb["exp_avg_sq"], sa["exp_avg_sq"], atol=1e-9, rtol=1e-4)
+
+
+# --- the CLI with the debug preset ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("gan", ["true", "false"])
+def test_debug_preset_runs_through_cli(tiny_teacher_dir, tmp_path, gan):
+    from lightning_distill.cli import cli_main
+
+    root = tmp_path / "run"
+    cli_main(
+        [
+            "fit",
+            "--config",
+            str(REPO / "configs/dmd2/debug.yaml"),
+            "--data.teacher",
+            str(tiny_teacher_dir),
+            "--data.image_size",
+            "8",
+            "--trainer.default_root_dir",
+            str(root),
+            "--model.init_args.gan",
+            gan,
+        ]
+    )
+    ckpt = torch.load(root / "checkpoints/last.ckpt", weights_only=False)
+    assert ckpt["global_step"] == 4
+    assert len(ckpt["optimizer_states"]) == (3 if gan == "true" else 2)
+    assert (root / "student/model_index.json").is_file()
+    # the export is a stock 1-step pipeline
+    from diffusers import DDPMPipeline
+
+    pipe = DDPMPipeline.from_pretrained(root / "student")
+    images = pipe(batch_size=1, num_inference_steps=1, output_type="np").images
+    assert images.shape == (1, 8, 8, 1)
