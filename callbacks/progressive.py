@@ -1,0 +1,209 @@
+"""Rounds of progressive distillation: when the student becomes the teacher, and when training stops.
+
+The maths of a round (x_tilde, the two teacher steps) lives in
+``lightning_distill.methods.progressive``; this callback owns the schedule across rounds. At the end
+of a round it calls ``pl_module.promote_student()`` (the student's weights are copied into a new frozen
+teacher and N halves), re-creates the optimiser and its per-round learning-rate schedule through the
+strategy, restarts every callback that offers ``reset(pl_module)`` (the sampling EMA), and logs the
+round. When the round of the ``final_steps`` student ends, it sets ``trainer.should_stop``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import lightning as L
+from lightning.pytorch.utilities import rank_zero_info
+
+from lightning_distill.methods.progressive import check_halving
+
+
+class TeacherSwap(L.Callback):
+    """End progressive-distillation rounds after a step budget or on a loss plateau, down to ``final_steps``.
+
+    Acts on a module exposing ``num_student_steps``, ``round_index``, ``round_length`` and
+    ``promote_student()`` (:class:`~lightning_distill.methods.progressive.ProgressiveDistillation`).
+
+    Args:
+        steps_per_round: optimiser steps per round (also the length of the per-round LR annealing).
+            None: rounds end only on a plateau.
+        final_steps: the student's step count at which training stops (after that student's round).
+            Must be reachable from the method's ``num_student_steps`` by halving, checked at setup.
+        plateau_patience: also end a round when the smoothed training loss has not improved by a
+            relative ``plateau_min_delta`` for this many optimiser steps (None: off).
+        plateau_min_delta: relative improvement that counts as progress.
+        plateau_smoothing: decay of the (bias-corrected) moving average of the training loss.
+        min_steps_per_round: a plateau never ends a round before this many steps.
+
+    Example::
+
+        >>> swap = TeacherSwap(steps_per_round=800, final_steps=1)
+        >>> trainer = L.Trainer(max_epochs=-1, callbacks=[swap, EMA(decay=0.995)])
+    """
+
+    def __init__(
+        self,
+        steps_per_round: int | None = 1000,
+        final_steps: int = 1,
+        plateau_patience: int | None = None,
+        plateau_min_delta: float = 0.01,
+        plateau_smoothing: float = 0.98,
+        min_steps_per_round: int = 0,
+    ) -> None:
+        if steps_per_round is None and plateau_patience is None:
+            raise ValueError("TeacherSwap needs steps_per_round, plateau_patience, or both")
+        if steps_per_round is not None and steps_per_round < 1:
+            raise ValueError(f"steps_per_round must be >= 1, got {steps_per_round}")
+        if plateau_patience is not None and plateau_patience < 1:
+            raise ValueError(f"plateau_patience must be >= 1, got {plateau_patience}")
+        if not 0.0 <= plateau_smoothing < 1.0:
+            raise ValueError(f"plateau_smoothing must lie in [0, 1), got {plateau_smoothing}")
+        if final_steps < 1:
+            raise ValueError(f"final_steps must be >= 1, got {final_steps}")
+        self.steps_per_round = steps_per_round
+        self.final_steps = final_steps
+        self.plateau_patience = plateau_patience
+        self.plateau_min_delta = plateau_min_delta
+        self.plateau_smoothing = plateau_smoothing
+        self.min_steps_per_round = min_steps_per_round
+        # state (checkpointed)
+        self.round = 0
+        self.num_student_steps: int | None = None
+        self.round_start_step = 0
+        self.finished = False
+        self._last_step = -1
+        self._reset_plateau()
+        self._loaded = False
+
+    # --- the one small override hook ---------------------------------------------------------------
+
+    def should_end_round(self, trainer: L.Trainer, pl_module: L.LightningModule) -> bool:
+        """True when the current round is over (step budget spent, or loss plateau)."""
+        steps = trainer.global_step - self.round_start_step
+        if self.steps_per_round is not None and steps >= self.steps_per_round:
+            return True
+        if self.plateau_patience is not None and steps >= self.min_steps_per_round:
+            return self._plateau_steps >= self.plateau_patience
+        return False
+
+    # --- plateau tracking --------------------------------------------------------------------------
+
+    def _reset_plateau(self) -> None:
+        self._loss_avg = 0.0
+        self._loss_count = 0
+        self._best = math.inf
+        self._plateau_steps = 0
+
+    def _track(self, loss: float) -> None:
+        b = self.plateau_smoothing
+        self._loss_avg = b * self._loss_avg + (1 - b) * loss
+        self._loss_count += 1
+        smoothed = self._loss_avg / (1 - b**self._loss_count)
+        if smoothed < self._best * (1 - self.plateau_min_delta):
+            self._best = smoothed
+            self._plateau_steps = 0
+        else:
+            self._plateau_steps += 1
+
+    # --- hooks -------------------------------------------------------------------------------------
+
+    def _check_module(self, pl_module: L.LightningModule) -> None:
+        missing = [a for a in ("num_student_steps", "round_index", "promote_student") if not hasattr(pl_module, a)]
+        if missing:
+            raise TypeError(f"TeacherSwap needs a progressive-distillation module; {type(pl_module).__name__} lacks {missing}")
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if stage != "fit":
+            return
+        self._check_module(pl_module)
+        # Before any training step (and before a checkpoint is restored: the configured start count).
+        check_halving(pl_module.num_student_steps, self.final_steps)
+        # The method's configure_optimizers anneals the rate over this many steps (after every reset).
+        pl_module.round_length = self.steps_per_round
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self._loaded:
+            # Resumed: the method restored N and the teacher from its own checkpoint entry.
+            if self.num_student_steps != pl_module.num_student_steps or self.round != pl_module.round_index:
+                raise RuntimeError(
+                    f"checkpoint mismatch: TeacherSwap is in round {self.round} with N={self.num_student_steps}, "
+                    f"the model in round {pl_module.round_index} with N={pl_module.num_student_steps}"
+                )
+        else:
+            self.round = pl_module.round_index
+            self.num_student_steps = pl_module.num_student_steps
+            self.round_start_step = trainer.global_step
+        check_halving(self.num_student_steps, self.final_steps)
+        if self.finished:
+            trainer.should_stop = True
+        rank_zero_info(f"Progressive distillation: round {self.round}, {self.num_student_steps}-step student")
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
+        step = trainer.global_step  # counts the optimiser step just taken
+        # With gradient accumulation this hook runs per micro-batch: act once per optimiser step.
+        if step == self._last_step:
+            return
+        self._last_step = step
+        loss = outputs["loss"] if isinstance(outputs, dict) else outputs
+        if loss is not None and self.plateau_patience is not None:
+            self._track(float(loss))
+        pl_module.log("progressive/round", float(self.round), on_step=True, on_epoch=False)
+        pl_module.log("progressive/num_student_steps", float(self.num_student_steps), on_step=True, on_epoch=False)
+        if self.finished or not self.should_end_round(trainer, pl_module):
+            return
+        if self.num_student_steps <= self.final_steps:
+            self.finished = True
+            trainer.should_stop = True
+            rank_zero_info(f"Progressive distillation done: {self.num_student_steps}-step student after {step} steps")
+            return
+        self.swap(trainer, pl_module)
+
+    def swap(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Promote the student, reset optimiser + LR schedule and every resettable callback."""
+        pl_module.promote_student()
+        self.round = pl_module.round_index
+        self.num_student_steps = pl_module.num_student_steps
+        self.round_start_step = trainer.global_step
+        self._reset_plateau()
+        # Fresh optimiser state and a fresh (round-local) LR schedule, as in the paper.
+        trainer.strategy.setup_optimizers(trainer)
+        for cb in trainer.callbacks:
+            reset = getattr(cb, "reset", None)
+            if cb is not self and callable(reset):
+                reset(pl_module)  # the sampling EMA restarts from the new round's student
+        rank_zero_info(
+            f"Progressive distillation: step {trainer.global_step}, round {self.round} starts, "
+            f"{self.num_student_steps}-step student"
+        )
+
+    # --- state -------------------------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "round": self.round,
+            "num_student_steps": self.num_student_steps,
+            "round_start_step": self.round_start_step,
+            "finished": self.finished,
+            "last_step": self._last_step,
+            "plateau": {
+                "loss_avg": self._loss_avg,
+                "loss_count": self._loss_count,
+                "best": self._best,
+                "plateau_steps": self._plateau_steps,
+            },
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.round = state_dict["round"]
+        self.num_student_steps = state_dict["num_student_steps"]
+        self.round_start_step = state_dict["round_start_step"]
+        self.finished = state_dict["finished"]
+        self._last_step = state_dict["last_step"]
+        p = state_dict["plateau"]
+        self._loss_avg, self._loss_count = p["loss_avg"], p["loss_count"]
+        self._best, self._plateau_steps = p["best"], p["plateau_steps"]
+        self._loaded = True
+
+
+__all__ = ["TeacherSwap"]

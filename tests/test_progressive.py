@@ -1,0 +1,482 @@
+"""Progressive distillation: x_tilde and the loss in closed form, one round on toy data, the TeacherSwap
+callback's hooks and kill-and-resume equality, the debug preset, and the unreachable-final-steps error.
+
+Closed form used throughout (as in test_parametrisation.py): for Gaussian data x0 ~ N(mu, s^2 I) and
+z_t = alpha x0 + sigma eps, the ideal denoiser is E[x0 | z_t] = mu + k_t (z_t - alpha_t mu) with
+k_t = alpha_t s^2 / (alpha_t^2 s^2 + sigma_t^2). Every DDIM step is then affine in z, so the teacher's
+two-step result and x_tilde are affine in z_t too: x_tilde = A z_t + B with A, B computed below by hand.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from types import SimpleNamespace
+
+import lightning as L
+import pytest
+import torch
+from diffusers import DDIMScheduler
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from lightning_distill.callbacks import EMA
+from lightning_distill.callbacks.progressive import TeacherSwap
+from lightning_distill.methods.progressive import (
+    ProgressiveDistillation,
+    check_halving,
+    progressive_loss,
+    round_lr_factor,
+    student_timesteps,
+    two_step_target,
+    x_tilde,
+)
+from lightning_distill.parametrisation import ddim_step, output_for
+from lightning_distill.teacher import DiffusionTeacher, load_teacher
+
+from conftest import write_tiny_teacher
+
+T = 1024
+REPO = Path(__file__).resolve().parents[1]
+DEBUG_CONFIG = REPO / "configs" / "progressive" / "debug.yaml"
+
+
+def _scheduler(prediction_type: str = "v_prediction") -> DDIMScheduler:
+    return DDIMScheduler(
+        num_train_timesteps=T,
+        beta_schedule="squaredcos_cap_v2",
+        prediction_type=prediction_type,
+        timestep_spacing="trailing",
+        set_alpha_to_one=True,
+        clip_sample=False,
+    )
+
+
+ALPHAS_CUMPROD = _scheduler().alphas_cumprod.double()
+
+
+def _alpha_sigma(t: int) -> tuple[float, float]:
+    ac = 1.0 if t < 0 else float(ALPHAS_CUMPROD[t])
+    return math.sqrt(ac), math.sqrt(1.0 - ac)
+
+
+# --- networks with the UNet call signature --------------------------------------------------------
+
+
+class AnalyticGaussianNet(nn.Module):
+    """The ideal denoiser of x0 ~ N(mu, s^2 I) (mu per class when ``class_mus`` is given), as v / eps / x0."""
+
+    def __init__(self, mu: float, s: float, kind: str = "v_prediction", size: int = 4, class_mus=None) -> None:
+        super().__init__()
+        self.mu, self.s, self.kind = mu, s, kind
+        self.register_buffer("ac", ALPHAS_CUMPROD.float().clone())
+        self.class_mus = None if class_mus is None else torch.tensor(class_mus)
+        n_cls = None if class_mus is None else len(class_mus)
+        self.config = SimpleNamespace(sample_size=size, in_channels=1, num_class_embeds=n_cls)
+
+    def forward(self, sample, timestep, class_labels=None, return_dict=True):
+        ac = self.ac[timestep.long()]
+        a, sg = ac.sqrt().view(-1, 1, 1, 1), (1 - ac).sqrt().view(-1, 1, 1, 1)
+        mu = torch.full_like(a, self.mu)
+        if self.class_mus is not None:
+            if class_labels is None:
+                raise TypeError("class-conditional net called without class_labels")
+            mu = self.class_mus[class_labels].view(-1, 1, 1, 1).to(sample)
+        k = a * self.s**2 / (a**2 * self.s**2 + sg**2)
+        x0 = mu + k * (sample - a * mu)
+        return (output_for(self.kind, x0, sample, a.flatten(), sg.flatten()),)
+
+
+class AffineNet(nn.Module):
+    """out = scale[t] * x + shift[t, class]: a per-timestep affine map (enough for Gaussian data)."""
+
+    def __init__(self, size: int = 4, num_classes: int | None = None) -> None:
+        super().__init__()
+        self.scale = nn.Parameter(torch.zeros(T))
+        self.shift = nn.Parameter(torch.zeros(T, num_classes or 1))
+        self.config = SimpleNamespace(sample_size=size, in_channels=1, num_class_embeds=num_classes)
+
+    def forward(self, sample, timestep, class_labels=None, return_dict=True):
+        t = timestep.long()
+        c = torch.zeros_like(t) if class_labels is None else class_labels
+        return (self.scale[t].view(-1, 1, 1, 1) * sample + self.shift[t, c].view(-1, 1, 1, 1),)
+
+
+def gaussian_teacher(mu=0.3, s=0.4, kind="v_prediction", class_mus=None) -> DiffusionTeacher:
+    net = AnalyticGaussianNet(mu, s, kind, class_mus=class_mus)
+    return DiffusionTeacher(net, _scheduler(kind), source=None, clip_x0=None)
+
+
+def closed_form_target(mu: float, s: float, t: int, m: int, u: int) -> tuple[float, float]:
+    """(A, B) with x_tilde = A z_t + B, by hand: two affine DDIM steps t -> m -> u, then Algorithm 2."""
+
+    def ddim_affine(t_from: int, t_to: int) -> tuple[float, float]:
+        a, sg = _alpha_sigma(t_from)
+        a2, sg2 = _alpha_sigma(t_to)
+        k = a * s**2 / (a**2 * s**2 + sg**2)
+        # x_hat = mu (1 - k a) + k z ; z_to = P x_hat + Q z with P = a2 - sg2 a / sg, Q = sg2 / sg
+        P, Q = a2 - sg2 * a / sg, sg2 / sg
+        return P * k + Q, P * mu * (1 - k * a)
+
+    g1, h1 = ddim_affine(t, m)
+    g2, h2 = ddim_affine(m, u)
+    gz, hz = g2 * g1, g2 * h1 + h2  # z_u = gz z_t + hz
+    a_t, sg_t = _alpha_sigma(t)
+    a_u, sg_u = _alpha_sigma(u)
+    den = a_u - sg_u / sg_t * a_t
+    return (gz - sg_u / sg_t) / den, hz / den
+
+
+def oracle_student(mu: float, s: float, n_steps: int, kind: str, class_mus=None, delta: float = 0.0) -> AffineNet:
+    """An AffineNet whose x0 prediction is x_tilde (+ delta) exactly at every student grid point."""
+    net = AffineNet(num_classes=None if class_mus is None else len(class_mus))
+    grid = [int(g) for g in gaussian_teacher().schedule.trailing_timesteps(2 * n_steps)]
+    mus = [mu] if class_mus is None else list(class_mus)
+    with torch.no_grad():
+        for i in range(n_steps):
+            t, m, u = grid[2 * i], grid[2 * i + 1], grid[2 * i + 2]
+            a, sg = _alpha_sigma(t)
+            for c, mu_c in enumerate(mus):
+                A, B = closed_form_target(mu_c, s, t, m, u)
+                B += delta
+                if kind == "sample":
+                    net.scale[t], net.shift[t, c] = A, B
+                else:  # v = (alpha z - x0) / sigma
+                    net.scale[t], net.shift[t, c] = (a - A) / sg, -B / sg
+    return net
+
+
+# --- maths -----------------------------------------------------------------------------------------
+
+
+def test_x_tilde_makes_one_ddim_step_land_on_the_target():
+    g = torch.Generator().manual_seed(0)
+    z_t, z_teacher = torch.randn(6, 1, 2, 2, generator=g), torch.randn(6, 1, 2, 2, generator=g)
+    t = torch.tensor([1023, 800, 500, 200, 63, 10])
+    s = torch.tensor([900, 700, 300, 100, 31, -1])
+    sched = gaussian_teacher().schedule
+    a_t, sg_t, a_s, sg_s = sched.alpha(t), sched.sigma(t), sched.alpha(s), sched.sigma(s)
+    x = x_tilde(z_teacher, z_t, a_t, sg_t, a_s, sg_s)
+    eps = (z_t - a_t.view(-1, 1, 1, 1) * x) / sg_t.view(-1, 1, 1, 1)
+    torch.testing.assert_close(ddim_step(x, eps, a_s, sg_s), z_teacher, atol=1e-4, rtol=1e-4)
+    # the clean endpoint s = -1 (sigma_s = 0): x_tilde is the teacher's result itself
+    torch.testing.assert_close(x[-1], z_teacher[-1])
+
+
+def test_point_mass_data_gives_x_tilde_equal_to_the_point():
+    # s = 0: the ideal teacher always predicts mu, DDIM is exact, so the target is mu at every step.
+    teacher = gaussian_teacher(mu=0.7, s=0.0)
+    z = torch.randn(8, 1, 4, 4, generator=torch.Generator().manual_seed(1))
+    for n in (1, 2, 8):
+        i = torch.arange(8) % n
+        t, m, u = student_timesteps(teacher.schedule, n, i)
+        target = two_step_target(teacher.denoiser, z, t, m, u)
+        torch.testing.assert_close(target, torch.full_like(z, 0.7), atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("kind", ["v_prediction", "epsilon", "sample"])
+def test_two_step_target_matches_closed_form(kind):
+    mu, s, n = 0.3, 0.4, 4
+    teacher = gaussian_teacher(mu, s, kind)
+    z = torch.randn(8, 1, 4, 4, generator=torch.Generator().manual_seed(2))
+    i = torch.tensor([0, 1, 2, 3, 0, 1, 2, 3])
+    t, m, u = student_timesteps(teacher.schedule, n, i)
+    grid = teacher.schedule.trailing_timesteps(2 * n)
+    assert t.tolist() == grid[2 * i].tolist() and u.tolist()[3] == -1
+    target = two_step_target(teacher.denoiser, z, t, m, u)
+    # An eps teacher's x0 = (z - sigma eps) / alpha loses float32 digits at t = T-1 (alpha ~ 0.0016).
+    tol = 2e-3 if kind == "epsilon" else 2e-4
+    for b in range(8):
+        A, B = closed_form_target(mu, s, int(t[b]), int(m[b]), int(u[b]))
+        torch.testing.assert_close(target[b], A * z[b] + B, atol=tol, rtol=tol)
+
+
+def test_student_grid_nests_in_the_teacher_grid():
+    sched = gaussian_teacher().schedule
+    n = 8
+    t, _, u = student_timesteps(sched, n, torch.arange(n))
+    student_grid = sched.trailing_timesteps(n)
+    assert t.tolist() == student_grid[:-1].tolist() and u.tolist() == student_grid[1:].tolist()
+
+
+def test_loss_weighting_closed_form():
+    x_hat = torch.zeros(3, 1, 2, 2)
+    target = torch.tensor([1.0, 2.0, 0.5]).view(3, 1, 1, 1).expand(3, 1, 2, 2)
+    snr = torch.tensor([0.25, 4.0, 1.0])
+    # per-sample squared errors 1, 4, 0.25
+    assert progressive_loss(x_hat, target, snr).item() == pytest.approx((1 * 1 + 4 * 4 + 0.25 * 1) / 3)
+    assert progressive_loss(x_hat, target, snr, "snr_plus_one").item() == pytest.approx(
+        (1 * 1.25 + 4 * 5 + 0.25 * 2) / 3
+    )
+    with pytest.raises(ValueError, match="truncated_snr"):
+        progressive_loss(x_hat, target, snr, "snr")
+
+
+def test_round_lr_factor_and_halving():
+    assert [round_lr_factor(k, 4) for k in range(5)] == [1.0, 0.75, 0.5, 0.25, 0.0]
+    assert round_lr_factor(10, None) == 1.0
+    assert check_halving(64, 1) == 6 and check_halving(8, 8) == 0
+    with pytest.raises(ValueError, match=r"final_steps=3 is not reachable .* \[64, 32, 16, 8, 4, 2, 1\]"):
+        check_halving(64, 3)
+    with pytest.raises(ValueError, match="final_steps=16"):
+        check_halving(8, 16)
+
+
+# --- the method's loss -----------------------------------------------------------------------------
+
+
+def _batch(n=16, labels=None):
+    x = 0.3 + 0.4 * torch.randn(n, 1, 4, 4, generator=torch.Generator().manual_seed(3))
+    return {"x": x, "label": torch.zeros(n, dtype=torch.long) if labels is None else labels}
+
+
+@pytest.mark.parametrize("student_kind", ["v_prediction", "sample"])
+@pytest.mark.parametrize("teacher_kind", ["v_prediction", "epsilon"])
+def test_oracle_student_has_zero_loss(student_kind, teacher_kind):
+    teacher = gaussian_teacher(0.3, 0.4, teacher_kind)
+    for n in (1, 4):
+        student = oracle_student(0.3, 0.4, n, student_kind)
+        model = ProgressiveDistillation(teacher, student, num_student_steps=n, student_prediction_type=student_kind)
+        assert model.compute_loss(_batch()).loss.item() < 1e-6  # float32 round-off (eps teacher at t = T-1)
+        # an x0 error of delta at t = T-1 (N = 1, SNR < 1 so the weight is 1) costs exactly delta^2
+    off = oracle_student(0.3, 0.4, 1, student_kind, delta=0.1)
+    model = ProgressiveDistillation(teacher, off, num_student_steps=1, student_prediction_type=student_kind)
+    assert model.compute_loss(_batch()).loss.item() == pytest.approx(0.01, rel=1e-3)
+
+
+def test_class_conditional_oracle_has_zero_loss():
+    mus = [-0.5, 0.2, 0.6]
+    teacher = gaussian_teacher(0.0, 0.3, class_mus=mus)
+    student = oracle_student(0.0, 0.3, 2, "v_prediction", class_mus=mus)
+    model = ProgressiveDistillation(teacher, student, num_student_steps=2)
+    assert model.is_class_conditional
+    labels = torch.arange(16) % 3
+    assert model.compute_loss(_batch(labels=labels)).loss.item() < 1e-8
+    # the labels matter: the same student scored against shuffled labels is far off
+    wrong = oracle_student(0.0, 0.3, 2, "v_prediction", class_mus=mus[::-1])
+    model_wrong = ProgressiveDistillation(teacher, wrong, num_student_steps=2)
+    assert model_wrong.compute_loss(_batch(labels=labels)).loss.item() > 1e-3
+
+
+def test_constructor_errors():
+    teacher = gaussian_teacher()
+    with pytest.raises(ValueError, match="epsilon.*choose one of"):
+        ProgressiveDistillation(teacher, AffineNet(), student_prediction_type="epsilon")
+    with pytest.raises(ValueError, match="num_student_steps"):
+        ProgressiveDistillation(teacher, AffineNet(), num_student_steps=T)
+
+
+# --- one round on toy data -------------------------------------------------------------------------
+
+
+class FixedBatches(L.LightningDataModule):
+    """One fixed batch per epoch (no shuffling), so a resumed run sees exactly the same data."""
+
+    def __init__(self, x: torch.Tensor) -> None:
+        super().__init__()
+        self.x = x
+
+    def train_dataloader(self):
+        class _DS(Dataset):
+            def __len__(_self):
+                return self.x.shape[0]
+
+            def __getitem__(_self, i):
+                return {"x": self.x[i], "label": torch.tensor(0)}
+
+        return DataLoader(_DS(), batch_size=self.x.shape[0], shuffle=False)
+
+
+def _trainer(callbacks, tmp_path, **kw):
+    return L.Trainer(
+        accelerator="cpu",
+        max_epochs=-1,
+        max_steps=kw.pop("max_steps", 1000),
+        callbacks=callbacks,
+        logger=False,
+        enable_checkpointing=kw.pop("enable_checkpointing", False),
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        default_root_dir=tmp_path,
+        **kw,
+    )
+
+
+def test_one_round_makes_a_one_step_student_match_the_two_step_teacher(tmp_path):
+    from diffusers.utils.torch_utils import randn_tensor
+
+    torch.manual_seed(0)
+    teacher = gaussian_teacher(0.3, 0.4)
+    model = ProgressiveDistillation(
+        teacher, AffineNet(), num_student_steps=1, optimizer=lambda p: torch.optim.Adam(p, lr=0.05)
+    )
+    x = 0.3 + 0.4 * torch.randn(256, 1, 4, 4, generator=torch.Generator().manual_seed(4))
+
+    def both():
+        noise = randn_tensor((64, 1, 4, 4), generator=torch.Generator().manual_seed(5))
+        grid = teacher.schedule.trailing_timesteps(2)
+        z = teacher.denoiser.ddim(noise, grid[0], grid[1])
+        z = teacher.denoiser.ddim(z, grid[1], grid[2])  # the teacher's 2-step DDIM sample
+        student = model.sample(64, 1, torch.Generator().manual_seed(5), denoiser=model.student)  # diffusers loop
+        return student, z
+
+    s0, t0 = both()
+    assert (s0 - t0).abs().max() > 0.1  # the untrained student does not match
+    swap = TeacherSwap(steps_per_round=150, final_steps=1)
+    trainer = _trainer([swap], tmp_path)
+    trainer.fit(model, FixedBatches(x))
+    assert trainer.global_step == 150 and swap.finished and model.num_student_steps == 1
+    s1, t1 = both()
+    torch.testing.assert_close(s1, t1, atol=0.02, rtol=0)
+    # ... and it was the 2-step teacher it matched, not the data: its spread is the teacher's
+    assert abs(s1.std().item() - t1.std().item()) < 0.01
+
+
+# --- TeacherSwap: hooks, kill-and-resume -----------------------------------------------------------
+
+
+class Probe(L.Callback):
+    """Records, after every optimiser step, what the swap must have changed."""
+
+    def __init__(self) -> None:
+        self.rows = []
+
+    def on_train_batch_end(self, trainer, pl_module, *args):
+        opt = trainer.optimizers[0]
+        ema = next(c for c in trainer.callbacks if isinstance(c, EMA))
+        self.rows.append(
+            dict(
+                step=trainer.global_step,
+                n=pl_module.num_student_steps,
+                sample_steps=pl_module.hparams.sample_steps,
+                opt=id(opt),
+                opt_state=len(opt.state),
+                lr=opt.param_groups[0]["lr"],
+                ema_n=int(ema.averaged.n_averaged),
+                teacher_is_student=all(
+                    torch.equal(a, b) for a, b in zip(pl_module.teacher.unet.parameters(), pl_module.student.unet.parameters())
+                ),
+            )
+        )
+
+
+def _progressive_run(teacher_dir, root, ckpt_path=None, max_steps=1000, probe=None):
+    """4 -> 2 -> 1 steps, 3 optimiser steps per round, on a tiny UNet teacher; checkpoint every step."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    teacher = load_teacher(str(teacher_dir))
+    model = ProgressiveDistillation(teacher, num_student_steps=4, optimizer=lambda p: torch.optim.Adam(p, lr=1e-3))
+    x = torch.rand(8, 1, 8, 8, generator=torch.Generator().manual_seed(6)) * 2 - 1
+    ckpt = ModelCheckpoint(dirpath=root / "ckpt", filename="{step}", every_n_train_steps=1, save_top_k=-1)
+    swap = TeacherSwap(steps_per_round=3, final_steps=1)
+    ema = EMA(decay=0.9)
+    callbacks = [swap, ema, ckpt] + ([probe] if probe else [])
+    trainer = _trainer(callbacks, root, max_steps=max_steps, enable_checkpointing=True)
+    trainer.fit(model, FixedBatches(x), ckpt_path=ckpt_path)
+    return trainer, model, swap, ema
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    root = tmp_path_factory.mktemp("progressive_run")
+    teacher_dir = write_tiny_teacher(root / "teacher")
+    probe = Probe()
+    trainer, model, swap, ema = _progressive_run(teacher_dir, root / "full", probe=probe)
+    return SimpleNamespace(root=root, teacher_dir=teacher_dir, trainer=trainer, model=model, swap=swap, ema=ema, probe=probe)
+
+
+def test_swap_hook_behaviour(uninterrupted):
+    run = uninterrupted
+    rows = {r["step"]: r for r in run.probe.rows}
+    assert run.trainer.global_step == 9 and run.swap.finished  # 3 rounds of 3 steps, stopped at N = 1
+    assert [rows[k]["n"] for k in range(1, 10)] == [4, 4, 2, 2, 2, 1, 1, 1, 1]
+    assert [rows[k]["n"] for k in range(1, 10)] == [rows[k]["sample_steps"] for k in range(1, 10)]
+    # at a swap (steps 3 and 6) the teacher is a copy of the student, with its own tensors
+    assert rows[3]["teacher_is_student"] and rows[6]["teacher_is_student"] and not rows[2]["teacher_is_student"]
+    assert run.model.teacher.unet is not run.model.student.unet
+    assert not run.model.teacher.reloadable and not any(p.requires_grad for p in run.model.teacher.parameters())
+    assert not run.model.teacher.training
+    # a fresh optimiser (empty state) and a fresh linearly annealed LR schedule every round
+    assert rows[2]["opt"] == rows[1]["opt"] and rows[3]["opt"] != rows[2]["opt"] and rows[3]["opt_state"] == 0
+    assert [round(rows[k]["lr"] / 1e-3, 6) for k in range(1, 10)] == pytest.approx(
+        [2 / 3, 1 / 3, 1, 2 / 3, 1 / 3, 1, 2 / 3, 1 / 3, 0]
+    )
+    # the sampling EMA restarts at every swap
+    assert rows[2]["ema_n"] == 2 and rows[3]["ema_n"] <= 1 and rows[6]["ema_n"] <= 1 and rows[5]["ema_n"] == 3
+
+
+def test_teacher_in_checkpoints_follows_the_base_rule(uninterrupted):
+    ckpts = uninterrupted.root / "full" / "ckpt"
+    early = torch.load(ckpts / "step=2.ckpt", map_location="cpu", weights_only=False)
+    mid = torch.load(ckpts / "step=7.ckpt", map_location="cpu", weights_only=False)
+    assert not any(k.startswith("teacher.") for k in early["state_dict"])  # reloadable round-0 teacher
+    assert any(k.startswith("teacher.") for k in mid["state_dict"])  # promoted teacher: saved in full
+    assert mid["progressive"]["round"] == 2 and mid["progressive"]["num_student_steps"] == 1
+    swap_state = next(v for k, v in mid["callbacks"].items() if k.startswith("TeacherSwap"))
+    assert swap_state["round"] == 2 and swap_state["num_student_steps"] == 1 and swap_state["round_start_step"] == 6
+
+
+def test_kill_mid_round_3_and_resume_equals_uninterrupted(uninterrupted, tmp_path):
+    run = uninterrupted
+    ckpt = run.root / "full" / "ckpt" / "step=7.ckpt"  # inside round 3 (index 2), teacher = round-3 teacher
+    trainer, model, swap, ema = _progressive_run(run.teacher_dir, tmp_path / "resumed", ckpt_path=str(ckpt))
+    assert trainer.global_step == 9 and swap.finished
+    assert (model.round_index, model.num_student_steps) == (2, 1) and swap.state_dict()["round"] == 2
+    assert not model.teacher.reloadable  # saved again in the next checkpoint
+    for name, a, b in [
+        ("student", model.student.state_dict(), run.model.student.state_dict()),
+        ("teacher", model.teacher.state_dict(), run.model.teacher.state_dict()),
+        ("ema", ema.averaged.state_dict(), run.ema.averaged.state_dict()),
+    ]:
+        assert a.keys() == b.keys(), name
+        for k in a:
+            torch.testing.assert_close(a[k], b[k], msg=f"{name}.{k}")
+    # the resumed teacher is not the original teacher
+    original = load_teacher(str(run.teacher_dir))
+    assert not all(torch.equal(a, b) for a, b in zip(original.unet.parameters(), model.teacher.unet.parameters()))
+    ref, got = run.swap.state_dict(), swap.state_dict()
+    assert {k: got[k] for k in ("round", "num_student_steps", "round_start_step", "finished")} == {
+        k: ref[k] for k in ("round", "num_student_steps", "round_start_step", "finished")
+    }
+    assert trainer.optimizers[0].param_groups[0]["lr"] == pytest.approx(run.trainer.optimizers[0].param_groups[0]["lr"])
+
+
+def test_unreachable_final_steps_fails_before_training(tmp_path):
+    teacher = gaussian_teacher()
+    model = ProgressiveDistillation(teacher, AffineNet(), num_student_steps=8)
+    trainer = _trainer([TeacherSwap(steps_per_round=2, final_steps=3)], tmp_path)
+    with pytest.raises(ValueError, match=r"final_steps=3 is not reachable .*reachable step counts: \[8, 4, 2, 1\]"):
+        trainer.fit(model, FixedBatches(torch.zeros(4, 1, 4, 4)))
+    assert trainer.global_step == 0
+
+
+# --- the debug preset through the CLI --------------------------------------------------------------
+
+
+def test_debug_preset_runs_two_rounds_and_exports(tmp_path):
+    import json
+
+    from lightning_distill.cli import cli_main
+
+    teacher_dir = write_tiny_teacher(tmp_path / "teacher")
+    root = tmp_path / "run"
+    cli = cli_main(["fit", "--config", str(DEBUG_CONFIG), "--data.teacher", str(teacher_dir),
+                    "--data.image_size", "8", "--trainer.default_root_dir", str(root)])
+    assert cli.trainer.global_step == 4 and cli.model.num_student_steps == 1 and cli.model.round_index == 1
+    sched = json.loads((root / "student" / "scheduler" / "scheduler_config.json").read_text())
+    assert sched["prediction_type"] == "v_prediction" and sched["timestep_spacing"] == "trailing"
+    assert (root / "checkpoints" / "last.ckpt").is_file()
+
+
+def test_unreachable_final_steps_in_a_config_fails_at_start(tmp_path):
+    from lightning_distill.cli import cli_main
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(DEBUG_CONFIG.read_text().replace("final_steps: 1", "final_steps: 3"))
+    teacher_dir = write_tiny_teacher(tmp_path / "teacher")
+    root = tmp_path / "run"
+    with pytest.raises(ValueError, match=r"final_steps=3 is not reachable by halving the student's 2 steps"):
+        cli_main(["fit", "--config", str(bad), "--data.teacher", str(teacher_dir), "--data.image_size", "8",
+                  "--trainer.default_root_dir", str(root)])
+    assert not (root / "checkpoints").exists()
