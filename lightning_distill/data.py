@@ -8,6 +8,13 @@ Data sources:
 
 Batches are dicts: ``{"x": (B, C, H, W) in [-1, 1], "label": (B,) long}``.
 
+Latent teachers (a ``vae/`` folder): ``"x"`` holds the VAE latents the networks see (encoded once at
+setup, optionally cached to disk: ``latent_cache``). Text-conditional teachers (``text_encoder/`` +
+``tokenizer/``): batches also carry ``"input_ids"`` (B, L), the tokenised prompt of each image, from a
+fixed ``prompt`` (``{label}`` is replaced by the class name) or a caption file in the image folder
+(``metadata.jsonl`` with ``file_name`` / ``text`` fields, or ``prompts.txt`` with one line per image in
+sorted file order); the method turns them into embeddings with ``teacher.encode_text``.
+
 Teacher-data mode (``pairs``, see :mod:`lightning_distill.teacher_pairs`): the train / val sets are
 (noise, teacher sample) pairs generated once by the teacher's DDIM sampler and cached on disk; batches
 are then ``{"noise", "x" (the teacher's sample), "label"}``. ``train_images()`` still gives real data.
@@ -51,14 +58,15 @@ def load_digits_tensor(image_size: int = 16) -> tuple[Tensor, Tensor]:
 class TensorImageDataset(Dataset):
     """Images held in memory as one tensor."""
 
-    def __init__(self, images: Tensor, labels: Tensor) -> None:
+    def __init__(self, images: Tensor, labels: Tensor, extras: dict[str, Tensor] | None = None) -> None:
         self.images, self.labels = images, labels
+        self.extras = extras or {}  # further per-item tensors, e.g. "input_ids" for text teachers
 
     def __len__(self) -> int:
         return self.images.shape[0]
 
     def __getitem__(self, i: int) -> dict:
-        return {"x": self.images[i], "label": self.labels[i]}
+        return {"x": self.images[i], "label": self.labels[i], **{k: v[i] for k, v in self.extras.items()}}
 
 
 def find_images(root: str | os.PathLike) -> list[Path]:
@@ -118,6 +126,12 @@ class TeacherDataModule(L.LightningDataModule):
         class_conditional: keep labels for class-conditional teachers (folders: sub-folder = class).
         batch_size, val_batch_size, num_workers: loader settings.
         val_fraction, split_seed: the fixed seeded train/val split.
+        prompt: text-conditional teachers: one prompt for every image; ``{label}`` is replaced by the
+            image's class name (the digit, or the sub-folder name).
+        captions: text-conditional teachers: a ``metadata.jsonl`` or ``prompts.txt`` caption file
+            (default: the one in the image folder, if any). Exclusive with ``prompt``.
+        latent_cache: latent teachers: a ``.pt`` file holding the encoded data set; written once,
+            reused while teacher, data and image size match.
         pairs: teacher-data mode: train on cached (noise, teacher sample) pairs instead (generated on
             first use, resumable; see :class:`~lightning_distill.teacher_pairs.PairsConfig`).
 
@@ -143,6 +157,9 @@ class TeacherDataModule(L.LightningDataModule):
         val_fraction: float = 0.1,
         split_seed: int = 0,
         pairs: PairsConfig | None = None,
+        prompt: str | None = None,
+        captions: str | None = None,
+        latent_cache: str | None = None,
     ) -> None:
         super().__init__()
         if image_size < 4:
@@ -219,17 +236,106 @@ class TeacherDataModule(L.LightningDataModule):
         if self.train_set is not None:
             return
         images, labels = self.load_all()
+        extras = self.prompt_inputs(labels)
+        if self.teacher is not None and self.teacher.is_latent:
+            images = self.encode_latents(images)
         n = images.shape[0]
         n_val = max(1, int(round(n * self.hparams.val_fraction)))
         if n - n_val < 1:
             raise DataError(f"only {n} images: too few to split into train and validation")
         perm = torch.randperm(n, generator=torch.Generator().manual_seed(self.hparams.split_seed))
-        full = TensorImageDataset(images, labels)
+        full = TensorImageDataset(images, labels, extras)
         self.val_set = Subset(full, perm[:n_val].tolist())
         self.train_set = Subset(full, perm[n_val:].tolist())
         self.image_train_set, self.image_val_set = self.train_set, self.val_set
         if self.hparams.pairs is not None:
             self.setup_pairs()
+
+    # --- latent and text-conditional teachers --------------------------------------------------
+
+    def class_names(self) -> list[str]:
+        if self.hparams.data == "digits":
+            return [str(i) for i in range(10)]
+        root = Path(self.hparams.data).expanduser()
+        return sorted({p.relative_to(root).parts[0] for p in find_images(root) if len(p.relative_to(root).parts) > 1})
+
+    def prompts(self, labels: Tensor) -> list[str]:
+        """One prompt per image (same order as ``load_all``), from ``prompt`` or a caption file."""
+        hp = self.hparams
+        folder = None if hp.data == "digits" else Path(hp.data).expanduser()
+        captions = hp.captions
+        if captions is None and folder is not None and hp.prompt is None:
+            found = [folder / n for n in ("metadata.jsonl", "prompts.txt") if (folder / n).is_file()]
+            captions = str(found[0]) if found else None
+        if hp.prompt is not None and captions is not None:
+            raise DataError("set either data.prompt or data.captions, not both")
+        if hp.prompt is not None:
+            names = self.class_names() if "{label}" in hp.prompt else []
+            return [hp.prompt.format(label=names[i] if i < len(names) else i) for i in labels.tolist()]
+        if captions is None:
+            raise DataError(
+                "the teacher is text-conditional but no prompts were given: set data.prompt, data.captions, "
+                "or put metadata.jsonl / prompts.txt in the image folder"
+            )
+        path = Path(captions).expanduser()
+        if not path.is_file():
+            raise DataError(f"caption file {captions!r} does not exist")
+        if folder is None:
+            raise DataError("caption files need an image folder (data is 'digits': use data.prompt)")
+        files = [p.relative_to(folder).as_posix() for p in find_images(folder)]
+        if path.suffix == ".jsonl":
+            import json
+
+            table = {}
+            for n, line in enumerate(path.read_text().splitlines(), 1):
+                if line.strip():
+                    try:
+                        row = json.loads(line)
+                        table[row["file_name"]] = row["text"]
+                    except (json.JSONDecodeError, KeyError) as err:
+                        raise DataError(f"{path}:{n}: expected {{\"file_name\", \"text\"}} ({err})") from err
+            missing = [f for f in files if f not in table]
+            if missing:
+                raise DataError(f"{path} has no caption for {len(missing)} images, e.g. {missing[0]!r}")
+            return [table[f] for f in files]
+        lines = [line.rstrip("\n") for line in path.read_text().splitlines()]
+        if len(lines) != len(files):
+            raise DataError(f"{path} has {len(lines)} lines but the folder holds {len(files)} images")
+        return lines
+
+    def prompt_inputs(self, labels: Tensor) -> dict[str, Tensor]:
+        """``{"input_ids": (N, L)}`` for text-conditional teachers, else ``{}``."""
+        if self.teacher is None or not self.teacher.is_text_conditional:
+            return {}
+        return {"input_ids": self.teacher.tokenize(self.prompts(labels))}
+
+    def encode_latents(self, images: Tensor, batch_size: int = 32) -> Tensor:
+        """Encode the whole data set with the teacher's VAE once (on a GPU if there is one), with a disk cache."""
+        hp = self.hparams
+        key = {"teacher": str(hp.teacher), "revision": hp.teacher_revision, "data": str(hp.data),
+               "image_size": self.image_size, "n": int(images.shape[0])}
+        cache = Path(hp.latent_cache).expanduser() if hp.latent_cache else None
+        if cache is not None and cache.is_file():
+            stored = torch.load(cache, map_location="cpu", weights_only=True)
+            if stored.get("key") == key:
+                return stored["latents"]
+        vae = self.teacher.vae
+        home = next(vae.parameters()).device
+        device = torch.device("cuda") if torch.cuda.is_available() else home
+        vae.to(device)
+        try:
+            latents = torch.cat([
+                self.teacher.encode_images(images[i : i + batch_size].to(device)).cpu()
+                for i in range(0, images.shape[0], batch_size)
+            ])
+        finally:
+            vae.to(home)
+        if cache is not None:
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            tmp = cache.with_suffix(cache.suffix + ".tmp")
+            torch.save({"key": key, "latents": latents}, tmp)
+            os.replace(tmp, cache)  # atomic: an interrupted write never leaves a truncated cache
+        return latents
 
     def setup_pairs(self) -> None:
         """Teacher-data mode: generate (or resume, or verify) the pairs and train on them."""

@@ -148,6 +148,57 @@ class DiffusionTeacher(nn.Module):
             return 1
         return 2 ** (len(self.vae.config.block_out_channels) - 1)
 
+    # --- latent and text-conditional teachers (LCM) ---------------------------------------------
+
+    @property
+    def is_text_conditional(self) -> bool:
+        return self.text_encoder is not None and self.tokenizer is not None
+
+    @torch.no_grad()
+    def encode_images(self, x: torch.Tensor) -> torch.Tensor:
+        """Images in [-1, 1] -> model-space latents (mode of q(z | x) - shift_factor) * scaling_factor.
+
+        The mode, not a sample, so a latent cache is deterministic (the SD VAE's posterior std is tiny).
+        """
+        if self.vae is None:
+            raise TeacherError("encode_images needs a latent teacher (a vae/ folder)")
+        cfg = self.vae.config
+        dtype = next(self.vae.parameters()).dtype
+        z = self.vae.encode(x.to(dtype)).latent_dist.mode().float()
+        return (z - (getattr(cfg, "shift_factor", None) or 0.0)) * cfg.scaling_factor
+
+    @torch.no_grad()
+    def decode_latents(self, z: torch.Tensor) -> torch.Tensor:
+        """Model-space latents -> images in about [-1, 1] (inverse of :meth:`encode_images`)."""
+        if self.vae is None:
+            raise TeacherError("decode_latents needs a latent teacher (a vae/ folder)")
+        cfg = self.vae.config
+        z = z / cfg.scaling_factor + (getattr(cfg, "shift_factor", None) or 0.0)
+        return self.vae.decode(z.to(next(self.vae.parameters()).dtype), return_dict=False)[0].float()
+
+    def tokenize(self, prompts: list[str]) -> torch.Tensor:
+        """Token ids (N, model_max_length), padded and truncated as diffusers' SD / LCM pipelines do."""
+        if self.tokenizer is None:
+            raise TeacherError("tokenize needs a text-conditional teacher (a tokenizer/ folder)")
+        return self.tokenizer(
+            list(prompts),
+            padding="max_length",
+            max_length=self.tokenizer.model_max_length,
+            truncation=True,
+            return_tensors="pt",
+        ).input_ids
+
+    @torch.no_grad()
+    def encode_text(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Token ids -> prompt embeddings (the text encoder's last hidden state, as the pipelines use).
+
+        Like the pipelines, no attention mask is passed for CLIP (``use_attention_mask`` unset).
+        """
+        if self.text_encoder is None:
+            raise TeacherError("encode_text needs a text-conditional teacher (a text_encoder/ folder)")
+        device = next(self.text_encoder.parameters()).device
+        return self.text_encoder(input_ids.to(device))[0]
+
     @property
     def reloadable(self) -> bool:
         """True when the weights can be re-read from ``source`` (so checkpoints need not carry them)."""

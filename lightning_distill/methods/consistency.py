@@ -290,7 +290,7 @@ class ConsistencyDistillation(DistillationMethod):
             raise ValueError(f"{type(self).__name__} needs a teacher (set data.teacher)")
         super().__init__(
             teacher=teacher,
-            student=self.init_student(teacher, student),
+            student=student,
             student_prediction_type=student_prediction_type,
             optimizer=optimizer,
             lr_scheduler=lr_scheduler,
@@ -299,7 +299,7 @@ class ConsistencyDistillation(DistillationMethod):
             num_log_samples=num_log_samples,
             seed=seed,
         )
-        self.save_hyperparameters(ignore=["teacher", "student", "optimizer", "lr_scheduler"])
+        self.save_hyperparameters(ignore=["teacher", "optimizer", "lr_scheduler"])
         T = self.student.schedule.num_train_timesteps
         self.register_buffer("train_timesteps", lcm_training_timesteps(T, original_inference_steps), persistent=False)
         self.skip = T // original_inference_steps
@@ -312,25 +312,21 @@ class ConsistencyDistillation(DistillationMethod):
 
     # --- hooks a conditional subclass overrides -------------------------------------------------
 
-    def init_student(self, teacher: DiffusionTeacher, student: nn.Module | None) -> nn.Module | None:
-        """The student network before wrapping (None: the base class copies the teacher's UNet)."""
-        return student
+    def conditioning(self, batch: dict, n: int) -> tuple[dict, Predict]:
+        """The student's (and theta_minus's) network keyword arguments, and the teacher's ``(x, t) -> Prediction``.
 
-    def student_condition(self, batch: dict, n: int) -> dict:
-        """Keyword arguments of the student's (and theta_minus's) network call for this batch."""
-        return {"class_labels": batch["label"]} if self.is_class_conditional else {}
-
-    def teacher_predictor(self, batch: dict, student_cond: dict) -> Predict:
-        """``(x, t) -> Prediction`` of the frozen teacher for this batch (float32 results)."""
-        cond = {"class_labels": batch["label"]} if self.teacher.num_classes else {}
-        return self._teacher_call(cond)
+        Unconditional and class-conditional teachers here; the LCM subclass adds prompts and guidance.
+        """
+        cond = {"class_labels": batch["label"]} if self.is_class_conditional else {}
+        teacher_cond = {"class_labels": batch["label"]} if self.teacher.num_classes else {}
+        return cond, self._teacher_call(teacher_cond)
 
     def _teacher_call(self, cond: dict) -> Predict:
         den = self.teacher.denoiser
         dtype = next(den.parameters()).dtype
 
         def predict(x: Tensor, t: Tensor) -> Prediction:
-            p = den(x.to(dtype), t, **cond)
+            p = den(x.to(dtype), t, **{k: v.to(dtype) if v.is_floating_point() else v for k, v in cond.items()})
             return Prediction(p.x0.float(), p.eps.float(), p.v.float())
 
         return predict
@@ -351,8 +347,7 @@ class ConsistencyDistillation(DistillationMethod):
         eps = torch.randn_like(x0)
         schedule = self.student.schedule
         x_start = schedule.add_noise(x0, eps, t_start)
-        cond = self.student_condition(batch, n)
-        teacher_predict = self.teacher_predictor(batch, cond)
+        cond, teacher_predict = self.conditioning(batch, n)
         # Online and target passes share the dropout random state (Song et al.'s official code): fork the
         # RNG around the online pass so the target pass replays the same draws.
         with torch.random.fork_rng(devices=shared_dropout_devices(x0)):

@@ -1,0 +1,297 @@
+"""Latent consistency distillation, LCM (Luo et al. 2023, arXiv 2310.04378, Algorithm 1).
+
+Consistency distillation (:mod:`.consistency`) in a VAE latent space with a text-conditional teacher,
+with classifier-free guidance distilled into the student:
+
+* w ~ U[w_min, w_max] per sample, embedded sinusoidally (:func:`guidance_scale_embedding`) and fed to the
+  student as an extra time condition (diffusers' ``time_cond_proj_dim`` / ``timestep_cond``);
+* the teacher's ODE step uses the guided prediction, for x0 and eps alike (LCM, Eq. 9):
+  pred = cond + w (cond - uncond), with "" as the unconditional prompt;
+* the student (and theta_minus) see (x, t, w, prompt); the target is f_theta_minus(x_hat_n, t_n, w, prompt).
+
+Guidance-scale conventions (off by one, a classic bug):
+
+===========================  ======================================  ======================
+convention                   guided prediction                       no guidance at
+LCM paper / diffusers script cond + w (cond - uncond)                w = 0
+Imagen / diffusers pipelines uncond + g (cond - uncond)              g = 1
+===========================  ======================================  ======================
+
+so g = w + 1. ``w_min`` / ``w_max`` here are in the LCM convention (the script's defaults 5 and 15 are
+g = 6 .. 16); the student embeds w. diffusers' ``LatentConsistencyModelPipeline`` takes g
+(``guidance_scale``) and embeds g - 1 = w, so an exported student is called with guidance_scale = w + 1.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from torch import Tensor, nn
+
+from ..parametrisation import Denoiser, Prediction, PredictionType
+from ..teacher import DiffusionTeacher
+from .base import default_optimizer
+from .consistency import ConsistencyDistillation, LossKind, Predict, Solver
+
+
+# --- pure functions ----------------------------------------------------------------------------------
+
+
+def guidance_scale_embedding(w: Tensor, embedding_dim: int = 256, dtype: torch.dtype = torch.float32) -> Tensor:
+    """Sinusoidal embedding of the guidance scale (VDM's Fourier features; LCM, Sec. 4.2).
+
+    emb = [sin(1000 w f_i), cos(1000 w f_i)], f_i = 10000^(-i / (d/2 - 1)), i = 0 .. d/2 - 1 (zero-padded
+    for odd d): the same numbers ``LatentConsistencyModelPipeline.get_guidance_scale_embedding`` gives.
+
+    Args:
+        w: (B,) guidance scales in the LCM convention (see the module docstring).
+        embedding_dim: the student's ``time_cond_proj_dim``.
+
+    Returns:
+        (B, embedding_dim) tensor.
+    """
+    if w.ndim != 1:
+        raise ValueError(f"w must be a 1-D tensor of per-sample guidance scales, got shape {tuple(w.shape)}")
+    w = w * 1000.0
+    half = embedding_dim // 2
+    freqs = torch.exp(torch.arange(half, dtype=dtype) * -(torch.log(torch.tensor(10000.0)) / (half - 1)))
+    emb = w.to(dtype)[:, None] * freqs.to(w.device)[None, :]
+    emb = torch.cat([torch.sin(emb), torch.cos(emb)], dim=1)
+    if embedding_dim % 2 == 1:
+        emb = nn.functional.pad(emb, (0, 1))
+    return emb
+
+
+def cfg_prediction(cond: Prediction, uncond: Prediction, w: Tensor) -> Prediction:
+    """Classifier-free guidance in the LCM convention: cond + w (cond - uncond), for x0, eps and v alike.
+
+    All three parametrisations are linear in (x0, eps) at a fixed x_t, so guiding each keeps them
+    consistent (v = alpha eps - sigma x0 still holds). w = 0 is the conditional model.
+    """
+    def guide(c: Tensor, u: Tensor) -> Tensor:
+        wb = w.reshape(-1, *([1] * (c.ndim - 1))).to(c.dtype)
+        return c + wb * (c - u)
+
+    return Prediction(guide(cond.x0, uncond.x0), guide(cond.eps, uncond.eps), guide(cond.v, uncond.v))
+
+
+def student_unet_with_guidance_embedding(teacher_unet: nn.Module, time_cond_proj_dim: int) -> nn.Module:
+    """The teacher's UNet architecture plus a w-embedding input, initialised from the teacher.
+
+    Built from the teacher's config with ``time_cond_proj_dim`` set; every weight whose name and shape
+    match is copied. The new projection ``time_embedding.cond_proj`` is zero-initialised, so the
+    student starts as exactly the teacher's conditional model and learns the w dependence.
+    """
+    config = dict(teacher_unet.config)
+    if "time_cond_proj_dim" not in config:
+        raise ValueError(
+            f"{type(teacher_unet).__name__} has no time_cond_proj_dim input for the guidance embedding; "
+            "LCM needs a UNet2DConditionModel teacher (use ConsistencyDistillation for unconditional teachers)"
+        )
+    config["time_cond_proj_dim"] = time_cond_proj_dim
+    student = type(teacher_unet).from_config(config).float()
+    own = student.state_dict()
+    copied = {k: v for k, v in teacher_unet.state_dict().items() if k in own and own[k].shape == v.shape}
+    student.load_state_dict(copied, strict=False)
+    with torch.no_grad():
+        student.time_embedding.cond_proj.weight.zero_()
+    return student
+
+
+# --- the LightningModule ---------------------------------------------------------------------------------
+
+
+class LatentConsistencyDistillation(ConsistencyDistillation):
+    """LCM: guidance-distilled consistency distillation of a latent text-to-image teacher.
+
+    Args:
+        teacher: a latent, text-conditional teacher (``vae/``, ``unet/`` UNet2DConditionModel,
+            ``scheduler/``, ``text_encoder/``, ``tokenizer/``), linked from ``data.teacher``.
+        student: student UNet with ``time_cond_proj_dim`` set; None: built from the teacher
+            (:func:`student_unet_with_guidance_embedding`).
+        w_min, w_max: range of the distilled guidance scale w, LCM convention (g = w + 1).
+        time_cond_proj_dim: size of the w embedding (256 in the diffusers LCM script).
+        uncond_prompt: the unconditional prompt of the teacher's CFG ("" as in LCM).
+        sample_prompt, sample_guidance_scale: prompt and pipeline-convention g for logged samples.
+        Other arguments: see :class:`ConsistencyDistillation` (defaults follow the diffusers LCM script:
+        N = 50 grid, DDIM solver, element-wise pseudo-Huber c = 0.001, mu = 0.95).
+
+    Example::
+
+        >>> dm = TeacherDataModule(teacher="stable-diffusion-v1-5/stable-diffusion-v1-5", data="captioned/",
+        ...                        image_size=512)
+        >>> lcm = LatentConsistencyDistillation(dm.teacher, w_min=3.0, w_max=15.0)
+        >>> lcm.sample(4, steps=4, prompts=["a red bicycle"] * 4, guidance_scale=8.0)  # latents
+    """
+
+    def __init__(
+        self,
+        teacher: DiffusionTeacher | None = None,
+        student: nn.Module | None = None,
+        student_prediction_type: PredictionType | None = None,
+        w_min: float = 5.0,
+        w_max: float = 15.0,
+        time_cond_proj_dim: int = 256,
+        uncond_prompt: str = "",
+        sample_prompt: str = "",
+        sample_guidance_scale: float = 8.0,
+        original_inference_steps: int = 50,
+        solver: Solver = "ddim",
+        loss: LossKind = "pseudo_huber_elementwise",
+        huber_c: float = 0.001,
+        target_decay: float = 0.95,
+        timestep_scaling: float = 10.0,
+        optimizer: OptimizerCallable = default_optimizer,
+        lr_scheduler: LRSchedulerCallable | None = None,
+        sample_steps: int = 4,
+        sample_every_n_steps: int = 0,
+        num_log_samples: int = 16,
+        seed: int = 0,
+    ) -> None:
+        if teacher is None:
+            raise ValueError("LatentConsistencyDistillation needs a teacher (set data.teacher)")
+        if not teacher.is_text_conditional:
+            raise ValueError(
+                "LatentConsistencyDistillation needs a text-conditional teacher (text_encoder/ and tokenizer/); "
+                "use ConsistencyDistillation for unconditional or class-conditional teachers"
+            )
+        if not 0.0 <= w_min <= w_max:
+            raise ValueError(f"need 0 <= w_min <= w_max, got w_min={w_min}, w_max={w_max}")
+        if student is None:
+            student = student_unet_with_guidance_embedding(teacher.unet, time_cond_proj_dim)
+        elif getattr(student.config, "time_cond_proj_dim", None) != time_cond_proj_dim:
+            raise ValueError(f"the student UNet's time_cond_proj_dim must equal time_cond_proj_dim={time_cond_proj_dim}")
+        super().__init__(
+            teacher=teacher, student=student, student_prediction_type=student_prediction_type,
+            original_inference_steps=original_inference_steps, solver=solver, loss=loss, huber_c=huber_c,
+            target_decay=target_decay, timestep_scaling=timestep_scaling, optimizer=optimizer,
+            lr_scheduler=lr_scheduler, sample_steps=sample_steps, sample_every_n_steps=sample_every_n_steps,
+            num_log_samples=num_log_samples, seed=seed,
+        )
+        self.save_hyperparameters(ignore=["teacher", "optimizer", "lr_scheduler"])
+
+    # --- conditioning ---------------------------------------------------------------------------
+
+    def prompt_embeds(self, batch: dict) -> Tensor:
+        return self.teacher.encode_text(batch["input_ids"])
+
+    def uncond_embeds(self, n: int, device) -> Tensor:
+        emb = self.teacher.encode_text(self.teacher.tokenize([self.hparams.uncond_prompt]).to(device))
+        return emb.expand(n, *emb.shape[1:])
+
+    def conditioning(self, batch: dict, n: int) -> tuple[dict, Predict]:
+        hp = self.hparams
+        device = batch["x"].device
+        w = hp.w_min + (hp.w_max - hp.w_min) * torch.rand(n, device=device)  # LCM convention
+        emb_c = self.prompt_embeds(batch)
+        emb_u = self.uncond_embeds(n, device)
+        cond = {
+            "encoder_hidden_states": emb_c.float(),
+            "timestep_cond": guidance_scale_embedding(w, hp.time_cond_proj_dim).to(device),
+        }
+        return cond, self.guided_teacher(emb_c, emb_u, w)
+
+    def guided_teacher(self, emb_c: Tensor, emb_u: Tensor, w: Tensor) -> Predict:
+        """The teacher's CFG prediction cond + w (cond - uncond), one batched call of 2B."""
+        call = self._teacher_call({"encoder_hidden_states": torch.cat([emb_c, emb_u])})
+
+        def predict(x: Tensor, t: Tensor) -> Prediction:
+            both = call(torch.cat([x, x]), torch.cat([t, t]))
+            n = x.shape[0]
+            split = lambda v: (v[:n], v[n:])  # noqa: E731
+            (c0, u0), (ce, ue), (cv, uv) = split(both.x0), split(both.eps), split(both.v)
+            return cfg_prediction(Prediction(c0, ce, cv), Prediction(u0, ue, uv), w)
+
+        return predict
+
+    # --- sampling / export ------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def sample(
+        self,
+        n: int,
+        steps: int | None = None,
+        generator: torch.Generator | None = None,
+        labels: Tensor | None = None,
+        denoiser: Denoiser | None = None,
+        prompts: list[str] | None = None,
+        guidance_scale: float | None = None,
+        prompt_embeds: Tensor | None = None,
+    ) -> Tensor:
+        """``n`` latents in ``steps`` steps; the loop is ``LatentConsistencyModelPipeline``'s.
+
+        Args:
+            prompts: one per sample (default: ``sample_prompt``); or give ``prompt_embeds``.
+            guidance_scale: g in the pipelines' (Imagen) convention; the student embeds w = g - 1.
+        """
+        from diffusers.utils.torch_utils import randn_tensor
+
+        hp = self.hparams
+        den = denoiser or self.sampling_denoiser()
+        device = next(den.parameters()).device
+        steps = steps or hp.sample_steps
+        g = hp.sample_guidance_scale if guidance_scale is None else guidance_scale
+        if prompt_embeds is None:
+            prompts = prompts if prompts is not None else [hp.sample_prompt] * n
+            prompt_embeds = self.teacher.encode_text(self.teacher.tokenize(prompts))
+        prompt_embeds = prompt_embeds.to(device)
+        sched = self.make_scheduler()
+        sched.set_timesteps(steps, device=device)
+        x = randn_tensor((n, *self.sample_shape), generator=generator, device=device, dtype=prompt_embeds.dtype)
+        x = x * sched.init_noise_sigma
+        w_emb = guidance_scale_embedding(torch.tensor(g - 1).repeat(n), den.unet.config.time_cond_proj_dim)
+        w_emb = w_emb.to(device=device, dtype=x.dtype)
+        was_training = den.training
+        den.eval()
+        try:
+            denoised = x
+            for t in sched.timesteps:
+                out = den.raw(x, t, timestep_cond=w_emb, encoder_hidden_states=prompt_embeds)
+                x, denoised = sched.step(out, t, x, generator=generator, return_dict=False)
+        finally:
+            den.train(was_training)
+        return denoised
+
+    def predict_step(self, batch: dict, batch_idx: int) -> Tensor:
+        gen = torch.Generator(device="cpu").manual_seed(self.hparams.seed + batch_idx)
+        emb = self.prompt_embeds(batch) if "input_ids" in batch else None
+        return self.sample(batch["x"].shape[0], self.hparams.sample_steps, gen, prompt_embeds=emb)
+
+    def log_sample_grid(self, tag: str = "samples") -> None:
+        """Decoded samples (VAE) from fixed noise to TensorBoard."""
+        if self.trainer.is_global_zero and self.logger is not None and hasattr(self.logger.experiment, "add_image"):
+            from torchvision.utils import make_grid
+
+            n = self.hparams.num_log_samples
+            z = self.sample(n, self.hparams.sample_steps, torch.Generator().manual_seed(self.hparams.seed))
+            x = self.teacher.decode_latents(z)
+            grid = make_grid((x.clamp(-1, 1) + 1) / 2, nrow=int(n**0.5))
+            self.logger.experiment.add_image(f"{tag}/{self.hparams.sample_steps}step", grid, self.global_step)
+
+    def export(self, target, use_ema: bool = True):
+        """Write a ``LatentConsistencyModelPipeline`` folder (teacher's VAE and text encoder, student UNet,
+        ``LCMScheduler``); call it with ``guidance_scale = w + 1``."""
+        import copy
+
+        from diffusers import LatentConsistencyModelPipeline
+
+        from ..export import atomic_write_dir
+
+        den = self.sampling_denoiser() if use_ema else self.student
+        unet = copy.deepcopy(den.unet).to(device="cpu", dtype=torch.float32)
+        pipe = LatentConsistencyModelPipeline(
+            vae=self.teacher.vae, text_encoder=self.teacher.text_encoder, tokenizer=self.teacher.tokenizer,
+            unet=unet, scheduler=self.make_scheduler(), safety_checker=None, feature_extractor=None,
+            requires_safety_checker=False,
+        )
+        return atomic_write_dir(target, lambda tmp: pipe.save_pretrained(tmp, safe_serialization=True))
+
+
+__all__ = [
+    "LatentConsistencyDistillation",
+    "guidance_scale_embedding",
+    "cfg_prediction",
+    "student_unet_with_guidance_embedding",
+]
