@@ -379,22 +379,34 @@ def ensure_pairs(
     sample_shape: tuple[int, ...],
     num_classes: int | None = None,
     teacher_source: str | None = None,
-    **dist,
+    rank: int | None = None,
+    world_size: int | None = None,
+    barrier: Callable[[], None] | None = None,
 ) -> dict[str, Tensor]:
-    """Generate what is missing (resuming), regenerate shards that fail the manifest check, then load."""
+    """Generate what is missing (resuming), regenerate shards that fail the manifest check, then load.
+
+    Every rank calls it; all of them reach the same verdict from the same files, and only rank 0
+    deletes, between barriers, so no rank reads a manifest another is removing.
+    """
+    d_rank, d_world, d_barrier = _dist_info()
+    rank = d_rank if rank is None else rank
+    world_size = d_world if world_size is None else world_size
+    barrier = d_barrier if barrier is None else barrier
     folder = Path(cfg.dir).expanduser()
     if (folder / MANIFEST).exists():
         bad = verify_pairs(folder)
-        if bad:
+        if not bad:
+            return load_pairs(folder)
+        barrier()
+        if rank == 0:
             import warnings
 
             warnings.warn(f"pairs folder {folder}: regenerating corrupt or truncated shard(s) {bad}", stacklevel=2)
             for name in bad:
                 (folder / name).unlink(missing_ok=True)
-            (folder / MANIFEST).unlink()
-        else:
-            return load_pairs(folder)
-    generate_pairs(denoiser, cfg, sample_shape, num_classes, teacher_source=teacher_source, **dist)
+            (folder / MANIFEST).unlink(missing_ok=True)
+        barrier()
+    generate_pairs(denoiser, cfg, sample_shape, num_classes, rank, world_size, barrier, teacher_source)
     return load_pairs(folder)
 
 

@@ -206,3 +206,37 @@ def test_digits_config_parses():
     pairs = PairsConfig(**cfg["data"]["pairs"])
     assert pairs.num_shards == 10 and pairs.num_steps == 32
     assert len(quadratic_timesteps(1024, pairs.num_steps)) - 1 == 32  # 32 teacher calls per sample
+
+
+def test_two_ranks_with_barriers_generate_and_repair_together(teacher, tmp_path):
+    """Two ranks as threads sharing a barrier: split generation, then a joint repair of a damaged shard."""
+    import threading
+
+    cfg = _cfg(tmp_path / "p")
+    barrier = threading.Barrier(2, timeout=60)
+    results, errors = {}, []
+
+    def rank_main(rank):
+        try:
+            results[rank] = ensure_pairs(teacher.denoiser, cfg, SHAPE, rank=rank, world_size=2, barrier=barrier.wait)
+        except BaseException as err:  # surfaced below; a silent thread failure would pass the test
+            errors.append(err)
+            barrier.abort()
+
+    def run_both():
+        threads = [threading.Thread(target=rank_main, args=(r,)) for r in (0, 1)]
+        for th in threads:
+            th.start()
+        for th in threads:
+            th.join()
+        assert not errors, errors
+
+    run_both()
+    reference = load_pairs(generate_pairs(teacher.denoiser, _cfg(tmp_path / "ref"), SHAPE))
+    assert torch.equal(results[0]["noise"], reference["noise"]) and torch.equal(results[1]["noise"], reference["noise"])
+    path = tmp_path / "p" / shard_name(3)  # rank 1's shard
+    path.write_bytes(path.read_bytes()[:50])
+    with pytest.warns(UserWarning, match="regenerating"):
+        run_both()
+    assert verify_pairs(tmp_path / "p") == []
+    assert torch.allclose(results[1]["sample"], reference["sample"], atol=1e-6)
