@@ -140,6 +140,12 @@ class DistillationMethod(L.LightningModule):
         sched = self.lr_scheduler_factory(opt)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
+    def configure_callbacks(self):
+        # Random state in checkpoints, so a resumed run draws the noise an uninterrupted one would.
+        from ..resume import ResumeRNG
+
+        return [ResumeRNG()]
+
     def compute_loss(self, batch: dict) -> LossOutput:  # pragma: no cover - abstract
         raise NotImplementedError
 

@@ -1,0 +1,175 @@
+"""Test worker: the ``lightning-distill`` CLI plus test-only callbacks chosen by environment variables.
+
+Run as ``python tests/_ddp_worker.py fit --config ...``. Lightning's DDP launcher starts the other
+local ranks by re-running this same command line, so every rank gets the same callbacks. Tests may
+also call :func:`main` in-process.
+
+Environment:
+  LD_TEST_OUT          folder for ``rank{r}.pt``: every trained network, optimiser and callback state at
+                       the end of training, plus what DDP reduces and what the optimiser holds.
+  LD_TEST_CKPT_EVERY   add a ModelCheckpoint(dirpath=$LD_TEST_CKPT_DIR, every_n_train_steps=N, save_last).
+  LD_TEST_KILL_AT      SIGKILL this process in the middle of optimiser step k+1 (after backward, before
+                       the update), i.e. once step k has been checkpointed.
+  LD_TEST_NAN_AT       from this global step on, the loss term $LD_TEST_NAN_TERM (default "loss") is NaN.
+  LD_TEST_NO_NETWORK   "1": any socket connection to a non-loopback address raises OSError.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import sys
+
+import lightning as L
+import torch
+
+
+def disable_network() -> None:
+    """Make every connection to a non-loopback address fail (the DDP rendezvous on 127.0.0.1 still works)."""
+    original = socket.socket.connect
+
+    def connect(self, address):
+        host = address[0] if isinstance(address, tuple) else address
+        if self.family == socket.AF_UNIX or host in ("127.0.0.1", "localhost", "::1"):
+            return original(self, address)
+        raise OSError(f"network disabled by the test: connect to {address!r}")
+
+    socket.socket.connect = connect
+    socket.create_connection = lambda address, *a, **k: (_ for _ in ()).throw(
+        OSError(f"network disabled by the test: create_connection to {address!r}")
+    )
+
+
+def _teacher(pl_module):
+    return getattr(pl_module, "teacher", None)
+
+
+def _trained_state(pl_module) -> dict:
+    """Every tensor of the module that is not the frozen teacher (student, target nets, discriminators)."""
+    return {k: v.detach().cpu().clone() for k, v in pl_module.state_dict().items() if not k.startswith("teacher.")}
+
+
+class RecordState(L.Callback):
+    """At the end of training, every rank writes what the tests compare (see module docstring)."""
+
+    def __init__(self, out: str) -> None:
+        self.out = out
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        teacher = _teacher(pl_module)
+        teacher_params = list(teacher.parameters()) if teacher is not None else []
+        teacher_ids = {id(p) for p in teacher_params}
+        opt_ids = {id(p) for opt in trainer.optimizers for g in opt.param_groups for p in g["params"]}
+        reduced_ids: set[int] | None = None
+        wrapped = trainer.strategy.model
+        if isinstance(wrapped, torch.nn.parallel.DistributedDataParallel):
+            reduced_ids = {id(p) for p in wrapped._build_params_for_reducer()[0]}
+        callbacks = {}
+        for cb in trainer.callbacks:
+            name = type(cb).__name__
+            if name in ("RecordState", "KillAt", "ModelCheckpoint", "SaveConfigCallback"):
+                continue
+            sd = cb.state_dict()
+            if sd:
+                callbacks[name] = sd
+        record = {
+            "rank": trainer.global_rank,
+            "world_size": trainer.world_size,
+            "global_step": trainer.global_step,
+            "trained": _trained_state(pl_module),
+            "optimizers": [opt.state_dict() for opt in trainer.optimizers],
+            "callbacks": callbacks,
+            "teacher_params": len(teacher_params),
+            "teacher_requires_grad": sum(p.requires_grad for p in teacher_params),
+            "teacher_in_optimizer": len(teacher_ids & opt_ids),
+            "teacher_dtype": str(teacher_params[0].dtype) if teacher_params else None,
+            "ddp": reduced_ids is not None,
+            "ddp_reduced": len(reduced_ids) if reduced_ids is not None else 0,
+            "teacher_reduced_by_ddp": len(teacher_ids & reduced_ids) if reduced_ids is not None else 0,
+            "precision": str(trainer.precision),
+        }
+        os.makedirs(self.out, exist_ok=True)
+        torch.save(record, os.path.join(self.out, f"rank{trainer.global_rank}.pt"))
+
+
+class KillAt(L.Callback):
+    """A real crash: SIGKILL (no cleanup, no exception handlers) during optimiser step ``step + 1``."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        if trainer.global_step >= self.step:
+            sys.stdout.flush()
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+class InjectNaN(L.Callback):
+    """Replace one loss term by NaN from global step ``step`` on (wraps ``compute_loss``)."""
+
+    def __init__(self, step: int, term: str = "loss") -> None:
+        self.step, self.term = step, term
+
+    def setup(self, trainer, pl_module, stage) -> None:
+        original = pl_module.compute_loss
+
+        def compute_loss(batch, *args, **kwargs):
+            out = original(batch, *args, **kwargs)
+            if pl_module.training and trainer.global_step >= self.step:
+                nan = torch.full((), float("nan"))
+                if self.term == "loss":
+                    out.loss = out.loss * nan
+                else:
+                    out.logs[self.term] = out.logs[self.term] * nan
+            return out
+
+        pl_module.compute_loss = compute_loss
+
+
+def test_callbacks() -> list[L.Callback]:
+    env = os.environ
+    cbs: list[L.Callback] = []
+    if env.get("LD_TEST_CKPT_EVERY"):
+        from lightning.pytorch.callbacks import ModelCheckpoint
+
+        cbs.append(
+            ModelCheckpoint(
+                dirpath=env["LD_TEST_CKPT_DIR"],
+                every_n_train_steps=int(env["LD_TEST_CKPT_EVERY"]),
+                save_last=True,
+                save_top_k=-1,
+                filename="step{step}",
+            )
+        )
+    if env.get("LD_TEST_OUT"):
+        cbs.append(RecordState(env["LD_TEST_OUT"]))
+    if env.get("LD_TEST_KILL_AT"):
+        cbs.append(KillAt(int(env["LD_TEST_KILL_AT"])))
+    if env.get("LD_TEST_NAN_AT"):
+        cbs.append(InjectNaN(int(env["LD_TEST_NAN_AT"]), env.get("LD_TEST_NAN_TERM", "loss")))
+    return cbs
+
+
+def main(argv: list[str]) -> None:
+    import lightning_distill.cli as cli
+
+    if os.environ.get("LD_TEST_NO_NETWORK") == "1":
+        disable_network()
+    original = cli.default_trainer
+
+    def default_trainer() -> dict:
+        defaults = original()
+        defaults["callbacks"] = test_callbacks()
+        return defaults
+
+    cli.default_trainer = default_trainer
+    try:
+        cli.main(argv)
+    finally:
+        cli.default_trainer = original
+
+
+if __name__ == "__main__":
+    torch.set_num_threads(int(os.environ.get("LD_TEST_THREADS", "1")))
+    main(sys.argv[1:])
