@@ -1,0 +1,137 @@
+"""Export: a diffusers folder that loads offline and reproduces ``method.sample``; atomic writes."""
+
+from __future__ import annotations
+
+import lightning as L
+import numpy as np
+import pytest
+import torch
+from diffusers import DDPMPipeline, DiffusionPipeline
+
+from lightning_distill.callbacks import EMA
+from lightning_distill.data import TeacherDataModule
+from lightning_distill.export import atomic_write_dir
+from lightning_distill.methods.diffusion import DiffusionTraining
+
+from conftest import make_tiny_unet
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A DiffusionTraining model after 2 steps with a fast EMA (so EMA and raw weights differ)."""
+    L.seed_everything(0)
+    dm = TeacherDataModule(teacher=None, data="digits", image_size=8, batch_size=8)
+    model = DiffusionTraining(
+        unet=make_tiny_unet(8, 1),
+        num_train_timesteps=1024,
+        optimizer=lambda p: torch.optim.Adam(p, lr=1e-2),
+    )
+    ema = EMA(decay=0.5, warmup=False)
+    trainer = L.Trainer(
+        max_steps=2,
+        default_root_dir=tmp_path_factory.mktemp("run"),
+        callbacks=[ema],
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        num_sanity_val_steps=0,
+    )
+    trainer.fit(model, dm)
+    return model, ema
+
+
+def _to_np(x: torch.Tensor) -> np.ndarray:
+    return (x / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).cpu().numpy()
+
+
+@pytest.mark.parametrize("steps", [1, 4])
+def test_export_reloads_and_reproduces_samples(trained, tmp_path, steps):
+    model, ema = trained
+    folder = model.export(tmp_path / "student")
+    assert (folder / "model_index.json").is_file()
+    assert (folder / "unet" / "diffusion_pytorch_model.safetensors").is_file()
+
+    pipe = DiffusionPipeline.from_pretrained(str(folder))  # HF_HUB_OFFLINE=1 (conftest): local only
+    assert type(pipe.scheduler).__name__ == "DDIMScheduler"
+    assert pipe.scheduler.config.timestep_spacing == "trailing" and pipe.scheduler.config.set_alpha_to_one
+    # the exported weights are the EMA copy, not the raw student
+    ema_sd = ema.sampling_module(model).unet.state_dict()
+    raw_sd = model.student.unet.state_dict()
+    for k, v in pipe.unet.state_dict().items():
+        torch.testing.assert_close(v, ema_sd[k])
+    assert any(not torch.equal(ema_sd[k], raw_sd[k]) for k in raw_sd)
+
+    for seed in (0, 7):
+        ours = _to_np(model.sample(3, steps, torch.Generator().manual_seed(seed)))
+        theirs = pipe(batch_size=3, generator=torch.Generator().manual_seed(seed), num_inference_steps=steps,
+                      output_type="np").images
+        assert theirs.shape == (3, 8, 8, 1)
+        np.testing.assert_allclose(theirs, ours, atol=1e-5, rtol=1e-5)
+    # different seeds give different samples (the comparison above is not between constants)
+    assert not np.allclose(_to_np(model.sample(3, steps, torch.Generator().manual_seed(0))),
+                           _to_np(model.sample(3, steps, torch.Generator().manual_seed(7))))
+
+
+def test_export_without_ema(trained, tmp_path):
+    model, _ = trained
+    folder = model.export(tmp_path / "raw", use_ema=False)
+    pipe = DiffusionPipeline.from_pretrained(str(folder))
+    for k, v in pipe.unet.state_dict().items():
+        torch.testing.assert_close(v, model.student.unet.state_dict()[k])
+
+
+def _snapshot(root):
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_interrupted_export_keeps_previous(trained, tmp_path, monkeypatch):
+    model, _ = trained
+    target = tmp_path / "student"
+    model.export(target)
+    before = _snapshot(target)
+    assert "model_index.json" in before
+
+    original = DDPMPipeline.save_pretrained
+
+    def crash_midway(self, save_directory, *args, **kwargs):
+        original(self, save_directory, *args, **kwargs)  # a complete write ...
+        (save_directory / "model_index.json").write_text("{half")  # ... then a partial overwrite
+        raise KeyboardInterrupt("simulated crash during export")
+
+    monkeypatch.setattr(DDPMPipeline, "save_pretrained", crash_midway)
+    with pytest.raises(KeyboardInterrupt, match="simulated crash"):
+        model.export(target, use_ema=False)
+    assert _snapshot(target) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["student"]  # no temp or .old folder left
+    DiffusionPipeline.from_pretrained(str(target))  # still loads
+
+    # a crash with nothing at the target leaves nothing behind
+    with pytest.raises(KeyboardInterrupt):
+        model.export(tmp_path / "fresh")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["student"]
+
+
+def test_atomic_write_dir_replaces_only_when_complete(tmp_path):
+    target = tmp_path / "out"
+
+    def write_a(tmp):
+        (tmp / "a.txt").write_text("A")
+
+    def write_b(tmp):
+        (tmp / "b.txt").write_text("B")
+
+    assert atomic_write_dir(target, write_a) == target.resolve()
+    assert _snapshot(target) == {"a.txt": b"A"}
+    atomic_write_dir(target, write_b)  # replaced, not merged
+    assert _snapshot(target) == {"b.txt": b"B"}
+
+    def write_fail(tmp):
+        (tmp / "c.txt").write_text("C")
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        atomic_write_dir(target, write_fail)
+    assert _snapshot(target) == {"b.txt": b"B"}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
