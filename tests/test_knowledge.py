@@ -259,3 +259,21 @@ def test_classifier_kd_runs_through_cli_and_reports_accuracy(tmp_path):
     result = json.loads((root / "result.json").read_text())
     assert 0.0 <= result["student_accuracy"] <= 1.0 and 0.0 <= result["teacher_accuracy"] <= 1.0
     assert result["num_val_images"] == 180 and result["temperature"] == 4.0
+
+
+@pytest.mark.parametrize("config", ["knowledge/digits.yaml", "data_distillation/digits.yaml"])
+def test_digits_configs_instantiate(config, tmp_path):
+    """The real presets parse and build (against a tiny 16x16 teacher; no step is run, no pair generated)."""
+    from conftest import write_tiny_teacher
+    from lightning_distill.cli import cli_main
+
+    teacher = write_tiny_teacher(tmp_path / "teacher16", sample_size=16)
+    cli = cli_main(["--config", str(ROOT / "configs" / config), "--data.teacher", str(teacher),
+                    "--trainer.default_root_dir", str(tmp_path / "run")], run=False)
+    if "knowledge" in config:
+        assert cli.model.feature_weights == {"mid_block": 0.1, "up_blocks.1": 0.1}
+        assert set(cli.model.projections) == {"mid_block", "up_blocks__1"}  # 40 -> 16 channels here
+    else:
+        pairs = cli.datamodule.hparams.pairs  # jsonargparse hands dataclass groups over as dicts
+        assert (pairs["num_steps"] if isinstance(pairs, dict) else pairs.num_steps) == 32
+        assert cli.model.hparams.sample_steps == 1
