@@ -10,7 +10,7 @@ Environment:
   LD_TEST_CKPT_EVERY   add a ModelCheckpoint(dirpath=$LD_TEST_CKPT_DIR, every_n_train_steps=N, save_last).
   LD_TEST_KILL_AT      SIGKILL this process in the middle of optimiser step k+1 (after backward, before
                        the update), i.e. once step k has been checkpointed.
-  LD_TEST_NAN_AT       from this global step on, the loss term $LD_TEST_NAN_TERM (default "loss") is NaN.
+  LD_TEST_NAN_AT       from this global step on, the student network outputs NaN.
   LD_TEST_NO_NETWORK   "1": any socket connection to a non-loopback address raises OSError.
 """
 
@@ -106,25 +106,30 @@ class KillAt(L.Callback):
 
 
 class InjectNaN(L.Callback):
-    """Replace one loss term by NaN from global step ``step`` on (wraps ``compute_loss``)."""
+    """From global step ``step`` on, the student network outputs NaN (a diverged network, any method).
 
-    def __init__(self, step: int, term: str = "loss") -> None:
-        self.step, self.term = step, term
+    A forward hook on ``pl_module.student`` registered at train start, after the EMA callback copied
+    the student, so sampling copies stay clean; every loss term computed from the student turns NaN.
+    """
 
-    def setup(self, trainer, pl_module, stage) -> None:
-        original = pl_module.compute_loss
+    def __init__(self, step: int) -> None:
+        self.step = step
+        self.trainer = None
 
-        def compute_loss(batch, *args, **kwargs):
-            out = original(batch, *args, **kwargs)
-            if pl_module.training and trainer.global_step >= self.step:
-                nan = torch.full((), float("nan"))
-                if self.term == "loss":
-                    out.loss = out.loss * nan
-                else:
-                    out.logs[self.term] = out.logs[self.term] * nan
+    def on_train_start(self, trainer, pl_module) -> None:
+        def hook(module, args, out):
+            if not (module.training and trainer.global_step >= self.step):
+                return out
+            nan = float("nan")
+            if isinstance(out, tuple):
+                return (out[0] * nan, *out[1:])
+            if isinstance(out, torch.Tensor):
+                return out * nan
+            if hasattr(out, "sample"):  # return_dict=True
+                out.sample = out.sample * nan
             return out
 
-        pl_module.compute_loss = compute_loss
+        pl_module.student.unet.register_forward_hook(hook)
 
 
 def test_callbacks() -> list[L.Callback]:
@@ -139,7 +144,7 @@ def test_callbacks() -> list[L.Callback]:
                 every_n_train_steps=int(env["LD_TEST_CKPT_EVERY"]),
                 save_last=True,
                 save_top_k=-1,
-                filename="step{step}",
+                filename="{step}",
             )
         )
     if env.get("LD_TEST_OUT"):
@@ -147,7 +152,7 @@ def test_callbacks() -> list[L.Callback]:
     if env.get("LD_TEST_KILL_AT"):
         cbs.append(KillAt(int(env["LD_TEST_KILL_AT"])))
     if env.get("LD_TEST_NAN_AT"):
-        cbs.append(InjectNaN(int(env["LD_TEST_NAN_AT"]), env.get("LD_TEST_NAN_TERM", "loss")))
+        cbs.append(InjectNaN(int(env["LD_TEST_NAN_AT"])))
     return cbs
 
 

@@ -1,0 +1,77 @@
+"""Atomic, durable local checkpoint writes.
+
+Lightning's ``TorchCheckpointIO`` writes local files through an fsspec transaction whose temporary file
+lives in the system temp folder (``tempfile.mkstemp()`` with no ``dir``) and is then ``shutil.move``-d
+onto the target. When ``$TMPDIR`` and the checkpoint folder are on different file systems (node-local
+/tmp and a shared checkpoint volume, the usual cluster layout) that move is a copy, which truncates the
+target first: a kill during it destroys the previous ``last.ckpt``. Nothing is fsynced either, so a
+power loss can leave a renamed but empty file.
+
+:class:`AtomicCheckpointIO` writes to a temporary file in the target's own folder, fsyncs it, renames
+it over the target (``os.replace``, atomic on POSIX within one file system) and fsyncs the folder. A
+kill at any point leaves either the previous checkpoint or the new one, never a partial file. Remote
+paths (``s3://`` ...) go to Lightning's implementation unchanged.
+
+Enable with ``--trainer.plugins lightning_distill.checkpoint_io.AtomicCheckpointIO`` (or
+``Trainer(plugins=[AtomicCheckpointIO()])``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from lightning.fabric.utilities.cloud_io import get_filesystem
+from lightning.pytorch.plugins.io import TorchCheckpointIO
+
+
+def _fsync_dir(folder: Path) -> None:
+    with contextlib.suppress(OSError):  # not every file system lets a folder be opened / synced
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def atomic_torch_save(obj: Any, path: str | os.PathLike) -> Path:
+    """``torch.save(obj, path)`` so that ``path`` holds either its old content or all of the new one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(tmp)
+        raise
+    _fsync_dir(path.parent)
+    return path
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """``TorchCheckpointIO`` whose local saves are atomic and durable (see the module docstring).
+
+    Example::
+
+        >>> trainer = L.Trainer(plugins=[AtomicCheckpointIO()])
+    """
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options: Any | None = None) -> None:
+        if storage_options is not None:
+            raise TypeError(f"{type(self).__name__} does not take storage_options (got {storage_options!r})")
+        fs = get_filesystem(path)
+        if "file" not in (fs.protocol if isinstance(fs.protocol, (tuple, list)) else (fs.protocol,)):
+            return super().save_checkpoint(checkpoint, path)
+        atomic_torch_save(checkpoint, path)
+
+
+__all__ = ["AtomicCheckpointIO", "atomic_torch_save"]
