@@ -415,6 +415,15 @@ def test_teacher_in_checkpoints_follows_the_base_rule(uninterrupted):
     assert mid["progressive"]["round"] == 2 and mid["progressive"]["num_student_steps"] == 1
     swap_state = next(v for k, v in mid["callbacks"].items() if k.startswith("TeacherSwap"))
     assert swap_state["round"] == 2 and swap_state["num_student_steps"] == 1 and swap_state["round_start_step"] == 6
+    # the evaluator's loader rebuilds a mid-run checkpoint: N, round and the promoted teacher come back
+    from lightning_distill.evaluate import load_checkpoint_model
+
+    path = ckpts / "step=7.ckpt"
+    model, _ = load_checkpoint_model(path, load_teacher(str(uninterrupted.teacher_dir)),
+                                     class_path="lightning_distill.methods.progressive.ProgressiveDistillation")
+    assert (model.round_index, model.num_student_steps, model.hparams.sample_steps) == (2, 1, 1)
+    for k, v in model.teacher.state_dict().items():
+        torch.testing.assert_close(v, mid["state_dict"][f"teacher.{k}"])
 
 
 def test_kill_mid_round_3_and_resume_equals_uninterrupted(uninterrupted, tmp_path):

@@ -287,6 +287,11 @@ class ProgressiveDistillation(DistillationMethod):
         self.teacher = self._promoted_teacher(copy.deepcopy(self.student.unet), self.student.prediction_type, clip)
         self.set_round(self.round_index + 1, self.num_student_steps // 2)
 
+    @property
+    def current_steps(self) -> int:
+        """The student's current step count (read by ``FIDCallback(steps=["current"])``)."""
+        return self.num_student_steps
+
     def set_round(self, round_index: int, num_student_steps: int) -> None:
         self.round_index = round_index
         self.num_student_steps = num_student_steps
