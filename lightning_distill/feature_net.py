@@ -45,6 +45,9 @@ class DigitsFeatureNet(nn.Module):
         num_features: width of the penultimate layer (the FD feature dimension).
         dropout: dropout before the classifier (training only).
         name: the feature network's name in metric tags (``fid/<name>/...``).
+        feature_scale: features are multiplied by this constant (set when the classifier is exported so
+            that the training images' features have unit mean variance per dimension: FD values are then
+            on a fixed scale and KID's polynomial kernel sees O(1) inner products).
 
     Example::
 
@@ -62,6 +65,7 @@ class DigitsFeatureNet(nn.Module):
         num_features: int = 64,
         dropout: float = 0.2,
         name: str = "digits-feat",
+        feature_scale: float = 1.0,
     ) -> None:
         super().__init__()
         if image_size % 4:
@@ -70,18 +74,20 @@ class DigitsFeatureNet(nn.Module):
         self.image_size, self.channels, self.num_features, self.name = image_size, channels, num_features, name
         self.config = dict(
             image_size=image_size, channels=channels, num_classes=num_classes, widths=list(widths),
-            num_features=num_features, dropout=dropout, name=name,
+            num_features=num_features, dropout=dropout, name=name, feature_scale=feature_scale,
         )
+        self.feature_scale = feature_scale
         self.body = nn.Sequential(
             nn.Conv2d(channels, w1, 3, padding=1), nn.ReLU(),
             nn.Conv2d(w1, w1, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
             nn.Conv2d(w1, w2, 3, padding=1), nn.ReLU(),
             nn.Conv2d(w2, w2, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
             nn.Flatten(),
-            nn.Linear(w2 * (image_size // 4) ** 2, num_features), nn.ReLU(),
+            # Features are taken before this layer's ReLU: after it, most units are dead on most
+            # images (44 of 64 were, in a first version), which wastes the FD feature space.
+            nn.Linear(w2 * (image_size // 4) ** 2, num_features),
         )
-        self.dropout = nn.Dropout(dropout)
-        self.head = nn.Linear(num_features, num_classes)
+        self.head = nn.Sequential(nn.ReLU(), nn.Dropout(dropout), nn.Linear(num_features, num_classes))
 
     def prepare(self, x: Tensor) -> Tensor:
         """Model-space images of any size / channel count -> what the network was trained on."""
@@ -97,11 +103,15 @@ class DigitsFeatureNet(nn.Module):
             x = F.interpolate(x, size=(self.image_size, self.image_size), mode="bilinear", align_corners=False, antialias=True)
         return x
 
+    def set_feature_scale(self, scale: float) -> None:
+        self.feature_scale = float(scale)
+        self.config["feature_scale"] = float(scale)
+
     def forward(self, x: Tensor) -> Tensor:
-        return self.body(self.prepare(x))
+        return self.body(self.prepare(x)) * self.feature_scale
 
     def logits(self, x: Tensor) -> Tensor:
-        return self.head(self.dropout(self(x)))
+        return self.head(self.body(self.prepare(x)))
 
 
 def save_feature_net(net: DigitsFeatureNet, folder: str | os.PathLike, extra: dict | None = None) -> Path:
@@ -226,6 +236,12 @@ class DigitsClassifier(L.LightningModule):
         train_labels = dm.train_set.dataset.labels[dm.train_set.indices]
         self.test_accuracy = self.accuracy(dm.val_images(), labels)
         train_accuracy = self.accuracy(dm.train_images(), train_labels)
+        if hasattr(self.net, "set_feature_scale"):
+            with torch.no_grad():
+                self.net.set_feature_scale(1.0)
+                self.net.eval()
+                feats = torch.cat([self.net(x.to(self.device)).double().cpu() for x in dm.train_images().split(512)])
+                self.net.set_feature_scale(float(feats.var(0).mean().rsqrt()))
         if self.hparams.export_dir and self.trainer.is_global_zero:
             hp = dict(dm.hparams)
             save_feature_net(

@@ -89,7 +89,7 @@ def test_reference_stats_are_cached_and_reused(tmp_path):
     # Other images, or other weights: another entry.
     assert M.reference_key(images[:32], net) != first.key
     with torch.no_grad():
-        net.head.weight.add_(1.0)  # even a layer FD does not use changes the fingerprint
+        net.head[-1].weight.add_(1.0)  # even a layer FD does not use changes the fingerprint
     assert M.reference_key(images, net) != first.key
 
 

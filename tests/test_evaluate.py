@@ -1,0 +1,174 @@
+"""FIDCallback hook behaviour on tiny runs; the report command end to end on a tiny teacher and student."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+from lightning.pytorch.loggers import Logger
+
+from lightning_distill.callbacks.ema import EMA
+from lightning_distill.callbacks.fid import FIDCallback, resolve_steps
+from lightning_distill.data import TeacherDataModule
+from lightning_distill.feature_net import DigitsFeatureNet, save_feature_net
+from lightning_distill.methods.diffusion import DiffusionTraining
+
+from conftest import make_tiny_unet
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+class MemoryLogger(Logger):
+    """Keeps every logged (step, metrics) pair."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.logged: list[tuple[int, dict]] = []
+
+    @property
+    def name(self):
+        return "memory"
+
+    @property
+    def version(self):
+        return 0
+
+    def log_metrics(self, metrics, step=None):
+        self.logged.append((step, dict(metrics)))
+
+    def log_hyperparams(self, *args, **kwargs):
+        pass
+
+
+def tiny_net():
+    torch.manual_seed(0)
+    return DigitsFeatureNet(image_size=8, widths=(4, 8), num_features=8)
+
+
+def _fit(tmp_path, fid: FIDCallback, max_steps=2, teacher=None, ckpt_path=None):
+    model = DiffusionTraining(unet=make_tiny_unet(8), sample_steps=2)
+    if teacher is not None:
+        model.teacher = teacher  # a frozen teacher attached for the callback's teacher FD
+    logger = MemoryLogger()
+    trainer = L.Trainer(
+        max_steps=max_steps, logger=logger, callbacks=[EMA(decay=0.9), fid], enable_checkpointing=ckpt_path is None,
+        default_root_dir=tmp_path, limit_val_batches=0, enable_progress_bar=False, enable_model_summary=False,
+        accelerator="cpu",
+    )
+    dm = TeacherDataModule(teacher=None, image_size=8, batch_size=8)
+    trainer.fit(model, dm, ckpt_path=ckpt_path)
+    return trainer, model, logger
+
+
+def _callback(tmp_path, **kw):
+    args = dict(every_n_steps=1, num_samples=6, steps=[1, "current"], feature_net=tiny_net(), kid_subsets=3,
+                kid_subset_size=4, chunk_size=4, cache_dir=str(tmp_path / "cache"))
+    args.update(kw)
+    return FIDCallback(**args)
+
+
+def test_fid_callback_logs_protocol_names_every_n_steps(tmp_path):
+    fid = _callback(tmp_path)
+    trainer, model, logger = _fit(tmp_path, fid, max_steps=2)
+    steps_logged = [s for s, m in logger.logged if any(k.startswith("fid/") for k in m)]
+    assert steps_logged == [1, 2]  # every step, and no duplicate at train end (step 2 was just done)
+    names = set(logger.logged[-1][1])
+    assert names == {f"{m}/digits-feat/{s}step/n6" for m in ("fid", "kid") for s in (1, 2)}  # "current" = 2
+    assert all(v >= 0 for v in logger.logged[-1][1].values())
+    assert fid.state_dict()["last_eval_step"] == 2
+    assert "fid/digits-feat/2step/n6" in trainer.callback_metrics
+    assert len(list((tmp_path / "cache").glob("*.pt"))) == 1  # reference stats written once
+
+
+def test_fid_callback_uses_ema_weights(tmp_path, monkeypatch):
+    seen = []
+    orig = DiffusionTraining.sample
+
+    def spy(self, n, steps=None, generator=None, labels=None, denoiser=None):
+        seen.append(self.sampling_denoiser() is not self.student)
+        return orig(self, n, steps, generator, labels, denoiser)
+
+    monkeypatch.setattr(DiffusionTraining, "sample", spy)
+    _fit(tmp_path, _callback(tmp_path, steps=[1]), max_steps=1)
+    assert seen and all(seen)
+
+
+def test_fid_callback_teacher_once_per_run_and_state_resumes(tmp_path, tiny_teacher_dir, monkeypatch):
+    from lightning_distill.callbacks import fid as cb_module
+    from lightning_distill.teacher import load_teacher
+
+    calls = []
+    orig = cb_module.sample_teacher
+    monkeypatch.setattr(cb_module, "sample_teacher", lambda *a, **k: calls.append(1) or orig(*a, **k))
+    fid = _callback(tmp_path, steps=[1], every_n_steps=2, log_teacher=True)
+    _, _, logger = _fit(tmp_path, fid, max_steps=3, teacher=load_teacher(tiny_teacher_dir))
+    evals = [(s, m) for s, m in logger.logged if any(k.startswith("fid/") for k in m)]
+    assert [s for s, _ in evals] == [2, 3]  # every 2 steps, then at train end
+    teacher_tag = "fid/digits-feat/1step/n6/teacher"
+    assert all(teacher_tag in m for _, m in evals)
+    assert evals[0][1][teacher_tag] == evals[1][1][teacher_tag]
+    assert len(calls) == 2  # 6 samples in chunks of 4: one teacher evaluation, once per run
+    # Resume: state restores the last evaluated step and the teacher numbers (not recomputed).
+    state = fid.state_dict()
+    fresh = _callback(tmp_path, steps=[1], log_teacher=True)
+    fresh.load_state_dict(state)
+    assert fresh.last_eval_step == 3 and fresh.teacher_metrics == fid.teacher_metrics
+    assert not fresh.should_evaluate(3) and fresh.should_evaluate(4)
+
+
+def test_resolve_steps_and_validation():
+    class M:
+        hparams = {"sample_steps": 4}
+
+    m = M()
+    assert resolve_steps([1, "current", 4], m) == [1, 4]
+    m.current_steps = 2
+    assert resolve_steps(["current", 8], m) == [2, 8]
+    with pytest.raises(ValueError, match="steps must be positive"):
+        FIDCallback(steps=[0])
+    with pytest.raises(ValueError, match="reference"):
+        FIDCallback(reference="test")
+
+
+def test_report_end_to_end_checkpoint_pipeline_and_teacher(tmp_path, tiny_teacher_dir):
+    from lightning_distill.cli import cli_main
+    from lightning_distill.evaluate import main
+
+    run = tmp_path / "run"
+    cli_main(["fit", "--config", str(CONFIGS / "teacher" / "debug.yaml"), "--trainer.default_root_dir", str(run),
+              "--trainer.max_steps", "2", "--model.init_args.sample_every_n_steps", "0"])
+    ckpt, exported = run / "checkpoints" / "last.ckpt", run / "teacher"
+    assert ckpt.is_file() and (exported / "model_index.json").is_file()
+    feat_dir = save_feature_net(tiny_net(), tmp_path / "feat")
+    out = tmp_path / "report"
+    rows = main([
+        "--teacher", str(tiny_teacher_dir), "--student", f"ckpt={ckpt}", "--student", f"pipe={exported}",
+        "--steps", "1", "2", "--teacher-steps", "1", "3", "--num-samples", "6", "--seed", "5", "--out", str(out),
+        "--feature-net", str(feat_dir), "--kid-subsets", "3", "--kid-subset-size", "4", "--chunk-size", "4",
+        "--cache-dir", str(tmp_path / "cache"), "--device", "cpu",
+    ])
+    for f in ("results.md", "results.csv", "fd_vs_steps.png", "samples_teacher.png", "samples_ckpt.png", "samples_pipe.png"):
+        assert (out / f).is_file(), f
+    with open(out / "results.csv") as f:
+        table = list(csv.DictReader(f))
+    got = {(r["model"], int(r["steps"])) for r in table}
+    assert got == {("real held-out (val split)", 0), ("teacher", 1), ("teacher", 3), ("ckpt", 1), ("ckpt", 2),
+                   ("pipe", 1), ("pipe", 2)}
+    assert all(r["num_samples"] == "6" and r["seed"] == "5" for r in table if r["kind"] != "data")
+    # The checkpoint (EMA weights, sample()) and its export (the same weights, DDPMPipeline's loop) draw
+    # the same images from the same noise: identical numbers.
+    by = {(r["model"], int(r["steps"])): r for r in rows}
+    assert by[("ckpt", 1)]["fd"] == pytest.approx(by[("pipe", 1)]["fd"], rel=1e-5)
+    assert by[("ckpt", 2)]["fd"] == pytest.approx(by[("pipe", 2)]["fd"], rel=1e-5)
+    md = (out / "results.md").read_text()
+    assert "Generated samples per cell: 6, seed 5" in md and "EMA weights: yes" in md
+
+
+def test_report_rejects_bad_student_spec(tmp_path):
+    from lightning_distill.evaluate import build_parser
+
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["--out", str(tmp_path), "--student", "no-equals-sign"])
