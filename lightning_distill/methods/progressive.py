@@ -154,7 +154,7 @@ class ProgressiveDistillation(DistillationMethod):
             None keeps the network's own.
         student_clip_x0: clamp of the student's x0 in its sampler and export. None (default) keeps the
             student's DDIM step linear in its prediction, which is what x_tilde assumes; the final
-            step's output may then leave [-1, 1] slightly.
+            step's output may then leave [-1, 1] slightly. A promoted teacher inherits it.
         anneal_lr: anneal the rate linearly to 0 within each round (needs ``TeacherSwap.steps_per_round``).
         optimizer: optimiser factory for the student's parameters (Adam, lr 5e-5 by default).
         sample_every_n_steps, num_log_samples, seed: see ``DistillationMethod``; logged grids and
@@ -282,8 +282,9 @@ class ProgressiveDistillation(DistillationMethod):
         """End of a round: a weight copy of the student becomes the frozen teacher and N halves."""
         if self.num_student_steps % 2:
             raise ValueError(f"cannot halve a {self.num_student_steps}-step student")
-        # The teacher keeps the original teacher's x0 clamp: its DDIM steps are a sampler's steps.
-        clip = self.teacher.denoiser.clip_x0
+        # The promoted teacher keeps the student's x0 clamp (none by default): its two DDIM steps are then
+        # exactly the steps its sampler was trained to take (clamping x0 would move them off x_tilde).
+        clip = self.student.clip_x0
         self.teacher = self._promoted_teacher(copy.deepcopy(self.student.unet), self.student.prediction_type, clip)
         self.set_round(self.round_index + 1, self.num_student_steps // 2)
 
