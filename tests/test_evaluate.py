@@ -172,3 +172,16 @@ def test_report_rejects_bad_student_spec(tmp_path):
 
     with pytest.raises(SystemExit):
         build_parser().parse_args(["--out", str(tmp_path), "--student", "no-equals-sign"])
+
+
+def test_fid_debug_config_runs_through_the_cli(tmp_path):
+    from lightning_distill.callbacks.fid import FIDCallback
+    from lightning_distill.cli import cli_main
+
+    cli = cli_main(["fit", "--config", str(CONFIGS / "evaluation" / "fid_debug.yaml"),
+                    "--trainer.default_root_dir", str(tmp_path)])
+    fid = next(cb for cb in cli.trainer.callbacks if isinstance(cb, FIDCallback))
+    assert fid.last_eval_step == 2
+    assert set(fid.last_metrics) == {f"{m}/digits-feat/{s}step/n8" for m in ("fid", "kid") for s in (1, 2)}
+    assert list((tmp_path / "fd_cache").glob("digits-feat-n*.pt"))
+    assert list((tmp_path / "logs").rglob("events.out.tfevents*"))
