@@ -8,6 +8,10 @@ cheap or offline in a test declares them in a comment line of its own::
     # test-overrides: --data.teacher {tiny_teacher} --data.image_size 8 --model.init_args.rounds 1
 
 The line may appear anywhere among the file's leading comment lines (several such lines are joined).
+A config that cannot be instantiated offline at all (a hub-only teacher such as Stable Diffusion)
+declares ``# test-parse-only: <reason>`` instead: it is then parsed, type-checked and resolved with
+``fit --print_config`` (which validates every key and type but instantiates nothing).
+
 Placeholders: ``{tiny_teacher}`` is an 8x8 grayscale v-prediction teacher folder with T = 1024
 (conftest.write_tiny_teacher), ``{tiny_eps_teacher}`` the same with eps-prediction, ``{tmp}`` a
 temporary folder. ``--trainer.default_root_dir {tmp}/run`` is always added, so nothing is written
@@ -31,16 +35,22 @@ CONFIGS = sorted(REPO.glob("configs/**/*.yaml")) + sorted(REPO.glob("configs/**/
 DEBUG_CONFIG = str(REPO / "configs" / "teacher" / "debug.yaml")
 
 
-def test_overrides(path: Path, tmp: Path, teachers: dict[str, Path]) -> list[str]:
-    """The ``# test-overrides:`` arguments of a config, placeholders filled in."""
-    args: list[str] = []
+def _directives(path: Path, key: str) -> list[str]:
+    """The bodies of ``# <key>: ...`` lines among a config's leading comment lines."""
+    found = []
     for line in path.read_text().splitlines():
         stripped = line.strip()
         if not stripped.startswith("#") and stripped:
             break
         body = stripped.lstrip("#").strip()
-        if body.startswith("test-overrides:"):
-            args += shlex.split(body[len("test-overrides:"):])
+        if body.startswith(f"{key}:"):
+            found.append(body[len(key) + 1:].strip())
+    return found
+
+
+def test_overrides(path: Path, tmp: Path, teachers: dict[str, Path]) -> list[str]:
+    """The ``# test-overrides:`` arguments of a config, placeholders filled in."""
+    args = [a for body in _directives(path, "test-overrides") for a in shlex.split(body)]
     subs = {"tmp": str(tmp), **{k: str(v) for k, v in teachers.items()}}
     return [a.format(**subs) for a in args]
 
@@ -63,10 +73,20 @@ def test_configs_are_found():
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=[p.relative_to(REPO / "configs").as_posix() for p in CONFIGS])
-def test_every_config_instantiates(path, tmp_path, teachers):
+def test_every_config_instantiates(path, tmp_path, teachers, capsys):
     args = ["--config", str(path), "--trainer.default_root_dir", str(tmp_path / "run")]
     args += test_overrides(path, tmp_path, teachers)
-    cli = cli_main(args, run=False)
+    if _directives(path, "test-parse-only"):
+        with pytest.raises(SystemExit) as exc:
+            cli_main(["fit", *args, "--print_config"])
+        out, err = capsys.readouterr()
+        assert exc.value.code in (0, None), err[-2000:]
+        assert "class_path" in out and "${" not in out
+        return
+    try:
+        cli = cli_main(args, run=False)
+    except SystemExit as exc:
+        pytest.fail(f"{path.relative_to(REPO)} did not instantiate (exit {exc.code}): {capsys.readouterr().err[-2000:]}")
     assert isinstance(cli.model, torch.nn.Module)
     assert cli.datamodule is not None and cli.trainer is not None
     # the teacher link: a method that takes a teacher receives the data module's object itself
