@@ -159,12 +159,13 @@ class LatentConsistencyDistillation(ConsistencyDistillation):
             )
         if not 0.0 <= w_min <= w_max:
             raise ValueError(f"need 0 <= w_min <= w_max, got w_min={w_min}, w_max={w_max}")
-        if student is None:
-            student = student_unet_with_guidance_embedding(teacher.unet, time_cond_proj_dim)
-        elif getattr(student.config, "time_cond_proj_dim", None) != time_cond_proj_dim:
+        if student is not None and getattr(student.config, "time_cond_proj_dim", None) != time_cond_proj_dim:
             raise ValueError(f"the student UNet's time_cond_proj_dim must equal time_cond_proj_dim={time_cond_proj_dim}")
+        # A separate name: save_hyperparameters reads this frame's `student`, which must stay the user's
+        # argument (None), not the built network.
+        built = student if student is not None else student_unet_with_guidance_embedding(teacher.unet, time_cond_proj_dim)
         super().__init__(
-            teacher=teacher, student=student, student_prediction_type=student_prediction_type,
+            teacher=teacher, student=built, student_prediction_type=student_prediction_type,
             original_inference_steps=original_inference_steps, solver=solver, loss=loss, huber_c=huber_c,
             target_decay=target_decay, timestep_scaling=timestep_scaling, optimizer=optimizer,
             lr_scheduler=lr_scheduler, sample_steps=sample_steps, sample_every_n_steps=sample_every_n_steps,
