@@ -23,7 +23,7 @@ import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
 
-from ..losses import classifier_kd_loss
+from ..losses import classifier_kd_loss, temperature_kd_loss
 
 
 def _logits(net: nn.Module, x: Tensor) -> Tensor:
@@ -36,17 +36,20 @@ def default_kd_optimizer(params) -> torch.optim.Optimizer:
 
 
 @torch.no_grad()
-def accuracy(net: nn.Module, images: Tensor, labels: Tensor, batch_size: int = 512) -> float:
-    """Top-1 accuracy of ``net`` (in eval mode for the measurement) on a labelled image tensor."""
+def all_logits(net: nn.Module, images: Tensor, batch_size: int = 512) -> Tensor:
+    """Logits of ``net`` (in eval mode for the measurement) for a whole image tensor, on the CPU."""
     was = net.training
     net.eval()
     device = next(net.parameters()).device
-    correct = 0
-    for i in range(0, images.shape[0], batch_size):
-        pred = _logits(net, images[i : i + batch_size].to(device)).argmax(1).cpu()
-        correct += int((pred == labels[i : i + batch_size]).sum())
+    out = torch.cat([_logits(net, images[i : i + batch_size].to(device)).float().cpu()
+                     for i in range(0, images.shape[0], batch_size)])
     net.train(was)
-    return correct / images.shape[0]
+    return out
+
+
+def accuracy(net: nn.Module, images: Tensor, labels: Tensor, batch_size: int = 512) -> float:
+    """Top-1 accuracy of ``net`` on a labelled image tensor."""
+    return float((all_logits(net, images, batch_size).argmax(1) == labels).float().mean())
 
 
 class ClassifierKD(L.LightningModule):
@@ -137,9 +140,13 @@ class ClassifierKD(L.LightningModule):
             return
         val = dm.image_val_set if hasattr(dm, "image_val_set") else dm.val_set
         images, labels = dm.val_images(), val.dataset.labels[val.indices]
+        z_t, z_s = all_logits(self.teacher, images), all_logits(self.student, images)
         self.results = {
-            "teacher_accuracy": accuracy(self.teacher, images, labels),
-            "student_accuracy": accuracy(self.student, images, labels),
+            "teacher_accuracy": float((z_t.argmax(1) == labels).float().mean()),
+            "student_accuracy": float((z_s.argmax(1) == labels).float().mean()),
+            "agreement": float((z_s.argmax(1) == z_t.argmax(1)).float().mean()),
+            "kl_T1": float(temperature_kd_loss(z_s, z_t, 1.0)),
+            "student_nll": float(torch.nn.functional.cross_entropy(z_s, labels)),
             "teacher_parameters": sum(p.numel() for p in self.teacher.parameters()),
             "student_parameters": sum(p.numel() for p in self.student.parameters()),
             "num_val_images": int(labels.numel()),
@@ -153,4 +160,4 @@ class ClassifierKD(L.LightningModule):
             path.write_text(json.dumps(self.results, indent=2) + "\n")
 
 
-__all__ = ["ClassifierKD", "accuracy"]
+__all__ = ["ClassifierKD", "accuracy", "all_logits"]
