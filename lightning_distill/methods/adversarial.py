@@ -388,6 +388,33 @@ class HFVisionFeatures(ModuleFeatures):
         return [states[i] for i in self.hidden_layers]
 
 
+class DigitsClassifierFeatures(ModuleFeatures):
+    """The digits feature classifier (``lightning_distill.feature_net``) as a frozen feature network.
+
+    Caution: it is also the network behind the FD-digits metric; a discriminator on the same features
+    optimises the metric directly, so FD-digits of a student trained this way is not a fair score.
+
+    Args:
+        folder: a saved classifier folder (None: the bundled ``assets/digits_classifier``).
+        layers: submodule names of ``DigitsFeatureNet`` whose outputs are the features (default: the
+            activations before each pooling and the penultimate layer).
+
+    Example::
+
+        >>> ADD(teacher, feature_network=DigitsClassifierFeatures())
+    """
+
+    def __init__(self, folder: str | None = None, layers: list[str] | None = None) -> None:
+        from ..feature_net import load_digits_feature_net
+
+        net = load_digits_feature_net(folder)
+        if layers is None:  # the activation before each pooling and the penultimate layer
+            body = list(net.body)
+            layers = [f"body.{i - 1}" for i, m in enumerate(body) if isinstance(m, nn.MaxPool2d)]
+            layers.append(f"body.{len(body) - 1}")
+        super().__init__(net, layers)
+
+
 # --- discriminator heads -----------------------------------------------------------------------------
 
 
@@ -550,6 +577,21 @@ def unclipped_x0(denoiser: Denoiser, x_t: Tensor, t: Tensor, **cond) -> Tensor:
 # --- the GAN base class ------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class AdversarialSettings:
+    """The GAN settings of an :class:`AdversarialMethod` (its init args of the same names)."""
+
+    gan_loss: str
+    r1: str
+    r1_weight: float
+    r1_sigma: float
+    d_updates_per_g: float
+    generator_grad_clip: float | None
+    discriminator_grad_clip: float | None
+    sample_every_n_steps: int
+    seed: int
+
+
 @dataclass
 class Generated:
     """A generator output: the fake images and the condition they were made with."""
@@ -636,7 +678,17 @@ class AdversarialMethod(DistillationMethod):
             num_log_samples=num_log_samples,
             seed=seed,
         )
-        self.save_hyperparameters(ignore=self.hparams_ignore)
+        self.save_hyperparameters(ignore=list(self.hparams_ignore))
+        # Settings are read from ``self.adv``, not ``hparams``: under LightningCLI ``hparams`` holds only the
+        # subclass's own init args as configured, and a checkpoint's ``hparams`` must stay valid init args
+        # of the subclass (the CLI re-instantiates from them on resume).
+        self.adv = AdversarialSettings(
+            gan_loss=gan_loss, r1=r1, r1_weight=r1_weight, r1_sigma=r1_sigma, d_updates_per_g=d_updates_per_g,
+            generator_grad_clip=generator_grad_clip, discriminator_grad_clip=discriminator_grad_clip,
+            sample_every_n_steps=sample_every_n_steps, seed=seed,
+        )
+        if "sample_steps" in self.hparams and self.hparams.sample_steps is None:
+            self.hparams.sample_steps = sample_steps  # a subclass's "None = automatic", resolved
         self.automatic_optimization = False
         self.discriminator_optimizer_factory = discriminator_optimizer
         self.d_loss_fn, self.g_loss_fn = GAN_LOSSES[gan_loss]
@@ -675,12 +727,12 @@ class AdversarialMethod(DistillationMethod):
         cb = self.schedule_callback()
         if cb is not None:
             return cb.plan(step)
-        return StepPlan(update_g=True, d_updates=d_updates_at(step, self.hparams.d_updates_per_g))
+        return StepPlan(update_g=True, d_updates=d_updates_at(step, self.adv.d_updates_per_g))
 
     def step_generator(self, step: int) -> torch.Generator:
         """Random stream of iteration ``step``: a pure function of (seed, step), so resumes are exact."""
         gen = torch.Generator(device=self.device)
-        gen.manual_seed(self.hparams.seed * 1_000_003 + step)
+        gen.manual_seed(self.adv.seed * 1_000_003 + step)
         return gen
 
     def discriminator_parameters(self) -> list[nn.Parameter]:
@@ -710,12 +762,12 @@ class AdversarialMethod(DistillationMethod):
         gan = self.d_loss_fn(real_logits, fake_logits)
         logs = {"d_loss": gan.detach()}
         loss = gan
-        if self.hparams.r1 != "none" and r1_weight > 0:
-            if self.hparams.r1 == "true":
+        if self.adv.r1 != "none" and r1_weight > 0:
+            if self.adv.r1 == "true":
                 penalty = r1_penalty(d_fn, real)
             else:
                 noise = torch.randn(real.shape, generator=gen, device=real.device, dtype=real.dtype)
-                penalty = approx_r1_penalty(d_fn, real, self.hparams.r1_sigma, noise=noise)
+                penalty = approx_r1_penalty(d_fn, real, self.adv.r1_sigma, noise=noise)
             loss = loss + r1_weight * penalty
             logs["r1"] = penalty.detach()
         return LossOutput(loss, logs), real_logits.detach(), fake_logits.detach()
@@ -752,7 +804,7 @@ class AdversarialMethod(DistillationMethod):
         plan = self.plan(step)
         gen = self.step_generator(step)
         g_opt, d_opt = self.optimizers()
-        hp = self.hparams
+        hp = self.adv
         for group in d_opt.param_groups:
             group["lr"] = group["initial_lr"] * plan.d_lr_scale
         logs: dict[str, Tensor] = {}
@@ -794,7 +846,7 @@ class AdversarialMethod(DistillationMethod):
         }
 
     def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
-        every = self.hparams.sample_every_n_steps
+        every = self.adv.sample_every_n_steps
         it = int(self.gan_iteration)
         if every and it % every == 0:
             self.log_sample_grid()
@@ -816,6 +868,7 @@ __all__ = [
     "UNetEncoderFeatures",
     "ModuleFeatures",
     "HFVisionFeatures",
+    "DigitsClassifierFeatures",
     "MultiLevelHeads",
     "Discriminator",
     "frozen",

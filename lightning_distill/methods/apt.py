@@ -102,6 +102,8 @@ class AdversarialPostTraining(AdversarialMethod):
         generator_optimizer, discriminator_optimizer, generator_lr_scheduler, gan_loss, r1, r1_weight,
             r1_sigma, d_updates_per_g, generator_grad_clip, discriminator_grad_clip,
             sample_every_n_steps, num_log_samples, seed: see :class:`AdversarialMethod`.
+        sample_steps: steps of logged sample grids and ``predict`` (1: the trained one-step map; more
+            steps run the DDIM sampler, which the generator was not trained for).
 
     Example::
 
@@ -132,6 +134,7 @@ class AdversarialPostTraining(AdversarialMethod):
         d_updates_per_g: float = 1.0,
         generator_grad_clip: float | None = None,
         discriminator_grad_clip: float | None = None,
+        sample_steps: int = 1,
         sample_every_n_steps: int = 0,
         num_log_samples: int = 64,
         seed: int = 0,
@@ -157,7 +160,7 @@ class AdversarialPostTraining(AdversarialMethod):
             d_updates_per_g=d_updates_per_g,
             generator_grad_clip=generator_grad_clip,
             discriminator_grad_clip=discriminator_grad_clip,
-            sample_steps=1,
+            sample_steps=sample_steps,
             sample_every_n_steps=sample_every_n_steps,
             num_log_samples=num_log_samples,
             seed=seed,

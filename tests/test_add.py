@@ -1,0 +1,125 @@
+"""ADD: the distillation term by hand, the student timesteps and sampler, what each step trains, the CLI preset."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from lightning_distill.methods.add import AdversarialDiffusionDistillation, add_distillation_loss, distillation_weight
+from lightning_distill.parametrisation import Denoiser, VPSchedule
+
+from conftest import write_tiny_teacher
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+class ZeroV(nn.Module):
+    """A v-prediction network that always outputs 0: its x0 estimate is alpha_t x_t."""
+
+    def forward(self, x, t, return_dict=False, **_):
+        return (torch.zeros_like(x),)
+
+
+def test_distillation_loss_by_hand():
+    ac = torch.linspace(0.99, 0.01, 10)
+    teacher = Denoiser(ZeroV(), VPSchedule(ac), "v_prediction")
+    torch.manual_seed(0)
+    x0 = torch.randn(3, 1, 2, 2, requires_grad=True)
+    eps = torch.randn(3, 1, 2, 2)
+    s = torch.tensor([0, 4, 9])
+    a, sg = ac[s].sqrt().view(-1, 1, 1, 1), (1 - ac[s]).sqrt().view(-1, 1, 1, 1)
+    target = a * (a * x0.detach() + sg * eps)  # teacher x0 of the re-noised student output
+    per_sample = (x0.detach() - target).pow(2).flatten(1).mean(1)
+    expected = (a.flatten() * per_sample).mean()  # c(t) = alpha_t
+    loss = add_distillation_loss(x0, teacher, s, eps, "alpha")
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-6)
+    loss.backward()
+    # stop-gradient target: d loss / d x0 = 2 c(s) (x0 - target) / (B * pixels)
+    torch.testing.assert_close(x0.grad, 2 * a * (x0.detach() - target) / (3 * 4))
+    assert distillation_weight(torch.tensor([0.5]), "alpha_squared").item() == 0.25
+    with pytest.raises(ValueError, match="choose"):
+        distillation_weight(torch.tensor([0.5]), "bogus")
+
+
+@pytest.fixture(scope="module")
+def teacher(tmp_path_factory):
+    from lightning_distill.teacher import load_teacher
+
+    return load_teacher(write_tiny_teacher(tmp_path_factory.mktemp("add") / "teacher"))
+
+
+def test_student_timesteps_are_the_trailing_grid_the_sampler_visits(teacher):
+    model = AdversarialDiffusionDistillation(teacher, num_student_steps=4, head_hidden=8)
+    assert model.student_timesteps.tolist() == [1023, 767, 511, 255]
+    sched = model.make_scheduler()
+    sched.set_timesteps(4)
+    assert sched.timesteps.tolist() == model.student_timesteps.tolist()
+    assert model.hparams.sample_steps == 4
+    # the generator's inputs: real images noised to exactly those timesteps
+    seen = []
+    hook = model.student.unet.register_forward_pre_hook(lambda m, args: seen.extend(args[1].tolist()))
+    batch = {"x": torch.rand(16, 1, 8, 8) * 2 - 1, "label": torch.zeros(16, dtype=torch.long)}
+    with torch.no_grad():
+        fake = model.generate(batch, torch.Generator().manual_seed(0))
+    hook.remove()
+    assert set(seen) <= {1023, 767, 511, 255} and len(set(seen)) > 1
+    assert fake.x.shape == batch["x"].shape
+    with pytest.raises(ValueError, match="student_timesteps"):
+        AdversarialDiffusionDistillation(teacher, student_timesteps=[2000])
+
+
+def test_steps_train_only_their_network_and_the_teacher_is_not_saved_twice(teacher, tmp_path):
+    import lightning as L
+    from torch.utils.data import DataLoader
+
+    torch.manual_seed(0)
+    model = AdversarialDiffusionDistillation(
+        teacher, num_student_steps=2, head_hidden=8, generator_optimizer=lambda p: torch.optim.SGD(p, lr=0.1),
+        discriminator_optimizer=lambda p: torch.optim.SGD(p, lr=0.1),
+    )
+    # the default discriminator is the teacher's own (frozen) encoder plus trainable heads
+    assert model.discriminator.backbone.network is teacher.unet
+    assert all(n.startswith("heads.") for n, _ in model.discriminator.named_parameters())
+    teacher0 = {k: v.clone() for k, v in teacher.state_dict().items()}
+    heads0 = [p.detach().clone() for p in model.discriminator.heads.parameters()]
+    student0 = [p.detach().clone() for p in model.student.parameters()]
+    data = [{"x": torch.rand(1, 8, 8) * 2 - 1, "label": torch.tensor(0)} for _ in range(4)]
+    from lightning_distill.callbacks.discriminator import DiscriminatorSchedule
+
+    tr = L.Trainer(max_steps=1, logger=False, enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
+                   default_root_dir=tmp_path, callbacks=[DiscriminatorSchedule(d_warmup_steps=1)])
+    tr.fit(model, DataLoader(data, batch_size=4))
+    changed = lambda ps, qs: [not torch.equal(p, q) for p, q in zip(ps, qs)]
+    assert any(changed(model.discriminator.heads.parameters(), heads0))
+    assert not any(changed(model.student.parameters(), student0))  # D warm-up iteration: G untouched
+    # one more iteration with G updates (the schedule's warm-up is over); the teacher never changes
+    tr = L.Trainer(max_steps=3, logger=False, enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
+                   default_root_dir=tmp_path)
+    tr.fit(model, DataLoader(data, batch_size=4))
+    assert any(changed(model.student.parameters(), student0))
+    assert all(torch.equal(v, teacher0[k]) for k, v in teacher.state_dict().items())
+    path = tmp_path / "m.ckpt"
+    tr.save_checkpoint(path)
+    ckpt = torch.load(path, weights_only=False)
+    assert not any(k.startswith(("teacher.", "discriminator.backbone.")) for k in ckpt["state_dict"])
+    assert len(ckpt["optimizer_states"]) == 2
+
+
+def test_debug_preset_runs_through_the_cli(tmp_path):
+    from lightning_distill.cli import cli_main
+
+    teacher_dir = write_tiny_teacher(tmp_path / "teacher")
+    root = tmp_path / "run"
+    cli = cli_main(["fit", "--config", str(ROOT / "configs/add/debug.yaml"), "--data.teacher", str(teacher_dir),
+                    "--data.image_size", "8", "--trainer.default_root_dir", str(root)])
+    assert isinstance(cli.model, AdversarialDiffusionDistillation)
+    assert int(cli.model.gan_iteration) == 3 and cli.trainer.global_step == 5
+    metrics = cli.trainer.callback_metrics
+    assert {"train/distill", "train/d_loss", "train/r1", "gan/d_acc_real", "gan/d_acc_fake"} <= set(metrics)
+    assert (root / "student" / "unet" / "config.json").exists() and (root / "checkpoints" / "last.ckpt").exists()
+    cli = cli_main(["--config", str(ROOT / "configs/add/digits.yaml"), "--data.teacher", str(teacher_dir),
+                    "--data.image_size", "8", "--trainer.default_root_dir", str(tmp_path / "digits")], run=False)
+    assert isinstance(cli.model, AdversarialDiffusionDistillation)

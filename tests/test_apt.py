@@ -1,0 +1,119 @@
+"""APT: initialisation from a consistency-distilled student, the 1-step generator equals the exported
+sampler, the discriminator's noise is fixed per call, and the CLI preset (with resume)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+from lightning_distill.methods.apt import AdversarialPostTraining, load_generator_state
+
+from conftest import write_tiny_teacher
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def teacher(tmp_path_factory):
+    from lightning_distill.teacher import load_teacher
+
+    return load_teacher(write_tiny_teacher(tmp_path_factory.mktemp("apt") / "teacher"))
+
+
+def data(n: int = 4) -> DataLoader:
+    g = torch.Generator().manual_seed(0)
+    return DataLoader([{"x": torch.rand(1, 8, 8, generator=g) * 2 - 1, "label": torch.tensor(0)} for _ in range(n)], batch_size=n)
+
+
+@pytest.fixture(scope="module")
+def consistency_run(teacher, tmp_path_factory):
+    """A (two-step) consistency-distilled student with a sampling EMA: its .ckpt and exported folder."""
+    from lightning_distill.callbacks import EMA
+    from lightning_distill.methods.consistency import ConsistencyDistillation
+
+    root = tmp_path_factory.mktemp("cd")
+    torch.manual_seed(0)
+    model = ConsistencyDistillation(teacher, original_inference_steps=32, optimizer=lambda p: torch.optim.SGD(p, lr=0.5))
+    ema = EMA(decay=0.5, warmup=False)
+    tr = L.Trainer(max_steps=2, logger=False, enable_progress_bar=False, enable_model_summary=False,
+                   limit_val_batches=0, default_root_dir=root, callbacks=[ema])
+    tr.fit(model, data())
+    tr.save_checkpoint(root / "cd.ckpt")
+    model.export(root / "student")
+    return model, ema, root
+
+
+def test_init_from_a_consistency_checkpoint_and_an_exported_folder(teacher, consistency_run):
+    cd, ema, root = consistency_run
+    ema_sd = ema.averaged.module.unet.state_dict()
+    online_sd = cd.student.unet.state_dict()
+    key = "conv_in.weight"
+    assert not torch.equal(ema_sd[key], online_sd[key])  # the two copies differ, so the choice is visible
+    for init_from, use_ema, expected in [
+        (root / "cd.ckpt", True, ema_sd),
+        (root / "cd.ckpt", False, online_sd),
+        (root / "student", True, ema_sd),  # the export holds the EMA weights
+    ]:
+        model = AdversarialPostTraining(teacher, init_from=str(init_from), init_use_ema=use_ema, head_hidden=8)
+        for k, v in model.student.unet.state_dict().items():
+            torch.testing.assert_close(v, expected[k], rtol=0, atol=0)
+        # the discriminator backbone starts from the teacher, not from the student
+        torch.testing.assert_close(model.discriminator.backbone.unet.conv_in.weight, teacher.unet.conv_in.weight)
+    sd, pred = load_generator_state(root / "student")
+    assert pred == "v_prediction" and key in sd
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        AdversarialPostTraining(teacher, init_from=str(root / "missing.ckpt"))
+
+
+def test_generator_is_the_one_step_sampler(teacher):
+    model = AdversarialPostTraining(teacher, head_hidden=8)
+    batch = {"x": torch.zeros(3, 1, 8, 8), "label": torch.zeros(3, dtype=torch.long)}
+    with torch.no_grad():
+        fake = model.generate(batch, torch.Generator().manual_seed(7)).x
+    sample = model.sample(3, 1, torch.Generator().manual_seed(7), denoiser=model.student)
+    # the DDIM trailing 1-step sampler (and so the export) returns the clipped x0 of the same map
+    torch.testing.assert_close(sample, fake.clamp(-1, 1), rtol=0, atol=1e-5)
+    assert model.generator_timestep == 1023
+
+
+def test_discriminator_sees_one_fixed_noisy_function_per_call(teacher):
+    model = AdversarialPostTraining(teacher, head_hidden=8)
+    x = torch.rand(4, 1, 8, 8) * 2 - 1
+    d_fn = model.discriminate(x, None, torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(d_fn(x), d_fn(x))  # same t and noise every evaluation
+        other = model.discriminate(x, None, torch.Generator().manual_seed(1))(x)
+    assert not torch.allclose(d_fn(x), other)  # a new draw is a different function
+    assert d_fn(x).shape == (4, 3)  # one pooled logit per level: 2 down blocks + mid block
+    # approximated R1 of that fixed function vanishes as sigma -> 0
+    from lightning_distill.methods.adversarial import approx_r1_penalty
+
+    assert approx_r1_penalty(d_fn, x, sigma=0.0).item() == 0.0
+
+
+def test_debug_preset_runs_and_resumes_through_the_cli(tmp_path):
+    from lightning_distill.cli import cli_main
+
+    teacher_dir = write_tiny_teacher(tmp_path / "teacher")
+    root = tmp_path / "run"
+    common = ["--config", str(ROOT / "configs/apt/debug.yaml"), "--data.teacher", str(teacher_dir),
+              "--data.image_size", "8", "--trainer.default_root_dir", str(root)]
+    cli = cli_main(["fit", *common])
+    assert isinstance(cli.model, AdversarialPostTraining)
+    assert int(cli.model.gan_iteration) == 3 and cli.trainer.global_step == 5
+    assert {"train/g_adv", "train/r1", "gan/d_acc_real", "gan/d_lr_scale"} <= set(cli.trainer.callback_metrics)
+    last = root / "checkpoints" / "last.ckpt"
+    ckpt = torch.load(last, weights_only=False)
+    assert len(ckpt["optimizer_states"]) == 2
+    assert any(k.startswith("discriminator.backbone.unet.") for k in ckpt["state_dict"])  # trainable backbone saved
+    assert any("DiscriminatorSchedule" in k for k in ckpt["callbacks"])
+    cli = cli_main(["fit", *common, "--trainer.max_steps", "7", "--ckpt_path", str(last)])
+    assert int(cli.model.gan_iteration) == 4 and cli.trainer.global_step == 7
+    cli = cli_main(["--config", str(ROOT / "configs/apt/digits.yaml"), "--data.teacher", str(teacher_dir),
+                    "--data.image_size", "8", "--model.init_args.init_from", "null",
+                    "--trainer.default_root_dir", str(tmp_path / "digits")], run=False)
+    assert isinstance(cli.model, AdversarialPostTraining)
