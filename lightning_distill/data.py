@@ -383,9 +383,6 @@ class TeacherDataModule(L.LightningDataModule):
             ds,
             batch_size=bs,
             sampler=EpochSeededRandomSampler(ds, seed=int(os.environ.get("PL_GLOBAL_SEED", 0))),
-            # Without its own generator every new iterator draws a base seed from the global RNG, after
-            # ResumeRNG restored it on resume (but at epoch start in the uninterrupted run): noise diverges.
-            generator=torch.Generator().manual_seed(int(os.environ.get("PL_GLOBAL_SEED", 0))),
             drop_last=len(ds) > bs,
             num_workers=self.hparams.num_workers,
             persistent_workers=self.hparams.num_workers > 0,
