@@ -10,7 +10,7 @@ what lets the student beat its teacher.
 Notation (paper -> code):
 
 =========================================  =============================================
-G_theta(z), one step from pure noise       ``generate``: ``student(z, T-1).x0``
+G_theta(z), one step from pure noise       ``generate``: x0 of ``student`` at (z, T-1), unclipped
 mu_real(x_t, t) / mu_fake(x_t, t)          ``teacher.denoiser(x_t, t).x0`` / ``fake_score(...).x0``
 p_real = x - mu_real(x_t)                  ``x - x0_real``
 grad = (p_real - p_fake) / mean|p_real|    :func:`dm_gradient`   (DMD, Eq. 7-8; DMD2, Sec. 4)
