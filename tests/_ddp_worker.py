@@ -25,20 +25,42 @@ import lightning as L
 import torch
 
 
+#: Non-loopback connections attempted while the network was disabled (host, port).
+BLOCKED: list = []
+
+
 def disable_network() -> None:
     """Make every connection to a non-loopback address fail (the DDP rendezvous on 127.0.0.1 still works)."""
     original = socket.socket.connect
+    original_ex = socket.socket.connect_ex
+
+    def allowed(sock, address) -> bool:
+        host = address[0] if isinstance(address, tuple) else address
+        return sock.family == socket.AF_UNIX or host in ("127.0.0.1", "localhost", "::1")
 
     def connect(self, address):
-        host = address[0] if isinstance(address, tuple) else address
-        if self.family == socket.AF_UNIX or host in ("127.0.0.1", "localhost", "::1"):
+        if allowed(self, address):
             return original(self, address)
+        BLOCKED.append(address)
         raise OSError(f"network disabled by the test: connect to {address!r}")
 
+    def connect_ex(self, address):
+        if allowed(self, address):
+            return original_ex(self, address)
+        BLOCKED.append(address)
+        return 111  # ECONNREFUSED
+
+    original_getaddrinfo = socket.getaddrinfo
+
+    def getaddrinfo(host, *args, **kwargs):
+        if host in (None, "127.0.0.1", "localhost", "::1", "0.0.0.0", "") or str(host).startswith("127."):
+            return original_getaddrinfo(host, *args, **kwargs)
+        BLOCKED.append((host, args[0] if args else None))
+        raise socket.gaierror(f"network disabled by the test: name lookup of {host!r}")
+
     socket.socket.connect = connect
-    socket.create_connection = lambda address, *a, **k: (_ for _ in ()).throw(
-        OSError(f"network disabled by the test: create_connection to {address!r}")
-    )
+    socket.socket.connect_ex = connect_ex
+    socket.getaddrinfo = getaddrinfo
 
 
 def _teacher(pl_module):
