@@ -100,9 +100,8 @@ def _resume_run(root, folder, max_steps, ckpt_path=None):
     ema = EMA(decay=0.8, warmup=False)
     ckpt = ModelCheckpoint(dirpath=root / "ckpt", filename="{step}", every_n_train_steps=1, save_top_k=-1)
     trainer = _trainer(root, max_steps, [ema, ckpt])
-    # weights_only=False: built from Python (not the CLI), the unet object itself sits in hparams and is
-    # pickled into the checkpoint, which torch's weights-only loader refuses (reported to the lead).
-    trainer.fit(model, dm, ckpt_path=ckpt_path, weights_only=False)
+    # Default (weights-only) loading: networks in hparams are stored as class path + config, not pickled.
+    trainer.fit(model, dm, ckpt_path=ckpt_path)
     assert trainer.global_step == max_steps
     return model, ema
 

@@ -49,6 +49,34 @@ def check_finite(out: LossOutput, step: int) -> None:
             raise NonFiniteLossError(f"non-finite value in loss term {name!r} at global step {step}: {value.item()}")
 
 
+def module_spec(module: nn.Module) -> dict | None:
+    """A weights-only-loadable description of a network: its class path and config (diffusers models).
+
+    Checkpoints store this instead of the pickled module, so ``torch.load(weights_only=True)`` (the
+    default for resuming) accepts them; the weights themselves are in ``state_dict``.
+    """
+    config = getattr(module, "config", None)
+    if config is None:
+        return None
+    cls = type(module)
+    init_args = {k: v for k, v in dict(config).items() if not k.startswith("_")}
+    return {"class_path": f"{cls.__module__}.{cls.__qualname__}", "init_args": init_args}
+
+
+def build_module(spec: nn.Module | dict | None) -> nn.Module | None:
+    """Inverse of :func:`module_spec`: pass modules through, build ``{"class_path", "init_args"}`` dicts."""
+    if spec is None or isinstance(spec, nn.Module):
+        return spec
+    if isinstance(spec, dict) and "class_path" in spec:
+        import importlib
+
+        module_name, _, name = spec["class_path"].rpartition(".")
+        cls = getattr(importlib.import_module(module_name), name)
+        args = dict(spec.get("init_args") or {})
+        return cls.from_config(args) if hasattr(cls, "from_config") else cls(**args)
+    raise TypeError(f"expected an nn.Module or a {{'class_path', 'init_args'}} dict, got {type(spec).__name__}")
+
+
 def default_optimizer(params) -> torch.optim.Optimizer:
     return torch.optim.AdamW(params, lr=1e-4, weight_decay=0.0)
 
@@ -106,6 +134,7 @@ class DistillationMethod(L.LightningModule):
         """Wrap the student network in a Denoiser that shares the teacher's schedule."""
         if self.teacher is None:
             raise ValueError(f"{type(self).__name__} needs a teacher (set data.teacher)")
+        student = build_module(student)
         if student is None:
             student = copy.deepcopy(self.teacher.unet).float()
         student.requires_grad_(True)
@@ -181,6 +210,10 @@ class DistillationMethod(L.LightningModule):
     # --- teacher in checkpoints ----------------------------------------------------------------
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
+        hparams = checkpoint.get("hyper_parameters") or {}
+        for key, value in list(hparams.items()):
+            if isinstance(value, nn.Module):
+                hparams[key] = module_spec(value)
         if self.teacher is not None and self.teacher.reloadable:
             sd = checkpoint["state_dict"]
             for key in [k for k in sd if k.startswith("teacher.")]:

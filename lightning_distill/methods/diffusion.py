@@ -15,7 +15,7 @@ from torch import Tensor, nn
 
 from ..parametrisation import Denoiser, PredictionType, VPSchedule, target_for
 from ..teacher import DiffusionTeacher
-from .base import DistillationMethod, LossOutput, default_optimizer
+from .base import DistillationMethod, LossOutput, build_module, default_optimizer
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 
 
@@ -98,7 +98,7 @@ class DiffusionTraining(DistillationMethod):
         )
         self.student_scheduler_config = {k: v for k, v in dict(scheduler.config).items() if not k.startswith("_")}
         self.student = Denoiser(
-            unet, VPSchedule.from_scheduler(scheduler), prediction_type, 1.0 if clip_sample else None
+            build_module(unet), VPSchedule.from_scheduler(scheduler), prediction_type, 1.0 if clip_sample else None
         )
 
     def compute_loss(self, batch: dict) -> LossOutput:
