@@ -249,11 +249,8 @@ def generate_pairs(
     barrier = d_barrier if barrier is None else barrier
     folder = Path(cfg.dir).expanduser()
     folder.mkdir(parents=True, exist_ok=True)
-    settings = {**cfg.generation_settings(), "teacher": teacher_source, "sample_shape": list(sample_shape),
-                "num_classes": num_classes, "format": FORMAT_VERSION,
-                "teacher_sha256": teacher_fingerprint(denoiser)}
-    grid = sampling_grid(denoiser.schedule, cfg.num_steps, cfg.time_grid, cfg.t_max)
-    settings["timesteps"] = grid.tolist()
+    settings = pair_settings(denoiser, cfg, sample_shape, num_classes, teacher_source)
+    grid = torch.tensor(settings["timesteps"])
     _check_existing_manifest(folder, settings)
     mine = [i for i in range(cfg.num_shards) if i % world_size == rank]
     todo = [i for i in mine if not _shard_ok(folder / shard_name(i), cfg.shard_count(i), settings)]
@@ -295,6 +292,17 @@ def generate_pairs(
         write_manifest(folder, cfg, settings)
     barrier()
     return folder
+
+
+def pair_settings(
+    denoiser: Denoiser, cfg: PairsConfig, sample_shape: tuple[int, ...], num_classes: int | None, teacher_source: str | None
+) -> dict:
+    """Everything that determines the pairs (recorded in the manifest and every shard; compared on reuse)."""
+    grid = sampling_grid(denoiser.schedule, cfg.num_steps, cfg.time_grid, cfg.t_max)
+    settings = {**cfg.generation_settings(), "teacher": teacher_source, "sample_shape": list(sample_shape),
+                "num_classes": num_classes, "format": FORMAT_VERSION, "teacher_sha256": teacher_fingerprint(denoiser),
+                "timesteps": grid.tolist()}
+    return json.loads(json.dumps(settings))  # the form it takes after a JSON round trip
 
 
 def _check_existing_manifest(folder: Path, settings: dict) -> None:
@@ -394,6 +402,7 @@ def ensure_pairs(
     barrier = d_barrier if barrier is None else barrier
     folder = Path(cfg.dir).expanduser()
     if (folder / MANIFEST).exists():
+        _check_existing_manifest(folder, pair_settings(denoiser, cfg, sample_shape, num_classes, teacher_source))
         bad = verify_pairs(folder)
         if not bad:
             return load_pairs(folder)
@@ -439,6 +448,48 @@ def pair_datasets(pairs: dict[str, Tensor], val_fraction: float) -> tuple[PairDa
     return train, val
 
 
+def main(argv: list[str] | None = None) -> None:
+    """Generate a pairs cache without training: ``python -m lightning_distill.teacher_pairs --teacher ...``.
+
+    Under ``torchrun --nproc_per_node K`` the K processes split the shards (gloo / nccl process group).
+    The same cache is then used by ``lightning-distill fit`` with matching ``data.pairs`` settings.
+    """
+    import argparse
+    from dataclasses import fields
+
+    from .teacher import load_teacher
+
+    parser = argparse.ArgumentParser(prog="python -m lightning_distill.teacher_pairs", description=main.__doc__)
+    parser.add_argument("--teacher", default="bundled:digits")
+    parser.add_argument("--image-size", type=int, default=None, help="default: the teacher's sample_size")
+    for f in fields(PairsConfig):
+        kind = {"int": int, "float": float, "str": str}.get(str(f.type).split(" ")[0], str)
+        if f.name == "progress":
+            continue
+        if f.name == "t_max":
+            kind = int
+        parser.add_argument(f"--{f.name.replace('_', '-')}", type=kind, default=f.default if f.name != "dir" else None,
+                            required=f.name == "dir")
+    args = parser.parse_args(argv)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.distributed.is_initialized():
+        torch.distributed.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    cfg = PairsConfig(**{f.name: getattr(args, f.name) for f in fields(PairsConfig) if f.name != "progress"})
+    teacher = load_teacher(args.teacher)
+    if torch.cuda.is_available():
+        teacher.to("cuda")
+    size = args.image_size or teacher.sample_size
+    shape = (teacher.in_channels, size, size)
+    generate_pairs(teacher.denoiser, cfg, shape, teacher.num_classes, teacher_source=teacher.source)
+    if _dist_info()[0] == 0:
+        print(f"{cfg.num_pairs} pairs in {cfg.dir} (manifest.json)")
+
+
+if __name__ == "__main__":
+    main()
+
+
 __all__ = [
     "PairsConfig",
     "PairsError",
@@ -448,6 +499,7 @@ __all__ = [
     "generate_pairs",
     "load_pairs",
     "pair_datasets",
+    "pair_settings",
     "quadratic_timesteps",
     "read_shard",
     "sampling_grid",

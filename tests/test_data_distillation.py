@@ -131,6 +131,15 @@ def test_cache_made_with_other_settings_is_refused(teacher, tmp_path):
     generate_pairs(teacher.denoiser, _cfg(tmp_path / "p"), SHAPE)
     with pytest.raises(PairsError, match="other settings"):
         generate_pairs(teacher.denoiser, _cfg(tmp_path / "p", num_steps=5), SHAPE)
+    with pytest.raises(PairsError, match="other settings"):  # a complete cache is not reused either
+        ensure_pairs(teacher.denoiser, _cfg(tmp_path / "p", time_grid="trailing"), SHAPE)
+    with pytest.raises(PairsError, match="other settings"):  # nor one made by another teacher
+        ensure_pairs(teacher.denoiser, _cfg(tmp_path / "p"), SHAPE, teacher_source="elsewhere")
+    assert ensure_pairs(teacher.denoiser, _cfg(tmp_path / "p", batch_size=2), SHAPE)["noise"].shape[0] == 40
+    with torch.no_grad():  # the same teacher source, retrained: its weight fingerprint differs
+        next(teacher.unet.parameters()).add_(0.5)
+    with pytest.raises(PairsError, match="other settings"):
+        ensure_pairs(teacher.denoiser, _cfg(tmp_path / "p"), SHAPE)
     with pytest.raises(ValueError, match="time_grid"):
         _cfg(tmp_path / "q", time_grid="uniform")
 
@@ -240,3 +249,16 @@ def test_two_ranks_with_barriers_generate_and_repair_together(teacher, tmp_path)
         run_both()
     assert verify_pairs(tmp_path / "p") == []
     assert torch.allclose(results[1]["sample"], reference["sample"], atol=1e-6)
+
+
+def test_standalone_generation_command_matches_and_is_reused(tiny_teacher_dir, teacher, tmp_path):
+    from lightning_distill.teacher_pairs import main
+
+    main(["--teacher", str(tiny_teacher_dir), "--dir", str(tmp_path / "cli"), "--num-pairs", "20", "--num-steps", "3",
+          "--shard-size", "8", "--seed", "7"])
+    cfg = _cfg(tmp_path / "cli", num_pairs=20)
+    mtime = (tmp_path / "cli" / shard_name(0)).stat().st_mtime_ns
+    pairs = ensure_pairs(teacher.denoiser, cfg, SHAPE, teacher_source=str(tiny_teacher_dir))  # same settings: reused
+    assert (tmp_path / "cli" / shard_name(0)).stat().st_mtime_ns == mtime
+    direct = load_pairs(generate_pairs(teacher.denoiser, _cfg(tmp_path / "direct", num_pairs=20), SHAPE))
+    assert torch.equal(pairs["noise"], direct["noise"]) and torch.allclose(pairs["sample"], direct["sample"], atol=1e-6)
