@@ -1,0 +1,202 @@
+"""Framework overhead and sampling overhead, measured side by side in one process.
+
+Training step: for each debug preset, the LightningModule trained by ``L.Trainer`` (per-step time taken
+inside Lightning by a callback, between consecutive ``on_train_batch_start`` calls, so it includes the
+loop, hooks, logging and data fetching but not start-up) against a hand-written PyTorch loop over the
+same data loader that does the same maths on the same networks and batch size:
+``loss = method.compute_loss(batch).loss; opt.zero_grad(); loss.backward(); opt.step()``.
+For DiffusionTraining the hand loop is also written out fully (UNet forward + MSE on the v target), so
+``compute_loss`` itself is checked for overhead. Runs alternate (framework, hand, framework, hand, ...)
+so machine-load drift hits both; medians over all steps of all repeats, first ``--warmup`` steps of
+each run dropped. Methods with manual optimisation (several optimisers per step) have no
+``compute_loss``-only equivalent and are reported as not measured.
+
+Sampling: ``method.sample(n, k)`` wall time vs k bare forward passes of the same network on the same
+batch (median of ``--repeats``).
+
+    nice -n 10 python benchmarks/overhead.py --steps 30 --repeats 5 --out benchmarks/results/overhead.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "tests"))
+
+import lightning as L  # noqa: E402
+import torch  # noqa: E402
+
+
+class StepTimer(L.Callback):
+    def __init__(self) -> None:
+        self.starts: list[float] = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self.starts.append(time.perf_counter())
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        self.starts.append(time.perf_counter())
+
+    def steps(self) -> list[float]:
+        return [b - a for a, b in zip(self.starts, self.starts[1:])]
+
+
+def build(name: str, fixtures: dict, extra: list[str], tmp: Path):
+    from _method_configs import preset_args
+
+    from lightning_distill.cli import cli_main
+
+    args = preset_args(name, tmp / f"{name}_run", fixtures) + extra
+    cli = cli_main(args, run=False)
+    return cli.model, cli.datamodule
+
+
+def framework_steps(name, fixtures, extra, tmp, steps: int) -> list[float]:
+    model, dm = build(name, fixtures, extra, tmp)
+    timer = StepTimer()
+    trainer = L.Trainer(
+        max_steps=steps, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0, num_sanity_val_steps=0,
+        callbacks=[timer],
+    )
+    model.hparams.sample_every_n_steps = 0  # image grids are not part of a training step
+    trainer.fit(model, datamodule=dm)
+    return timer.steps()
+
+
+def hand_steps(name, fixtures, extra, tmp, steps: int, fully_hand: bool = False) -> list[float]:
+    import torch.nn.functional as F
+
+    from lightning_distill.parametrisation import target_for
+
+    model, dm = build(name, fixtures, extra, tmp)
+    dm.setup("fit")
+    model.train()
+    params = model.trainable_parameters()
+    opt = model.optimizer_factory(params)
+    loader = dm.train_dataloader()
+    times, done = [], 0
+    t_prev = time.perf_counter()
+    while done < steps:
+        for batch in loader:
+            if fully_hand:  # DiffusionTraining's maths written out
+                x0 = batch["x"]
+                sched = model.student.schedule
+                t = torch.randint(0, sched.num_train_timesteps, (x0.shape[0],))
+                eps = torch.randn_like(x0)
+                alpha, sigma = sched.alpha(t), sched.sigma(t)
+                x_t = alpha[:, None, None, None] * x0 + sigma[:, None, None, None] * eps
+                out = model.student.unet(x_t, t, return_dict=False)[0]
+                loss = F.mse_loss(out, target_for(model.student.prediction_type, x0, eps, alpha, sigma))
+            else:
+                loss = model.compute_loss(batch).loss
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            now = time.perf_counter()
+            times.append(now - t_prev)
+            t_prev = now
+            done += 1
+            if done >= steps:
+                break
+    return times
+
+
+def sampling(model, k: int, n: int, repeats: int) -> dict:
+    from diffusers.utils.torch_utils import randn_tensor
+
+    den = model.sampling_denoiser()
+    den.eval()
+    shape = (n, *model.sample_shape)
+    labels = torch.arange(n) % 10 if model.is_class_conditional else None
+    sample_t, bare_t = [], []
+    with torch.no_grad():
+        for _ in range(repeats):
+            g = torch.Generator().manual_seed(0)
+            t0 = time.perf_counter()
+            model.sample(n, k, g, labels=labels)
+            sample_t.append(time.perf_counter() - t0)
+            sched = model.make_scheduler()
+            sched.set_timesteps(k)
+            x = randn_tensor(shape, generator=torch.Generator().manual_seed(0))
+            cond = {"class_labels": labels} if labels is not None else {}
+            t0 = time.perf_counter()
+            for t in sched.timesteps:
+                den.unet(x, t.expand(n), return_dict=False, **cond)
+            bare_t.append(time.perf_counter() - t0)
+    s, b = statistics.median(sample_t), statistics.median(bare_t)
+    return {"k": k, "n": n, "sample_s": s, "bare_s": b, "ratio": s / b}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--presets", nargs="*", default=None, help="debug presets (default: all with compute_loss)")
+    ap.add_argument("--steps", type=int, default=30)
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--sample-k", type=int, nargs="*", default=[1, 4])
+    ap.add_argument("--sample-n", type=int, default=16)
+    ap.add_argument("--extra", default="", help="extra CLI overrides for every preset (e.g. a real teacher)")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+
+    import shlex
+    import tempfile
+
+    from _method_configs import all_debug_presets, write_fixtures
+
+    torch.set_num_threads(args.threads)
+    tmp = Path(tempfile.mkdtemp(prefix="ld_bench_"))
+    fixtures = write_fixtures(tmp / "fixtures")
+    extra = shlex.split(args.extra)
+    presets = args.presets or all_debug_presets()
+    results = {"machine": {"load_avg_start": os.getloadavg(), "cpus": os.cpu_count(), "threads": args.threads,
+                           "python": platform.python_version(), "torch": torch.__version__,
+                           "lightning": L.__version__},
+               "settings": vars(args), "train": {}, "sampling": {}}
+    for name in presets:
+        model, _ = build(name, fixtures, extra, tmp)
+        if not model.automatic_optimization:
+            results["train"][name] = {"skipped": "manual optimisation: no compute_loss-only hand loop"}
+        else:
+            fw, hand, full = [], [], []
+            try:
+                for _ in range(args.repeats):
+                    fw += framework_steps(name, fixtures, extra, tmp, args.steps)[args.warmup:]
+                    hand += hand_steps(name, fixtures, extra, tmp, args.steps)[args.warmup:]
+                    if name == "teacher":
+                        full += hand_steps(name, fixtures, extra, tmp, args.steps, fully_hand=True)[args.warmup:]
+                row = {"framework_ms": 1e3 * statistics.median(fw), "hand_ms": 1e3 * statistics.median(hand),
+                       "steps_measured": len(fw)}
+                row["ratio"] = row["framework_ms"] / row["hand_ms"]
+                if full:
+                    row["fully_hand_ms"] = 1e3 * statistics.median(full)
+                    row["ratio_vs_fully_hand"] = row["framework_ms"] / row["fully_hand_ms"]
+                results["train"][name] = row
+            except Exception as err:  # a method whose compute_loss needs a Trainer: say so
+                results["train"][name] = {"error": f"{type(err).__name__}: {err}"[:300]}
+        try:
+            results["sampling"][name] = [sampling(model, k, args.sample_n, args.repeats) for k in args.sample_k]
+        except Exception as err:
+            results["sampling"][name] = {"error": f"{type(err).__name__}: {err}"[:300]}
+        print(name, json.dumps(results["train"][name]), json.dumps(results["sampling"][name]), flush=True)
+    results["machine"]["load_avg_end"] = os.getloadavg()
+    text = json.dumps(results, indent=2, default=str)
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
