@@ -1,6 +1,47 @@
-"""Distillation methods: one LightningModule per file."""
+"""Distillation methods: one LightningModule per file.
 
+===============================  ===================================================  ==========================
+class                            method                                               file
+===============================  ===================================================  ==========================
+``DiffusionTraining``            plain eps/x0/v diffusion training (makes teachers)   ``diffusion.py``
+``KnowledgeDistillation``        hard/soft-label + feature KD into a smaller UNet     ``knowledge.py``
+``ClassifierKD``                 temperature KD of a classifier (logits)              ``classifier_kd.py``
+``DataDistillation``             one-step regression on teacher pairs (Luhman)        ``data_distillation.py``
+``ProgressiveDistillation``      progressive distillation (Salimans & Ho)             ``progressive.py``
+``ConsistencyDistillation``      consistency distillation (Song et al.)               ``consistency.py``
+``LatentConsistencyDistillation``  latent, guidance-distilled LCM (Luo et al.)        ``lcm.py``
+``AdversarialDiffusionDistillation``  ADD (Sauer et al.)                              ``add.py``
+``AdversarialPostTraining``      APT (Lin et al.)                                     ``apt.py``
+``DMD2``                         distribution matching + GAN (Yin et al.)             ``dmd2.py``
+===============================  ===================================================  ==========================
+"""
+
+from .add import AdversarialDiffusionDistillation
+from .adversarial import AdversarialMethod
+from .apt import AdversarialPostTraining
 from .base import DistillationMethod, LossOutput, NonFiniteLossError
+from .classifier_kd import ClassifierKD
+from .consistency import ConsistencyDistillation
+from .data_distillation import DataDistillation
 from .diffusion import DiffusionTraining
+from .dmd2 import DMD2
+from .knowledge import KnowledgeDistillation
+from .lcm import LatentConsistencyDistillation
+from .progressive import ProgressiveDistillation
 
-__all__ = ["DistillationMethod", "LossOutput", "NonFiniteLossError", "DiffusionTraining"]
+__all__ = [
+    "AdversarialDiffusionDistillation",
+    "AdversarialMethod",
+    "AdversarialPostTraining",
+    "ClassifierKD",
+    "ConsistencyDistillation",
+    "DMD2",
+    "DataDistillation",
+    "DiffusionTraining",
+    "DistillationMethod",
+    "KnowledgeDistillation",
+    "LatentConsistencyDistillation",
+    "LossOutput",
+    "NonFiniteLossError",
+    "ProgressiveDistillation",
+]

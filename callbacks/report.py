@@ -1,0 +1,69 @@
+"""Print the student-vs-teacher FD table at the end of fit (the README main job's last output)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import lightning as L
+from lightning.pytorch.utilities import rank_zero_info
+
+
+class DistillationReport(L.Callback):
+    """At fit end, score the exported student and the teacher with the evaluation report and print it.
+
+    The student is scored from the folder that :class:`~lightning_distill.callbacks.PipelineExport` just
+    wrote (so the table describes exactly what a user loads with ``DiffusionPipeline.from_pretrained``);
+    without an export callback it scores ``pl_module`` through a fresh export into ``out_dir/student``.
+
+    Args:
+        out_dir: where the report (results.md/csv, fd_vs_steps.png, sample grids) is written.
+        steps: student step counts.
+        teacher_steps: teacher DDIM step counts (include the teacher's full count, e.g. 50).
+        num_samples: generated images per cell; seed: noise seed (the same for every model).
+        feature_net: feature network name (``digits`` gives FD-digits) or an ``nn.Module`` with ``num_features``.
+
+    Example::
+
+        >>> trainer = L.Trainer(callbacks=[PipelineExport("out/student"), DistillationReport("out/report")])
+    """
+
+    def __init__(
+        self,
+        out_dir: str,
+        steps: list[int] = [1, 2, 4],  # noqa: B006 - jsonargparse needs a literal default
+        teacher_steps: list[int] = [1, 2, 4, 50],  # noqa: B006
+        num_samples: int = 2000,
+        seed: int = 0,
+        feature_net: str = "digits",
+    ) -> None:
+        self.out_dir = out_dir
+        self.steps = list(steps)
+        self.teacher_steps = list(teacher_steps)
+        self.num_samples = num_samples
+        self.seed = seed
+        self.feature_net = feature_net
+        self.rows: list[dict] | None = None
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not trainer.is_global_zero:
+            return
+        from lightning_distill.evaluate import evaluate_models
+
+        exported = next((cb.exported_to for cb in trainer.callbacks if getattr(cb, "exported_to", None)), None)
+        if exported is None:
+            exported = str(pl_module.export(Path(self.out_dir) / "student"))
+        self.rows = evaluate_models(
+            teacher=pl_module.teacher,
+            students={"student": exported},
+            steps=self.steps,
+            teacher_steps=self.teacher_steps,
+            num_samples=self.num_samples,
+            seed=self.seed,
+            out_dir=self.out_dir,
+            feature_net=self.feature_net,
+            device=pl_module.device,
+            log=rank_zero_info,
+        )
+        table = (Path(self.out_dir) / "results.md").read_text()
+        print(f"\n{table}\nExported student pipeline: {exported}\nReport: {self.out_dir}\n", file=sys.stdout, flush=True)
