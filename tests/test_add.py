@@ -123,3 +123,21 @@ def test_debug_preset_runs_through_the_cli(tmp_path):
     cli = cli_main(["--config", str(ROOT / "configs/add/digits.yaml"), "--data.teacher", str(teacher_dir),
                     "--data.image_size", "8", "--trainer.default_root_dir", str(tmp_path / "digits")], run=False)
     assert isinstance(cli.model, AdversarialDiffusionDistillation)
+
+
+def test_class_conditional_teacher(tmp_path):
+    from lightning_distill.teacher import load_teacher
+
+    teacher = load_teacher(write_tiny_teacher(tmp_path / "cond", num_class_embeds=10))
+    model = AdversarialDiffusionDistillation(teacher, num_student_steps=2, head_hidden=8)
+    assert model.discriminator.heads.class_embed is not None and model.discriminator.backbone_cond
+    batch = {"x": torch.rand(4, 1, 8, 8) * 2 - 1, "label": torch.tensor([0, 3, 5, 9])}
+    gen = torch.Generator().manual_seed(0)
+    d_out, real_logits, _ = model.discriminator_loss(batch, gen, r1_weight=1.0)
+    g_out = model.generator_loss(batch, gen)
+    assert torch.isfinite(d_out.loss) and torch.isfinite(g_out.loss) and "distill" in g_out.logs
+    # the label reaches D: another label, another logit
+    x = batch["x"]
+    other = model.discriminator(x, class_labels=torch.tensor([1, 3, 5, 9]))
+    torch.testing.assert_close(other[1:], model.discriminator(x, class_labels=batch["label"])[1:])
+    assert not torch.allclose(other[0], model.discriminator(x, class_labels=batch["label"])[0])

@@ -117,3 +117,16 @@ def test_debug_preset_runs_and_resumes_through_the_cli(tmp_path):
                     "--data.image_size", "8", "--model.init_args.init_from", "null",
                     "--trainer.default_root_dir", str(tmp_path / "digits")], run=False)
     assert isinstance(cli.model, AdversarialPostTraining)
+
+
+def test_class_conditional_teacher(tmp_path):
+    from lightning_distill.teacher import load_teacher
+
+    teacher = load_teacher(write_tiny_teacher(tmp_path / "cond", num_class_embeds=10))
+    model = AdversarialPostTraining(teacher, head_hidden=8)
+    batch = {"x": torch.rand(4, 1, 8, 8) * 2 - 1, "label": torch.tensor([0, 3, 5, 9])}
+    gen = torch.Generator().manual_seed(0)
+    d_out, _, _ = model.discriminator_loss(batch, gen, r1_weight=100.0)
+    g_out = model.generator_loss(batch, gen)
+    assert torch.isfinite(d_out.loss) and torch.isfinite(g_out.loss) and "r1" in d_out.logs
+    assert model.generate(batch, gen).class_labels is batch["label"]

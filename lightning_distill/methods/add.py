@@ -178,7 +178,8 @@ class AdversarialDiffusionDistillation(AdversarialMethod):
         self.distill_t_max = T - 1 if distill_t_max is None else distill_t_max
         if not 0 <= distill_t_min <= self.distill_t_max < T:
             raise ValueError(f"need 0 <= distill_t_min <= distill_t_max < {T}, got {distill_t_min}, {distill_t_max}")
-        if feature_network is None:
+        teacher_features = feature_network is None
+        if teacher_features:
             feature_network = UNetEncoderFeatures(teacher.unet, feature_levels, trainable=False, timestep=feature_timestep)
         feature_network.requires_grad_(False)
         cond = self.is_class_conditional if conditional_discriminator is None else conditional_discriminator
@@ -186,7 +187,13 @@ class AdversarialDiffusionDistillation(AdversarialMethod):
         if cond and not num_classes:
             raise ValueError("conditional_discriminator=True but the student has no class embedding")
         self.discriminator = Discriminator(
-            feature_network, self.sample_shape, hidden=head_hidden, spatial=spatial_logits, num_classes=num_classes
+            feature_network,
+            self.sample_shape,
+            hidden=head_hidden,
+            spatial=spatial_logits,
+            num_classes=num_classes,
+            # a class-conditional teacher encoder needs the labels too
+            backbone_cond=teacher_features and teacher.num_classes is not None,
         )
 
     # --- AdversarialMethod hooks ---------------------------------------------------------------
