@@ -7,6 +7,7 @@ data module and linked into the method on instantiation.
 
 from __future__ import annotations
 
+import os
 import sys
 
 import lightning as L
@@ -84,9 +85,13 @@ def cli_main(args: list[str] | None = None, run: bool = True) -> DistillCLI:
             args=args,
             run=run,
         )
-    except (TeacherError, DataError, NonFiniteLossError) as err:
-        # Bad input: one line naming the problem, before any training step wrote anything.
-        print(f"lightning-distill: error: {err}", file=sys.stderr)
+    except (TeacherError, DataError, NonFiniteLossError, ValueError) as err:
+        # Bad input (a bad config value, a missing teacher, unusable data) surfaces as a ValueError
+        # subclass: one line naming the problem, before any training step wrote anything.
+        # LIGHTNING_DISTILL_TRACEBACK=1 shows the full traceback instead.
+        if os.environ.get("LIGHTNING_DISTILL_TRACEBACK") == "1":
+            raise
+        print(f"lightning-distill: error: {type(err).__name__}: {err}", file=sys.stderr)
         raise SystemExit(2) from None
 
 

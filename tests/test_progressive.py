@@ -478,14 +478,18 @@ def test_debug_preset_runs_two_rounds_and_exports(tmp_path):
     assert (root / "checkpoints" / "last.ckpt").is_file()
 
 
-def test_unreachable_final_steps_in_a_config_fails_at_start(tmp_path):
+def test_unreachable_final_steps_in_a_config_fails_at_start(tmp_path, capsys):
     from lightning_distill.cli import cli_main
 
     bad = tmp_path / "bad.yaml"
     bad.write_text(DEBUG_CONFIG.read_text().replace("final_steps: 1", "final_steps: 3"))
     teacher_dir = write_tiny_teacher(tmp_path / "teacher")
     root = tmp_path / "run"
-    with pytest.raises(ValueError, match=r"final_steps=3 is not reachable by halving the student's 2 steps"):
+    with pytest.raises(SystemExit) as exc:
         cli_main(["fit", "--config", str(bad), "--data.teacher", str(teacher_dir), "--data.image_size", "8",
                   "--trainer.default_root_dir", str(root)])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    # One line naming the problem (the CLI turns config errors into a one-line message).
+    assert "final_steps=3 is not reachable by halving the student's 2 steps" in err[-1]
     assert not (root / "checkpoints").exists()
