@@ -301,7 +301,7 @@ def write_report(rows: list[dict], grids: dict, out_dir, models, protocol: dict,
     lines = [
         "# FD / KID versus sampling steps",
         "",
-        f"- Feature network: **{feat_name}** (FD-{feat_name.split('-')[0]} when the digits classifier)",
+        f"- Feature network: **{feat_name}** (\"FD-digits\" when it is the bundled digits classifier)",
         f"- Reference set: {protocol['reference']}",
         f"- Generated samples per cell: {protocol['num_samples']}, seed {protocol['seed']} (the same noise chunks "
         "for every model and step count)",
@@ -349,6 +349,8 @@ def plot_fd_vs_steps(rows: list[dict], path: Path, feat_name: str, num_samples: 
         if r["kind"] == "data":
             ax.axhline(r["fd"], color="grey", lw=0.8, ls=":", label=f"real held-out (n={r['num_samples']})")
     ax.set_xscale("log", base=2)
+    if all(r["fd"] > 0 for r in rows):
+        ax.set_yscale("log")  # FD spans orders of magnitude between 1 step and the teacher's 50
     ax.set_xlabel("sampling steps (network evaluations)")
     ax.set_ylabel(f"FD ({feat_name})")
     ax.set_title(f"FD vs steps, n={num_samples}")
@@ -368,6 +370,8 @@ def save_grids(grids: dict[str, dict[int, Tensor]], out: Path) -> None:
         rows = [per_step[s] for s in sorted(per_step)]
         n = min(r.shape[0] for r in rows)
         imgs = torch.cat([r[:n] for r in rows])
+        if imgs.shape[-1] < 64:  # small images (16x16 digits): enlarge, without smoothing, to be seen
+            imgs = torch.nn.functional.interpolate(imgs, scale_factor=-(-64 // imgs.shape[-1]), mode="nearest")
         grid = make_grid((imgs.clamp(-1, 1) + 1) / 2, nrow=n, padding=1, pad_value=1.0)
         save_image(grid, out / f"samples_{_safe(name)}.png")
 
