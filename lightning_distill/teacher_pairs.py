@@ -42,7 +42,7 @@ FORMAT_VERSION = 1
 TimeGrid = Literal["trailing", "quadratic"]
 
 
-class PairsError(RuntimeError):
+class PairsError(ValueError):
     """A pairs folder that cannot be used: missing, incomplete, corrupt, or made with other settings."""
 
 
