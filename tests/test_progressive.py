@@ -493,3 +493,14 @@ def test_unreachable_final_steps_in_a_config_fails_at_start(tmp_path, capsys):
     # One line naming the problem (the CLI turns config errors into a one-line message).
     assert "final_steps=3 is not reachable by halving the student's 2 steps" in err[-1]
     assert not (root / "checkpoints").exists()
+
+
+def test_sample_grid_settings_survive_the_subclass_hparams(tmp_path):
+    """ProgressiveDistillation's own save_hyperparameters() has no `sample_steps`; the base class must
+    still find it (a digits run crashed at its first logged grid before this was fixed)."""
+    teacher = load_teacher(write_tiny_teacher(tmp_path / "teacher"))
+    model = ProgressiveDistillation(teacher, num_student_steps=4, sample_every_n_steps=3, num_log_samples=5, seed=7)
+    assert model._setting("sample_steps") == 4
+    assert model._setting("sample_every_n_steps") == 3 and model._setting("num_log_samples") == 5
+    x = model.sample(2, None, torch.Generator().manual_seed(0))
+    assert x.shape == (2, 1, 8, 8)

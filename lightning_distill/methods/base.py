@@ -121,12 +121,22 @@ class DistillationMethod(L.LightningModule):
         super().__init__()
         # The student config stays in hparams so `load_from_checkpoint(path, teacher=...)` can rebuild it.
         self.save_hyperparameters(ignore=["teacher", "optimizer", "lr_scheduler"])
+        # A subclass's own save_hyperparameters() replaces hparams with its signature, which may not
+        # repeat these; _setting() falls back to the values given here.
+        self._base_settings = dict(
+            sample_steps=sample_steps, sample_every_n_steps=sample_every_n_steps, num_log_samples=num_log_samples, seed=seed
+        )
         self.teacher = teacher
         self.optimizer_factory = optimizer
         self.lr_scheduler_factory = lr_scheduler
         self.student: Denoiser | None = None
         if teacher is not None or student is not None:
             self.build_student(student, student_prediction_type)
+
+    def _setting(self, name: str):
+        """A base setting: the (possibly updated) hyper-parameter, else the constructor's value."""
+        value = self.hparams.get(name)
+        return self._base_settings[name] if value is None else value
 
     # --- construction --------------------------------------------------------------------------
 
@@ -193,17 +203,17 @@ class DistillationMethod(L.LightningModule):
     def _eval_step(self, batch: dict, prefix: str) -> Tensor:
         # Fixed seed: validation losses of the same weights are comparable across epochs and runs.
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(self.hparams.seed + 1)
+            torch.manual_seed(self._setting("seed") + 1)
             out = self.compute_loss(batch)
         self.log_dict({f"{prefix}/{k}": v for k, v in out.logs.items()}, sync_dist=True, batch_size=batch["x"].shape[0])
         return out.loss
 
     def predict_step(self, batch: dict, batch_idx: int) -> Tensor:
-        gen = torch.Generator(device="cpu").manual_seed(self.hparams.seed + batch_idx)
-        return self.sample(batch["x"].shape[0], self.hparams.sample_steps, gen, labels=self._labels(batch))
+        gen = torch.Generator(device="cpu").manual_seed(self._setting("seed") + batch_idx)
+        return self.sample(batch["x"].shape[0], self._setting("sample_steps"), gen, labels=self._labels(batch))
 
     def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
-        every = self.hparams.sample_every_n_steps
+        every = self._setting("sample_every_n_steps")
         if every and self.global_step % every == 0 and self.global_step > 0:
             self.log_sample_grid()
 
@@ -282,7 +292,7 @@ class DistillationMethod(L.LightningModule):
         from diffusers.utils.torch_utils import randn_tensor
 
         den = denoiser or self.sampling_denoiser()
-        steps = steps or self.hparams.sample_steps
+        steps = steps or self._setting("sample_steps")
         sched = self.make_scheduler()
         sched.set_timesteps(steps)
         device = next(den.parameters()).device
@@ -303,12 +313,12 @@ class DistillationMethod(L.LightningModule):
         if self.trainer.is_global_zero and self.logger is not None and hasattr(self.logger.experiment, "add_image"):
             from torchvision.utils import make_grid
 
-            gen = torch.Generator().manual_seed(self.hparams.seed)
-            n = self.hparams.num_log_samples
+            gen = torch.Generator().manual_seed(self._setting("seed"))
+            n = self._setting("num_log_samples")
             labels = torch.arange(n) % self.student.unet.config.num_class_embeds if self.is_class_conditional else None
-            x = self.sample(n, self.hparams.sample_steps, gen, labels=labels)
+            x = self.sample(n, self._setting("sample_steps"), gen, labels=labels)
             grid = make_grid((x.float().clamp(-1, 1) + 1) / 2, nrow=int(n**0.5))
-            self.logger.experiment.add_image(f"{tag}/{self.hparams.sample_steps}step", grid, self.global_step)
+            self.logger.experiment.add_image(f"{tag}/{self._setting('sample_steps')}step", grid, self.global_step)
 
     # --- export --------------------------------------------------------------------------------
 
