@@ -285,7 +285,10 @@ class ProgressiveDistillation(DistillationMethod):
         # The promoted teacher keeps the student's x0 clamp (none by default): its two DDIM steps are then
         # exactly the steps its sampler was trained to take (clamping x0 would move them off x_tilde).
         clip = self.student.clip_x0
-        self.teacher = self._promoted_teacher(copy.deepcopy(self.student.unet), self.student.prediction_type, clip)
+        # The promoted teacher keeps the precision the user chose for teachers (data.teacher_dtype).
+        dtype = next(self.teacher.parameters()).dtype
+        unet = copy.deepcopy(self.student.unet).to(dtype=dtype)
+        self.teacher = self._promoted_teacher(unet, self.student.prediction_type, clip)
         self.set_round(self.round_index + 1, self.num_student_steps // 2)
 
     @property
