@@ -77,6 +77,13 @@ class RecordState(L.Callback):
 
     def __init__(self, out: str) -> None:
         self.out = out
+        self.teacher_dtype_at_start = None
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # at the start: progressive distillation later promotes the (float32) student to teacher
+        teacher = _teacher(pl_module)
+        params = list(teacher.parameters()) if teacher is not None else []
+        self.teacher_dtype_at_start = str(params[0].dtype) if params else None
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         teacher = _teacher(pl_module)
@@ -105,7 +112,7 @@ class RecordState(L.Callback):
             "teacher_params": len(teacher_params),
             "teacher_requires_grad": sum(p.requires_grad for p in teacher_params),
             "teacher_in_optimizer": len(teacher_ids & opt_ids),
-            "teacher_dtype": str(teacher_params[0].dtype) if teacher_params else None,
+            "teacher_dtype": self.teacher_dtype_at_start,
             "ddp": reduced_ids is not None,
             "ddp_reduced": len(reduced_ids) if reduced_ids is not None else 0,
             "teacher_reduced_by_ddp": len(teacher_ids & reduced_ids) if reduced_ids is not None else 0,
