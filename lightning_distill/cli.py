@@ -58,8 +58,12 @@ def default_trainer() -> dict:
     from jsonargparse import lazy_instance
     from lightning.pytorch.loggers import TensorBoardLogger
 
+    from .checkpoint_io import AtomicCheckpointIO
+
     return {
         "logger": lazy_instance(TensorBoardLogger, save_dir="runs"),
+        # Checkpoints are written to a temporary file beside the target, flushed, then renamed.
+        "plugins": lazy_instance(AtomicCheckpointIO),
         "enable_progress_bar": True,
     }
 

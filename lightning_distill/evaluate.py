@@ -107,7 +107,7 @@ def load_checkpoint_model(
     import lightning as L
 
     path = Path(path)
-    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
     hp = ckpt.get("hyper_parameters") or {}
     class_path = class_path or hp.get("_class_path")
     if class_path is None:

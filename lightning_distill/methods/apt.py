@@ -69,7 +69,7 @@ def load_generator_state(path: str | Path, use_ema: bool = True) -> tuple[dict[s
         sched_cfg = path / "scheduler" / "scheduler_config.json"
         pred = json.loads(sched_cfg.read_text()).get("prediction_type") if sched_cfg.is_file() else None
         return unet.state_dict(), pred
-    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
     pred = (ckpt.get("hyper_parameters") or {}).get("student_prediction_type")
     if use_ema:
         for state in (ckpt.get("callbacks") or {}).values():
