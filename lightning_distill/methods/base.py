@@ -138,6 +138,16 @@ class DistillationMethod(L.LightningModule):
         value = self.hparams.get(name)
         return self._base_settings[name] if value is None else value
 
+    def set_sample_steps(self, steps: int) -> None:
+        """Change the step count of logged grids, ``predict`` and FID "current" (progressive rounds).
+
+        Kept out of a subclass's hparams when its signature lacks ``sample_steps``: hparams are
+        re-applied as constructor arguments when the CLI resumes from a checkpoint.
+        """
+        self._base_settings["sample_steps"] = steps
+        if "sample_steps" in self.hparams:
+            self.hparams.sample_steps = steps
+
     # --- construction --------------------------------------------------------------------------
 
     def build_student(self, student: nn.Module | None, prediction_type: PredictionType | None) -> None:

@@ -300,7 +300,7 @@ class ProgressiveDistillation(DistillationMethod):
         self.round_index = round_index
         self.num_student_steps = num_student_steps
         # Logged grids, predict and export sample with the student's current step count.
-        self.hparams.sample_steps = num_student_steps
+        self.set_sample_steps(num_student_steps)
 
     # --- checkpoints -------------------------------------------------------------------------------
 
