@@ -126,3 +126,24 @@ def test_simulated_two_node_job(fixtures, tmp_path):
     assert exports(node0) == ["teacher"]
     # rank 1 wrote no checkpoint and no export into its node-local folder
     assert checkpoints(node1) == [] and exports(node1) == []
+
+
+def test_fid_callback_under_ddp_gathers_and_logs_once(tmp_path):
+    """FIDCallback under 2-process DDP: samples are split across ranks and gathered, rank 0 alone logs."""
+    root = tmp_path / "run"
+    import shutil
+
+    exe = shutil.which("lightning-distill") or pytest.skip("lightning-distill console script not on PATH")
+    cmd = [exe, "fit", "--config", str(REPO / "configs/evaluation/fid_debug.yaml"),
+           "--trainer.default_root_dir", str(root), "--trainer.strategy", "ddp", "--trainer.devices", "2",
+           "--trainer.accelerator", "cpu"]
+    env = subprocess_env(MASTER_ADDR="127.0.0.1", MASTER_PORT=free_port())
+    proc = subprocess.run(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                          timeout=TIMEOUT)
+    _check(proc, "fid_debug with ddp x2")
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("FIDCallback step")]
+    steps = [ln.split(":")[0] for ln in lines]
+    assert steps and len(steps) == len(set(steps)), f"each evaluation must be reported once (rank 0): {lines}"
+    assert all("/n8=" in ln for ln in lines), lines  # the full sample count, gathered from both ranks
+    events = list(root.rglob("events.out.tfevents.*"))
+    assert len(events) == 1, events
