@@ -238,7 +238,7 @@ class LatentConsistencyDistillation(ConsistencyDistillation):
             prompts = prompts if prompts is not None else [hp.sample_prompt] * n
             prompt_embeds = self.teacher.encode_text(self.teacher.tokenize(prompts))
         prompt_embeds = prompt_embeds.to(device)
-        sched = self.make_scheduler()
+        sched = self._sampling_scheduler()  # built once (base class); set_timesteps resets it
         sched.set_timesteps(steps, device=device)
         x = randn_tensor((n, *self.sample_shape), generator=generator, device=device, dtype=prompt_embeds.dtype)
         x = x * sched.init_noise_sigma
