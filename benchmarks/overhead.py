@@ -8,8 +8,10 @@ same data loader that does the same maths on the same networks and batch size:
 For DiffusionTraining the hand loop is also written out fully (UNet forward + MSE on the v target), so
 ``compute_loss`` itself is checked for overhead. Runs alternate (framework, hand, framework, hand, ...)
 so machine-load drift hits both; medians over all steps of all repeats, first ``--warmup`` steps of
-each run dropped. Methods with manual optimisation (several optimisers per step) have no
-``compute_loss``-only equivalent and are reported as not measured.
+each run dropped. Methods with manual optimisation (ADD, APT, DMD2: several optimisers per iteration)
+are compared per iteration against a hand loop that calls the method's loss functions
+(``discriminator_loss`` / ``generator_loss``, or DMD2's ``critic_loss`` / ``generator_loss``) with plain
+``backward``, ``clip_grad_norm_`` and ``optimizer.step`` in the same D:G plan.
 
 Sampling: ``method.sample(n, k)`` wall time vs k bare forward passes of the same network on the same
 batch (median of ``--repeats``).
@@ -37,11 +39,18 @@ import torch  # noqa: E402
 
 
 class StepTimer(L.Callback):
-    def __init__(self) -> None:
+    """Per-iteration wall times; with ``limit``, stops training after that many iterations."""
+
+    def __init__(self, limit: int | None = None) -> None:
         self.starts: list[float] = []
+        self.limit = limit
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         self.starts.append(time.perf_counter())
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if self.limit is not None and len(self.starts) >= self.limit:
+            trainer.should_stop = True
 
     def on_train_end(self, trainer, pl_module) -> None:
         self.starts.append(time.perf_counter())
@@ -62,9 +71,11 @@ def build(name: str, fixtures: dict, extra: list[str], tmp: Path):
 
 def framework_steps(name, fixtures, extra, tmp, steps: int) -> list[float]:
     model, dm = build(name, fixtures, extra, tmp)
-    timer = StepTimer()
+    # Manual optimisation: global_step counts optimiser steps (several per iteration); stop by iterations.
+    manual = not model.automatic_optimization
+    timer = StepTimer(limit=steps if manual else None)
     trainer = L.Trainer(
-        max_steps=steps, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+        max_steps=-1 if manual else steps, max_epochs=-1, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
         enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0, num_sanity_val_steps=0,
         callbacks=[timer],
     )
@@ -102,6 +113,76 @@ def hand_steps(name, fixtures, extra, tmp, steps: int, fully_hand: bool = False)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
+            now = time.perf_counter()
+            times.append(now - t_prev)
+            t_prev = now
+            done += 1
+            if done >= steps:
+                break
+    return times
+
+
+def hand_manual_steps(name, fixtures, extra, tmp, steps: int) -> list[float]:
+    """One hand-written iteration of a manual-optimisation method: D (or critic) steps, then G."""
+    from torch.nn.utils import clip_grad_norm_
+
+    from lightning_distill.methods.adversarial import frozen
+
+    model, dm = build(name, fixtures, extra, tmp)
+    dm.setup("fit")
+    model.train()
+    cfg = model.configure_optimizers()
+    opts = cfg[0] if isinstance(cfg, tuple) else cfg
+    params = lambda opt: [p for group in opt.param_groups for p in group["params"]]  # noqa: E731
+
+    def step(opt, clip):
+        if clip is not None:
+            clip_grad_norm_(params(opt), clip)
+        opt.step()
+
+    dmd2 = hasattr(model, "critic_loss")
+    loader = dm.train_dataloader()
+    times, done, it = [], 0, 0
+    t_prev = time.perf_counter()
+    while done < steps:
+        for batch in loader:
+            plan, g = model.plan(it), model.step_generator(it)
+            if dmd2:
+                hp = model.hparams
+                opt_g, opt_f = opts[0], opts[1]
+                opt_d = opts[2] if len(opts) > 2 else None
+                for _ in range(plan.d_updates):
+                    out, _, _ = model.critic_loss(batch, g, hp.r1_weight * plan.r1_scale, plan.train_d_backbone)
+                    for opt in (opt_f, opt_d):
+                        if opt is not None:
+                            opt.zero_grad(set_to_none=True)
+                    out.loss.backward()
+                    if opt_d is not None:
+                        step(opt_d, hp.discriminator_grad_clip)
+                    step(opt_f, hp.fake_score_grad_clip)
+                if plan.update_g:
+                    out = model.generator_loss(batch, g)
+                    opt_g.zero_grad(set_to_none=True)
+                    out.loss.backward()
+                    step(opt_g, hp.generator_grad_clip)
+            else:
+                hp = model.adv
+                opt_g, opt_d = opts
+                backbone = [] if plan.train_d_backbone else model.discriminator.backbone_parameters()
+                for _ in range(plan.d_updates):
+                    with frozen(backbone):
+                        out, _, _ = model.discriminator_loss(batch, g, hp.r1_weight * plan.r1_scale)
+                        opt_d.zero_grad(set_to_none=True)
+                        out.loss.backward()
+                    step(opt_d, hp.discriminator_grad_clip)
+                if plan.update_g:
+                    with frozen(model.discriminator.parameters()):
+                        out = model.generator_loss(batch, g)
+                        opt_g.zero_grad(set_to_none=True)
+                        out.loss.backward()
+                    step(opt_g, hp.generator_grad_clip)
+            model.gan_iteration += 1
+            it += 1
             now = time.perf_counter()
             times.append(now - t_prev)
             t_prev = now
@@ -166,25 +247,24 @@ def main() -> None:
                "settings": vars(args), "train": {}, "sampling": {}}
     for name in presets:
         model, _ = build(name, fixtures, extra, tmp)
-        if not model.automatic_optimization:
-            results["train"][name] = {"skipped": "manual optimisation: no compute_loss-only hand loop"}
-        else:
-            fw, hand, full = [], [], []
-            try:
-                for _ in range(args.repeats):
-                    fw += framework_steps(name, fixtures, extra, tmp, args.steps)[args.warmup:]
-                    hand += hand_steps(name, fixtures, extra, tmp, args.steps)[args.warmup:]
-                    if name == "teacher":
-                        full += hand_steps(name, fixtures, extra, tmp, args.steps, fully_hand=True)[args.warmup:]
-                row = {"framework_ms": 1e3 * statistics.median(fw), "hand_ms": 1e3 * statistics.median(hand),
-                       "steps_measured": len(fw)}
-                row["ratio"] = row["framework_ms"] / row["hand_ms"]
-                if full:
-                    row["fully_hand_ms"] = 1e3 * statistics.median(full)
-                    row["ratio_vs_fully_hand"] = row["framework_ms"] / row["fully_hand_ms"]
-                results["train"][name] = row
-            except Exception as err:  # a method whose compute_loss needs a Trainer: say so
-                results["train"][name] = {"error": f"{type(err).__name__}: {err}"[:300]}
+        manual = not model.automatic_optimization
+        fw, hand, full = [], [], []
+        try:
+            for _ in range(args.repeats):
+                fw += framework_steps(name, fixtures, extra, tmp, args.steps)[args.warmup:]
+                hand_fn = hand_manual_steps if manual else hand_steps
+                hand += hand_fn(name, fixtures, extra, tmp, args.steps)[args.warmup:]
+                if name == "teacher":
+                    full += hand_steps(name, fixtures, extra, tmp, args.steps, fully_hand=True)[args.warmup:]
+            row = {"framework_ms": 1e3 * statistics.median(fw), "hand_ms": 1e3 * statistics.median(hand),
+                   "steps_measured": len(fw), "unit": "iteration (D/critic + G steps)" if manual else "step"}
+            row["ratio"] = row["framework_ms"] / row["hand_ms"]
+            if full:
+                row["fully_hand_ms"] = 1e3 * statistics.median(full)
+                row["ratio_vs_fully_hand"] = row["framework_ms"] / row["fully_hand_ms"]
+            results["train"][name] = row
+        except Exception as err:  # a method whose compute_loss needs a Trainer: say so
+            results["train"][name] = {"error": f"{type(err).__name__}: {err}"[:300]}
         try:
             results["sampling"][name] = [sampling(model, k, args.sample_n, args.repeats) for k in args.sample_k]
         except Exception as err:

@@ -57,6 +57,8 @@ class TeacherSwap(L.Callback):
             raise ValueError(f"steps_per_round must be >= 1, got {steps_per_round}")
         if plateau_patience is not None and plateau_patience < 1:
             raise ValueError(f"plateau_patience must be >= 1, got {plateau_patience}")
+        if not 0.0 <= plateau_min_delta <= 1.0:
+            raise ValueError(f"plateau_min_delta is a relative improvement in [0, 1], got {plateau_min_delta}")
         if not 0.0 <= plateau_smoothing < 1.0:
             raise ValueError(f"plateau_smoothing must lie in [0, 1), got {plateau_smoothing}")
         if final_steps < 1:
@@ -100,7 +102,8 @@ class TeacherSwap(L.Callback):
         self._loss_avg = b * self._loss_avg + (1 - b) * loss
         self._loss_count += 1
         smoothed = self._loss_avg / (1 - b**self._loss_count)
-        if smoothed < self._best * (1 - self.plateau_min_delta):
+        # The first step of a round always counts as progress (inf * 0 would be NaN for min_delta = 1).
+        if self._best == math.inf or smoothed < self._best * (1 - self.plateau_min_delta):
             self._best = smoothed
             self._plateau_steps = 0
         else:

@@ -460,6 +460,50 @@ def test_unreachable_final_steps_fails_before_training(tmp_path):
     assert trainer.global_step == 0
 
 
+def test_plateau_tracking_counts_steps_without_relative_improvement():
+    swap = TeacherSwap(steps_per_round=None, plateau_patience=3, plateau_min_delta=0.1, plateau_smoothing=0.0)
+    counts = []
+    for loss in [1.0, 0.5, 0.45, 0.46, 0.455, 0.30]:
+        swap._track(loss)
+        counts.append(swap._plateau_steps)
+    # 0.45 is not 10% below the best 0.5 (0.45 < 0.45 fails); 0.30 is, and resets the count
+    assert counts == [0, 0, 1, 2, 3, 0]
+    trainer = SimpleNamespace(global_step=5)
+    swap.round_start_step = 0
+    for loss in [0.5, 0.5, 0.5]:
+        swap._track(loss)
+    assert swap._plateau_steps == 3 and swap.should_end_round(trainer, None)
+    swap.min_steps_per_round = 6  # a plateau never ends a round before min_steps_per_round
+    assert not swap.should_end_round(trainer, None)
+    # smoothing: the bias-corrected moving average of a constant loss is that constant
+    smooth = TeacherSwap(steps_per_round=None, plateau_patience=1, plateau_smoothing=0.9)
+    for _ in range(4):
+        smooth._track(2.0)
+    assert smooth._loss_avg / (1 - 0.9**4) == pytest.approx(2.0)
+    with pytest.raises(ValueError, match="steps_per_round, plateau_patience, or both"):
+        TeacherSwap(steps_per_round=None)
+
+
+def test_rounds_end_on_a_plateau_with_a_constant_learning_rate(tmp_path):
+    """Plateau-only rounds: min_delta = 1 makes every step after a round's first a plateau step."""
+    teacher = gaussian_teacher()
+    model = ProgressiveDistillation(teacher, AffineNet(), num_student_steps=4,
+                                    optimizer=lambda p: torch.optim.SGD(p, lr=1e-3))
+    swap = TeacherSwap(steps_per_round=None, final_steps=1, plateau_patience=2, plateau_min_delta=1.0)
+    lrs, ns = [], []
+
+    class Record(L.Callback):
+        def on_train_batch_end(self, trainer, pl_module, *args):
+            lrs.append(trainer.optimizers[0].param_groups[0]["lr"])
+            ns.append(pl_module.num_student_steps)
+
+    trainer = _trainer([swap, Record()], tmp_path)
+    trainer.fit(model, FixedBatches(torch.randn(8, 1, 4, 4, generator=torch.Generator().manual_seed(0))))
+    assert swap.finished and trainer.global_step == 9
+    assert ns == [4, 4, 2, 2, 2, 1, 1, 1, 1]  # each round: one improving step, then two plateau steps
+    assert lrs == [1e-3] * 9  # no step budget: the rate is not annealed
+
+
 # --- the debug preset through the CLI --------------------------------------------------------------
 
 

@@ -245,14 +245,16 @@ class LatentConsistencyDistillation(ConsistencyDistillation):
         w_emb = guidance_scale_embedding(torch.tensor(g - 1).repeat(n), den.unet.config.time_cond_proj_dim)
         w_emb = w_emb.to(device=device, dtype=x.dtype)
         was_training = den.training
-        den.eval()
+        if was_training:  # as in the base class: no module walk when already in eval mode
+            den.eval()
         try:
             denoised = x
             for t in sched.timesteps:
                 out = den.raw(x, t, timestep_cond=w_emb, encoder_hidden_states=prompt_embeds)
                 x, denoised = sched.step(out, t, x, generator=generator, return_dict=False)
         finally:
-            den.train(was_training)
+            if was_training:
+                den.train()
         return denoised
 
     def predict_step(self, batch: dict, batch_idx: int) -> Tensor:

@@ -286,8 +286,11 @@ class ProgressiveDistillation(DistillationMethod):
         # exactly the steps its sampler was trained to take (clamping x0 would move them off x_tilde).
         clip = self.student.clip_x0
         # The promoted teacher keeps the precision the user chose for teachers (data.teacher_dtype).
-        dtype = next(self.teacher.parameters()).dtype
-        unet = copy.deepcopy(self.student.unet).to(dtype=dtype)
+        # (A bare StopIteration from an analytic, parameterless teacher would escape into Lightning's
+        # data loop and silently end the epoch instead of the round: fall back to the student's dtype.)
+        param = next(self.teacher.parameters(), None)
+        param = param if param is not None else next(self.student.parameters())
+        unet = copy.deepcopy(self.student.unet).to(dtype=param.dtype)
         self.teacher = self._promoted_teacher(unet, self.student.prediction_type, clip)
         self.set_round(self.round_index + 1, self.num_student_steps // 2)
 
