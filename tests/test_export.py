@@ -74,6 +74,25 @@ def test_export_reloads_and_reproduces_samples(trained, tmp_path, steps):
                            _to_np(model.sample(3, steps, torch.Generator().manual_seed(7))))
 
 
+def test_sample_runs_in_eval_mode_and_restores_the_mode(trained):
+    """sample() toggles train -> eval -> train, and leaves an eval-mode network untouched."""
+    model, _ = trained
+    den = model.student
+    seen = []
+    hook = den.unet.conv_in.register_forward_hook(lambda m, i, o: seen.append(m.training))
+    try:
+        den.train()
+        model.sample(2, 2, torch.Generator().manual_seed(0), denoiser=den)
+        assert den.training and all(m.training for m in den.modules())
+        den.eval()
+        model.sample(2, 2, torch.Generator().manual_seed(0), denoiser=den)
+        assert not any(m.training for m in den.modules())
+    finally:
+        hook.remove()
+        den.train()
+    assert seen == [False] * 4
+
+
 def test_export_without_ema(trained, tmp_path):
     model, _ = trained
     folder = model.export(tmp_path / "raw", use_ema=False)
