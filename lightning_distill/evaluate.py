@@ -564,5 +564,20 @@ def main(argv: list[str] | None = None) -> list[dict]:
     return rows
 
 
+def _entry() -> None:
+    """``python -m lightning_distill.evaluate``: bad input ends with one line naming it (exit status 2),
+    as the training CLI does; LIGHTNING_DISTILL_TRACEBACK=1 shows the traceback instead."""
+    import os
+    import sys
+
+    try:
+        main()
+    except (ValueError, FileNotFoundError) as err:  # TeacherError / DataError are ValueError subclasses
+        if os.environ.get("LIGHTNING_DISTILL_TRACEBACK") == "1":
+            raise
+        print(f"evaluate: error: {type(err).__name__}: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
 if __name__ == "__main__":
-    main()
+    _entry()

@@ -174,6 +174,19 @@ def test_report_rejects_bad_student_spec(tmp_path):
         build_parser().parse_args(["--out", str(tmp_path), "--student", "no-equals-sign"])
 
 
+def test_evaluate_entry_point_reports_bad_input_in_one_line(tmp_path, capsys, monkeypatch):
+    from lightning_distill import evaluate
+
+    monkeypatch.delenv("LIGHTNING_DISTILL_TRACEBACK", raising=False)
+    monkeypatch.setattr("sys.argv", ["evaluate", "--teacher", "none", "--student", f"a={tmp_path / 'nothing'}",
+                                     "--steps", "1", "--out", str(tmp_path / "out")])
+    with pytest.raises(SystemExit) as exc:
+        evaluate._entry()
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("evaluate: error: ValueError: image_size is needed")
+
+
 def test_fid_debug_config_runs_through_the_cli(tmp_path):
     from lightning_distill.callbacks.fid import FIDCallback
     from lightning_distill.cli import cli_main
