@@ -12,13 +12,21 @@ whose ``logs`` hold the terms, so a method logs them without recomputing anythin
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import Literal, Mapping
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .methods.base import LossOutput
+
+@dataclass
+class LossOutput:
+    """A method's loss and the named terms it logs (each must be finite)."""
+
+    loss: Tensor
+    logs: dict[str, Tensor] = field(default_factory=dict)
+
 
 Distance = Literal["l2", "l1", "pseudo_huber"]
 DISTANCES = ("l2", "l1", "pseudo_huber")

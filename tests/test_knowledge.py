@@ -271,6 +271,11 @@ def test_digits_configs_instantiate(config, tmp_path):
     cli = cli_main(["--config", str(ROOT / "configs" / config), "--data.teacher", str(teacher),
                     "--trainer.default_root_dir", str(tmp_path / "run")], run=False)
     if "knowledge" in config:
+        # the measured default: soft labels only, no feature KD; the commented feature option still builds
+        assert cli.model.hparams.alpha == 0.0 and cli.model.feature_weights == {}
+        cli = cli_main(["--config", str(ROOT / "configs" / config), "--data.teacher", str(teacher),
+                        "--model.init_args.feature_weights", '{"mid_block": 0.1, "up_blocks.1": 0.1}',
+                        "--trainer.default_root_dir", str(tmp_path / "run2")], run=False)
         assert cli.model.feature_weights == {"mid_block": 0.1, "up_blocks.1": 0.1}
         assert set(cli.model.projections) == {"mid_block", "up_blocks__1"}  # 40 -> 16 channels here
     else:

@@ -17,7 +17,6 @@ A subclass writes its maths as pure functions and implements ``compute_loss(batc
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass, field
 from typing import Literal
 
 import lightning as L
@@ -25,16 +24,10 @@ import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
 
+from ..losses import LossOutput  # defined there so losses.py imports nothing from methods/
 from ..parametrisation import Denoiser, PredictionType, VPSchedule
 from ..teacher import DiffusionTeacher
 
-
-@dataclass
-class LossOutput:
-    """A method's loss and the named terms it logs (each must be finite)."""
-
-    loss: Tensor
-    logs: dict[str, Tensor] = field(default_factory=dict)
 
 
 class NonFiniteLossError(FloatingPointError):
