@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import sys
+from contextlib import contextmanager
 
 import lightning as L
 from lightning.pytorch.callbacks import ModelCheckpoint
@@ -73,10 +74,27 @@ def main(args: list[str] | None = None) -> None:
     cli_main(args)
 
 
+@contextmanager
+def one_line_errors(prog: str, errors: tuple[type[BaseException], ...]):
+    """Turn ``errors`` raised inside the block into one stderr line naming the problem and exit status 2.
+
+    Bad input (a bad config value, a missing teacher or student, unusable data) surfaces as one of
+    these; LIGHTNING_DISTILL_TRACEBACK=1 shows the full traceback instead.
+    """
+    try:
+        yield
+    except errors as err:
+        if os.environ.get("LIGHTNING_DISTILL_TRACEBACK") == "1":
+            raise
+        print(f"{prog}: error: {type(err).__name__}: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
 def cli_main(args: list[str] | None = None, run: bool = True) -> DistillCLI:
     """Build (and with ``run`` execute) the CLI; returns it for tests and notebooks."""
     _resolve_per_subcommand()
-    try:
+    # Bad input is reported before any training step wrote anything.
+    with one_line_errors("lightning-distill", (TeacherError, DataError, NonFiniteLossError, ValueError)):
         # Any LightningModule may be trained (methods, and plain modules such as the digits feature
         # classifier); a method with a `teacher` argument receives the data module's teacher.
         return DistillCLI(
@@ -89,14 +107,6 @@ def cli_main(args: list[str] | None = None, run: bool = True) -> DistillCLI:
             args=args,
             run=run,
         )
-    except (TeacherError, DataError, NonFiniteLossError, ValueError) as err:
-        # Bad input (a bad config value, a missing teacher, unusable data) surfaces as a ValueError
-        # subclass: one line naming the problem, before any training step wrote anything.
-        # LIGHTNING_DISTILL_TRACEBACK=1 shows the full traceback instead.
-        if os.environ.get("LIGHTNING_DISTILL_TRACEBACK") == "1":
-            raise
-        print(f"lightning-distill: error: {type(err).__name__}: {err}", file=sys.stderr)
-        raise SystemExit(2) from None
 
 
-__all__ = ["DistillCLI", "main", "cli_main"]
+__all__ = ["DistillCLI", "main", "cli_main", "one_line_errors"]

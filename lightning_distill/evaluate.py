@@ -565,18 +565,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
 
 def _entry() -> None:
-    """``python -m lightning_distill.evaluate``: bad input ends with one line naming it (exit status 2),
-    as the training CLI does; LIGHTNING_DISTILL_TRACEBACK=1 shows the traceback instead."""
-    import os
-    import sys
+    """``python -m lightning_distill.evaluate``: bad input ends in one line, as in the training CLI."""
+    from .cli import one_line_errors
 
-    try:
+    with one_line_errors("evaluate", (ValueError, FileNotFoundError)):  # TeacherError, DataError: ValueError
         main()
-    except (ValueError, FileNotFoundError) as err:  # TeacherError / DataError are ValueError subclasses
-        if os.environ.get("LIGHTNING_DISTILL_TRACEBACK") == "1":
-            raise
-        print(f"evaluate: error: {type(err).__name__}: {err}", file=sys.stderr)
-        raise SystemExit(2) from None
 
 
 if __name__ == "__main__":

@@ -32,7 +32,7 @@ from torch import Tensor, nn
 
 from ..parametrisation import Denoiser, Prediction, PredictionType
 from ..teacher import DiffusionTeacher
-from .base import default_optimizer
+from .base import default_optimizer, eval_mode
 from .consistency import ConsistencyDistillation, LossKind, Predict, Solver
 
 
@@ -244,17 +244,11 @@ class LatentConsistencyDistillation(ConsistencyDistillation):
         x = x * sched.init_noise_sigma
         w_emb = guidance_scale_embedding(torch.tensor(g - 1).repeat(n), den.unet.config.time_cond_proj_dim)
         w_emb = w_emb.to(device=device, dtype=x.dtype)
-        was_training = den.training
-        if was_training:  # as in the base class: no module walk when already in eval mode
-            den.eval()
-        try:
+        with eval_mode(den):
             denoised = x
             for t in sched.timesteps:
                 out = den.raw(x, t, timestep_cond=w_emb, encoder_hidden_states=prompt_embeds)
                 x, denoised = sched.step(out, t, x, generator=generator, return_dict=False)
-        finally:
-            if was_training:
-                den.train()
         return denoised
 
     def predict_step(self, batch: dict, batch_idx: int) -> Tensor:
