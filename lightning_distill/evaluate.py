@@ -239,6 +239,13 @@ def evaluate_models(
         if teacher is None or teacher.is_latent:
             raise ValueError("image_size is needed when there is no pixel-space teacher to take it from")
         image_size = teacher.sample_size
+    # every model loads before the feature network and the reference statistics, so a wrong student path
+    # fails at once instead of after minutes of reference feature extraction
+    models: list[tuple[Sampler, Sequence[int]]] = []
+    if teacher is not None and teacher_steps:
+        models.append((teacher_sampler(teacher), list(teacher_steps)))
+    for name, spec in (students or {}).items():
+        models.append((load_sampler(name, spec, teacher, device), list(steps)))
     kwargs = {"feature_extractor_weights_path": feature_extractor_weights_path} if feature_extractor_weights_path else {}
     net = get_feature_net(feature_net, **kwargs).to(device)
     feat_name = feature_net_name(net)
@@ -246,12 +253,6 @@ def evaluate_models(
     ref = reference_stats(ref_images, net, cache_dir, device=device)
     ref_desc = f"{data} {reference} split (split_seed={split_seed}, val_fraction={val_fraction}, {ref.num_images} images, {image_size}x{image_size})"
     log(f"reference: {ref_desc}; feature net {feat_name}; {'cached' if ref.from_cache else 'computed'} stats {ref.key}")
-
-    models: list[tuple[Sampler, Sequence[int]]] = []
-    if teacher is not None and teacher_steps:
-        models.append((teacher_sampler(teacher), list(teacher_steps)))
-    for name, spec in (students or {}).items():
-        models.append((load_sampler(name, spec, teacher, device), list(steps)))
 
     rows: list[dict] = []
     grids: dict[str, dict[int, Tensor]] = {}

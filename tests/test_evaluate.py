@@ -187,6 +187,19 @@ def test_evaluate_entry_point_reports_bad_input_in_one_line(tmp_path, capsys, mo
     assert len(err) == 1 and err[0].startswith("evaluate: error: ValueError: image_size is needed")
 
 
+def test_missing_student_fails_before_reference_features(tmp_path, monkeypatch):
+    """A wrong student path is reported before the (slow) reference statistics are computed."""
+    from lightning_distill import evaluate
+
+    def must_not_run(*args, **kwargs):
+        raise AssertionError("reference statistics computed before the students were loaded")
+
+    monkeypatch.setattr(evaluate, "reference_stats", must_not_run)
+    monkeypatch.setattr(evaluate, "get_feature_net", must_not_run)
+    with pytest.raises(FileNotFoundError, match="student 'gone'"):
+        evaluate.evaluate_models(None, {"gone": tmp_path / "nothing"}, steps=[1], image_size=8, out_dir=tmp_path / "out")
+
+
 def test_fid_debug_config_runs_through_the_cli(tmp_path):
     from lightning_distill.callbacks.fid import FIDCallback
     from lightning_distill.cli import cli_main
