@@ -27,6 +27,8 @@ import torch.nn.functional as F
 from lightning.pytorch.cli import OptimizerCallable
 from torch import Tensor, nn
 
+from .nn_utils import eval_mode
+
 ASSETS = Path(__file__).resolve().parent / "assets"
 BUNDLED_CLASSIFIER = ASSETS / "digits_classifier"
 
@@ -217,13 +219,11 @@ class DigitsClassifier(L.LightningModule):
 
     @torch.no_grad()
     def accuracy(self, images: Tensor, labels: Tensor, batch_size: int = 512) -> float:
-        was = self.net.training
-        self.net.eval()
         correct = 0
-        for i in range(0, images.shape[0], batch_size):
-            x = images[i : i + batch_size].to(self.device)
-            correct += int((self.net.logits(x).argmax(1).cpu() == labels[i : i + batch_size]).sum())
-        self.net.train(was)
+        with eval_mode(self.net):
+            for i in range(0, images.shape[0], batch_size):
+                x = images[i : i + batch_size].to(self.device)
+                correct += int((self.net.logits(x).argmax(1).cpu() == labels[i : i + batch_size]).sum())
         return correct / images.shape[0]
 
     def on_fit_end(self) -> None:

@@ -30,6 +30,8 @@ from typing import Callable
 import torch
 from torch import Tensor, nn
 
+from .nn_utils import eval_mode
+
 # --- Fréchet distance and KID (pure functions) ---------------------------------------------------
 
 
@@ -362,14 +364,10 @@ def scheduler_sample(
     scheduler.set_timesteps(steps)
     x = randn_tensor((n, int(cfg.in_channels), int(size), int(size)), generator=generator, device=device)
     cond = {"class_labels": labels.to(device)} if labels is not None else {}
-    was = unet.training
-    unet.eval()
-    try:
+    with eval_mode(unet):
         for t in scheduler.timesteps:
             out = unet(x.to(p.dtype), t.to(device), **cond, return_dict=False)[0].float()
             x = scheduler.step(out, t, x, generator=generator).prev_sample
-    finally:
-        unet.train(was)
     return x
 
 

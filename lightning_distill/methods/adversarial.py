@@ -36,7 +36,7 @@ from torch import Tensor, nn
 
 from ..parametrisation import Denoiser, PredictionType, prediction_from_output
 from ..teacher import DiffusionTeacher
-from .base import DistillationMethod, LossOutput, check_finite, default_optimizer
+from .base import DistillationMethod, LossOutput, check_finite, default_optimizer, eval_mode
 
 # --- losses (pure functions) -----------------------------------------------------------------------
 
@@ -532,11 +532,8 @@ class Discriminator(nn.Module):
         self.backbone_cond = backbone_cond
         probe = torch.zeros(2, *sample_shape)
         kwargs = {"class_labels": torch.zeros(2, dtype=torch.long)} if backbone_cond else {}
-        with torch.no_grad():
-            was = backbone.training
-            backbone.eval()
+        with torch.no_grad(), eval_mode(backbone):
             feats = backbone(probe, None, **kwargs)
-            backbone.train(was)
         channels = [f.shape[-1] if f.ndim == 3 else f.shape[1] for f in feats]
         self.heads = MultiLevelHeads(channels, [f.ndim for f in feats], hidden, spatial, num_classes, cond_dim)
 

@@ -24,6 +24,7 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
 
 from ..losses import classifier_kd_loss, temperature_kd_loss
+from ..nn_utils import eval_mode
 
 
 def _logits(net: nn.Module, x: Tensor) -> Tensor:
@@ -38,13 +39,10 @@ def default_kd_optimizer(params) -> torch.optim.Optimizer:
 @torch.no_grad()
 def all_logits(net: nn.Module, images: Tensor, batch_size: int = 512) -> Tensor:
     """Logits of ``net`` (in eval mode for the measurement) for a whole image tensor, on the CPU."""
-    was = net.training
-    net.eval()
     device = next(net.parameters()).device
-    out = torch.cat([_logits(net, images[i : i + batch_size].to(device)).float().cpu()
-                     for i in range(0, images.shape[0], batch_size)])
-    net.train(was)
-    return out
+    with eval_mode(net):
+        return torch.cat([_logits(net, images[i : i + batch_size].to(device)).float().cpu()
+                          for i in range(0, images.shape[0], batch_size)])
 
 
 def accuracy(net: nn.Module, images: Tensor, labels: Tensor, batch_size: int = 512) -> float:
