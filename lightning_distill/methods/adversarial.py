@@ -597,6 +597,28 @@ class Generated:
     class_labels: Tensor | None = None
 
 
+def attached_schedule(trainer) -> AdversarialSchedule | None:
+    """The :class:`AdversarialSchedule` callback attached to ``trainer`` (None without trainer or callback)."""
+    if trainer is None:
+        return None
+    return next((cb for cb in trainer.callbacks if isinstance(cb, AdversarialSchedule)), None)
+
+
+def iteration_generator(seed: int, step: int, device: torch.device) -> torch.Generator:
+    """Random stream of iteration ``step``: a pure function of (seed, step), so resumes are exact."""
+    gen = torch.Generator(device=device)
+    gen.manual_seed(seed * 1_000_003 + step)
+    return gen
+
+
+def remember_initial_lr(opt: torch.optim.Optimizer) -> torch.optim.Optimizer:
+    """Store each group's configured rate as ``initial_lr``: the schedule's ``d_lr_scale`` is relative to
+    it, and it is saved with the optimiser state, so a resumed run scales the same base rate."""
+    for group in opt.param_groups:
+        group.setdefault("initial_lr", group["lr"])
+    return opt
+
+
 class AdversarialMethod(DistillationMethod):
     """Generator (``student``) vs ``discriminator`` with manual optimisation and two optimisers.
 
@@ -715,10 +737,7 @@ class AdversarialMethod(DistillationMethod):
     # --- plan, randomness, parameters ----------------------------------------------------------
 
     def schedule_callback(self) -> AdversarialSchedule | None:
-        trainer = self._trainer
-        if trainer is None:
-            return None
-        return next((cb for cb in trainer.callbacks if isinstance(cb, AdversarialSchedule)), None)
+        return attached_schedule(self._trainer)
 
     def plan(self, step: int) -> StepPlan:
         cb = self.schedule_callback()
@@ -727,10 +746,7 @@ class AdversarialMethod(DistillationMethod):
         return StepPlan(update_g=True, d_updates=d_updates_at(step, self.adv.d_updates_per_g))
 
     def step_generator(self, step: int) -> torch.Generator:
-        """Random stream of iteration ``step``: a pure function of (seed, step), so resumes are exact."""
-        gen = torch.Generator(device=self.device)
-        gen.manual_seed(self.adv.seed * 1_000_003 + step)
-        return gen
+        return iteration_generator(self.adv.seed, step, self.device)
 
     def discriminator_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.discriminator.parameters() if p.requires_grad]
@@ -739,9 +755,7 @@ class AdversarialMethod(DistillationMethod):
         if self.discriminator is None:
             raise ValueError(f"{type(self).__name__} has no discriminator")
         g_opt = self.optimizer_factory(self.trainable_parameters())
-        d_opt = self.discriminator_optimizer_factory(self.discriminator_parameters())
-        for group in d_opt.param_groups:
-            group.setdefault("initial_lr", group["lr"])  # d_lr_scale is relative to it (saved with the optimiser)
+        d_opt = remember_initial_lr(self.discriminator_optimizer_factory(self.discriminator_parameters()))
         if self.lr_scheduler_factory is None:
             return [g_opt, d_opt]
         return [g_opt, d_opt], [{"scheduler": self.lr_scheduler_factory(g_opt), "interval": "step"}]
@@ -850,6 +864,9 @@ class AdversarialMethod(DistillationMethod):
 
 
 __all__ = [
+    "attached_schedule",
+    "iteration_generator",
+    "remember_initial_lr",
     "hinge_d_loss",
     "hinge_g_loss",
     "ns_d_loss",

@@ -65,13 +65,15 @@ from torch import Tensor, nn
 from ..parametrisation import Denoiser, PredictionType, VPSchedule
 from ..teacher import DiffusionTeacher
 from .adversarial import (
-    AdversarialSchedule,
     StepPlan,
     approx_r1_penalty,
+    attached_schedule,
     capture_features,
     frozen,
+    iteration_generator,
     ns_d_loss,
     ns_g_loss,
+    remember_initial_lr,
     unclipped_x0,
 )
 from .base import DistillationMethod, LossOutput, check_finite, default_optimizer
@@ -460,28 +462,21 @@ class DMD2(DistillationMethod):
             self.fake_score_optimizer_factory(list(self.fake_score.parameters())),
         ]
         if self.discriminator_head is not None:
-            d_opt = self.discriminator_optimizer_factory(list(self.discriminator_head.parameters()))
-            for group in d_opt.param_groups:
-                group.setdefault("initial_lr", group["lr"])  # d_lr_scale is relative to it (saved with it)
-            opts.append(d_opt)
+            opts.append(remember_initial_lr(self.discriminator_optimizer_factory(list(self.discriminator_head.parameters()))))
         if self.lr_scheduler_factory is None:
             return opts
         return opts, [{"scheduler": self.lr_scheduler_factory(opts[0]), "interval": "step"}]
 
     def plan(self, step: int) -> StepPlan:
         """An attached schedule callback's plan, else the fixed TTUR of ``fake_updates_per_generator``."""
-        trainer = self._trainer
-        if trainer is not None:
-            cb = next((cb for cb in trainer.callbacks if isinstance(cb, AdversarialSchedule)), None)
-            if cb is not None:
-                return cb.plan(step)
+        cb = attached_schedule(self._trainer)
+        if cb is not None:
+            return cb.plan(step)
         return StepPlan(update_g=step % self.hparams.fake_updates_per_generator == 0, d_updates=1)
 
     def step_generator(self, step: int) -> torch.Generator:
         """Random stream of iteration ``step``: a pure function of (seed, step), so resumes are exact."""
-        g = torch.Generator(device=self.device)
-        g.manual_seed(self.hparams.seed * 1_000_003 + step)
-        return g
+        return iteration_generator(self.hparams.seed, step, self.device)
 
     def _step(self, opt, clip: float | None, counted: bool) -> None:
         """Clip and step one network's optimiser.
