@@ -51,13 +51,20 @@ def teacher(tmp_path_factory):
     return load_teacher(write_tiny_teacher(tmp_path_factory.mktemp("add") / "teacher"))
 
 
-def test_student_timesteps_are_the_trailing_grid_the_sampler_visits(teacher):
+def test_student_timesteps_are_the_grid_the_sampler_visits(teacher):
     model = AdversarialDiffusionDistillation(teacher, num_student_steps=4, head_hidden=8)
     assert model.student_timesteps.tolist() == [1023, 767, 511, 255]
     sched = model.make_scheduler()
     sched.set_timesteps(4)
     assert sched.timesteps.tolist() == model.student_timesteps.tolist()
+    for k in (1, 2, 3):  # fewer sampling steps visit a subset of the trained timesteps
+        sched.set_timesteps(k)
+        assert set(sched.timesteps.tolist()) <= {1023, 767, 511, 255} and len(sched.timesteps) == k
     assert model.hparams.sample_steps == 4
+    # the grid written out is accepted; a set the exported sampler cannot visit is rejected, naming the grid
+    AdversarialDiffusionDistillation(teacher, student_timesteps=[255, 511, 767, 1023], head_hidden=8)
+    with pytest.raises(ValueError, match=r"\[1023, 767, 511, 255\]"):
+        AdversarialDiffusionDistillation(teacher, student_timesteps=[999, 749, 499, 249], head_hidden=8)
     # the generator's inputs: real images noised to exactly those timesteps
     seen = []
     hook = model.student.unet.register_forward_pre_hook(lambda m, args: seen.extend(args[1].tolist()))
@@ -69,6 +76,42 @@ def test_student_timesteps_are_the_trailing_grid_the_sampler_visits(teacher):
     assert fake.x.shape == batch["x"].shape
     with pytest.raises(ValueError, match="student_timesteps"):
         AdversarialDiffusionDistillation(teacher, student_timesteps=[2000])
+
+
+def test_sampler_renoises_the_x0_estimate_with_fresh_noise(teacher):
+    """Multi-step sampling feeds the student what it was trained on: its x0 estimate plus fresh noise.
+
+    Reproduced by hand: x0 = f(z, 1023); x_511 = sqrt(abar) x0 + sqrt(1 - abar) z' with a new draw z'
+    from the same generator (not DDIM's re-use of the student's own noise estimate); x0' = f(x_511, 511).
+    """
+    from diffusers.utils.torch_utils import randn_tensor
+
+    from lightning_distill.methods.adversarial import unclipped_x0
+
+    torch.manual_seed(0)
+    model = AdversarialDiffusionDistillation(teacher, num_student_steps=4, head_hidden=8)
+    with torch.no_grad():  # move the student away from the teacher so the two samplers differ visibly
+        for p in model.student.unet.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    n = 6
+    got = model.sample(n, 2, torch.Generator().manual_seed(3))
+
+    g = torch.Generator().manual_seed(3)
+    clip = model.student.clip_x0
+    abar = model.student.schedule._alphas_cumprod[1:]
+    with torch.no_grad():
+        x = randn_tensor((n, *model.sample_shape), generator=g)
+        x0 = unclipped_x0(model.student, x, torch.tensor(1023))
+        x0 = x0.clamp(-clip, clip) if clip is not None else x0
+        z = randn_tensor(x.shape, generator=g)
+        x = abar[511].sqrt() * x0 + (1 - abar[511]).sqrt() * z
+        want = unclipped_x0(model.student, x, torch.tensor(511))
+        want = want.clamp(-clip, clip) if clip is not None else want
+        ddim_x = abar[511].sqrt() * x0 + (1 - abar[511]).sqrt() * (
+            (randn_tensor(x.shape, generator=torch.Generator().manual_seed(3)) - (abar[1023].sqrt()) * x0)
+            / (1 - abar[1023]).sqrt())
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+    assert not torch.allclose(x, ddim_x, atol=1e-2)  # the input of step 2 is not DDIM's
 
 
 def test_steps_train_only_their_network_and_the_teacher_is_not_saved_twice(teacher, tmp_path):

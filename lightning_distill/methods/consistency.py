@@ -371,32 +371,43 @@ class ConsistencyDistillation(DistillationMethod):
 
     def make_scheduler(self):
         """A stock ``LCMScheduler`` on the teacher's noise schedule and this method's training grid."""
-        import diffusers
+        return lcm_scheduler(self, self.hparams.original_inference_steps, self.hparams.timestep_scaling)
 
-        src = dict(self.student_scheduler_config)
-        keys = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas", "rescale_betas_zero_snr")
-        cfg = {k: src[k] for k in keys if k in src}
-        cfg.update(
-            prediction_type=self.student.prediction_type,
-            original_inference_steps=self.hparams.original_inference_steps,
-            timestep_scaling=self.hparams.timestep_scaling,
-            clip_sample=self.student.clip_x0 is not None,
-            clip_sample_range=self.student.clip_x0 or 1.0,
-            set_alpha_to_one=True,
-            thresholding=False,
+
+def lcm_scheduler(method: DistillationMethod, original_inference_steps: int, timestep_scaling: float):
+    """A stock ``LCMScheduler`` on ``method``'s noise schedule: x0 estimate, then fresh noise to the next t.
+
+    Its inference timesteps are subsets of :func:`lcm_training_timesteps` (``original_inference_steps``).
+    Raises if the scheduler rebuilt from the teacher's config does not reproduce the student's
+    ``alphas_cumprod`` (a teacher scheduler with betas LCMScheduler cannot express).
+    """
+    import diffusers
+
+    src = dict(method.student_scheduler_config)
+    keys = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas", "rescale_betas_zero_snr")
+    cfg = {k: src[k] for k in keys if k in src}
+    cfg.update(
+        prediction_type=method.student.prediction_type,
+        original_inference_steps=original_inference_steps,
+        timestep_scaling=timestep_scaling,
+        clip_sample=method.student.clip_x0 is not None,
+        clip_sample_range=method.student.clip_x0 or 1.0,
+        set_alpha_to_one=True,
+        thresholding=False,
+    )
+    sched = diffusers.LCMScheduler(**cfg)
+    ours = method.student.schedule._alphas_cumprod[1:].cpu()
+    if ours.shape != sched.alphas_cumprod.shape or not torch.allclose(ours, sched.alphas_cumprod.float(), atol=1e-6):
+        raise ValueError(
+            "LCMScheduler rebuilt from the teacher's scheduler config does not reproduce the teacher's "
+            f"alphas_cumprod (teacher scheduler {method.teacher.scheduler_class}); pass trained_betas in its config"
         )
-        sched = diffusers.LCMScheduler(**cfg)
-        ours = self.student.schedule._alphas_cumprod[1:].cpu()
-        if ours.shape != sched.alphas_cumprod.shape or not torch.allclose(ours, sched.alphas_cumprod.float(), atol=1e-6):
-            raise ValueError(
-                "LCMScheduler rebuilt from the teacher's scheduler config does not reproduce the teacher's "
-                f"alphas_cumprod (teacher scheduler {self.teacher.scheduler_class}); pass trained_betas in its config"
-            )
-        return sched
+    return sched
 
 
 __all__ = [
     "ConsistencyDistillation",
+    "lcm_scheduler",
     "lcm_boundary_scalings",
     "lcm_training_timesteps",
     "consistency_function",
