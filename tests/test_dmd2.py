@@ -139,9 +139,15 @@ def test_generator_timesteps_and_backward_simulation():
     z = torch.randn(3, 1, 2, 2, generator=torch.Generator().manual_seed(2))
     grid = generator_timesteps(sched, 4)
     assert torch.equal(backward_simulation(den, z, grid, 0), z)
-    # two steps by hand: DDIM from 1023 to 767 to 511
-    x1 = den.ddim(z, grid[0], grid[1])
-    torch.testing.assert_close(backward_simulation(den, z, grid, 2), den.ddim(x1, grid[1], grid[2]))
+    # two steps by hand: x0 estimate at 1023, fresh noise to 767, x0 estimate there, fresh noise to 511
+    rng = torch.Generator().manual_seed(5)
+    e1, e2 = torch.randn(z.shape, generator=rng), torch.randn(z.shape, generator=rng)
+    x1 = sched.add_noise(den(z, grid[0]).x0, e1, grid[1].expand(3))
+    want = sched.add_noise(den(x1, grid[1]).x0, e2, grid[2].expand(3))
+    got = backward_simulation(den, z, grid, 2, rng=torch.Generator().manual_seed(5))
+    torch.testing.assert_close(got, want)
+    # not DDIM: the deterministic step would re-use the x0 estimate's own noise
+    assert not torch.allclose(got, den.ddim(den.ddim(z, grid[0], grid[1]), grid[1], grid[2]), atol=1e-3)
 
 
 def test_bottleneck_features_stop_at_mid_block(tiny_teacher_dir):
@@ -185,6 +191,28 @@ def _trainer(tmp_path, max_steps, **kwargs):
         accelerator="cpu",
         **kwargs,
     )
+
+
+def test_multistep_sampler_feeds_the_backward_simulated_inputs(tiny_teacher_dir):
+    """The exported sampler of a K-step generator visits its grid and, step by step, gives the network
+    exactly the inputs backward simulation trains it on (same noise draws)."""
+    from diffusers.utils.torch_utils import randn_tensor
+
+    model = _model(tiny_teacher_dir, generator_steps=2)
+    with torch.no_grad():  # a generator different from the teacher
+        for p in model.student.unet.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    sched = model.make_scheduler()
+    sched.set_timesteps(2)
+    grid = generator_timesteps(model.student.schedule, 2)
+    assert sched.timesteps.tolist() == grid.tolist() == [1023, 511]
+    got = model.sample(5, 2, torch.Generator().manual_seed(1))
+    g = torch.Generator().manual_seed(1)
+    z = randn_tensor((5, *model.sample_shape), generator=g)
+    with torch.no_grad():
+        x1 = backward_simulation(model.student, z, grid, 1, rng=g)
+        want = model.student(x1, grid[1]).x0
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
 
 
 def test_generator_step_leaves_critic_gradients_empty(tiny_teacher_dir):

@@ -48,11 +48,7 @@ from ..parametrisation import Denoiser, PredictionType
 from ..teacher import DiffusionTeacher
 from .adversarial import AdversarialMethod, Discriminator, GanLoss, Generated, UNetEncoderFeatures, unclipped_x0
 from .base import LossOutput, default_optimizer
-from .consistency import lcm_scheduler, lcm_training_timesteps
-
-#: LCMScheduler's timestep_scaling for ADD sampling: c_skip(t) = 0.25 / ((1000 t)^2 + 0.25) < 3e-7 for
-#: t >= 1, so its consistency boundary scalings leave the student's x0 estimate as it is.
-SAMPLER_TIMESTEP_SCALING = 1000.0
+from .consistency import X0_SAMPLER_TIMESTEP_SCALING, lcm_scheduler, lcm_training_timesteps
 
 Weighting = Literal["alpha", "constant", "alpha_squared"]
 
@@ -216,7 +212,7 @@ class AdversarialDiffusionDistillation(AdversarialMethod):
 
     def make_scheduler(self):
         """Stock ``LCMScheduler``: the student's x0, re-noised with fresh noise, at the student timesteps."""
-        return lcm_scheduler(self, self.student_timesteps.numel(), SAMPLER_TIMESTEP_SCALING)
+        return lcm_scheduler(self, self.student_timesteps.numel(), X0_SAMPLER_TIMESTEP_SCALING)
 
     # --- AdversarialMethod hooks ---------------------------------------------------------------
 

@@ -374,6 +374,12 @@ class ConsistencyDistillation(DistillationMethod):
         return lcm_scheduler(self, self.hparams.original_inference_steps, self.hparams.timestep_scaling)
 
 
+#: ``timestep_scaling`` that makes LCMScheduler's boundary scalings the identity for t >= 1
+#: (c_skip = 0.25 / ((1000 t)^2 + 0.25) < 3e-7): the sampler then takes a student's x0 estimate as it is
+#: and re-noises it with fresh noise (the multistep sampler of ADD and multi-step DMD2 generators).
+X0_SAMPLER_TIMESTEP_SCALING = 1000.0
+
+
 def lcm_scheduler(method: DistillationMethod, original_inference_steps: int, timestep_scaling: float):
     """A stock ``LCMScheduler`` on ``method``'s noise schedule: x0 estimate, then fresh noise to the next t.
 
@@ -408,6 +414,7 @@ def lcm_scheduler(method: DistillationMethod, original_inference_steps: int, tim
 __all__ = [
     "ConsistencyDistillation",
     "lcm_scheduler",
+    "X0_SAMPLER_TIMESTEP_SCALING",
     "lcm_boundary_scalings",
     "lcm_training_timesteps",
     "consistency_function",

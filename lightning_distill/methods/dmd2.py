@@ -46,9 +46,12 @@ scales the head's learning rate and ``train_d_backbone=False`` keeps the GAN los
 UNet (the head alone learns it; the fake score keeps its denoising loss). For example
 ``DiscriminatorSchedule(d_updates_per_g=5)`` takes 5 critic updates and 1 generator update per batch.
 
+Multi-step generators (``generator_steps`` K > 1) move between their steps as the paper does: the x0
+estimate at t_i is re-noised with fresh noise to t_{i+1}, in training (:func:`backward_simulation`) and
+in the exported sampler (a stock ``LCMScheduler`` whose boundary scalings are the identity).
+
 Not in this file (differences from the paper): no classifier-free guidance on the real score (the
-digits teacher is unconditional); multi-step generators move between their steps by deterministic
-DDIM (the exported sampler) where the paper re-injects fresh noise.
+digits teacher is unconditional).
 """
 
 from __future__ import annotations
@@ -77,6 +80,7 @@ from .adversarial import (
     unclipped_x0,
 )
 from .base import DistillationMethod, LossOutput, check_finite, default_optimizer
+from .consistency import X0_SAMPLER_TIMESTEP_SCALING, lcm_scheduler, lcm_training_timesteps
 from .diffusion import denoising_loss
 
 # --- maths (pure functions) ----------------------------------------------------------------------
@@ -145,27 +149,30 @@ def distribution_matching_loss(
 
 
 def generator_timesteps(schedule: VPSchedule, num_steps: int) -> Tensor:
-    """The K input timesteps of a K-step generator: the trailing grid, from T-1 down (without -1).
+    """The K input timesteps of a K-step generator, high to low: t_n = n (T // K) - 1, n = K..1.
 
-    K = 1 gives [T-1]: a one-step generator is a one-step trailing DDIM sampler, so it exports as a
-    stock pipeline.
+    The grid ``LCMScheduler(original_inference_steps=K)`` visits (for T = 1024, K = 4: 1023, 767, 511,
+    255); K = 1 gives [T - 1], one step from pure noise.
     """
-    return schedule.trailing_timesteps(num_steps)[:-1]
+    return lcm_training_timesteps(schedule.num_train_timesteps, num_steps).flip(0)
 
 
 @torch.no_grad()
-def backward_simulation(generator: Denoiser, z: Tensor, timesteps: Tensor, index: int, **cond) -> Tensor:
+def backward_simulation(
+    generator: Denoiser, z: Tensor, timesteps: Tensor, index: int, rng: torch.Generator | None = None, **cond
+) -> Tensor:
     """Run the generator's own first ``index`` steps from noise ``z`` (DMD2, Sec. 4.3).
 
     Returns the state x_{t_index} the generator sees at step ``index`` at inference time, so training
-    inputs match inference inputs. Transitions are deterministic DDIM steps (eta = 0), the sampler the
-    exported DDIM pipeline runs; the paper instead re-noises each x0 estimate with fresh noise
-    (consistency-model style), which a stock DDIM pipeline cannot express.
+    inputs match inference inputs: each step takes the generator's x0 estimate at t_j (clipped as the
+    sampler clips it) and re-noises it with fresh noise (drawn from ``rng``) to t_{j+1}, which is what
+    the exported ``LCMScheduler`` sampler does.
     """
-    grid = torch.cat([timesteps, timesteps.new_tensor([-1])])
     x = z
     for j in range(index):
-        x = generator.ddim(x, grid[j], grid[j + 1], **cond)
+        x0 = generator(x, timesteps[j], **cond).x0
+        eps = torch.randn(x0.shape, generator=rng, device=x0.device, dtype=x0.dtype)
+        x = generator.schedule.add_noise(x0, eps, timesteps[j + 1].expand(x0.shape[0]))
     return x
 
 
@@ -353,6 +360,13 @@ class DMD2(DistillationMethod):
         if gan:
             channels = int(fake_score.config.block_out_channels[-1])
             self.discriminator_head = BottleneckClassifier(channels, head_hidden)
+        self.make_scheduler()  # fail at construction if LCMScheduler cannot express the teacher's schedule
+
+    sampler_class = "LCMScheduler"
+
+    def make_scheduler(self):
+        """Stock ``LCMScheduler`` on the generator grid: x0 estimate, fresh noise to the next step."""
+        return lcm_scheduler(self, self.hparams.generator_steps, X0_SAMPLER_TIMESTEP_SCALING)
 
     # --- pieces of one iteration ---------------------------------------------------------------
 
@@ -376,7 +390,7 @@ class DMD2(DistillationMethod):
         grid = generator_timesteps(self.student.schedule, self.hparams.generator_steps).to(self.device)
         index = int(self._randint(0, len(grid), 1, g).item()) if len(grid) > 1 else 0
         z = self._randn((n, *self.sample_shape), g)
-        x_t = backward_simulation(self.student, z, grid, index, **cond)
+        x_t = backward_simulation(self.student, z, grid, index, rng=g, **cond)
         return unclipped_x0(self.student, x_t, grid[index].expand(n), **cond)
 
     def discriminator_logits(self, x: Tensor, t: Tensor, noise: Tensor, train_backbone: bool = True, **cond) -> Tensor:
