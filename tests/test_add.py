@@ -114,6 +114,25 @@ def test_sampler_renoises_the_x0_estimate_with_fresh_noise(teacher):
     assert not torch.allclose(x, ddim_x, atol=1e-2)  # the input of step 2 is not DDIM's
 
 
+def test_discriminator_on_noised_inputs(teacher):
+    """discriminator_t_range: real and fake are noised with one (t, noise) draw, and the encoder gets t."""
+    model = AdversarialDiffusionDistillation(teacher, head_hidden=8, discriminator_t_range=[100, 600])
+    assert model.hparams.discriminator_t_range == [100, 600]
+    x = torch.rand(4, 1, 8, 8) * 2 - 1
+    d_fn = model.discriminate(x, None, torch.Generator().manual_seed(7))
+    g = torch.Generator().manual_seed(7)
+    t = torch.randint(100, 601, (4,), generator=g)
+    noise = torch.randn(x.shape, generator=g)
+    with torch.no_grad():
+        want = model.discriminator(model.student.schedule.add_noise(x, noise, t), t)
+        torch.testing.assert_close(d_fn(x), want)
+        torch.testing.assert_close(d_fn(x), d_fn(x))  # one fixed function of the image
+        assert not torch.allclose(d_fn(x), model.discriminator(x))
+    assert 100 <= int(t.min()) and int(t.max()) <= 600
+    with pytest.raises(ValueError, match="discriminator_t_range"):
+        AdversarialDiffusionDistillation(teacher, head_hidden=8, discriminator_t_range=[600, 100])
+
+
 def test_steps_train_only_their_network_and_the_teacher_is_not_saved_twice(teacher, tmp_path):
     import lightning as L
     from torch.utils.data import DataLoader

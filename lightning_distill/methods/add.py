@@ -101,6 +101,10 @@ class AdversarialDiffusionDistillation(AdversarialMethod):
             None: the teacher UNet's encoder (``feature_levels``) at timestep ``feature_timestep``.
         feature_levels: teacher-encoder levels (down block indices, -1 = mid block); None: all.
         feature_timestep: timestep at which the teacher encoder looks at (clean) images.
+        discriminator_t_range: ``[lo, hi]``: the discriminator sees real and fake images noised to a
+            random t in that range (one t and one noise draw per sample, shared by the real, fake and
+            R1 evaluations of a step), and the teacher encoder gets that t, as LADD's discriminator
+            (arXiv 2403.12015) does; None: clean images at ``feature_timestep`` (ADD).
         head_hidden: width of the discriminator heads.
         spatial_logits: one logit per feature position (as ADD's heads) instead of one per head.
         conditional_discriminator: project class embeddings into the heads; None: when the
@@ -133,6 +137,7 @@ class AdversarialDiffusionDistillation(AdversarialMethod):
         feature_network: nn.Module | None = None,
         feature_levels: list[int] | None = None,
         feature_timestep: int = 0,
+        discriminator_t_range: tuple[int, int] | None = None,
         head_hidden: int = 64,
         spatial_logits: bool = True,
         conditional_discriminator: bool | None = None,
@@ -188,6 +193,10 @@ class AdversarialDiffusionDistillation(AdversarialMethod):
                 f"(LCMScheduler, T = {T}): {grid.tolist()}; give num_student_steps={k} instead"
             )
         self.register_buffer("student_timesteps", grid, persistent=False)
+        if discriminator_t_range is not None:
+            lo, hi = (int(v) for v in discriminator_t_range)
+            if not 0 <= lo <= hi < T:
+                raise ValueError(f"discriminator_t_range must satisfy 0 <= lo <= hi < {T}, got {list(discriminator_t_range)}")
         self.distill_t_max = T - 1 if distill_t_max is None else distill_t_max
         if not 0 <= distill_t_min <= self.distill_t_max < T:
             raise ValueError(f"need 0 <= distill_t_min <= distill_t_max < {T}, got {distill_t_min}, {distill_t_max}")
@@ -228,6 +237,24 @@ class AdversarialDiffusionDistillation(AdversarialMethod):
         x_t = self.student.schedule.add_noise(x, eps, t)
         labels = self._labels(batch)
         return Generated(unclipped_x0(self.student, x_t, t, **self._cond(labels)), labels)
+
+    def discriminate(self, x: Tensor, class_labels: Tensor | None, gen: torch.Generator):
+        """D as a function of images; with ``discriminator_t_range`` on inputs noised at a random t drawn
+        now (so real, fake and R1 see one fixed function of the image)."""
+        t_range = self.hparams.discriminator_t_range
+        if t_range is None:
+            return super().discriminate(x, class_labels, gen)
+        base = self.discriminator.heads.class_embed is not None or self.discriminator.backbone_cond
+        labels = class_labels if base else None
+        t = torch.randint(int(t_range[0]), int(t_range[1]) + 1, (x.shape[0],), generator=gen, device=x.device)
+        noise = torch.randn(x.shape, generator=gen, device=x.device, dtype=x.dtype)
+        sched = self.student.schedule
+
+        def d_fn(images: Tensor) -> Tensor:
+            n = images.shape[0]
+            return self.discriminator(sched.add_noise(images, noise[:n], t[:n]), t[:n], class_labels=labels)
+
+        return d_fn
 
     def generator_extra_loss(self, fake: Generated, batch: dict, gen: torch.Generator) -> LossOutput:
         x0 = fake.x
