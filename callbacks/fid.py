@@ -265,6 +265,16 @@ class FIDCallback(L.Callback):
 
     # --- hooks ---------------------------------------------------------------------------------
 
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # a step count the student's sampler cannot take fails now, not at the first evaluation
+        check = getattr(pl_module, "check_sample_steps", None)
+        if callable(check):
+            for s in resolve_steps(self.steps, pl_module):
+                try:
+                    check(s)
+                except ValueError as err:
+                    raise ValueError(f"FIDCallback steps {list(self.steps)}: {err}") from None
+
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
         if self.should_evaluate(trainer.global_step):
             self.evaluate(trainer, pl_module)

@@ -51,6 +51,7 @@ from .metrics import (
     scheduler_sample,
     score_features,
 )
+from .nn_utils import lcm_step_limit
 from .teacher import DiffusionTeacher, load_teacher
 
 CSV_FIELDS = [
@@ -68,6 +69,7 @@ class Sampler:
     sample: Callable[[int, int, torch.Generator, Tensor | None], Tensor]
     num_classes: int | None = None
     ema: bool | None = None
+    max_steps: int | None = None  # an LCMScheduler sampler's limit (its training grid); None: any
 
 
 # --- loading models ------------------------------------------------------------------------------
@@ -153,7 +155,8 @@ def load_sampler(name: str, spec: str | os.PathLike, teacher: DiffusionTeacher |
         def sample(n, steps, g, labels):
             return decode_latents(model.sample(n, steps, g, labels=labels, denoiser=den), mvae)
 
-        return Sampler(name, "checkpoint", str(p), sample, ncls, used_ema)
+        limit = model.max_sample_steps() if hasattr(model, "max_sample_steps") else None
+        return Sampler(name, "checkpoint", str(p), sample, ncls, used_ema, limit)
     if p.is_dir():
         from diffusers import DiffusionPipeline
 
@@ -165,7 +168,7 @@ def load_sampler(name: str, spec: str | os.PathLike, teacher: DiffusionTeacher |
         def sample(n, steps, g, labels):
             return decode_latents(scheduler_sample(unet, sched, n, steps, g, labels, device), pvae)
 
-        return Sampler(name, "pipeline", str(p), sample, int(ncls) if ncls else None)
+        return Sampler(name, "pipeline", str(p), sample, int(ncls) if ncls else None, None, lcm_step_limit(sched))
     raise FileNotFoundError(f"student {name!r}: {str(spec)!r} is neither a checkpoint file nor a pipeline folder")
 
 
@@ -245,7 +248,14 @@ def evaluate_models(
     if teacher is not None and teacher_steps:
         models.append((teacher_sampler(teacher), list(teacher_steps)))
     for name, spec in (students or {}).items():
-        models.append((load_sampler(name, spec, teacher, device), list(steps)))
+        sampler = load_sampler(name, spec, teacher, device)
+        ok = [s for s in steps if sampler.max_steps is None or s <= sampler.max_steps]
+        if not ok:
+            raise ValueError(f"student {name!r} samples with at most {sampler.max_steps} steps; none of {list(steps)} fit")
+        if len(ok) < len(steps):
+            log(f"{name}: samples with at most {sampler.max_steps} steps (its training grid); "
+                f"skipping steps {[s for s in steps if s not in ok]}")
+        models.append((sampler, ok))
     kwargs = {"feature_extractor_weights_path": feature_extractor_weights_path} if feature_extractor_weights_path else {}
     net = get_feature_net(feature_net, **kwargs).to(device)
     feat_name = feature_net_name(net)

@@ -1,4 +1,4 @@
-"""Small module helpers shared across the package (no imports from the rest of it)."""
+"""Small helpers shared across the package (no imports from the rest of it)."""
 
 from __future__ import annotations
 
@@ -23,3 +23,13 @@ def eval_mode(module: nn.Module):
     finally:
         if was_training:
             module.train()
+
+
+def lcm_step_limit(scheduler) -> int | None:
+    """The most inference steps of an ``LCMScheduler`` (``original_inference_steps``); None for others.
+
+    Its schedules are subsets of that many training-grid timesteps, so it cannot take more steps.
+    """
+    if type(scheduler).__name__ != "LCMScheduler":
+        return None
+    return int(scheduler.config.original_inference_steps)

@@ -61,6 +61,9 @@ def test_student_timesteps_are_the_grid_the_sampler_visits(teacher):
         sched.set_timesteps(k)
         assert set(sched.timesteps.tolist()) <= {1023, 767, 511, 255} and len(sched.timesteps) == k
     assert model.hparams.sample_steps == 4
+    assert model.max_sample_steps() == 4
+    with pytest.raises(ValueError, match=r"samples with 1\.\.4 steps"):
+        model.sample(2, 8)  # steps beyond the training grid: a clear error, not diffusers' strength message
     # the grid written out is accepted; a set the exported sampler cannot visit is rejected, naming the grid
     AdversarialDiffusionDistillation(teacher, student_timesteps=[255, 511, 767, 1023], head_hidden=8)
     with pytest.raises(ValueError, match=r"\[1023, 767, 511, 255\]"):

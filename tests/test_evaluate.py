@@ -200,6 +200,47 @@ def test_missing_student_fails_before_reference_features(tmp_path, monkeypatch):
         evaluate.evaluate_models(None, {"gone": tmp_path / "nothing"}, steps=[1], image_size=8, out_dir=tmp_path / "out")
 
 
+def test_step_counts_beyond_an_lcm_students_grid_are_skipped_or_rejected(tmp_path, tiny_teacher_dir):
+    """An LCMScheduler student (CD / ADD / DMD2 export) samples with at most original_inference_steps."""
+    import json
+    import shutil
+
+    from diffusers import DDIMScheduler, LCMScheduler
+
+    from lightning_distill import evaluate
+
+    folder = tmp_path / "lcm_student"
+    shutil.copytree(tiny_teacher_dir, folder)
+    cfg = DDIMScheduler.from_pretrained(folder, subfolder="scheduler").config
+    keys = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas")
+    LCMScheduler(**{k: cfg[k] for k in keys}, prediction_type=cfg["prediction_type"],
+                 original_inference_steps=2).save_pretrained(folder / "scheduler")
+    index = json.loads((folder / "model_index.json").read_text())
+    index["scheduler"] = ["diffusers", "LCMScheduler"]
+    (folder / "model_index.json").write_text(json.dumps(index))
+
+    logs: list[str] = []
+    common = dict(image_size=8, num_samples=6, feature_net=save_feature_net(tiny_net(), tmp_path / "feat"),
+                  kid_subsets=2, kid_subset_size=4, chunk_size=6, cache_dir=tmp_path / "cache", device="cpu",
+                  real_baseline=False, log=logs.append)
+    rows = evaluate.evaluate_models(None, {"s": folder}, steps=[1, 2, 4], **common)
+    assert sorted(r["steps"] for r in rows) == [1, 2]
+    assert any("skipping steps [4]" in line for line in logs)
+    with pytest.raises(ValueError, match="at most 2 steps"):
+        evaluate.evaluate_models(None, {"s": folder}, steps=[4, 8], **common)
+
+
+def test_fid_callback_rejects_steps_the_sampler_cannot_take_at_fit_start():
+    class TwoStepStudent(L.LightningModule):
+        def check_sample_steps(self, steps):
+            if steps > 2:
+                raise ValueError(f"samples with 1..2 steps, got {steps}")
+
+    FIDCallback(steps=[1, 2], feature_net=tiny_net()).on_fit_start(None, TwoStepStudent())
+    with pytest.raises(ValueError, match=r"FIDCallback steps \[1, 4\]: samples with 1\.\.2 steps, got 4"):
+        FIDCallback(steps=[1, 4], feature_net=tiny_net()).on_fit_start(None, TwoStepStudent())
+
+
 def test_fid_debug_config_runs_through_the_cli(tmp_path):
     from lightning_distill.callbacks.fid import FIDCallback
     from lightning_distill.cli import cli_main

@@ -185,7 +185,8 @@ class AdversarialDiffusionDistillation(AdversarialMethod):
         T = self.student.schedule.num_train_timesteps
         k = len(student_timesteps) if student_timesteps is not None else num_student_steps
         if not 1 <= k <= 8:
-            raise ValueError(f"ADD uses 1-4 (at most 8) student timesteps, got {student_timesteps or num_student_steps}")
+            got = student_timesteps if student_timesteps is not None else num_student_steps
+            raise ValueError(f"ADD uses 1-4 (at most 8) student timesteps, got {got}")
         grid = lcm_training_timesteps(T, k).flip(0)
         if student_timesteps is not None and sorted(student_timesteps, reverse=True) != grid.tolist():
             raise ValueError(

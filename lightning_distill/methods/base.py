@@ -25,7 +25,7 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
 
 from ..losses import LossOutput  # defined there so losses.py imports nothing from methods/
-from ..nn_utils import eval_mode  # noqa: F401  (re-exported: methods import it from here)
+from ..nn_utils import eval_mode, lcm_step_limit  # eval_mode is re-exported: methods import it from here
 from ..parametrisation import Denoiser, PredictionType, VPSchedule
 from ..teacher import DiffusionTeacher
 
@@ -276,6 +276,27 @@ class DistillationMethod(L.LightningModule):
             self.__dict__["_scheduler_cache"] = cached
         return cached
 
+    def max_sample_steps(self) -> int | None:
+        """The most steps the student's sampler can take (None: any number).
+
+        An ``LCMScheduler`` sampler only visits its training grid (``original_inference_steps`` points):
+        consistency, ADD and DMD2 students are trained at exactly those timesteps.
+        """
+        sched = self._sampling_scheduler()
+        return lcm_step_limit(sched)
+
+    def check_sample_steps(self, steps: int) -> None:
+        """Raise a clear error for a step count the sampler cannot take."""
+        if steps < 1:
+            raise ValueError(f"sampling steps must be >= 1, got {steps}")
+        limit = self.max_sample_steps()
+        if limit is not None and steps > limit:
+            raise ValueError(
+                f"{type(self).__name__} samples with 1..{limit} steps: its sampler (LCMScheduler, "
+                f"original_inference_steps = {limit}) only visits the timesteps the student was trained at; "
+                f"got {steps}"
+            )
+
     def sampling_denoiser(self) -> Denoiser:
         """The network used for sampling: the EMA copy when an EMA callback is attached."""
         trainer = self._trainer
@@ -304,6 +325,7 @@ class DistillationMethod(L.LightningModule):
 
         den = denoiser or self.sampling_denoiser()
         steps = steps or self._setting("sample_steps")
+        self.check_sample_steps(steps)
         sched = self._sampling_scheduler()
         sched.set_timesteps(steps)  # resets the scheduler's step state, so reuse is safe
         device = next(den.parameters()).device

@@ -382,8 +382,9 @@ class DMD2(DistillationMethod):
     def generate(self, n: int, g: torch.Generator, **cond) -> Tensor:
         """Generator samples x = G(x_{t_i}) at a random step i, gradients attached to the generator.
 
-        i = 0 (the only choice for K = 1) starts from pure noise at T-1; i > 0 starts from the state the
-        generator's own earlier steps reach (:func:`backward_simulation`). The x0 estimate is taken
+        i = 0 (the only choice for K = 1) starts from pure noise at the top of the grid (T - 1 when K
+        divides T); i > 0 starts from the state the generator's own earlier steps reach
+        (:func:`backward_simulation`). The x0 estimate is taken
         without ``clip_x0`` (:func:`unclipped_x0`): clamping would zero the gradient of every pixel
         outside [-1, 1], so the generator could never learn to bring it back.
         """

@@ -233,6 +233,7 @@ class LatentConsistencyDistillation(ConsistencyDistillation):
         den = denoiser or self.sampling_denoiser()
         device = next(den.parameters()).device
         steps = steps or hp.sample_steps
+        self.check_sample_steps(steps)
         g = hp.sample_guidance_scale if guidance_scale is None else guidance_scale
         if prompt_embeds is None:
             prompts = prompts if prompts is not None else [hp.sample_prompt] * n
