@@ -192,8 +192,23 @@ def hand_manual_steps(name, fixtures, extra, tmp, steps: int) -> list[float]:
     return times
 
 
-class _Skipped(Exception):
-    pass
+def train_row(name: str, model, fixtures, extra, tmp, args) -> dict:
+    """Framework vs hand-written training step, runs alternating, medians (ms)."""
+    manual = not model.automatic_optimization
+    fw, hand, full = [], [], []
+    for _ in range(args.repeats):
+        fw += framework_steps(name, fixtures, extra, tmp, args.steps)[args.warmup:]
+        hand_fn = hand_manual_steps if manual else hand_steps
+        hand += hand_fn(name, fixtures, extra, tmp, args.steps)[args.warmup:]
+        if name == "teacher":
+            full += hand_steps(name, fixtures, extra, tmp, args.steps, fully_hand=True)[args.warmup:]
+    row = {"framework_ms": 1e3 * statistics.median(fw), "hand_ms": 1e3 * statistics.median(hand),
+           "steps_measured": len(fw), "unit": "iteration (D/critic + G steps)" if manual else "step"}
+    row["ratio"] = row["framework_ms"] / row["hand_ms"]
+    if full:
+        row["fully_hand_ms"] = 1e3 * statistics.median(full)
+        row["ratio_vs_fully_hand"] = row["framework_ms"] / row["fully_hand_ms"]
+    return row
 
 
 def sampling(model, k: int, n: int, repeats: int) -> dict:
@@ -267,28 +282,13 @@ def main() -> None:
                "settings": vars(args), "train": {}, "sampling": {}}
     for name in presets:
         model, _ = build(name, fixtures, extra, tmp)
-        manual = not model.automatic_optimization
-        fw, hand, full = [], [], []
-        try:
-            if args.skip_train:
-                raise _Skipped
-            for _ in range(args.repeats):
-                fw += framework_steps(name, fixtures, extra, tmp, args.steps)[args.warmup:]
-                hand_fn = hand_manual_steps if manual else hand_steps
-                hand += hand_fn(name, fixtures, extra, tmp, args.steps)[args.warmup:]
-                if name == "teacher":
-                    full += hand_steps(name, fixtures, extra, tmp, args.steps, fully_hand=True)[args.warmup:]
-            row = {"framework_ms": 1e3 * statistics.median(fw), "hand_ms": 1e3 * statistics.median(hand),
-                   "steps_measured": len(fw), "unit": "iteration (D/critic + G steps)" if manual else "step"}
-            row["ratio"] = row["framework_ms"] / row["hand_ms"]
-            if full:
-                row["fully_hand_ms"] = 1e3 * statistics.median(full)
-                row["ratio_vs_fully_hand"] = row["framework_ms"] / row["fully_hand_ms"]
-            results["train"][name] = row
-        except _Skipped:
+        if args.skip_train:
             results["train"][name] = {"skipped": "--skip-train"}
-        except Exception as err:  # a method whose compute_loss needs a Trainer: say so
-            results["train"][name] = {"error": f"{type(err).__name__}: {err}"[:300]}
+        else:
+            try:
+                results["train"][name] = train_row(name, model, fixtures, extra, tmp, args)
+            except Exception as err:  # a method whose compute_loss needs a Trainer: say so
+                results["train"][name] = {"error": f"{type(err).__name__}: {err}"[:300]}
         try:
             limit = model.max_sample_steps()  # an LCMScheduler student samples with at most its grid's steps
             ks = [k for k in args.sample_k if limit is None or k <= limit]

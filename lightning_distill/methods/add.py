@@ -125,7 +125,6 @@ class AdversarialDiffusionDistillation(AdversarialMethod):
     """
 
     hparams_ignore = AdversarialMethod.hparams_ignore + ("feature_network",)
-    sampler_class = "LCMScheduler"
 
     def __init__(
         self,
@@ -239,23 +238,9 @@ class AdversarialDiffusionDistillation(AdversarialMethod):
         labels = self._labels(batch)
         return Generated(unclipped_x0(self.student, x_t, t, **self._cond(labels)), labels)
 
-    def discriminate(self, x: Tensor, class_labels: Tensor | None, gen: torch.Generator):
-        """D as a function of images; with ``discriminator_t_range`` on inputs noised at a random t drawn
-        now (so real, fake and R1 see one fixed function of the image)."""
+    def discriminator_t_range(self) -> tuple[int, int] | None:
         t_range = self.hparams.discriminator_t_range
-        if t_range is None:
-            return super().discriminate(x, class_labels, gen)
-        base = self.discriminator.heads.class_embed is not None or self.discriminator.backbone_cond
-        labels = class_labels if base else None
-        t = torch.randint(int(t_range[0]), int(t_range[1]) + 1, (x.shape[0],), generator=gen, device=x.device)
-        noise = torch.randn(x.shape, generator=gen, device=x.device, dtype=x.dtype)
-        sched = self.student.schedule
-
-        def d_fn(images: Tensor) -> Tensor:
-            n = images.shape[0]
-            return self.discriminator(sched.add_noise(images, noise[:n], t[:n]), t[:n], class_labels=labels)
-
-        return d_fn
+        return None if t_range is None else (int(t_range[0]), int(t_range[1]))
 
     def generator_extra_loss(self, fake: Generated, batch: dict, gen: torch.Generator) -> LossOutput:
         x0 = fake.x

@@ -721,14 +721,30 @@ class AdversarialMethod(DistillationMethod):
         """Fake images for a batch (with gradient to the student when grad is enabled)."""
         raise NotImplementedError
 
+    def discriminator_t_range(self) -> tuple[int, int] | None:
+        """``(lo, hi)``: D sees its inputs noised to a random t in that range (and gets t); None: clean."""
+        return None
+
     def discriminate(self, x: Tensor, class_labels: Tensor | None, gen: torch.Generator) -> Callable[[Tensor], Tensor]:
         """Return D as a function of images only, with any internal randomness drawn now from ``gen``.
 
-        The default ignores randomness: ``lambda x: self.discriminator(x, class_labels=...)``. APT
-        overrides it to noise inputs at a random t drawn once, so R1 sees one fixed function.
+        With :meth:`discriminator_t_range` (APT; ADD's LADD option) the images are noised at a random t,
+        one t and one noise draw per sample taken here, so real, fake and R1 evaluations see the same
+        function of the image.
         """
         labels = class_labels if self.discriminator.heads.class_embed is not None or self.discriminator.backbone_cond else None
-        return lambda images: self.discriminator(images, class_labels=labels)
+        t_range = self.discriminator_t_range()
+        if t_range is None:
+            return lambda images: self.discriminator(images, class_labels=labels)
+        t = torch.randint(int(t_range[0]), int(t_range[1]) + 1, (x.shape[0],), generator=gen, device=x.device)
+        noise = torch.randn(x.shape, generator=gen, device=x.device, dtype=x.dtype)
+        sched = self.student.schedule
+
+        def d_fn(images: Tensor) -> Tensor:
+            n = images.shape[0]
+            return self.discriminator(sched.add_noise(images, noise[:n], t[:n]), t[:n], class_labels=labels)
+
+        return d_fn
 
     def generator_extra_loss(self, fake: Generated, batch: dict, gen: torch.Generator) -> LossOutput | None:
         """Non-adversarial generator terms (weighted already); None when there are none."""

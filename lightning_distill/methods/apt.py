@@ -26,7 +26,7 @@ from __future__ import annotations
 import copy
 import json
 from pathlib import Path
-from typing import Callable, Literal
+from typing import Literal
 
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
@@ -201,18 +201,8 @@ class AdversarialPostTraining(AdversarialMethod):
         t = torch.full((x.shape[0],), self.generator_timestep, device=x.device, dtype=torch.long)
         return Generated(unclipped_x0(self.student, z, t, **cond), labels)
 
-    def discriminate(self, x: Tensor, class_labels: Tensor | None, gen: torch.Generator) -> Callable[[Tensor], Tensor]:
-        """D on inputs noised at a random t; t and the noise are drawn once, so real, fake and both R1
-        evaluations see the same function of the image."""
-        b = x.shape[0]
-        t = torch.randint(self.hparams.d_t_min, self.d_t_max + 1, (b,), generator=gen, device=x.device)
-        noise = torch.randn(x.shape, generator=gen, device=x.device, dtype=x.dtype)
-        sched = self.student.schedule
-
-        def d_fn(images: Tensor) -> Tensor:
-            return self.discriminator(sched.add_noise(images, noise[: images.shape[0]], t[: images.shape[0]]), t[: images.shape[0]], class_labels=class_labels)
-
-        return d_fn
+    def discriminator_t_range(self) -> tuple[int, int]:
+        return (self.hparams.d_t_min, self.d_t_max)
 
 
 __all__ = ["AdversarialPostTraining", "load_generator_state", "apt_optimizer"]

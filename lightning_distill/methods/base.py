@@ -96,7 +96,7 @@ class DistillationMethod(L.LightningModule):
         ...         return LossOutput(loss, {"mse": loss})
     """
 
-    #: ``sample()`` uses this diffusers scheduler class (methods override: consistency uses LCM).
+    #: ``sample()`` uses this diffusers scheduler class (LCMScheduler methods override make_scheduler()).
     sampler_class: str = "DDIMScheduler"
 
     def __init__(

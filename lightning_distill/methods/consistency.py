@@ -260,8 +260,6 @@ class ConsistencyDistillation(DistillationMethod):
         >>> x = method.sample(16, steps=2)
     """
 
-    sampler_class = "LCMScheduler"
-
     def __init__(
         self,
         teacher: DiffusionTeacher | None = None,

@@ -362,8 +362,6 @@ class DMD2(DistillationMethod):
             self.discriminator_head = BottleneckClassifier(channels, head_hidden)
         self.make_scheduler()  # fail at construction if LCMScheduler cannot express the teacher's schedule
 
-    sampler_class = "LCMScheduler"
-
     def make_scheduler(self):
         """Stock ``LCMScheduler`` on the generator grid: x0 estimate, fresh noise to the next step."""
         return lcm_scheduler(self, self.hparams.generator_steps, X0_SAMPLER_TIMESTEP_SCALING)
