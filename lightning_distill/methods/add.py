@@ -113,7 +113,7 @@ class AdversarialDiffusionDistillation(AdversarialMethod):
         distill_weighting: c(t).
         distill_t_min, distill_t_max: range of the re-noising timestep (None: T - 1).
         generator_optimizer, discriminator_optimizer, generator_lr_scheduler, gan_loss, r1, r1_weight,
-            r1_sigma, d_updates_per_g, generator_grad_clip, discriminator_grad_clip, sample_steps,
+            r1_sigma, d_updates_per_g, generator_grad_clip, discriminator_grad_clip, d_augment, sample_steps,
             sample_every_n_steps, num_log_samples, seed: see :class:`AdversarialMethod`
             (``sample_steps`` None: ``num_student_steps``).
 
@@ -154,6 +154,7 @@ class AdversarialDiffusionDistillation(AdversarialMethod):
         d_updates_per_g: float = 1.0,
         generator_grad_clip: float | None = None,
         discriminator_grad_clip: float | None = None,
+        d_augment: list[str] | None = None,
         sample_steps: int | None = None,
         sample_every_n_steps: int = 0,
         num_log_samples: int = 64,
@@ -176,6 +177,7 @@ class AdversarialDiffusionDistillation(AdversarialMethod):
             d_updates_per_g=d_updates_per_g,
             generator_grad_clip=generator_grad_clip,
             discriminator_grad_clip=discriminator_grad_clip,
+            d_augment=d_augment,
             sample_steps=sample_steps or len(student_timesteps or []) or num_student_steps,
             sample_every_n_steps=sample_every_n_steps,
             num_log_samples=num_log_samples,

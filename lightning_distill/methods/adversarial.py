@@ -574,6 +574,69 @@ def unclipped_x0(denoiser: Denoiser, x_t: Tensor, t: Tensor, **cond) -> Tensor:
 # --- the GAN base class ------------------------------------------------------------------------------
 
 
+# --- differentiable augmentation of the discriminator's inputs ------------------------------------
+
+AUGMENT_POLICIES = ("translation", "cutout")
+
+
+@dataclass(frozen=True)
+class DiscriminatorAugment:
+    """Differentiable augmentation of D's inputs (DiffAugment, Zhao et al. 2020): random parameters drawn once.
+
+    A frozen feature network is easily fooled: the generator can move its features with small pixel
+    changes that fit one fixed alignment of the image. Random translations (and cutout) applied to
+    real and fake images alike, differentiably so that the generator's gradient passes through, make
+    such perturbations much less useful. The parameters are drawn once per iteration and indexed by
+    sample position, so the real, fake and R1 evaluations of a step see the same function of the image.
+
+    Args:
+        shifts: (B, 2) integer (dy, dx) translations; pixels entering from outside repeat the border
+            (digits: background), not a constant that the discriminator could key on.
+        boxes: (B, 4) cutout boxes (y0, x0, y1, x1), zeroed; None: no cutout.
+    """
+
+    shifts: Tensor | None
+    boxes: Tensor | None
+
+    @classmethod
+    def draw(
+        cls, policy: Sequence[str], shape: Sequence[int], gen: torch.Generator | None, device,
+        translation: float = 0.125, cutout: float = 0.5,
+    ) -> "DiscriminatorAugment":
+        """Random parameters for a batch of ``shape`` (B, C, H, W); ``translation`` / ``cutout`` are fractions of the side."""
+        unknown = sorted(set(policy) - set(AUGMENT_POLICIES))
+        if unknown:
+            raise ValueError(f"unknown discriminator augmentation {unknown}; choose from {list(AUGMENT_POLICIES)}")
+        b, _, h, w = shape
+        shifts = boxes = None
+        if "translation" in policy:
+            m = max(int(round(translation * min(h, w))), 0)
+            shifts = torch.randint(-m, m + 1, (b, 2), generator=gen, device=device)
+        if "cutout" in policy:
+            ch, cw = max(int(round(cutout * h)), 1), max(int(round(cutout * w)), 1)
+            cy = torch.randint(0, h, (b,), generator=gen, device=device)
+            cx = torch.randint(0, w, (b,), generator=gen, device=device)
+            boxes = torch.stack([cy - ch // 2, cx - cw // 2, cy - ch // 2 + ch, cx - cw // 2 + cw], 1)
+        return cls(shifts, boxes)
+
+    def __call__(self, x: Tensor) -> Tensor:
+        n, c, h, w = x.shape
+        if self.shifts is not None:
+            dy, dx = self.shifts[:n, 0], self.shifts[:n, 1]
+            rows = (torch.arange(h, device=x.device)[None] - dy[:, None]).clamp(0, h - 1)  # (n, H)
+            cols = (torch.arange(w, device=x.device)[None] - dx[:, None]).clamp(0, w - 1)  # (n, W)
+            b = torch.arange(n, device=x.device)[:, None, None, None]
+            ch = torch.arange(c, device=x.device)[None, :, None, None]
+            x = x[b, ch, rows[:, None, :, None], cols[:, None, None, :]]
+        if self.boxes is not None:
+            y0, x0, y1, x1 = (v[:n, None, None, None] for v in self.boxes.unbind(1))
+            yy = torch.arange(h, device=x.device)[None, None, :, None]
+            xx = torch.arange(w, device=x.device)[None, None, None, :]
+            inside = (yy >= y0) & (yy < y1) & (xx >= x0) & (xx < x1)
+            x = x * (~inside).to(x.dtype)
+        return x
+
+
 @dataclass(frozen=True)
 class AdversarialSettings:
     """The GAN settings of an :class:`AdversarialMethod` (its init args of the same names)."""
@@ -587,6 +650,7 @@ class AdversarialSettings:
     discriminator_grad_clip: float | None
     sample_every_n_steps: int
     seed: int
+    d_augment: tuple[str, ...] = ()
 
 
 @dataclass
@@ -646,6 +710,9 @@ class AdversarialMethod(DistillationMethod):
         r1_sigma: perturbation scale of the approximated R1.
         d_updates_per_g: D:G ratio when no schedule callback is attached (fractions allowed).
         generator_grad_clip, discriminator_grad_clip: max gradient norm per network (None: off).
+        d_augment: differentiable augmentations of every discriminator input, real and fake
+            (:class:`DiscriminatorAugment`: ``"translation"`` by up to 1/8 of the side, ``"cutout"`` of
+            half the side); None or []: none.
         sample_steps, sample_every_n_steps, num_log_samples, seed: as :class:`DistillationMethod`
             (``sample_every_n_steps`` counts iterations here).
     """
@@ -676,11 +743,14 @@ class AdversarialMethod(DistillationMethod):
         d_updates_per_g: float = 1.0,
         generator_grad_clip: float | None = None,
         discriminator_grad_clip: float | None = None,
+        d_augment: list[str] | None = None,
         sample_steps: int = 1,
         sample_every_n_steps: int = 0,
         num_log_samples: int = 64,
         seed: int = 0,
     ) -> None:
+        d_augment = tuple(d_augment or ())
+        DiscriminatorAugment.draw(d_augment, (1, 1, 8, 8), None, "cpu")  # validates the policy names
         if gan_loss not in GAN_LOSSES:
             raise ValueError(f"unknown gan_loss {gan_loss!r}; choose one of {sorted(GAN_LOSSES)}")
         if r1 not in ("true", "approx", "none"):
@@ -704,7 +774,7 @@ class AdversarialMethod(DistillationMethod):
         self.adv = AdversarialSettings(
             gan_loss=gan_loss, r1=r1, r1_weight=r1_weight, r1_sigma=r1_sigma, d_updates_per_g=d_updates_per_g,
             generator_grad_clip=generator_grad_clip, discriminator_grad_clip=discriminator_grad_clip,
-            sample_every_n_steps=sample_every_n_steps, seed=seed,
+            sample_every_n_steps=sample_every_n_steps, seed=seed, d_augment=d_augment,
         )
         if "sample_steps" in self.hparams and self.hparams.sample_steps is None:
             self.hparams.sample_steps = sample_steps  # a subclass's "None = automatic", resolved
@@ -730,19 +800,22 @@ class AdversarialMethod(DistillationMethod):
 
         With :meth:`discriminator_t_range` (APT; ADD's LADD option) the images are noised at a random t,
         one t and one noise draw per sample taken here, so real, fake and R1 evaluations see the same
-        function of the image.
+        function of the image; ``d_augment`` parameters are drawn here too and applied before the noise.
         """
         labels = class_labels if self.discriminator.heads.class_embed is not None or self.discriminator.backbone_cond else None
+        augment = (
+            DiscriminatorAugment.draw(self.adv.d_augment, x.shape, gen, x.device) if self.adv.d_augment else (lambda images: images)
+        )
         t_range = self.discriminator_t_range()
         if t_range is None:
-            return lambda images: self.discriminator(images, class_labels=labels)
+            return lambda images: self.discriminator(augment(images), class_labels=labels)
         t = torch.randint(int(t_range[0]), int(t_range[1]) + 1, (x.shape[0],), generator=gen, device=x.device)
         noise = torch.randn(x.shape, generator=gen, device=x.device, dtype=x.dtype)
         sched = self.student.schedule
 
         def d_fn(images: Tensor) -> Tensor:
             n = images.shape[0]
-            return self.discriminator(sched.add_noise(images, noise[:n], t[:n]), t[:n], class_labels=labels)
+            return self.discriminator(sched.add_noise(augment(images), noise[:n], t[:n]), t[:n], class_labels=labels)
 
         return d_fn
 
@@ -901,6 +974,7 @@ __all__ = [
     "DigitsClassifierFeatures",
     "MultiLevelHeads",
     "Discriminator",
+    "DiscriminatorAugment",
     "frozen",
     "unclipped_x0",
     "Generated",

@@ -100,7 +100,7 @@ class AdversarialPostTraining(AdversarialMethod):
         d_t_min, d_t_max: range of the discriminator's noise timestep (None: T - 1).
         train_d_backbone: train the discriminator backbone (APT) or only its heads.
         generator_optimizer, discriminator_optimizer, generator_lr_scheduler, gan_loss, r1, r1_weight,
-            r1_sigma, d_updates_per_g, generator_grad_clip, discriminator_grad_clip,
+            r1_sigma, d_updates_per_g, generator_grad_clip, discriminator_grad_clip, d_augment,
             sample_every_n_steps, num_log_samples, seed: see :class:`AdversarialMethod`.
         sample_steps: steps of logged sample grids and ``predict`` (1: the trained one-step map; more
             steps run the DDIM sampler, which the generator was not trained for).
@@ -134,6 +134,7 @@ class AdversarialPostTraining(AdversarialMethod):
         d_updates_per_g: float = 1.0,
         generator_grad_clip: float | None = None,
         discriminator_grad_clip: float | None = None,
+        d_augment: list[str] | None = None,
         sample_steps: int = 1,
         sample_every_n_steps: int = 0,
         num_log_samples: int = 64,
@@ -160,6 +161,7 @@ class AdversarialPostTraining(AdversarialMethod):
             d_updates_per_g=d_updates_per_g,
             generator_grad_clip=generator_grad_clip,
             discriminator_grad_clip=discriminator_grad_clip,
+            d_augment=d_augment,
             sample_steps=sample_steps,
             sample_every_n_steps=sample_every_n_steps,
             num_log_samples=num_log_samples,
