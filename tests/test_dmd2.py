@@ -224,6 +224,26 @@ def test_generator_step_leaves_critic_gradients_empty(tiny_teacher_dir):
         assert all(p.grad is None for p in module.parameters())
 
 
+def test_gan_inputs_are_noised_within_gan_t_range(tiny_teacher_dir):
+    """gan_t_range bounds the noise level of every GAN input: the D loss's real and fake, the G loss's fake."""
+    model = _model(tiny_teacher_dir, gan_t_range=(0.1, 0.25))
+    seen = []
+    original = model.discriminator_logits
+
+    def spy(x, t, noise, *args, **kwargs):
+        seen.append(t.clone())
+        return original(x, t, noise, *args, **kwargs)
+
+    model.discriminator_logits = spy
+    batch = next(iter(_loader()))
+    model.critic_loss(batch, model.step_generator(0))
+    model.generator_loss(batch, model.step_generator(1))
+    t = torch.cat(seen)
+    assert len(seen) == 3 and int(t.min()) >= int(0.1 * 1024) and int(t.max()) < int(0.25 * 1024)
+    with pytest.raises(ValueError, match="gan_t_range"):
+        _model(tiny_teacher_dir, gan_t_range=(0.5, 0.5))
+
+
 @pytest.mark.parametrize("ratio,gan", [(3, True), (1, False)])
 def test_update_ratio(tiny_teacher_dir, tmp_path, ratio, gan):
     model = _model(tiny_teacher_dir, fake_updates_per_generator=ratio, gan=gan)

@@ -260,6 +260,10 @@ class DMD2(DistillationMethod):
         gan_generator_weight: weight of the non-saturating generator GAN loss (paper: 3e-3).
         gan_discriminator_weight: weight of the discriminator loss in the critic update (paper: 1e-2).
         gan_feature_module: UNet submodule whose output feeds the head.
+        gan_t_range: fractions of T bounding the noise level of the GAN term's inputs (real and fake,
+            both networks' losses); the paper samples all of [0, T). At high noise real and fake look
+            alike and the head's signal is mostly noise; a lower bound on the signal-to-noise ratio
+            (e.g. ``[0, 0.25]``) keeps it informative.
         head_hidden: hidden channels of the head (default: the bottleneck's channels).
         r1_weight: weight of an approximated R1 penalty (APT) on real data in the D loss (paper: 0,
             off); a schedule's ``r1_scale`` multiplies it.
@@ -294,6 +298,7 @@ class DMD2(DistillationMethod):
         gan_generator_weight: float = 3e-3,
         gan_discriminator_weight: float = 1e-2,
         gan_feature_module: str = "mid_block",
+        gan_t_range: tuple[float, float] = (0.0, 1.0),
         head_hidden: int | None = None,
         r1_weight: float = 0.0,
         r1_sigma: float = 0.01,
@@ -316,6 +321,9 @@ class DMD2(DistillationMethod):
         lo, hi = dm_t_range
         if not 0.0 <= lo < hi <= 1.0:
             raise ValueError(f"dm_t_range must satisfy 0 <= lo < hi <= 1, got {tuple(dm_t_range)}")
+        glo, ghi = gan_t_range
+        if not 0.0 <= glo < ghi <= 1.0:
+            raise ValueError(f"gan_t_range must satisfy 0 <= lo < hi <= 1, got {tuple(gan_t_range)}")
         if dm_reduction not in ("mean", "sum"):
             raise ValueError(f"dm_reduction must be 'mean' or 'sum', got {dm_reduction!r}")
         super().__init__(
@@ -377,6 +385,12 @@ class DMD2(DistillationMethod):
     def _randint(self, lo: int, hi: int, n: int, g: torch.Generator) -> Tensor:
         return torch.randint(lo, hi, (n,), generator=g, device=self.device)
 
+    def _gan_t(self, n: int, g: torch.Generator) -> Tensor:
+        """Noise levels of GAN inputs: uniform over ``gan_t_range`` (fractions of T; at least one timestep)."""
+        T = self.fake_score.schedule.num_train_timesteps
+        lo, hi = self.hparams.gan_t_range
+        return self._randint(int(lo * T), max(int(hi * T), int(lo * T) + 1), n, g)
+
     def generate(self, n: int, g: torch.Generator, **cond) -> Tensor:
         """Generator samples x = G(x_{t_i}) at a random step i, gradients attached to the generator.
 
@@ -411,7 +425,7 @@ class DMD2(DistillationMethod):
         )
         loss, logs = out.loss, dict(out.logs)
         if self.discriminator_head is not None:
-            t_gan = self._randint(0, T, n, g)
+            t_gan = self._gan_t(n, g)
             # D frozen: no gradient accumulates in it, but the input gradient still reaches x.
             with frozen(list(self.fake_score.parameters()) + list(self.discriminator_head.parameters())):
                 logits = self.discriminator_logits(x, t_gan, self._randn(x.shape, g), **cond)
@@ -441,7 +455,7 @@ class DMD2(DistillationMethod):
         real_logits = fake_logits = None
         if self.discriminator_head is not None:
             x_real = batch["x"].to(x_fake.dtype)
-            t_real, t_fake = self._randint(0, T, n, g), self._randint(0, T, n, g)
+            t_real, t_fake = self._gan_t(n, g), self._gan_t(n, g)
             noise_real = self._randn(x_real.shape, g)
             real_logits = self.discriminator_logits(x_real, t_real, noise_real, train_backbone, **cond)
             fake_logits = self.discriminator_logits(x_fake, t_fake, self._randn(x_fake.shape, g), train_backbone, **cond)
