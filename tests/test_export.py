@@ -154,3 +154,41 @@ def test_atomic_write_dir_replaces_only_when_complete(tmp_path):
         atomic_write_dir(target, write_fail)
     assert _snapshot(target) == {"b.txt": b"B"}
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_pipeline_export_from_best_checkpoint(tmp_path):
+    """PipelineExport(from_best=True) exports the EMA student of the best monitored checkpoint, not the final one."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from lightning_distill.callbacks import PipelineExport
+
+    class Score(L.Callback):  # a metric that is best (lowest) after step 2 of 4
+        def on_train_batch_end(self, trainer, pl_module, *args):
+            pl_module.log("score", abs(trainer.global_step - 2.0))
+
+    L.seed_everything(0)
+    dm = TeacherDataModule(teacher=None, data="digits", image_size=8, batch_size=8)
+    model = DiffusionTraining(
+        unet=make_tiny_unet(8, 1), num_train_timesteps=1024, optimizer=lambda p: torch.optim.Adam(p, lr=1e-2)
+    )
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", monitor="score", mode="min", save_top_k=1, every_n_train_steps=1)
+    export = PipelineExport(str(tmp_path / "student"), from_best=True)
+    trainer = L.Trainer(
+        max_steps=4,
+        default_root_dir=tmp_path,
+        callbacks=[Score(), EMA(decay=0.5, warmup=False), ckpt, export],
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        num_sanity_val_steps=0,
+    )
+    trainer.fit(model, dm)
+    assert export.exported_from == ckpt.best_model_path and "step=2" in ckpt.best_model_path
+    saved = torch.load(ckpt.best_model_path, map_location="cpu", weights_only=True)
+    averaged = next(s["averaged"] for s in saved["callbacks"].values() if isinstance(s, dict) and "averaged" in s)
+    exported = DiffusionPipeline.from_pretrained(str(tmp_path / "student")).unet.state_dict()
+    final = model.sampling_denoiser().unet.state_dict()
+    for k, v in exported.items():
+        torch.testing.assert_close(v, averaged[f"module.unet.{k}"])
+    assert any(not torch.equal(v, final[k]) for k, v in exported.items())  # not the final EMA weights
