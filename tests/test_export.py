@@ -16,9 +16,8 @@ from lightning_distill.methods.diffusion import DiffusionTraining
 from conftest import make_tiny_unet
 
 
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    """A DiffusionTraining model after 2 steps with a fast EMA (so EMA and raw weights differ)."""
+def _fit_tiny(root, max_steps: int, callbacks: list, **trainer_kwargs) -> DiffusionTraining:
+    """A tiny DiffusionTraining model fitted on the digits for ``max_steps`` steps (Adam lr 1e-2)."""
     L.seed_everything(0)
     dm = TeacherDataModule(teacher=None, data="digits", image_size=8, batch_size=8)
     model = DiffusionTraining(
@@ -26,19 +25,26 @@ def trained(tmp_path_factory):
         num_train_timesteps=1024,
         optimizer=lambda p: torch.optim.Adam(p, lr=1e-2),
     )
-    ema = EMA(decay=0.5, warmup=False)
     trainer = L.Trainer(
-        max_steps=2,
-        default_root_dir=tmp_path_factory.mktemp("run"),
-        callbacks=[ema],
+        max_steps=max_steps,
+        default_root_dir=root,
+        callbacks=callbacks,
         logger=False,
-        enable_checkpointing=False,
         enable_progress_bar=False,
         enable_model_summary=False,
         limit_val_batches=0,
         num_sanity_val_steps=0,
+        **trainer_kwargs,
     )
     trainer.fit(model, dm)
+    return model
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A DiffusionTraining model after 2 steps with a fast EMA (so EMA and raw weights differ)."""
+    ema = EMA(decay=0.5, warmup=False)
+    model = _fit_tiny(tmp_path_factory.mktemp("run"), 2, [ema], enable_checkpointing=False)
     return model, ema
 
 
@@ -166,24 +172,9 @@ def test_pipeline_export_from_best_checkpoint(tmp_path):
         def on_train_batch_end(self, trainer, pl_module, *args):
             pl_module.log("score", abs(trainer.global_step - 2.0))
 
-    L.seed_everything(0)
-    dm = TeacherDataModule(teacher=None, data="digits", image_size=8, batch_size=8)
-    model = DiffusionTraining(
-        unet=make_tiny_unet(8, 1), num_train_timesteps=1024, optimizer=lambda p: torch.optim.Adam(p, lr=1e-2)
-    )
     ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", monitor="score", mode="min", save_top_k=1, every_n_train_steps=1)
     export = PipelineExport(str(tmp_path / "student"), from_best=True)
-    trainer = L.Trainer(
-        max_steps=4,
-        default_root_dir=tmp_path,
-        callbacks=[Score(), EMA(decay=0.5, warmup=False), ckpt, export],
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        limit_val_batches=0,
-        num_sanity_val_steps=0,
-    )
-    trainer.fit(model, dm)
+    model = _fit_tiny(tmp_path, 4, [Score(), EMA(decay=0.5, warmup=False), ckpt, export])
     assert export.exported_from == ckpt.best_model_path and "step=2" in ckpt.best_model_path
     saved = torch.load(ckpt.best_model_path, map_location="cpu", weights_only=True)
     averaged = next(s["averaged"] for s in saved["callbacks"].values() if isinstance(s, dict) and "averaged" in s)
