@@ -47,10 +47,9 @@ class PipelineExport(L.Callback):
                     rank_zero_info("PipelineExport(from_best=True): no monitored best checkpoint; exporting the final weights")
                 path = pl_module.export(self.dirpath, use_ema=self.use_ema)
             else:
-                from lightning_distill.export import export_pipeline
-                from lightning_distill.methods.apt import load_generator_state
+                from lightning_distill.export import export_pipeline, load_student_state
 
-                state, _ = load_generator_state(best, self.use_ema)
+                state, _ = load_student_state(best, self.use_ema)
                 unet = copy.deepcopy(pl_module.student.unet)
                 unet.load_state_dict(state)
                 path = export_pipeline(unet, pl_module.make_scheduler(), self.dirpath)

@@ -36,6 +36,7 @@ from typing import Callable, Sequence
 import torch
 from torch import Tensor, nn
 
+from .export import ema_state_from_checkpoint
 from .metrics import (
     ReferenceStats,
     decode_latents,
@@ -73,20 +74,6 @@ class Sampler:
 
 
 # --- loading models ------------------------------------------------------------------------------
-
-
-def ema_state_from_checkpoint(ckpt: dict) -> dict | None:
-    """The sampling-EMA copy of the student stored by the EMA callback (``{"averaged": ...}``), without
-    ``AveragedModel``'s ``module.`` prefix; None when absent or never updated."""
-    for state in (ckpt.get("callbacks") or {}).values():
-        avg = state.get("averaged") if isinstance(state, dict) else None
-        if not avg:
-            continue
-        n = avg.get("n_averaged")
-        if n is not None and int(n) == 0:
-            continue
-        return {k[len("module.") :]: v for k, v in avg.items() if k.startswith("module.")}
-    return None
 
 
 def _import_class(class_path: str):

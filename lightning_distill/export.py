@@ -8,13 +8,14 @@ once the new one is complete.
 from __future__ import annotations
 
 import copy
+import json
 import os
 import shutil
 import tempfile
 from pathlib import Path
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 
 def atomic_write_dir(target: str | os.PathLike, write) -> Path:
@@ -61,3 +62,60 @@ def export_pipeline(unet: nn.Module, scheduler, target: str | os.PathLike) -> Pa
         make_pipeline(unet, scheduler).save_pretrained(tmp, safe_serialization=True)
 
     return atomic_write_dir(target, write)
+
+
+# --- reading a trained student back ----------------------------------------------------------------
+
+
+def ema_state_from_checkpoint(ckpt: dict) -> dict | None:
+    """The sampling-EMA copy of the student stored by the EMA callback (``{"averaged": ...}``), without
+    ``AveragedModel``'s ``module.`` prefix; None when absent or never updated."""
+    for state in (ckpt.get("callbacks") or {}).values():
+        avg = state.get("averaged") if isinstance(state, dict) else None
+        if not avg:
+            continue
+        n = avg.get("n_averaged")
+        if n is not None and int(n) == 0:
+            continue
+        return {k[len("module.") :]: v for k, v in avg.items() if k.startswith("module.")}
+    return None
+
+
+def load_student_state(path: str | os.PathLike, use_ema: bool = True) -> tuple[dict[str, Tensor], str | None]:
+    """UNet weights (and prediction type, when recorded) of a trained student.
+
+    Accepts:
+      * a Lightning ``.ckpt`` of any ``DistillationMethod`` (e.g. ``ConsistencyDistillation``):
+        the sampling-EMA weights of an ``EMA`` callback when present and ``use_ema``, else ``student.unet``;
+        the prediction type from ``hyper_parameters.student_prediction_type`` when set;
+      * an exported pipeline folder (``unet/`` + ``scheduler/``): the UNet weights and the scheduler's
+        ``prediction_type``.
+
+    Raises:
+        FileNotFoundError: the path does not exist. ValueError: no student weights in it.
+    """
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise FileNotFoundError(f"student {str(path)!r} does not exist (a .ckpt file or an exported pipeline folder)")
+    if path.is_dir():
+        cfg = path / "unet" / "config.json"
+        if not cfg.is_file():
+            raise ValueError(f"student folder {path} has no unet/config.json (expected an exported pipeline)")
+        import diffusers
+
+        cls = getattr(diffusers, json.loads(cfg.read_text())["_class_name"])
+        unet = cls.from_pretrained(path, subfolder="unet")
+        sched_cfg = path / "scheduler" / "scheduler_config.json"
+        pred = json.loads(sched_cfg.read_text()).get("prediction_type") if sched_cfg.is_file() else None
+        return unet.state_dict(), pred
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    pred = (ckpt.get("hyper_parameters") or {}).get("student_prediction_type")
+    ema = ema_state_from_checkpoint(ckpt) if use_ema else None
+    if ema is not None:
+        sd = {k[len("unet.") :]: v for k, v in ema.items() if k.startswith("unet.")}
+        if sd:
+            return sd, pred
+    sd = {k[len("student.unet.") :]: v for k, v in ckpt.get("state_dict", {}).items() if k.startswith("student.unet.")}
+    if not sd:
+        raise ValueError(f"checkpoint {path} holds no student.unet weights")
+    return sd, pred

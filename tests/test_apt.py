@@ -10,7 +10,8 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from lightning_distill.methods.apt import AdversarialPostTraining, load_generator_state
+from lightning_distill.export import load_student_state
+from lightning_distill.methods.apt import AdversarialPostTraining
 
 from conftest import write_tiny_teacher
 
@@ -63,7 +64,7 @@ def test_init_from_a_consistency_checkpoint_and_an_exported_folder(teacher, cons
             torch.testing.assert_close(v, expected[k], rtol=0, atol=0)
         # the discriminator backbone starts from the teacher, not from the student
         torch.testing.assert_close(model.discriminator.backbone.unet.conv_in.weight, teacher.unet.conv_in.weight)
-    sd, pred = load_generator_state(root / "student")
+    sd, pred = load_student_state(root / "student")
     assert pred == "v_prediction" and key in sd
     with pytest.raises(FileNotFoundError, match="does not exist"):
         AdversarialPostTraining(teacher, init_from=str(root / "missing.ckpt"))

@@ -571,12 +571,17 @@ def unclipped_x0(denoiser: Denoiser, x_t: Tensor, t: Tensor, **cond) -> Tensor:
     return prediction_from_output(out, x_t, sched.alpha(t), sched.sigma(t), denoiser.prediction_type).x0
 
 
-# --- the GAN base class ------------------------------------------------------------------------------
-
-
 # --- differentiable augmentation of the discriminator's inputs ------------------------------------
 
 AUGMENT_POLICIES = ("translation", "cutout")
+
+
+def check_augment_policy(policy: Sequence[str]) -> tuple[str, ...]:
+    """The policy as a tuple; raises ValueError naming any augmentation that is not in ``AUGMENT_POLICIES``."""
+    unknown = sorted(set(policy) - set(AUGMENT_POLICIES))
+    if unknown:
+        raise ValueError(f"unknown discriminator augmentation {unknown}; choose from {list(AUGMENT_POLICIES)}")
+    return tuple(policy)
 
 
 @dataclass(frozen=True)
@@ -604,9 +609,7 @@ class DiscriminatorAugment:
         translation: float = 0.125, cutout: float = 0.5,
     ) -> "DiscriminatorAugment":
         """Random parameters for a batch of ``shape`` (B, C, H, W); ``translation`` / ``cutout`` are fractions of the side."""
-        unknown = sorted(set(policy) - set(AUGMENT_POLICIES))
-        if unknown:
-            raise ValueError(f"unknown discriminator augmentation {unknown}; choose from {list(AUGMENT_POLICIES)}")
+        check_augment_policy(policy)
         b, _, h, w = shape
         shifts = boxes = None
         if "translation" in policy:
@@ -635,6 +638,9 @@ class DiscriminatorAugment:
             inside = (yy >= y0) & (yy < y1) & (xx >= x0) & (xx < x1)
             x = x * (~inside).to(x.dtype)
         return x
+
+
+# --- the GAN base class ------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -749,8 +755,7 @@ class AdversarialMethod(DistillationMethod):
         num_log_samples: int = 64,
         seed: int = 0,
     ) -> None:
-        d_augment = tuple(d_augment or ())
-        DiscriminatorAugment.draw(d_augment, (1, 1, 8, 8), None, "cpu")  # validates the policy names
+        d_augment = check_augment_policy(d_augment or ())
         if gan_loss not in GAN_LOSSES:
             raise ValueError(f"unknown gan_loss {gan_loss!r}; choose one of {sorted(GAN_LOSSES)}")
         if r1 not in ("true", "approx", "none"):

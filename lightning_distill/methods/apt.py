@@ -24,14 +24,13 @@ on pure noise and returns its (clipped) x0: the same map G that is trained here.
 from __future__ import annotations
 
 import copy
-import json
-from pathlib import Path
 from typing import Literal
 
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
-from torch import Tensor, nn
+from torch import nn
 
+from ..export import load_student_state
 from ..parametrisation import PredictionType
 from ..teacher import DiffusionTeacher
 from .adversarial import AdversarialMethod, Discriminator, GanLoss, Generated, UNetEncoderFeatures, unclipped_x0
@@ -40,48 +39,6 @@ from .adversarial import AdversarialMethod, Discriminator, GanLoss, Generated, U
 def apt_optimizer(params) -> torch.optim.Optimizer:
     """RMSProp with alpha = 0.9, the APT paper's optimiser (lr unconfirmed; 5e-6 there, larger for small nets)."""
     return torch.optim.RMSprop(params, lr=5e-6, alpha=0.9)
-
-
-def load_generator_state(path: str | Path, use_ema: bool = True) -> tuple[dict[str, Tensor], str | None]:
-    """UNet weights (and prediction type, when recorded) of a trained student, to initialise APT's generator.
-
-    Accepts:
-      * a Lightning ``.ckpt`` of any :class:`DistillationMethod` (e.g. ``ConsistencyDistillation``):
-        the sampling-EMA weights of an ``EMA`` callback when present and ``use_ema``, else ``student.unet``;
-        the prediction type from ``hyper_parameters.student_prediction_type`` when set;
-      * an exported pipeline folder (``unet/`` + ``scheduler/``): the UNet weights and the scheduler's
-        ``prediction_type``.
-
-    Raises:
-        FileNotFoundError: the path does not exist. ValueError: no student weights in it.
-    """
-    path = Path(path).expanduser()
-    if not path.exists():
-        raise FileNotFoundError(f"APT init_from {str(path)!r} does not exist (a .ckpt file or an exported pipeline folder)")
-    if path.is_dir():
-        cfg = path / "unet" / "config.json"
-        if not cfg.is_file():
-            raise ValueError(f"APT init_from folder {path} has no unet/config.json (expected an exported pipeline)")
-        import diffusers
-
-        cls = getattr(diffusers, json.loads(cfg.read_text())["_class_name"])
-        unet = cls.from_pretrained(path, subfolder="unet")
-        sched_cfg = path / "scheduler" / "scheduler_config.json"
-        pred = json.loads(sched_cfg.read_text()).get("prediction_type") if sched_cfg.is_file() else None
-        return unet.state_dict(), pred
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    pred = (ckpt.get("hyper_parameters") or {}).get("student_prediction_type")
-    if use_ema:
-        for state in (ckpt.get("callbacks") or {}).values():
-            averaged = state.get("averaged") if isinstance(state, dict) else None
-            if averaged:
-                sd = {k[len("module.unet."):]: v for k, v in averaged.items() if k.startswith("module.unet.")}
-                if sd:
-                    return sd, pred
-    sd = {k[len("student.unet."):]: v for k, v in ckpt.get("state_dict", {}).items() if k.startswith("student.unet.")}
-    if not sd:
-        raise ValueError(f"checkpoint {path} holds no student.unet weights")
-    return sd, pred
 
 
 class AdversarialPostTraining(AdversarialMethod):
@@ -145,7 +102,7 @@ class AdversarialPostTraining(AdversarialMethod):
         pred = student_prediction_type
         state = None
         if init_from is not None:
-            state, recorded = load_generator_state(init_from, init_use_ema)
+            state, recorded = load_student_state(init_from, init_use_ema)
             pred = pred or recorded
         super().__init__(
             teacher=teacher,
@@ -207,4 +164,4 @@ class AdversarialPostTraining(AdversarialMethod):
         return (self.hparams.d_t_min, self.d_t_max)
 
 
-__all__ = ["AdversarialPostTraining", "load_generator_state", "apt_optimizer"]
+__all__ = ["AdversarialPostTraining", "apt_optimizer"]
