@@ -189,6 +189,36 @@ def test_steps_train_only_their_network_and_the_teacher_is_not_saved_twice(teach
     assert len(ckpt["optimizer_states"]) == 2
 
 
+def test_trainable_feature_network_is_a_trained_copy_of_the_teacher(teacher, tmp_path):
+    """train_features: the D backbone is a copy of the teacher UNet that the D step trains and checkpoints."""
+    import lightning as L
+    from torch.utils.data import DataLoader
+
+    from lightning_distill.callbacks.discriminator import DiscriminatorSchedule
+
+    torch.manual_seed(0)
+    model = AdversarialDiffusionDistillation(
+        teacher, num_student_steps=2, head_hidden=8, train_features=True, discriminator_t_range=[0, 250],
+        r1="approx", r1_weight=1.0, discriminator_optimizer=lambda p: torch.optim.SGD(p, lr=0.1),
+    )
+    backbone = model.discriminator.backbone.network
+    assert backbone is not teacher.unet and all(p.requires_grad for p in backbone.parameters())
+    assert any(n.startswith("backbone.") for n, _ in model.discriminator.named_parameters())
+    teacher0 = {k: v.clone() for k, v in teacher.state_dict().items()}
+    backbone0 = {k: v.clone() for k, v in backbone.state_dict().items()}
+    data = [{"x": torch.rand(1, 8, 8) * 2 - 1, "label": torch.tensor(0)} for _ in range(4)]
+    tr = L.Trainer(max_steps=1, logger=False, enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
+                   default_root_dir=tmp_path, callbacks=[DiscriminatorSchedule(d_warmup_steps=1)])
+    tr.fit(model, DataLoader(data, batch_size=4))
+    assert any(not torch.equal(v, backbone0[k]) for k, v in backbone.state_dict().items())
+    assert all(torch.equal(v, teacher0[k]) for k, v in teacher.state_dict().items())
+    path = tmp_path / "td.ckpt"
+    tr.save_checkpoint(path)
+    assert any(k.startswith("discriminator.backbone.") for k in torch.load(path, weights_only=False)["state_dict"])
+    with pytest.raises(ValueError, match="train_features"):
+        AdversarialDiffusionDistillation(teacher, head_hidden=8, train_features=True, feature_network=torch.nn.Identity())
+
+
 def test_debug_preset_runs_through_the_cli(tmp_path):
     from lightning_distill.cli import cli_main
 

@@ -37,6 +37,8 @@ training: on digits it made 2- and 4-step samples worse than 1-step ones, FD 1.6
 
 from __future__ import annotations
 
+import copy
+
 from typing import Literal
 
 import torch
@@ -101,6 +103,10 @@ class AdversarialDiffusionDistillation(AdversarialMethod):
             None: the teacher UNet's encoder (``feature_levels``) at timestep ``feature_timestep``.
         feature_levels: teacher-encoder levels (down block indices, -1 = mid block); None: all.
         feature_timestep: timestep at which the teacher encoder looks at (clean) images.
+        train_features: train the discriminator's backbone too: a trainable copy of the teacher UNet
+            (as APT's discriminator) instead of the frozen encoder. Not the paper's ADD (its feature
+            network is frozen); for small data where a frozen network's heads lose to the generator.
+            Only with ``feature_network=None``.
         discriminator_t_range: ``[lo, hi]``: the discriminator sees real and fake images noised to a
             random t in that range (one t and one noise draw per sample, shared by the real, fake and
             R1 evaluations of a step), and the teacher encoder gets that t, as LADD's discriminator
@@ -136,6 +142,7 @@ class AdversarialDiffusionDistillation(AdversarialMethod):
         feature_network: nn.Module | None = None,
         feature_levels: list[int] | None = None,
         feature_timestep: int = 0,
+        train_features: bool = False,
         discriminator_t_range: tuple[int, int] | None = None,
         head_hidden: int = 64,
         spatial_logits: bool = True,
@@ -203,9 +210,15 @@ class AdversarialDiffusionDistillation(AdversarialMethod):
         if not 0 <= distill_t_min <= self.distill_t_max < T:
             raise ValueError(f"need 0 <= distill_t_min <= distill_t_max < {T}, got {distill_t_min}, {distill_t_max}")
         teacher_features = feature_network is None
-        if teacher_features:
-            feature_network = UNetEncoderFeatures(teacher.unet, feature_levels, trainable=False, timestep=feature_timestep)
-        feature_network.requires_grad_(False)
+        if train_features and not teacher_features:
+            raise ValueError("train_features=True trains a copy of the teacher UNet: leave feature_network unset")
+        if train_features:
+            backbone = copy.deepcopy(teacher.unet).float().requires_grad_(True)
+            feature_network = UNetEncoderFeatures(backbone, feature_levels, trainable=True, timestep=feature_timestep)
+        else:
+            if teacher_features:
+                feature_network = UNetEncoderFeatures(teacher.unet, feature_levels, trainable=False, timestep=feature_timestep)
+            feature_network.requires_grad_(False)
         cond = self.is_class_conditional if conditional_discriminator is None else conditional_discriminator
         num_classes = int(self.student.unet.config.num_class_embeds) if cond else None
         if cond and not num_classes:
