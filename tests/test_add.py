@@ -187,6 +187,11 @@ def test_steps_train_only_their_network_and_the_teacher_is_not_saved_twice(teach
     ckpt = torch.load(path, weights_only=False)
     assert not any(k.startswith(("teacher.", "discriminator.backbone.")) for k in ckpt["state_dict"])
     assert len(ckpt["optimizer_states"]) == 2
+    # a second stage starts from this student (no EMA callback ran: its raw weights), not from the teacher
+    stage2 = AdversarialDiffusionDistillation(teacher, init_from=str(path), num_student_steps=2, head_hidden=8)
+    for (name, p), q in zip(stage2.student.unet.named_parameters(), model.student.unet.parameters()):
+        torch.testing.assert_close(p, q, msg=name)
+    assert any(changed(stage2.student.parameters(), student0))
 
 
 def test_trainable_feature_network_is_a_trained_copy_of_the_teacher(teacher, tmp_path):

@@ -93,6 +93,9 @@ class AdversarialDiffusionDistillation(AdversarialMethod):
     Args:
         teacher: the frozen teacher (linked from the data module by the CLI).
         student, student_prediction_type: as :class:`DistillationMethod` (default: copy of the teacher).
+        init_from, init_use_ema: start the student from a trained student (a ``.ckpt`` or an exported
+            pipeline folder, e.g. an earlier ADD run's, for a second stage with other discriminator
+            settings) instead of the teacher; see :class:`AdversarialMethod`.
         num_student_steps: number of fixed student timesteps: t_n = n (T // K) - 1, n = 1..K (for
             T = 1000, K = 4: 999, 749, 499, 249, the paper's), the grid the sampler visits.
         student_timesteps: the same grid written out (e.g. ``[999, 749, 499, 249]``); any other set
@@ -137,6 +140,8 @@ class AdversarialDiffusionDistillation(AdversarialMethod):
         teacher: DiffusionTeacher | None = None,
         student: nn.Module | None = None,
         student_prediction_type: PredictionType | None = None,
+        init_from: str | None = None,
+        init_use_ema: bool = True,
         num_student_steps: int = 4,
         student_timesteps: list[int] | None = None,
         feature_network: nn.Module | None = None,
@@ -174,6 +179,8 @@ class AdversarialDiffusionDistillation(AdversarialMethod):
             teacher=teacher,
             student=student,
             student_prediction_type=student_prediction_type,
+            init_from=init_from,
+            init_use_ema=init_use_ema,
             generator_optimizer=generator_optimizer,
             discriminator_optimizer=discriminator_optimizer,
             generator_lr_scheduler=generator_lr_scheduler,

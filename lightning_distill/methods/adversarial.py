@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
 
+from ..export import load_student_state
 from ..parametrisation import Denoiser, PredictionType, prediction_from_output
 from ..teacher import DiffusionTeacher
 from .base import DistillationMethod, LossOutput, check_finite, default_optimizer, eval_mode
@@ -708,6 +709,9 @@ class AdversarialMethod(DistillationMethod):
 
     Args:
         teacher, student, student_prediction_type: as :class:`DistillationMethod`.
+        init_from: start the generator from a trained student instead of the teacher: a ``.ckpt`` of
+            any method or an exported pipeline folder (its UNet must fit the student's).
+        init_use_ema: take the checkpoint's sampling-EMA weights when it has them.
         generator_optimizer, discriminator_optimizer: optimiser factories for the two networks.
         generator_lr_scheduler: optional LR scheduler of the generator (stepped per generator step).
         gan_loss: ``"hinge"`` or ``"non_saturating"``.
@@ -739,6 +743,8 @@ class AdversarialMethod(DistillationMethod):
         teacher: DiffusionTeacher | None = None,
         student: nn.Module | None = None,
         student_prediction_type: PredictionType | None = None,
+        init_from: str | None = None,
+        init_use_ema: bool = True,
         generator_optimizer: OptimizerCallable = default_optimizer,
         discriminator_optimizer: OptimizerCallable = default_optimizer,
         generator_lr_scheduler: LRSchedulerCallable | None = None,
@@ -761,6 +767,10 @@ class AdversarialMethod(DistillationMethod):
         if r1 not in ("true", "approx", "none"):
             raise ValueError(f"unknown r1 {r1!r}; choose 'true', 'approx' or 'none'")
         d_updates_at(0, d_updates_per_g)  # validates the ratio
+        state = None
+        if init_from is not None:
+            state, recorded = load_student_state(init_from, init_use_ema)
+            student_prediction_type = student_prediction_type or recorded
         super().__init__(
             teacher=teacher,
             student=student,
@@ -772,6 +782,12 @@ class AdversarialMethod(DistillationMethod):
             num_log_samples=num_log_samples,
             seed=seed,
         )
+        if state is not None:
+            missing, unexpected = self.student.unet.load_state_dict(state, strict=False)
+            if missing or unexpected:
+                raise ValueError(
+                    f"init_from {init_from!r} does not fit the student UNet: missing {missing[:5]}, unexpected {unexpected[:5]}"
+                )
         self.save_hyperparameters(ignore=list(self.hparams_ignore))
         # Settings are read from ``self.adv``, not ``hparams``: under LightningCLI ``hparams`` holds only the
         # subclass's own init args as configured, and a checkpoint's ``hparams`` must stay valid init args

@@ -30,7 +30,6 @@ import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import nn
 
-from ..export import load_student_state
 from ..parametrisation import PredictionType
 from ..teacher import DiffusionTeacher
 from .adversarial import AdversarialMethod, Discriminator, GanLoss, Generated, UNetEncoderFeatures, unclipped_x0
@@ -99,15 +98,12 @@ class AdversarialPostTraining(AdversarialMethod):
     ) -> None:
         if teacher is None:
             raise ValueError("AdversarialPostTraining needs a teacher (set data.teacher): it initialises the discriminator")
-        pred = student_prediction_type
-        state = None
-        if init_from is not None:
-            state, recorded = load_student_state(init_from, init_use_ema)
-            pred = pred or recorded
         super().__init__(
             teacher=teacher,
             student=student,
-            student_prediction_type=pred,
+            student_prediction_type=student_prediction_type,
+            init_from=init_from,
+            init_use_ema=init_use_ema,
             generator_optimizer=generator_optimizer,
             discriminator_optimizer=discriminator_optimizer,
             generator_lr_scheduler=generator_lr_scheduler,
@@ -124,12 +120,6 @@ class AdversarialPostTraining(AdversarialMethod):
             num_log_samples=num_log_samples,
             seed=seed,
         )
-        if state is not None:
-            missing, unexpected = self.student.unet.load_state_dict(state, strict=False)
-            if missing or unexpected:
-                raise ValueError(
-                    f"init_from {init_from!r} does not fit the student UNet: missing {missing[:5]}, unexpected {unexpected[:5]}"
-                )
         T = self.student.schedule.num_train_timesteps
         self.generator_timestep = int(self.student.schedule.trailing_timesteps(1)[0])  # T - 1: pure noise in
         self.d_t_max = T - 1 if d_t_max is None else d_t_max
