@@ -38,7 +38,6 @@ training: on digits it made 2- and 4-step samples worse than 1-step ones, FD 1.6
 from __future__ import annotations
 
 import copy
-
 from typing import Literal
 
 import torch
