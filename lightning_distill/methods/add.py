@@ -37,7 +37,6 @@ training: on digits it made 2- and 4-step samples worse than 1-step ones, FD 1.6
 
 from __future__ import annotations
 
-import copy
 from typing import Literal
 
 import torch
@@ -216,14 +215,13 @@ class AdversarialDiffusionDistillation(AdversarialMethod):
         if not 0 <= distill_t_min <= self.distill_t_max < T:
             raise ValueError(f"need 0 <= distill_t_min <= distill_t_max < {T}, got {distill_t_min}, {distill_t_max}")
         teacher_features = feature_network is None
-        if train_features and not teacher_features:
-            raise ValueError("train_features=True trains a copy of the teacher UNet: leave feature_network unset")
         if train_features:
-            backbone = copy.deepcopy(teacher.unet).float().requires_grad_(True)
-            feature_network = UNetEncoderFeatures(backbone, feature_levels, trainable=True, timestep=feature_timestep)
+            if not teacher_features:
+                raise ValueError("train_features=True trains a copy of the teacher UNet: leave feature_network unset")
+            feature_network = UNetEncoderFeatures.trainable_copy(teacher.unet, feature_levels, feature_timestep)
+        elif teacher_features:  # frozen: the teacher's own UNet, not registered as a submodule
+            feature_network = UNetEncoderFeatures(teacher.unet, feature_levels, trainable=False, timestep=feature_timestep)
         else:
-            if teacher_features:
-                feature_network = UNetEncoderFeatures(teacher.unet, feature_levels, trainable=False, timestep=feature_timestep)
             feature_network.requires_grad_(False)
         cond = self.is_class_conditional if conditional_discriminator is None else conditional_discriminator
         num_classes = int(self.student.unet.config.num_class_embeds) if cond else None

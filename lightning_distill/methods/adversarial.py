@@ -250,6 +250,15 @@ class UNetEncoderFeatures(nn.Module):
             unet.requires_grad_(False)
             self._frozen = [unet]  # a list hides it from nn.Module registration (no training, no saving)
 
+    @classmethod
+    def trainable_copy(
+        cls, unet: nn.Module, levels: Sequence[int] | None = None, timestep: int = 0, requires_grad: bool = True
+    ) -> "UNetEncoderFeatures":
+        """Features of a float32 copy of ``unet`` that is trained and checkpointed with the discriminator
+        (APT's backbone, ADD's ``train_features``); ``requires_grad=False`` registers it frozen."""
+        copy_ = copy.deepcopy(unet).float().requires_grad_(requires_grad)
+        return cls(copy_, levels, trainable=True, timestep=timestep)
+
     @property
     def network(self) -> nn.Module:
         return self.unet if self.trainable else self._frozen[0]

@@ -23,7 +23,6 @@ on pure noise and returns its (clipped) x0: the same map G that is trained here.
 
 from __future__ import annotations
 
-import copy
 from typing import Literal
 
 import torch
@@ -125,9 +124,7 @@ class AdversarialPostTraining(AdversarialMethod):
         self.d_t_max = T - 1 if d_t_max is None else d_t_max
         if not 0 <= d_t_min <= self.d_t_max < T:
             raise ValueError(f"need 0 <= d_t_min <= d_t_max < {T}, got {d_t_min}, {d_t_max}")
-        backbone_unet = copy.deepcopy(teacher.unet).float()
-        backbone_unet.requires_grad_(train_d_backbone)
-        backbone = UNetEncoderFeatures(backbone_unet, d_levels, trainable=True)
+        backbone = UNetEncoderFeatures.trainable_copy(teacher.unet, d_levels, requires_grad=train_d_backbone)
         cond = self.is_class_conditional
         self.discriminator = Discriminator(
             backbone,
