@@ -244,6 +244,35 @@ def test_gan_inputs_are_noised_within_gan_t_range(tiny_teacher_dir):
         _model(tiny_teacher_dir, gan_t_range=(0.5, 0.5))
 
 
+def test_d_augment_reaches_every_gan_input(tiny_teacher_dir):
+    """d_augment transforms the real and fake inputs of the D loss and the fake of the G loss, differentiably."""
+    from lightning_distill.methods.adversarial import DiscriminatorAugment
+
+    model = _model(tiny_teacher_dir, d_augment=["translation", "cutout"])
+    seen = []
+    original = model.discriminator_logits
+
+    def spy(x, t, noise, *args, augment=None, **kwargs):
+        seen.append((x.detach().clone(), augment))
+        return original(x, t, noise, *args, augment=augment, **kwargs)
+
+    model.discriminator_logits = spy
+    batch = next(iter(_loader()))
+    model.critic_loss(batch, model.step_generator(0))
+    model.generator_loss(batch, model.step_generator(1))
+    assert len(seen) == 3
+    for x, augment in seen:
+        assert isinstance(augment, DiscriminatorAugment)
+        assert not torch.equal(augment(x), x)
+    # differentiable: the head's logit still has a gradient with respect to the (augmented) image
+    x = batch["x"].clone().requires_grad_(True)
+    t = torch.full((x.shape[0],), 10)
+    original(x, t, torch.randn_like(x), augment=seen[-1][1]).sum().backward()
+    assert x.grad is not None and x.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="flip"):
+        _model(tiny_teacher_dir, d_augment=["flip"])
+
+
 @pytest.mark.parametrize("ratio,gan", [(3, True), (1, False)])
 def test_update_ratio(tiny_teacher_dir, tmp_path, ratio, gan):
     model = _model(tiny_teacher_dir, fake_updates_per_generator=ratio, gan=gan)
