@@ -117,6 +117,42 @@ def test_sampler_renoises_the_x0_estimate_with_fresh_noise(teacher):
     assert not torch.allclose(x, ddim_x, atol=1e-2)  # the input of step 2 is not DDIM's
 
 
+def test_backward_simulation_feeds_later_steps_the_sampler_state(teacher):
+    """backward_simulation=1: a sample at the second timestep gets the student's own first step from pure
+    noise, re-noised with fresh noise to 511 (reproduced by hand from the same random stream); the
+    first-step samples still get noised real images; 0 (the default) feeds noised real images to both."""
+    from lightning_distill.methods.adversarial import unclipped_x0
+
+    torch.manual_seed(0)
+    model = AdversarialDiffusionDistillation(teacher, num_student_steps=2, head_hidden=8, backward_simulation=1.0)
+    with torch.no_grad():
+        for p in model.student.unet.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    n = 8
+    batch = {"x": torch.rand(n, 1, 8, 8) * 2 - 1}
+    with torch.no_grad():
+        got = model.generate(batch, torch.Generator().manual_seed(5)).x
+        g = torch.Generator().manual_seed(5)
+        grid = model.student_timesteps  # [1023, 511]
+        idx = torch.randint(0, 2, (n,), generator=g)
+        eps = torch.randn(batch["x"].shape, generator=g)
+        torch.rand(idx.shape, generator=g)  # the per-sample pick (all picked at probability 1)
+        z = torch.randn(batch["x"].shape, generator=g)
+        rows = (idx == 1).nonzero().flatten()
+        assert 0 < rows.numel() < n  # both kinds of sample in the batch
+        x_t = model.student.schedule.add_noise(batch["x"], eps, grid[idx])
+        first = model.student(z[rows], grid[0]).x0  # the sampler's (clipped) first step
+        x_t[rows] = model.student.schedule.add_noise(first, torch.randn(first.shape, generator=g), grid[1].expand(len(rows)))
+        want = unclipped_x0(model.student, x_t, grid[idx])
+        torch.testing.assert_close(got, want)
+        model.hparams.backward_simulation = 0.0
+        plain = model.generate(batch, torch.Generator().manual_seed(5)).x
+    assert torch.allclose(plain[idx == 0], got[idx == 0])
+    assert not torch.allclose(plain[rows], got[rows], atol=1e-3)
+    with pytest.raises(ValueError, match="backward_simulation"):
+        AdversarialDiffusionDistillation(teacher, head_hidden=8, backward_simulation=1.5)
+
+
 def test_discriminator_on_noised_inputs(teacher):
     """discriminator_t_range: real and fake are noised with one (t, noise) draw, and the encoder gets t."""
     model = AdversarialDiffusionDistillation(teacher, head_hidden=8, discriminator_t_range=[100, 600])

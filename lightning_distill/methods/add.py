@@ -49,6 +49,7 @@ from ..teacher import DiffusionTeacher
 from .adversarial import AdversarialMethod, Discriminator, GanLoss, Generated, UNetEncoderFeatures, unclipped_x0
 from .base import LossOutput, default_optimizer
 from .consistency import X0_SAMPLER_TIMESTEP_SCALING, lcm_scheduler, lcm_training_timesteps
+from .dmd2 import backward_simulation
 
 Weighting = Literal["alpha", "constant", "alpha_squared"]
 
@@ -119,6 +120,12 @@ class AdversarialDiffusionDistillation(AdversarialMethod):
         distill_weight: lambda (2.5 in the paper).
         distill_weighting: c(t).
         distill_t_min, distill_t_max: range of the re-noising timestep (None: T - 1).
+        backward_simulation: probability that a sample drawn at a later student timestep (not the
+            first, pure-noise one) gets as input what the sampler gives it, the student's own earlier
+            steps from pure noise re-noised with fresh noise (DMD2's backward simulation, no gradient
+            through them), instead of a noised real image. Not in the ADD paper (0, its setting);
+            1.0 trains the later steps only on the inputs they see at sampling time, so they learn to
+            correct the earlier steps' errors rather than to denoise real images.
         generator_optimizer, discriminator_optimizer, generator_lr_scheduler, gan_loss, r1, r1_weight,
             r1_sigma, d_updates_per_g, generator_grad_clip, discriminator_grad_clip, d_augment, sample_steps,
             sample_every_n_steps, num_log_samples, seed: see :class:`AdversarialMethod`
@@ -154,6 +161,7 @@ class AdversarialDiffusionDistillation(AdversarialMethod):
         distill_weighting: Weighting = "alpha",
         distill_t_min: int = 0,
         distill_t_max: int | None = None,
+        backward_simulation: float = 0.0,
         generator_optimizer: OptimizerCallable = default_optimizer,
         discriminator_optimizer: OptimizerCallable = default_optimizer,
         generator_lr_scheduler: LRSchedulerCallable | None = None,
@@ -173,6 +181,8 @@ class AdversarialDiffusionDistillation(AdversarialMethod):
         if teacher is None:
             raise ValueError("AdversarialDiffusionDistillation needs a teacher (set data.teacher)")
         distillation_weight(torch.ones(1), distill_weighting)  # validates the choice
+        if not 0.0 <= backward_simulation <= 1.0:
+            raise ValueError(f"backward_simulation is a probability in [0, 1], got {backward_simulation}")
         super().__init__(
             teacher=teacher,
             student=student,
@@ -255,7 +265,27 @@ class AdversarialDiffusionDistillation(AdversarialMethod):
         eps = torch.randn(x.shape, generator=gen, device=x.device, dtype=x.dtype)
         x_t = self.student.schedule.add_noise(x, eps, t)
         labels = self._labels(batch)
+        if self.hparams.backward_simulation > 0:
+            x_t = self._backward_simulated(x_t, idx, labels, gen)
         return Generated(unclipped_x0(self.student, x_t, t, **self._cond(labels)), labels)
+
+    def _backward_simulated(self, x_t: Tensor, idx: Tensor, labels: Tensor | None, gen: torch.Generator) -> Tensor:
+        """Replace the inputs of a ``backward_simulation`` fraction of the later-step samples by sampler states.
+
+        A sample at grid index i > 0 gets, with that probability, the state the sampler reaches after
+        the student's own first i steps from pure noise (``backward_simulation`` of dmd2, fresh noise
+        between steps, no gradient). Random draws come from ``gen``, so resumed runs repeat them.
+        """
+        pick = torch.rand(idx.shape, generator=gen, device=idx.device) < self.hparams.backward_simulation
+        z = torch.randn(x_t.shape, generator=gen, device=x_t.device, dtype=x_t.dtype)
+        x_t = x_t.clone()
+        with torch.no_grad():
+            for i in range(1, self.student_timesteps.numel()):
+                rows = (pick & (idx == i)).nonzero().flatten()
+                if rows.numel():
+                    cond = self._cond(labels[rows] if labels is not None else None)
+                    x_t[rows] = backward_simulation(self.student, z[rows], self.student_timesteps, i, rng=gen, **cond)
+        return x_t
 
     def discriminator_t_range(self) -> tuple[int, int] | None:
         t_range = self.hparams.discriminator_t_range
