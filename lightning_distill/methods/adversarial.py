@@ -618,7 +618,10 @@ class DiscriminatorAugment:
         cls, policy: Sequence[str], shape: Sequence[int], gen: torch.Generator | None, device,
         translation: float = 0.125, cutout: float = 0.5,
     ) -> "DiscriminatorAugment":
-        """Random parameters for a batch of ``shape`` (B, C, H, W); ``translation`` / ``cutout`` are fractions of the side."""
+        """Random parameters for a batch of ``shape`` (B, C, H, W); ``translation`` / ``cutout`` are fractions of the side.
+
+        An empty policy gives the identity and draws nothing from ``gen`` (random streams stay as without augmentation).
+        """
         check_augment_policy(policy)
         b, _, h, w = shape
         shifts = boxes = None
@@ -833,9 +836,7 @@ class AdversarialMethod(DistillationMethod):
         function of the image; ``d_augment`` parameters are drawn here too and applied before the noise.
         """
         labels = class_labels if self.discriminator.heads.class_embed is not None or self.discriminator.backbone_cond else None
-        augment = (
-            DiscriminatorAugment.draw(self.adv.d_augment, x.shape, gen, x.device) if self.adv.d_augment else (lambda images: images)
-        )
+        augment = DiscriminatorAugment.draw(self.adv.d_augment, x.shape, gen, x.device)  # identity, no draws, without a policy
         t_range = self.discriminator_t_range()
         if t_range is None:
             return lambda images: self.discriminator(augment(images), class_labels=labels)

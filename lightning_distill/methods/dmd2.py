@@ -332,9 +332,9 @@ class DMD2(DistillationMethod):
         glo, ghi = gan_t_range
         if not 0.0 <= glo < ghi <= 1.0:
             raise ValueError(f"gan_t_range must satisfy 0 <= lo < hi <= 1, got {tuple(gan_t_range)}")
-        d_augment = list(check_augment_policy(d_augment or ()))
         if dm_reduction not in ("mean", "sum"):
             raise ValueError(f"dm_reduction must be 'mean' or 'sum', got {dm_reduction!r}")
+        augment_policy = check_augment_policy(d_augment or ())
         super().__init__(
             teacher=teacher,
             student=student,
@@ -360,6 +360,8 @@ class DMD2(DistillationMethod):
         # The sampler runs the generator's own K steps unless told otherwise.
         self.hparams.sample_steps = sample_steps or generator_steps
         self.automatic_optimization = False
+        # an attribute, not hparams: under LightningCLI hparams hold the config's value (may be None)
+        self.d_augment = augment_policy
         self.fake_score_optimizer_factory = fake_score_optimizer
         self.discriminator_optimizer_factory = discriminator_optimizer or fake_score_optimizer
         # Iterations done (batches); persistent, so resumed runs continue the plan and the random streams.
@@ -415,10 +417,9 @@ class DMD2(DistillationMethod):
         x_t = backward_simulation(self.student, z, grid, index, rng=g, **cond)
         return unclipped_x0(self.student, x_t, grid[index].expand(n), **cond)
 
-    def _augment(self, x: Tensor, g: torch.Generator):
-        """``d_augment`` drawn now for a batch shaped like x (identity without a policy; draws nothing then)."""
-        policy = self.hparams.d_augment
-        return DiscriminatorAugment.draw(policy, x.shape, g, x.device) if policy else (lambda images: images)
+    def _augment(self, x: Tensor, g: torch.Generator) -> DiscriminatorAugment:
+        """``d_augment`` drawn now for a batch shaped like x (the identity without a policy, drawing nothing)."""
+        return DiscriminatorAugment.draw(self.d_augment, x.shape, g, x.device)
 
     def discriminator_logits(
         self, x: Tensor, t: Tensor, noise: Tensor, train_backbone: bool = True, augment=None, **cond
