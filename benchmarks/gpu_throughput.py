@@ -1,10 +1,13 @@
-"""Images per second of every debug preset on one device, for a few steps (used by gpu_check.sh).
+"""Images per second of every debug preset, or of full presets, on one device (used by gpu_check.sh).
 
     python benchmarks/gpu_throughput.py --accelerator gpu --precision bf16-mixed --steps 20
+    python benchmarks/gpu_throughput.py --configs configs/dmd2/digits.yaml --steps 200 --precision 32-true
 
-Per preset: the debug preset (tiny teacher substituted as in the tests), ``--steps`` optimiser steps
-with the given precision; images/s = batch size x steps / time, timed inside Lightning between the
-first batch after ``--warmup`` and the end of training (start-up and compilation excluded).
+Per preset: the debug preset (tiny teacher substituted as in the tests), or with ``--configs`` the named
+configs as they are (bundled teacher and data; their FID / export callbacks and image logging off),
+``--steps`` optimiser steps with the given precision; images/s = batch size x batches / time, timed
+inside Lightning between the first batch after ``--warmup`` and the end of training (start-up and
+compilation excluded); ``batches_per_s`` is the training iteration rate.
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ import torch  # noqa: E402
 
 class Throughput(L.Callback):
     def __init__(self, warmup: int) -> None:
-        self.warmup, self.t0, self.images, self.seen = warmup, None, 0, 0
+        self.warmup, self.t0, self.images, self.batches, self.seen = warmup, None, 0, 0, 0
 
     def _sync(self, pl_module) -> None:
         if pl_module.device.type == "cuda":
@@ -40,6 +43,7 @@ class Throughput(L.Callback):
             self.t0 = time.perf_counter()
         if self.t0 is not None:
             self.images += int(batch["x"].shape[0])
+            self.batches += 1
 
     def on_train_end(self, trainer, pl_module) -> None:
         self._sync(pl_module)
@@ -49,6 +53,7 @@ class Throughput(L.Callback):
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--presets", nargs="*", default=None)
+    ap.add_argument("--configs", nargs="*", default=None, help="full configs to time instead of debug presets")
     ap.add_argument("--accelerator", default="gpu")
     ap.add_argument("--precision", default="bf16-mixed")
     ap.add_argument("--steps", type=int, default=20)
@@ -61,24 +66,37 @@ def main() -> None:
     tmp = Path(tempfile.mkdtemp(prefix="ld_gpu_"))
     fixtures = write_fixtures(tmp / "fixtures")
     rows = {}
-    for name in args.presets or all_debug_presets():
+    names = args.configs if args.configs else (args.presets or all_debug_presets())
+    for name in names:
         try:
             extra = ["--trainer.accelerator", args.accelerator, "--trainer.devices", "1",
                      "--trainer.precision", args.precision, "--trainer.max_steps", str(args.steps),
                      "--trainer.logger", "false", "--trainer.limit_val_batches", "0"]
-            cli = cli_main(preset_args(name, tmp / name, fixtures) + extra, run=False)
+            if args.configs:
+                base = ["--config", name, "--trainer.default_root_dir", str(tmp / name.replace("/", "_")),
+                        "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false"]
+            else:
+                base = preset_args(name, tmp / name, fixtures)
+            cli = cli_main(base + extra, run=False)
+            if args.configs:  # time training alone: no in-run FID, no export
+                from lightning_distill.callbacks import PipelineExport
+                from lightning_distill.callbacks.fid import FIDCallback
+
+                cli.trainer.callbacks[:] = [c for c in cli.trainer.callbacks
+                                            if not isinstance(c, (FIDCallback, PipelineExport))]
             cb = Throughput(args.warmup)
             cli.trainer.callbacks.append(cb)
             cli.model.hparams.sample_every_n_steps = 0
             cli.trainer.fit(cli.model, datamodule=cli.datamodule)
-            rows[name] = {"images_per_s": cb.images / cb.elapsed, "images": cb.images, "seconds": cb.elapsed,
-                          "steps": cli.trainer.global_step}
+            rows[name] = {"images_per_s": cb.images / cb.elapsed, "batches_per_s": cb.batches / cb.elapsed,
+                          "images": cb.images, "seconds": cb.elapsed, "steps": cli.trainer.global_step}
         except Exception as err:
             rows[name] = {"error": f"{type(err).__name__}: {err}"[:400]}
-        print(f"{name:20s} " + (f"{rows[name]['images_per_s']:10.1f} images/s" if "images_per_s" in rows[name]
+        print(f"{name:28s} " + (f"{rows[name]['images_per_s']:10.1f} images/s" if "images_per_s" in rows[name]
                                 else rows[name]["error"]), flush=True)
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
-    result = {"device": device, "precision": args.precision, "steps": args.steps, "presets": rows}
+    result = {"device": device, "torch": torch.__version__, "precision": args.precision, "steps": args.steps,
+              "presets": rows}
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(result, indent=2))

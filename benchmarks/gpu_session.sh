@@ -1,0 +1,80 @@
+#!/usr/bin/env bash
+# One lent GPU session, as one command (device tool; budget ~10 minutes of GPU time):
+#   1. CUDA paths: every method's debug preset trains on the GPU in bf16-mixed and in 16-mixed (GradScaler,
+#      also under manual optimisation) -> gpu_check_<precision>.json (pass/fail; images/s there are not
+#      comparable: the replicate runs share the GPU from step 3 on)
+#   2. throughput alone on the GPU: the full digits presets of the teacher and DMD2, 32-true vs bf16-mixed
+#   3. DMD2 digits replicates: seeds x {preset, batch 256}, concurrently, until a deadline; in-run FD every
+#      500 iterations -> replicates_summary.json (benchmarks/fid_log_summary.py), exported best students.
+# Run from the repository root with the project wheel and its missing dependencies in .whl/ (see
+# benchmarks/results/gpu/README.md):  bash benchmarks/gpu_session.sh  (OUT=<dir> collects the results)
+set -uo pipefail
+REPO="$(cd "$(dirname "$0")/.." && pwd)"
+OUT="${OUT:-$REPO/gpu_out}"; mkdir -p "$OUT"
+BUDGET_S="${BUDGET_S:-540}"   # seconds this script may take in all
+ACCEL="${ACCEL:-gpu}"
+TP_STEPS="${TP_STEPS:-150}"; CHECK_STEPS="${CHECK_STEPS:-12}"   # smaller for a dry run on CPU
+T0=$(date +%s)
+export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 PYTHONUNBUFFERED=1 PYTHONWARNINGS=ignore
+if [ -d "$REPO/.whl" ] && ls "$REPO"/.whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
+    "$REPO"/.whl/*.whl || exit 1
+  export PYTHONPATH=/tmp/site
+fi
+WORK="$(mktemp -d)"; cd "$WORK"   # not the repo root: its lightning_distill/ would shadow the installed package
+RES="$WORK/results"; mkdir -p "$RES/logs"
+python3 - <<'PY' 2>&1 | tee "$RES/device.txt"
+import torch, lightning, diffusers
+print("torch", torch.__version__, "| lightning", lightning.__version__, "| diffusers", diffusers.__version__)
+if torch.cuda.is_available():
+    print("device:", torch.cuda.get_device_name(0), "| bf16:", torch.cuda.is_bf16_supported(), "| GPUs:", torch.cuda.device_count())
+PY
+elapsed() { echo $(( $(date +%s) - T0 )); }
+
+# 2 first (alone on the GPU), then 1 alongside the replicates.
+for prec in 32-true bf16-mixed; do
+  timeout 120 python3 "$REPO/benchmarks/gpu_throughput.py" --accelerator "$ACCEL" --precision "$prec" --steps "$TP_STEPS" --warmup $(( TP_STEPS / 6 )) \
+    --configs "$REPO/configs/dmd2/digits.yaml" "$REPO/configs/teacher/digits.yaml" \
+    --out "$RES/digits_throughput_$prec.json" > "$RES/logs/throughput_$prec.log" 2>&1
+  grep -E "images/s|Error" "$RES/logs/throughput_$prec.log"
+done
+echo "[$(elapsed) s] throughput done"
+
+# 3. replicates: how many at once depends on the single-run rate just measured.
+RATE=$(python3 -c "import json; print(json.load(open('$RES/digits_throughput_32-true.json'))['presets']['$REPO/configs/dmd2/digits.yaml'].get('batches_per_s', 0))" 2>/dev/null || echo 0)
+LEFT=$(( BUDGET_S - $(elapsed) - 75 ))   # keep time to export, pack and return
+[ "$LEFT" -lt 60 ] && LEFT=60
+SEEDS=$(python3 -c "r = float('$RATE'); print(' '.join(map(str, range(4 if r >= 45 else 3 if r >= 30 else 2 if r >= 15 else 1))))")
+echo "[$(elapsed) s] DMD2 single-run rate $RATE it/s -> seeds '$SEEDS' per group, $LEFT s each"
+MAXT=$(printf "00:00:%02d:%02d" $(( LEFT / 60 )) $(( LEFT % 60 )))
+pids=()
+for group in preset batch256; do
+  extra=(); [ "$group" = batch256 ] && extra=(--data.batch_size 256)
+  for seed in $SEEDS; do
+    name="${group}_seed$seed"
+    OMP_NUM_THREADS=1 python3 -m lightning_distill fit --config "$REPO/configs/dmd2/digits.yaml" \
+      --seed_everything "$seed" --trainer.default_root_dir "$WORK/runs/$name" --trainer.accelerator "$ACCEL" \
+      --trainer.max_time "$MAXT" --trainer.enable_progress_bar false "${extra[@]}" > "$RES/logs/$name.log" 2>&1 &
+    pids+=($!)
+  done
+done
+# 1. CUDA paths of every method, alongside.
+for prec in bf16-mixed 16-mixed; do
+  timeout 200 python3 "$REPO/benchmarks/gpu_throughput.py" --accelerator "$ACCEL" --precision "$prec" --steps "$CHECK_STEPS" --warmup 2 \
+    --out "$RES/gpu_check_$prec.json" > "$RES/logs/gpu_check_$prec.log" 2>&1
+  echo "[$(elapsed) s] CUDA paths, $prec:"; grep -E "images/s|Error|error" "$RES/logs/gpu_check_$prec.log" | grep -v "^ " | head -20
+done
+wait "${pids[@]}"
+echo "[$(elapsed) s] replicates done"
+python3 "$REPO/benchmarks/fid_log_summary.py" "$RES"/logs/preset_seed*.log "$RES"/logs/batch256_seed*.log \
+  --out "$RES/replicates_summary.json"
+for f in "$RES"/logs/preset_seed*.log "$RES"/logs/batch256_seed*.log; do
+  echo "== $(basename "$f")"; grep -E "FIDCallback step|max_time|Error|rror:" "$f" | tail -14
+done
+cp "$RES/replicates_summary.json" "$OUT/" 2>/dev/null
+tar czf "$OUT/results.tgz" -C "$WORK" results
+for group in preset batch256; do   # two runs per archive: each file that comes back is capped at 16 MiB
+  (cd "$WORK/runs" && tar czf "$OUT/students_${group}_01.tgz" ${group}_seed[01]/student 2>/dev/null
+   ls -d ${group}_seed[23] >/dev/null 2>&1 && tar czf "$OUT/students_${group}_23.tgz" ${group}_seed[23]/student)
+done
+ls -la "$OUT"; echo "[$(elapsed) s] end"
