@@ -4,6 +4,7 @@
 #      also under manual optimisation) -> gpu_check_<precision>.json (pass/fail; images/s there are not
 #      comparable: the replicate runs share the GPU from step 3 on)
 #   2. throughput alone on the GPU: the full digits presets of the teacher and DMD2, 32-true vs bf16-mixed
+#   (profile: torch.profiler of the teacher and DMD2 digits presets, when STAGES names it)
 #   3. DMD2 digits replicates: seeds x {preset, batch 256}, concurrently, until a deadline; in-run FD every
 #      500 iterations -> replicates_summary.json (benchmarks/fid_log_summary.py), exported best students.
 # Run from the repository root with the project wheel and its missing dependencies in .whl/ (see
@@ -13,6 +14,8 @@ REPO="$(cd "$(dirname "$0")/.." && pwd)"
 OUT="${OUT:-$REPO/gpu_out}"; mkdir -p "$OUT"
 BUDGET_S="${BUDGET_S:-540}"   # seconds this script may take in all
 ACCEL="${ACCEL:-gpu}"
+STAGES="${STAGES:-throughput check replicates}"   # a later call may run fewer
+RUN_GROUPS="${RUN_GROUPS:-preset batch256}"; SEEDS="${SEEDS:-}"   # SEEDS empty: chosen from the measured rate
 TP_STEPS="${TP_STEPS:-150}"; CHECK_STEPS="${CHECK_STEPS:-12}"   # smaller for a dry run on CPU
 T0=$(date +%s)
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 PYTHONUNBUFFERED=1 PYTHONWARNINGS=ignore
@@ -32,7 +35,7 @@ PY
 elapsed() { echo $(( $(date +%s) - T0 )); }
 
 # 2 first (alone on the GPU), then 1 alongside the replicates.
-for prec in 32-true bf16-mixed; do
+[[ " $STAGES " == *" throughput "* ]] && for prec in 32-true bf16-mixed; do
   timeout 120 python3 "$REPO/benchmarks/gpu_throughput.py" --accelerator "$ACCEL" --precision "$prec" --steps "$TP_STEPS" --warmup $(( TP_STEPS / 6 )) \
     --configs "$REPO/configs/dmd2/digits.yaml" "$REPO/configs/teacher/digits.yaml" \
     --out "$RES/digits_throughput_$prec.json" > "$RES/logs/throughput_$prec.log" 2>&1
@@ -40,15 +43,23 @@ for prec in 32-true bf16-mixed; do
 done
 echo "[$(elapsed) s] throughput done"
 
+# Where an iteration's time goes on the GPU (torch.profiler), alone on the GPU.
+[[ " $STAGES " == *" profile "* ]] && {
+  timeout 150 python3 "$REPO/benchmarks/gpu_profile.py" --accelerator "$ACCEL" --precision 32-true \
+    --configs "$REPO/configs/teacher/digits.yaml" "$REPO/configs/dmd2/digits.yaml" --out "$RES/profile_32-true.txt" \
+    > "$RES/logs/profile.log" 2>&1
+  grep -E "^== " "$RES/logs/profile.log"; echo "[$(elapsed) s] profile done"; }
+
 # 3. replicates: how many at once depends on the single-run rate just measured.
 RATE=$(python3 -c "import json; print(json.load(open('$RES/digits_throughput_32-true.json'))['presets']['$REPO/configs/dmd2/digits.yaml'].get('batches_per_s', 0))" 2>/dev/null || echo 0)
 LEFT=$(( BUDGET_S - $(elapsed) - 75 ))   # keep time to export, pack and return
 [ "$LEFT" -lt 60 ] && LEFT=60
-SEEDS=$(python3 -c "r = float('$RATE'); print(' '.join(map(str, range(4 if r >= 45 else 3 if r >= 30 else 2 if r >= 15 else 1))))")
+[[ " $STAGES " == *" replicates "* ]] || RUN_GROUPS=""
+[ -z "$SEEDS" ] && SEEDS=$(python3 -c "r = float('$RATE'); print(' '.join(map(str, range(4 if r >= 45 else 3 if r >= 30 else 2 if r >= 15 else 1))))")
 echo "[$(elapsed) s] DMD2 single-run rate $RATE it/s -> seeds '$SEEDS' per group, $LEFT s each"
 MAXT=$(printf "00:00:%02d:%02d" $(( LEFT / 60 )) $(( LEFT % 60 )))
 pids=()
-for group in preset batch256; do
+for group in $RUN_GROUPS; do
   extra=(); [ "$group" = batch256 ] && extra=(--data.batch_size 256)
   for seed in $SEEDS; do
     name="${group}_seed$seed"
@@ -59,21 +70,21 @@ for group in preset batch256; do
   done
 done
 # 1. CUDA paths of every method, alongside.
-for prec in bf16-mixed 16-mixed; do
+[[ " $STAGES " == *" check "* ]] && for prec in bf16-mixed 16-mixed; do
   timeout 200 python3 "$REPO/benchmarks/gpu_throughput.py" --accelerator "$ACCEL" --precision "$prec" --steps "$CHECK_STEPS" --warmup 2 \
     --out "$RES/gpu_check_$prec.json" > "$RES/logs/gpu_check_$prec.log" 2>&1
   echo "[$(elapsed) s] CUDA paths, $prec:"; grep -E "images/s|Error|error" "$RES/logs/gpu_check_$prec.log" | grep -v "^ " | head -20
 done
 wait "${pids[@]}"
 echo "[$(elapsed) s] replicates done"
-python3 "$REPO/benchmarks/fid_log_summary.py" "$RES"/logs/preset_seed*.log "$RES"/logs/batch256_seed*.log \
+python3 "$REPO/benchmarks/fid_log_summary.py" "$RES"/logs/*_seed*.log \
   --out "$RES/replicates_summary.json"
-for f in "$RES"/logs/preset_seed*.log "$RES"/logs/batch256_seed*.log; do
+for f in "$RES"/logs/*_seed*.log; do
   echo "== $(basename "$f")"; grep -E "FIDCallback step|max_time|Error|rror:" "$f" | tail -14
 done
 cp "$RES/replicates_summary.json" "$OUT/" 2>/dev/null
 tar czf "$OUT/results.tgz" -C "$WORK" results
-for group in preset batch256; do   # two runs per archive: each file that comes back is capped at 16 MiB
+for group in $RUN_GROUPS; do   # two runs per archive: each file that comes back is capped at 16 MiB
   (cd "$WORK/runs" && tar czf "$OUT/students_${group}_01.tgz" ${group}_seed[01]/student 2>/dev/null
    ls -d ${group}_seed[23] >/dev/null 2>&1 && tar czf "$OUT/students_${group}_23.tgz" ${group}_seed[23]/student)
 done
