@@ -26,6 +26,7 @@ from torch.profiler import ProfilerActivity, profile  # noqa: E402
 class Profiled(L.Callback):
     def __init__(self, warmup: int, steps: int) -> None:
         self.warmup, self.steps, self.seen, self.prof, self.t0, self.wall = warmup, steps, 0, None, None, None
+        self.device = None
 
     def _sync(self, pl_module) -> None:
         if pl_module.device.type == "cuda":
@@ -35,6 +36,7 @@ class Profiled(L.Callback):
         self.seen += 1
         if self.seen == self.warmup + 1:
             self._sync(pl_module)
+            self.device = pl_module.device
             acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if pl_module.device.type == "cuda" else [])
             self.prof = profile(activities=acts)
             self.prof.__enter__()
@@ -82,8 +84,8 @@ def main() -> None:
         syncs = {e.key: e.count / args.steps for e in events if e.key in SYNC_OPS}
         d2h = sum(e.count for e in events if e.key == "cudaMemcpyAsync") / args.steps
         sort = "self_cpu_time_total"
-        lines = [f"== {name} ({args.precision}, {cli.model.device}): {cb.wall * 1e3:.1f} ms per iteration "
-                 f"(median-free mean of {args.steps}); per iteration: syncs {syncs}, cudaMemcpyAsync {d2h:.1f}",
+        lines = [f"== {name} ({args.precision}, {cb.device}): {cb.wall * 1e3:.1f} ms per iteration "
+                 f"(mean of {args.steps}, profiler overhead included); per iteration: syncs {syncs}, cudaMemcpyAsync {d2h:.1f}",
                  events.table(sort_by=sort, row_limit=args.rows, max_name_column_width=60)]
         report.append("\n".join(lines))
         print(report[-1], flush=True)

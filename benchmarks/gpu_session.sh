@@ -64,7 +64,7 @@ for group in $RUN_GROUPS; do
   for seed in $SEEDS; do
     name="${group}_seed$seed"
     OMP_NUM_THREADS=1 python3 -m lightning_distill fit --config "$REPO/configs/dmd2/digits.yaml" \
-      --seed_everything "$seed" --trainer.default_root_dir "$WORK/runs/$name" --trainer.accelerator "$ACCEL" \
+      --seed_everything "$seed" --model.init_args.seed "$seed" --trainer.default_root_dir "$WORK/runs/$name" --trainer.accelerator "$ACCEL" \
       --trainer.max_time "$MAXT" --trainer.enable_progress_bar false "${extra[@]}" > "$RES/logs/$name.log" 2>&1 &
     pids+=($!)
   done
