@@ -5,42 +5,36 @@
 Per config: ``--warmup`` iterations, then ``--steps`` profiled ones (CPU and, where present, CUDA activity);
 prints the wall time per iteration, the operators with the most self CPU time and the number of
 host-device synchronisations (``aten::item`` / ``aten::_local_scalar_dense``, ``cudaStreamSynchronize``,
-``cudaMemcpyAsync`` device-to-host) per iteration. FID / export callbacks and image logging are off.
+``cudaMemcpyAsync`` calls) per iteration. FID / export callbacks and image logging are off.
 """
 
 from __future__ import annotations
 
 import argparse
-import os
 import tempfile
 import time
 from pathlib import Path
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
+import torch
+from torch.profiler import ProfilerActivity, profile
 
-import lightning as L  # noqa: E402
-import torch  # noqa: E402
-from torch.profiler import ProfilerActivity, profile  # noqa: E402
+from gpu_throughput import Throughput, config_cli  # this script's folder is on sys.path
 
 
-class Profiled(L.Callback):
+class Profiled(Throughput):
+    """Throughput's timing, with torch.profiler over iterations warmup+1 .. warmup+steps; then stops training."""
+
     def __init__(self, warmup: int, steps: int) -> None:
-        self.warmup, self.steps, self.seen, self.prof, self.t0, self.wall = warmup, steps, 0, None, None, None
-        self.device = None
-
-    def _sync(self, pl_module) -> None:
-        if pl_module.device.type == "cuda":
-            torch.cuda.synchronize()
+        super().__init__(warmup)
+        self.steps, self.prof, self.device, self.wall = steps, None, None, None
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        self.seen += 1
+        super().on_train_batch_start(trainer, pl_module, batch, batch_idx)
         if self.seen == self.warmup + 1:
-            self._sync(pl_module)
             self.device = pl_module.device
             acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if pl_module.device.type == "cuda" else [])
             self.prof = profile(activities=acts)
             self.prof.__enter__()
-            self.t0 = time.perf_counter()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if self.prof is not None and self.wall is None and self.seen == self.warmup + self.steps:
@@ -63,22 +57,12 @@ def main() -> None:
     ap.add_argument("--rows", type=int, default=25)
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
-    from lightning_distill.callbacks import PipelineExport
-    from lightning_distill.callbacks.fid import FIDCallback
-    from lightning_distill.cli import cli_main
-
     tmp = Path(tempfile.mkdtemp(prefix="ld_prof_"))
     report = []
     for name in args.configs:
-        cli = cli_main(["--config", name, "--trainer.default_root_dir", str(tmp / name.replace("/", "_")),
-                        "--trainer.accelerator", args.accelerator, "--trainer.devices", "1",
-                        "--trainer.precision", args.precision, "--trainer.max_steps", "100000",
-                        "--trainer.logger", "false", "--trainer.limit_val_batches", "0",
-                        "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false"], run=False)
-        cli.trainer.callbacks[:] = [c for c in cli.trainer.callbacks if not isinstance(c, (FIDCallback, PipelineExport))]
+        cli = config_cli(name, tmp, args.accelerator, args.precision, max_steps=100_000)
         cb = Profiled(args.warmup, args.steps)
         cli.trainer.callbacks.append(cb)
-        cli.model.hparams.sample_every_n_steps = 0
         cli.trainer.fit(cli.model, datamodule=cli.datamodule)
         events = cb.prof.key_averages()
         syncs = {e.key: e.count / args.steps for e in events if e.key in SYNC_OPS}

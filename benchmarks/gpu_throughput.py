@@ -50,6 +50,23 @@ class Throughput(L.Callback):
         self.elapsed = time.perf_counter() - self.t0 if self.t0 else float("nan")
 
 
+def config_cli(config: str, root: Path, accelerator: str, precision: str, max_steps: int):
+    """The CLI (not run) of a full config, to time its training alone: no logger, validation, in-run FID,
+    export or image logging; writes under ``root``."""
+    from lightning_distill.callbacks import PipelineExport
+    from lightning_distill.callbacks.fid import FIDCallback
+    from lightning_distill.cli import cli_main
+
+    cli = cli_main(["--config", config, "--trainer.default_root_dir", str(root / config.replace("/", "_")),
+                    "--trainer.accelerator", accelerator, "--trainer.devices", "1", "--trainer.precision", precision,
+                    "--trainer.max_steps", str(max_steps), "--trainer.logger", "false",
+                    "--trainer.limit_val_batches", "0", "--trainer.enable_progress_bar", "false",
+                    "--trainer.enable_model_summary", "false"], run=False)
+    cli.trainer.callbacks[:] = [c for c in cli.trainer.callbacks if not isinstance(c, (FIDCallback, PipelineExport))]
+    cli.model.hparams.sample_every_n_steps = 0
+    return cli
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--presets", nargs="*", default=None)
@@ -73,17 +90,9 @@ def main() -> None:
                      "--trainer.precision", args.precision, "--trainer.max_steps", str(args.steps),
                      "--trainer.logger", "false", "--trainer.limit_val_batches", "0"]
             if args.configs:
-                base = ["--config", name, "--trainer.default_root_dir", str(tmp / name.replace("/", "_")),
-                        "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false"]
+                cli = config_cli(name, tmp, args.accelerator, args.precision, args.steps)
             else:
-                base = preset_args(name, tmp / name, fixtures)
-            cli = cli_main(base + extra, run=False)
-            if args.configs:  # time training alone: no in-run FID, no export
-                from lightning_distill.callbacks import PipelineExport
-                from lightning_distill.callbacks.fid import FIDCallback
-
-                cli.trainer.callbacks[:] = [c for c in cli.trainer.callbacks
-                                            if not isinstance(c, (FIDCallback, PipelineExport))]
+                cli = cli_main(preset_args(name, tmp / name, fixtures) + extra, run=False)
             cb = Throughput(args.warmup)
             cli.trainer.callbacks.append(cb)
             cli.model.hparams.sample_every_n_steps = 0
