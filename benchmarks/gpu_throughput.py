@@ -1,4 +1,4 @@
-"""Images per second of every debug preset, or of full presets, on one device (used by gpu_check.sh).
+"""Images per second of every debug preset, or of full presets, on one device (used by gpu_check.sh and gpu_session.sh).
 
     python benchmarks/gpu_throughput.py --accelerator gpu --precision bf16-mixed --steps 20
     python benchmarks/gpu_throughput.py --configs configs/dmd2/digits.yaml --steps 200 --precision 32-true
@@ -50,6 +50,12 @@ class Throughput(L.Callback):
         self.elapsed = time.perf_counter() - self.t0 if self.t0 else float("nan")
 
 
+def timing_overrides(accelerator: str, precision: str, max_steps: int) -> list[str]:
+    """CLI overrides for timing training alone: one device, no logger, no validation."""
+    return ["--trainer.accelerator", accelerator, "--trainer.devices", "1", "--trainer.precision", precision,
+            "--trainer.max_steps", str(max_steps), "--trainer.logger", "false", "--trainer.limit_val_batches", "0"]
+
+
 def config_cli(config: str, root: Path, accelerator: str, precision: str, max_steps: int):
     """The CLI (not run) of a full config, to time its training alone: no logger, validation, in-run FID,
     export or image logging; writes under ``root``."""
@@ -58,10 +64,8 @@ def config_cli(config: str, root: Path, accelerator: str, precision: str, max_st
     from lightning_distill.cli import cli_main
 
     cli = cli_main(["--config", config, "--trainer.default_root_dir", str(root / config.replace("/", "_")),
-                    "--trainer.accelerator", accelerator, "--trainer.devices", "1", "--trainer.precision", precision,
-                    "--trainer.max_steps", str(max_steps), "--trainer.logger", "false",
-                    "--trainer.limit_val_batches", "0", "--trainer.enable_progress_bar", "false",
-                    "--trainer.enable_model_summary", "false"], run=False)
+                    "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false"]
+                   + timing_overrides(accelerator, precision, max_steps), run=False)
     cli.trainer.callbacks[:] = [c for c in cli.trainer.callbacks if not isinstance(c, (FIDCallback, PipelineExport))]
     cli.model.hparams.sample_every_n_steps = 0
     return cli
@@ -86,16 +90,14 @@ def main() -> None:
     names = args.configs if args.configs else (args.presets or all_debug_presets())
     for name in names:
         try:
-            extra = ["--trainer.accelerator", args.accelerator, "--trainer.devices", "1",
-                     "--trainer.precision", args.precision, "--trainer.max_steps", str(args.steps),
-                     "--trainer.logger", "false", "--trainer.limit_val_batches", "0"]
             if args.configs:
                 cli = config_cli(name, tmp, args.accelerator, args.precision, args.steps)
             else:
-                cli = cli_main(preset_args(name, tmp / name, fixtures) + extra, run=False)
+                cli = cli_main(preset_args(name, tmp / name, fixtures)
+                               + timing_overrides(args.accelerator, args.precision, args.steps), run=False)
+                cli.model.hparams.sample_every_n_steps = 0
             cb = Throughput(args.warmup)
             cli.trainer.callbacks.append(cb)
-            cli.model.hparams.sample_every_n_steps = 0
             cli.trainer.fit(cli.model, datamodule=cli.datamodule)
             rows[name] = {"images_per_s": cb.images / cb.elapsed, "batches_per_s": cb.batches / cb.elapsed,
                           "images": cb.images, "seconds": cb.elapsed, "steps": cli.trainer.global_step}
