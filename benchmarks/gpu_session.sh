@@ -5,8 +5,14 @@
 #      comparable: the replicate runs share the GPU from step 3 on)
 #   2. throughput alone on the GPU: the full digits presets of the teacher and DMD2, 32-true vs bf16-mixed
 #   (profile: torch.profiler of the teacher and DMD2 digits presets, when STAGES names it)
-#   3. DMD2 digits replicates: seeds x {preset, batch 256}, concurrently, until a deadline; in-run FD every
-#      500 iterations -> replicates_summary.json (benchmarks/fid_log_summary.py), exported best students.
+#   3. DMD2 digits replicates: seeds x groups, concurrently, until a deadline; in-run FD every EVAL_EVERY
+#      (500) iterations -> replicates_summary.json (benchmarks/fid_log_summary.py), exported best students.
+#      A group is "preset", "batch<N>" (--data.batch_size N) or "nogan"/"batch<N>_nogan" (gan off), and may
+#      carry its own seeds: RUN_GROUPS="batch256@2 batch512@0,1" (otherwise SEEDS applies).
+#      RUN_CONFIG (a config path relative to the repository root), RUN_ARGS (more overrides for every run)
+#      and METRIC run other presets the same way, e.g. the ADD second stage from a carried first stage:
+#        RUN_CONFIG=configs/add/digits_stage2.yaml METRIC=fid/digits-feat/2step/n2000 EVAL_EVERY= \
+#        RUN_ARGS="--model.init_args.init_from $PWD/runs/add_2step/checkpoints/last.ckpt"
 # Run from the repository root with the project wheel and its missing dependencies in .whl/ (see
 # benchmarks/results/gpu/README.md):  bash benchmarks/gpu_session.sh  (OUT=<dir> collects the results)
 set -uo pipefail
@@ -16,6 +22,8 @@ BUDGET_S="${BUDGET_S:-540}"   # seconds this script may take in all
 ACCEL="${ACCEL:-gpu}"
 STAGES="${STAGES:-throughput check replicates}"   # a later call may run fewer
 RUN_GROUPS="${RUN_GROUPS:-preset batch256}"; SEEDS="${SEEDS:-}"   # SEEDS empty: chosen from the measured rate
+EVAL_EVERY="${EVAL_EVERY-500}"   # empty: the config's own intervals
+RUN_CONFIG="${RUN_CONFIG:-configs/dmd2/digits.yaml}"; RUN_ARGS="${RUN_ARGS:-}"; METRIC="${METRIC:-fid/digits-feat/1step/n2000}"
 TP_STEPS="${TP_STEPS:-150}"; CHECK_STEPS="${CHECK_STEPS:-12}"   # smaller for a dry run on CPU
 T0=$(date +%s)
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 PYTHONUNBUFFERED=1 PYTHONWARNINGS=ignore
@@ -58,12 +66,18 @@ LEFT=$(( BUDGET_S - $(elapsed) - 75 ))   # keep time to export, pack and return
 [ -z "$SEEDS" ] && SEEDS=$(python3 -c "r = float('$RATE'); print(' '.join(map(str, range(4 if r >= 45 else 3 if r >= 30 else 2 if r >= 15 else 1))))")
 echo "[$(elapsed) s] DMD2 single-run rate $RATE it/s -> seeds '$SEEDS' per group, $LEFT s each"
 MAXT=$(printf "00:00:%02d:%02d" $(( LEFT / 60 )) $(( LEFT % 60 )))
-pids=()
-for group in $RUN_GROUPS; do
-  extra=(); [ "$group" = batch256 ] && extra=(--data.batch_size 256)
-  for seed in $SEEDS; do
-    name="${group}_seed$seed"
-    OMP_NUM_THREADS=1 python3 -m lightning_distill fit --config "$REPO/configs/dmd2/digits.yaml" \
+pids=(); names=()
+# the preset with FD evaluations and best-checkpoint candidates every EVAL_EVERY iterations
+cp "$REPO/$RUN_CONFIG" "$WORK/run_config.yaml"
+[ -n "$EVAL_EVERY" ] && sed -i -E "s/(every_n_train_steps|every_n_steps): [0-9]+\b/\1: $EVAL_EVERY/" "$WORK/run_config.yaml"
+for spec in $RUN_GROUPS; do
+  group="${spec%%@*}"; seeds="$SEEDS"; [[ "$spec" == *@* ]] && seeds="${spec#*@}" && seeds="${seeds//,/ }"
+  extra=()
+  [[ "$group" =~ ^batch([0-9]+) ]] && extra+=(--data.batch_size "${BASH_REMATCH[1]}")
+  [[ "$group" == *nogan ]] && extra+=(--model.init_args.gan false)
+  for seed in $seeds; do
+    name="${group}_seed$seed"; names+=("$name")
+    OMP_NUM_THREADS=1 python3 -m lightning_distill fit --config "$WORK/run_config.yaml" $RUN_ARGS \
       --seed_everything "$seed" --model.init_args.seed "$seed" --trainer.default_root_dir "$WORK/runs/$name" --trainer.accelerator "$ACCEL" \
       --trainer.max_time "$MAXT" --trainer.enable_progress_bar false "${extra[@]}" > "$RES/logs/$name.log" 2>&1 &
     pids+=($!)
@@ -77,15 +91,14 @@ done
 done
 wait "${pids[@]}"
 echo "[$(elapsed) s] replicates done"
-python3 "$REPO/benchmarks/fid_log_summary.py" "$RES"/logs/*_seed*.log \
+python3 "$REPO/benchmarks/fid_log_summary.py" "$RES"/logs/*_seed*.log --metric "$METRIC" \
   --out "$RES/replicates_summary.json"
 for f in "$RES"/logs/*_seed*.log; do
   echo "== $(basename "$f")"; grep -E "FIDCallback step|max_time|Error|rror:" "$f" | tail -14
 done
 cp "$RES/replicates_summary.json" "$OUT/" 2>/dev/null
 tar czf "$OUT/results.tgz" -C "$WORK" results
-for group in $RUN_GROUPS; do   # two runs per archive: each file that comes back is capped at 16 MiB
-  (cd "$WORK/runs" && tar czf "$OUT/students_${group}_01.tgz" ${group}_seed[01]/student 2>/dev/null
-   ls -d ${group}_seed[23] >/dev/null 2>&1 && tar czf "$OUT/students_${group}_23.tgz" ${group}_seed[23]/student)
+for name in "${names[@]}"; do   # one run per archive: each file that comes back is capped at 16 MiB
+  [ -d "$WORK/runs/$name/student" ] && tar czf "$OUT/student_$name.tgz" -C "$WORK/runs" "$name/student"
 done
 ls -la "$OUT"; echo "[$(elapsed) s] end"
