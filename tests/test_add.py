@@ -293,3 +293,23 @@ def test_class_conditional_teacher(tmp_path):
     other = model.discriminator(x, class_labels=torch.tensor([1, 3, 5, 9]))
     torch.testing.assert_close(other[1:], model.discriminator(x, class_labels=batch["label"])[1:])
     assert not torch.allclose(other[0], model.discriminator(x, class_labels=batch["label"])[0])
+
+
+def test_a_frozen_user_feature_network_stays_in_eval_mode(teacher):
+    """Lightning puts the module in train mode; a frozen feature network must keep its BN statistics."""
+
+    class Features(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.bn = nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4)
+
+        def forward(self, x, t=None, **_):
+            return [self.bn(self.conv(x))]
+
+    feats = Features()
+    model = AdversarialDiffusionDistillation(teacher, num_student_steps=2, feature_network=feats, head_hidden=8)
+    model.train()
+    assert model.discriminator.heads.training and not feats.bn.training
+    stats = feats.bn.running_mean.clone()
+    model.discriminator(torch.randn(2, 1, 8, 8))
+    torch.testing.assert_close(feats.bn.running_mean, stats)

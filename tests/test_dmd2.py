@@ -283,6 +283,17 @@ def test_update_ratio(tiny_teacher_dir, tmp_path, ratio, gan):
     assert steps == [math.ceil(7 / ratio), 7, 7][: 3 if gan else 2]
 
 
+def test_generator_lr_schedule_steps_once_per_generator_update(tiny_teacher_dir, tmp_path):
+    model = _model(tiny_teacher_dir, fake_updates_per_generator=3, gan=False,
+                   generator_lr_scheduler=lambda opt: torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5))
+    trainer = _trainer(tmp_path, max_steps=7, enable_checkpointing=False)
+    trainer.fit(model, train_dataloaders=_loader())
+    sched = trainer.lr_scheduler_configs[0].scheduler
+    assert sched.last_epoch == math.ceil(7 / 3)  # generator updates at iterations 0, 3, 6
+    assert trainer.optimizers[0].param_groups[0]["lr"] == pytest.approx(1e-4 * 0.5 ** 3)  # the generator's
+    assert trainer.optimizers[1].param_groups[0]["lr"] == pytest.approx(1e-4)  # the fake score's, untouched
+
+
 def test_discriminator_schedule_plugs_in(tiny_teacher_dir, tmp_path):
     from lightning_distill.callbacks.discriminator import DiscriminatorSchedule
 

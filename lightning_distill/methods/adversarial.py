@@ -18,7 +18,10 @@ Contents, in order:
 
 Logit convention: a discriminator returns logits of shape (B, L) (L = one per head, or one per
 spatial position of every head). The GAN losses average over all of them; the R1 penalties treat
-the per-sample mean over L as "D(x)", so their scale does not depend on L.
+the per-sample mean over L as "D(x)" (one number per image, as in the papers' single-logit
+discriminators). With many logits that mean is smoother than each logit, so the penalty a given weight
+buys shrinks as L grows (roughly like 1 / L for independent spatial logits): tune the R1 weight per
+discriminator layout.
 """
 
 from __future__ import annotations
@@ -86,12 +89,14 @@ def r1_penalty(discriminator: nn.Module | Callable, real: Tensor, **kwargs) -> T
 
     Returns the mean over the batch of the squared gradient norm, without the gamma / 2 factor (the
     caller's weight is gamma / 2). D(x) is the per-sample mean logit (see the module docstring).
+    Computed with autocast off: under fp16 autocast the inner input gradient is not loss-scaled, so its
+    half-precision intermediates would underflow (or, scaled, overflow) and silently change the penalty.
     """
     real = real.detach().requires_grad_(True)
-    with _math_attention():
+    with _math_attention(), torch.autocast(real.device.type, enabled=False):
         logits = discriminator(real, **kwargs)
-        (grad,) = torch.autograd.grad(_per_sample(logits).sum(), real, create_graph=True)
-    return grad.pow(2).flatten(1).sum(1).mean()
+        (grad,) = torch.autograd.grad(_per_sample(logits).float().sum(), real, create_graph=True)
+    return grad.float().pow(2).flatten(1).sum(1).mean()
 
 
 def approx_r1_penalty(
@@ -554,6 +559,12 @@ class Discriminator(nn.Module):
         feats = self.backbone(x, t, **kwargs)
         return self.heads(feats, class_labels=class_labels, cond_embedding=cond_embedding)
 
+    def train(self, mode: bool = True) -> "Discriminator":
+        super().train(mode)
+        if not any(p.requires_grad for p in self.backbone.parameters()):
+            self.backbone.eval()  # a frozen feature network keeps eval behaviour (BN statistics, dropout off)
+        return self
+
     def backbone_parameters(self) -> list[nn.Parameter]:
         return list(self.backbone.parameters())
 
@@ -687,10 +698,14 @@ def attached_schedule(trainer) -> AdversarialSchedule | None:
     return next((cb for cb in trainer.callbacks if isinstance(cb, AdversarialSchedule)), None)
 
 
-def iteration_generator(seed: int, step: int, device: torch.device) -> torch.Generator:
-    """Random stream of iteration ``step``: a pure function of (seed, step), so resumes are exact."""
+def iteration_generator(seed: int, step: int, device: torch.device, rank: int = 0) -> torch.Generator:
+    """Random stream of iteration ``step`` on process ``rank``: a pure function of (seed, step, rank), so
+    resumes are exact, and under DDP every process draws its own noise and timesteps (with one stream for
+    all, every rank of an unconditional model would generate the same fake batch). Rank 0's stream does
+    not depend on the world size. The rank offset changes the low 32 bits: CPU generators seed their
+    Mersenne twister from those alone."""
     gen = torch.Generator(device=device)
-    gen.manual_seed(seed * 1_000_003 + step)
+    gen.manual_seed(seed * 1_000_003 + step + rank * 0x9E3779B1)
     return gen
 
 
@@ -866,7 +881,7 @@ class AdversarialMethod(DistillationMethod):
         return StepPlan(update_g=True, d_updates=d_updates_at(step, self.adv.d_updates_per_g))
 
     def step_generator(self, step: int) -> torch.Generator:
-        return iteration_generator(self.adv.seed, step, self.device)
+        return iteration_generator(self.adv.seed, step, self.device, self.global_rank)
 
     def discriminator_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.discriminator.parameters() if p.requires_grad]
@@ -926,10 +941,6 @@ class AdversarialMethod(DistillationMethod):
 
     # --- one training iteration ----------------------------------------------------------------
 
-    def _clip(self, opt, value: float | None) -> None:
-        if value is not None:
-            self.clip_gradients(opt, gradient_clip_val=value, gradient_clip_algorithm="norm")
-
     def training_step(self, batch: dict, batch_idx: int) -> dict:
         step = int(self.gan_iteration)
         plan = self.plan(step)
@@ -948,8 +959,7 @@ class AdversarialMethod(DistillationMethod):
                 check_finite(d_out, self.global_step)
                 d_opt.zero_grad(set_to_none=True)
                 self.manual_backward(d_out.loss)
-            self._clip(d_opt, hp.discriminator_grad_clip)
-            d_opt.step()
+            self.step_optimizer(d_opt, hp.discriminator_grad_clip)
             logs.update(d_out.logs)
         # 2. generator step, D frozen (its parameters get no gradient; the input gradient still flows)
         if plan.update_g:
@@ -958,8 +968,7 @@ class AdversarialMethod(DistillationMethod):
                 check_finite(g_out, self.global_step)
                 g_opt.zero_grad(set_to_none=True)
                 self.manual_backward(g_out.loss)
-            self._clip(g_opt, hp.generator_grad_clip)
-            g_opt.step()
+            self.step_optimizer(g_opt, hp.generator_grad_clip)
             sched = self.lr_schedulers()
             if sched is not None:
                 sched.step()

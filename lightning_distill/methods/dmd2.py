@@ -288,7 +288,7 @@ class DMD2(DistillationMethod):
         >>> dm = TeacherDataModule(teacher="bundled:digits")
         >>> model = DMD2(teacher=dm.teacher, fake_updates_per_generator=5, gan=True)
         >>> L.Trainer(max_steps=2000).fit(model, dm)
-        >>> model.export("outputs/dmd2")   # a 1-step DDIM (trailing) pipeline
+        >>> model.export("outputs/dmd2")   # a 1-step pipeline (LCMScheduler: x0 from pure noise at T - 1)
     """
 
     def __init__(
@@ -526,22 +526,8 @@ class DMD2(DistillationMethod):
         return StepPlan(update_g=step % self.hparams.fake_updates_per_generator == 0, d_updates=1)
 
     def step_generator(self, step: int) -> torch.Generator:
-        """Random stream of iteration ``step``: a pure function of (seed, step), so resumes are exact."""
-        return iteration_generator(self.hparams.seed, step, self.device)
-
-    def _step(self, opt, clip: float | None, counted: bool) -> None:
-        """Clip and step one network's optimiser.
-
-        Lightning counts every ``LightningOptimizer.step`` in ``global_step``; only the last update of
-        an iteration is stepped that way, the others go through the same strategy / precision path
-        uncounted, so ``global_step`` (``max_steps``, checkpoint and EMA intervals) counts iterations.
-        """
-        if clip is not None:
-            self.clip_gradients(opt, gradient_clip_val=clip, gradient_clip_algorithm="norm")
-        if counted:
-            opt.step()
-        else:
-            self.trainer.strategy.optimizer_step(opt.optimizer, closure=lambda: None, model=self)
+        """Random stream of iteration ``step`` on this process: see :func:`iteration_generator`."""
+        return iteration_generator(self.hparams.seed, step, self.device, self.global_rank)
 
     def training_step(self, batch: dict, batch_idx: int) -> dict:
         opts = self.optimizers()
@@ -567,10 +553,11 @@ class DMD2(DistillationMethod):
             if opt_d is not None:
                 opt_d.zero_grad(set_to_none=True)
             self.manual_backward(out.loss)
+            # Lightning counts every LightningOptimizer.step in global_step; only the last update of an
+            # iteration is counted, so global_step (max_steps, checkpoint and EMA intervals) counts iterations.
             last = i == plan.d_updates - 1 and not plan.update_g
-            if opt_d is not None:
-                self._step(opt_d, hp.discriminator_grad_clip, counted=False)
-            self._step(opt_f, hp.fake_score_grad_clip, counted=last)
+            steps = [(opt_d, hp.discriminator_grad_clip, False)] if opt_d is not None else []
+            self.step_optimizers(steps + [(opt_f, hp.fake_score_grad_clip, last)])
             logs.update(out.logs)
 
         # 2. generator: distribution matching (+ GAN), critic frozen
@@ -579,7 +566,7 @@ class DMD2(DistillationMethod):
             check_finite(out, self.global_step)
             opt_g.zero_grad(set_to_none=True)
             self.manual_backward(out.loss)
-            self._step(opt_g, hp.generator_grad_clip, counted=True)
+            self.step_optimizer(opt_g, hp.generator_grad_clip)
             sched = self.lr_schedulers()
             if sched is not None:
                 sched.step()
