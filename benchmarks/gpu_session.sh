@@ -25,6 +25,7 @@ RUN_GROUPS="${RUN_GROUPS:-preset batch256}"; SEEDS="${SEEDS:-}"   # SEEDS empty:
 EVAL_EVERY="${EVAL_EVERY-500}"   # empty: the config's own intervals
 RUN_CONFIG="${RUN_CONFIG:-configs/dmd2/digits.yaml}"; RUN_ARGS="${RUN_ARGS:-}"; METRIC="${METRIC:-fid/digits-feat/1step/n2000}"
 TP_STEPS="${TP_STEPS:-150}"; CHECK_STEPS="${CHECK_STEPS:-12}"   # smaller for a dry run on CPU
+# CHECK_PRESETS (e.g. "add apt dmd2") / CHECK_PRECISIONS narrow stage 1 to some methods / precisions
 T0=$(date +%s)
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 PYTHONUNBUFFERED=1 PYTHONWARNINGS=ignore
 if [ -d "$REPO/.whl" ] && ls "$REPO"/.whl/*.whl >/dev/null 2>&1; then
@@ -84,8 +85,9 @@ for spec in $RUN_GROUPS; do
   done
 done
 # 1. CUDA paths of every method, alongside.
-[[ " $STAGES " == *" check "* ]] && for prec in bf16-mixed 16-mixed; do
+[[ " $STAGES " == *" check "* ]] && for prec in ${CHECK_PRECISIONS:-bf16-mixed 16-mixed}; do
   timeout 200 python3 "$REPO/benchmarks/gpu_throughput.py" --accelerator "$ACCEL" --precision "$prec" --steps "$CHECK_STEPS" --warmup 2 \
+    ${CHECK_PRESETS:+--presets $CHECK_PRESETS} \
     --out "$RES/gpu_check_$prec.json" > "$RES/logs/gpu_check_$prec.log" 2>&1
   echo "[$(elapsed) s] CUDA paths, $prec:"; grep -E "images/s|Error|error" "$RES/logs/gpu_check_$prec.log" | grep -v "^ " | head -20
 done
