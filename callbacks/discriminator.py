@@ -71,7 +71,8 @@ class DiscriminatorSchedule(L.Callback):
         d_lr_warmup_steps, d_lr_decay, total_steps, d_lr_min_scale: D learning-rate multiplier (linear
             warm-up, then decay to ``d_lr_min_scale`` at ``total_steps`` iterations).
         freeze_backbone_steps: a trainable D backbone stays fixed for this many iterations (heads first).
-        freeze_d_after: no discriminator steps from this iteration on (None: never).
+        freeze_d_after: no discriminator steps from this iteration on (None: never). DMD2 refuses it: its
+            critic steps also train the fake score, which must keep tracking the generator.
         acc_smoothing: decay of the smoothed real / fake accuracies kept in the state.
 
     Example::

@@ -309,6 +309,14 @@ def test_discriminator_schedule_plugs_in(tiny_teacher_dir, tmp_path):
     assert "train/r1" in trainer.callback_metrics
 
 
+def test_freezing_the_critic_is_refused(tiny_teacher_dir, tmp_path):
+    from lightning_distill.callbacks.discriminator import DiscriminatorSchedule
+
+    trainer = _trainer(tmp_path, max_steps=3, enable_checkpointing=False, callbacks=[DiscriminatorSchedule(freeze_d_after=2)])
+    with pytest.raises(ValueError, match="freeze_d_after"):
+        trainer.fit(_model(tiny_teacher_dir), train_dataloaders=_loader())
+
+
 def test_resume_restores_every_network_and_optimiser(tiny_teacher_dir, tmp_path):
     # uninterrupted: 8 steps
     full = _model(tiny_teacher_dir, seed=0)

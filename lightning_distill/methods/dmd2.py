@@ -518,6 +518,16 @@ class DMD2(DistillationMethod):
             return opts
         return opts, [{"scheduler": self.lr_scheduler_factory(opts[0]), "interval": "step"}]
 
+    def setup(self, stage: str) -> None:
+        super().setup(stage)
+        cb = attached_schedule(self._trainer)
+        if getattr(cb, "freeze_d_after", None) is not None:
+            raise ValueError(
+                "DiscriminatorSchedule(freeze_d_after=...) would stop DMD2's critic updates, and with them the "
+                "fake score, which must keep tracking the generator for the distribution-matching gradient; "
+                "to stop the GAN term instead, train without it (gan=false) or lower gan_generator_weight"
+            )
+
     def plan(self, step: int) -> StepPlan:
         """An attached schedule callback's plan, else the fixed TTUR of ``fake_updates_per_generator``."""
         cb = attached_schedule(self._trainer)
