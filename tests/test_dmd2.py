@@ -294,6 +294,16 @@ def test_generator_lr_schedule_steps_once_per_generator_update(tiny_teacher_dir,
     assert trainer.optimizers[1].param_groups[0]["lr"] == pytest.approx(1e-4)  # the fake score's, untouched
 
 
+def test_critic_warmup_delays_the_generator(tiny_teacher_dir, tmp_path):
+    model = _model(tiny_teacher_dir, fake_updates_per_generator=3, critic_warmup=2, gan=False)
+    trainer = _trainer(tmp_path, max_steps=7, enable_checkpointing=False)
+    trainer.fit(model, train_dataloaders=_loader())
+    steps = [int(next(iter(opt.state.values()))["step"]) for opt in trainer.optimizers]
+    assert steps == [2, 7]  # generator updates at iterations 2 and 5; the fake score every iteration
+    with pytest.raises(ValueError, match="critic_warmup"):
+        _model(tiny_teacher_dir, critic_warmup=-1)
+
+
 def test_discriminator_schedule_plugs_in(tiny_teacher_dir, tmp_path):
     from lightning_distill.callbacks.discriminator import DiscriminatorSchedule
 
@@ -387,3 +397,19 @@ def test_debug_preset_runs_through_cli(tiny_teacher_dir, tmp_path, gan):
     pipe = DDPMPipeline.from_pretrained(root / "student")
     images = pipe(batch_size=1, num_inference_steps=1, output_type="np").images
     assert images.shape == (1, 8, 8, 1)
+
+
+def test_generator_starts_from_a_trained_student(tiny_teacher_dir, tmp_path):
+    """init_from: the generator takes an exported student's weights; the fake score stays the teacher's."""
+    donor = _model(tiny_teacher_dir, seed=1)
+    with torch.no_grad():
+        for p in donor.student.unet.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    donor.export(tmp_path / "donor")
+    model = _model(tiny_teacher_dir, init_from=str(tmp_path / "donor"))
+    for (name, p), q in zip(model.student.unet.named_parameters(), donor.student.unet.parameters()):
+        torch.testing.assert_close(p, q, msg=name)
+    for p, q in zip(model.fake_score.unet.parameters(), model.teacher.unet.parameters()):
+        torch.testing.assert_close(p, q)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        _model(tiny_teacher_dir, init_from=str(tmp_path / "missing"))

@@ -698,6 +698,15 @@ def attached_schedule(trainer) -> AdversarialSchedule | None:
     return next((cb for cb in trainer.callbacks if isinstance(cb, AdversarialSchedule)), None)
 
 
+def load_init_state(unet: nn.Module, state: dict[str, Tensor], init_from: str) -> None:
+    """Load a trained student's weights (``load_student_state(init_from)``) into ``unet``: all must fit."""
+    missing, unexpected = unet.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise ValueError(
+            f"init_from {init_from!r} does not fit the student UNet: missing {missing[:5]}, unexpected {unexpected[:5]}"
+        )
+
+
 def iteration_generator(seed: int, step: int, device: torch.device, rank: int = 0) -> torch.Generator:
     """Random stream of iteration ``step`` on process ``rank``: a pure function of (seed, step, rank), so
     resumes are exact, and under DDP every process draws its own noise and timesteps (with one stream for
@@ -810,11 +819,7 @@ class AdversarialMethod(DistillationMethod):
             seed=seed,
         )
         if state is not None:
-            missing, unexpected = self.student.unet.load_state_dict(state, strict=False)
-            if missing or unexpected:
-                raise ValueError(
-                    f"init_from {init_from!r} does not fit the student UNet: missing {missing[:5]}, unexpected {unexpected[:5]}"
-                )
+            load_init_state(self.student.unet, state, init_from)
         self.save_hyperparameters(ignore=list(self.hparams_ignore))
         # Settings are read from ``self.adv``, not ``hparams``: under LightningCLI ``hparams`` holds only the
         # subclass's own init args as configured, and a checkpoint's ``hparams`` must stay valid init args
@@ -995,6 +1000,7 @@ class AdversarialMethod(DistillationMethod):
 __all__ = [
     "attached_schedule",
     "iteration_generator",
+    "load_init_state",
     "remember_initial_lr",
     "hinge_d_loss",
     "hinge_g_loss",

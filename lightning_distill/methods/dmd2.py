@@ -25,7 +25,8 @@ is proportional to (mu_fake - mu_real) = p_real - p_fake; the per-sample divisio
 replaces the weight w_t (DMD, Eq. 8), which makes the step size independent of t.
 
 One iteration (one batch, manual optimisation): critic update(s) first (fake-score denoising loss
-+ weighted GAN D loss), then, on iterations 0, N, 2N, ... (N = ``fake_updates_per_generator``), one
++ weighted GAN D loss), then, on iterations W, W + N, W + 2N, ... (N = ``fake_updates_per_generator``,
+W = ``critic_warmup``, default 0), one
 generator update; after S iterations the generator has had ceil(S / N) updates (tested).
 
 Step counting: ``trainer.global_step`` counts iterations, not optimiser steps. Lightning counts every
@@ -65,6 +66,7 @@ import torch.nn.functional as F
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
 
+from ..export import load_student_state
 from ..parametrisation import Denoiser, PredictionType, VPSchedule
 from ..teacher import DiffusionTeacher
 from .adversarial import (
@@ -76,6 +78,7 @@ from .adversarial import (
     check_augment_policy,
     frozen,
     iteration_generator,
+    load_init_state,
     ns_d_loss,
     ns_g_loss,
     remember_initial_lr,
@@ -255,6 +258,9 @@ class DMD2(DistillationMethod):
         student_prediction_type: what the generator outputs; None keeps the teacher's.
         generator_steps: K, the generator's step count (1: one-step; > 1: backward simulation).
         fake_updates_per_generator: fake-score (and discriminator) updates per generator update (TTUR).
+        critic_warmup: critic-only iterations before the first generator update (default 0: the fake
+            score starts as the teacher, which is right for a generator that starts as the teacher; a
+            generator from ``init_from`` has another distribution, which the fake score must learn first).
         dm_t_range: fractions of T bounding the timesteps of the distribution-matching gradient
             (the paper's 0.02 .. 0.98).
         dm_reduction: reduction of the surrogate loss, see :func:`dm_surrogate_loss`.
@@ -282,6 +288,10 @@ class DMD2(DistillationMethod):
             network (None: off; paper: 10).
         sample_steps: sampler steps for logged grids / predict (None: ``generator_steps``).
         sample_every_n_steps, num_log_samples, seed: as in :class:`DistillationMethod`.
+        init_from, init_use_ema: start the generator from a trained student instead of the teacher (a
+            ``.ckpt`` of any method, EMA weights when ``init_use_ema``, or an exported pipeline folder),
+            e.g. a consistency-distilled one; the fake score is still a copy of the teacher, so give the
+            critic a head start (``DiscriminatorSchedule(d_warmup_steps=...)``: critic-only iterations).
 
     Example::
 
@@ -299,6 +309,7 @@ class DMD2(DistillationMethod):
         student_prediction_type: PredictionType | None = None,
         generator_steps: int = 1,
         fake_updates_per_generator: int = 5,
+        critic_warmup: int = 0,
         dm_t_range: tuple[float, float] = (0.02, 0.98),
         dm_reduction: Literal["mean", "sum"] = "mean",
         gan: bool = True,
@@ -321,11 +332,15 @@ class DMD2(DistillationMethod):
         sample_every_n_steps: int = 0,
         num_log_samples: int = 64,
         seed: int = 0,
+        init_from: str | None = None,
+        init_use_ema: bool = True,
     ) -> None:
         if generator_steps < 1:
             raise ValueError(f"generator_steps must be >= 1, got {generator_steps}")
         if fake_updates_per_generator < 1:
             raise ValueError(f"fake_updates_per_generator must be >= 1, got {fake_updates_per_generator}")
+        if critic_warmup < 0:
+            raise ValueError(f"critic_warmup must be >= 0, got {critic_warmup}")
         lo, hi = dm_t_range
         if not 0.0 <= lo < hi <= 1.0:
             raise ValueError(f"dm_t_range must satisfy 0 <= lo < hi <= 1, got {tuple(dm_t_range)}")
@@ -335,6 +350,10 @@ class DMD2(DistillationMethod):
         if dm_reduction not in ("mean", "sum"):
             raise ValueError(f"dm_reduction must be 'mean' or 'sum', got {dm_reduction!r}")
         augment_policy = check_augment_policy(d_augment or ())
+        state = None
+        if init_from is not None:
+            state, recorded = load_student_state(init_from, init_use_ema)
+            student_prediction_type = student_prediction_type or recorded
         super().__init__(
             teacher=teacher,
             student=student,
@@ -357,6 +376,8 @@ class DMD2(DistillationMethod):
                 "generator_lr_scheduler",
             ]
         )
+        if state is not None:
+            load_init_state(self.student.unet, state, init_from)
         # The sampler runs the generator's own K steps unless told otherwise.
         self.hparams.sample_steps = sample_steps or generator_steps
         self.automatic_optimization = False
@@ -533,7 +554,9 @@ class DMD2(DistillationMethod):
         cb = attached_schedule(self._trainer)
         if cb is not None:
             return cb.plan(step)
-        return StepPlan(update_g=step % self.hparams.fake_updates_per_generator == 0, d_updates=1)
+        warmup = self.hparams.get("critic_warmup", 0)
+        after = step - warmup
+        return StepPlan(update_g=after >= 0 and after % self.hparams.fake_updates_per_generator == 0, d_updates=1)
 
     def step_generator(self, step: int) -> torch.Generator:
         """Random stream of iteration ``step`` on this process: see :func:`iteration_generator`."""
