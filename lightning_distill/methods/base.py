@@ -217,12 +217,15 @@ class DistillationMethod(L.LightningModule):
         before the plugin unscales them.
         """
         scaler = getattr(self.trainer.precision_plugin, "scaler", None)
+        scale = scaler.get_scale() if scaler is not None else None  # a device sync: read once per step
         for i, (opt, clip, counted) in enumerate(steps):
-            before = scaler.get_scale() if scaler is not None else None
             self.step_optimizer(opt, clip, counted)
-            if scaler is None or scaler.get_scale() == before:
+            if scaler is None or i == len(steps) - 1:
                 continue
-            ratio = scaler.get_scale() / before
+            before, scale = scale, scaler.get_scale()
+            if scale == before:
+                continue
+            ratio = scale / before
             for later, _, _ in steps[i + 1 :]:
                 for group in later.param_groups:
                     for p in group["params"]:

@@ -291,7 +291,7 @@ class DMD2(DistillationMethod):
         init_from, init_use_ema: start the generator from a trained student instead of the teacher (a
             ``.ckpt`` of any method, EMA weights when ``init_use_ema``, or an exported pipeline folder),
             e.g. a consistency-distilled one; the fake score is still a copy of the teacher, so give the
-            critic a head start (``DiscriminatorSchedule(d_warmup_steps=...)``: critic-only iterations).
+            critic a head start with ``critic_warmup``.
 
     Example::
 
@@ -554,8 +554,7 @@ class DMD2(DistillationMethod):
         cb = attached_schedule(self._trainer)
         if cb is not None:
             return cb.plan(step)
-        warmup = self.hparams.get("critic_warmup", 0)
-        after = step - warmup
+        after = step - self.hparams.critic_warmup
         return StepPlan(update_g=after >= 0 and after % self.hparams.fake_updates_per_generator == 0, d_updates=1)
 
     def step_generator(self, step: int) -> torch.Generator:
