@@ -21,6 +21,7 @@ import math
 from typing import Any, Literal
 
 import lightning as L
+from lightning.pytorch.utilities import rank_zero_warn
 
 from lightning_distill.methods.adversarial import StepPlan, d_updates_at, discriminator_accuracy
 
@@ -156,6 +157,15 @@ class DiscriminatorSchedule(L.Callback):
                 f"DiscriminatorSchedule plans adversarial methods (an AdversarialMethod); "
                 f"{type(pl_module).__name__} is not one"
             )
+        backbone = getattr(getattr(pl_module, "discriminator", None), "backbone_parameters", None)
+        if self.freeze_backbone_steps > 0 and callable(backbone):
+            params = backbone()
+            if params and not any(p.requires_grad for p in params):
+                rank_zero_warn(
+                    f"DiscriminatorSchedule(freeze_backbone_steps={self.freeze_backbone_steps}) has no effect: "
+                    f"{type(pl_module).__name__}'s discriminator backbone is not trained at all (a frozen feature "
+                    "network, or APT's train_d_backbone=False), so there is nothing to unfreeze later"
+                )
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
         if not isinstance(outputs, dict) or not isinstance(outputs.get("plan"), StepPlan):

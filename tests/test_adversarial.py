@@ -4,6 +4,7 @@ networks, update counts per optimiser, and kill-and-resume equality of a GAN run
 from __future__ import annotations
 
 import math
+import warnings
 
 import lightning as L
 import pytest
@@ -293,6 +294,16 @@ def test_fractional_ratio_without_a_schedule_and_backbone_freeze(teacher, tmp_pa
     assert same(model.discriminator.backbone.parameters(), backbone0)  # frozen backbone: only heads moved
     assert not same(model.discriminator.heads.parameters(), heads0)
     assert same(model.student.parameters(), student0)  # D warm-up: the generator is untouched
+
+
+def test_schedule_warns_when_the_backbone_it_would_unfreeze_is_never_trained(teacher, tmp_path):
+    schedule = DiscriminatorSchedule(freeze_backbone_steps=2)
+    with pytest.warns(UserWarning, match="train_d_backbone=False"):
+        schedule.setup(trainer(tmp_path, [], max_steps=1), apt(teacher, train_d_backbone=False), "fit")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a trainable backbone: freezing it for a while is meaningful
+        schedule.setup(trainer(tmp_path, [], max_steps=1), apt(teacher), "fit")
+        DiscriminatorSchedule().setup(trainer(tmp_path, [], max_steps=1), apt(teacher, train_d_backbone=False), "fit")
 
 
 def test_kill_and_resume_equals_an_uninterrupted_run(teacher, tmp_path):
