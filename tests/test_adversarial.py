@@ -112,6 +112,24 @@ def test_approx_r1_by_hand_and_against_true_r1():
     assert est.item() == pytest.approx(r1_penalty(d, xs[:8]).item(), rel=0.03)
 
 
+def test_approx_r1_reuses_the_d_losss_real_logits():
+    torch.manual_seed(0)
+    d = nn.Sequential(nn.Flatten(), nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 1))
+    x, n = torch.randn(3, 1, 2, 2), torch.randn(3, 1, 2, 2)
+    calls = []
+    counted = lambda v: calls.append(v) or d(v)
+    fresh = approx_r1_penalty(counted, x, 0.1, noise=n)
+    g_fresh = torch.autograd.grad(fresh, list(d.parameters()))
+    assert len(calls) == 2
+    calls.clear()
+    reused = approx_r1_penalty(counted, x, 0.1, noise=n, real_logits=d(x))
+    g_reused = torch.autograd.grad(reused, list(d.parameters()))
+    assert len(calls) == 1  # only the perturbed images go through D again
+    torch.testing.assert_close(reused, fresh)
+    for a, b in zip(g_reused, g_fresh):
+        torch.testing.assert_close(a, b)  # the penalty's gradient still flows through D(x)
+
+
 # --- the schedule ------------------------------------------------------------------------------------
 
 
@@ -294,6 +312,16 @@ def test_fractional_ratio_without_a_schedule_and_backbone_freeze(teacher, tmp_pa
     assert same(model.discriminator.backbone.parameters(), backbone0)  # frozen backbone: only heads moved
     assert not same(model.discriminator.heads.parameters(), heads0)
     assert same(model.student.parameters(), student0)  # D warm-up: the generator is untouched
+
+
+def test_d_step_with_approx_r1_runs_d_three_times(teacher):
+    model = apt(teacher, r1="approx", r1_weight=1.0)
+    calls = []
+    model.discriminator.register_forward_hook(lambda m, i, o: calls.append(i[0].shape[0]))
+    batch = {"x": torch.rand(4, 1, 8, 8) * 2 - 1}
+    out, _, _ = model.discriminator_loss(batch, torch.Generator().manual_seed(0), r1_weight=1.0)
+    assert len(calls) == 3  # real, fake, perturbed real: D(real) is shared by the loss and the penalty
+    assert out.logs["r1"].item() > 0
 
 
 def test_schedule_warns_when_the_backbone_it_would_unfreeze_is_never_trained(teacher, tmp_path):

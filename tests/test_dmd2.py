@@ -413,3 +413,13 @@ def test_generator_starts_from_a_trained_student(tiny_teacher_dir, tmp_path):
         torch.testing.assert_close(p, q)
     with pytest.raises(FileNotFoundError, match="does not exist"):
         _model(tiny_teacher_dir, init_from=str(tmp_path / "missing"))
+
+
+def test_critic_r1_reuses_the_real_logits(tiny_teacher_dir):
+    model = _model(tiny_teacher_dir, r1_weight=1.0)
+    calls = []
+    model.discriminator_head.register_forward_hook(lambda m, i, o: calls.append(1))
+    batch = next(iter(_loader()))
+    out, _, _ = model.critic_loss(batch, torch.Generator().manual_seed(0), r1_weight=1.0)
+    assert len(calls) == 3  # real, fake, perturbed real: the penalty shares the D loss's D(real)
+    assert out.logs["r1"].item() > 0

@@ -100,7 +100,12 @@ def r1_penalty(discriminator: nn.Module | Callable, real: Tensor, **kwargs) -> T
 
 
 def approx_r1_penalty(
-    discriminator: nn.Module | Callable, real: Tensor, sigma: float = 0.01, noise: Tensor | None = None, **kwargs
+    discriminator: nn.Module | Callable,
+    real: Tensor,
+    sigma: float = 0.01,
+    noise: Tensor | None = None,
+    real_logits: Tensor | None = None,
+    **kwargs,
 ) -> Tensor:
     """Approximated R1 (Lin et al. 2025, APT): E (D(x) - D(x + sigma n))^2, no double backward.
 
@@ -114,10 +119,14 @@ def approx_r1_penalty(
         real: real images.
         sigma: perturbation scale.
         noise: the perturbation direction n (standard normal); drawn with ``randn_like`` when None.
+        real_logits: ``discriminator(real)`` when the caller already has it (with its graph, as the D
+            loss computes it): re-used instead of a second forward pass on the real images.
     """
     noise = torch.randn_like(real) if noise is None else noise
     noisy = real + sigma * noise
-    diff = _per_sample(discriminator(real, **kwargs)) - _per_sample(discriminator(noisy, **kwargs))
+    if real_logits is None:
+        real_logits = discriminator(real, **kwargs)
+    diff = _per_sample(real_logits) - _per_sample(discriminator(noisy, **kwargs))
     return diff.pow(2).mean()
 
 
@@ -918,7 +927,7 @@ class AdversarialMethod(DistillationMethod):
                 penalty = r1_penalty(d_fn, real)
             else:
                 noise = torch.randn(real.shape, generator=gen, device=real.device, dtype=real.dtype)
-                penalty = approx_r1_penalty(d_fn, real, self.adv.r1_sigma, noise=noise)
+                penalty = approx_r1_penalty(d_fn, real, self.adv.r1_sigma, noise=noise, real_logits=real_logits)
             loss = loss + r1_weight * penalty
             logs["r1"] = penalty.detach()
         return LossOutput(loss, logs), real_logits.detach(), fake_logits.detach()

@@ -512,7 +512,9 @@ class DMD2(DistillationMethod):
                 def disc(x: Tensor) -> Tensor:
                     return self.discriminator_logits(x, t_real, noise_real, train_backbone, augment=aug_real, **cond)
 
-                r1 = approx_r1_penalty(disc, x_real, self.hparams.r1_sigma, noise=self._randn(x_real.shape, g))
+                r1 = approx_r1_penalty(
+                    disc, x_real, self.hparams.r1_sigma, noise=self._randn(x_real.shape, g), real_logits=real_logits
+                )
                 loss = loss + r1_weight * r1
                 logs["r1"] = r1.detach()
             real_logits, fake_logits = real_logits.detach(), fake_logits.detach()
