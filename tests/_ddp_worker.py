@@ -12,6 +12,8 @@ Environment:
                        the update), i.e. once step k has been checkpointed.
   LD_TEST_NAN_AT       from this global step on, the student network outputs NaN.
   LD_TEST_NO_NETWORK   "1": any socket connection to a non-loopback address raises OSError.
+  LD_TEST_LOGS         file for a JSON list, one entry per training batch, of the ``train/*`` values the
+                       method logged in that batch (the redesign guard, tests/test_guard.py).
 """
 
 from __future__ import annotations
@@ -122,6 +124,51 @@ class RecordState(L.Callback):
         torch.save(record, os.path.join(self.out, f"rank{trainer.global_rank}.pt"))
 
 
+class RecordLogs(L.Callback):
+    """Every ``train/*`` value the method logs, batch by batch, written as JSON at the end of training.
+
+    Wraps the module's ``log_dict`` / ``log`` (this instance only): logged values are the loss terms
+    themselves, before Lightning's reductions, and a key logged in one batch is not repeated in the next.
+    """
+
+    def __init__(self, out: str) -> None:
+        self.out = out
+        self.batches: list[dict[str, float]] = []
+        self._current: dict[str, float] | None = None
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        log, log_dict = pl_module.log, pl_module.log_dict
+
+        def record(name, value):
+            if self._current is not None and name.startswith("train/"):
+                self._current[name] = float(torch.as_tensor(value).detach().double().cpu())
+
+        def new_log(name, value, *args, **kwargs):
+            record(name, value)
+            return log(name, value, *args, **kwargs)
+
+        def new_log_dict(values, *args, **kwargs):
+            for name, value in values.items():
+                record(name, value)
+            return log_dict(values, *args, **kwargs)
+
+        pl_module.log, pl_module.log_dict = new_log, new_log_dict
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self._current = {}
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.batches.append(self._current or {})
+        self._current = None
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        import json
+
+        if trainer.global_rank == 0:
+            with open(self.out, "w") as f:
+                json.dump(self.batches, f)
+
+
 class KillAt(L.Callback):
     """A real crash: SIGKILL (no cleanup, no exception handlers) during optimiser step ``step + 1``."""
 
@@ -178,6 +225,8 @@ def test_callbacks() -> list[L.Callback]:
         )
     if env.get("LD_TEST_OUT"):
         cbs.append(RecordState(env["LD_TEST_OUT"]))
+    if env.get("LD_TEST_LOGS"):
+        cbs.append(RecordLogs(env["LD_TEST_LOGS"]))
     if env.get("LD_TEST_KILL_AT"):
         cbs.append(KillAt(int(env["LD_TEST_KILL_AT"])))
     if env.get("LD_TEST_NAN_AT"):
