@@ -17,10 +17,10 @@ from lightning_distill.methods.consistency import (
     consistency_target,
     ema_update_,
     lcm_boundary_scalings,
-    lcm_training_timesteps,
     skipped_timesteps,
     solver_step,
 )
+from lightning_distill.sampling import lcm_training_timesteps
 from lightning_distill.parametrisation import Denoiser, Prediction, VPSchedule
 
 from conftest import make_tiny_unet

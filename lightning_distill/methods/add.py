@@ -47,9 +47,8 @@ from torch import Tensor, nn
 from ..parametrisation import Denoiser, PredictionType
 from ..teacher import DiffusionTeacher
 from .adversarial import AdversarialMethod, Discriminator, GanLoss, Generated, UNetEncoderFeatures, unclipped_x0
+from ..sampling import X0_SAMPLER_TIMESTEP_SCALING, backward_simulation, lcm_scheduler, lcm_training_timesteps
 from .base import LossOutput, default_optimizer
-from .consistency import X0_SAMPLER_TIMESTEP_SCALING, lcm_scheduler, lcm_training_timesteps
-from .dmd2 import backward_simulation
 
 Weighting = Literal["alpha", "constant", "alpha_squared"]
 

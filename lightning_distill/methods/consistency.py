@@ -39,6 +39,7 @@ from torch import Tensor, nn
 
 from ..parametrisation import Denoiser, Prediction, PredictionType, VPSchedule, _expand, ddim_step, prediction_from_output
 from ..teacher import DiffusionTeacher
+from ..sampling import X0_SAMPLER_TIMESTEP_SCALING, lcm_scheduler, lcm_training_timesteps
 from .base import DistillationMethod, LossOutput, default_optimizer
 
 Solver = Literal["ddim", "euler", "heun"]
@@ -78,20 +79,6 @@ def lcm_boundary_scalings(
     c_skip = sigma_data**2 / (scaled**2 + sigma_data**2)
     c_out = scaled / (scaled**2 + sigma_data**2) ** 0.5
     return c_skip, c_out
-
-
-def lcm_training_timesteps(num_train_timesteps: int, original_inference_steps: int) -> Tensor:
-    """The LCM training grid t_n = n k - 1, n = 1..N, k = T // N (ascending), as ``LCMScheduler.set_timesteps``.
-
-    Every inference schedule of LCMScheduler with this ``original_inference_steps`` is a subset of this
-    grid, so training on it trains exactly the timesteps the sampler visits.
-    """
-    if not 1 <= original_inference_steps <= num_train_timesteps:
-        raise ValueError(
-            f"original_inference_steps must lie in [1, {num_train_timesteps}], got {original_inference_steps}"
-        )
-    k = num_train_timesteps // original_inference_steps
-    return torch.arange(1, original_inference_steps + 1) * k - 1
 
 
 def consistency_function(
@@ -372,49 +359,9 @@ class ConsistencyDistillation(DistillationMethod):
         return lcm_scheduler(self, self.hparams.original_inference_steps, self.hparams.timestep_scaling)
 
 
-#: ``timestep_scaling`` that makes LCMScheduler's boundary scalings the identity for t >= 1
-#: (c_skip = 0.25 / ((1000 t)^2 + 0.25) < 3e-7): the sampler then takes a student's x0 estimate as it is
-#: and re-noises it with fresh noise (the multistep sampler of ADD and multi-step DMD2 generators).
-X0_SAMPLER_TIMESTEP_SCALING = 1000.0
-
-
-def lcm_scheduler(method: DistillationMethod, original_inference_steps: int, timestep_scaling: float):
-    """A stock ``LCMScheduler`` on ``method``'s noise schedule: x0 estimate, then fresh noise to the next t.
-
-    Its inference timesteps are subsets of :func:`lcm_training_timesteps` (``original_inference_steps``).
-    Raises if the scheduler rebuilt from the teacher's config does not reproduce the student's
-    ``alphas_cumprod`` (a teacher scheduler with betas LCMScheduler cannot express).
-    """
-    import diffusers
-
-    src = dict(method.student_scheduler_config)
-    keys = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas", "rescale_betas_zero_snr")
-    cfg = {k: src[k] for k in keys if k in src}
-    cfg.update(
-        prediction_type=method.student.prediction_type,
-        original_inference_steps=original_inference_steps,
-        timestep_scaling=timestep_scaling,
-        clip_sample=method.student.clip_x0 is not None,
-        clip_sample_range=method.student.clip_x0 or 1.0,
-        set_alpha_to_one=True,
-        thresholding=False,
-    )
-    sched = diffusers.LCMScheduler(**cfg)
-    ours = method.student.schedule._alphas_cumprod[1:].cpu()
-    if ours.shape != sched.alphas_cumprod.shape or not torch.allclose(ours, sched.alphas_cumprod.float(), atol=1e-6):
-        raise ValueError(
-            "LCMScheduler rebuilt from the teacher's scheduler config does not reproduce the teacher's "
-            f"alphas_cumprod (teacher scheduler {method.teacher.scheduler_class}); pass trained_betas in its config"
-        )
-    return sched
-
-
 __all__ = [
     "ConsistencyDistillation",
-    "lcm_scheduler",
-    "X0_SAMPLER_TIMESTEP_SCALING",
     "lcm_boundary_scalings",
-    "lcm_training_timesteps",
     "consistency_function",
     "solver_step",
     "consistency_loss",

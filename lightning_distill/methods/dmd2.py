@@ -85,7 +85,7 @@ from .adversarial import (
     unclipped_x0,
 )
 from .base import DistillationMethod, LossOutput, check_finite, default_optimizer
-from .consistency import X0_SAMPLER_TIMESTEP_SCALING, lcm_scheduler, lcm_training_timesteps
+from ..sampling import X0_SAMPLER_TIMESTEP_SCALING, backward_simulation, generator_timesteps, lcm_scheduler
 from .diffusion import denoising_loss
 
 # --- maths (pure functions) ----------------------------------------------------------------------
@@ -151,34 +151,6 @@ def distribution_matching_loss(
     grad = dm_gradient(x, x0_real, x0_fake)
     loss = dm_surrogate_loss(x, grad, reduction)
     return LossOutput(loss, {"dm_loss": loss.detach(), "dm_grad_norm": grad.flatten(1).norm(dim=1).mean()})
-
-
-def generator_timesteps(schedule: VPSchedule, num_steps: int) -> Tensor:
-    """The K input timesteps of a K-step generator, high to low: t_n = n (T // K) - 1, n = K..1.
-
-    The grid ``LCMScheduler(original_inference_steps=K)`` visits (for T = 1024, K = 4: 1023, 767, 511,
-    255); K = 1 gives [T - 1], one step from pure noise.
-    """
-    return lcm_training_timesteps(schedule.num_train_timesteps, num_steps).flip(0)
-
-
-@torch.no_grad()
-def backward_simulation(
-    generator: Denoiser, z: Tensor, timesteps: Tensor, index: int, rng: torch.Generator | None = None, **cond
-) -> Tensor:
-    """Run the generator's own first ``index`` steps from noise ``z`` (DMD2, Sec. 4.3).
-
-    Returns the state x_{t_index} the generator sees at step ``index`` at inference time, so training
-    inputs match inference inputs: each step takes the generator's x0 estimate at t_j (clipped as the
-    sampler clips it) and re-noises it with fresh noise (drawn from ``rng``) to t_{j+1}, which is what
-    the exported ``LCMScheduler`` sampler does.
-    """
-    x = z
-    for j in range(index):
-        x0 = generator(x, timesteps[j], **cond).x0
-        eps = torch.randn(x0.shape, generator=rng, device=x0.device, dtype=x0.dtype)
-        x = generator.schedule.add_noise(x0, eps, timesteps[j + 1].expand(x0.shape[0]))
-    return x
 
 
 def bottleneck_features(unet: nn.Module, x_t: Tensor, t: Tensor, module_name: str = "mid_block", **cond) -> Tensor:
@@ -623,10 +595,8 @@ class DMD2(DistillationMethod):
 __all__ = [
     "DMD2",
     "BottleneckClassifier",
-    "backward_simulation",
     "bottleneck_features",
     "distribution_matching_loss",
     "dm_gradient",
     "dm_surrogate_loss",
-    "generator_timesteps",
 ]
