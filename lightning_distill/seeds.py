@@ -1,0 +1,525 @@
+"""Quality over training seeds: train a preset once per seed, evaluate every export, report median / min / max.
+
+Command::
+
+    python -m lightning_distill.seeds --config configs/consistency/main.yaml --seeds 0 1 2 --jobs 2 \\
+        --teacher-steps 50 --out runs/seeds/consistency_main [-- extra lightning-distill overrides]
+
+For each seed ``S`` it runs (arguments after ``--`` are appended)::
+
+    lightning-distill fit --config CONFIG --seed_everything S --model.init_args.seed S \\
+        --trainer.default_root_dir OUT/seed_S ...
+
+``seed_everything`` seeds the global RNGs (data order, noise of the non-adversarial methods); the method's
+``seed`` seeds its own generators (the adversarial methods' per-iteration noise, validation and logged
+grids), so both change with the seed. ``--jobs N`` trains N seeds at once, each process with one thread
+(``OMP_NUM_THREADS=1``) and its output in ``OUT/seed_S/train.log``. Presets that build a shared cache on
+first use (``data_distillation``'s teacher pairs) should be run with ``--jobs 1``, or have their cache built
+once beforehand.
+
+Every export (the folder ``PipelineExport`` writes, ``${trainer.default_root_dir}/student`` in the presets)
+is then scored by :func:`lightning_distill.evaluate.evaluate_models` in one call, with the README's protocol
+unless told otherwise: FD-digits, 2000 samples per cell, evaluation seed 0 (the same noise for every seed's
+student), the digits train split as the reference. ``--skip-train`` only evaluates: it summarises runs
+trained elsewhere, laid out as ``OUT/seed_S`` (a ``lightning-distill fit`` run folder with its export).
+
+Writes to ``--out``: ``results.md`` (median [min, max] per model and step count, the per-seed values and
+the protocol), ``results.csv`` (the summary), ``per_seed.csv`` (every seed's value), ``fd_vs_steps.png``
+(median line, min-max band), ``protocol.json``, and ``evaluate/`` (the evaluation's own report and sample
+grids, one model per seed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import inspect
+import json
+import os
+import shlex
+import statistics
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+import yaml
+
+SUMMARY_FIELDS = [
+    "model", "kind", "steps", "num_seeds", "seeds", "fd_median", "fd_min", "fd_max", "kid_median", "kid_min", "kid_max",
+    "num_samples", "eval_seed", "feature_net", "reference",
+]
+PER_SEED_FIELDS = ["model", "kind", "seed", "steps", "fd", "kid", "kid_std", "num_samples", "eval_seed", "feature_net",
+                   "reference", "source"]
+# Set by the runner for every seed; the same key among the overrides would make all seeds one run.
+RESERVED = ("--trainer.default_root_dir", "--seed_everything", "--model.init_args.seed")
+ROOT_DIR = "${trainer.default_root_dir}"
+
+
+class TrainingFailed(RuntimeError):
+    """A seed's ``lightning-distill fit`` exited with an error."""
+
+
+@dataclass
+class SeedRun:
+    """One seed's training run: its folder, its export and the config it was trained with (if saved)."""
+
+    seed: int
+    run_dir: Path
+    export: Path
+    config: dict  # the run's saved (resolved) config.yaml, else the preset with the overrides applied
+    saved_config: Path | None
+
+
+# --- configs -------------------------------------------------------------------------------------
+
+
+def _set(cfg: dict, dotted: str, value) -> None:
+    node = cfg
+    *parents, last = dotted.split(".")
+    for key in parents:
+        if not isinstance(node.get(key), dict):
+            node[key] = {}
+        node = node[key]
+    node[last] = value
+
+
+def parse_overrides(overrides: Sequence[str]) -> dict:
+    """``--key value`` / ``--key=value`` command-line overrides as a nested dict (values parsed as YAML)."""
+    cfg: dict = {}
+    args = list(overrides)
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if arg.startswith("--") and "=" in arg:
+            key, value = arg[2:].split("=", 1)
+            i += 1
+        elif arg.startswith("--") and i + 1 < len(args) and not args[i + 1].startswith("--"):
+            key, value = arg[2:], args[i + 1]
+            i += 2
+        else:
+            i += 1
+            continue
+        _set(cfg, key, yaml.safe_load(value))
+    return cfg
+
+
+def _merge(base: dict, top: dict) -> dict:
+    out = dict(base)
+    for k, v in top.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def preset_config(config: Path, overrides: Sequence[str] = ()) -> dict:
+    """The preset's YAML with the command-line overrides set (no instantiation, no ``${...}`` resolution).
+
+    Only what the runner reads from it (``data.*``, ``model.class_path``, the export callback) needs to be
+    right; the training itself goes through the CLI, which resolves everything.
+    """
+    return _merge(yaml.safe_load(Path(config).read_text()) or {}, parse_overrides(overrides))
+
+
+def saved_run_config(run_dir: Path) -> Path | None:
+    """The newest ``config.yaml`` LightningCLI saved under ``run_dir`` (resolved: overrides and ``${...}`` applied)."""
+    found = [p for p in Path(run_dir).glob("**/config.yaml") if "student" not in p.parts]
+    return max(found, key=lambda p: p.stat().st_mtime) if found else None
+
+
+def callback_arg(cfg: dict, class_name: str, arg: str):
+    """``init_args[arg]`` of the first ``trainer.callbacks`` entry whose class is ``class_name`` (None if absent)."""
+    for cb in (cfg.get("trainer") or {}).get("callbacks") or []:
+        if isinstance(cb, dict) and str(cb.get("class_path", "")).rsplit(".", 1)[-1] == class_name:
+            return (cb.get("init_args") or {}).get(arg)
+    return None
+
+
+def export_dir(cfg: dict, run_dir: Path) -> Path:
+    """Where ``PipelineExport`` writes the student of the run in ``run_dir``."""
+    dirpath = callback_arg(cfg, "PipelineExport", "dirpath")
+    if dirpath is None:
+        raise ValueError("the config has no lightning_distill.callbacks.PipelineExport callback, so no student is exported")
+    path = Path(str(dirpath).replace(ROOT_DIR, str(run_dir)))
+    # A saved config holds resolved paths, possibly of another machine: re-root them at run_dir.
+    root = (cfg.get("trainer") or {}).get("default_root_dir")
+    if root and ROOT_DIR not in str(dirpath):
+        try:
+            return Path(run_dir) / path.relative_to(root)
+        except ValueError:  # an export outside the run folder: taken as written
+            pass
+    return path
+
+
+def model_accepts_seed(cfg: dict) -> bool:
+    """Whether the config's model class takes a ``seed`` argument (True when the class cannot be imported:
+    the CLI then names the problem itself)."""
+    from .evaluate import _import_class
+
+    class_path = (cfg.get("model") or {}).get("class_path")
+    try:
+        cls = _import_class(str(class_path))
+    except ValueError:
+        return True
+    return "seed" in inspect.signature(cls.__init__).parameters
+
+
+def train_command(config: Path, seed: int | str, run_dir: Path, overrides: Sequence[str], seed_arg: bool = True) -> list[str]:
+    """The ``lightning-distill fit`` arguments of one seed (without the program name)."""
+    args = ["fit", "--config", str(config), "--seed_everything", str(seed)]
+    if seed_arg:
+        args += ["--model.init_args.seed", str(seed)]
+    return args + ["--trainer.default_root_dir", str(run_dir), *overrides]
+
+
+def check_overrides(overrides: Sequence[str]) -> None:
+    for arg in overrides:
+        if arg.split("=", 1)[0] in RESERVED:
+            raise ValueError(f"override {arg!r} is set per seed by the runner; drop it (reserved: {', '.join(RESERVED)})")
+
+
+# --- training ------------------------------------------------------------------------------------
+
+
+def _last_line(path: Path) -> str:
+    lines = [ln.strip() for ln in path.read_text(errors="replace").splitlines() if ln.strip()] if path.is_file() else []
+    return lines[-1] if lines else "no output"
+
+
+def train_seeds(
+    config: Path, seeds: Sequence[int], out: Path, overrides: Sequence[str] = (), jobs: int = 1,
+    log: Callable[[str], None] = print,
+) -> None:
+    """Train every seed with the CLI, ``jobs`` processes at a time; output to ``out/seed_S/train.log``.
+
+    Raises:
+        TrainingFailed: a seed's training failed; names the seed, its exit status, the log's last line and the log.
+    """
+    seed_arg = model_accepts_seed(preset_config(config, overrides))
+    env = dict(os.environ)
+    if jobs > 1:  # N processes on N cores: one thread each, else they oversubscribe the CPU
+        env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+
+    def one(seed: int) -> tuple[int, int, Path]:
+        run_dir = out / f"seed_{seed}"
+        run_dir.mkdir(parents=True, exist_ok=True)
+        cmd = [sys.executable, "-m", "lightning_distill", *train_command(config, seed, run_dir, overrides, seed_arg)]
+        log(f"seed {seed}: training -> {run_dir} (log: {run_dir / 'train.log'})")
+        with open(run_dir / "train.log", "w") as f:
+            rc = subprocess.run(cmd, env=env, stdout=f, stderr=subprocess.STDOUT).returncode
+        log(f"seed {seed}: training {'done' if rc == 0 else f'failed (exit {rc})'}")
+        return seed, rc, run_dir / "train.log"
+
+    with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
+        results = list(pool.map(one, seeds))
+    failed = [(s, rc, p) for s, rc, p in results if rc != 0]
+    if failed:
+        s, rc, p = failed[0]
+        more = f" ({len(failed) - 1} more seed(s) failed too)" if len(failed) > 1 else ""
+        raise TrainingFailed(f"seed {s}: training exited with {rc}: {_last_line(p)} (log: {p}){more}")
+
+
+def find_runs(config: Path, seeds: Sequence[int], out: Path, overrides: Sequence[str] = ()) -> list[SeedRun]:
+    """Each seed's run folder ``out/seed_S``, its export and config; one clear error for the first problem."""
+    preset = preset_config(config, overrides)
+    runs = []
+    for seed in seeds:
+        run_dir = out / f"seed_{seed}"
+        saved = saved_run_config(run_dir)
+        cfg = yaml.safe_load(saved.read_text()) if saved else preset
+        export = export_dir(cfg, run_dir)
+        if not (export / "model_index.json").is_file():
+            raise FileNotFoundError(
+                f"seed {seed}: no exported student at {export} (no model_index.json); train it, or drop --skip-train"
+            )
+        if saved and cfg.get("seed_everything") not in (None, seed):
+            raise ValueError(f"seed {seed}: {run_dir} was trained with seed_everything {cfg['seed_everything']} ({saved})")
+        runs.append(SeedRun(seed, run_dir, export, cfg, saved))
+    return runs
+
+
+# --- summary (pure) ------------------------------------------------------------------------------
+
+
+def summarise(per_seed: Sequence[dict]) -> list[dict]:
+    """Median, min and max of FD and KID per (model, steps) over the rows' seeds, in first-seen order.
+
+    A row's ``seed`` is its training seed (None for the teacher, which is the same model for every seed and
+    is evaluated once). The median of an even count is the mean of the middle two (``statistics.median``).
+    """
+    groups: dict[tuple[str, int], list[dict]] = {}
+    for r in per_seed:
+        groups.setdefault((r["model"], r["steps"]), []).append(r)
+    out = []
+    for (model, steps), rows in groups.items():
+        fd = [r["fd"] for r in rows]
+        kid = [r["kid"] for r in rows if r.get("kid") is not None]
+        first = rows[0]
+        out.append(dict(
+            model=model, kind=first["kind"], steps=steps, num_seeds=len(rows),
+            seeds=" ".join(str(r["seed"]) for r in rows if r["seed"] is not None),
+            fd_median=statistics.median(fd), fd_min=min(fd), fd_max=max(fd),
+            kid_median=statistics.median(kid) if kid else None, kid_min=min(kid) if kid else None,
+            kid_max=max(kid) if kid else None,
+            num_samples=first["num_samples"], eval_seed=first["eval_seed"], feature_net=first["feature_net"],
+            reference=first["reference"],
+        ))
+    return out
+
+
+def _fmt(v) -> str:
+    return f"{v:.6g}" if isinstance(v, float) else ("" if v is None else str(v))
+
+
+def write_csv(path: Path, rows: Sequence[dict], fields: Sequence[str]) -> None:
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(fields), extrasaction="ignore")
+        w.writeheader()
+        for r in rows:
+            w.writerow({k: _fmt(r.get(k)) for k in fields})
+
+
+def plot_spread(summary: Sequence[dict], path: Path, feat_name: str, num_samples: int) -> None:
+    """FD against steps: the median over seeds as a line, min..max as a band (the teacher: one dashed line)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for model in dict.fromkeys(r["model"] for r in summary):
+        pts = sorted((r["steps"], r["fd_median"], r["fd_min"], r["fd_max"], r["num_seeds"]) for r in summary if r["model"] == model)
+        teacher = next(r["kind"] for r in summary if r["model"] == model) == "teacher"
+        x = [p[0] for p in pts]
+        n = max(p[4] for p in pts)
+        (line,) = ax.plot(x, [p[1] for p in pts], marker="o", ls="--" if teacher else "-",
+                          label=model if teacher else f"{model} (median of {n} seeds, min-max band)")
+        if not teacher:
+            ax.fill_between(x, [p[2] for p in pts], [p[3] for p in pts], color=line.get_color(), alpha=0.25, lw=0)
+    ax.set_xscale("log", base=2)
+    if all(r["fd_min"] > 0 for r in summary):
+        ax.set_yscale("log")  # FD spans orders of magnitude between 1 step and the teacher's 50
+    ax.set_xlabel("sampling steps (network evaluations)")
+    ax.set_ylabel(f"FD ({feat_name})")
+    ax.set_title(f"FD vs steps over training seeds, n={num_samples}")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def write_report(out: Path, summary: Sequence[dict], per_seed: Sequence[dict], protocol: dict) -> None:
+    """results.md / results.csv / per_seed.csv / fd_vs_steps.png / protocol.json in ``out``."""
+    write_csv(out / "results.csv", summary, SUMMARY_FIELDS)
+    write_csv(out / "per_seed.csv", per_seed, PER_SEED_FIELDS)
+    (out / "protocol.json").write_text(json.dumps(protocol, indent=2) + "\n")
+    steps = sorted({r["steps"] for r in summary})
+    head = "| " + " | ".join(f"{s} step{'s' if s > 1 else ''}" for s in steps) + " |"
+    rule = "|---|" + "---|" * len(steps)
+    lines = [
+        f"# FD over training seeds: `{protocol['config']}`",
+        "",
+        "Median [min, max] of FD over the training seeds, per model and step count (the teacher does not depend "
+        "on the training seed: one value).",
+        "",
+        "| model | seeds " + head, "|---" + rule,
+    ]
+    for model in dict.fromkeys(r["model"] for r in summary):
+        cells = {r["steps"]: r for r in summary if r["model"] == model}
+        any_row = next(iter(cells.values()))
+        label = f"{model} ({any_row['kind']})"
+        seeds = any_row["seeds"] or "-"
+        lines.append(f"| {label} | {seeds} | " + " | ".join(
+            (f"{c['fd_median']:.4g}" + (f" [{c['fd_min']:.4g}, {c['fd_max']:.4g}]" if c["num_seeds"] > 1 else ""))
+            if (c := cells.get(s)) else "" for s in steps) + " |")
+    lines += ["", "## Per seed", "", "| model | seed " + head, "|---" + rule]
+    keys = dict.fromkeys((r["model"], r["seed"]) for r in per_seed)
+    for model, seed in keys:
+        cells = {r["steps"]: r["fd"] for r in per_seed if r["model"] == model and r["seed"] == seed}
+        lines.append(f"| {model} | {'-' if seed is None else seed} | "
+                     + " | ".join(f"{cells[s]:.4g}" if s in cells else "" for s in steps) + " |")
+    overrides = " ".join(shlex.quote(a) for a in protocol["overrides"]) or "none"
+    lines += [
+        "",
+        "## Protocol",
+        "",
+        f"- Config: `{protocol['config']}`; overrides: `{overrides}`",
+        f"- Training seeds: {', '.join(map(str, protocol['seeds']))} "
+        + ("(trained elsewhere; evaluated with `--skip-train`)" if protocol["skip_train"] else "(trained here)"),
+        f"- Training command per seed: `{protocol['train_command']}`",
+        f"- Feature network: **{protocol['feature_net']}** (\"FD-digits\" when it is the bundled digits classifier)",
+        f"- Reference set: {protocol['reference']}",
+        f"- Generated samples per cell: {protocol['num_samples']}, evaluation seed {protocol['eval_seed']} (the same "
+        "noise for every seed's student and the teacher)",
+        "- Students: their exported pipeline's scheduler; teacher: deterministic DDIM (eta = 0, trailing)",
+        "- Median of an even number of seeds: the mean of the middle two",
+        f"- Summary command: `{protocol['command']}`",
+        "",
+        "Exports:",
+        "",
+        *[f"- seed {s}: `{p}`" for s, p in protocol["exports"].items()],
+        "",
+    ]
+    (out / "results.md").write_text("\n".join(lines))
+    plot_spread(summary, out / "fd_vs_steps.png", protocol["feature_net"], protocol["num_samples"])
+
+
+# --- the runner ----------------------------------------------------------------------------------
+
+
+def default_out(config: Path) -> Path:
+    parts = Path(config).with_suffix("").parts
+    tail = parts[parts.index("configs") + 1:] if "configs" in parts else parts[-2:]
+    return Path("runs") / "seeds" / "_".join(tail)
+
+
+def run_seeds(
+    config: str | os.PathLike,
+    seeds: Sequence[int],
+    out: str | os.PathLike | None = None,
+    overrides: Sequence[str] = (),
+    jobs: int = 1,
+    skip_train: bool = False,
+    steps: Sequence[int] = (1, 2, 4, 8),
+    teacher_steps: Sequence[int] = (),
+    num_samples: int = 2000,
+    eval_seed: int = 0,
+    feature_net: str = "digits",
+    cache_dir: str | os.PathLike | None = None,
+    device: str | None = None,
+    name: str | None = None,
+    command: str | None = None,
+    log: Callable[[str], None] | None = None,
+) -> list[dict]:
+    """Train (unless ``skip_train``) and evaluate ``config`` once per seed; write the report; return the summary.
+
+    Args:
+        config: the preset YAML.
+        seeds: training seeds (distinct).
+        out: report folder, holding one run folder ``seed_S`` per seed (default ``runs/seeds/<method>_<preset>``).
+        overrides: extra ``lightning-distill fit`` arguments, the same for every seed.
+        jobs: seeds trained at once (one thread per process when above 1).
+        skip_train: evaluate the exports already in ``out/seed_S``.
+        steps, teacher_steps: student / teacher DDIM step counts (no teacher rows when ``teacher_steps`` is empty).
+        num_samples, eval_seed, feature_net, cache_dir, device: the evaluation's (see ``evaluate_models``).
+        name: the students' name in the tables (default: the config's ``method/preset``).
+        command: the command line recorded in the protocol.
+
+    Returns:
+        The summary rows (``SUMMARY_FIELDS``), one per model and step count.
+
+    Example::
+
+        >>> rows = run_seeds("configs/consistency/main.yaml", [0, 1, 2], jobs=2, teacher_steps=[50])
+        >>> [(r["steps"], r["fd_median"], r["fd_min"], r["fd_max"]) for r in rows if r["kind"] != "teacher"]
+    """
+    from .evaluate import evaluate_models
+
+    log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
+    config = Path(config)
+    if not config.is_file():
+        raise FileNotFoundError(f"config {str(config)!r} not found")
+    seeds = [int(s) for s in seeds]
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise ValueError(f"--seeds must be distinct training seeds, got {seeds}")
+    check_overrides(overrides)
+    out = Path(out) if out is not None else default_out(config)
+    name = name or "/".join(config.with_suffix("").parts[-2:])
+    out.mkdir(parents=True, exist_ok=True)
+    if not skip_train:
+        train_seeds(config, seeds, out, overrides, jobs, log)
+    runs = find_runs(config, seeds, out, overrides)
+
+    # the run's own data settings, except those given again on this command line (a teacher moved since)
+    data = _merge(runs[0].config.get("data") or {}, parse_overrides(overrides).get("data") or {})
+    teacher = data.get("teacher")
+    students = {f"seed_{r.seed}": r.export for r in runs}
+    rows = evaluate_models(
+        teacher=teacher, students=students, steps=steps, teacher_steps=teacher_steps, num_samples=num_samples,
+        seed=eval_seed, out_dir=out / "evaluate", feature_net=feature_net, data=data.get("data") or "digits",
+        image_size=data.get("image_size"), channels=data.get("channels"), cache_dir=cache_dir, device=device, log=log,
+    )
+    by_name = {f"seed_{r.seed}": r for r in runs}
+    per_seed = []
+    for row in rows:
+        if row["kind"] == "data":  # the held-out real baseline: in evaluate/results.md, not a model
+            continue
+        run = by_name.get(row["model"])
+        per_seed.append(dict(
+            model=name if run else row["model"], kind=row["kind"], seed=run.seed if run else None, steps=row["steps"],
+            fd=row["fd"], kid=row["kid"], kid_std=row["kid_std"], num_samples=row["num_samples"], eval_seed=row["seed"],
+            feature_net=row["feature_net"], reference=row["reference"], source=str(run.export) if run else str(teacher),
+        ))
+    # teacher rows first in evaluate's output; the seeds' student first in the tables
+    per_seed.sort(key=lambda r: r["kind"] == "teacher")
+    summary = summarise(per_seed)
+    first = per_seed[0]
+    protocol = dict(
+        config=str(config), overrides=list(overrides), seeds=seeds, skip_train=skip_train,
+        train_command="lightning-distill " + " ".join(shlex.quote(a) for a in train_command(
+            config, "S", out / "seed_S", overrides, model_accepts_seed(preset_config(config, overrides)))),
+        num_samples=first["num_samples"], eval_seed=eval_seed, feature_net=first["feature_net"],
+        reference=first["reference"], steps=list(steps), teacher_steps=list(teacher_steps), teacher=str(teacher),
+        exports={str(r.seed): str(r.export) for r in runs},
+        saved_configs={str(r.seed): str(r.saved_config) if r.saved_config else None for r in runs},
+        command=command or f"python -m lightning_distill.seeds --config {config} --seeds {' '.join(map(str, seeds))}",
+    )
+    write_report(out, summary, per_seed, protocol)
+    log(f"report: {out / 'results.md'}")
+    return summary
+
+
+# --- command line --------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m lightning_distill.seeds", description=__doc__.split("\n\n")[0],
+        epilog="Arguments after -- are passed to every `lightning-distill fit` run.",
+    )
+    p.add_argument("--config", required=True, help="preset YAML, e.g. configs/consistency/main.yaml")
+    p.add_argument("--seeds", type=int, nargs="+", required=True, help="training seeds, e.g. 0 1 2")
+    p.add_argument("--out", default=None, help="report folder with one run folder seed_S per seed "
+                   "(default runs/seeds/<method>_<preset>)")
+    p.add_argument("--jobs", type=int, default=1, help="seeds trained at once, one thread each when above 1")
+    p.add_argument("--skip-train", action="store_true", help="only evaluate the exports already in OUT/seed_S")
+    p.add_argument("--steps", type=int, nargs="+", default=[1, 2, 4, 8], help="student step counts")
+    p.add_argument("--teacher-steps", type=int, nargs="*", default=[], help="teacher DDIM step counts (e.g. 50)")
+    p.add_argument("--num-samples", type=int, default=2000)
+    p.add_argument("--eval-seed", type=int, default=0, help="noise seed of the evaluation (the same for every model)")
+    p.add_argument("--feature-net", default="digits", help="digits, inception, or a saved classifier folder")
+    p.add_argument("--cache-dir", default=None, help="reference-statistics cache")
+    p.add_argument("--device", default=None)
+    p.add_argument("--name", default=None, help="the students' name in the tables (default: method/preset)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    split = argv.index("--") if "--" in argv else len(argv)
+    own, overrides = argv[:split], argv[split + 1:]
+    a = build_parser().parse_args(own)
+    if a.jobs < 1:
+        raise ValueError(f"--jobs must be at least 1, got {a.jobs}")
+    summary = run_seeds(
+        a.config, a.seeds, a.out, overrides, a.jobs, a.skip_train, a.steps, a.teacher_steps, a.num_samples,
+        a.eval_seed, a.feature_net, a.cache_dir, a.device, a.name,
+        command="python -m lightning_distill.seeds " + " ".join(shlex.quote(x) for x in argv),
+    )
+    out = Path(a.out) if a.out else default_out(Path(a.config))
+    print((out / "results.md").read_text())
+    return summary
+
+
+def _entry() -> None:
+    """``python -m lightning_distill.seeds``: bad input and failed runs end in one line naming the problem."""
+    from .cli import one_line_errors
+
+    with one_line_errors("seeds", (ValueError, FileNotFoundError, TrainingFailed)):
+        main()
+
+
+if __name__ == "__main__":
+    _entry()

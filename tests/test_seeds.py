@@ -1,0 +1,159 @@
+"""The seeds runner (``python -m lightning_distill.seeds``): end to end on the consistency debug preset with a
+tiny teacher, its summary statistics against hand values, and its one-line errors."""
+
+from __future__ import annotations
+
+import csv
+import statistics
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from lightning_distill import seeds
+from lightning_distill.feature_net import DigitsFeatureNet, save_feature_net
+
+from _method_configs import write_fixtures
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIG = REPO / "configs" / "consistency" / "debug.yaml"
+
+
+def _tiny_feature_net(folder: Path) -> Path:
+    """An 8x8 feature network (as in tests/test_evaluate.py): the bundled one takes 16x16 digits."""
+    torch.manual_seed(0)
+    return save_feature_net(DigitsFeatureNet(image_size=8, widths=(4, 8), num_features=8), folder)
+
+
+def _read(path: Path) -> list[dict]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+@pytest.fixture(scope="module")
+def two_seeds(tmp_path_factory):
+    """Seeds 0 and 1 trained in parallel (3 steps each) and evaluated with 8 samples per cell."""
+    root = tmp_path_factory.mktemp("seeds")
+    teacher = write_fixtures(root / "fixtures")["tiny_teacher"]
+    feat = _tiny_feature_net(root / "feat")
+    out = root / "out"
+    eval_args = ["--num-samples", "8", "--steps", "1", "2", "--teacher-steps", "2", "--feature-net", str(feat),
+                 "--device", "cpu", "--cache-dir", str(root / "cache")]
+    overrides = ["--data.teacher", str(teacher), "--data.image_size", "8"]
+    summary = seeds.main(["--config", str(CONFIG), "--seeds", "0", "1", "--jobs", "2", "--out", str(out),
+                          *eval_args, "--", *overrides])
+    return dict(out=out, summary=summary, eval_args=eval_args, overrides=overrides)
+
+
+@pytest.mark.slow  # subprocess training runs
+def test_seeds_runner_end_to_end_median_min_max_match_per_seed_values(two_seeds):
+    out = two_seeds["out"]
+    for f in ("results.md", "results.csv", "per_seed.csv", "fd_vs_steps.png", "protocol.json",
+              "evaluate/results.csv", "seed_0/student/model_index.json", "seed_1/student/model_index.json"):
+        assert (out / f).is_file(), f
+    # each run was trained with its own seed, in both the global RNG and the method's own generators
+    for s in (0, 1):
+        cfg = yaml.safe_load(seeds.saved_run_config(out / f"seed_{s}").read_text())
+        assert cfg["seed_everything"] == s and cfg["model"]["init_args"]["seed"] == s
+    per_seed, summary = _read(out / "per_seed.csv"), _read(out / "results.csv")
+    students = [r for r in per_seed if r["kind"] != "teacher"]
+    assert sorted((r["seed"], r["steps"]) for r in students) == [("0", "1"), ("0", "2"), ("1", "1"), ("1", "2")]
+    assert {r["model"] for r in students} == {"consistency/debug"}
+    # two seeds give two different students (the seed reached the training)
+    fd = {(r["seed"], r["steps"]): float(r["fd"]) for r in students}
+    assert fd[("0", "2")] != fd[("1", "2")]
+    # the per-seed values are exactly evaluate's numbers for the same exports
+    evaluated = {(r["model"], r["steps"]): float(r["fd"]) for r in _read(out / "evaluate" / "results.csv")}
+    assert all(evaluated[(f"seed_{s}", st)] == pytest.approx(v, rel=1e-5) for (s, st), v in fd.items())
+    rows = {(r["model"], r["steps"]): r for r in summary}
+    assert set(rows) == {("consistency/debug", "1"), ("consistency/debug", "2"), ("teacher", "2")}
+    for st in ("1", "2"):
+        vals = [fd[("0", st)], fd[("1", st)]]
+        r = rows[("consistency/debug", st)]
+        assert float(r["fd_median"]) == pytest.approx(statistics.median(vals), rel=1e-5)
+        assert float(r["fd_min"]) == pytest.approx(min(vals), rel=1e-5)
+        assert float(r["fd_max"]) == pytest.approx(max(vals), rel=1e-5)
+        assert r["num_seeds"] == "2" and r["seeds"] == "0 1" and r["num_samples"] == "8" and r["eval_seed"] == "0"
+    teacher = rows[("teacher", "2")]
+    assert teacher["num_seeds"] == "1" and teacher["fd_min"] == teacher["fd_max"] == teacher["fd_median"]
+    md = (out / "results.md").read_text()
+    r2 = rows[("consistency/debug", "2")]
+    assert f"{float(r2['fd_median']):.4g} [{float(r2['fd_min']):.4g}, {float(r2['fd_max']):.4g}]" in md
+    for text in ("Generated samples per cell: 8, evaluation seed 0", "Training seeds: 0, 1", "--data.image_size 8",
+                 "--seed_everything S --model.init_args.seed S", "Reference set: digits train split"):
+        assert text in md, text
+
+
+@pytest.mark.slow  # subprocess training runs
+def test_skip_train_reevaluates_the_existing_exports(two_seeds, monkeypatch):
+    def no_training(*args, **kwargs):
+        raise AssertionError("--skip-train trained")
+
+    monkeypatch.setattr(seeds, "train_seeds", no_training)
+    out = two_seeds["out"]
+    before = _read(out / "per_seed.csv")
+    seeds.main(["--config", str(CONFIG), "--seeds", "0", "1", "--skip-train", "--out", str(out),
+                *two_seeds["eval_args"], "--", *two_seeds["overrides"]])
+    after = _read(out / "per_seed.csv")
+    assert [(r["seed"], r["steps"], r["fd"]) for r in after] == [(r["seed"], r["steps"], r["fd"]) for r in before]
+    assert "evaluated with `--skip-train`" in (out / "results.md").read_text()
+
+
+def _one_line_error(argv, monkeypatch, capsys) -> str:
+    monkeypatch.delenv("LIGHTNING_DISTILL_TRACEBACK", raising=False)
+    monkeypatch.setattr("sys.argv", ["seeds", *argv])
+    with pytest.raises(SystemExit) as exc:
+        seeds._entry()
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    return err[0]
+
+
+def test_missing_config_is_one_line(tmp_path, monkeypatch, capsys):
+    line = _one_line_error(["--config", str(tmp_path / "nope.yaml"), "--seeds", "0", "--out", str(tmp_path)],
+                           monkeypatch, capsys)
+    assert line.startswith("seeds: error: FileNotFoundError: config ") and "nope.yaml" in line
+
+
+def test_missing_export_is_one_line_naming_the_seed(tmp_path, monkeypatch, capsys):
+    (tmp_path / "seed_3").mkdir()
+    line = _one_line_error(["--config", str(CONFIG), "--seeds", "3", "--skip-train", "--out", str(tmp_path)],
+                           monkeypatch, capsys)
+    assert line.startswith("seeds: error: FileNotFoundError: seed 3: no exported student at ")
+    assert str(tmp_path / "seed_3" / "student") in line
+
+
+def test_reserved_override_and_repeated_seed_are_rejected(tmp_path, monkeypatch, capsys):
+    line = _one_line_error(["--config", str(CONFIG), "--seeds", "0", "--out", str(tmp_path), "--",
+                            "--trainer.default_root_dir=/elsewhere"], monkeypatch, capsys)
+    assert "'--trainer.default_root_dir=/elsewhere' is set per seed by the runner" in line
+    line = _one_line_error(["--config", str(CONFIG), "--seeds", "0", "0", "--out", str(tmp_path)], monkeypatch, capsys)
+    assert "distinct" in line and "[0, 0]" in line
+
+
+def test_summarise_hand_values():
+    def row(seed, steps, fd):
+        return dict(model="m", kind="pipeline", seed=seed, steps=steps, fd=fd, kid=fd / 10, num_samples=8,
+                    eval_seed=0, feature_net="f", reference="r")
+
+    per_seed = [row(0, 1, 0.3), row(1, 1, 0.1), row(2, 1, 0.2), row(0, 2, 0.4), row(1, 2, 0.1)]
+    got = {r["steps"]: r for r in seeds.summarise(per_seed)}
+    assert (got[1]["fd_median"], got[1]["fd_min"], got[1]["fd_max"]) == (0.2, 0.1, 0.3)
+    assert got[1]["seeds"] == "0 1 2" and got[1]["num_seeds"] == 3
+    assert got[2]["fd_median"] == pytest.approx(0.25)  # even count: the mean of the middle two
+    assert got[1]["kid_median"] == pytest.approx(0.02)
+
+
+def test_preset_config_overrides_and_export_dir(tmp_path):
+    cfg = seeds.preset_config(CONFIG, ["--data.teacher", "/t", "--data.image_size=8", "--trainer.enable_progress_bar", "false"])
+    assert cfg["data"]["teacher"] == "/t" and cfg["data"]["image_size"] == 8
+    assert seeds.export_dir(cfg, tmp_path / "seed_4") == tmp_path / "seed_4" / "student"
+    assert seeds.model_accepts_seed(cfg)
+    # a saved config trained on another machine: its resolved export path is re-rooted at the local run folder
+    saved = {"trainer": {"default_root_dir": "/elsewhere/runs/seed_0", "callbacks": [
+        {"class_path": "lightning_distill.callbacks.PipelineExport", "init_args": {"dirpath": "/elsewhere/runs/seed_0/student"}}]}}
+    assert seeds.export_dir(saved, tmp_path / "seed_0") == tmp_path / "seed_0" / "student"
+    with pytest.raises(ValueError, match="no lightning_distill.callbacks.PipelineExport"):
+        seeds.export_dir({"trainer": {"callbacks": []}}, tmp_path)
