@@ -12,7 +12,8 @@ teacher's DDIM FD at the same step counts is computed once per run (kept in the 
 next to it as ``.../teacher``, with a TensorBoard custom-scalars chart holding both lines.
 
 Under DDP the samples are split into fixed chunks, each with its own seed, dealt round-robin to ranks
-and gathered: the image set is the same for any number of ranks. Only rank 0 computes and logs.
+and gathered back into chunk order: the image set, and its row order (which KID's subsets depend on), is
+the same for any number of ranks. Only rank 0 computes and logs.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from lightning_distill.metrics import (
     feature_net_name,
     generated_features,
     get_feature_net,
+    merge_rank_features,
     reference_stats,
     sample_teacher,
     score_features,
@@ -188,7 +190,9 @@ class FIDCallback(L.Callback):
         counts = trainer.strategy.all_gather(count).reshape(-1)
         if rank != 0:
             return None
-        return torch.cat([gathered[r, : int(counts[r])] for r in range(world)]).cpu()
+        # back into chunk order, so that KID (subsets drawn by row index) does not depend on the world size
+        per_rank = [gathered[r, : int(counts[r])].cpu() for r in range(world)]
+        return merge_rank_features(per_rank, self.num_samples, self.chunk_size)
 
     def _score(self, trainer, feats: Tensor | None, device) -> dict[str, float]:
         if feats is None:

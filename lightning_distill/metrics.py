@@ -438,6 +438,29 @@ def generated_features(
     return torch.cat(feats)
 
 
+
+def merge_rank_features(per_rank: list[Tensor], n: int, chunk_size: int) -> Tensor:
+    """Join the ranks' :func:`generated_features` (rank r holds chunks r, r + W, r + 2W, ...) back into
+    chunk order: the rows one process would produce.
+
+    The order matters: KID draws its subsets by row index, so rows joined rank by rank would give another
+    KID for every world size (FD, a function of the mean and covariance, would not notice).
+
+    Raises:
+        ValueError: when a rank's row count is not that of its chunks.
+    """
+    world = len(per_rank)
+    taken = [0] * world
+    parts = []
+    for c, (a, b) in enumerate(chunk_bounds(n, chunk_size)):
+        r = c % world
+        parts.append(per_rank[r][taken[r] : taken[r] + b - a])
+        taken[r] += b - a
+    have = [int(f.shape[0]) for f in per_rank]
+    if have != taken:
+        raise ValueError(f"rank row counts {have} do not match {n} images in chunks of {chunk_size}: expected {taken}")
+    return torch.cat(parts)
+
 __all__ = [
     "gaussian_stats",
     "frechet_distance",
@@ -464,4 +487,5 @@ __all__ = [
     "chunk_seed",
     "chunk_bounds",
     "generated_features",
+    "merge_rank_features",
 ]

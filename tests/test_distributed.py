@@ -128,22 +128,66 @@ def test_simulated_two_node_job(fixtures, tmp_path):
     assert checkpoints(node1) == [] and exports(node1) == []
 
 
-def test_fid_callback_under_ddp_gathers_and_logs_once(tmp_path):
-    """FIDCallback under 2-process DDP: samples are split across ranks and gathered, rank 0 alone logs."""
-    root = tmp_path / "run"
+def _fid_config(tmp_path: Path) -> Path:
+    """configs/evaluation/fid_debug.yaml with 6 chunks of 4 images (3 per rank), KID subsets of 6 of the 24
+    images (so KID depends on which rows it draws), and lr 0: the weights stay at their (seeded)
+    initialisation, so a 2-process and a 1-process run evaluate the same network."""
+    import yaml
+
+    cfg = yaml.safe_load((REPO / "configs/evaluation/fid_debug.yaml").read_text())
+    (fid,) = [c for c in cfg["trainer"]["callbacks"] if c["class_path"].endswith("FIDCallback")]
+    fid["init_args"].update(num_samples=24, chunk_size=4, kid_subsets=4, kid_subset_size=6)
+    cfg["model"]["init_args"]["optimizer"]["init_args"]["lr"] = 0.0
+    path = tmp_path / "fid_ddp.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def _logged_scalars(root: Path) -> dict[str, dict[int, float]]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = list(root.rglob("events.out.tfevents.*"))
+    assert len(events) == 1, f"one TensorBoard file (rank 0 alone logs): {events}"
+    acc = EventAccumulator(str(events[0]))
+    acc.Reload()
+    return {tag: {e.step: e.value for e in acc.Scalars(tag)} for tag in acc.Tags()["scalars"]}
+
+
+@pytest.mark.slow
+def test_fid_callback_under_ddp_matches_single_process(tmp_path):
+    """FIDCallback under 2-process DDP: each rank samples its chunks, rank 0 alone logs, and the logged FD
+    and KID equal a 1-process run's and an independent numpy computation (tests/test_fid_callback.py)."""
     import shutil
 
+    from lightning_distill.callbacks.ema import EMA
+    from lightning_distill.callbacks.fid import FIDCallback
+    from lightning_distill.cli import cli_main
+    from test_fid_callback import independent_scores
+
+    config, root = _fid_config(tmp_path), tmp_path / "ddp"
     exe = shutil.which("lightning-distill") or pytest.skip("lightning-distill console script not on PATH")
-    cmd = [exe, "fit", "--config", str(REPO / "configs/evaluation/fid_debug.yaml"),
-           "--trainer.default_root_dir", str(root), "--trainer.strategy", "ddp", "--trainer.devices", "2",
-           "--trainer.accelerator", "cpu"]
+    cmd = [exe, "fit", "--config", str(config), "--trainer.default_root_dir", str(root), "--trainer.strategy", "ddp",
+           "--trainer.devices", "2", "--trainer.accelerator", "cpu"]
     env = subprocess_env(MASTER_ADDR="127.0.0.1", MASTER_PORT=free_port())
     proc = subprocess.run(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                           timeout=TIMEOUT)
     _check(proc, "fid_debug with ddp x2")
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("FIDCallback step")]
-    steps = [ln.split(":")[0] for ln in lines]
-    assert steps and len(steps) == len(set(steps)), f"each evaluation must be reported once (rank 0): {lines}"
-    assert all("/n8=" in ln for ln in lines), lines  # the full sample count, gathered from both ranks
-    events = list(root.rglob("events.out.tfevents.*"))
-    assert len(events) == 1, events
+    assert [ln.split(":")[0] for ln in lines] == ["FIDCallback step 1", "FIDCallback step 2"], \
+        f"each evaluation must be reported once (rank 0): {lines}"
+    ddp = _logged_scalars(root)
+
+    single = cli_main(["fit", "--config", str(config), "--trainer.default_root_dir", str(tmp_path / "single")])
+    fid = next(cb for cb in single.trainer.callbacks if isinstance(cb, FIDCallback))
+    ema = next(cb for cb in single.trainer.callbacks if isinstance(cb, EMA))
+    tags = {f"{m}/digits-feat/{s}step/n24" for m in ("fid", "kid") for s in (1, 2)}
+    assert set(fid.last_metrics) == tags and tags <= set(ddp)
+    for tag in sorted(tags):
+        # TensorBoard stores float32
+        assert ddp[tag][2] == pytest.approx(fid.last_metrics[tag], rel=1e-6), f"{tag}: 2 processes vs 1"
+    for s in (1, 2):
+        want = independent_scores(single.model, ema.sampling_module(single.model), fid.feature_net,
+                                  single.datamodule.train_images(), fid, s)
+        for m in ("fid", "kid"):
+            tag = f"{m}/digits-feat/{s}step/n24"
+            assert fid.last_metrics[tag] == pytest.approx(want[m], rel=1e-6, abs=1e-9), f"{tag}: vs numpy"

@@ -184,6 +184,15 @@ def test_generated_features_same_seed_same_set_for_any_rank_split():
     r1 = M.generated_features(sample, net, 10, seed=3, chunk_size=4, num_classes=10, rank=1, world_size=2)
     assert r0.shape[0] == 6 and r1.shape[0] == 4  # chunks 0, 2 (4 + 2 images) and chunk 1
     torch.testing.assert_close(torch.cat([r0[:4], r1, r0[4:]]), one)
+    # the gathered ranks' rows go back into chunk order: KID draws its subsets by row index
+    torch.testing.assert_close(M.merge_rank_features([r0, r1], 10, 4), one)
+    three = [M.generated_features(sample, net, 10, seed=3, chunk_size=3, num_classes=10, rank=r, world_size=3)
+             for r in range(3)]
+    assert [f.shape[0] for f in three] == [4, 3, 3]  # chunks (0, 3), (1,), (2,): 3 + 1, 3, 3 images
+    single = M.generated_features(sample, net, 10, seed=3, chunk_size=3, num_classes=10)
+    torch.testing.assert_close(M.merge_rank_features(three, 10, 3), single)
+    with pytest.raises(ValueError, match=r"rank row counts \[6, 3\]"):
+        M.merge_rank_features([r0, r1[:3]], 10, 4)
     other = M.generated_features(sample, net, 10, seed=4, chunk_size=4, num_classes=10)
     assert not torch.allclose(other, one)
 

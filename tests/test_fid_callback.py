@@ -1,0 +1,97 @@
+"""FIDCallback's logged FD / KID against an independent computation (numpy, not lightning_distill.metrics).
+
+The recomputation samples the same images (the callback's protocol: chunk c drawn from
+``chunk_seed(seed, c)``, the EMA weights), takes features with the feature network directly, and computes
+
+    FD  = ||mu_r - mu_g||^2 + Tr(S_r) + Tr(S_g) - 2 sum_i sqrt(lambda_i(S_r S_g))    (eigenvalues of the product)
+    KID = mean over subsets of the unbiased MMD^2 with k(a, b) = (a.b / d + 1)^3
+
+in numpy, with KID's subsets drawn as the callback documents (per subset one ``randperm`` of the reference
+rows, then one of the generated rows, from a generator seeded with ``seed``). The 2-process version of
+this check is tests/test_distributed.py::test_fid_callback_under_ddp_matches_single_process.
+"""
+
+from __future__ import annotations
+
+import lightning as L
+import numpy as np
+import pytest
+import torch
+
+from lightning_distill.callbacks.ema import EMA
+from lightning_distill.callbacks.fid import FIDCallback
+from lightning_distill.data import TeacherDataModule
+from lightning_distill.methods.diffusion import DiffusionTraining
+from lightning_distill.metrics import chunk_bounds, chunk_seed
+
+from conftest import make_tiny_unet
+from test_evaluate import MemoryLogger, tiny_net
+
+
+def np_fd(real: np.ndarray, fake: np.ndarray) -> float:
+    mu_r, mu_g = real.mean(0), fake.mean(0)
+    s_r, s_g = np.cov(real, rowvar=False), np.cov(fake, rowvar=False)
+    # S_r S_g is similar to a PSD matrix: real, non-negative eigenvalues up to round-off
+    eig = np.linalg.eigvals(s_r @ s_g).real.clip(min=0)
+    return float(((mu_r - mu_g) ** 2).sum() + np.trace(s_r) + np.trace(s_g) - 2 * np.sqrt(eig).sum())
+
+
+def np_mmd2(x: np.ndarray, y: np.ndarray) -> float:
+    d, m = x.shape[1], x.shape[0]
+    kxx, kyy, kxy = ((a @ b.T / d + 1) ** 3 for a, b in ((x, x), (y, y), (x, y)))
+    off = lambda k: (k.sum() - np.trace(k)) / (m * (m - 1))  # noqa: E731 - unbiased: no diagonal terms
+    return float(off(kxx) + off(kyy) - 2 * kxy.mean())
+
+
+def np_kid(real: np.ndarray, fake: np.ndarray, subsets: int, subset_size: int, seed: int) -> float:
+    g = torch.Generator().manual_seed(seed)
+    m = min(subset_size, len(real), len(fake))
+    scores = []
+    for _ in range(subsets):
+        r = torch.randperm(len(real), generator=g)[:m].numpy()
+        f = torch.randperm(len(fake), generator=g)[:m].numpy()
+        scores.append(np_mmd2(real[r], fake[f]))
+    return float(np.mean(scores))
+
+
+@torch.no_grad()
+def independent_scores(model, denoiser, net, reference_images, fid: FIDCallback, steps: int) -> dict[str, float]:
+    """FD and KID of ``denoiser``'s samples at ``steps`` steps, recomputed outside the library's metric code."""
+    net = net.eval()
+    fake = []
+    for c, (a, b) in enumerate(chunk_bounds(fid.num_samples, fid.chunk_size)):
+        x = model.sample(b - a, steps, torch.Generator().manual_seed(chunk_seed(fid.seed, c)), denoiser=denoiser)
+        fake.append(net(x).double().numpy())
+    fake = np.concatenate(fake)
+    real = net(reference_images).double().numpy()
+    return {"fid": np_fd(real, fake), "kid": np_kid(real, fake, fid.kid_subsets, fid.kid_subset_size, fid.seed)}
+
+
+def test_logged_fd_and_kid_equal_an_independent_computation(tmp_path):
+    """Several chunks (4, 4, 4, 2 images), KID subsets smaller than the set, the EMA copy sampled."""
+    fid = FIDCallback(every_n_steps=2, num_samples=14, steps=[1, 2], feature_net=tiny_net(), kid_subsets=4,
+                      kid_subset_size=5, chunk_size=4, seed=3, cache_dir=str(tmp_path / "cache"))
+    ema = EMA(decay=0.9)
+    logger = MemoryLogger()
+    L.seed_everything(0)
+    model = DiffusionTraining(unet=make_tiny_unet(8), sample_steps=2,
+                              optimizer=lambda p: torch.optim.Adam(p, lr=1e-2))
+    dm = TeacherDataModule(teacher=None, image_size=8, batch_size=8)
+    trainer = L.Trainer(max_steps=2, logger=logger, callbacks=[ema, fid], enable_checkpointing=False,
+                        default_root_dir=tmp_path, limit_val_batches=0, enable_progress_bar=False,
+                        enable_model_summary=False, accelerator="cpu")
+    trainer.fit(model, dm)
+    (step, logged), = [(s, m) for s, m in logger.logged if any(k.startswith("fid/") for k in m)]
+    assert step == 2
+    averaged = ema.sampling_module(model)
+    # after two updates the EMA copy is (2/11) w1 + (9/11) w2: not the raw student, so the check below can
+    # tell which of the two the callback sampled
+    assert any(not torch.equal(p, q) for p, q in zip(averaged.parameters(), model.student.parameters()))
+    for s in (1, 2):
+        want = independent_scores(model, averaged, fid.feature_net, dm.train_images(), fid, s)
+        for metric in ("fid", "kid"):
+            got = logged[f"{metric}/digits-feat/{s}step/n14"]
+            assert got == pytest.approx(want[metric], rel=1e-6, abs=1e-9), f"{metric} at {s} steps"
+        raw = independent_scores(model, model.student, fid.feature_net, dm.train_images(), fid, s)
+        assert logged[f"fid/digits-feat/{s}step/n14"] != pytest.approx(raw["fid"], rel=1e-6), \
+            "the logged FD is the raw student's, not the EMA copy's"
