@@ -1,7 +1,9 @@
 """Reusable knowledge-distillation losses (Hinton et al. 2015; METHODS.md section 0), as pure functions.
 
 * :func:`temperature_kd_loss`: T^2 * KL(softmax(z_t / T) || softmax(z_s / T)) for logits.
+* :func:`pseudo_huber`: the one pseudo-Huber distance, its constant c and reduction chosen by the caller.
 * :func:`regression_distance`: per-sample L2 / L1 / pseudo-Huber distance for regression outputs.
+* :func:`denoising_loss`: the plain diffusion loss in a denoiser's own parametrisation.
 * :func:`mixed_kd_loss`: alpha * d(student, hard) + (1 - alpha) * d(student, soft) for a denoiser.
 * :func:`classifier_kd_loss`: alpha * CE(student, label) + (1 - alpha) * temperature KD, for logits.
 * :func:`feature_kd_loss`: weighted distances between (projected) intermediate features.
@@ -19,6 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .parametrisation import Denoiser, target_for
+
 
 @dataclass
 class LossOutput:
@@ -30,6 +34,8 @@ class LossOutput:
 
 Distance = Literal["l2", "l1", "pseudo_huber"]
 DISTANCES = ("l2", "l1", "pseudo_huber")
+HuberReduction = Literal["mean", "sum", "elementwise"]
+HUBER_REDUCTIONS = ("mean", "sum", "elementwise")
 
 
 def temperature_kd_loss(student_logits: Tensor, teacher_logits: Tensor, temperature: float = 1.0) -> Tensor:
@@ -60,22 +66,66 @@ def temperature_kd_loss(student_logits: Tensor, teacher_logits: Tensor, temperat
     return kl * temperature**2
 
 
+def pseudo_huber(pred: Tensor, target: Tensor, c: float, reduction: HuberReduction) -> Tensor:
+    """Per-sample pseudo-Huber distance (Charbonnier; Song & Dhariwal 2023); returns shape (B,).
+
+    With d = pred - target flattened to D elements per sample, ``reduction`` says where the square root
+    goes (each method keeps the form and c of its reference code):
+
+    * ``sum``: sqrt(||d||^2 + c^2) - c, improved consistency training (c = 0.00054 sqrt(D) there);
+    * ``mean``: sqrt(||d||^2 / D + c^2) - c, the same on the root-mean-square, so c does not grow with D;
+    * ``elementwise``: mean_i (sqrt(d_i^2 + c^2) - c), the diffusers LCM script's "huber" loss (c = 0.001).
+
+    Quadratic (divided by 2c) where the distance is small against c, linear where it is large.
+    """
+    diff = (pred.float() - target.float()).flatten(1)
+    if reduction == "sum":
+        return (diff.pow(2).sum(1) + c**2).sqrt() - c
+    if reduction == "mean":
+        return (diff.pow(2).mean(1) + c**2).sqrt() - c
+    if reduction == "elementwise":
+        return ((diff.pow(2) + c**2).sqrt() - c).mean(1)
+    raise ValueError(f"unknown pseudo-Huber reduction {reduction!r}; choose one of {HUBER_REDUCTIONS}")
+
+
 def regression_distance(
     pred: Tensor, target: Tensor, distance: Distance = "l2", huber_c: float = 0.03
 ) -> Tensor:
     """Per-sample distance between two batches; returns shape (B,).
 
-    ``l2``: mean squared error; ``l1``: mean absolute error; ``pseudo_huber``:
-    sqrt(||a - b||^2 / D + c^2) - c (Song & Dhariwal 2023), D the number of elements per sample.
+    ``l2``: mean squared error; ``l1``: mean absolute error; ``pseudo_huber``: :func:`pseudo_huber` with
+    reduction ``mean``, sqrt(||a - b||^2 / D + c^2) - c, D the number of elements per sample.
     """
+    if distance == "pseudo_huber":
+        return pseudo_huber(pred, target, huber_c, "mean")
     diff = (pred.float() - target.float()).flatten(1)
     if distance == "l2":
         return diff.pow(2).mean(1)
     if distance == "l1":
         return diff.abs().mean(1)
-    if distance == "pseudo_huber":
-        return (diff.pow(2).mean(1) + huber_c**2).sqrt() - huber_c
     raise ValueError(f"unknown distance {distance!r}; choose one of {DISTANCES}")
+
+
+def denoising_loss(
+    denoiser: Denoiser, x0: Tensor, t: Tensor, eps: Tensor, min_snr_gamma: float | None = None, **cond
+) -> Tensor:
+    """Per-batch denoising loss in the network's own parametrisation (Ho et al. 2020, Eq. 14).
+
+    Optional Min-SNR-gamma weighting (Hang et al. 2023) when ``min_snr_gamma`` is given.
+    """
+    sched = denoiser.schedule
+    alpha, sigma = sched.alpha(t), sched.sigma(t)
+    x_t = sched.add_noise(x0, eps, t)
+    out = denoiser.raw(x_t, t, **cond).float()
+    target = target_for(denoiser.prediction_type, x0, eps, alpha, sigma)
+    per_sample = F.mse_loss(out, target, reduction="none").flatten(1).mean(1)
+    if min_snr_gamma is not None:
+        snr = sched.snr(t)
+        w = snr.clamp(max=min_snr_gamma)
+        # Min-SNR weights are defined for x0-loss; divide by what the parametrisation already implies.
+        implied = {"epsilon": snr, "sample": torch.ones_like(snr), "v_prediction": snr + 1}[denoiser.prediction_type]
+        per_sample = per_sample * w / implied
+    return per_sample.mean()
 
 
 def mixed_kd_loss(
@@ -192,10 +242,14 @@ def feature_kd_loss(
 __all__ = [
     "DISTANCES",
     "Distance",
+    "HUBER_REDUCTIONS",
+    "HuberReduction",
     "classifier_kd_loss",
+    "denoising_loss",
     "feature_kd_loss",
     "match_spatial",
     "mixed_kd_loss",
+    "pseudo_huber",
     "regression_distance",
     "temperature_kd_loss",
 ]

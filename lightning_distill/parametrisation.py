@@ -16,7 +16,8 @@ x_t = alpha_t x + sigma_t eps with alpha_t^2 + sigma_t^2 = 1, SNR = alpha^2 / si
 Timesteps are the model's integer timesteps ``0 .. T-1``; ``t = -1`` stands for clean data
 (alpha = 1, sigma = 0), which is where the last DDIM step lands (diffusers' ``set_alpha_to_one``).
 Methods never branch on ``prediction_type``: they call :class:`Denoiser`, which returns all three
-parametrisations, and the pure functions below.
+parametrisations, and the pure functions below. A pixel-space denoiser clamps its x0 estimate as its
+sampler does; ``denoiser(x_t, t, clip=False)`` is the unclamped estimate that training uses.
 """
 
 from __future__ import annotations
@@ -31,9 +32,17 @@ PredictionType = Literal["epsilon", "sample", "v_prediction"]
 PREDICTION_TYPES = ("epsilon", "sample", "v_prediction")
 
 
-def _expand(coef: Tensor, like: Tensor) -> Tensor:
-    """Broadcast a per-sample coefficient of shape (B,) against an image batch (B, C, H, W)."""
+def expand_like(coef: Tensor, like: Tensor) -> Tensor:
+    """Broadcast a per-sample coefficient of shape (B,) against a batch ``like`` (B, C, H, W), in its dtype.
+
+    Example::
+
+        >>> expand_like(schedule.alpha(t), x0) * x0   # alpha_t x0, one alpha per sample
+    """
     return coef.reshape(-1, *([1] * (like.ndim - 1))).to(like.dtype)
+
+
+_expand = expand_like  # the old private name, until every caller uses expand_like
 
 
 class VPSchedule(nn.Module):
@@ -72,7 +81,17 @@ class VPSchedule(nn.Module):
     def num_train_timesteps(self) -> int:
         return self._alphas_cumprod.numel() - 1
 
+    @property
+    def alphas_cumprod_table(self) -> Tensor:
+        """alpha_bar_t for t = 0 .. T-1: a diffusers scheduler's ``alphas_cumprod`` (a view: do not modify)."""
+        return self._alphas_cumprod[1:]
+
+    def copy(self) -> "VPSchedule":
+        """An independent schedule with the same alpha_bar (e.g. for a student built from a teacher)."""
+        return VPSchedule(self.alphas_cumprod_table.clone())
+
     def alphas_cumprod(self, t: Tensor) -> Tensor:
+        """alpha_bar_t looked up by timestep (t = -1 gives 1, clean data)."""
         t = torch.as_tensor(t, device=self._alphas_cumprod.device).long()
         if bool(((t < -1) | (t >= self.num_train_timesteps)).any()):
             raise ValueError(f"timesteps must lie in [-1, {self.num_train_timesteps - 1}], got {t.tolist()}")
@@ -90,7 +109,7 @@ class VPSchedule(nn.Module):
 
     def add_noise(self, x0: Tensor, eps: Tensor, t: Tensor) -> Tensor:
         """x_t = alpha_t x0 + sigma_t eps (the forward process)."""
-        return _expand(self.alpha(t), x0) * x0 + _expand(self.sigma(t), x0) * eps
+        return expand_like(self.alpha(t), x0) * x0 + expand_like(self.sigma(t), x0) * eps
 
     def trailing_timesteps(self, num_steps: int) -> Tensor:
         """The sampling grid of a ``num_steps`` sampler, 'trailing' spacing, high to low, ending at -1.
@@ -129,7 +148,7 @@ def prediction_from_output(
     With ``clip_x0`` the x0 estimate is clamped and eps re-derived from it, as diffusers' schedulers do
     with ``clip_sample`` + ``use_clipped_model_output``.
     """
-    a, s = _expand(alpha, x_t), _expand(sigma, x_t)
+    a, s = expand_like(alpha, x_t), expand_like(sigma, x_t)
     if kind == "epsilon":
         eps = output
         x0 = (x_t - s * eps) / a
@@ -154,20 +173,20 @@ def target_for(kind: PredictionType, x0: Tensor, eps: Tensor, alpha: Tensor, sig
     if kind == "sample":
         return x0
     if kind == "v_prediction":
-        return _expand(alpha, x0) * eps - _expand(sigma, x0) * x0
+        return expand_like(alpha, x0) * eps - expand_like(sigma, x0) * x0
     raise ValueError(f"unknown prediction_type {kind!r}; choose one of {PREDICTION_TYPES}")
 
 
 def output_for(kind: PredictionType, x0: Tensor, x_t: Tensor, alpha: Tensor, sigma: Tensor) -> Tensor:
     """The network output of type ``kind`` that encodes the clean estimate ``x0`` at x_t."""
-    a, s = _expand(alpha, x_t), _expand(sigma, x_t)
+    a, s = expand_like(alpha, x_t), expand_like(sigma, x_t)
     eps = (x_t - a * x0) / s
     return target_for(kind, x0, eps, alpha, sigma)
 
 
 def ddim_step(x0: Tensor, eps: Tensor, alpha_s: Tensor, sigma_s: Tensor) -> Tensor:
     """Deterministic DDIM (eta = 0) update to level s: z_s = alpha_s x0 + sigma_s eps (Song et al. 2021, Eq. 12)."""
-    return _expand(alpha_s, x0) * x0 + _expand(sigma_s, x0) * eps
+    return expand_like(alpha_s, x0) * x0 + expand_like(sigma_s, x0) * eps
 
 
 class Denoiser(nn.Module):
@@ -181,9 +200,10 @@ class Denoiser(nn.Module):
 
     Example::
 
-        >>> den = Denoiser(unet, VPSchedule.from_scheduler(scheduler), "epsilon")
-        >>> pred = den(x_t, t)          # Prediction(x0, eps, v)
-        >>> z_s = den.ddim(x_t, t, s)   # one deterministic DDIM step
+        >>> den = Denoiser(unet, VPSchedule.from_scheduler(scheduler), "epsilon", clip_x0=1.0)
+        >>> pred = den(x_t, t)                     # Prediction(x0, eps, v), x0 clamped as the sampler does
+        >>> x0 = den(x_t, t, clip=False).x0        # unclamped: the estimate to train on
+        >>> z_s = den.ddim(x_t, t, s)              # one deterministic DDIM step
     """
 
     def __init__(
@@ -218,13 +238,24 @@ class Denoiser(nn.Module):
         out = self.unet(x_t.to(dtype), t.clamp_min(0), **cond, return_dict=False)[0]
         return out
 
-    def forward(self, x_t: Tensor, t: Tensor, **cond) -> Prediction:
+    def forward(self, x_t: Tensor, t: Tensor, clip: bool = True, **cond) -> Prediction:
+        """The prediction at (x_t, t) in all three parametrisations, in x_t's dtype.
+
+        Args:
+            x_t: (B, ...) noisy input.
+            t: (B,) integer timesteps, or one timestep for the whole batch.
+            clip: apply ``clip_x0`` (when set), as the sampler does. False gives the plain conversion
+                of the network output: use it wherever an estimate is trained on or regressed onto, since
+                clamping zeros the gradient of every out-of-range pixel and leaves it stuck there.
+            **cond: the network's conditioning (``class_labels``, ``encoder_hidden_states``, ...).
+        """
         t = torch.as_tensor(t, device=x_t.device)
         if t.ndim == 0:
             t = t.expand(x_t.shape[0])
         out = self.raw(x_t, t, **cond).to(x_t.dtype)
         return prediction_from_output(
-            out, x_t, self.schedule.alpha(t), self.schedule.sigma(t), self.prediction_type, self.clip_x0
+            out, x_t, self.schedule.alpha(t), self.schedule.sigma(t), self.prediction_type,
+            self.clip_x0 if clip else None,
         )
 
     def ddim(self, x_t: Tensor, t: Tensor, s: Tensor, pred: Prediction | None = None, **cond) -> Tensor:

@@ -57,7 +57,7 @@ def lcm_scheduler(method: DistillationMethod, original_inference_steps: int, tim
         thresholding=False,
     )
     sched = diffusers.LCMScheduler(**cfg)
-    ours = method.student.schedule._alphas_cumprod[1:].cpu()
+    ours = method.student.schedule.alphas_cumprod_table.cpu()
     if ours.shape != sched.alphas_cumprod.shape or not torch.allclose(ours, sched.alphas_cumprod.float(), atol=1e-6):
         raise ValueError(
             "LCMScheduler rebuilt from the teacher's scheduler config does not reproduce the teacher's "

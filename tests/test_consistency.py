@@ -122,11 +122,10 @@ def test_solvers_against_the_exact_gaussian_ode():
         t, s = torch.full((4,), t), torch.full((4,), s)
         return (solver_step(den, sch, x, t, s, solver).double() - exact(t, s)).abs().max().item()
 
-    for solver in ("ddim", "euler", "heun"):
+    for solver in ("ddim", "heun"):
         assert err(solver, 512, 510) < 1e-4
     assert err("heun", 1023, 767) < 0.2 * err("ddim", 1023, 767)
     assert err("heun", 511, 447) < 0.2 * err("ddim", 511, 447)
-    assert err("ddim", 1023, 767) < err("euler", 1023, 767)
     with pytest.raises(ValueError, match="choose one of"):
         solver_step(den, sch, x, torch.full((4,), 5), torch.full((4,), 1), "rk4")
 

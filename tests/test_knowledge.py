@@ -16,11 +16,12 @@ from conftest import make_tiny_unet
 from lightning_distill.losses import (
     classifier_kd_loss,
     feature_kd_loss,
+    denoising_loss,
     mixed_kd_loss,
+    pseudo_huber,
     regression_distance,
     temperature_kd_loss,
 )
-from lightning_distill.methods.diffusion import denoising_loss
 from lightning_distill.methods.knowledge import FeatureTap, KnowledgeDistillation, count_parameters
 from lightning_distill.parametrisation import prediction_from_output
 from lightning_distill.teacher import load_teacher
@@ -112,6 +113,18 @@ def test_mixed_kd_loss_reduces_to_pure_hard_and_pure_soft():
         mixed_kd_loss(pred, hard, None, 0.5)
     with pytest.raises(ValueError, match="alpha"):
         mixed_kd_loss(pred, hard, soft, 1.5)
+
+
+def test_pseudo_huber_reductions_by_hand():
+    # d = (3, -4): ||d||^2 = 25 over D = 2 elements
+    a, b = torch.tensor([[3.0, 0.0], [0.0, 0.0]]), torch.tensor([[0.0, 4.0], [0.0, 0.0]])
+    torch.testing.assert_close(pseudo_huber(a, b, 1.0, "sum"), torch.tensor([26**0.5 - 1, 0.0]))
+    torch.testing.assert_close(pseudo_huber(a, b, 1.0, "mean"), torch.tensor([13.5**0.5 - 1, 0.0]))
+    torch.testing.assert_close(pseudo_huber(a, b, 1.0, "elementwise"), torch.tensor([(10**0.5 + 17**0.5) / 2 - 1, 0.0]))
+    # regression_distance's pseudo_huber is the mean form with c = 0.03
+    torch.testing.assert_close(regression_distance(a, b, "pseudo_huber"), pseudo_huber(a, b, 0.03, "mean"))
+    with pytest.raises(ValueError, match="choose one of"):
+        pseudo_huber(a, b, 1.0, "max")
 
 
 def _method(teacher_dir, alpha, **kw):

@@ -17,6 +17,7 @@ from lightning_distill.parametrisation import (
     Denoiser,
     VPSchedule,
     ddim_step,
+    expand_like,
     output_for,
     prediction_from_output,
     target_for,
@@ -117,6 +118,20 @@ def test_alpha_sigma_snr_lookups():
         vp.trailing_timesteps(1001)
     with pytest.raises(ValueError, match="alphas_cumprod"):
         VPSchedule(torch.tensor([0.5, 0.0]))
+
+
+def test_public_table_copy_and_broadcast():
+    sched = _sched(1000, beta="linear")
+    vp = VPSchedule.from_scheduler(sched)
+    torch.testing.assert_close(vp.alphas_cumprod_table, sched.alphas_cumprod.float())
+    assert torch.equal(vp.alphas_cumprod_table, vp.alphas_cumprod(torch.arange(1000)))
+    other = vp.copy()
+    assert torch.equal(other._alphas_cumprod, vp._alphas_cumprod)
+    other._alphas_cumprod.mul_(0.5)  # an independent copy: the original is untouched
+    assert torch.equal(vp.alphas_cumprod_table, sched.alphas_cumprod.float())
+    coef, batch = torch.tensor([1.0, 2.0], dtype=torch.float64), torch.ones(2, 3, 4, 4, dtype=torch.float16)
+    out = expand_like(coef, batch)
+    assert out.shape == (2, 1, 1, 1) and out.dtype == torch.float16 and out.flatten().tolist() == [1.0, 2.0]
 
 
 @pytest.mark.parametrize("T", [1000, 1024])
@@ -230,6 +245,28 @@ def test_denoiser_x0_is_gaussian_posterior_mean(kind):
         x_t = vp.add_noise(x0, torch.randn(64, 1, 2, 2, generator=g), tt)
         expect = posterior_mean(x_t, vp.alpha(tt), vp.sigma(tt)).float()
         torch.testing.assert_close(den(x_t, tt).x0, expect, atol=2e-4, rtol=2e-4)
+
+
+def test_clip_switch_gives_the_clamped_or_the_plain_conversion():
+    """clip=True clamps x0 to clip_x0 and re-derives eps (the sampler's view); clip=False is the plain conversion."""
+
+    class Const(nn.Module):
+        def forward(self, x, t, return_dict=False):
+            return (torch.full_like(x, 3.0),)
+
+    vp = VPSchedule(torch.tensor([0.36, 0.64]))  # alpha 0.6 / 0.8, sigma 0.8 / 0.6
+    den = Denoiser(Const(), vp, "sample", clip_x0=1.0)
+    x_t, t = torch.ones(2, 1, 1, 1), torch.tensor([0, 1])
+    clipped, plain = den(x_t, t), den(x_t, t, clip=False)
+    assert clipped.x0.flatten().tolist() == [1.0, 1.0] and plain.x0.flatten().tolist() == [3.0, 3.0]
+    torch.testing.assert_close(clipped.eps.flatten(), torch.tensor([(1 - 0.6) / 0.8, (1 - 0.8) / 0.6]))
+    torch.testing.assert_close(plain.eps.flatten(), torch.tensor([(1 - 1.8) / 0.8, (1 - 2.4) / 0.6]))
+    # one timestep for the whole batch, and clip=False equals the bare conversion of the raw output
+    raw = den.raw(x_t, torch.tensor(1))
+    a, s = vp.alpha(torch.tensor([1, 1])), vp.sigma(torch.tensor([1, 1]))
+    torch.testing.assert_close(den(x_t, torch.tensor(1), clip=False).x0, prediction_from_output(raw, x_t, a, s, "sample").x0)
+    unclipped = Denoiser(Const(), vp, "sample", clip_x0=None)
+    assert torch.equal(unclipped(x_t, t).x0, unclipped(x_t, t, clip=False).x0)
 
 
 def test_ddim_trajectory_maps_noise_to_gaussian_data():

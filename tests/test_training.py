@@ -11,7 +11,8 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning_distill.callbacks import EMA
 from lightning_distill.data import TeacherDataModule
 from lightning_distill.methods.base import DistillationMethod, LossOutput, NonFiniteLossError, check_finite
-from lightning_distill.methods.diffusion import DiffusionTraining, denoising_loss
+from lightning_distill.losses import denoising_loss
+from lightning_distill.methods.diffusion import DiffusionTraining
 from lightning_distill.parametrisation import Denoiser, VPSchedule
 from lightning_distill.teacher import DiffusionTeacher, load_teacher
 

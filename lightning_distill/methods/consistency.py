@@ -37,14 +37,15 @@ import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
 
-from ..parametrisation import Denoiser, Prediction, PredictionType, VPSchedule, _expand, ddim_step, prediction_from_output
+from ..losses import pseudo_huber, regression_distance
+from ..parametrisation import Denoiser, Prediction, PredictionType, VPSchedule, ddim_step, expand_like
+from ..sampling import lcm_scheduler, lcm_training_timesteps
 from ..teacher import DiffusionTeacher
-from ..sampling import X0_SAMPLER_TIMESTEP_SCALING, lcm_scheduler, lcm_training_timesteps
 from .base import DistillationMethod, LossOutput, default_optimizer
 
-Solver = Literal["ddim", "euler", "heun"]
+Solver = Literal["ddim", "heun"]
 LossKind = Literal["l2", "l1", "pseudo_huber", "pseudo_huber_elementwise"]
-SOLVERS = ("ddim", "euler", "heun")
+SOLVERS = ("ddim", "heun")
 LOSSES = ("l2", "l1", "pseudo_huber", "pseudo_huber_elementwise")
 
 #: sigma_data of LCMScheduler.get_scalings_for_boundary_condition_discrete (hard-coded there).
@@ -92,21 +93,14 @@ def consistency_function(
     t = torch.as_tensor(t, device=x_t.device)
     if t.ndim == 0:
         t = t.expand(x_t.shape[0])
-    out = denoiser.raw(x_t, t, **cond).float()
-    sched = denoiser.schedule
-    x0 = prediction_from_output(out, x_t, sched.alpha(t), sched.sigma(t), denoiser.prediction_type, None).x0
+    x0 = denoiser(x_t, t, clip=False, **cond).x0
     c_skip, c_out = lcm_boundary_scalings(t, timestep_scaling)
-    return _expand(c_skip, x_t) * x_t + _expand(c_out, x_t) * x0
+    return expand_like(c_skip, x_t) * x_t + expand_like(c_out, x_t) * x0
 
 
 # --- teacher ODE solvers (pure functions over a prediction callable) ------------------------------
 
 Predict = Callable[[Tensor, Tensor], Prediction]
-
-
-def _log_snr_half(schedule: VPSchedule, t: Tensor) -> Tensor:
-    """lambda_t = log(alpha_t / sigma_t) (half log-SNR)."""
-    return 0.5 * torch.log(schedule.snr(t))
 
 
 def solver_step(
@@ -117,9 +111,6 @@ def solver_step(
     * ``ddim``: z_s = alpha_s x0 + sigma_s eps (Song et al. 2021, Eq. 12). This is also Euler's method in
       the variance-exploding coordinates y = x / alpha, sigma_ve = sigma / alpha (EDM, Karras et al.
       2022), i.e. the "Euler" of Song et al.'s official code.
-    * ``euler``: Euler's method on the VP ODE in lambda = log(alpha / sigma):
-      dx/dlambda = sigma^2 x - sigma eps = -alpha sigma v, so x_s = x_t - (lambda_s - lambda_t) alpha_t sigma_t v_t.
-      First order without the exponential integrator; kept for comparison (less accurate than DDIM).
     * ``heun``: Heun's method in the EDM coordinates (Karras et al. 2022, Algorithm 1; Song et al.'s
       official consistency-distillation solver): DDIM predictor, then the trapezoid rule on eps.
       Two teacher evaluations. Where s = -1 (clean, sigma = 0) the corrector is skipped, as in EDM.
@@ -128,7 +119,7 @@ def solver_step(
         predict: ``(x, t) -> Prediction``; the teacher (guided or not).
         schedule: the teacher's noise schedule.
         x_t: (B, ...) current points; t, s: (B,) timesteps with s < t.
-        solver: one of ``ddim``, ``euler``, ``heun``.
+        solver: ``ddim`` or ``heun``.
     """
     if solver not in SOLVERS:
         raise ValueError(f"unknown solver {solver!r}; choose one of {SOLVERS}")
@@ -136,12 +127,6 @@ def solver_step(
     a_s, s_s = schedule.alpha(s), schedule.sigma(s)
     if solver == "ddim":
         return ddim_step(pred.x0, pred.eps, a_s, s_s)
-    if solver == "euler":
-        a_t, s_t = schedule.alpha(t), schedule.sigma(t)
-        if bool((s < 0).any()):
-            raise ValueError("the euler solver cannot step to t = -1 (lambda is infinite there)")
-        h = _log_snr_half(schedule, s) - _log_snr_half(schedule, t)
-        return x_t - _expand(h * a_t * s_t, x_t) * pred.v
     # heun: trapezoid on x0 in the exponential-integrator form, h = lambda_s - lambda_t.
     x_pred = ddim_step(pred.x0, pred.eps, a_s, s_s)
     s_safe = s.clamp_min(0)  # the corrector at s = -1 is discarded below; keep the call legal
@@ -150,31 +135,28 @@ def solver_step(
     a_t = schedule.alpha(t)
     ratio = s_s / s_t  # sigma_s / sigma_t
     coef_x0 = a_s - s_s * a_t / s_t  # alpha_s (1 - exp(-h))
-    x_heun = _expand(ratio, x_t) * x_t + _expand(coef_x0, x_t) * 0.5 * (pred.x0 + x0_s)
-    return torch.where(_expand(s >= 0, x_t).bool(), x_heun, x_pred)
+    x_heun = expand_like(ratio, x_t) * x_t + expand_like(coef_x0, x_t) * 0.5 * (pred.x0 + x0_s)
+    return torch.where(expand_like(s >= 0, x_t).bool(), x_heun, x_pred)
 
 
 # --- loss, target and EMA (pure functions) ----------------------------------------------------------
 
 
 def consistency_loss(a: Tensor, b: Tensor, kind: LossKind = "l2", huber_c: float = 0.001) -> Tensor:
-    """Per-sample distance d(a, b), shape (B,).
+    """Per-sample distance d(a, b), shape (B,); every form is one of :mod:`lightning_distill.losses`.
 
     * ``l2``: mean squared error; ``l1``: mean absolute error.
     * ``pseudo_huber``: sqrt(||a - b||^2 + c^2) - c over each sample (Song & Dhariwal 2023, improved
-      consistency training; they use c = 0.00054 sqrt(d)).
+      consistency training; they use c = 0.00054 sqrt(d)): :func:`pseudo_huber`, reduction ``sum``.
     * ``pseudo_huber_elementwise``: mean of sqrt((a - b)^2 + c^2) - c per element (the diffusers LCM
-      script's "huber" loss, c = 0.001).
+      script's "huber" loss, c = 0.001): :func:`pseudo_huber`, reduction ``elementwise``.
     """
-    diff = (a.float() - b.float()).flatten(1)
-    if kind == "l2":
-        return diff.pow(2).mean(1)
-    if kind == "l1":
-        return diff.abs().mean(1)
     if kind == "pseudo_huber":
-        return (diff.pow(2).sum(1) + huber_c**2).sqrt() - huber_c
+        return pseudo_huber(a, b, huber_c, "sum")
     if kind == "pseudo_huber_elementwise":
-        return ((diff.pow(2) + huber_c**2).sqrt() - huber_c).mean(1)
+        return pseudo_huber(a, b, huber_c, "elementwise")
+    if kind in ("l2", "l1"):
+        return regression_distance(a, b, kind)
     raise ValueError(f"unknown loss {kind!r}; choose one of {LOSSES}")
 
 
@@ -230,7 +212,7 @@ class ConsistencyDistillation(DistillationMethod):
         student_prediction_type: what the student outputs; None keeps the teacher's.
         original_inference_steps: N, the LCMScheduler training grid (k = T // N). Choose N dividing T so
             the grid reaches the last timestep T - 1 (e.g. 16 or 32 for T = 1024, 50 for T = 1000).
-        solver: teacher ODE solver, ``ddim`` (default), ``euler`` or ``heun`` (see :func:`solver_step`).
+        solver: teacher ODE solver, ``ddim`` (default) or ``heun`` (see :func:`solver_step`).
         loss: distance d, ``l2``, ``l1``, ``pseudo_huber`` or ``pseudo_huber_elementwise``.
         huber_c: the pseudo-Huber constant c.
         target_decay: mu, the EMA rate of theta_minus (0: stop-gradient of the student itself;

@@ -23,7 +23,7 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
 
 from ..losses import Distance, regression_distance
-from ..parametrisation import Denoiser, PredictionType, prediction_from_output
+from ..parametrisation import Denoiser, PredictionType
 from ..teacher import DiffusionTeacher
 from .base import DistillationMethod, LossOutput, default_optimizer
 
@@ -35,17 +35,12 @@ def one_step_x0(student: Denoiser, noise: Tensor, clip: bool = False, **cond) ->
     [-1, 1]. With ``clip`` it is what the one-step DDIM sampler returns.
     """
     t = torch.full((noise.shape[0],), student.schedule.num_train_timesteps - 1, device=noise.device)
-    raw = student.raw(noise, t, **cond).float()
-    sched = student.schedule
-    pred = prediction_from_output(
-        raw, noise.float(), sched.alpha(t), sched.sigma(t), student.prediction_type, student.clip_x0 if clip else None
-    )
-    return pred.x0
+    return student(noise.float(), t, clip=clip, **cond).x0
 
 
 def one_step_sample(student: Denoiser, noise: Tensor, **cond) -> Tensor:
     """What a 1-step trailing DDIM sampler (set_alpha_to_one) returns: the clipped x0 estimate."""
-    return one_step_x0(student, noise, clip=student.clip_x0 is not None, **cond)
+    return one_step_x0(student, noise, clip=True, **cond)
 
 
 def pair_regression_loss(student: Denoiser, noise: Tensor, target: Tensor, distance: Distance = "l1", **cond) -> Tensor:

@@ -10,32 +10,13 @@ from __future__ import annotations
 from typing import Literal
 
 import torch
-import torch.nn.functional as F
-from torch import Tensor, nn
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from torch import nn
 
-from ..parametrisation import Denoiser, PredictionType, VPSchedule, target_for
+from ..losses import denoising_loss  # lives in losses.py (DMD2's fake score uses it too); re-exported here
+from ..parametrisation import Denoiser, PredictionType, VPSchedule
 from ..teacher import DiffusionTeacher
 from .base import DistillationMethod, LossOutput, build_module, default_optimizer
-from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
-
-
-def denoising_loss(
-    denoiser: Denoiser, x0: Tensor, t: Tensor, eps: Tensor, min_snr_gamma: float | None = None, **cond
-) -> Tensor:
-    """Per-batch denoising loss in the network's own parametrisation (Ho et al. 2020, Eq. 14)."""
-    sched = denoiser.schedule
-    alpha, sigma = sched.alpha(t), sched.sigma(t)
-    x_t = sched.add_noise(x0, eps, t)
-    out = denoiser.raw(x_t, t, **cond).float()
-    target = target_for(denoiser.prediction_type, x0, eps, alpha, sigma)
-    per_sample = F.mse_loss(out, target, reduction="none").flatten(1).mean(1)
-    if min_snr_gamma is not None:
-        snr = sched.snr(t)
-        w = snr.clamp(max=min_snr_gamma)
-        # Min-SNR weights are defined for x0-loss; divide by what the parametrisation already implies.
-        implied = {"epsilon": snr, "sample": torch.ones_like(snr), "v_prediction": snr + 1}[denoiser.prediction_type]
-        per_sample = per_sample * w / implied
-    return per_sample.mean()
 
 
 class DiffusionTraining(DistillationMethod):
@@ -108,3 +89,6 @@ class DiffusionTraining(DistillationMethod):
         cond = {"class_labels": batch["label"]} if self.is_class_conditional else {}
         loss = denoising_loss(self.student, x0, t, eps, self.hparams.min_snr_gamma, **cond)
         return LossOutput(loss, {"loss": loss})
+
+
+__all__ = ["DiffusionTraining", "denoising_loss"]

@@ -4,8 +4,8 @@ The student is any diffusers UNet the user configures (fewer channels or blocks)
 same sampler and step count as the teacher. At a noisy input x_t = alpha_t x + sigma_t eps:
 
 * hard label: the true target of the student's parametrisation, ``target_for(kind, x, eps)``;
-* soft label: the teacher's prediction at the same (x_t, t), converted to the student's
-  parametrisation by :func:`~lightning_distill.parametrisation.prediction_from_output`;
+* soft label: the teacher's prediction at the same (x_t, t), in the student's parametrisation
+  (the :class:`~lightning_distill.parametrisation.Denoiser` converts);
 * loss = alpha * d(student, hard) + (1 - alpha) * d(student, soft) + sum_b w_b d(P_b f_s^b, f_t^b),
   the last term matching named intermediate blocks (feature KD as in BK-SDM / FitNets), with a
   learned 1x1 convolution P_b from student to teacher width wherever the widths differ.
@@ -22,7 +22,7 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
 
 from ..losses import Distance, feature_kd_loss, mixed_kd_loss
-from ..parametrisation import Denoiser, PredictionType, prediction_from_output, target_for
+from ..parametrisation import Denoiser, PredictionType, target_for
 from ..teacher import DiffusionTeacher
 from .base import DistillationMethod, LossOutput, default_optimizer
 
@@ -91,17 +91,16 @@ def kd_targets(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """(x_t, hard, soft) for one batch; the teacher runs without gradients.
 
-    The soft label is converted from the teacher's raw output without the x0 clipping the Denoiser
-    may apply: diffusers' DDIM sampler uses the raw output for eps, so the unclipped prediction is the
-    function the teacher actually samples with.
+    The soft label is the teacher's prediction without the x0 clipping the Denoiser may apply
+    (``clip=False``): diffusers' DDIM sampler uses the raw output for eps, so the unclipped prediction is
+    the function the teacher actually samples with.
     """
     sched = teacher.schedule
     alpha, sigma = sched.alpha(t), sched.sigma(t)
     x_t = sched.add_noise(x0, eps, t)
     hard = target_for(student_kind, x0, eps, alpha, sigma)
     with torch.no_grad():
-        raw = teacher.raw(x_t.to(next(teacher.parameters()).dtype), t, **cond).float()
-        soft = prediction_from_output(raw, x_t, alpha, sigma, teacher.prediction_type).get(student_kind)
+        soft = teacher(x_t, t, clip=False, **cond).get(student_kind)
     return x_t, hard, soft
 
 

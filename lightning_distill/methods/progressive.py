@@ -31,7 +31,7 @@ import torch
 from lightning.pytorch.cli import OptimizerCallable
 from torch import Tensor, nn
 
-from ..parametrisation import Denoiser, VPSchedule, _expand
+from ..parametrisation import Denoiser, VPSchedule, expand_like
 from ..teacher import DiffusionTeacher
 from .base import DistillationMethod, LossOutput
 
@@ -59,8 +59,8 @@ def x_tilde(z_teacher: Tensor, z_t: Tensor, alpha_t: Tensor, sigma_t: Tensor, al
     Returns:
         (B, ...) x_tilde.
     """
-    ratio = _expand(sigma_s / sigma_t, z_t)
-    return (z_teacher - ratio * z_t) / (_expand(alpha_s, z_t) - ratio * _expand(alpha_t, z_t))
+    ratio = expand_like(sigma_s / sigma_t, z_t)
+    return (z_teacher - ratio * z_t) / (expand_like(alpha_s, z_t) - ratio * expand_like(alpha_t, z_t))
 
 
 def loss_weight(snr: Tensor, weighting: LossWeighting = "truncated_snr") -> Tensor:
@@ -155,7 +155,6 @@ class ProgressiveDistillation(DistillationMethod):
         student_clip_x0: clamp of the student's x0 in its sampler and export. None (default) keeps the
             student's DDIM step linear in its prediction, which is what x_tilde assumes; the final
             step's output may then leave [-1, 1] slightly. A promoted teacher inherits it.
-        anneal_lr: anneal the rate linearly to 0 within each round (needs ``TeacherSwap.steps_per_round``).
         optimizer: optimiser factory for the student's parameters (Adam, lr 5e-5 by default).
         sample_every_n_steps, num_log_samples, seed: see ``DistillationMethod``; logged grids and
             ``predict`` always use the current N steps.
@@ -177,7 +176,6 @@ class ProgressiveDistillation(DistillationMethod):
         loss_weighting: LossWeighting = "truncated_snr",
         student_dropout: float | None = 0.0,
         student_clip_x0: float | None = None,
-        anneal_lr: bool = True,
         optimizer: OptimizerCallable = _default_adam,
         sample_every_n_steps: int = 0,
         num_log_samples: int = 64,
@@ -250,7 +248,7 @@ class ProgressiveDistillation(DistillationMethod):
 
     def configure_optimizers(self):
         opt = self.optimizer_factory(self.trainable_parameters())
-        if not self.hparams.anneal_lr or not self.round_length:
+        if not self.round_length:  # rounds that end on a plateau have no length to anneal over
             return opt
         length = self.round_length
         # A fresh LambdaLR per round: its step counter is the round-local step (reset with the optimiser).
