@@ -94,6 +94,13 @@ class EMA(L.Callback):
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.averaged.to(pl_module.device)
 
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # No optimiser step has been taken at this global step since (re)starting, yet with gradient
+        # accumulation the first micro-batches still see it: an update there would average the initial
+        # weights of a fresh run in (and run the warm-up counter one ahead), or update a resumed run a
+        # second time at the step it was checkpointed at.
+        self._last_step = trainer.global_step
+
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
         step = trainer.global_step  # already counts the optimiser step just taken
         # With gradient accumulation this hook runs per micro-batch: update once per optimiser step.
