@@ -10,7 +10,7 @@ For DiffusionTraining the hand loop is also written out fully (UNet forward + MS
 so machine-load drift hits both; medians over all steps of all repeats, first ``--warmup`` steps of
 each run dropped. Methods with manual optimisation (ADD, APT, DMD2: several optimisers per iteration)
 are compared per iteration against a hand loop that calls the method's loss functions
-(``discriminator_loss`` / ``generator_loss``, or DMD2's ``critic_loss`` / ``generator_loss``) with plain
+(``critic_loss`` / ``generator_loss`` of the adversarial loop) with plain
 ``backward``, ``clip_grad_norm_`` and ``optimizer.step`` in the same D:G plan.
 
 Sampling: ``method.sample(n, k)`` wall time vs k bare forward passes of the same network on the same
@@ -39,18 +39,13 @@ import torch  # noqa: E402
 
 
 class StepTimer(L.Callback):
-    """Per-iteration wall times; with ``limit``, stops training after that many iterations."""
+    """Per-iteration wall times."""
 
-    def __init__(self, limit: int | None = None) -> None:
+    def __init__(self) -> None:
         self.starts: list[float] = []
-        self.limit = limit
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         self.starts.append(time.perf_counter())
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        if self.limit is not None and len(self.starts) >= self.limit:
-            trainer.should_stop = True
 
     def on_train_end(self, trainer, pl_module) -> None:
         self.starts.append(time.perf_counter())
@@ -71,11 +66,10 @@ def build(name: str, fixtures: dict, extra: list[str], tmp: Path):
 
 def framework_steps(name, fixtures, extra, tmp, steps: int) -> list[float]:
     model, dm = build(name, fixtures, extra, tmp)
-    # Manual optimisation: global_step counts optimiser steps (several per iteration); stop by iterations.
-    manual = not model.automatic_optimization
-    timer = StepTimer(limit=steps if manual else None)
+    # Every method's global_step counts iterations (the adversarial loop counts one step per batch).
+    timer = StepTimer()
     trainer = L.Trainer(
-        max_steps=-1 if manual else steps, max_epochs=-1, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+        max_steps=steps, max_epochs=-1, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
         enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0, num_sanity_val_steps=0,
         callbacks=[timer],
     )
@@ -140,47 +134,27 @@ def hand_manual_steps(name, fixtures, extra, tmp, steps: int) -> list[float]:
             clip_grad_norm_(params(opt), clip)
         opt.step()
 
-    dmd2 = hasattr(model, "critic_loss")
     loader = dm.train_dataloader()
+    critics = model.critics()
     times, done, it = [], 0, 0
     t_prev = time.perf_counter()
     while done < steps:
         for batch in loader:
             plan, g = model.plan(it), model.step_generator(it)
-            if dmd2:
-                hp = model.hparams
-                opt_g, opt_f = opts[0], opts[1]
-                opt_d = opts[2] if len(opts) > 2 else None
-                for _ in range(plan.d_updates):
-                    out, _, _ = model.critic_loss(batch, g, hp.r1_weight * plan.r1_scale, plan.train_d_backbone)
-                    for opt in (opt_f, opt_d):
-                        if opt is not None:
-                            opt.zero_grad(set_to_none=True)
-                    out.loss.backward()
-                    if opt_d is not None:
-                        step(opt_d, hp.discriminator_grad_clip)
-                    step(opt_f, hp.fake_score_grad_clip)
-                if plan.update_g:
+            opt_g, critic_opts = opts[0], opts[1:]
+            for _ in range(plan.d_updates):
+                out = model.critic_loss(batch, g, plan).loss
+                for opt in critic_opts:
+                    opt.zero_grad(set_to_none=True)
+                out.loss.backward()
+                for c, opt in zip(critics, critic_opts):
+                    step(opt, c.clip)
+            if plan.update_g:
+                with frozen(model.critic_parameters()):
                     out = model.generator_loss(batch, g)
                     opt_g.zero_grad(set_to_none=True)
                     out.loss.backward()
-                    step(opt_g, hp.generator_grad_clip)
-            else:
-                hp = model.adv
-                opt_g, opt_d = opts
-                backbone = [] if plan.train_d_backbone else model.discriminator.backbone_parameters()
-                for _ in range(plan.d_updates):
-                    with frozen(backbone):
-                        out, _, _ = model.discriminator_loss(batch, g, hp.r1_weight * plan.r1_scale)
-                        opt_d.zero_grad(set_to_none=True)
-                        out.loss.backward()
-                    step(opt_d, hp.discriminator_grad_clip)
-                if plan.update_g:
-                    with frozen(model.discriminator.parameters()):
-                        out = model.generator_loss(batch, g)
-                        opt_g.zero_grad(set_to_none=True)
-                        out.loss.backward()
-                    step(opt_g, hp.generator_grad_clip)
+                step(opt_g, model.hparams.generator_grad_clip)
             model.gan_iteration += 1
             it += 1
             now = time.perf_counter()

@@ -1,9 +1,9 @@
 """Discriminator schedule for adversarial methods (ADD, APT, DMD2): ``DiscriminatorSchedule``.
 
-The protocol (defined in ``lightning_distill.methods.adversarial``):
+The protocol (defined in ``lightning_distill.gan.plan``):
 
 * At the start of every training iteration the method calls ``schedule.plan(iteration)`` and gets a
-  :class:`~lightning_distill.methods.adversarial.StepPlan`: ``update_g`` (take a generator step),
+  :class:`~lightning_distill.gan.plan.StepPlan`: ``update_g`` (take a generator step),
   ``d_updates`` (discriminator steps), ``r1_scale`` (multiplier on the method's ``r1_weight``),
   ``d_lr_scale`` (multiplier on the D optimiser's initial learning rate) and ``train_d_backbone``.
   ``iteration`` is the method's count of training batches (``gan_iteration``, checkpointed).
@@ -23,7 +23,8 @@ from typing import Any, Literal
 import lightning as L
 from lightning.pytorch.utilities import rank_zero_warn
 
-from lightning_distill.methods.adversarial import StepPlan, d_updates_at, discriminator_accuracy
+from lightning_distill.gan.losses import discriminator_accuracy
+from lightning_distill.gan.plan import StepPlan, d_updates_at
 
 Decay = Literal["constant", "linear", "cosine"]
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 
-from torch import nn
+from torch import Tensor, nn
 
 
 @contextmanager
@@ -33,3 +33,84 @@ def lcm_step_limit(scheduler) -> int | None:
     if type(scheduler).__name__ != "LCMScheduler":
         return None
     return int(scheduler.config.original_inference_steps)
+
+
+class _StopForward(Exception):
+    """Raised from a forward hook once every tapped block has run: skips the rest of the network."""
+
+
+def _first_tensor(output) -> Tensor:
+    if isinstance(output, Tensor):
+        return output
+    if isinstance(output, (tuple, list)) and output and isinstance(output[0], Tensor):
+        return output[0]  # diffusers down blocks return (hidden_states, res_samples)
+    if hasattr(output, "last_hidden_state"):
+        return output.last_hidden_state
+    raise TypeError(f"cannot take a feature tensor from a {type(output).__name__} output")
+
+
+class FeatureTap:
+    """Forward hooks on named blocks of one network: ``with tap: net(...)`` fills ``tap.features``.
+
+    The one feature grabber of the package: knowledge distillation's feature losses and the
+    discriminators' feature networks both read block outputs through it. Hooks live only inside the
+    ``with`` block, so copies of the network (the EMA callback's ``deepcopy``) carry none.
+
+    Args:
+        network: the network whose blocks are tapped.
+        names: block paths (``named_modules`` names), or a dict mapping the key a feature is stored
+            under to its block path.
+        stop: end the forward pass once every tapped block has run (the rest of the network, e.g. a
+            UNet's decoder, is never evaluated; the ``with`` block then ends quietly).
+
+    Example::
+
+        >>> tap = FeatureTap(unet, ["down_blocks.1", "mid_block"], stop=True)
+        >>> with tap:
+        ...     unet(x, t)
+        >>> tap.features["mid_block"].shape
+    """
+
+    def __init__(self, network: nn.Module, names, stop: bool = False) -> None:
+        names = dict(names) if isinstance(names, dict) else {n: n for n in names}
+        modules = dict(network.named_modules())
+        unknown = [path for path in names.values() if path not in modules]
+        if unknown or not names:
+            blocks = [n for n in modules if n and n.count(".") <= 1]
+            raise ValueError(f"no block named {unknown or '(none given)'} in {type(network).__name__}; blocks: {blocks[:24]}")
+        self.network_name = type(network).__name__
+        self.blocks = {key: modules[path] for key, path in names.items()}
+        self.stop = stop
+        self.features: dict[str, Tensor] = {}
+        self._handles: list = []
+
+    def _hook(self, key: str):
+        def fn(_module, _inputs, output):
+            self.features[key] = _first_tensor(output)
+            if self.stop and len(self.features) == len(self.blocks):
+                raise _StopForward
+
+        return fn
+
+    def __enter__(self) -> "FeatureTap":
+        self.features = {}
+        self._handles = [block.register_forward_hook(self._hook(key)) for key, block in self.blocks.items()]
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+        if exc_type is None or exc_type is _StopForward:
+            missing = [key for key in self.blocks if key not in self.features]
+            if missing:
+                raise RuntimeError(f"{self.network_name}: tapped blocks {missing} were never called in forward")
+        return exc_type is _StopForward
+
+
+def capture_features(network: nn.Module, names, run) -> list[Tensor]:
+    """Run ``run()`` and return the outputs of the blocks ``names`` in order, stopping after the last one."""
+    names = list(names)
+    with FeatureTap(network, names, stop=True) as tap:
+        run()
+    return [tap.features[n] for n in names]

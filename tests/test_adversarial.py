@@ -13,7 +13,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from lightning_distill.callbacks.discriminator import DiscriminatorSchedule, lr_scale_at, ramp
-from lightning_distill.methods.adversarial import (
+from lightning_distill.gan import (
     AdversarialSchedule,
     DiscriminatorAugment,
     ModuleFeatures,
@@ -225,13 +225,13 @@ def test_module_features_wraps_any_network():
 
     out = ModuleFeatures(Pyramid(), repeat_channels=3, resize_to=16, mean=[0.5] * 3, std=[0.5] * 3)(torch.randn(2, 1, 8, 8))
     assert [tuple(f.shape) for f in out] == [(2, 4, 16, 16), (2, 5, 8, 8)]
-    with pytest.raises(ValueError, match="unknown feature layers"):
+    with pytest.raises(ValueError, match="no block named"):
         ModuleFeatures(net, layers=["nope"])
 
 
 def test_hf_vision_features_from_a_local_folder(tmp_path):
     transformers = pytest.importorskip("transformers")
-    from lightning_distill.methods.adversarial import HFVisionFeatures
+    from lightning_distill.gan import HFVisionFeatures
 
     cfg = transformers.Dinov2Config(
         hidden_size=8, num_hidden_layers=2, num_attention_heads=2, intermediate_size=16, image_size=16, patch_size=8
@@ -264,7 +264,7 @@ def apt(teacher, **kw):
     from lightning_distill.methods.apt import AdversarialPostTraining
 
     torch.manual_seed(0)
-    kw.setdefault("generator_optimizer", lambda p: torch.optim.AdamW(p, lr=1e-3))
+    kw.setdefault("optimizer", lambda p: torch.optim.AdamW(p, lr=1e-3))
     kw.setdefault("discriminator_optimizer", lambda p: torch.optim.AdamW(p, lr=1e-3))
     return AdversarialPostTraining(teacher, head_hidden=8, **kw)
 
@@ -285,19 +285,19 @@ def opt_steps(opt: torch.optim.Optimizer) -> int:
 def test_warmup_and_ratio_are_obeyed(teacher, tmp_path):
     model = apt(teacher)
     schedule = DiscriminatorSchedule(d_warmup_steps=2, d_updates_per_g=2)
-    tr = trainer(tmp_path, [schedule], max_steps=10, enable_checkpointing=False)
+    tr = trainer(tmp_path, [schedule], max_steps=4, enable_checkpointing=False)
     tr.fit(model, loader())
     g_opt, d_opt = tr.optimizers
-    # 4 iterations: 2 warm-up (2 D steps each), then 2 x (2 D + 1 G); global_step counts all 10
+    # 4 iterations: 2 warm-up (2 D steps each), then 2 x (2 D + 1 G); global_step counts iterations
     assert opt_steps(d_opt) == 8 and opt_steps(g_opt) == 2
-    assert tr.global_step == 10 and int(model.gan_iteration) == 4
+    assert tr.global_step == 4 and int(model.gan_iteration) == 4
     assert (schedule.d_updates, schedule.g_updates, schedule.iterations) == (8, 2, 4)
     assert schedule.acc_real is not None and "gan/d_acc_real" in tr.callback_metrics
 
 
 def test_fractional_ratio_without_a_schedule_and_backbone_freeze(teacher, tmp_path):
-    model = apt(teacher, d_updates_per_g=0.5)
-    tr = trainer(tmp_path, [], max_steps=6, enable_checkpointing=False)
+    model = apt(teacher, critic_updates=0.5)
+    tr = trainer(tmp_path, [], max_steps=4, enable_checkpointing=False)
     tr.fit(model, loader())
     g_opt, d_opt = tr.optimizers
     assert opt_steps(g_opt) == 4 and opt_steps(d_opt) == 2  # D every other iteration
@@ -319,7 +319,7 @@ def test_d_step_with_approx_r1_runs_d_three_times(teacher):
     calls = []
     model.discriminator.register_forward_hook(lambda m, i, o: calls.append(i[0].shape[0]))
     batch = {"x": torch.rand(4, 1, 8, 8) * 2 - 1}
-    out, _, _ = model.discriminator_loss(batch, torch.Generator().manual_seed(0), r1_weight=1.0)
+    out = model.critic_loss(batch, torch.Generator().manual_seed(0), StepPlan()).loss
     assert len(calls) == 3  # real, fake, perturbed real: D(real) is shared by the loss and the penalty
     assert out.logs["r1"].item() > 0
 
@@ -375,7 +375,7 @@ def test_digits_classifier_features_default_layers():
 
     if not (BUNDLED_CLASSIFIER / "model.safetensors").is_file():
         pytest.skip("bundled digits classifier not trained yet")
-    from lightning_distill.methods.adversarial import DigitsClassifierFeatures
+    from lightning_distill.gan import DigitsClassifierFeatures
 
     feats = DigitsClassifierFeatures()
     out = feats(torch.rand(2, 1, 16, 16) * 2 - 1)

@@ -11,6 +11,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from lightning_distill.export import load_student_state
+from lightning_distill.gan import StepPlan
 from lightning_distill.methods.apt import AdversarialPostTraining
 
 from conftest import write_tiny_teacher
@@ -91,7 +92,7 @@ def test_discriminator_sees_one_fixed_noisy_function_per_call(teacher):
     assert not torch.allclose(d_fn(x), other)  # a new draw is a different function
     assert d_fn(x).shape == (4, 3)  # one pooled logit per level: 2 down blocks + mid block
     # approximated R1 of that fixed function vanishes as sigma -> 0
-    from lightning_distill.methods.adversarial import approx_r1_penalty
+    from lightning_distill.gan import approx_r1_penalty
 
     assert approx_r1_penalty(d_fn, x, sigma=0.0).item() == 0.0
 
@@ -105,15 +106,15 @@ def test_debug_preset_runs_and_resumes_through_the_cli(tmp_path):
               "--data.image_size", "8", "--trainer.default_root_dir", str(root)]
     cli = cli_main(["fit", *common])
     assert isinstance(cli.model, AdversarialPostTraining)
-    assert int(cli.model.gan_iteration) == 3 and cli.trainer.global_step == 5
+    assert int(cli.model.gan_iteration) == cli.trainer.global_step == 3  # max_steps counts iterations
     assert {"train/g_adv", "train/r1", "gan/d_acc_real", "gan/d_lr_scale"} <= set(cli.trainer.callback_metrics)
     last = root / "checkpoints" / "last.ckpt"
     ckpt = torch.load(last, weights_only=False)
     assert len(ckpt["optimizer_states"]) == 2
     assert any(k.startswith("discriminator.backbone.unet.") for k in ckpt["state_dict"])  # trainable backbone saved
     assert any("DiscriminatorSchedule" in k for k in ckpt["callbacks"])
-    cli = cli_main(["fit", *common, "--trainer.max_steps", "7", "--ckpt_path", str(last)])
-    assert int(cli.model.gan_iteration) == 4 and cli.trainer.global_step == 7
+    cli = cli_main(["fit", *common, "--trainer.max_steps", "4", "--ckpt_path", str(last)])
+    assert int(cli.model.gan_iteration) == cli.trainer.global_step == 4
     cli = cli_main(["--config", str(ROOT / "configs/apt/digits.yaml"), "--data.teacher", str(teacher_dir),
                     "--data.image_size", "8", "--model.init_args.init_from", "null",
                     "--trainer.default_root_dir", str(tmp_path / "digits")], run=False)
@@ -127,7 +128,7 @@ def test_class_conditional_teacher(tmp_path):
     model = AdversarialPostTraining(teacher, head_hidden=8)
     batch = {"x": torch.rand(4, 1, 8, 8) * 2 - 1, "label": torch.tensor([0, 3, 5, 9])}
     gen = torch.Generator().manual_seed(0)
-    d_out, _, _ = model.discriminator_loss(batch, gen, r1_weight=100.0)
+    d_out = model.critic_loss(batch, gen, StepPlan()).loss  # r1_weight 100, APT's default
     g_out = model.generator_loss(batch, gen)
     assert torch.isfinite(d_out.loss) and torch.isfinite(g_out.loss) and "r1" in d_out.logs
     assert model.generate(batch, gen).class_labels is batch["label"]

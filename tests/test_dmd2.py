@@ -20,16 +20,10 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from lightning_distill.data import TeacherDataModule, TensorImageDataset
-from lightning_distill.methods.dmd2 import (
-    DMD2,
-    BottleneckClassifier,
-    backward_simulation,
-    bottleneck_features,
-    distribution_matching_loss,
-    dm_gradient,
-    dm_surrogate_loss,
-    generator_timesteps,
-)
+from lightning_distill.gan import BottleneckClassifier, StepPlan, bottleneck_features
+from lightning_distill.methods.adversarial import frozen
+from lightning_distill.methods.dmd2 import DMD2, distribution_matching_loss, dm_gradient, dm_surrogate_loss
+from lightning_distill.sampling import backward_simulation, generator_timesteps
 from lightning_distill.parametrisation import Denoiser, VPSchedule, output_for
 
 REPO = Path(__file__).resolve().parents[1]
@@ -168,7 +162,7 @@ def test_bottleneck_features_stop_at_mid_block(tiny_teacher_dir):
 def _model(teacher_dir, seed=0, **kwargs):
     torch.manual_seed(seed)
     dm = TeacherDataModule(teacher=str(teacher_dir), image_size=8, batch_size=2)
-    kwargs.setdefault("fake_updates_per_generator", 3)
+    kwargs.setdefault("generator_every", 3)
     return DMD2(teacher=dm.teacher, **kwargs)
 
 
@@ -218,7 +212,9 @@ def test_multistep_sampler_feeds_the_backward_simulated_inputs(tiny_teacher_dir)
 def test_generator_step_leaves_critic_gradients_empty(tiny_teacher_dir):
     model = _model(tiny_teacher_dir)
     batch = next(iter(_loader()))
-    model.generator_loss(batch, model.step_generator(0)).loss.backward()
+    # as the adversarial loop's generator update does: every critic network frozen around loss and backward
+    with frozen(model.critic_parameters()):
+        model.generator_loss(batch, model.step_generator(0)).loss.backward()
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.student.parameters())
     for module in (model.fake_score, model.discriminator_head, model.teacher):
         assert all(p.grad is None for p in module.parameters())
@@ -236,7 +232,7 @@ def test_gan_inputs_are_noised_within_gan_t_range(tiny_teacher_dir):
 
     model.discriminator_logits = spy
     batch = next(iter(_loader()))
-    model.critic_loss(batch, model.step_generator(0))
+    model.critic_loss(batch, model.step_generator(0), StepPlan())
     model.generator_loss(batch, model.step_generator(1))
     t = torch.cat(seen)
     assert len(seen) == 3 and int(t.min()) >= int(0.1 * 1024) and int(t.max()) < int(0.25 * 1024)
@@ -246,7 +242,7 @@ def test_gan_inputs_are_noised_within_gan_t_range(tiny_teacher_dir):
 
 def test_d_augment_reaches_every_gan_input(tiny_teacher_dir):
     """d_augment transforms the real and fake inputs of the D loss and the fake of the G loss, differentiably."""
-    from lightning_distill.methods.adversarial import DiscriminatorAugment
+    from lightning_distill.gan import DiscriminatorAugment
 
     model = _model(tiny_teacher_dir, d_augment=["translation", "cutout"])
     seen = []
@@ -258,7 +254,7 @@ def test_d_augment_reaches_every_gan_input(tiny_teacher_dir):
 
     model.discriminator_logits = spy
     batch = next(iter(_loader()))
-    model.critic_loss(batch, model.step_generator(0))
+    model.critic_loss(batch, model.step_generator(0), StepPlan())
     model.generator_loss(batch, model.step_generator(1))
     assert len(seen) == 3
     for x, augment in seen:
@@ -275,7 +271,7 @@ def test_d_augment_reaches_every_gan_input(tiny_teacher_dir):
 
 @pytest.mark.parametrize("ratio,gan", [(3, True), (1, False)])
 def test_update_ratio(tiny_teacher_dir, tmp_path, ratio, gan):
-    model = _model(tiny_teacher_dir, fake_updates_per_generator=ratio, gan=gan)
+    model = _model(tiny_teacher_dir, generator_every=ratio, gan=gan)
     trainer = _trainer(tmp_path, max_steps=7, enable_checkpointing=False)
     trainer.fit(model, train_dataloaders=_loader())
     steps = [int(next(iter(opt.state.values()))["step"]) for opt in trainer.optimizers]
@@ -284,8 +280,8 @@ def test_update_ratio(tiny_teacher_dir, tmp_path, ratio, gan):
 
 
 def test_generator_lr_schedule_steps_once_per_generator_update(tiny_teacher_dir, tmp_path):
-    model = _model(tiny_teacher_dir, fake_updates_per_generator=3, gan=False,
-                   generator_lr_scheduler=lambda opt: torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5))
+    model = _model(tiny_teacher_dir, generator_every=3, gan=False,
+                   lr_scheduler=lambda opt: torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5))
     trainer = _trainer(tmp_path, max_steps=7, enable_checkpointing=False)
     trainer.fit(model, train_dataloaders=_loader())
     sched = trainer.lr_scheduler_configs[0].scheduler
@@ -295,7 +291,7 @@ def test_generator_lr_schedule_steps_once_per_generator_update(tiny_teacher_dir,
 
 
 def test_critic_warmup_delays_the_generator(tiny_teacher_dir, tmp_path):
-    model = _model(tiny_teacher_dir, fake_updates_per_generator=3, critic_warmup=2, gan=False)
+    model = _model(tiny_teacher_dir, generator_every=3, critic_warmup=2, gan=False)
     trainer = _trainer(tmp_path, max_steps=7, enable_checkpointing=False)
     trainer.fit(model, train_dataloaders=_loader())
     steps = [int(next(iter(opt.state.values()))["step"]) for opt in trainer.optimizers]
@@ -420,6 +416,6 @@ def test_critic_r1_reuses_the_real_logits(tiny_teacher_dir):
     calls = []
     model.discriminator_head.register_forward_hook(lambda m, i, o: calls.append(1))
     batch = next(iter(_loader()))
-    out, _, _ = model.critic_loss(batch, torch.Generator().manual_seed(0), r1_weight=1.0)
+    out = model.critic_loss(batch, torch.Generator().manual_seed(0), StepPlan()).loss  # r1_weight 1.0
     assert len(calls) == 3  # real, fake, perturbed real: the penalty shares the D loss's D(real)
     assert out.logs["r1"].item() > 0

@@ -13,8 +13,8 @@ from torch.optim.optimizer import register_optimizer_step_pre_hook
 from torch.utils.data import DataLoader
 
 from lightning_distill.data import TeacherDataModule, TensorImageDataset
+from lightning_distill.gan import StepPlan, iteration_generator
 from lightning_distill.methods.add import AdversarialDiffusionDistillation
-from lightning_distill.methods.adversarial import iteration_generator
 from lightning_distill.methods.base import DistillationMethod
 from lightning_distill.methods.dmd2 import DMD2
 
@@ -50,7 +50,7 @@ def _models(teacher_dir):
     torch.manual_seed(0)
     add = AdversarialDiffusionDistillation(dm.teacher, num_student_steps=2, head_hidden=8,
                                            generator_grad_clip=CLIP, discriminator_grad_clip=CLIP)
-    dmd2 = DMD2(teacher=dm.teacher, fake_updates_per_generator=1, gan=True, generator_grad_clip=CLIP,
+    dmd2 = DMD2(teacher=dm.teacher, generator_every=1, gan=True, generator_grad_clip=CLIP,
                 fake_score_grad_clip=CLIP, discriminator_grad_clip=CLIP)
     return {"add": add, "dmd2": dmd2}
 
@@ -140,6 +140,12 @@ def _gan_models(teacher_dir):
     return add, dmd2
 
 
+def _critic(model, batch, gen):
+    """(loss, real logits, fake logits) of one critic update without R1."""
+    out = model.critic_loss(batch, gen, StepPlan(r1_scale=0.0))
+    return out.loss, out.real_logits, out.fake_logits
+
+
 def _batch():
     return {"x": torch.rand(4, 1, 8, 8, generator=torch.Generator().manual_seed(1)) * 2 - 1,
             "label": torch.zeros(4, dtype=torch.long)}
@@ -150,12 +156,12 @@ def test_add_steps_move_the_logits_each_network_wants(tiny_teacher_dir):
     batch, gen = _batch(), lambda: iteration_generator(0, 3, torch.device("cpu"))
     d_params = [p for p in model.discriminator.parameters() if p.requires_grad]
     g_params = [p for p in model.student.parameters() if p.requires_grad]
-    out, real0, fake0 = model.discriminator_loss(batch, gen(), 0.0)
+    out, real0, fake0 = _critic(model, batch, gen())
     _sgd_step(out.loss, d_params, lr=1e-2)
-    _, real1, fake1 = model.discriminator_loss(batch, gen(), 0.0)
+    _, real1, fake1 = _critic(model, batch, gen())
     assert (real1 - fake1).mean() > (real0 - fake0).mean()
     _sgd_step(model.generator_loss(batch, gen()).loss, g_params, lr=1e-3)
-    _, _, fake2 = model.discriminator_loss(batch, gen(), 0.0)
+    _, _, fake2 = _critic(model, batch, gen())
     assert fake2.mean() > fake1.mean()
 
 
@@ -163,18 +169,18 @@ def test_dmd2_steps_move_the_logits_each_network_wants(tiny_teacher_dir):
     model = _gan_models(tiny_teacher_dir)[1]
     batch, gen = _batch(), lambda: iteration_generator(0, 3, torch.device("cpu"))
     head = list(model.discriminator_head.parameters())
-    out, real0, fake0 = model.critic_loss(batch, gen())
+    out, real0, fake0 = _critic(model, batch, gen())
     _sgd_step(out.loss, head, lr=1e-2)  # the head alone: the fake score's denoising loss moves nothing here
-    _, real1, fake1 = model.critic_loss(batch, gen())
+    _, real1, fake1 = _critic(model, batch, gen())
     assert (real1 - fake1).mean() > (real0 - fake0).mean()
     _sgd_step(model.generator_loss(batch, gen()).loss, list(model.student.parameters()), lr=1e-6)
-    _, _, fake2 = model.critic_loss(batch, gen())
+    _, _, fake2 = _critic(model, batch, gen())
     assert fake2.mean() > fake1.mean()
 
 
 def test_true_r1_runs_outside_fp16_autocast():
     """R1's inner input gradient is not loss-scaled, so it is taken in fp32 even inside fp16 autocast."""
-    from lightning_distill.methods.adversarial import r1_penalty
+    from lightning_distill.gan import r1_penalty
 
     torch.manual_seed(0)
     conv = torch.nn.Conv2d(1, 4, 3, padding=1)

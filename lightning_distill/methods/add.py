@@ -41,14 +41,15 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
-from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
 
-from ..parametrisation import Denoiser, PredictionType
-from ..teacher import DiffusionTeacher
-from .adversarial import AdversarialMethod, Discriminator, GanLoss, Generated, UNetEncoderFeatures, unclipped_x0
+from ..gan.discriminators import Discriminator
+from ..gan.features import UNetEncoderFeatures
+from ..parametrisation import Denoiser
 from ..sampling import X0_SAMPLER_TIMESTEP_SCALING, backward_simulation, lcm_scheduler, lcm_training_timesteps
-from .base import LossOutput, default_optimizer
+from ..teacher import DiffusionTeacher
+from .adversarial import AdversarialMethod, Generated
+from .base import LossOutput
 
 Weighting = Literal["alpha", "constant", "alpha_squared"]
 
@@ -89,15 +90,8 @@ class AdversarialDiffusionDistillation(AdversarialMethod):
     """ADD: a 1-4 step student trained by an adversarial loss on frozen features plus teacher distillation.
 
     Args:
-        teacher: the frozen teacher (linked from the data module by the CLI).
-        student, student_prediction_type: as :class:`DistillationMethod` (default: copy of the teacher).
-        init_from, init_use_ema: start the student from a trained student (a ``.ckpt`` or an exported
-            pipeline folder, e.g. an earlier ADD run's, for a second stage with other discriminator
-            settings) instead of the teacher; see :class:`AdversarialMethod`.
         num_student_steps: number of fixed student timesteps: t_n = n (T // K) - 1, n = 1..K (for
             T = 1000, K = 4: 999, 749, 499, 249, the paper's), the grid the sampler visits.
-        student_timesteps: the same grid written out (e.g. ``[999, 749, 499, 249]``); any other set
-            is rejected, because the exported sampler could not visit it.
         feature_network: frozen feature network of the discriminator: any module mapping
             ``(x, t=None, **cond)`` to a list of feature tensors (``ModuleFeatures`` wraps ordinary
             networks, e.g. the digits classifier; ``HFVisionFeatures`` loads DINOv2 from a local folder).
@@ -114,21 +108,20 @@ class AdversarialDiffusionDistillation(AdversarialMethod):
             (arXiv 2403.12015) does; None: clean images at ``feature_timestep`` (ADD).
         head_hidden: width of the discriminator heads.
         spatial_logits: one logit per feature position (as ADD's heads) instead of one per head.
-        conditional_discriminator: project class embeddings into the heads; None: when the
-            student is class-conditional.
         distill_weight: lambda (2.5 in the paper).
         distill_weighting: c(t).
-        distill_t_min, distill_t_max: range of the re-noising timestep (None: T - 1).
         backward_simulation: probability that a sample drawn at a later student timestep (not the
             first, pure-noise one) gets as input what the sampler gives it, the student's own earlier
             steps from pure noise re-noised with fresh noise (DMD2's backward simulation, no gradient
             through them), instead of a noised real image. Not in the ADD paper (0, its setting);
             1.0 trains the later steps only on the inputs they see at sampling time, so they learn to
             correct the earlier steps' errors rather than to denoise real images.
-        generator_optimizer, discriminator_optimizer, generator_lr_scheduler, gan_loss, r1, r1_weight,
-            r1_sigma, d_updates_per_g, generator_grad_clip, discriminator_grad_clip, d_augment, sample_steps,
-            sample_every_n_steps, num_log_samples, seed: see :class:`AdversarialMethod`
-            (``sample_steps`` None: ``num_student_steps``).
+        r1_weight: as :class:`AdversarialMethod` (here 1e-2).
+        sample_steps: steps of logged grids and ``predict`` (None: ``num_student_steps``).
+        **kwargs: :class:`AdversarialMethod`'s and :class:`DistillationMethod`'s arguments.
+
+    The discriminator is class-conditional (projection) when the student is. The distillation loss
+    re-noises to any t in [0, T - 1].
 
     Example::
 
@@ -142,12 +135,8 @@ class AdversarialDiffusionDistillation(AdversarialMethod):
     def __init__(
         self,
         teacher: DiffusionTeacher | None = None,
-        student: nn.Module | None = None,
-        student_prediction_type: PredictionType | None = None,
-        init_from: str | None = None,
-        init_use_ema: bool = True,
+        *,
         num_student_steps: int = 4,
-        student_timesteps: list[int] | None = None,
         feature_network: nn.Module | None = None,
         feature_levels: list[int] | None = None,
         feature_timestep: int = 0,
@@ -155,95 +144,45 @@ class AdversarialDiffusionDistillation(AdversarialMethod):
         discriminator_t_range: tuple[int, int] | None = None,
         head_hidden: int = 64,
         spatial_logits: bool = True,
-        conditional_discriminator: bool | None = None,
         distill_weight: float = 2.5,
         distill_weighting: Weighting = "alpha",
-        distill_t_min: int = 0,
-        distill_t_max: int | None = None,
         backward_simulation: float = 0.0,
-        generator_optimizer: OptimizerCallable = default_optimizer,
-        discriminator_optimizer: OptimizerCallable = default_optimizer,
-        generator_lr_scheduler: LRSchedulerCallable | None = None,
-        gan_loss: GanLoss = "hinge",
-        r1: Literal["true", "approx", "none"] = "true",
         r1_weight: float = 1e-2,
-        r1_sigma: float = 0.01,
-        d_updates_per_g: float = 1.0,
-        generator_grad_clip: float | None = None,
-        discriminator_grad_clip: float | None = None,
-        d_augment: list[str] | None = None,
         sample_steps: int | None = None,
-        sample_every_n_steps: int = 0,
-        num_log_samples: int = 64,
-        seed: int = 0,
+        **kwargs,
     ) -> None:
-        if teacher is None:
-            raise ValueError("AdversarialDiffusionDistillation needs a teacher (set data.teacher)")
         distillation_weight(torch.ones(1), distill_weighting)  # validates the choice
         if not 0.0 <= backward_simulation <= 1.0:
             raise ValueError(f"backward_simulation is a probability in [0, 1], got {backward_simulation}")
-        super().__init__(
-            teacher=teacher,
-            student=student,
-            student_prediction_type=student_prediction_type,
-            init_from=init_from,
-            init_use_ema=init_use_ema,
-            generator_optimizer=generator_optimizer,
-            discriminator_optimizer=discriminator_optimizer,
-            generator_lr_scheduler=generator_lr_scheduler,
-            gan_loss=gan_loss,
-            r1=r1,
-            r1_weight=r1_weight,
-            r1_sigma=r1_sigma,
-            d_updates_per_g=d_updates_per_g,
-            generator_grad_clip=generator_grad_clip,
-            discriminator_grad_clip=discriminator_grad_clip,
-            d_augment=d_augment,
-            sample_steps=sample_steps or len(student_timesteps or []) or num_student_steps,
-            sample_every_n_steps=sample_every_n_steps,
-            num_log_samples=num_log_samples,
-            seed=seed,
-        )
+        if not 1 <= num_student_steps <= 8:
+            raise ValueError(f"ADD uses 1-4 (at most 8) student timesteps, got {num_student_steps}")
+        sample_steps = sample_steps or num_student_steps
+        super().__init__(teacher=teacher, r1_weight=r1_weight, sample_steps=sample_steps, **kwargs)
+        if self.teacher is None:
+            raise ValueError("AdversarialDiffusionDistillation needs a teacher (set data.teacher)")
         T = self.student.schedule.num_train_timesteps
-        k = len(student_timesteps) if student_timesteps is not None else num_student_steps
-        if not 1 <= k <= 8:
-            got = student_timesteps if student_timesteps is not None else num_student_steps
-            raise ValueError(f"ADD uses 1-4 (at most 8) student timesteps, got {got}")
-        grid = lcm_training_timesteps(T, k).flip(0)
-        if student_timesteps is not None and sorted(student_timesteps, reverse=True) != grid.tolist():
-            raise ValueError(
-                f"student_timesteps {student_timesteps} are not the {k}-step grid the sampler visits "
-                f"(LCMScheduler, T = {T}): {grid.tolist()}; give num_student_steps={k} instead"
-            )
-        self.register_buffer("student_timesteps", grid, persistent=False)
+        self.register_buffer("student_timesteps", lcm_training_timesteps(T, num_student_steps).flip(0), persistent=False)
         if discriminator_t_range is not None:
             lo, hi = (int(v) for v in discriminator_t_range)
             if not 0 <= lo <= hi < T:
                 raise ValueError(f"discriminator_t_range must satisfy 0 <= lo <= hi < {T}, got {list(discriminator_t_range)}")
-        self.distill_t_max = T - 1 if distill_t_max is None else distill_t_max
-        if not 0 <= distill_t_min <= self.distill_t_max < T:
-            raise ValueError(f"need 0 <= distill_t_min <= distill_t_max < {T}, got {distill_t_min}, {distill_t_max}")
         teacher_features = feature_network is None
         if train_features:
             if not teacher_features:
                 raise ValueError("train_features=True trains a copy of the teacher UNet: leave feature_network unset")
-            feature_network = UNetEncoderFeatures.trainable_copy(teacher.unet, feature_levels, feature_timestep)
+            feature_network = UNetEncoderFeatures.trainable_copy(self.teacher.unet, feature_levels, feature_timestep)
         elif teacher_features:  # frozen: the teacher's own UNet, not registered as a submodule
-            feature_network = UNetEncoderFeatures(teacher.unet, feature_levels, trainable=False, timestep=feature_timestep)
+            feature_network = UNetEncoderFeatures(self.teacher.unet, feature_levels, trainable=False, timestep=feature_timestep)
         else:
             feature_network.requires_grad_(False)
-        cond = self.is_class_conditional if conditional_discriminator is None else conditional_discriminator
-        num_classes = int(self.student.unet.config.num_class_embeds) if cond else None
-        if cond and not num_classes:
-            raise ValueError("conditional_discriminator=True but the student has no class embedding")
         self.discriminator = Discriminator(
             feature_network,
             self.sample_shape,
             hidden=head_hidden,
             spatial=spatial_logits,
-            num_classes=num_classes,
+            num_classes=int(self.student.unet.config.num_class_embeds) if self.is_class_conditional else None,
             # a class-conditional teacher encoder needs the labels too
-            backbone_cond=teacher_features and teacher.num_classes is not None,
+            backbone_cond=teacher_features and self.teacher.num_classes is not None,
         )
         self.make_scheduler()  # fail at construction if LCMScheduler cannot express the teacher's schedule
 
@@ -257,7 +196,7 @@ class AdversarialDiffusionDistillation(AdversarialMethod):
         return {"class_labels": labels} if labels is not None else {}
 
     def generate(self, batch: dict, gen: torch.Generator) -> Generated:
-        """x_theta(x_s, s): real images noised to a random student timestep, denoised in one step."""
+        """x_theta(x_s, s): real images noised to a random student timestep, denoised in one step (unclamped x0)."""
         x = batch["x"]
         idx = torch.randint(0, self.student_timesteps.numel(), (x.shape[0],), generator=gen, device=x.device)
         t = self.student_timesteps[idx]
@@ -266,13 +205,13 @@ class AdversarialDiffusionDistillation(AdversarialMethod):
         labels = self._labels(batch)
         if self.hparams.backward_simulation > 0:
             x_t = self._backward_simulated(x_t, idx, labels, gen)
-        return Generated(unclipped_x0(self.student, x_t, t, **self._cond(labels)), labels)
+        return Generated(self.student(x_t, t, clip=False, **self._cond(labels)).x0, labels)
 
     def _backward_simulated(self, x_t: Tensor, idx: Tensor, labels: Tensor | None, gen: torch.Generator) -> Tensor:
         """Replace the inputs of a ``backward_simulation`` fraction of the later-step samples by sampler states.
 
         A sample at grid index i > 0 gets, with that probability, the state the sampler reaches after
-        the student's own first i steps from pure noise (``backward_simulation`` of dmd2, fresh noise
+        the student's own first i steps from pure noise (``sampling.backward_simulation``, fresh noise
         between steps, no gradient). Random draws come from ``gen``, so resumed runs repeat them.
         """
         pick = torch.rand(idx.shape, generator=gen, device=idx.device) < self.hparams.backward_simulation
@@ -292,7 +231,8 @@ class AdversarialDiffusionDistillation(AdversarialMethod):
 
     def generator_extra_loss(self, fake: Generated, batch: dict, gen: torch.Generator) -> LossOutput:
         x0 = fake.x
-        s = torch.randint(self.hparams.distill_t_min, self.distill_t_max + 1, (x0.shape[0],), generator=gen, device=x0.device)
+        T = self.student.schedule.num_train_timesteps
+        s = torch.randint(0, T, (x0.shape[0],), generator=gen, device=x0.device)
         eps = torch.randn(x0.shape, generator=gen, device=x0.device, dtype=x0.dtype)
         distill = add_distillation_loss(
             x0, self.teacher.denoiser, s, eps, self.hparams.distill_weighting, **self._cond(fake.class_labels)

@@ -26,7 +26,7 @@ from torch import Tensor, nn
 
 from ..losses import LossOutput  # defined there so losses.py imports nothing from methods/
 from ..nn_utils import eval_mode, lcm_step_limit  # eval_mode is re-exported: methods import it from here
-from ..parametrisation import Denoiser, PredictionType, VPSchedule
+from ..parametrisation import Denoiser, PredictionType
 from ..teacher import DiffusionTeacher
 
 
@@ -98,6 +98,9 @@ class DistillationMethod(L.LightningModule):
 
     #: ``sample()`` uses this diffusers scheduler class (LCMScheduler methods override make_scheduler()).
     sampler_class: str = "DDIMScheduler"
+    #: init args kept out of ``hparams``: the teacher (re-linked by the CLI) and factories (not
+    #: serialisable). A subclass with more such arguments extends the tuple.
+    hparams_ignore: tuple[str, ...] = ("teacher", "optimizer", "lr_scheduler")
 
     def __init__(
         self,
@@ -112,8 +115,10 @@ class DistillationMethod(L.LightningModule):
         seed: int = 0,
     ) -> None:
         super().__init__()
-        # The student config stays in hparams so `load_from_checkpoint(path, teacher=...)` can rebuild it.
-        self.save_hyperparameters(ignore=["teacher", "optimizer", "lr_scheduler"])
+        # Saved once, here, for the whole class hierarchy: Lightning collects the init args of every
+        # subclass frame above this one (a subclass's local reassigned before super().__init__ is saved
+        # as reassigned). The student config stays so `load_from_checkpoint(path, teacher=...)` rebuilds it.
+        self.save_hyperparameters(ignore=list(self.hparams_ignore))
         # A subclass's own save_hyperparameters() replaces hparams with its signature, which may not
         # repeat these; _setting() falls back to the values given here.
         self._base_settings = dict(
@@ -152,9 +157,8 @@ class DistillationMethod(L.LightningModule):
             student = copy.deepcopy(self.teacher.unet).float()
         student.requires_grad_(True)
         student.train()
-        schedule = VPSchedule(self.teacher.schedule._alphas_cumprod[1:].clone())
         self.student = Denoiser(
-            student, schedule, prediction_type or self.teacher.prediction_type, self.teacher.denoiser.clip_x0
+            student, self.teacher.schedule.copy(), prediction_type or self.teacher.prediction_type, self.teacher.denoiser.clip_x0
         )
         self.student_scheduler_config = dict(self.teacher.scheduler_config)
 

@@ -1,0 +1,51 @@
+"""GAN building blocks of the adversarial methods (ADD, APT, DMD2's GAN head).
+
+``losses`` (GAN losses, true and approximated R1), ``plan`` (the step plan and the schedule-callback
+protocol), ``features`` (feature networks), ``discriminators`` (heads), ``augment`` (DiffAugment). The
+one adversarial training loop that uses them is
+:class:`lightning_distill.methods.adversarial.AdversarialMethod`.
+"""
+
+from .augment import AUGMENT_POLICIES, DiscriminatorAugment, check_augment_policy
+from .discriminators import BottleneckClassifier, Discriminator, MultiLevelHeads, bottleneck_features
+from .features import DigitsClassifierFeatures, HFVisionFeatures, ModuleFeatures, UNetEncoderFeatures
+from .losses import (
+    GAN_LOSSES,
+    GanLoss,
+    approx_r1_penalty,
+    discriminator_accuracy,
+    hinge_d_loss,
+    hinge_g_loss,
+    ns_d_loss,
+    ns_g_loss,
+    r1_penalty,
+)
+from .plan import AdversarialSchedule, StepPlan, attached_schedule, d_updates_at, iteration_generator
+
+__all__ = [
+    "AUGMENT_POLICIES",
+    "AdversarialSchedule",
+    "BottleneckClassifier",
+    "DigitsClassifierFeatures",
+    "Discriminator",
+    "DiscriminatorAugment",
+    "GAN_LOSSES",
+    "GanLoss",
+    "HFVisionFeatures",
+    "ModuleFeatures",
+    "MultiLevelHeads",
+    "StepPlan",
+    "UNetEncoderFeatures",
+    "approx_r1_penalty",
+    "attached_schedule",
+    "bottleneck_features",
+    "check_augment_policy",
+    "d_updates_at",
+    "discriminator_accuracy",
+    "hinge_d_loss",
+    "hinge_g_loss",
+    "iteration_generator",
+    "ns_d_loss",
+    "ns_g_loss",
+    "r1_penalty",
+]
