@@ -417,3 +417,24 @@ def test_augment_draw_is_seeded_bounded_and_validated():
     assert a(torch.randn(3, 1, 16, 16)).shape == (3, 1, 16, 16)  # the first n draws serve a smaller batch
     with pytest.raises(ValueError, match="unknown discriminator augmentation"):
         DiscriminatorAugment.draw(["flip"], (2, 1, 8, 8), None, "cpu")
+
+
+def test_one_loop_and_one_settings_path_serve_every_adversarial_method(teacher):
+    """ADD, APT and DMD2 share AdversarialMethod's training step; each declares only its own arguments,
+    and the hyper-parameters (saved once, in the base class) hold every setting with subclass defaults."""
+    from lightning_distill.methods.adversarial import AdversarialMethod
+    from lightning_distill.methods.add import AdversarialDiffusionDistillation
+    from lightning_distill.methods.apt import AdversarialPostTraining
+    from lightning_distill.methods.dmd2 import DMD2
+
+    for cls in (AdversarialDiffusionDistillation, AdversarialPostTraining, DMD2):
+        assert cls.training_step is AdversarialMethod.training_step
+        assert cls.plan is AdversarialMethod.plan and cls.configure_optimizers is AdversarialMethod.configure_optimizers
+    add = AdversarialDiffusionDistillation(teacher, num_student_steps=2, head_hidden=8)
+    assert add.hparams.sample_steps == 2 and add.hparams.r1_weight == 1e-2 and add.hparams.seed == 0
+    assert add.hparams.gan_loss == "hinge" and add.hparams.critic_updates == 1.0
+    dmd2 = DMD2(teacher, generator_steps=3, gan=False)
+    assert dmd2.hparams.sample_steps == 3 and dmd2.hparams.generator_every == 5 and dmd2.hparams.gan_loss == "non_saturating"
+    assert apt(teacher).hparams.r1 == "approx"
+    for model in (add, dmd2):  # factories and networks stay out of the checkpoint's hyper-parameters
+        assert not {"teacher", "optimizer", "discriminator_optimizer", "fake_score_optimizer", "feature_network"} & set(model.hparams)

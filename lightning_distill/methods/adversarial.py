@@ -362,6 +362,7 @@ __all__ = [
     "Critic",
     "CriticOutput",
     "Generated",
+    "R1Kind",
     "frozen",
     "load_init_state",
     "remember_initial_lr",
