@@ -419,3 +419,33 @@ def test_critic_r1_reuses_the_real_logits(tiny_teacher_dir):
     out = model.critic_loss(batch, torch.Generator().manual_seed(0), StepPlan()).loss  # r1_weight 1.0
     assert len(calls) == 3  # real, fake, perturbed real: the penalty shares the D loss's D(real)
     assert out.logs["r1"].item() > 0
+
+
+@pytest.mark.parametrize("preset", ["dmd2", "add"])
+def test_teacher_samples_as_the_real_set(tiny_teacher_dir, tmp_path, preset):
+    """With ``data.pairs`` the batches' ``x`` are cached teacher samples, and the adversarial loop's critic
+    takes them as its real images (LADD's unlimited real set, issue 21): the GAN head never sees data."""
+    from lightning_distill.cli import cli_main
+    from lightning_distill.teacher_pairs import load_pairs
+
+    pairs = tmp_path / "pairs"
+    cli = cli_main(
+        ["--config", str(REPO / f"configs/{preset}/debug.yaml"), "--data.teacher", str(tiny_teacher_dir),
+         "--data.image_size", "8", "--trainer.default_root_dir", str(tmp_path / "run"),
+         "--data.pairs.dir", str(pairs), "--data.pairs.num_pairs", "24", "--data.pairs.num_steps", "2",
+         "--data.pairs.time_grid", "trailing", "--data.pairs.progress", "false"],
+        run=False,
+    )
+    model, seen = cli.model, []
+    original = model.critic_loss
+
+    def spy(batch, gen, plan):
+        seen.append(batch["x"].clone())
+        return original(batch, gen, plan)
+
+    model.critic_loss = spy
+    cli.trainer.fit(model, datamodule=cli.datamodule)
+    samples = load_pairs(pairs)["sample"]
+    assert seen and all(any(torch.equal(x, s) for s in samples) for batch in seen for x in batch)
+    real = cli.datamodule.train_images()  # the FID reference stays the real data
+    assert not any(torch.equal(seen[0][0], r) for r in real)
