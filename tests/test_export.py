@@ -69,15 +69,64 @@ def test_export_reloads_and_reproduces_samples(trained, tmp_path, steps):
         torch.testing.assert_close(v, ema_sd[k])
     assert any(not torch.equal(ema_sd[k], raw_sd[k]) for k in raw_sd)
 
-    for seed in (0, 7):
+    assert_pipeline_reproduces_samples(model, pipe, steps)
+
+
+def assert_pipeline_reproduces_samples(model, pipe, steps: int, seeds=(0, 7)) -> None:
+    """The reloaded pipeline draws ``model.sample``'s images from the same generator (two seeds, whose
+    images differ: the comparison is not between constants)."""
+    for seed in seeds:
         ours = _to_np(model.sample(3, steps, torch.Generator().manual_seed(seed)))
         theirs = pipe(batch_size=3, generator=torch.Generator().manual_seed(seed), num_inference_steps=steps,
                       output_type="np").images
-        assert theirs.shape == (3, 8, 8, 1)
-        np.testing.assert_allclose(theirs, ours, atol=1e-5, rtol=1e-5)
-    # different seeds give different samples (the comparison above is not between constants)
-    assert not np.allclose(_to_np(model.sample(3, steps, torch.Generator().manual_seed(0))),
-                           _to_np(model.sample(3, steps, torch.Generator().manual_seed(7))))
+        assert theirs.shape == ours.shape == (3, *model.sample_shape[1:], model.sample_shape[0])
+        np.testing.assert_allclose(theirs, ours, atol=1e-5, rtol=1e-5, err_msg=f"{steps} steps, seed {seed}")
+    assert not np.allclose(_to_np(model.sample(3, steps, torch.Generator().manual_seed(seeds[0]))),
+                           _to_np(model.sample(3, steps, torch.Generator().manual_seed(seeds[1]))))
+
+
+# Every distillation method whose export is not checked elsewhere (teacher training: above; CD, data
+# distillation, LCM: their own test files), trained for its debug preset's few steps on the tiny teacher,
+# with the step counts its sampler takes. DMD2 once with a 1-step and once with a 2-step generator.
+EXPORTED_METHODS = {
+    "add": ([], [1, 2]),
+    "apt": ([], [1]),
+    "dmd2": ([], [1]),
+    "dmd2-2step": (["--model.init_args.generator_steps", "2"], [1, 2]),
+    "progressive": ([], [1, 2]),
+    "knowledge": ([], [1, 2]),
+}
+
+
+@pytest.fixture(scope="module")
+def method_fixtures(tmp_path_factory):
+    from _method_configs import write_fixtures
+
+    return write_fixtures(tmp_path_factory.mktemp("export_fixtures"))
+
+
+@pytest.mark.parametrize("name", sorted(EXPORTED_METHODS))
+def test_trained_method_export_reloads_and_reproduces_samples(name, method_fixtures, tmp_path):
+    from _method_configs import debug_config, preset_args, skip_reason
+
+    from lightning_distill.cli import cli_main
+
+    preset = name.split("-")[0]
+    if not debug_config(preset).is_file():
+        pytest.skip(skip_reason(preset))
+    extra, step_counts = EXPORTED_METHODS[name]
+    cli = cli_main(["fit", *preset_args(preset, tmp_path / "run", method_fixtures), *extra])
+    model = cli.model
+    assert cli.trainer.global_step > 0
+    folder = model.export(tmp_path / "student")
+    pipe = DiffusionPipeline.from_pretrained(str(folder))  # HF_HUB_OFFLINE=1 (conftest): local only
+    # the export holds the sampling weights (the EMA copy), which training moved away from the raw student
+    exported, sampling = pipe.unet.state_dict(), model.sampling_denoiser().unet.state_dict()
+    for k, v in exported.items():
+        torch.testing.assert_close(v, sampling[k], rtol=0, atol=0, msg=k)
+    assert model.sampling_denoiser() is not model.student
+    for steps in step_counts:
+        assert_pipeline_reproduces_samples(model, pipe, steps)
 
 
 def test_sample_runs_in_eval_mode_and_restores_the_mode(trained):
