@@ -14,6 +14,10 @@ class                            method                                         
 ``AdversarialPostTraining``      APT (Lin et al.)                                     ``apt.py``
 ``DMD2``                         distribution matching + GAN (Yin et al.)             ``dmd2.py``
 ===============================  ===================================================  ==========================
+
+Shared bases: ``DistillationMethod`` (``base.py``: student, teacher, sampling, export) and
+``AdversarialMethod`` (``adversarial.py``: the one training loop of ADD, APT and DMD2). A method file
+imports only these, never a sibling method (LCM extends consistency distillation, its own family).
 """
 
 from .add import AdversarialDiffusionDistillation
