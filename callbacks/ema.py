@@ -15,6 +15,8 @@ import torch
 from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
+from lightning_distill.errors import ConfigError
+
 
 def ema_decay(num_updates: int, decay: float, warmup: bool) -> float:
     """Decay used for update number ``num_updates`` (0-based).
@@ -51,9 +53,9 @@ class EMA(L.Callback):
         start_step: int = 0,
     ) -> None:
         if not 0.0 <= decay < 1.0:
-            raise ValueError(f"EMA decay must lie in [0, 1), got {decay}")
+            raise ConfigError(f"EMA decay must lie in [0, 1), got {decay}")
         if update_every_n_steps < 1:
-            raise ValueError(f"update_every_n_steps must be >= 1, got {update_every_n_steps}")
+            raise ConfigError(f"update_every_n_steps must be >= 1, got {update_every_n_steps}")
         self.decay = decay
         self.warmup = warmup
         self.module_name = module_name

@@ -25,6 +25,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 
+from lightning_distill.errors import ConfigError
 from lightning_distill.metrics import (
     ReferenceStats,
     chunk_bounds,
@@ -51,7 +52,7 @@ def resolve_steps(spec: list[StepSpec], pl_module: L.LightningModule) -> list[in
             if cur is None:
                 cur = getattr(pl_module, "hparams", {}).get("sample_steps")
             if cur is None:
-                raise ValueError(f"FIDCallback: steps 'current' but {type(pl_module).__name__} has neither current_steps nor hparams.sample_steps")
+                raise ConfigError(f"FIDCallback: steps 'current' but {type(pl_module).__name__} has neither current_steps nor hparams.sample_steps")
             s = int(cur)
         if int(s) not in out:
             out.append(int(s))
@@ -103,15 +104,15 @@ class FIDCallback(L.Callback):
         tag_format: str = "{metric}/{feature}/{steps}step/n{num_samples}",
     ) -> None:
         if every_n_steps < 0 or num_samples < 2 or chunk_size < 1:
-            raise ValueError(
+            raise ConfigError(
                 f"FIDCallback: need every_n_steps >= 0, num_samples >= 2, chunk_size >= 1; got "
                 f"{every_n_steps}, {num_samples}, {chunk_size}"
             )
         bad = [s for s in steps if s != "current" and (not isinstance(s, int) or s < 1)]
         if bad or not steps:
-            raise ValueError(f"FIDCallback: steps must be positive ints or 'current', got {list(steps)}")
+            raise ConfigError(f"FIDCallback: steps must be positive ints or 'current', got {list(steps)}")
         if reference not in ("train", "val", "all"):
-            raise ValueError(f"FIDCallback: reference must be 'train', 'val' or 'all', got {reference!r}")
+            raise ConfigError(f"FIDCallback: reference must be 'train', 'val' or 'all', got {reference!r}")
         self.every_n_steps = every_n_steps
         self.num_samples = num_samples
         self.steps = list(steps)
@@ -277,7 +278,7 @@ class FIDCallback(L.Callback):
                 try:
                     check(s)
                 except ValueError as err:
-                    raise ValueError(f"FIDCallback steps {list(self.steps)}: {err}") from None
+                    raise ConfigError(f"FIDCallback steps {list(self.steps)}: {err}") from None
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
         if self.should_evaluate(trainer.global_step):

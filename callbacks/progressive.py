@@ -16,6 +16,7 @@ from typing import Any
 import lightning as L
 from lightning.pytorch.utilities import rank_zero_info
 
+from lightning_distill.errors import ConfigError
 from lightning_distill.methods.progressive import check_halving
 
 
@@ -52,17 +53,17 @@ class TeacherSwap(L.Callback):
         min_steps_per_round: int = 0,
     ) -> None:
         if steps_per_round is None and plateau_patience is None:
-            raise ValueError("TeacherSwap needs steps_per_round, plateau_patience, or both")
+            raise ConfigError("TeacherSwap needs steps_per_round, plateau_patience, or both")
         if steps_per_round is not None and steps_per_round < 1:
-            raise ValueError(f"steps_per_round must be >= 1, got {steps_per_round}")
+            raise ConfigError(f"steps_per_round must be >= 1, got {steps_per_round}")
         if plateau_patience is not None and plateau_patience < 1:
-            raise ValueError(f"plateau_patience must be >= 1, got {plateau_patience}")
+            raise ConfigError(f"plateau_patience must be >= 1, got {plateau_patience}")
         if not 0.0 <= plateau_min_delta <= 1.0:
-            raise ValueError(f"plateau_min_delta is a relative improvement in [0, 1], got {plateau_min_delta}")
+            raise ConfigError(f"plateau_min_delta is a relative improvement in [0, 1], got {plateau_min_delta}")
         if not 0.0 <= plateau_smoothing < 1.0:
-            raise ValueError(f"plateau_smoothing must lie in [0, 1), got {plateau_smoothing}")
+            raise ConfigError(f"plateau_smoothing must lie in [0, 1), got {plateau_smoothing}")
         if final_steps < 1:
-            raise ValueError(f"final_steps must be >= 1, got {final_steps}")
+            raise ConfigError(f"final_steps must be >= 1, got {final_steps}")
         self.steps_per_round = steps_per_round
         self.final_steps = final_steps
         self.plateau_patience = plateau_patience
@@ -116,12 +117,19 @@ class TeacherSwap(L.Callback):
         if missing:
             raise TypeError(f"TeacherSwap needs a progressive-distillation module; {type(pl_module).__name__} lacks {missing}")
 
+    def _check_reachable(self, start_steps: int) -> None:
+        # check_halving's ValueError is about this callback's setting: report it as bad configuration.
+        try:
+            check_halving(start_steps, self.final_steps)
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
+
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
         self._check_module(pl_module)
         # Before any training step (and before a checkpoint is restored: the configured start count).
-        check_halving(pl_module.num_student_steps, self.final_steps)
+        self._check_reachable(pl_module.num_student_steps)
         # The method's configure_optimizers anneals the rate over this many steps (after every reset).
         pl_module.round_length = self.steps_per_round
 
@@ -137,7 +145,7 @@ class TeacherSwap(L.Callback):
             self.round = pl_module.round_index
             self.num_student_steps = pl_module.num_student_steps
             self.round_start_step = trainer.global_step
-        check_halving(self.num_student_steps, self.final_steps)
+        self._check_reachable(self.num_student_steps)
         if self.finished:
             trainer.should_stop = True
         rank_zero_info(f"Progressive distillation: round {self.round}, {self.num_student_steps}-step student")

@@ -1,68 +1,139 @@
 """``lightning-distill``: the Lightning CLI (fit / validate / test / predict) with OmegaConf interpolation.
 
-``parser_mode="omegaconf"`` resolves ``${...}`` after command-line overrides are merged, so
+``parser_mode="omegaconf+"`` resolves ``${...}`` after command-line overrides are merged, so
 ``--data.image_size 32`` reaches every value that interpolates it. The teacher is loaded once by the
 data module and linked into the method on instantiation.
+
+Bad input (a config value that cannot work, a missing teacher, unusable data, a loss that became NaN)
+ends in one stderr line and exit status 2; any other exception is a bug and keeps its traceback.
+Warnings from other libraries that a user can do nothing about are silenced by message while the CLI
+runs (``quiet_third_party``); ours are fixed where they arise.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
+import warnings
 from contextlib import contextmanager
 
 import lightning as L
-from lightning.pytorch.callbacks import ModelCheckpoint
+from jsonargparse import set_parsing_settings
+from lightning.pytorch.callbacks import ProgressBar
 from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.utilities.warnings import PossibleUserWarning
+from torch import nn
 
+from .callbacks import StepProgressBar
 from .data import DataError, TeacherDataModule
+from .errors import ConfigError
 from .methods.base import NonFiniteLossError
 from .teacher import TeacherError
 
+#: The errors that mean bad input rather than a bug: reported in one line (jsonargparse reports its own
+#: parse and type errors the same way).
+INPUT_ERRORS = (ConfigError, TeacherError, DataError, NonFiniteLossError)
 
-def _resolve_per_subcommand() -> None:
-    """Make "omegaconf+" resolve ``${...}`` inside the chosen subcommand's config.
+# (message regex, category, module regex) of third-party warnings, each matched narrowly.
+THIRD_PARTY_WARNINGS = [
+    # Lightning 2.6 builds torch's deprecated LeafSpec when it flattens logged values (torch >= 2.10).
+    (r"`isinstance\(treespec, LeafSpec\)` is deprecated", FutureWarning, r"lightning\.pytorch\.utilities\._pytree"),
+]
+# logger name -> start of the message, for third-party warnings sent through `logging`.
+THIRD_PARTY_LOG_LINES = {
+    # bitsandbytes is not used here, but diffusers imports it where installed, and on CPUs with AVX512-BF16
+    # it then tries to fetch a kernel from the hub (offline: fails) and says so.
+    "bitsandbytes.backends.cpu.ops": "Failed to load CPU gemm_4bit_forward from kernels-community",
+}
+# Lightning's warning for any module in eval mode; silenced only when all of them are frozen networks.
+EVAL_MODE_WARNING = r"Found \d+ module\(s\) in eval mode at the start of training"
 
-    jsonargparse applies OmegaConf on the root parser, whose keys carry the subcommand prefix
-    ("fit.trainer...."), so ``${trainer.default_root_dir}`` in a config would not resolve. The wrapper
-    resolves the subcommand's own sub-config with its own parser instead (after command-line overrides
-    are merged, which is the point of "omegaconf+"). Tested in tests/test_cli.py.
+
+class _DropLines(logging.Filter):
+    def __init__(self, start: str) -> None:
+        super().__init__()
+        self.start = start
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(self.start)
+
+
+@contextmanager
+def quiet_third_party():
+    """Silence :data:`THIRD_PARTY_WARNINGS` and :data:`THIRD_PARTY_LOG_LINES` inside the block only.
+
+    Warning filters added inside the block (``DistillCLI.before_fit``) are dropped at its end too.
     """
-    import jsonargparse._core as core
+    filters = [(logging.getLogger(name), _DropLines(start)) for name, start in THIRD_PARTY_LOG_LINES.items()]
+    with warnings.catch_warnings():
+        for message, category, module in THIRD_PARTY_WARNINGS:
+            warnings.filterwarnings("ignore", message=message, category=category, module=module)
+        for logger, f in filters:
+            logger.addFilter(f)
+        try:
+            yield
+        finally:
+            for logger, f in filters:
+                logger.removeFilter(f)
 
-    original = core.omegaconf_apply
-    if getattr(original, "_per_subcommand", False):
-        return
 
-    def apply(parser, cfg):
-        action = getattr(parser, "_subcommands_action", None)
-        sub = cfg.get("subcommand") if action is not None else None
-        if sub and sub in action._name_parser_map and cfg.get(sub) is not None:
-            cfg[sub] = original(action._name_parser_map[sub], cfg[sub])
-            return cfg
-        return original(parser, cfg)
+def unexpected_eval_modules(model: nn.Module) -> list[str]:
+    """Names of the modules in eval mode that are not (part of) a frozen network.
 
-    apply._per_subcommand = True
-    core.omegaconf_apply = apply
+    A frozen network (it has parameters and none is trainable: the teacher, a feature net) is in eval
+    mode on purpose; any other module in eval mode at the start of training (a student loaded in eval
+    mode by ``from_pretrained``) would silently train without dropout, which Lightning's warning is for.
+    """
+    frozen = [
+        name for name, m in model.named_modules()
+        if not m.training and (params := list(m.parameters())) and not any(p.requires_grad for p in params)
+    ]
+
+    def inside_frozen(name: str) -> bool:
+        return any(f == "" or name == f or name.startswith(f + ".") for f in frozen)
+
+    return [name for name, m in model.named_modules() if not m.training and not inside_frozen(name)]
 
 
 class DistillCLI(LightningCLI):
-    """LightningCLI with the shared data module, teacher linking and project defaults."""
+    """LightningCLI with the shared data module, teacher linking and project defaults.
+
+    Beyond LightningCLI: the data module's teacher is linked into the method, the default progress bar
+    is :class:`StepProgressBar`, and Lightning's eval-mode warning is kept only for modules that train.
+    """
 
     def add_arguments_to_parser(self, parser) -> None:
         parser.link_arguments("data.teacher", "model.init_args.teacher", apply_on="instantiate")
 
+    def instantiate_trainer(self, **kwargs) -> L.Trainer:
+        """Adds :class:`StepProgressBar` unless the config turns the bar off or brings its own."""
+        config = self.config_init[self.subcommand] if self.subcommand else self.config_init
+        trainer = config.get("trainer") or {}
+        callbacks = kwargs.get("callbacks", trainer.get("callbacks")) or []
+        callbacks = list(callbacks) if isinstance(callbacks, (list, tuple)) else [callbacks]
+        if trainer.get("enable_progress_bar") is not False and not any(isinstance(c, ProgressBar) for c in callbacks):
+            kwargs["callbacks"] = [*callbacks, StepProgressBar()]
+        return super().instantiate_trainer(**kwargs)
+
+    def before_fit(self) -> None:
+        # The frozen teacher is in eval mode on purpose; Lightning cannot tell it from a mistake.
+        if not unexpected_eval_modules(self.model):
+            warnings.filterwarnings("ignore", message=EVAL_MODE_WARNING, category=PossibleUserWarning)
+
 
 def default_trainer() -> dict:
-    """TensorBoard logging unless a config says otherwise (Lightning adds a ModelCheckpoint itself;
-    every shipped config configures one with ``save_last: true``)."""
+    """Trainer defaults: atomic checkpoint writes and a progress bar.
+
+    There is no ``logger`` default: Lightning's own (TensorBoard) writes under ``trainer.default_root_dir``,
+    where a fixed ``save_dir`` would not follow ``--trainer.default_root_dir``. Lightning adds a
+    ModelCheckpoint itself; every shipped config configures one with ``save_last: true``.
+    """
     from jsonargparse import lazy_instance
-    from lightning.pytorch.loggers import TensorBoardLogger
 
     from .checkpoint_io import AtomicCheckpointIO
 
     return {
-        "logger": lazy_instance(TensorBoardLogger, save_dir="runs"),
         # Checkpoints are written to a temporary file beside the target, flushed, then renamed.
         "plugins": lazy_instance(AtomicCheckpointIO),
         "enable_progress_bar": True,
@@ -74,27 +145,47 @@ def main(args: list[str] | None = None) -> None:
     cli_main(args)
 
 
+def _raised_from(err: BaseException, errors: tuple[type[BaseException], ...]) -> BaseException | None:
+    """``err``, or an error it was raised from, that is one of ``errors``; None when there is none.
+
+    jsonargparse re-raises a constructor's error as the cause of its own ValueError ("Does not
+    validate against any of the Union subtypes"), so a ConfigError from a callback or a method sits
+    one or more ``__cause__`` links down.
+    """
+    seen = set()
+    while err is not None and id(err) not in seen:
+        if isinstance(err, errors):
+            return err
+        seen.add(id(err))
+        err = err.__cause__
+    return None
+
+
 @contextmanager
 def one_line_errors(prog: str, errors: tuple[type[BaseException], ...]):
     """Turn ``errors`` raised inside the block into one stderr line naming the problem and exit status 2.
 
     Bad input (a bad config value, a missing teacher or student, unusable data) surfaces as one of
-    these; LIGHTNING_DISTILL_TRACEBACK=1 shows the full traceback instead.
+    these, directly or as the cause of another error; every other exception keeps its traceback.
+    LIGHTNING_DISTILL_TRACEBACK=1 shows the full traceback for bad input too.
     """
     try:
         yield
-    except errors as err:
-        if os.environ.get("LIGHTNING_DISTILL_TRACEBACK") == "1":
+    except Exception as err:
+        found = _raised_from(err, errors)
+        if found is None or os.environ.get("LIGHTNING_DISTILL_TRACEBACK") == "1":
             raise
-        print(f"{prog}: error: {type(err).__name__}: {err}", file=sys.stderr)
+        print(f"{prog}: error: {type(found).__name__}: {found}", file=sys.stderr)
         raise SystemExit(2) from None
 
 
 def cli_main(args: list[str] | None = None, run: bool = True) -> DistillCLI:
     """Build (and with ``run`` execute) the CLI; returns it for tests and notebooks."""
-    _resolve_per_subcommand()
+    # jsonargparse resolves ${...} on the root parser, whose keys carry the subcommand ("fit.trainer...");
+    # relative paths make ${trainer.default_root_dir} in a config resolve inside its subcommand.
+    set_parsing_settings(omegaconf_absolute_to_relative_paths=True)
     # Bad input is reported before any training step wrote anything.
-    with one_line_errors("lightning-distill", (TeacherError, DataError, NonFiniteLossError, ValueError)):
+    with quiet_third_party(), one_line_errors("lightning-distill", INPUT_ERRORS):
         # Any LightningModule may be trained (methods, and plain modules such as the digits feature
         # classifier); a method with a `teacher` argument receives the data module's teacher.
         return DistillCLI(
@@ -109,4 +200,5 @@ def cli_main(args: list[str] | None = None, run: bool = True) -> DistillCLI:
         )
 
 
-__all__ = ["DistillCLI", "main", "cli_main", "one_line_errors"]
+__all__ = ["DistillCLI", "INPUT_ERRORS", "main", "cli_main", "one_line_errors", "quiet_third_party",
+           "unexpected_eval_modules"]

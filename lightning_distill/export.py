@@ -17,6 +17,8 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from .errors import ConfigError
+
 
 def atomic_write_dir(target: str | os.PathLike, write) -> Path:
     """Call ``write(tmp_dir)`` then move ``tmp_dir`` to ``target`` (replacing it) in two renames.
@@ -92,7 +94,7 @@ def load_student_state(path: str | os.PathLike, use_ema: bool = True) -> tuple[d
         ``prediction_type``.
 
     Raises:
-        FileNotFoundError: the path does not exist. ValueError: no student weights in it.
+        FileNotFoundError: the path does not exist. ConfigError (a ValueError): no student weights in it.
     """
     path = Path(path).expanduser()
     if not path.exists():
@@ -100,7 +102,7 @@ def load_student_state(path: str | os.PathLike, use_ema: bool = True) -> tuple[d
     if path.is_dir():
         cfg = path / "unet" / "config.json"
         if not cfg.is_file():
-            raise ValueError(f"student folder {path} has no unet/config.json (expected an exported pipeline)")
+            raise ConfigError(f"student folder {path} has no unet/config.json (expected an exported pipeline)")
         import diffusers
 
         cls = getattr(diffusers, json.loads(cfg.read_text())["_class_name"])
@@ -117,5 +119,5 @@ def load_student_state(path: str | os.PathLike, use_ema: bool = True) -> tuple[d
             return sd, pred
     sd = {k[len("student.unet.") :]: v for k, v in ckpt.get("state_dict", {}).items() if k.startswith("student.unet.")}
     if not sd:
-        raise ValueError(f"checkpoint {path} holds no student.unet weights")
+        raise ConfigError(f"checkpoint {path} holds no student.unet weights")
     return sd, pred

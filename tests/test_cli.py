@@ -20,14 +20,22 @@ under the repository. Arguments are split with ``shlex``.
 
 from __future__ import annotations
 
+import logging
 import shlex
+import subprocess
+import sys
+import warnings
 from pathlib import Path
 
 import pytest
 import torch
+from lightning.pytorch.callbacks import ProgressBar
+from torch import nn
 
-from lightning_distill.cli import cli_main
+from lightning_distill.callbacks import StepProgressBar
+from lightning_distill.cli import cli_main, quiet_third_party, unexpected_eval_modules
 
+from _method_configs import subprocess_env
 from conftest import write_tiny_teacher
 
 REPO = Path(__file__).resolve().parents[1]
@@ -104,6 +112,20 @@ def test_override_reaches_interpolations(tmp_path):
     assert ckpt and ckpt[0].dirpath == f"{tmp_path}/checkpoints"  # ${trainer.default_root_dir}/checkpoints
 
 
+def test_interpolation_uses_public_jsonargparse_settings():
+    """``${trainer.default_root_dir}`` inside a subcommand resolves through jsonargparse's public
+    ``omegaconf_absolute_to_relative_paths`` setting, not a patch of its private ``omegaconf_apply``
+    (the resolution itself is checked by test_print_config_is_resolved and test_fit_validate_test_predict)."""
+    import jsonargparse._core as core
+    import jsonargparse._optionals as optionals
+    from jsonargparse._common import get_parsing_setting
+
+    with pytest.raises(SystemExit):
+        cli_main(["fit", "--config", DEBUG_CONFIG, "--print_config"])
+    assert core.omegaconf_apply is optionals.omegaconf_apply
+    assert get_parsing_setting("omegaconf_absolute_to_relative_paths") is True
+
+
 def test_print_config_is_resolved(tmp_path, capsys):
     with pytest.raises(SystemExit) as exc:
         cli_main(["fit", "--config", DEBUG_CONFIG, "--data.image_size", "12",
@@ -151,3 +173,174 @@ def test_fit_validate_test_predict(tmp_path):
     torch.testing.assert_close(preds[0], expect)
     raw = cli.model.sample(16, 2, torch.Generator().manual_seed(seed), denoiser=cli.model.student)
     assert not torch.allclose(preds[0], raw)
+
+
+def _debug_variant(tmp_path: Path, old: str, new: str) -> str:
+    """DEBUG_CONFIG with ``old`` replaced by ``new``, written under tmp_path."""
+    text = Path(DEBUG_CONFIG).read_text()
+    assert old in text
+    path = tmp_path / "variant.yaml"
+    path.write_text(text.replace(old, new))
+    return str(path)
+
+
+LOGGER_SECTION = """  logger:
+    class_path: lightning.pytorch.loggers.TensorBoardLogger
+    init_args:
+      save_dir: ${trainer.default_root_dir}
+      name: logs
+"""
+
+
+# --- errors: one line for bad input, a traceback for a bug -----------------------------------------
+
+
+def test_bad_setting_is_one_line(tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("LIGHTNING_DISTILL_TRACEBACK", raising=False)
+    config = _debug_variant(tmp_path, "decay: 0.9", "decay: 1.5")
+    with pytest.raises(SystemExit) as exc:
+        cli_main(["fit", "--config", config, "--trainer.default_root_dir", str(tmp_path / "run")])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == "lightning-distill: error: ConfigError: EMA decay must lie in [0, 1), got 1.5"
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_a_bug_keeps_its_traceback(tmp_path, monkeypatch):
+    """A ValueError from inside training is a bug, not bad input: it propagates, traceback and all."""
+    from lightning_distill.methods import DiffusionTraining
+
+    def broken(self, batch, batch_idx):
+        raise ValueError("a bug deep inside training")
+
+    monkeypatch.setattr(DiffusionTraining, "training_step", broken)
+    with pytest.raises(ValueError, match="a bug deep inside training"):
+        cli_main(["fit", "--config", DEBUG_CONFIG, "--trainer.default_root_dir", str(tmp_path / "run")])
+
+
+# --- defaults: logger under default_root_dir, a step progress bar ------------------------------------
+
+
+def test_default_logger_and_progress_bar(tmp_path, monkeypatch, capsys):
+    """Without a logger section, TensorBoard logs go under --trainer.default_root_dir (not the working
+    directory), and the default bar counts global steps to max_steps across epochs."""
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
+    config = _debug_variant(tmp_path, LOGGER_SECTION, "")
+    root = tmp_path / "run"
+    cli = cli_main(["fit", "--config", config, "--trainer.default_root_dir", str(root),
+                    "--trainer.enable_progress_bar", "true", "--trainer.limit_train_batches", "2"])
+    assert cli.trainer.global_step == 3 and cli.trainer.current_epoch >= 1  # 3 steps over 2 epochs
+    assert list(root.rglob("events.out.tfevents*"))
+    assert not list(cwd.iterdir())
+    bars = [c for c in cli.trainer.callbacks if isinstance(c, StepProgressBar)]
+    assert len(bars) == 1
+    assert (bars[0].train_progress_bar.n, bars[0].train_progress_bar.total) == (3, 3)
+    out = capsys.readouterr().out
+    assert "3/3" in out and "Epoch" not in out
+
+
+def test_progress_bar_is_added_only_where_wanted(tmp_path):
+    common = ["--config", DEBUG_CONFIG, "--trainer.default_root_dir", str(tmp_path / "run")]
+
+    def bars(*extra):
+        cli = cli_main([*common, *extra], run=False)
+        return [type(c).__name__ for c in cli.trainer.callbacks if isinstance(c, ProgressBar)]
+
+    assert bars() == []  # the debug preset turns the bar off
+    assert bars("--trainer.enable_progress_bar", "true") == ["StepProgressBar"]
+    own = ["--trainer.enable_progress_bar", "true",
+           "--trainer.callbacks+", "lightning.pytorch.callbacks.TQDMProgressBar"]
+    assert bars(*own) == ["TQDMProgressBar"]
+
+
+# --- a quiet log ------------------------------------------------------------------------------------
+
+
+def test_unexpected_eval_modules():
+    """Frozen networks (the teacher) are in eval mode on purpose; a trainable module in eval mode is not."""
+    model = nn.Module()
+    model.teacher = nn.Sequential(nn.Linear(2, 2), nn.SiLU()).requires_grad_(False).eval()
+    model.student = nn.Sequential(nn.Linear(2, 2), nn.Dropout(0.1))
+    assert unexpected_eval_modules(model) == []
+    model.student[1].eval()
+    assert unexpected_eval_modules(model) == ["student.1"]
+    model.student.eval()
+    assert unexpected_eval_modules(model) == ["student", "student.0", "student.1"]
+
+
+def test_quiet_third_party_drops_only_the_named_messages():
+    from lightning.pytorch.utilities._pytree import _tree_flatten
+
+    seen = []
+    handler = logging.Handler()
+    handler.emit = lambda record: seen.append(record.getMessage())
+    log = logging.getLogger("bitsandbytes.backends.cpu.ops")
+    log.addHandler(handler)
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            with quiet_third_party():
+                _tree_flatten(1.0)  # Lightning builds torch's deprecated LeafSpec
+                log.warning("Failed to load CPU gemm_4bit_forward from kernels-community: %s.", "offline")
+                log.warning("another bitsandbytes message")
+                warnings.warn("`isinstance(treespec, LeafSpec)` is deprecated (our own code)", FutureWarning)
+            log.warning("Failed to load CPU gemm_4bit_forward from kernels-community: after the CLI")
+    finally:
+        log.removeHandler(handler)
+    assert seen == ["another bitsandbytes message", "Failed to load CPU gemm_4bit_forward from kernels-community: after the CLI"]
+    assert [str(w.message) for w in caught] == ["`isinstance(treespec, LeafSpec)` is deprecated (our own code)"]
+
+
+def _digits_presets() -> list[Path]:
+    """Configs that train on the bundled digits images (not on teacher pairs)."""
+    import yaml
+
+    found = []
+    for path in CONFIGS:
+        data = (yaml.safe_load(path.read_text()) or {}).get("data") or {}
+        if data.get("data", "digits") == "digits" and not data.get("pairs"):
+            found.append(path)
+    return found
+
+
+@pytest.mark.parametrize("path", _digits_presets(), ids=[p.relative_to(REPO / "configs").as_posix() for p in _digits_presets()])
+def test_log_interval_fits_an_epoch(path):
+    """Lightning warns when ``log_every_n_steps`` exceeds the batches of an epoch (its default is 50)."""
+    import yaml
+
+    from lightning_distill.data import TeacherDataModule
+
+    cfg = yaml.safe_load(path.read_text())
+    data = cfg.get("data") or {}
+    settings = {k: data[k] for k in ("batch_size", "val_fraction", "split_seed") if k in data}
+    dm = TeacherDataModule(teacher=None, data="digits", image_size=8, **settings)
+    dm.setup("fit")
+    batches = len(dm.train_dataloader())
+    assert (cfg.get("trainer") or {}).get("log_every_n_steps", 50) <= batches, f"an epoch is {batches} batches"
+
+
+# Fragments of the warnings that issue #20 found in the main job's console and fixed.
+FIXED_WARNINGS = [
+    "`accelerate`",  # diffusers: "... strongly recommended to install `accelerate` ..."
+    "gemm_4bit",  # bitsandbytes, on CPUs with AVX512-BF16
+    "LeafSpec",  # torch's deprecation, triggered by Lightning
+    "in eval mode at the start of training",  # Lightning, for the frozen teacher
+    "smaller than the logging interval",  # Lightning, log_every_n_steps above the epoch length
+    "Epoch",  # the progress bar: "Epoch 66/-2" instead of step / max_steps
+]
+
+
+def test_debug_run_prints_none_of_the_fixed_warnings(tmp_path):
+    """A debug preset run as a user runs it (a fresh process, warnings on): none of the fixed warnings."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "lightning_distill", "fit", "--config", str(REPO / "configs/consistency/debug.yaml"),
+         "--trainer.default_root_dir", str(tmp_path / "run"), "--trainer.enable_progress_bar", "true"],
+        cwd=tmp_path, env=subprocess_env(PYTHONWARNINGS=""), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stdout[-4000:]
+    assert "3/3" in proc.stdout  # the step bar reached max_steps
+    printed = [f for f in FIXED_WARNINGS if f in proc.stdout]
+    assert not printed, f"{printed} in:\n{proc.stdout[-4000:]}"
