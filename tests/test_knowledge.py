@@ -22,7 +22,8 @@ from lightning_distill.losses import (
     regression_distance,
     temperature_kd_loss,
 )
-from lightning_distill.methods.knowledge import FeatureTap, KnowledgeDistillation, count_parameters
+from lightning_distill.methods.knowledge import KnowledgeDistillation, count_parameters
+from lightning_distill.nn_utils import FeatureTap
 from lightning_distill.parametrisation import prediction_from_output
 from lightning_distill.teacher import load_teacher
 
@@ -175,8 +176,17 @@ def test_feature_tap_captures_named_blocks(tiny_teacher_dir):
     assert set(tap.features) == {"mid_block", "up_blocks.0"}
     assert torch.equal(tap.features["mid_block"], seen["mid"])
     assert torch.equal(tap.features["up_blocks.0"], seen["up0"])
-    with pytest.raises(ValueError, match="no block named 'mid'"):
+    # Hooks live only inside the `with`: the network (and a deepcopy of it, e.g. the EMA's) carries none.
+    assert len(unet.mid_block._forward_hooks) == 1 and len(unet.up_blocks[0]._forward_hooks) == 1
+    with pytest.raises(ValueError, match=r"no block named \['mid'\]"):
         FeatureTap(unet, {"x": "mid"})
+
+
+def test_unknown_feature_blocks_name_the_argument(tiny_teacher_dir):
+    with pytest.raises(ValueError, match=r"feature_weights \(student blocks\): no block named \['mid'\].*blocks: \["):
+        _method(tiny_teacher_dir, 0.5, feature_weights={"mid": 1.0})
+    with pytest.raises(ValueError, match=r"feature_teacher_blocks \(teacher blocks\): no block named \['middle'\]"):
+        _method(tiny_teacher_dir, 0.5, feature_weights={"mid_block": 1.0}, feature_teacher_blocks={"mid_block": "middle"})
 
 
 def test_projections_train_and_are_saved(tiny_teacher_dir):
@@ -201,13 +211,13 @@ def test_projections_train_and_are_saved(tiny_teacher_dir):
     after = model.projections.state_dict()
     assert all(not torch.equal(before[k], after[k]) for k in before)
     assert any(k.startswith("projections.mid_block") for k in model.state_dict())
-    # Copies of the student (EMA, export) carry no live recorders.
+    # The loss released the tapped activations, and hooks exist only inside a tap's `with`: copies of the
+    # student (EMA, export) carry none, nor does the shared teacher.
     import copy
 
+    assert model.student_tap.features == {} and model.teacher_tap.features == {}
     clone = copy.deepcopy(model.student.unet)
-    with model.student_tap:
-        clone(torch.randn(1, 1, 8, 8), torch.tensor([5]))
-    assert model.student_tap.features == {}
+    assert not any(m._forward_hooks for m in [*clone.modules(), *model.teacher.unet.modules()])
 
 
 def test_feature_blocks_with_different_paths_and_bad_names(tiny_teacher_dir):
@@ -260,18 +270,36 @@ def test_classifier_kd_runs_through_cli_and_reports_accuracy(tmp_path):
     from lightning_distill.cli import cli_main
     from lightning_distill.feature_net import DigitsFeatureNet, save_feature_net
 
+    from lightning_distill.feature_net import load_digits_feature_net
+
     torch.manual_seed(0)
     save_feature_net(DigitsFeatureNet(widths=(4, 8), num_features=8), tmp_path / "clf")
     root = tmp_path / "run"
-    cli_main([
+    cli = cli_main([
         "fit", "--config", str(ROOT / "configs/knowledge/classifier_digits.yaml"),
         "--model.init_args.teacher_classifier", str(tmp_path / "clf"), "--trainer.default_root_dir", str(root),
         "--trainer.max_epochs", "1", "--trainer.max_steps", "2", "--trainer.limit_val_batches", "1",
         "--trainer.enable_progress_bar", "false",
     ])
     result = json.loads((root / "result.json").read_text())
-    assert 0.0 <= result["student_accuracy"] <= 1.0 and 0.0 <= result["teacher_accuracy"] <= 1.0
-    assert result["num_val_images"] == 180 and result["temperature"] == 4.0
+    assert result["num_val_images"] == 180 and result["temperature"] == 4.0 and result["global_step"] == 2
+    # The reported accuracies, recomputed over the whole val split: the saved teacher file and the trained
+    # student (weights from last.ckpt), in eval mode, against the split's labels.
+    batches = list(cli.datamodule.val_dataloader())
+    x, y = torch.cat([b["x"] for b in batches]), torch.cat([b["label"] for b in batches])
+    assert len(y) == 180
+    teacher = load_digits_feature_net(tmp_path / "clf").eval()
+    student = cli.model.student
+    ckpt = torch.load(root / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    student.load_state_dict({k[len("student."):]: v for k, v in ckpt["state_dict"].items() if k.startswith("student.")})
+    student.eval()
+    with torch.no_grad():
+        pred_t, pred_s = teacher.logits(x).argmax(1), student.logits(x).argmax(1)
+    assert result["teacher_accuracy"] == pytest.approx((pred_t == y).float().mean().item(), abs=1e-6)
+    assert result["student_accuracy"] == pytest.approx((pred_s == y).float().mean().item(), abs=1e-6)
+    assert result["agreement"] == pytest.approx((pred_s == pred_t).float().mean().item(), abs=1e-6)
+    # a random 8-feature teacher and a 2-step student do not agree everywhere: the three are not one number
+    assert (pred_s != pred_t).any()
 
 
 @pytest.mark.parametrize("config", ["knowledge/digits.yaml", "data_distillation/digits.yaml"])

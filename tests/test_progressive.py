@@ -236,11 +236,11 @@ def test_oracle_student_has_zero_loss(student_kind, teacher_kind):
     teacher = gaussian_teacher(0.3, 0.4, teacher_kind)
     for n in (1, 4):
         student = oracle_student(0.3, 0.4, n, student_kind)
-        model = ProgressiveDistillation(teacher, student, num_student_steps=n, student_prediction_type=student_kind)
+        model = ProgressiveDistillation(teacher, student=student, num_student_steps=n, student_prediction_type=student_kind)
         assert model.compute_loss(_batch()).loss.item() < 1e-6  # float32 round-off (eps teacher at t = T-1)
         # an x0 error of delta at t = T-1 (N = 1, SNR < 1 so the weight is 1) costs exactly delta^2
     off = oracle_student(0.3, 0.4, 1, student_kind, delta=0.1)
-    model = ProgressiveDistillation(teacher, off, num_student_steps=1, student_prediction_type=student_kind)
+    model = ProgressiveDistillation(teacher, student=off, num_student_steps=1, student_prediction_type=student_kind)
     assert model.compute_loss(_batch()).loss.item() == pytest.approx(0.01, rel=1e-3)
 
 
@@ -248,22 +248,22 @@ def test_class_conditional_oracle_has_zero_loss():
     mus = [-0.5, 0.2, 0.6]
     teacher = gaussian_teacher(0.0, 0.3, class_mus=mus)
     student = oracle_student(0.0, 0.3, 2, "v_prediction", class_mus=mus)
-    model = ProgressiveDistillation(teacher, student, num_student_steps=2)
+    model = ProgressiveDistillation(teacher, student=student, num_student_steps=2)
     assert model.is_class_conditional
     labels = torch.arange(16) % 3
     assert model.compute_loss(_batch(labels=labels)).loss.item() < 1e-8
     # the labels matter: the same student scored against shuffled labels is far off
     wrong = oracle_student(0.0, 0.3, 2, "v_prediction", class_mus=mus[::-1])
-    model_wrong = ProgressiveDistillation(teacher, wrong, num_student_steps=2)
+    model_wrong = ProgressiveDistillation(teacher, student=wrong, num_student_steps=2)
     assert model_wrong.compute_loss(_batch(labels=labels)).loss.item() > 1e-3
 
 
 def test_constructor_errors():
     teacher = gaussian_teacher()
     with pytest.raises(ValueError, match="epsilon.*choose one of"):
-        ProgressiveDistillation(teacher, AffineNet(), student_prediction_type="epsilon")
+        ProgressiveDistillation(teacher, student=AffineNet(), student_prediction_type="epsilon")
     with pytest.raises(ValueError, match="num_student_steps"):
-        ProgressiveDistillation(teacher, AffineNet(), num_student_steps=T)
+        ProgressiveDistillation(teacher, student=AffineNet(), num_student_steps=T)
 
 
 # --- one round on toy data -------------------------------------------------------------------------
@@ -309,7 +309,7 @@ def test_one_round_makes_a_one_step_student_match_the_two_step_teacher(tmp_path)
     torch.manual_seed(0)
     teacher = gaussian_teacher(0.3, 0.4)
     model = ProgressiveDistillation(
-        teacher, AffineNet(), num_student_steps=1, optimizer=lambda p: torch.optim.Adam(p, lr=0.05)
+        teacher, student=AffineNet(), num_student_steps=1, optimizer=lambda p: torch.optim.Adam(p, lr=0.05)
     )
     x = 0.3 + 0.4 * torch.randn(256, 1, 4, 4, generator=torch.Generator().manual_seed(4))
 
@@ -453,7 +453,7 @@ def test_kill_mid_round_3_and_resume_equals_uninterrupted(uninterrupted, tmp_pat
 
 def test_unreachable_final_steps_fails_before_training(tmp_path):
     teacher = gaussian_teacher()
-    model = ProgressiveDistillation(teacher, AffineNet(), num_student_steps=8)
+    model = ProgressiveDistillation(teacher, student=AffineNet(), num_student_steps=8)
     trainer = _trainer([TeacherSwap(steps_per_round=2, final_steps=3)], tmp_path)
     with pytest.raises(ValueError, match=r"final_steps=3 is not reachable .*reachable step counts: \[8, 4, 2, 1\]"):
         trainer.fit(model, FixedBatches(torch.zeros(4, 1, 4, 4)))
@@ -487,7 +487,7 @@ def test_plateau_tracking_counts_steps_without_relative_improvement():
 def test_rounds_end_on_a_plateau_with_a_constant_learning_rate(tmp_path):
     """Plateau-only rounds: min_delta = 1 makes every step after a round's first a plateau step."""
     teacher = gaussian_teacher()
-    model = ProgressiveDistillation(teacher, AffineNet(), num_student_steps=4,
+    model = ProgressiveDistillation(teacher, student=AffineNet(), num_student_steps=4,
                                     optimizer=lambda p: torch.optim.SGD(p, lr=1e-3))
     swap = TeacherSwap(steps_per_round=None, final_steps=1, plateau_patience=2, plateau_min_delta=1.0)
     lrs, ns = [], []
@@ -539,12 +539,39 @@ def test_unreachable_final_steps_in_a_config_fails_at_start(tmp_path, capsys):
     assert not (root / "checkpoints").exists()
 
 
-def test_sample_grid_settings_survive_the_subclass_hparams(tmp_path):
-    """ProgressiveDistillation's own save_hyperparameters() has no `sample_steps`; the base class must
-    still find it (a digits run crashed at its first logged grid before this was fixed)."""
+def test_base_settings_reach_the_hparams_and_are_used(tmp_path):
+    """The base class's settings (saved once, for the whole class hierarchy) are in hparams, and the grid,
+    predict and round code read them there (a digits run once crashed at its first logged grid)."""
     teacher = load_teacher(write_tiny_teacher(tmp_path / "teacher"))
     model = ProgressiveDistillation(teacher, num_student_steps=4, sample_every_n_steps=3, num_log_samples=5, seed=7)
-    assert model._setting("sample_steps") == 4
-    assert model._setting("sample_every_n_steps") == 3 and model._setting("num_log_samples") == 5
-    x = model.sample(2, None, torch.Generator().manual_seed(0))
-    assert x.shape == (2, 1, 8, 8)
+    hp = model.hparams
+    assert (hp.sample_steps, hp.sample_every_n_steps, hp.num_log_samples, hp.seed) == (4, 3, 5, 7)
+    assert not {"teacher", "optimizer", "lr_scheduler"} & set(hp)
+    # Every saved hyper-parameter is a constructor argument (load_from_checkpoint and a CLI resume re-apply them).
+    again = ProgressiveDistillation(teacher, **hp)
+    assert dict(again.hparams) == dict(hp)
+    # predict samples with hparams.sample_steps from seed + batch_idx, as sample() does by hand.
+    got = model.predict_step({"x": torch.zeros(2, 1, 8, 8), "label": torch.zeros(2, dtype=torch.long)}, 1)
+    assert torch.equal(got, model.sample(2, 4, torch.Generator().manual_seed(8)))
+    # A round's N becomes the step count of grids and predict (and is what a checkpoint records).
+    model.set_round(1, 2)
+    assert model.hparams.sample_steps == 2 and model.sample(2, None, torch.Generator().manual_seed(0)).shape == (2, 1, 8, 8)
+
+
+def test_cli_shows_and_saves_the_base_settings(tmp_path, capsys):
+    """The base settings reach --print_config through **kwargs (lr_scheduler does not: rounds anneal the
+    rate), and under the CLI, whose hparams are the parsed config, hold the resolved step count."""
+    import yaml
+
+    from lightning_distill.cli import cli_main
+
+    teacher_dir = write_tiny_teacher(tmp_path / "teacher")
+    args = ["fit", "--config", str(DEBUG_CONFIG), "--data.teacher", str(teacher_dir), "--data.image_size", "8",
+            "--trainer.default_root_dir", str(tmp_path / "run")]
+    with pytest.raises(SystemExit):
+        cli_main([*args, "--print_config"])
+    init_args = yaml.safe_load(capsys.readouterr().out)["model"]["init_args"]
+    assert {"num_student_steps", "sample_steps", "student", "sample_every_n_steps", "num_log_samples", "seed"} <= set(init_args)
+    assert init_args["sample_steps"] is None and "lr_scheduler" not in init_args
+    cli = cli_main(args[1:], run=False)
+    assert cli.model.hparams.sample_steps == cli.model.hparams.num_student_steps == 2

@@ -17,7 +17,6 @@ A subclass writes its maths as pure functions and implements ``compute_loss(batc
 from __future__ import annotations
 
 import copy
-from typing import Literal
 
 import lightning as L
 import torch
@@ -99,7 +98,8 @@ class DistillationMethod(L.LightningModule):
     #: ``sample()`` uses this diffusers scheduler class (LCMScheduler methods override make_scheduler()).
     sampler_class: str = "DDIMScheduler"
     #: init args kept out of ``hparams``: the teacher (re-linked by the CLI) and factories (not
-    #: serialisable). A subclass with more such arguments extends the tuple.
+    #: serialisable). A subclass with more such arguments extends the tuple. Every key left in hparams
+    #: must be a constructor argument: ``load_from_checkpoint`` and a CLI resume pass them back.
     hparams_ignore: tuple[str, ...] = ("teacher", "optimizer", "lr_scheduler")
 
     def __init__(
@@ -119,11 +119,9 @@ class DistillationMethod(L.LightningModule):
         # subclass frame above this one (a subclass's local reassigned before super().__init__ is saved
         # as reassigned). The student config stays so `load_from_checkpoint(path, teacher=...)` rebuilds it.
         self.save_hyperparameters(ignore=list(self.hparams_ignore))
-        # A subclass's own save_hyperparameters() replaces hparams with its signature, which may not
-        # repeat these; _setting() falls back to the values given here.
-        self._base_settings = dict(
-            sample_steps=sample_steps, sample_every_n_steps=sample_every_n_steps, num_log_samples=num_log_samples, seed=seed
-        )
+        # Under LightningCLI hparams are the parsed config instead, which holds a subclass's unresolved
+        # default (ADD's sample_steps None = num_student_steps): record the step count in use.
+        self.hparams.sample_steps = sample_steps
         self.teacher = teacher
         self.optimizer_factory = optimizer
         self.lr_scheduler_factory = lr_scheduler
@@ -131,20 +129,13 @@ class DistillationMethod(L.LightningModule):
         if teacher is not None or student is not None:
             self.build_student(student, student_prediction_type)
 
-    def _setting(self, name: str):
-        """A base setting: the (possibly updated) hyper-parameter, else the constructor's value."""
-        value = self.hparams.get(name)
-        return self._base_settings[name] if value is None else value
-
     def set_sample_steps(self, steps: int) -> None:
         """Change the step count of logged grids, ``predict`` and FID "current" (progressive rounds).
 
-        Kept out of a subclass's hparams when its signature lacks ``sample_steps``: hparams are
-        re-applied as constructor arguments when the CLI resumes from a checkpoint.
+        Stored in ``hparams``, so a checkpoint records it and a resumed run (which re-applies hparams as
+        constructor arguments) starts from it until the checkpoint's own state sets it again.
         """
-        self._base_settings["sample_steps"] = steps
-        if "sample_steps" in self.hparams:
-            self.hparams.sample_steps = steps
+        self.hparams.sample_steps = steps
 
     # --- construction --------------------------------------------------------------------------
 
@@ -259,17 +250,17 @@ class DistillationMethod(L.LightningModule):
     def _eval_step(self, batch: dict, prefix: str) -> Tensor:
         # Fixed seed: validation losses of the same weights are comparable across epochs and runs.
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(self._setting("seed") + 1)
+            torch.manual_seed(self.hparams.seed + 1)
             out = self.compute_loss(batch)
         self.log_dict({f"{prefix}/{k}": v for k, v in out.logs.items()}, sync_dist=True, batch_size=batch["x"].shape[0])
         return out.loss
 
     def predict_step(self, batch: dict, batch_idx: int) -> Tensor:
-        gen = torch.Generator(device="cpu").manual_seed(self._setting("seed") + batch_idx)
-        return self.sample(batch["x"].shape[0], self._setting("sample_steps"), gen, labels=self._labels(batch))
+        gen = torch.Generator(device="cpu").manual_seed(self.hparams.seed + batch_idx)
+        return self.sample(batch["x"].shape[0], self.hparams.sample_steps, gen, labels=self._labels(batch))
 
     def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
-        every = self._setting("sample_every_n_steps")
+        every = self.hparams.sample_every_n_steps
         if every and self.global_step % every == 0 and self.global_step > 0:
             self.log_sample_grid()
 
@@ -377,7 +368,7 @@ class DistillationMethod(L.LightningModule):
         from diffusers.utils.torch_utils import randn_tensor
 
         den = denoiser or self.sampling_denoiser()
-        steps = steps or self._setting("sample_steps")
+        steps = steps or self.hparams.sample_steps
         self.check_sample_steps(steps)
         sched = self._sampling_scheduler()
         sched.set_timesteps(steps)  # resets the scheduler's step state, so reuse is safe
@@ -395,12 +386,12 @@ class DistillationMethod(L.LightningModule):
         if self.trainer.is_global_zero and self.logger is not None and hasattr(self.logger.experiment, "add_image"):
             from torchvision.utils import make_grid
 
-            gen = torch.Generator().manual_seed(self._setting("seed"))
-            n = self._setting("num_log_samples")
+            gen = torch.Generator().manual_seed(self.hparams.seed)
+            n = self.hparams.num_log_samples
             labels = torch.arange(n) % self.student.unet.config.num_class_embeds if self.is_class_conditional else None
-            x = self.sample(n, self._setting("sample_steps"), gen, labels=labels)
+            x = self.sample(n, self.hparams.sample_steps, gen, labels=labels)
             grid = make_grid((x.float().clamp(-1, 1) + 1) / 2, nrow=int(n**0.5))
-            self.logger.experiment.add_image(f"{tag}/{self._setting('sample_steps')}step", grid, self.global_step)
+            self.logger.experiment.add_image(f"{tag}/{self.hparams.sample_steps}step", grid, self.global_step)
 
     # --- export --------------------------------------------------------------------------------
 

@@ -34,14 +34,13 @@ import copy
 from typing import Callable, Literal
 
 import torch
-from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
 
 from ..losses import pseudo_huber, regression_distance
-from ..parametrisation import Denoiser, Prediction, PredictionType, VPSchedule, ddim_step, expand_like
+from ..parametrisation import Denoiser, Prediction, VPSchedule, ddim_step, expand_like
 from ..sampling import lcm_scheduler, lcm_training_timesteps
 from ..teacher import DiffusionTeacher
-from .base import DistillationMethod, LossOutput, default_optimizer
+from .base import DistillationMethod, LossOutput
 
 Solver = Literal["ddim", "heun"]
 LossKind = Literal["l2", "l1", "pseudo_huber", "pseudo_huber_elementwise"]
@@ -207,9 +206,6 @@ class ConsistencyDistillation(DistillationMethod):
     """Consistency distillation of a diffusion teacher into a 1-4 step student, sampled with ``LCMScheduler``.
 
     Args:
-        teacher: the frozen teacher (linked from ``data.teacher`` by the CLI).
-        student: student network; None: a copy of the teacher's UNet.
-        student_prediction_type: what the student outputs; None keeps the teacher's.
         original_inference_steps: N, the LCMScheduler training grid (k = T // N). Choose N dividing T so
             the grid reaches the last timestep T - 1 (e.g. 16 or 32 for T = 1024, 50 for T = 1000).
         solver: teacher ODE solver, ``ddim`` (default) or ``heun`` (see :func:`solver_step`).
@@ -218,8 +214,8 @@ class ConsistencyDistillation(DistillationMethod):
         target_decay: mu, the EMA rate of theta_minus (0: stop-gradient of the student itself;
             Song et al. use 0 on CIFAR-10 and 0.95 on ImageNet-64; the LCM script 0.95).
         timestep_scaling: LCMScheduler's ``timestep_scaling`` of the boundary scalings.
-        optimizer, lr_scheduler, sample_steps, sample_every_n_steps, num_log_samples, seed: see
-            :class:`DistillationMethod`.
+        sample_steps: steps of logged grids and ``predict``.
+        **kwargs: :class:`DistillationMethod`'s arguments (teacher, student, optimizer, seed, ...).
 
     Example::
 
@@ -232,20 +228,15 @@ class ConsistencyDistillation(DistillationMethod):
     def __init__(
         self,
         teacher: DiffusionTeacher | None = None,
-        student: nn.Module | None = None,
-        student_prediction_type: PredictionType | None = None,
+        *,
         original_inference_steps: int = 50,
         solver: Solver = "ddim",
         loss: LossKind = "l2",
         huber_c: float = 0.001,
         target_decay: float = 0.95,
         timestep_scaling: float = 10.0,
-        optimizer: OptimizerCallable = default_optimizer,
-        lr_scheduler: LRSchedulerCallable | None = None,
         sample_steps: int = 2,
-        sample_every_n_steps: int = 0,
-        num_log_samples: int = 64,
-        seed: int = 0,
+        **kwargs,
     ) -> None:
         if solver not in SOLVERS:
             raise ValueError(f"unknown solver {solver!r}; choose one of {SOLVERS}")
@@ -255,18 +246,7 @@ class ConsistencyDistillation(DistillationMethod):
             raise ValueError(f"target_decay (mu) must lie in [0, 1), got {target_decay}")
         if teacher is None:
             raise ValueError(f"{type(self).__name__} needs a teacher (set data.teacher)")
-        super().__init__(
-            teacher=teacher,
-            student=student,
-            student_prediction_type=student_prediction_type,
-            optimizer=optimizer,
-            lr_scheduler=lr_scheduler,
-            sample_steps=sample_steps,
-            sample_every_n_steps=sample_every_n_steps,
-            num_log_samples=num_log_samples,
-            seed=seed,
-        )
-        self.save_hyperparameters(ignore=["teacher", "optimizer", "lr_scheduler"])
+        super().__init__(teacher=teacher, sample_steps=sample_steps, **kwargs)
         T = self.student.schedule.num_train_timesteps
         self.register_buffer("train_timesteps", lcm_training_timesteps(T, original_inference_steps), persistent=False)
         self.skip = T // original_inference_steps

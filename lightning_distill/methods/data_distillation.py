@@ -19,13 +19,12 @@ single timestep is T - 1 and its single update lands on the (clipped) x0 estimat
 from __future__ import annotations
 
 import torch
-from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
-from torch import Tensor, nn
+from torch import Tensor
 
 from ..losses import Distance, regression_distance
-from ..parametrisation import Denoiser, PredictionType
+from ..parametrisation import Denoiser
 from ..teacher import DiffusionTeacher
-from .base import DistillationMethod, LossOutput, default_optimizer
+from .base import DistillationMethod, LossOutput
 
 
 def one_step_x0(student: Denoiser, noise: Tensor, clip: bool = False, **cond) -> Tensor:
@@ -55,12 +54,10 @@ class DataDistillation(DistillationMethod):
     DDIM sample from that noise.
 
     Args:
-        teacher: the frozen teacher (linked from ``data.teacher``); its UNet initialises the student.
-        student: optional other student network (None: a copy of the teacher, as in the paper).
-        student_prediction_type: None keeps the teacher's; ``sample`` suits eps-prediction teachers.
         distance: ``l1`` (Luhman & Luhman on CIFAR-10) or ``l2`` (their other data sets).
-        optimizer, lr_scheduler, sample_every_n_steps, num_log_samples, seed: see
-            :class:`DistillationMethod`. ``sample_steps`` is 1: the student is a one-step generator.
+        sample_steps: 1: the student is a one-step generator.
+        **kwargs: :class:`DistillationMethod`'s arguments: ``student`` (None: a copy of the teacher, as in
+            the paper), ``student_prediction_type`` (``sample`` suits eps-prediction teachers), ...
 
     Example::
 
@@ -69,31 +66,11 @@ class DataDistillation(DistillationMethod):
     """
 
     def __init__(
-        self,
-        teacher: DiffusionTeacher | None = None,
-        student: nn.Module | None = None,
-        student_prediction_type: PredictionType | None = None,
-        distance: Distance = "l1",
-        optimizer: OptimizerCallable = default_optimizer,
-        lr_scheduler: LRSchedulerCallable | None = None,
-        sample_steps: int = 1,
-        sample_every_n_steps: int = 0,
-        num_log_samples: int = 64,
-        seed: int = 0,
+        self, teacher: DiffusionTeacher | None = None, *, distance: Distance = "l1", sample_steps: int = 1, **kwargs
     ) -> None:
         if teacher is None:
             raise ValueError("DataDistillation needs a teacher (set data.teacher)")
-        super().__init__(
-            teacher=teacher,
-            student=student,
-            student_prediction_type=student_prediction_type,
-            optimizer=optimizer,
-            lr_scheduler=lr_scheduler,
-            sample_steps=sample_steps,
-            sample_every_n_steps=sample_every_n_steps,
-            num_log_samples=num_log_samples,
-            seed=seed,
-        )
+        super().__init__(teacher=teacher, sample_steps=sample_steps, **kwargs)
 
     def compute_loss(self, batch: dict) -> LossOutput:
         if "noise" not in batch:

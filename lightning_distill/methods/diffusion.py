@@ -10,13 +10,12 @@ from __future__ import annotations
 from typing import Literal
 
 import torch
-from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import nn
 
 from ..losses import denoising_loss  # lives in losses.py (DMD2's fake score uses it too); re-exported here
 from ..parametrisation import Denoiser, PredictionType, VPSchedule
 from ..teacher import DiffusionTeacher
-from .base import DistillationMethod, LossOutput, build_module, default_optimizer
+from .base import DistillationMethod, LossOutput, build_module
 
 
 class DiffusionTraining(DistillationMethod):
@@ -30,42 +29,36 @@ class DiffusionTraining(DistillationMethod):
         prediction_type: what the network learns to output.
         min_snr_gamma: optional Min-SNR-gamma loss weighting (None: plain MSE).
         rescale_betas_zero_snr: enforce zero terminal SNR (Lin et al. 2023).
+        clip_sample: clamp x0 to [-1, 1] in the sampler (pixel-space models).
+        sample_steps: steps of logged grids and ``predict``.
+        **kwargs: :class:`DistillationMethod`'s optimiser and logging arguments (``optimizer``, ``seed``, ...).
 
     Example::
 
         >>> model = DiffusionTraining(unet=UNet2DModel(sample_size=16, in_channels=1, out_channels=1))
     """
 
+    #: the network is ``unet`` and its output type ``prediction_type``: the base's student arguments
+    #: are fixed (None), so they are neither settings nor hyper-parameters here.
+    hparams_ignore = DistillationMethod.hparams_ignore + ("student", "student_prediction_type")
+
     def __init__(
         self,
         unet: nn.Module,
         teacher: DiffusionTeacher | None = None,
+        *,
         num_train_timesteps: int = 1000,
         beta_schedule: Literal["linear", "scaled_linear", "squaredcos_cap_v2"] = "squaredcos_cap_v2",
         prediction_type: PredictionType = "v_prediction",
         min_snr_gamma: float | None = None,
         rescale_betas_zero_snr: bool = False,
         clip_sample: bool = True,
-        optimizer: OptimizerCallable = default_optimizer,
-        lr_scheduler: LRSchedulerCallable | None = None,
         sample_steps: int = 50,
-        sample_every_n_steps: int = 0,
-        num_log_samples: int = 64,
-        seed: int = 0,
+        **kwargs,
     ) -> None:
         if teacher is not None:
             raise ValueError("DiffusionTraining trains from scratch and takes no teacher: set data.teacher to null")
-        super().__init__(
-            teacher=None,
-            student=None,
-            optimizer=optimizer,
-            lr_scheduler=lr_scheduler,
-            sample_steps=sample_steps,
-            sample_every_n_steps=sample_every_n_steps,
-            num_log_samples=num_log_samples,
-            seed=seed,
-        )
-        self.save_hyperparameters(ignore=["teacher", "optimizer", "lr_scheduler"])
+        super().__init__(teacher=None, student=None, student_prediction_type=None, sample_steps=sample_steps, **kwargs)
         from diffusers import DDIMScheduler
 
         scheduler = DDIMScheduler(

@@ -12,78 +12,22 @@ same sampler and step count as the teacher. At a noisy input x_t = alpha_t x + s
 
 Block names are ``named_modules`` paths of the diffusers UNet, e.g. ``mid_block``, ``down_blocks.1``,
 ``up_blocks.0``. A block's feature is its output (the first element when a block returns a tuple, as
-diffusers down blocks return (hidden_states, skip_states)).
+diffusers down blocks return (hidden_states, skip_states)), read through the package's one forward-hook
+grabber, :class:`~lightning_distill.nn_utils.FeatureTap`.
 """
 
 from __future__ import annotations
 
+from contextlib import nullcontext
+
 import torch
-from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
 
 from ..losses import Distance, feature_kd_loss, mixed_kd_loss
+from ..nn_utils import FeatureTap
 from ..parametrisation import Denoiser, PredictionType, target_for
 from ..teacher import DiffusionTeacher
-from .base import DistillationMethod, LossOutput, default_optimizer
-
-
-class FeatureRecorder:
-    """A forward hook that stores a module's output under ``name`` while recording is switched on.
-
-    Copies (``copy.deepcopy`` of the student, e.g. by the EMA callback) get a fresh recorder that
-    never records, so averaged or exported copies neither hold tensors nor reference this module.
-    """
-
-    def __init__(self, store: dict[str, Tensor], name: str) -> None:
-        self.store, self.name = store, name
-        self.active = False
-
-    def __call__(self, module: nn.Module, inputs, output) -> None:
-        if self.active:
-            self.store[self.name] = output[0] if isinstance(output, (tuple, list)) else output
-
-    def __deepcopy__(self, memo) -> "FeatureRecorder":
-        return FeatureRecorder({}, self.name)
-
-
-class FeatureTap:
-    """Forward hooks on named blocks of one network; ``with tap: net(...)`` fills ``tap.features``.
-
-    Example::
-
-        >>> tap = FeatureTap(unet, ["mid_block", "up_blocks.0"])
-        >>> with tap:
-        ...     unet(x, t)
-        >>> tap.features["mid_block"].shape
-    """
-
-    def __init__(self, network: nn.Module, names: dict[str, str]) -> None:
-        """``names`` maps the key features are stored under to the block's path inside ``network``."""
-        self.features: dict[str, Tensor] = {}
-        self.recorders: list[FeatureRecorder] = []
-        self.handles = []
-        modules = dict(network.named_modules())
-        for key, path in names.items():
-            if path not in modules:
-                blocks = [n for n in modules if n and n.count(".") <= 1]
-                raise ValueError(f"no block named {path!r} in {type(network).__name__}; top-level blocks: {blocks}")
-            rec = FeatureRecorder(self.features, key)
-            self.recorders.append(rec)
-            self.handles.append(modules[path].register_forward_hook(rec))
-
-    def __enter__(self) -> "FeatureTap":
-        self.features.clear()
-        for rec in self.recorders:
-            rec.active = True
-        return self
-
-    def __exit__(self, *exc) -> None:
-        for rec in self.recorders:
-            rec.active = False
-
-    def remove(self) -> None:
-        for h in self.handles:
-            h.remove()
+from .base import DistillationMethod, LossOutput
 
 
 def kd_targets(
@@ -108,18 +52,16 @@ class KnowledgeDistillation(DistillationMethod):
     """Compress the teacher into a smaller student UNet with hard, soft and feature targets.
 
     Args:
-        teacher: the frozen teacher (linked from ``data.teacher``).
-        student: the student UNet (e.g. a ``diffusers.UNet2DModel`` with fewer channels). None: a copy
-            of the teacher (self-distillation).
-        student_prediction_type: the student's output type; None keeps the teacher's.
         alpha: weight of the hard label; 1 = plain diffusion training, 0 = soft labels only.
         distance: d(., .) of the output terms (and of the feature terms).
         feature_weights: per-block weights of feature KD, keyed by the student's block path
             (e.g. ``{"mid_block": 1.0}``); empty: no feature KD.
         feature_teacher_blocks: the teacher block each student block is matched to, where the paths
             differ (e.g. a student with fewer blocks); default: the same path.
-        optimizer, lr_scheduler, sample_steps, sample_every_n_steps, num_log_samples, seed: see
-            :class:`DistillationMethod`. The optimiser covers the student and the projections.
+        sample_steps: steps of logged grids and ``predict`` (the teacher's sampler, so as many as it needs).
+        **kwargs: :class:`DistillationMethod`'s arguments: ``student`` (the smaller UNet, e.g. a
+            ``diffusers.UNet2DModel`` with fewer channels; None: a copy of the teacher, self-distillation),
+            ``optimizer`` (it covers the student and the projections), ``seed``, ...
 
     Example::
 
@@ -130,41 +72,28 @@ class KnowledgeDistillation(DistillationMethod):
     def __init__(
         self,
         teacher: DiffusionTeacher | None = None,
-        student: nn.Module | None = None,
-        student_prediction_type: PredictionType | None = None,
+        *,
         alpha: float = 0.5,
         distance: Distance = "l2",
         feature_weights: dict[str, float] | None = None,
         feature_teacher_blocks: dict[str, str] | None = None,
-        optimizer: OptimizerCallable = default_optimizer,
-        lr_scheduler: LRSchedulerCallable | None = None,
         sample_steps: int = 50,
-        sample_every_n_steps: int = 0,
-        num_log_samples: int = 64,
-        seed: int = 0,
+        **kwargs,
     ) -> None:
         if teacher is None:
             raise ValueError("KnowledgeDistillation needs a teacher (set data.teacher)")
         if not 0.0 <= alpha <= 1.0:
             raise ValueError(f"alpha must lie in [0, 1], got {alpha}")
-        super().__init__(
-            teacher=teacher,
-            student=student,
-            student_prediction_type=student_prediction_type,
-            optimizer=optimizer,
-            lr_scheduler=lr_scheduler,
-            sample_steps=sample_steps,
-            sample_every_n_steps=sample_every_n_steps,
-            num_log_samples=num_log_samples,
-            seed=seed,
-        )
+        super().__init__(teacher=teacher, sample_steps=sample_steps, **kwargs)
         self.feature_weights = {k: float(w) for k, w in (feature_weights or {}).items() if w}
         unknown = set(feature_teacher_blocks or {}) - set(self.feature_weights)
         if unknown:
             raise ValueError(f"feature_teacher_blocks names {sorted(unknown)}, which have no entry in feature_weights")
-        teacher_paths = {k: (feature_teacher_blocks or {}).get(k, k) for k in self.feature_weights}
-        self.student_tap = FeatureTap(self.student.unet, {k: k for k in self.feature_weights})
-        self.teacher_tap = FeatureTap(self.teacher.unet, teacher_paths)
+        self.student_tap = self.teacher_tap = None
+        if self.feature_weights:
+            teacher_paths = {k: (feature_teacher_blocks or {}).get(k, k) for k in self.feature_weights}
+            self.student_tap = _tap(self.student.unet, list(self.feature_weights), "feature_weights (student blocks)")
+            self.teacher_tap = _tap(self.teacher.unet, teacher_paths, "feature_teacher_blocks (teacher blocks)")
         self.projections = nn.ModuleDict(self._build_projections())
 
     @staticmethod
@@ -188,9 +117,13 @@ class KnowledgeDistillation(DistillationMethod):
             c_s, c_t = self.student_tap.features[name].shape[1], self.teacher_tap.features[name].shape[1]
             if c_s != c_t:
                 projections[self._key(name)] = nn.Conv2d(c_s, c_t, kernel_size=1)
+        self._drop_features()
+        return projections
+
+    def _drop_features(self) -> None:
+        """Release the tapped activations (the taps keep their last features until the next ``with``)."""
         self.student_tap.features.clear()
         self.teacher_tap.features.clear()
-        return projections
 
     def trainable_parameters(self):
         return super().trainable_parameters() + list(self.projections.parameters())
@@ -203,13 +136,13 @@ class KnowledgeDistillation(DistillationMethod):
         cond = {"class_labels": batch["label"]} if self.is_class_conditional else {}
         need_teacher = alpha < 1 or bool(self.feature_weights)
         if need_teacher:
-            with self.teacher_tap:
+            with self.teacher_tap or nullcontext():
                 x_t, hard, soft = kd_targets(self.teacher.denoiser, self.student.prediction_type, x0, eps, t, **cond)
         else:  # alpha = 1 without feature KD is plain diffusion training: skip the teacher pass
             sched = self.student.schedule
             x_t = sched.add_noise(x0, eps, t)
             hard, soft = target_for(self.student.prediction_type, x0, eps, sched.alpha(t), sched.sigma(t)), None
-        with self.student_tap:
+        with self.student_tap or nullcontext():
             pred = self.student.raw(x_t, t, **cond).float()
         out = mixed_kd_loss(pred, hard, soft if alpha < 1 else None, alpha, self.hparams.distance)
         loss, logs = out.loss, dict(out.logs)
@@ -221,10 +154,17 @@ class KnowledgeDistillation(DistillationMethod):
             loss = loss + feat.loss
             logs.update(feat.logs)
             logs["feat"] = feat.loss.detach()
-            self.student_tap.features.clear()
-            self.teacher_tap.features.clear()
+            self._drop_features()
         logs["loss"] = loss.detach()
         return LossOutput(loss, logs)
+
+
+def _tap(network: nn.Module, names, argument: str) -> FeatureTap:
+    """A :class:`FeatureTap` whose unknown-block error also names the argument that asked for the block."""
+    try:
+        return FeatureTap(network, names)
+    except ValueError as err:
+        raise ValueError(f"KnowledgeDistillation {argument}: {err}") from None
 
 
 def count_parameters(module: nn.Module) -> int:
@@ -232,4 +172,4 @@ def count_parameters(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
-__all__ = ["KnowledgeDistillation", "FeatureTap", "FeatureRecorder", "kd_targets", "count_parameters"]
+__all__ = ["KnowledgeDistillation", "kd_targets", "count_parameters"]

@@ -24,16 +24,13 @@ g = 6 .. 16); the student embeds w. diffusers' ``LatentConsistencyModelPipeline`
 
 from __future__ import annotations
 
-from typing import Literal
-
 import torch
-from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
 
-from ..parametrisation import Denoiser, Prediction, PredictionType
+from ..parametrisation import Denoiser, Prediction
 from ..teacher import DiffusionTeacher
-from .base import default_optimizer, eval_mode
-from .consistency import ConsistencyDistillation, LossKind, Predict, Solver
+from .base import eval_mode
+from .consistency import ConsistencyDistillation, LossKind, Predict
 
 
 # --- pure functions ----------------------------------------------------------------------------------
@@ -115,8 +112,9 @@ class LatentConsistencyDistillation(ConsistencyDistillation):
         time_cond_proj_dim: size of the w embedding (256 in the diffusers LCM script).
         uncond_prompt: the unconditional prompt of the teacher's CFG ("" as in LCM).
         sample_prompt, sample_guidance_scale: prompt and pipeline-convention g for logged samples.
-        Other arguments: see :class:`ConsistencyDistillation` (defaults follow the diffusers LCM script:
-        N = 50 grid, DDIM solver, element-wise pseudo-Huber c = 0.001, mu = 0.95).
+        loss, sample_steps, num_log_samples: as in :class:`ConsistencyDistillation`, with LCM's defaults.
+        **kwargs: :class:`ConsistencyDistillation`'s arguments (defaults follow the diffusers LCM script:
+            N = 50 grid, DDIM solver, c = 0.001, mu = 0.95) and :class:`DistillationMethod`'s.
 
     Example::
 
@@ -129,26 +127,18 @@ class LatentConsistencyDistillation(ConsistencyDistillation):
     def __init__(
         self,
         teacher: DiffusionTeacher | None = None,
+        *,
         student: nn.Module | None = None,
-        student_prediction_type: PredictionType | None = None,
         w_min: float = 5.0,
         w_max: float = 15.0,
         time_cond_proj_dim: int = 256,
         uncond_prompt: str = "",
         sample_prompt: str = "",
         sample_guidance_scale: float = 8.0,
-        original_inference_steps: int = 50,
-        solver: Solver = "ddim",
         loss: LossKind = "pseudo_huber_elementwise",
-        huber_c: float = 0.001,
-        target_decay: float = 0.95,
-        timestep_scaling: float = 10.0,
-        optimizer: OptimizerCallable = default_optimizer,
-        lr_scheduler: LRSchedulerCallable | None = None,
         sample_steps: int = 4,
-        sample_every_n_steps: int = 0,
         num_log_samples: int = 16,
-        seed: int = 0,
+        **kwargs,
     ) -> None:
         if teacher is None:
             raise ValueError("LatentConsistencyDistillation needs a teacher (set data.teacher)")
@@ -161,17 +151,12 @@ class LatentConsistencyDistillation(ConsistencyDistillation):
             raise ValueError(f"need 0 <= w_min <= w_max, got w_min={w_min}, w_max={w_max}")
         if student is not None and getattr(student.config, "time_cond_proj_dim", None) != time_cond_proj_dim:
             raise ValueError(f"the student UNet's time_cond_proj_dim must equal time_cond_proj_dim={time_cond_proj_dim}")
-        # A separate name: save_hyperparameters reads this frame's `student`, which must stay the user's
-        # argument (None), not the built network.
+        # A separate name: hparams take this frame's `student` (the outermost frame wins), which must stay
+        # the user's argument (None), not the built network.
         built = student if student is not None else student_unet_with_guidance_embedding(teacher.unet, time_cond_proj_dim)
         super().__init__(
-            teacher=teacher, student=built, student_prediction_type=student_prediction_type,
-            original_inference_steps=original_inference_steps, solver=solver, loss=loss, huber_c=huber_c,
-            target_decay=target_decay, timestep_scaling=timestep_scaling, optimizer=optimizer,
-            lr_scheduler=lr_scheduler, sample_steps=sample_steps, sample_every_n_steps=sample_every_n_steps,
-            num_log_samples=num_log_samples, seed=seed,
+            teacher=teacher, student=built, loss=loss, sample_steps=sample_steps, num_log_samples=num_log_samples, **kwargs
         )
-        self.save_hyperparameters(ignore=["teacher", "optimizer", "lr_scheduler"])
 
     # --- conditioning ---------------------------------------------------------------------------
 

@@ -146,7 +146,6 @@ class ProgressiveDistillation(DistillationMethod):
 
     Args:
         teacher: the frozen teacher (linked from ``data.teacher``); samples well in 2N DDIM steps.
-        student: student network; None copies the teacher's UNet (the paper's initialisation).
         num_student_steps: N, the student's step count in the first round (the teacher takes 2N).
         student_prediction_type: ``v_prediction`` or ``sample`` (x0); eps is refused (see module doc).
         loss_weighting: ``truncated_snr`` = max(SNR, 1) (the paper) or ``snr_plus_one``.
@@ -155,9 +154,11 @@ class ProgressiveDistillation(DistillationMethod):
         student_clip_x0: clamp of the student's x0 in its sampler and export. None (default) keeps the
             student's DDIM step linear in its prediction, which is what x_tilde assumes; the final
             step's output may then leave [-1, 1] slightly. A promoted teacher inherits it.
-        optimizer: optimiser factory for the student's parameters (Adam, lr 5e-5 by default).
-        sample_every_n_steps, num_log_samples, seed: see ``DistillationMethod``; logged grids and
-            ``predict`` always use the current N steps.
+        optimizer: optimiser factory for the student's parameters (Adam, lr 5e-5 by default). Its rate
+            is annealed within each round (:func:`round_lr_factor`), so there is no ``lr_scheduler``.
+        sample_steps: steps of logged grids and ``predict``; None: N. Every round sets it to the new N.
+        **kwargs: :class:`DistillationMethod`'s arguments: ``student`` (None copies the teacher's UNet,
+            the paper's initialisation), ``sample_every_n_steps``, ``num_log_samples``, ``seed``.
 
     Example::
 
@@ -170,16 +171,15 @@ class ProgressiveDistillation(DistillationMethod):
     def __init__(
         self,
         teacher: DiffusionTeacher | None = None,
-        student: nn.Module | None = None,
+        *,
         num_student_steps: int = 32,
         student_prediction_type: Literal["v_prediction", "sample"] = "v_prediction",
         loss_weighting: LossWeighting = "truncated_snr",
         student_dropout: float | None = 0.0,
         student_clip_x0: float | None = None,
         optimizer: OptimizerCallable = _default_adam,
-        sample_every_n_steps: int = 0,
-        num_log_samples: int = 64,
-        seed: int = 0,
+        sample_steps: int | None = None,
+        **kwargs,
     ) -> None:
         if student_prediction_type not in STUDENT_PREDICTION_TYPES:
             raise ValueError(
@@ -195,18 +195,11 @@ class ProgressiveDistillation(DistillationMethod):
         T = teacher.schedule.num_train_timesteps
         if not 1 <= num_student_steps <= T // 2:
             raise ValueError(f"num_student_steps must lie in [1, {T // 2}] (the teacher takes 2N of T={T}), got {num_student_steps}")
-        super().__init__(
-            teacher=teacher,
-            student=student,
-            student_prediction_type=student_prediction_type,
-            optimizer=optimizer,
-            lr_scheduler=None,
-            sample_steps=num_student_steps,
-            sample_every_n_steps=sample_every_n_steps,
-            num_log_samples=num_log_samples,
-            seed=seed,
-        )
-        self.save_hyperparameters(ignore=["teacher", "optimizer"])
+        # A run resumed through the CLI gets the checkpoint's sample_steps (its round's N) here.
+        sample_steps = sample_steps or num_student_steps
+        # No lr_scheduler: configure_optimizers anneals the rate within each round.
+        super().__init__(teacher=teacher, student_prediction_type=student_prediction_type, optimizer=optimizer,
+                         lr_scheduler=None, sample_steps=sample_steps, **kwargs)
         self.student.clip_x0 = student_clip_x0
         if student_dropout is not None:
             for m in self.student.modules():
