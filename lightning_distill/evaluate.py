@@ -331,6 +331,17 @@ def write_report(rows: list[dict], grids: dict, out_dir, models, protocol: dict,
     return out
 
 
+def style_fd_axes(ax, feat_name: str, title: str, log_y: bool) -> None:
+    """Axes of an FD-vs-steps plot: log2 steps, log FD when every value is positive, labels, grid."""
+    ax.set_xscale("log", base=2)
+    if log_y:
+        ax.set_yscale("log")  # FD spans orders of magnitude between 1 step and the teacher's 50
+    ax.set_xlabel("sampling steps (network evaluations)")
+    ax.set_ylabel(f"FD ({feat_name})")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+
+
 def plot_fd_vs_steps(rows: list[dict], path: Path, feat_name: str, num_samples: int) -> None:
     import matplotlib
 
@@ -346,13 +357,7 @@ def plot_fd_vs_steps(rows: list[dict], path: Path, feat_name: str, num_samples: 
     for r in rows:
         if r["kind"] == "data":
             ax.axhline(r["fd"], color="grey", lw=0.8, ls=":", label=f"real held-out (n={r['num_samples']})")
-    ax.set_xscale("log", base=2)
-    if all(r["fd"] > 0 for r in rows):
-        ax.set_yscale("log")  # FD spans orders of magnitude between 1 step and the teacher's 50
-    ax.set_xlabel("sampling steps (network evaluations)")
-    ax.set_ylabel(f"FD ({feat_name})")
-    ax.set_title(f"FD vs steps, n={num_samples}")
-    ax.grid(alpha=0.3)
+    style_fd_axes(ax, feat_name, f"FD vs steps, n={num_samples}", log_y=all(r["fd"] > 0 for r in rows))
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)

@@ -162,7 +162,14 @@ def model_accepts_seed(cfg: dict) -> bool:
         cls = _import_class(str(class_path))
     except ValueError:
         return True
-    return "seed" in inspect.signature(cls.__init__).parameters
+    # A method may forward its parent's arguments through **kwargs: look along the class hierarchy.
+    for klass in inspect.getmro(cls):
+        params = inspect.signature(klass.__init__).parameters if "__init__" in vars(klass) else {}
+        if "seed" in params:
+            return True
+        if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()) and params:
+            return False
+    return False
 
 
 def train_command(config: Path, seed: int | str, run_dir: Path, overrides: Sequence[str], seed_arg: bool = True) -> list[str]:
@@ -287,6 +294,8 @@ def plot_spread(summary: Sequence[dict], path: Path, feat_name: str, num_samples
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from .evaluate import style_fd_axes
+
     fig, ax = plt.subplots(figsize=(6, 4))
     for model in dict.fromkeys(r["model"] for r in summary):
         pts = sorted((r["steps"], r["fd_median"], r["fd_min"], r["fd_max"], r["num_seeds"]) for r in summary if r["model"] == model)
@@ -297,13 +306,7 @@ def plot_spread(summary: Sequence[dict], path: Path, feat_name: str, num_samples
                           label=model if teacher else f"{model} (median of {n} seeds, min-max band)")
         if not teacher:
             ax.fill_between(x, [p[2] for p in pts], [p[3] for p in pts], color=line.get_color(), alpha=0.25, lw=0)
-    ax.set_xscale("log", base=2)
-    if all(r["fd_min"] > 0 for r in summary):
-        ax.set_yscale("log")  # FD spans orders of magnitude between 1 step and the teacher's 50
-    ax.set_xlabel("sampling steps (network evaluations)")
-    ax.set_ylabel(f"FD ({feat_name})")
-    ax.set_title(f"FD vs steps over training seeds, n={num_samples}")
-    ax.grid(alpha=0.3)
+    style_fd_axes(ax, feat_name, f"FD vs steps over training seeds, n={num_samples}", log_y=all(r["fd_min"] > 0 for r in summary))
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)

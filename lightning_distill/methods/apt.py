@@ -80,16 +80,8 @@ class AdversarialPostTraining(AdversarialMethod):
         sample_steps: int = 1,
         **kwargs,
     ) -> None:
-        super().__init__(
-            teacher=teacher,
-            optimizer=optimizer,
-            discriminator_optimizer=discriminator_optimizer,
-            gan_loss=gan_loss,
-            r1=r1,
-            r1_weight=r1_weight,
-            sample_steps=sample_steps,
-            **kwargs,
-        )
+        paper_defaults = dict(optimizer=optimizer, discriminator_optimizer=discriminator_optimizer, gan_loss=gan_loss, r1=r1)
+        super().__init__(teacher=teacher, r1_weight=r1_weight, sample_steps=sample_steps, **paper_defaults, **kwargs)
         if self.teacher is None:
             raise ValueError("AdversarialPostTraining needs a teacher (set data.teacher): it initialises the discriminator")
         T = self.student.schedule.num_train_timesteps

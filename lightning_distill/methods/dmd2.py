@@ -203,17 +203,11 @@ class DMD2(AdversarialMethod):
             if not 0.0 <= lo < hi <= 1.0:
                 raise ValueError(f"{name} must satisfy 0 <= lo < hi <= 1, got {(lo, hi)}")
         sample_steps = sample_steps or generator_steps  # the sampler runs the generator's own K steps
+        paper_defaults = dict(generator_every=generator_every, gan_loss=gan_loss, r1=r1, r1_weight=r1_weight)
+        clips = dict(generator_grad_clip=generator_grad_clip, discriminator_grad_clip=discriminator_grad_clip)
+        discriminator_optimizer = discriminator_optimizer or fake_score_optimizer
         super().__init__(
-            teacher=teacher,
-            discriminator_optimizer=discriminator_optimizer or fake_score_optimizer,
-            generator_every=generator_every,
-            gan_loss=gan_loss,
-            r1=r1,
-            r1_weight=r1_weight,
-            generator_grad_clip=generator_grad_clip,
-            discriminator_grad_clip=discriminator_grad_clip,
-            sample_steps=sample_steps,
-            **kwargs,
+            teacher=teacher, discriminator_optimizer=discriminator_optimizer, sample_steps=sample_steps, **paper_defaults, **clips, **kwargs
         )
         self.fake_score_optimizer_factory = fake_score_optimizer
         self.fake_score: Denoiser | None = None

@@ -196,14 +196,8 @@ class LatentConsistencyDistillation(ConsistencyDistillation):
 
     @torch.no_grad()
     def sample(
-        self,
-        n: int,
-        steps: int | None = None,
-        generator: torch.Generator | None = None,
-        labels: Tensor | None = None,
-        denoiser: Denoiser | None = None,
-        prompts: list[str] | None = None,
-        guidance_scale: float | None = None,
+        self, n: int, steps: int | None = None, generator: torch.Generator | None = None, labels: Tensor | None = None,
+        denoiser: Denoiser | None = None, prompts: list[str] | None = None, guidance_scale: float | None = None,
         prompt_embeds: Tensor | None = None,
     ) -> Tensor:
         """``n`` latents in ``steps`` steps; the loop is ``LatentConsistencyModelPipeline``'s.
