@@ -118,11 +118,7 @@ class TeacherSwap(L.Callback):
             raise TypeError(f"TeacherSwap needs a progressive-distillation module; {type(pl_module).__name__} lacks {missing}")
 
     def _check_reachable(self, start_steps: int) -> None:
-        # check_halving's ValueError is about this callback's setting: report it as bad configuration.
-        try:
-            check_halving(start_steps, self.final_steps)
-        except ValueError as err:
-            raise ConfigError(str(err)) from None
+        check_halving(start_steps, self.final_steps)  # raises ConfigError naming both step counts
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if stage != "fit":

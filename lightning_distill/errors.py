@@ -20,4 +20,8 @@ class ConfigError(ValueError):
     """
 
 
-__all__ = ["ConfigError"]
+class MissingInputError(ConfigError, FileNotFoundError):
+    """A path given in the configuration (``init_from``, a student folder) does not exist."""
+
+
+__all__ = ["ConfigError", "MissingInputError"]

@@ -53,7 +53,7 @@ from .metrics import (
     score_features,
 )
 from .nn_utils import lcm_step_limit
-from .teacher import DiffusionTeacher, load_teacher
+from .teacher import DiffusionTeacher, load_teacher, low_cpu_mem_usage
 
 CSV_FIELDS = [
     "model", "kind", "steps", "fd", "kid", "kid_std", "num_samples", "seed", "feature_net", "reference", "num_reference",
@@ -147,7 +147,7 @@ def load_sampler(name: str, spec: str | os.PathLike, teacher: DiffusionTeacher |
     if p.is_dir():
         from diffusers import DiffusionPipeline
 
-        pipe = DiffusionPipeline.from_pretrained(p)
+        pipe = DiffusionPipeline.from_pretrained(p, low_cpu_mem_usage=low_cpu_mem_usage())
         unet, sched = pipe.unet.to(device), pipe.scheduler
         pvae = getattr(pipe, "vae", None) or vae
         ncls = getattr(unet.config, "num_class_embeds", None)

@@ -17,7 +17,8 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from .errors import ConfigError
+from .errors import ConfigError, MissingInputError
+from .teacher import low_cpu_mem_usage
 
 
 def atomic_write_dir(target: str | os.PathLike, write) -> Path:
@@ -57,7 +58,7 @@ def make_pipeline(unet: nn.Module, scheduler):
 
 def export_pipeline(unet: nn.Module, scheduler, target: str | os.PathLike) -> Path:
     """Save ``unet`` (float32, safetensors) and ``scheduler`` as a loadable diffusers pipeline folder."""
-    unet = copy.deepcopy(unet).to(device="cpu", dtype=torch.float32)
+    unet = copy.deepcopy(unet).cpu().float()  # .to(dtype=...) makes diffusers warn about fp32 modules
     unet.requires_grad_(True)  # save_pretrained does not care; keep the copy a plain trainable model
 
     def write(tmp: Path) -> None:
@@ -94,11 +95,12 @@ def load_student_state(path: str | os.PathLike, use_ema: bool = True) -> tuple[d
         ``prediction_type``.
 
     Raises:
-        FileNotFoundError: the path does not exist. ConfigError (a ValueError): no student weights in it.
+        MissingInputError (a FileNotFoundError): the path does not exist. ConfigError (a ValueError): no
+            student weights in it.
     """
     path = Path(path).expanduser()
     if not path.exists():
-        raise FileNotFoundError(f"student {str(path)!r} does not exist (a .ckpt file or an exported pipeline folder)")
+        raise MissingInputError(f"student {str(path)!r} does not exist (a .ckpt file or an exported pipeline folder)")
     if path.is_dir():
         cfg = path / "unet" / "config.json"
         if not cfg.is_file():
@@ -106,7 +108,7 @@ def load_student_state(path: str | os.PathLike, use_ema: bool = True) -> tuple[d
         import diffusers
 
         cls = getattr(diffusers, json.loads(cfg.read_text())["_class_name"])
-        unet = cls.from_pretrained(path, subfolder="unet")
+        unet = cls.from_pretrained(path, subfolder="unet", low_cpu_mem_usage=low_cpu_mem_usage())
         sched_cfg = path / "scheduler" / "scheduler_config.json"
         pred = json.loads(sched_cfg.read_text()).get("prediction_type") if sched_cfg.is_file() else None
         return unet.state_dict(), pred

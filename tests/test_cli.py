@@ -206,6 +206,28 @@ def test_bad_setting_is_one_line(tmp_path, capsys, monkeypatch):
     assert not (tmp_path / "run" / "checkpoints").exists()
 
 
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        (["--model.init_args.generator_steps", "0"], "ConfigError: generator_steps must be >= 1, got 0"),
+        (["--model.init_args.init_from", "/nonexistent/student"], "MissingInputError: student '/nonexistent/student' does not exist"),
+    ],
+)
+def test_bad_method_setting_is_one_line(tmp_path, capsys, monkeypatch, override, message):
+    """A method constructor's check (here DMD2's) is bad input too: one line naming it, exit 2, nothing written."""
+    from conftest import write_tiny_teacher
+
+    monkeypatch.delenv("LIGHTNING_DISTILL_TRACEBACK", raising=False)
+    teacher = write_tiny_teacher(tmp_path / "teacher")
+    with pytest.raises(SystemExit) as exc:
+        cli_main(["fit", "--config", str(REPO / "configs/dmd2/debug.yaml"), "--data.teacher", str(teacher),
+                  "--data.image_size", "8", "--trainer.default_root_dir", str(tmp_path / "run"), *override])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith(f"lightning-distill: error: {message}"), err[-3:]
+    assert not (tmp_path / "run").exists()
+
+
 def test_a_bug_keeps_its_traceback(tmp_path, monkeypatch):
     """A ValueError from inside training is a bug, not bad input: it propagates, traceback and all."""
     from lightning_distill.methods import DiffusionTraining

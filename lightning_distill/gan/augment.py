@@ -7,6 +7,7 @@ from typing import Sequence
 
 import torch
 from torch import Tensor
+from ..errors import ConfigError
 
 
 AUGMENT_POLICIES = ("translation", "cutout")
@@ -16,7 +17,7 @@ def check_augment_policy(policy: Sequence[str]) -> tuple[str, ...]:
     """The policy as a tuple; raises ValueError naming any augmentation that is not in ``AUGMENT_POLICIES``."""
     unknown = sorted(set(policy) - set(AUGMENT_POLICIES))
     if unknown:
-        raise ValueError(f"unknown discriminator augmentation {unknown}; choose from {list(AUGMENT_POLICIES)}")
+        raise ConfigError(f"unknown discriminator augmentation {unknown}; choose from {list(AUGMENT_POLICIES)}")
     return tuple(policy)
 
 

@@ -14,6 +14,7 @@ from typing import Sequence
 import torch
 from torch import Tensor, nn
 
+from ..errors import ConfigError
 from ..nn_utils import capture_features, eval_mode
 
 
@@ -85,9 +86,9 @@ class MultiLevelHeads(nn.Module):
     ) -> None:
         super().__init__()
         if len(channels) != len(ndims) or not channels:
-            raise ValueError(f"need one rank per feature map: channels={list(channels)}, ndims={list(ndims)}")
+            raise ConfigError(f"need one rank per feature map: channels={list(channels)}, ndims={list(ndims)}")
         if num_classes and cond_dim:
-            raise ValueError("condition on class labels or on an embedding, not both")
+            raise ConfigError("condition on class labels or on an embedding, not both")
         self.class_embed = nn.Embedding(num_classes, hidden) if num_classes else None
         dim = hidden if num_classes else cond_dim
         self.heads = nn.ModuleList(_Head(k, c, hidden, spatial, dim) for c, k in zip(channels, ndims))

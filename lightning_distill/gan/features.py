@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..errors import ConfigError
 from ..nn_utils import FeatureTap, capture_features
 
 
@@ -51,7 +52,7 @@ class UNetEncoderFeatures(nn.Module):
         levels = list(valid if levels is None else levels)
         bad = [lv for lv in levels if lv not in valid]
         if bad or not levels:
-            raise ValueError(f"UNet feature levels {levels} invalid; choose from {valid} (-1 = mid block)")
+            raise ConfigError(f"UNet feature levels {levels} invalid; choose from {valid} (-1 = mid block)")
         self.levels = levels
         self.trainable = trainable
         self.timestep = timestep
@@ -124,7 +125,7 @@ class ModuleFeatures(nn.Module):
         self.resize_to = resize_to
         self.repeat_channels = repeat_channels
         if (mean is None) != (std is None):
-            raise ValueError("give both mean and std, or neither")
+            raise ConfigError("give both mean and std, or neither")
         self.register_buffer("mean", None if mean is None else torch.tensor(mean).view(1, -1, 1, 1), persistent=False)
         self.register_buffer("std", None if std is None else torch.tensor(std).view(1, -1, 1, 1), persistent=False)
         if layers is not None:

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
 import torch
+from ..errors import ConfigError
 
 
 @dataclass(frozen=True)
@@ -59,7 +60,7 @@ def d_updates_at(step: int, ratio: float) -> int:
     so that after n iterations exactly floor(n r) D updates have been made.
     """
     if ratio < 0:
-        raise ValueError(f"D:G ratio must be >= 0, got {ratio}")
+        raise ConfigError(f"D:G ratio must be >= 0, got {ratio}")
     return math.floor((step + 1) * ratio + 1e-9) - math.floor(step * ratio + 1e-9)
 
 

@@ -43,6 +43,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..errors import ConfigError
 from ..gan.discriminators import Discriminator
 from ..gan.features import UNetEncoderFeatures
 from ..parametrisation import Denoiser
@@ -62,7 +63,7 @@ def distillation_weight(alpha: Tensor, weighting: Weighting) -> Tensor:
         return alpha**2
     if weighting == "constant":
         return torch.ones_like(alpha)
-    raise ValueError(f"unknown distill_weighting {weighting!r}; choose 'alpha', 'alpha_squared' or 'constant'")
+    raise ConfigError(f"unknown distill_weighting {weighting!r}; choose 'alpha', 'alpha_squared' or 'constant'")
 
 
 def add_distillation_loss(
@@ -153,23 +154,23 @@ class AdversarialDiffusionDistillation(AdversarialMethod):
     ) -> None:
         distillation_weight(torch.ones(1), distill_weighting)  # validates the choice
         if not 0.0 <= backward_simulation <= 1.0:
-            raise ValueError(f"backward_simulation is a probability in [0, 1], got {backward_simulation}")
+            raise ConfigError(f"backward_simulation is a probability in [0, 1], got {backward_simulation}")
         if not 1 <= num_student_steps <= 8:
-            raise ValueError(f"ADD uses 1-4 (at most 8) student timesteps, got {num_student_steps}")
+            raise ConfigError(f"ADD uses 1-4 (at most 8) student timesteps, got {num_student_steps}")
         sample_steps = sample_steps or num_student_steps
         super().__init__(teacher=teacher, r1_weight=r1_weight, sample_steps=sample_steps, **kwargs)
         if self.teacher is None:
-            raise ValueError("AdversarialDiffusionDistillation needs a teacher (set data.teacher)")
+            raise ConfigError("AdversarialDiffusionDistillation needs a teacher (set data.teacher)")
         T = self.student.schedule.num_train_timesteps
         self.register_buffer("student_timesteps", lcm_training_timesteps(T, num_student_steps).flip(0), persistent=False)
         if discriminator_t_range is not None:
             lo, hi = (int(v) for v in discriminator_t_range)
             if not 0 <= lo <= hi < T:
-                raise ValueError(f"discriminator_t_range must satisfy 0 <= lo <= hi < {T}, got {list(discriminator_t_range)}")
+                raise ConfigError(f"discriminator_t_range must satisfy 0 <= lo <= hi < {T}, got {list(discriminator_t_range)}")
         teacher_features = feature_network is None
         if train_features:
             if not teacher_features:
-                raise ValueError("train_features=True trains a copy of the teacher UNet: leave feature_network unset")
+                raise ConfigError("train_features=True trains a copy of the teacher UNet: leave feature_network unset")
             feature_network = UNetEncoderFeatures.trainable_copy(self.teacher.unet, feature_levels, feature_timestep)
         elif teacher_features:  # frozen: the teacher's own UNet, not registered as a submodule
             feature_network = UNetEncoderFeatures(self.teacher.unet, feature_levels, trainable=False, timestep=feature_timestep)

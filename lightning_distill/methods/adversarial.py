@@ -38,6 +38,7 @@ import torch
 from lightning.pytorch.cli import OptimizerCallable
 from torch import Tensor, nn
 
+from ..errors import ConfigError
 from ..export import load_student_state
 from ..gan.augment import DiscriminatorAugment, check_augment_policy
 from ..gan.discriminators import Discriminator
@@ -104,7 +105,7 @@ def load_init_state(unet: nn.Module, state: dict[str, Tensor], init_from: str) -
     """Load a trained student's weights (``load_student_state(init_from)``) into ``unet``: all must fit."""
     missing, unexpected = unet.load_state_dict(state, strict=False)
     if missing or unexpected:
-        raise ValueError(
+        raise ConfigError(
             f"init_from {init_from!r} does not fit the student UNet: missing {missing[:5]}, unexpected {unexpected[:5]}"
         )
 
@@ -163,12 +164,12 @@ class AdversarialMethod(DistillationMethod):
     ) -> None:
         self.d_augment = check_augment_policy(d_augment or ())
         if gan_loss not in GAN_LOSSES:
-            raise ValueError(f"unknown gan_loss {gan_loss!r}; choose one of {sorted(GAN_LOSSES)}")
+            raise ConfigError(f"unknown gan_loss {gan_loss!r}; choose one of {sorted(GAN_LOSSES)}")
         if r1 not in ("true", "approx", "none"):
-            raise ValueError(f"unknown r1 {r1!r}; choose 'true', 'approx' or 'none'")
+            raise ConfigError(f"unknown r1 {r1!r}; choose 'true', 'approx' or 'none'")
         d_updates_at(0, critic_updates)  # validates the ratio
         if generator_every < 1 or critic_warmup < 0:
-            raise ValueError(f"need generator_every >= 1 and critic_warmup >= 0, got {generator_every}, {critic_warmup}")
+            raise ConfigError(f"need generator_every >= 1 and critic_warmup >= 0, got {generator_every}, {critic_warmup}")
         state = None
         if init_from is not None:
             state, recorded = load_student_state(init_from, init_use_ema)
@@ -188,7 +189,7 @@ class AdversarialMethod(DistillationMethod):
     def critics(self) -> list[Critic]:
         """The networks of the critic step, in the order they are stepped (default: the discriminator)."""
         if self.discriminator is None:
-            raise ValueError(f"{type(self).__name__} has no discriminator")
+            raise ConfigError(f"{type(self).__name__} has no discriminator")
         return [Critic(self.discriminator, self.discriminator_optimizer_factory, self.hparams.discriminator_grad_clip)]
 
     def generate(self, batch: dict, gen: torch.Generator) -> Generated:  # pragma: no cover - abstract

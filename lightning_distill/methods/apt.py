@@ -26,6 +26,7 @@ from __future__ import annotations
 import torch
 from lightning.pytorch.cli import OptimizerCallable
 
+from ..errors import ConfigError
 from ..gan.discriminators import Discriminator
 from ..gan.features import UNetEncoderFeatures
 from ..gan.losses import GanLoss
@@ -83,12 +84,12 @@ class AdversarialPostTraining(AdversarialMethod):
         paper_defaults = dict(optimizer=optimizer, discriminator_optimizer=discriminator_optimizer, gan_loss=gan_loss, r1=r1)
         super().__init__(teacher=teacher, r1_weight=r1_weight, sample_steps=sample_steps, **paper_defaults, **kwargs)
         if self.teacher is None:
-            raise ValueError("AdversarialPostTraining needs a teacher (set data.teacher): it initialises the discriminator")
+            raise ConfigError("AdversarialPostTraining needs a teacher (set data.teacher): it initialises the discriminator")
         T = self.student.schedule.num_train_timesteps
         self.generator_timestep = int(self.student.schedule.trailing_timesteps(1)[0])  # T - 1: pure noise in
         self.d_t_max = T - 1 if d_t_max is None else d_t_max
         if not 0 <= d_t_min <= self.d_t_max < T:
-            raise ValueError(f"need 0 <= d_t_min <= d_t_max < {T}, got {d_t_min}, {d_t_max}")
+            raise ConfigError(f"need 0 <= d_t_min <= d_t_max < {T}, got {d_t_min}, {d_t_max}")
         backbone = UNetEncoderFeatures.trainable_copy(self.teacher.unet, d_levels, requires_grad=train_d_backbone)
         cond = self.is_class_conditional
         self.discriminator = Discriminator(

@@ -23,6 +23,7 @@ import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
 
+from ..errors import ConfigError
 from ..losses import LossOutput  # defined there so losses.py imports nothing from methods/
 from ..nn_utils import eval_mode, lcm_step_limit  # eval_mode is re-exported: methods import it from here
 from ..parametrisation import Denoiser, PredictionType
@@ -142,7 +143,7 @@ class DistillationMethod(L.LightningModule):
     def build_student(self, student: nn.Module | None, prediction_type: PredictionType | None) -> None:
         """Wrap the student network in a Denoiser that shares the teacher's schedule."""
         if self.teacher is None:
-            raise ValueError(f"{type(self).__name__} needs a teacher (set data.teacher)")
+            raise ConfigError(f"{type(self).__name__} needs a teacher (set data.teacher)")
         student = build_module(student)
         if student is None:
             student = copy.deepcopy(self.teacher.unet).float()
@@ -332,10 +333,10 @@ class DistillationMethod(L.LightningModule):
     def check_sample_steps(self, steps: int) -> None:
         """Raise a clear error for a step count the sampler cannot take."""
         if steps < 1:
-            raise ValueError(f"sampling steps must be >= 1, got {steps}")
+            raise ConfigError(f"sampling steps must be >= 1, got {steps}")
         limit = self.max_sample_steps()
         if limit is not None and steps > limit:
-            raise ValueError(
+            raise ConfigError(
                 f"{type(self).__name__} samples with 1..{limit} steps: its sampler (LCMScheduler, "
                 f"original_inference_steps = {limit}) only visits the timesteps the student was trained at; "
                 f"got {steps}"

@@ -23,6 +23,7 @@ import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
 
+from ..errors import ConfigError
 from ..losses import classifier_kd_loss, temperature_kd_loss
 from ..nn_utils import eval_mode
 
@@ -82,9 +83,9 @@ class ClassifierKD(L.LightningModule):
     ) -> None:
         super().__init__()
         if temperature <= 0:
-            raise ValueError(f"temperature must be positive, got {temperature}")
+            raise ConfigError(f"temperature must be positive, got {temperature}")
         if not 0.0 <= alpha <= 1.0:
-            raise ValueError(f"alpha must lie in [0, 1], got {alpha}")
+            raise ConfigError(f"alpha must lie in [0, 1], got {alpha}")
         self.save_hyperparameters(ignore=["student", "optimizer", "lr_scheduler"])
         from ..feature_net import DigitsFeatureNet, load_digits_feature_net
 

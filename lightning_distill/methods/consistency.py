@@ -36,6 +36,7 @@ from typing import Callable, Literal
 import torch
 from torch import Tensor, nn
 
+from ..errors import ConfigError
 from ..losses import pseudo_huber, regression_distance
 from ..parametrisation import Denoiser, Prediction, VPSchedule, ddim_step, expand_like
 from ..sampling import lcm_scheduler, lcm_training_timesteps
@@ -121,7 +122,7 @@ def solver_step(
         solver: ``ddim`` or ``heun``.
     """
     if solver not in SOLVERS:
-        raise ValueError(f"unknown solver {solver!r}; choose one of {SOLVERS}")
+        raise ConfigError(f"unknown solver {solver!r}; choose one of {SOLVERS}")
     pred = predict(x_t, t)
     a_s, s_s = schedule.alpha(s), schedule.sigma(s)
     if solver == "ddim":
@@ -156,7 +157,7 @@ def consistency_loss(a: Tensor, b: Tensor, kind: LossKind = "l2", huber_c: float
         return pseudo_huber(a, b, huber_c, "elementwise")
     if kind in ("l2", "l1"):
         return regression_distance(a, b, kind)
-    raise ValueError(f"unknown loss {kind!r}; choose one of {LOSSES}")
+    raise ConfigError(f"unknown loss {kind!r}; choose one of {LOSSES}")
 
 
 def skipped_timesteps(t_start: Tensor, k: int) -> Tensor:
@@ -239,13 +240,13 @@ class ConsistencyDistillation(DistillationMethod):
         **kwargs,
     ) -> None:
         if solver not in SOLVERS:
-            raise ValueError(f"unknown solver {solver!r}; choose one of {SOLVERS}")
+            raise ConfigError(f"unknown solver {solver!r}; choose one of {SOLVERS}")
         if loss not in LOSSES:
-            raise ValueError(f"unknown loss {loss!r}; choose one of {LOSSES}")
+            raise ConfigError(f"unknown loss {loss!r}; choose one of {LOSSES}")
         if not 0.0 <= target_decay < 1.0:
-            raise ValueError(f"target_decay (mu) must lie in [0, 1), got {target_decay}")
+            raise ConfigError(f"target_decay (mu) must lie in [0, 1), got {target_decay}")
         if teacher is None:
-            raise ValueError(f"{type(self).__name__} needs a teacher (set data.teacher)")
+            raise ConfigError(f"{type(self).__name__} needs a teacher (set data.teacher)")
         super().__init__(teacher=teacher, sample_steps=sample_steps, **kwargs)
         T = self.student.schedule.num_train_timesteps
         self.register_buffer("train_timesteps", lcm_training_timesteps(T, original_inference_steps), persistent=False)

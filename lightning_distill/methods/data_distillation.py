@@ -21,6 +21,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ..errors import ConfigError
 from ..losses import Distance, regression_distance
 from ..parametrisation import Denoiser
 from ..teacher import DiffusionTeacher
@@ -69,7 +70,7 @@ class DataDistillation(DistillationMethod):
         self, teacher: DiffusionTeacher | None = None, *, distance: Distance = "l1", sample_steps: int = 1, **kwargs
     ) -> None:
         if teacher is None:
-            raise ValueError("DataDistillation needs a teacher (set data.teacher)")
+            raise ConfigError("DataDistillation needs a teacher (set data.teacher)")
         super().__init__(teacher=teacher, sample_steps=sample_steps, **kwargs)
 
     def compute_loss(self, batch: dict) -> LossOutput:

@@ -12,6 +12,7 @@ from typing import Literal
 import torch
 from torch import nn
 
+from ..errors import ConfigError
 from ..losses import denoising_loss  # lives in losses.py (DMD2's fake score uses it too); re-exported here
 from ..parametrisation import Denoiser, PredictionType, VPSchedule
 from ..teacher import DiffusionTeacher
@@ -57,7 +58,7 @@ class DiffusionTraining(DistillationMethod):
         **kwargs,
     ) -> None:
         if teacher is not None:
-            raise ValueError("DiffusionTraining trains from scratch and takes no teacher: set data.teacher to null")
+            raise ConfigError("DiffusionTraining trains from scratch and takes no teacher: set data.teacher to null")
         super().__init__(teacher=None, student=None, student_prediction_type=None, sample_steps=sample_steps, **kwargs)
         from diffusers import DDIMScheduler
 

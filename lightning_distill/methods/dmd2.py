@@ -48,6 +48,7 @@ import torch.nn.functional as F
 from lightning.pytorch.cli import OptimizerCallable
 from torch import Tensor, nn
 
+from ..errors import ConfigError
 from ..gan.augment import DiscriminatorAugment
 from ..gan.discriminators import BottleneckClassifier, bottleneck_features
 from ..gan.losses import GanLoss
@@ -198,10 +199,10 @@ class DMD2(AdversarialMethod):
         **kwargs,
     ) -> None:
         if generator_steps < 1:
-            raise ValueError(f"generator_steps must be >= 1, got {generator_steps}")
+            raise ConfigError(f"generator_steps must be >= 1, got {generator_steps}")
         for name, (lo, hi) in (("dm_t_range", dm_t_range), ("gan_t_range", gan_t_range)):
             if not 0.0 <= lo < hi <= 1.0:
-                raise ValueError(f"{name} must satisfy 0 <= lo < hi <= 1, got {(lo, hi)}")
+                raise ConfigError(f"{name} must satisfy 0 <= lo < hi <= 1, got {(lo, hi)}")
         sample_steps = sample_steps or generator_steps  # the sampler runs the generator's own K steps
         paper_defaults = dict(generator_every=generator_every, gan_loss=gan_loss, r1=r1, r1_weight=r1_weight)
         clips = dict(generator_grad_clip=generator_grad_clip, discriminator_grad_clip=discriminator_grad_clip)
@@ -238,7 +239,7 @@ class DMD2(AdversarialMethod):
     def setup(self, stage: str) -> None:
         super().setup(stage)
         if getattr(attached_schedule(self._trainer), "freeze_d_after", None) is not None:
-            raise ValueError(
+            raise ConfigError(
                 "DiscriminatorSchedule(freeze_d_after=...) would stop DMD2's critic updates, and with them the "
                 "fake score, which must keep tracking the generator for the distribution-matching gradient; "
                 "to stop the GAN term instead, train without it (gan=false) or lower gan_generator_weight"

@@ -23,6 +23,7 @@ from contextlib import nullcontext
 import torch
 from torch import Tensor, nn
 
+from ..errors import ConfigError
 from ..losses import Distance, feature_kd_loss, mixed_kd_loss
 from ..nn_utils import FeatureTap
 from ..parametrisation import Denoiser, PredictionType, target_for
@@ -81,14 +82,14 @@ class KnowledgeDistillation(DistillationMethod):
         **kwargs,
     ) -> None:
         if teacher is None:
-            raise ValueError("KnowledgeDistillation needs a teacher (set data.teacher)")
+            raise ConfigError("KnowledgeDistillation needs a teacher (set data.teacher)")
         if not 0.0 <= alpha <= 1.0:
-            raise ValueError(f"alpha must lie in [0, 1], got {alpha}")
+            raise ConfigError(f"alpha must lie in [0, 1], got {alpha}")
         super().__init__(teacher=teacher, sample_steps=sample_steps, **kwargs)
         self.feature_weights = {k: float(w) for k, w in (feature_weights or {}).items() if w}
         unknown = set(feature_teacher_blocks or {}) - set(self.feature_weights)
         if unknown:
-            raise ValueError(f"feature_teacher_blocks names {sorted(unknown)}, which have no entry in feature_weights")
+            raise ConfigError(f"feature_teacher_blocks names {sorted(unknown)}, which have no entry in feature_weights")
         self.student_tap = self.teacher_tap = None
         if self.feature_weights:
             teacher_paths = {k: (feature_teacher_blocks or {}).get(k, k) for k in self.feature_weights}
@@ -164,7 +165,7 @@ def _tap(network: nn.Module, names, argument: str) -> FeatureTap:
     try:
         return FeatureTap(network, names)
     except ValueError as err:
-        raise ValueError(f"KnowledgeDistillation {argument}: {err}") from None
+        raise ConfigError(f"KnowledgeDistillation {argument}: {err}") from None
 
 
 def count_parameters(module: nn.Module) -> int:

@@ -27,6 +27,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from ..errors import ConfigError
 from ..parametrisation import Denoiser, Prediction
 from ..teacher import DiffusionTeacher
 from .base import eval_mode
@@ -83,7 +84,7 @@ def student_unet_with_guidance_embedding(teacher_unet: nn.Module, time_cond_proj
     """
     config = dict(teacher_unet.config)
     if "time_cond_proj_dim" not in config:
-        raise ValueError(
+        raise ConfigError(
             f"{type(teacher_unet).__name__} has no time_cond_proj_dim input for the guidance embedding; "
             "LCM needs a UNet2DConditionModel teacher (use ConsistencyDistillation for unconditional teachers)"
         )
@@ -141,16 +142,16 @@ class LatentConsistencyDistillation(ConsistencyDistillation):
         **kwargs,
     ) -> None:
         if teacher is None:
-            raise ValueError("LatentConsistencyDistillation needs a teacher (set data.teacher)")
+            raise ConfigError("LatentConsistencyDistillation needs a teacher (set data.teacher)")
         if not teacher.is_text_conditional:
-            raise ValueError(
+            raise ConfigError(
                 "LatentConsistencyDistillation needs a text-conditional teacher (text_encoder/ and tokenizer/); "
                 "use ConsistencyDistillation for unconditional or class-conditional teachers"
             )
         if not 0.0 <= w_min <= w_max:
-            raise ValueError(f"need 0 <= w_min <= w_max, got w_min={w_min}, w_max={w_max}")
+            raise ConfigError(f"need 0 <= w_min <= w_max, got w_min={w_min}, w_max={w_max}")
         if student is not None and getattr(student.config, "time_cond_proj_dim", None) != time_cond_proj_dim:
-            raise ValueError(f"the student UNet's time_cond_proj_dim must equal time_cond_proj_dim={time_cond_proj_dim}")
+            raise ConfigError(f"the student UNet's time_cond_proj_dim must equal time_cond_proj_dim={time_cond_proj_dim}")
         # A separate name: hparams take this frame's `student` (the outermost frame wins), which must stay
         # the user's argument (None), not the built network.
         built = student if student is not None else student_unet_with_guidance_embedding(teacher.unet, time_cond_proj_dim)

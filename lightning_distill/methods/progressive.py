@@ -31,6 +31,7 @@ import torch
 from lightning.pytorch.cli import OptimizerCallable
 from torch import Tensor, nn
 
+from ..errors import ConfigError
 from ..parametrisation import Denoiser, VPSchedule, expand_like
 from ..teacher import DiffusionTeacher
 from .base import DistillationMethod, LossOutput
@@ -73,7 +74,7 @@ def loss_weight(snr: Tensor, weighting: LossWeighting = "truncated_snr") -> Tens
         return snr.clamp_min(1.0)
     if weighting == "snr_plus_one":
         return snr + 1.0
-    raise ValueError(f"unknown loss_weighting {weighting!r}; choose one of {LOSS_WEIGHTINGS}")
+    raise ConfigError(f"unknown loss_weighting {weighting!r}; choose one of {LOSS_WEIGHTINGS}")
 
 
 def progressive_loss(x_hat: Tensor, target: Tensor, snr: Tensor, weighting: LossWeighting = "truncated_snr") -> Tensor:
@@ -114,12 +115,12 @@ def round_lr_factor(step: int, round_length: int | None) -> float:
 def check_halving(start_steps: int, final_steps: int) -> int:
     """Number of halvings from ``start_steps`` to ``final_steps``; ValueError when none reaches it."""
     if final_steps < 1 or start_steps < 1:
-        raise ValueError(f"step counts must be positive, got start {start_steps} and final {final_steps}")
+        raise ConfigError(f"step counts must be positive, got start {start_steps} and final {final_steps}")
     reachable = [start_steps]
     while reachable[-1] % 2 == 0:
         reachable.append(reachable[-1] // 2)
     if final_steps not in reachable:
-        raise ValueError(
+        raise ConfigError(
             f"final_steps={final_steps} is not reachable by halving the student's {start_steps} steps; "
             f"reachable step counts: {reachable}"
         )
@@ -182,19 +183,19 @@ class ProgressiveDistillation(DistillationMethod):
         **kwargs,
     ) -> None:
         if student_prediction_type not in STUDENT_PREDICTION_TYPES:
-            raise ValueError(
+            raise ConfigError(
                 f"student_prediction_type {student_prediction_type!r} is not supported by progressive "
                 f"distillation (eps-prediction fails at few steps); choose one of {STUDENT_PREDICTION_TYPES}"
             )
         if loss_weighting not in LOSS_WEIGHTINGS:
-            raise ValueError(f"unknown loss_weighting {loss_weighting!r}; choose one of {LOSS_WEIGHTINGS}")
+            raise ConfigError(f"unknown loss_weighting {loss_weighting!r}; choose one of {LOSS_WEIGHTINGS}")
         if student_dropout is not None and not 0.0 <= student_dropout < 1.0:
-            raise ValueError(f"student_dropout must lie in [0, 1), got {student_dropout}")
+            raise ConfigError(f"student_dropout must lie in [0, 1), got {student_dropout}")
         if teacher is None:
-            raise ValueError("ProgressiveDistillation needs a teacher (set data.teacher)")
+            raise ConfigError("ProgressiveDistillation needs a teacher (set data.teacher)")
         T = teacher.schedule.num_train_timesteps
         if not 1 <= num_student_steps <= T // 2:
-            raise ValueError(f"num_student_steps must lie in [1, {T // 2}] (the teacher takes 2N of T={T}), got {num_student_steps}")
+            raise ConfigError(f"num_student_steps must lie in [1, {T // 2}] (the teacher takes 2N of T={T}), got {num_student_steps}")
         # A run resumed through the CLI gets the checkpoint's sample_steps (its round's N) here.
         sample_steps = sample_steps or num_student_steps
         # No lr_scheduler: configure_optimizers anneals the rate within each round.
