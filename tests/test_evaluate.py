@@ -83,17 +83,24 @@ def test_fid_callback_logs_protocol_names_every_n_steps(tmp_path):
     assert len(list((tmp_path / "cache").glob("*.pt"))) == 1  # reference stats written once
 
 
-def test_fid_callback_uses_ema_weights(tmp_path, monkeypatch):
-    seen = []
-    orig = DiffusionTraining.sample
+def test_fid_callback_uses_ema_weights(tmp_path):
+    """The logged FD is that of the EMA copy's samples (which differ from the raw student's after 2 steps)."""
+    from lightning_distill import metrics as M
 
-    def spy(self, n, steps=None, generator=None, labels=None, denoiser=None):
-        seen.append(self.sampling_denoiser() is not self.student)
-        return orig(self, n, steps, generator, labels, denoiser)
+    fid = _callback(tmp_path, steps=[1], every_n_steps=0)  # evaluated once, at the end of training
+    trainer, model, logger = _fit(tmp_path, fid, max_steps=2)
+    ema = next(cb for cb in trainer.callbacks if isinstance(cb, EMA))
+    reference = M.extract_features(fid.feature_net, trainer.datamodule.train_images())
 
-    monkeypatch.setattr(DiffusionTraining, "sample", spy)
-    _fit(tmp_path, _callback(tmp_path, steps=[1]), max_steps=1)
-    assert seen and all(seen)
+    def fd_of(denoiser) -> float:
+        sample = lambda n, g, labels: model.sample(n, 1, g, labels=labels, denoiser=denoiser)  # noqa: E731
+        fake = M.generated_features(sample, fid.feature_net, fid.num_samples, fid.seed, fid.chunk_size)
+        return M.fd_from_features(reference, fake)
+
+    (logged,) = [m["fid/digits-feat/1step/n6"] for _, m in logger.logged if "fid/digits-feat/1step/n6" in m]
+    ema_fd, raw_fd = fd_of(ema.sampling_module(model)), fd_of(model.student)
+    assert abs(ema_fd - raw_fd) > 1e-4 * raw_fd, (ema_fd, raw_fd)  # the check below can tell them apart
+    assert logged == pytest.approx(ema_fd, rel=1e-9)
 
 
 def test_fid_callback_teacher_once_per_run_and_state_resumes(tmp_path, tiny_teacher_dir, monkeypatch):
@@ -167,11 +174,18 @@ def test_report_end_to_end_checkpoint_pipeline_and_teacher(tmp_path, tiny_teache
     assert "Generated samples per cell: 6, seed 5" in md and "EMA weights: yes" in md
 
 
-def test_report_rejects_bad_student_spec(tmp_path):
-    from lightning_distill.evaluate import build_parser
+def test_report_rejects_bad_student_spec(tmp_path, capsys):
+    from lightning_distill.evaluate import build_parser, main
 
-    with pytest.raises(SystemExit):
-        build_parser().parse_args(["--out", str(tmp_path), "--student", "no-equals-sign"])
+    for bad in ("no-equals-sign", "=path/only", "name-only="):
+        with pytest.raises(SystemExit) as exc:
+            build_parser().parse_args(["--out", str(tmp_path), "--student", bad])
+        assert exc.value.code == 2
+        assert f"--student takes NAME=PATH, got {bad!r}" in capsys.readouterr().err
+    a = build_parser().parse_args(["--out", str(tmp_path), "--student", "pd=runs/a=b/student", "--student", "cd=x"])
+    assert a.student == [("pd", "runs/a=b/student"), ("cd", "x")]  # split at the first "=" only
+    with pytest.raises(SystemExit, match=r"duplicate student names \['s', 's'\]"):
+        main(["--out", str(tmp_path), "--student", "s=a", "--student", "s=b"])
 
 
 def test_evaluate_entry_point_reports_bad_input_in_one_line(tmp_path, capsys, monkeypatch):

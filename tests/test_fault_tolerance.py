@@ -2,7 +2,9 @@
 
 Crash-then-resume, for every debug preset under configs/ (a method extends this test by landing its
 ``configs/<method>/debug.yaml``): a forked child runs the CLI with a checkpoint every optimiser step and
-is SIGKILLed in the middle of a randomly chosen step (after backward, before the update); the parent
+is SIGKILLed in the middle of a step drawn from ``random.Random(f"{LD_TEST_KILL_SEED}:{preset}")``
+(``LD_TEST_KILL_SEED`` defaults to 0; set it to explore other steps; failures name the seed and the step)
+(after backward, before the update); the parent
 resumes from ``last.ckpt`` in place and compares with an uninterrupted run of the same seed: every
 tensor of the LightningModule except the frozen teacher (student, target networks, discriminators),
 every optimiser state, and every callback state (EMA copies, teacher swaps, random states).
@@ -29,6 +31,7 @@ from _method_configs import all_debug_presets, load_records, max_abs_diff, prese
 
 PRESETS = all_debug_presets()
 ATOL = 1e-6  # observed: 0.0 (bit-identical) for every preset on CPU
+KILL_SEED = int(os.environ.get("LD_TEST_KILL_SEED", "0"))
 
 
 @pytest.fixture(scope="module")
@@ -82,22 +85,24 @@ def test_sigkill_then_resume_equals_uninterrupted(name, fixtures, tmp_path, monk
                   for p in (tmp_path / "ref" / "every").glob("step=*.ckpt"))
     ends = [s for s in ends if 0 < s < total]
     assert ends, f"{name}: no checkpoint between the first and the last step"
-    k = random.SystemRandom().choice(ends)
+    # A str seed is hashed (sha512), not hash()-ed: the same step on every run and machine.
+    k = random.Random(f"{KILL_SEED}:{name}").choice(ends)
+    what = f"{name}, killed after step {k} of {ends} (LD_TEST_KILL_SEED={KILL_SEED})"
     root, every = tmp_path / "crash", tmp_path / "crash" / "every"
     args = ["fit", *preset_args(name, root, fixtures)]
     code = run_forked(args, {"LD_TEST_CKPT_EVERY": "1", "LD_TEST_CKPT_DIR": str(every), "LD_TEST_KILL_AT": str(k)})
-    assert code == -signal.SIGKILL, f"{name}: child was meant to be SIGKILLed at step {k}, exit code {code}"
+    assert code == -signal.SIGKILL, f"{what}: the child was not SIGKILLed, exit code {code}"
     last = every / "last.ckpt"
     ckpt = torch.load(last, map_location="cpu", weights_only=True)
-    assert ckpt["global_step"] == k, f"{name}: last.ckpt at step {ckpt['global_step']}, killed after step {k}"
+    assert ckpt["global_step"] == k, f"{what}: last.ckpt at step {ckpt['global_step']}"
 
     _run(monkeypatch, [*args, "--ckpt_path", str(last)], LD_TEST_OUT=tmp_path / "res_out",
          LD_TEST_CKPT_EVERY=1, LD_TEST_CKPT_DIR=every)
     (res,) = load_records(tmp_path / "res_out")
-    assert res["global_step"] == total
+    assert res["global_step"] == total, f"{what}: the resumed run ended at step {res['global_step']}, not {total}"
     for part in ("trained", "optimizers", "callbacks"):
         diff, where = max_abs_diff(ref[part], res[part], part)
-        assert diff <= ATOL, f"{name}: killed at step {k}, resumed: {where} differs by {diff}"
+        assert diff <= ATOL, f"{what}, resumed: {where} differs by {diff}"
 
 
 NAN_MESSAGE = re.compile(r"non-finite value in loss term '([^']+)' at global step (\d+)")
@@ -175,19 +180,32 @@ def test_checkpoint_kill_during_write_keeps_previous(tmp_path):
     assert torch.load(path, weights_only=True)["global_step"] == 3
 
 
-def test_atomic_checkpoint_io_in_a_fit(tmp_path):
-    """The plugin is a drop-in: the CLI fit writes loadable checkpoints through it."""
+def test_atomic_checkpoint_io_in_a_fit(tmp_path, monkeypatch):
+    """The plugin is a drop-in: every checkpoint of a CLI fit is written through its atomic save, and the
+    last one holds the trained weights."""
+    from lightning_distill import checkpoint_io
     from lightning_distill.cli import cli_main
 
     from _method_configs import debug_config
 
+    written = []
+    real = checkpoint_io.atomic_torch_save
+    monkeypatch.setattr(checkpoint_io, "atomic_torch_save", lambda obj, path: written.append(Path(path)) or real(obj, path))
     root = tmp_path / "run"
-    cli_main(["fit", "--config", str(debug_config("teacher")), "--trainer.default_root_dir", str(root),
-              "--trainer.plugins", "lightning_distill.checkpoint_io.AtomicCheckpointIO",
-              "--trainer.enable_model_summary", "false"])
-    ckpt = torch.load(root / "checkpoints" / "last.ckpt", weights_only=True)
-    assert ckpt["global_step"] == 3
-    assert not [p for p in (root / "checkpoints").iterdir() if p.name.endswith(".tmp")]
+    cli = cli_main(["fit", "--config", str(debug_config("teacher")), "--trainer.default_root_dir", str(root),
+                    "--trainer.plugins", "lightning_distill.checkpoint_io.AtomicCheckpointIO",
+                    "--trainer.enable_model_summary", "false", "--trainer.enable_progress_bar", "false"])
+    assert isinstance(cli.trainer.strategy.checkpoint_io, checkpoint_io.AtomicCheckpointIO)
+    folder = root / "checkpoints"
+    on_disk = sorted(p.name for p in folder.iterdir())
+    assert "last.ckpt" in on_disk and not [n for n in on_disk if n.startswith(".")], on_disk  # no temp file left
+    assert {p.resolve() for p in written} == {p.resolve() for p in folder.iterdir()}, (written, on_disk)
+    ckpt = torch.load(folder / "last.ckpt", weights_only=True)
+    assert ckpt["global_step"] == cli.trainer.global_step > 0
+    trained = cli.model.state_dict()
+    assert set(ckpt["state_dict"]) == set(trained)
+    for key, value in trained.items():
+        assert torch.equal(ckpt["state_dict"][key], value), key
 
 
 def _kill_during_export(target: str) -> None:

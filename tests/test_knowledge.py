@@ -268,38 +268,34 @@ def test_knowledge_debug_preset_runs_through_cli(tiny_teacher_dir, tmp_path):
 
 def test_classifier_kd_runs_through_cli_and_reports_accuracy(tmp_path):
     from lightning_distill.cli import cli_main
-    from lightning_distill.feature_net import DigitsFeatureNet, save_feature_net
-
     from lightning_distill.feature_net import load_digits_feature_net
 
-    torch.manual_seed(0)
-    save_feature_net(DigitsFeatureNet(widths=(4, 8), num_features=8), tmp_path / "clf")
     root = tmp_path / "run"
-    cli = cli_main([
-        "fit", "--config", str(ROOT / "configs/knowledge/classifier_digits.yaml"),
-        "--model.init_args.teacher_classifier", str(tmp_path / "clf"), "--trainer.default_root_dir", str(root),
+    cli = cli_main([  # the preset's teacher: the bundled digits classifier
+        "fit", "--config", str(ROOT / "configs/knowledge/classifier_digits.yaml"), "--trainer.default_root_dir", str(root),
         "--trainer.max_epochs", "1", "--trainer.max_steps", "2", "--trainer.limit_val_batches", "1",
         "--trainer.enable_progress_bar", "false",
     ])
     result = json.loads((root / "result.json").read_text())
     assert result["num_val_images"] == 180 and result["temperature"] == 4.0 and result["global_step"] == 2
-    # The reported accuracies, recomputed over the whole val split: the saved teacher file and the trained
-    # student (weights from last.ckpt), in eval mode, against the split's labels.
+    # The reported numbers, recomputed over the whole val split: the bundled teacher and the trained student
+    # (weights from last.ckpt), in eval mode, against the split's labels. The teacher is accurate, so an
+    # off-by-one between predictions and labels, or the wrong split, shows.
     batches = list(cli.datamodule.val_dataloader())
     x, y = torch.cat([b["x"] for b in batches]), torch.cat([b["label"] for b in batches])
     assert len(y) == 180
-    teacher = load_digits_feature_net(tmp_path / "clf").eval()
+    teacher = load_digits_feature_net().eval()
     student = cli.model.student
     ckpt = torch.load(root / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     student.load_state_dict({k[len("student."):]: v for k, v in ckpt["state_dict"].items() if k.startswith("student.")})
     student.eval()
     with torch.no_grad():
         pred_t, pred_s = teacher.logits(x).argmax(1), student.logits(x).argmax(1)
-    assert result["teacher_accuracy"] == pytest.approx((pred_t == y).float().mean().item(), abs=1e-6)
+    teacher_acc = (pred_t == y).float().mean().item()
+    assert teacher_acc > 0.9
+    assert result["teacher_accuracy"] == pytest.approx(teacher_acc, abs=1e-6)
     assert result["student_accuracy"] == pytest.approx((pred_s == y).float().mean().item(), abs=1e-6)
     assert result["agreement"] == pytest.approx((pred_s == pred_t).float().mean().item(), abs=1e-6)
-    # a random 8-feature teacher and a 2-step student do not agree everywhere: the three are not one number
-    assert (pred_s != pred_t).any()
 
 
 @pytest.mark.parametrize("config", ["knowledge/digits.yaml", "data_distillation/digits.yaml"])
