@@ -8,18 +8,21 @@
 
 After training every rank records its state (tests/_ddp_worker.py); the tests check that all ranks
 hold identical trained networks, optimiser and callback states, that the frozen teacher is neither
-trainable, nor in an optimiser, nor among the parameters DDP all-reduces, and that checkpoints and the
-export were written once, by rank 0.
+trainable, nor in an optimiser, nor among the parameters DDP all-reduces, that checkpoints and the
+export were written once, by rank 0, and that ranks given the same batch draw different noise. The
+FIDCallback's 2-process FD / KID equal a 1-process run's.
 """
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from _ddp_worker import RecordLogs
 from _method_configs import (
     REPO,
     WORKER,
@@ -41,6 +44,9 @@ DDP_PRESETS = ["teacher", "progressive", "consistency", "add", "dmd2"]
 # part in that backward: DDP must be told (docs/scaling.md).
 STRATEGY = {"add": "ddp_find_unused_parameters_true", "dmd2": "ddp_find_unused_parameters_true"}
 TIMEOUT = 300
+# Logged terms that are functions of the batch alone, so equal on ranks given the same batch: ADD's R1
+# penalty, taken at the clean real images (its discriminator sees no noise unless ADD's LADD option is on).
+DATA_ONLY_TERMS = {"add": {"train/r1"}}
 
 
 @pytest.fixture(scope="module")
@@ -78,15 +84,43 @@ def exports(root: Path) -> list[str]:
     return sorted(p.parent.relative_to(root).as_posix() for p in root.rglob("model_index.json")) if root.exists() else []
 
 
+class RankLogs(RecordLogs):
+    """Every rank writes ``<out>/rank<r>.json``: the ``train/*`` values it logged in each batch (its own,
+    before any reduction across ranks) and a fingerprint of each batch it was given."""
+
+    def __init__(self, out: str) -> None:
+        super().__init__(out)
+        self.data: list[dict[str, float]] = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        super().on_train_batch_start(trainer, pl_module, batch, batch_idx)
+        self.data.append({k: float(v.double().sum()) for k, v in batch.items() if hasattr(v, "double")})
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        Path(self.out).mkdir(parents=True, exist_ok=True)
+        with open(Path(self.out) / f"rank{trainer.global_rank}.json", "w") as f:
+            json.dump({"batches": self.batches, "data": self.data}, f)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("name", DDP_PRESETS)
 def test_ddp_two_processes(name, fixtures, tmp_path):
+    """Ranks agree after training, and they drew different noise.
+
+    Both ranks get the same batches (no distributed sampler: the data order is a function of the seed;
+    sharding is run by the FID and two-node tests below), so their first-batch loss terms differ only if
+    their noise, timesteps or fake batches do. The presets cover each way methods draw: the global RNG
+    that ResumeRNG reseeds per rank (teacher training, CD), progressive distillation's (seed, draw, rank)
+    generator, and the (seed, step, rank) iteration generator that ADD and DMD2 each call with their rank.
+    """
     if not debug_config(name).is_file():
         pytest.skip(skip_reason(name))
-    root, out = tmp_path / "run", tmp_path / "records"
+    root, out, logs = tmp_path / "run", tmp_path / "records", tmp_path / "logs"
     args = preset_args(name, root, fixtures)
+    recorder = {"class_path": "test_distributed.RankLogs", "init_args": {"out": str(logs)}}
     cmd = [sys.executable, str(WORKER), "fit", *args,
-           "--trainer.strategy", STRATEGY.get(name, "ddp"), "--trainer.devices", "2", "--trainer.accelerator", "cpu"]
+           "--trainer.strategy", STRATEGY.get(name, "ddp"), "--trainer.devices", "2", "--trainer.accelerator", "cpu",
+           "--trainer.use_distributed_sampler", "false", f"--trainer.callbacks+={json.dumps(recorder)}"]
     env = subprocess_env(LD_TEST_OUT=out, MASTER_ADDR="127.0.0.1", MASTER_PORT=free_port())
     proc = subprocess.run(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                           timeout=TIMEOUT)
@@ -94,6 +128,14 @@ def test_ddp_two_processes(name, fixtures, tmp_path):
     check_ranks_agree(load_records(out), name, has_teacher(args, name))
     assert "last.ckpt" in {Path(c).name for c in checkpoints(root)}
     assert len(exports(root)) == 1, f"{name}: exports {exports(root)}"
+
+    r0, r1 = (json.loads((logs / f"rank{r}.json").read_text()) for r in (0, 1))
+    assert r0["data"][0] == r1["data"][0], f"{name}: the ranks were meant to get the same first batch"
+    first0, first1 = r0["batches"][0], r1["batches"][0]
+    assert first0 and set(first0) == set(first1), f"{name}: first-batch train/* terms {first0} / {first1}"
+    same = {k for k in first0 if first0[k] == first1[k]}
+    assert not same - DATA_ONLY_TERMS.get(name, set()), \
+        f"{name}: given the same batch both ranks logged the same {sorted(same)}: they drew the same noise"
 
 
 @pytest.mark.slow
@@ -126,6 +168,7 @@ def test_simulated_two_node_job(fixtures, tmp_path):
     assert exports(node0) == ["teacher"]
     # rank 1 wrote no checkpoint and no export into its node-local folder
     assert checkpoints(node1) == [] and exports(node1) == []
+
 
 
 def _fid_config(tmp_path: Path) -> Path:
