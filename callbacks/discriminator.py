@@ -23,6 +23,7 @@ from typing import Any, Literal
 import lightning as L
 from lightning.pytorch.utilities import rank_zero_warn
 
+from lightning_distill.errors import ConfigError
 from lightning_distill.gan.losses import discriminator_accuracy
 from lightning_distill.gan.plan import StepPlan, d_updates_at
 
@@ -102,13 +103,13 @@ class DiscriminatorSchedule(L.Callback):
         acc_smoothing: float = 0.9,
     ) -> None:
         if d_warmup_steps < 0 or freeze_backbone_steps < 0 or d_lr_warmup_steps < 0:
-            raise ValueError("warm-up and freeze step counts must be >= 0")
+            raise ConfigError("warm-up and freeze step counts must be >= 0")
         for r in [d_updates_per_g, *(ratio_milestones or {}).values()]:
             d_updates_at(0, r)  # raises on a negative ratio
         if d_lr_decay != "constant" and total_steps is None:
-            raise ValueError(f"d_lr_decay={d_lr_decay!r} needs total_steps")
+            raise ConfigError(f"d_lr_decay={d_lr_decay!r} needs total_steps")
         if not 0.0 <= acc_smoothing < 1.0:
-            raise ValueError(f"acc_smoothing must lie in [0, 1), got {acc_smoothing}")
+            raise ConfigError(f"acc_smoothing must lie in [0, 1), got {acc_smoothing}")
         self.d_warmup_steps = d_warmup_steps
         self.d_updates_per_g = d_updates_per_g
         self.ratio_milestones = {int(k): float(v) for k, v in (ratio_milestones or {}).items()}
@@ -154,7 +155,7 @@ class DiscriminatorSchedule(L.Callback):
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if not hasattr(pl_module, "gan_iteration"):
-            raise TypeError(
+            raise ConfigError(
                 f"DiscriminatorSchedule plans adversarial methods (an AdversarialMethod); "
                 f"{type(pl_module).__name__} is not one"
             )

@@ -36,7 +36,8 @@ class EMA(L.Callback):
         decay: EMA decay (e.g. 0.999 for short runs, 0.9999 for long ones).
         warmup: ramp the decay up at the start (see :func:`ema_decay`).
         module_name: the submodule to average (``student``).
-        update_every_n_steps: update every N optimiser steps.
+        update_every_n_steps: update every N global steps (optimiser steps; iterations for the
+            adversarial methods).
         start_step: first global step at which averaging starts (copies the weights then).
 
     Example::

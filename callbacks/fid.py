@@ -1,6 +1,6 @@
 """FD / KID of the student during training (and of the teacher once per run), logged with their protocol.
 
-Every ``every_n_steps`` optimiser steps and at the end of training the callback draws ``num_samples``
+Every ``every_n_steps`` global steps (iterations for the adversarial methods) and at the end of training the callback draws ``num_samples``
 images from ``pl_module.sample`` (the sampling-EMA weights when an EMA callback is attached) at each
 configured step count, extracts features, and logs
 
@@ -63,7 +63,7 @@ class FIDCallback(L.Callback):
     """Periodic FD / KID of the student's samples against real data.
 
     Args:
-        every_n_steps: evaluate every N optimiser steps (0: only at the end of training).
+        every_n_steps: evaluate every N global steps (0: only at the end of training).
         num_samples: generated images per step count (M in the tag ``n<M>``).
         steps: step counts to sample at; ``"current"`` follows the method's own step count.
         feature_net: ``"digits"`` (bundled classifier, FD-digits), ``"inception"``, a saved classifier

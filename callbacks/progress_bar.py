@@ -1,4 +1,5 @@
-"""A progress bar that counts optimiser steps towards ``max_steps``, the unit every preset is sized in."""
+"""A progress bar that counts global steps towards ``max_steps``, the unit every preset is sized in (optimiser
+steps; iterations for the adversarial methods ADD, APT and DMD2, whose loop counts one step per batch)."""
 
 from __future__ import annotations
 

@@ -115,7 +115,7 @@ class TeacherSwap(L.Callback):
     def _check_module(self, pl_module: L.LightningModule) -> None:
         missing = [a for a in ("num_student_steps", "round_index", "promote_student") if not hasattr(pl_module, a)]
         if missing:
-            raise TypeError(f"TeacherSwap needs a progressive-distillation module; {type(pl_module).__name__} lacks {missing}")
+            raise ConfigError(f"TeacherSwap needs a progressive-distillation module; {type(pl_module).__name__} lacks {missing}")
 
     def _check_reachable(self, start_steps: int) -> None:
         check_halving(start_steps, self.final_steps)  # raises ConfigError naming both step counts

@@ -1,10 +1,12 @@
-"""Small helpers shared across the package (no imports from the rest of it)."""
+"""Small helpers shared across the package (imports nothing from it but its error type)."""
 
 from __future__ import annotations
 
 from contextlib import contextmanager
 
 from torch import Tensor, nn
+
+from .errors import ConfigError
 
 
 @contextmanager
@@ -77,7 +79,7 @@ class FeatureTap:
         unknown = [path for path in names.values() if path not in modules]
         if unknown or not names:
             blocks = [n for n in modules if n and n.count(".") <= 1]
-            raise ValueError(f"no block named {unknown or '(none given)'} in {type(network).__name__}; blocks: {blocks[:24]}")
+            raise ConfigError(f"no block named {unknown or '(none given)'} in {type(network).__name__}; blocks: {blocks[:24]}")
         self.network_name = type(network).__name__
         self.blocks = {key: modules[path] for key, path in names.items()}
         self.stop = stop

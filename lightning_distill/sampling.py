@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
+from .errors import ConfigError
 from .parametrisation import Denoiser, VPSchedule
 
 if TYPE_CHECKING:
@@ -23,7 +24,7 @@ def lcm_training_timesteps(num_train_timesteps: int, original_inference_steps: i
     grid, so training on it trains exactly the timesteps the sampler visits.
     """
     if not 1 <= original_inference_steps <= num_train_timesteps:
-        raise ValueError(
+        raise ConfigError(
             f"original_inference_steps must lie in [1, {num_train_timesteps}], got {original_inference_steps}"
         )
     k = num_train_timesteps // original_inference_steps
@@ -34,6 +35,7 @@ def lcm_training_timesteps(num_train_timesteps: int, original_inference_steps: i
 #: (c_skip = 0.25 / ((1000 t)^2 + 0.25) < 3e-7): the sampler then takes a student's x0 estimate as it is
 #: and re-noises it with fresh noise (the multistep sampler of ADD and multi-step DMD2 generators).
 X0_SAMPLER_TIMESTEP_SCALING = 1000.0
+
 
 def lcm_scheduler(method: DistillationMethod, original_inference_steps: int, timestep_scaling: float):
     """A stock ``LCMScheduler`` on ``method``'s noise schedule: x0 estimate, then fresh noise to the next t.
@@ -59,7 +61,7 @@ def lcm_scheduler(method: DistillationMethod, original_inference_steps: int, tim
     sched = diffusers.LCMScheduler(**cfg)
     ours = method.student.schedule.alphas_cumprod_table.cpu()
     if ours.shape != sched.alphas_cumprod.shape or not torch.allclose(ours, sched.alphas_cumprod.float(), atol=1e-6):
-        raise ValueError(
+        raise ConfigError(
             "LCMScheduler rebuilt from the teacher's scheduler config does not reproduce the teacher's "
             f"alphas_cumprod (teacher scheduler {method.teacher.scheduler_class}); pass trained_betas in its config"
         )

@@ -15,7 +15,6 @@ from torch.utils.data import DataLoader
 from lightning_distill.callbacks.discriminator import DiscriminatorSchedule, lr_scale_at, ramp
 from lightning_distill.gan import (
     AdversarialSchedule,
-    DiscriminatorAugment,
     ModuleFeatures,
     MultiLevelHeads,
     StepPlan,
@@ -382,42 +381,6 @@ def test_digits_classifier_features_default_layers():
     assert [f.ndim for f in out] == [4, 4, 2] and out[-1].shape == (2, feats.module.num_features)
 
 
-# --- discriminator augmentation ----------------------------------------------------------------------
-
-
-def test_translation_shifts_with_border_repeat_and_passes_gradients():
-    x = torch.arange(2 * 4 * 4, dtype=torch.float).view(2, 1, 4, 4).requires_grad_(True)
-    aug = DiscriminatorAugment(shifts=torch.tensor([[1, 0], [0, -1]]), boxes=None)  # (dy, dx) per sample
-    y = aug(x)
-    want0 = torch.stack([x[0, 0, 0], x[0, 0, 0], x[0, 0, 1], x[0, 0, 2]])  # down by one, top row repeated
-    want1 = torch.cat([x[1, 0, :, 1:], x[1, 0, :, 3:]], dim=1)  # left by one, right column repeated
-    torch.testing.assert_close(y[0, 0], want0)
-    torch.testing.assert_close(y[1, 0], want1)
-    y.sum().backward()
-    # each input pixel's gradient counts how often it was copied: the repeated border twice, the lost one never
-    torch.testing.assert_close(x.grad[0, 0, :, 0], torch.tensor([2.0, 1.0, 1.0, 0.0]))
-    torch.testing.assert_close(x.grad[1, 0, 0], torch.tensor([0.0, 1.0, 1.0, 2.0]))
-
-
-def test_cutout_zeroes_its_box_only():
-    x = torch.ones(2, 3, 4, 4)
-    y = DiscriminatorAugment(shifts=None, boxes=torch.tensor([[-1, -1, 1, 1], [1, 2, 3, 4]]))(x)
-    assert y[0, :, 0, 0].eq(0).all() and y[0].sum() == 3 * 15  # a box reaching outside clips at the border
-    assert y[1, :, 1:3, 2:4].eq(0).all() and y[1].sum() == 3 * 12
-
-
-def test_augment_draw_is_seeded_bounded_and_validated():
-    def draw(seed):
-        return DiscriminatorAugment.draw(["translation", "cutout"], (64, 1, 16, 16), torch.Generator().manual_seed(seed), "cpu")
-
-    a, b = draw(0), draw(0)
-    assert torch.equal(a.shifts, b.shifts) and torch.equal(a.boxes, b.boxes)
-    assert int(a.shifts.abs().max()) == 2  # 1/8 of 16 pixels
-    assert torch.equal(a.boxes[:, 2] - a.boxes[:, 0], torch.full((64,), 8))  # half the side
-    assert a(torch.randn(3, 1, 16, 16)).shape == (3, 1, 16, 16)  # the first n draws serve a smaller batch
-    with pytest.raises(ValueError, match="unknown discriminator augmentation"):
-        DiscriminatorAugment.draw(["flip"], (2, 1, 8, 8), None, "cpu")
-
 
 def test_one_loop_and_one_settings_path_serve_every_adversarial_method(teacher):
     """ADD, APT and DMD2 share AdversarialMethod's training step; each declares only its own arguments,
@@ -438,3 +401,15 @@ def test_one_loop_and_one_settings_path_serve_every_adversarial_method(teacher):
     assert apt(teacher).hparams.r1 == "approx"
     for model in (add, dmd2):  # factories and networks stay out of the checkpoint's hyper-parameters
         assert not {"teacher", "optimizer", "discriminator_optimizer", "fake_score_optimizer", "feature_network"} & set(model.hparams)
+
+
+def test_an_iteration_without_updates_is_refused(teacher, tmp_path):
+    """max_steps counts iterations only if each takes an optimiser step: plans that update nothing are bad input."""
+    from lightning_distill.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="critic_updates"):
+        apt(teacher, critic_updates=0.5, critic_warmup=2)
+    model = apt(teacher)
+    tr = trainer(tmp_path, [DiscriminatorSchedule(d_warmup_steps=3, freeze_d_after=1)], max_steps=3, enable_checkpointing=False)
+    with pytest.raises(ConfigError, match="iteration 1 would update no network"):
+        tr.fit(model, loader())

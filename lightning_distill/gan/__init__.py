@@ -1,12 +1,11 @@
 """GAN building blocks of the adversarial methods (ADD, APT, DMD2's GAN head).
 
 ``losses`` (GAN losses, true and approximated R1), ``plan`` (the step plan and the schedule-callback
-protocol), ``features`` (feature networks), ``discriminators`` (heads), ``augment`` (DiffAugment). The
+protocol), ``features`` (feature networks), ``discriminators`` (heads). The
 one adversarial training loop that uses them is
 :class:`lightning_distill.methods.adversarial.AdversarialMethod`.
 """
 
-from .augment import AUGMENT_POLICIES, DiscriminatorAugment, check_augment_policy
 from .discriminators import BottleneckClassifier, Discriminator, MultiLevelHeads, bottleneck_features
 from .features import DigitsClassifierFeatures, HFVisionFeatures, ModuleFeatures, UNetEncoderFeatures
 from .losses import (
@@ -23,12 +22,10 @@ from .losses import (
 from .plan import AdversarialSchedule, StepPlan, attached_schedule, d_updates_at, iteration_generator
 
 __all__ = [
-    "AUGMENT_POLICIES",
     "AdversarialSchedule",
     "BottleneckClassifier",
     "DigitsClassifierFeatures",
     "Discriminator",
-    "DiscriminatorAugment",
     "GAN_LOSSES",
     "GanLoss",
     "HFVisionFeatures",
@@ -39,7 +36,6 @@ __all__ = [
     "approx_r1_penalty",
     "attached_schedule",
     "bottleneck_features",
-    "check_augment_policy",
     "d_updates_at",
     "discriminator_accuracy",
     "hinge_d_loss",

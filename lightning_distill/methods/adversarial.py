@@ -36,11 +36,11 @@ from typing import Callable, Iterable, Literal
 
 import torch
 from lightning.pytorch.cli import OptimizerCallable
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 
 from ..errors import ConfigError
 from ..export import load_student_state
-from ..gan.augment import DiscriminatorAugment, check_augment_policy
 from ..gan.discriminators import Discriminator
 from ..gan.losses import GAN_LOSSES, GanLoss, approx_r1_penalty, r1_penalty
 from ..gan.plan import StepPlan, attached_schedule, d_updates_at, iteration_generator
@@ -136,8 +136,6 @@ class AdversarialMethod(DistillationMethod):
         generator_every: a generator update on every N-th iteration (after ``critic_warmup``).
         critic_warmup: critic-only iterations before the first generator update.
         generator_grad_clip, discriminator_grad_clip: max gradient norm per network (None: off).
-        d_augment: differentiable augmentations of every discriminator input, real and fake
-            (``"translation"``, ``"cutout"``; :class:`~lightning_distill.gan.augment.DiscriminatorAugment`).
         **kwargs: :class:`DistillationMethod`'s arguments (teacher, student, optimizer, sample_steps, ...).
     """
 
@@ -159,10 +157,8 @@ class AdversarialMethod(DistillationMethod):
         critic_warmup: int = 0,
         generator_grad_clip: float | None = None,
         discriminator_grad_clip: float | None = None,
-        d_augment: list[str] | None = None,
         **kwargs,
     ) -> None:
-        self.d_augment = check_augment_policy(d_augment or ())
         if gan_loss not in GAN_LOSSES:
             raise ConfigError(f"unknown gan_loss {gan_loss!r}; choose one of {sorted(GAN_LOSSES)}")
         if r1 not in ("true", "approx", "none"):
@@ -170,11 +166,19 @@ class AdversarialMethod(DistillationMethod):
         d_updates_at(0, critic_updates)  # validates the ratio
         if generator_every < 1 or critic_warmup < 0:
             raise ConfigError(f"need generator_every >= 1 and critic_warmup >= 0, got {generator_every}, {critic_warmup}")
+        if critic_updates < 1 and (critic_warmup > 0 or generator_every > 1):
+            # some iteration would then update nothing, and max_steps would stop counting iterations
+            raise ConfigError(
+                f"critic_updates={critic_updates} < 1 leaves iterations without a critic update, so it needs a "
+                f"generator update on every iteration: critic_warmup=0 and generator_every=1 (got {critic_warmup}, {generator_every})"
+            )
         state = None
         if init_from is not None:
             state, recorded = load_student_state(init_from, init_use_ema)
             kwargs["student_prediction_type"] = kwargs.get("student_prediction_type") or recorded
         super().__init__(teacher=teacher, **kwargs)
+        if state is not None and self.student is None:
+            raise ConfigError(f"{type(self).__name__} needs a teacher (set data.teacher) to start from init_from")
         if state is not None:
             load_init_state(self.student.unet, state, init_from)
         self.automatic_optimization = False
@@ -211,21 +215,20 @@ class AdversarialMethod(DistillationMethod):
 
         With :meth:`discriminator_t_range` (APT; ADD's LADD option) the images are noised at a random t,
         one t and one noise draw per sample taken here, so real, fake and R1 evaluations see the same
-        function of the image; ``d_augment`` parameters are drawn here too and applied before the noise.
+        function of the image.
         """
         d = self.discriminator
         labels = class_labels if d.heads.class_embed is not None or d.backbone_cond else None
-        augment = DiscriminatorAugment.draw(self.d_augment, x.shape, gen, x.device)  # identity, no draws, without a policy
         t_range = self.discriminator_t_range()
         if t_range is None:
-            return lambda images: d(augment(images), class_labels=labels)
+            return lambda images: d(images, class_labels=labels)
         t = torch.randint(int(t_range[0]), int(t_range[1]) + 1, (x.shape[0],), generator=gen, device=x.device)
         noise = torch.randn(x.shape, generator=gen, device=x.device, dtype=x.dtype)
         sched = self.student.schedule
 
         def d_fn(images: Tensor) -> Tensor:
             n = images.shape[0]
-            return d(sched.add_noise(augment(images), noise[:n], t[:n]), t[:n], class_labels=labels)
+            return d(sched.add_noise(images, noise[:n], t[:n]), t[:n], class_labels=labels)
 
         return d_fn
 
@@ -281,6 +284,16 @@ class AdversarialMethod(DistillationMethod):
         after = step - hp.critic_warmup
         return StepPlan(update_g=after >= 0 and after % hp.generator_every == 0, d_updates=d_updates_at(step, hp.critic_updates))
 
+    def setup(self, stage: str) -> None:
+        super().setup(stage)
+        hp = self.hparams
+        own = {"critic_updates": hp.critic_updates, "generator_every": hp.generator_every, "critic_warmup": hp.critic_warmup}
+        if attached_schedule(self._trainer) is not None and own != {"critic_updates": 1.0, "generator_every": 1, "critic_warmup": 0}:
+            rank_zero_warn(
+                f"{type(self).__name__}: the attached DiscriminatorSchedule plans every iteration, so the method's "
+                f"{own} are not used; set the schedule's d_updates_per_g / d_warmup_steps instead"
+            )
+
     def step_generator(self, step: int) -> torch.Generator:
         """Random stream of iteration ``step`` on this process: see :func:`~lightning_distill.gan.plan.iteration_generator`."""
         return iteration_generator(self.hparams.seed, step, self.device, self.global_rank)
@@ -312,6 +325,12 @@ class AdversarialMethod(DistillationMethod):
         step = int(self.gan_iteration)
         plan = self.plan(step)
         gen = self.step_generator(step)
+        if plan.d_updates == 0 and not plan.update_g:
+            raise ConfigError(
+                f"iteration {step} would update no network ({plan}): max_steps counts iterations, so every "
+                "iteration must take a critic or a generator update (check the DiscriminatorSchedule's "
+                "d_warmup_steps / freeze_d_after and the method's critic_updates)"
+            )
         g_opt, *critic_opts = self.optimizers()
         critics = self.critics()
         for c, opt in zip(critics, critic_opts):

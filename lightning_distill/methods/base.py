@@ -5,7 +5,7 @@ What it owns:
   * The optimiser (``OptimizerCallable``) over ``trainable_parameters()``, the student by default.
   * ``sample(n, steps, generator)``: the student's sampler, a loop over a stock diffusers scheduler so
     that the exported pipeline reproduces it sample for sample.
-  * Image-grid logging every ``sample_every_n_steps`` optimiser steps, and a finite-loss guard.
+  * Image-grid logging every ``sample_every_n_steps`` global steps, and a finite-loss guard.
 
 Checkpoint rule for the teacher: a teacher loaded from a source (a folder or hub id) is reloadable and
 its weights are left out of checkpoints (they are re-read from the source on resume). A teacher that
@@ -82,9 +82,10 @@ class DistillationMethod(L.LightningModule):
         student: the student network (a diffusers UNet). None: a copy of the teacher's UNet.
         student_prediction_type: what the student outputs; None keeps the teacher's.
         optimizer: optimiser factory for ``trainable_parameters()``.
-        lr_scheduler: optional LR scheduler factory (stepped every optimiser step).
+        lr_scheduler: optional LR scheduler factory (stepped every optimiser step; in the adversarial
+            loop, every generator update).
         sample_steps: step count used for logged sample grids and ``predict``.
-        sample_every_n_steps: log an image grid every N optimiser steps (0: never).
+        sample_every_n_steps: log an image grid every N global steps (0: never).
         num_log_samples: images per logged grid.
         seed: seed of the fixed noise used for logged grids.
 
@@ -129,6 +130,9 @@ class DistillationMethod(L.LightningModule):
         self.student: Denoiser | None = None
         if teacher is not None or student is not None:
             self.build_student(student, student_prediction_type)
+            if "student_prediction_type" in self.hparams:
+                # resolved (teacher's, or an init_from student's): a checkpoint names what the student outputs
+                self.hparams.student_prediction_type = self.student.prediction_type
 
     def set_sample_steps(self, steps: int) -> None:
         """Change the step count of logged grids, ``predict`` and FID "current" (progressive rounds).

@@ -10,7 +10,7 @@ what lets the student beat its teacher.
 Notation (paper -> code):
 
 =========================================  =============================================
-G_theta(z), one step from pure noise       ``generate``: x0 of ``student`` at (z, T-1), unclipped
+G_theta(z), one step from pure noise       ``generator_samples``: x0 of ``student`` at (z, T-1), unclamped
 mu_real(x_t, t) / mu_fake(x_t, t)          ``teacher.denoiser(x_t, t).x0`` / ``fake_score(...).x0``
 p_real = x - mu_real(x_t)                  ``x - x0_real``
 grad = (p_real - p_fake) / mean|p_real|    :func:`dm_gradient`   (DMD, Eq. 7-8; DMD2, Sec. 4)
@@ -49,7 +49,6 @@ from lightning.pytorch.cli import OptimizerCallable
 from torch import Tensor, nn
 
 from ..errors import ConfigError
-from ..gan.augment import DiscriminatorAugment
 from ..gan.discriminators import BottleneckClassifier, bottleneck_features
 from ..gan.losses import GanLoss
 from ..gan.plan import StepPlan, attached_schedule
@@ -154,7 +153,8 @@ class DMD2(AdversarialMethod):
         head_hidden: hidden channels of the head (default: the bottleneck's channels).
         fake_score_optimizer, fake_score_grad_clip: the fake score's optimiser factory and clip.
         discriminator_optimizer: head optimiser factory (None: ``fake_score_optimizer``).
-        generator_every: TTUR, critic updates per generator update (paper: 5).
+        generator_every: TTUR: a generator update every N iterations, each with ``critic_updates`` (1)
+            critic updates (paper: 5 critic updates per generator update).
         critic_warmup: critic-only iterations first (default 0: the fake score starts as the teacher,
             right for a generator that starts as the teacher; a generator from ``init_from``, e.g. a
             consistency-distilled one, has another distribution, which the fake score must learn first).
@@ -162,7 +162,7 @@ class DMD2(AdversarialMethod):
             :class:`AdversarialMethod`, with the paper's defaults (non-saturating; R1 off; clips 10).
         sample_steps: sampler steps for logged grids / predict (None: ``generator_steps``).
         **kwargs: :class:`AdversarialMethod`'s and :class:`DistillationMethod`'s arguments
-            (``optimizer`` / ``lr_scheduler`` are the generator's; ``d_augment`` augments GAN inputs).
+            (``optimizer`` / ``lr_scheduler`` are the generator's).
 
     Example::
 
@@ -262,7 +262,7 @@ class DMD2(AdversarialMethod):
         lo, hi = t_range
         return self._randint(int(lo * T), max(int(hi * T), int(lo * T) + 1), n, g)
 
-    def generate(self, n: int, g: torch.Generator, **cond) -> Tensor:
+    def generator_samples(self, n: int, g: torch.Generator, **cond) -> Tensor:
         """Generator samples x = G(x_{t_i}) at a random step i, gradients attached to the generator.
 
         i = 0 (the only choice for K = 1) starts from pure noise at the top of the grid (T - 1 when K
@@ -277,10 +277,8 @@ class DMD2(AdversarialMethod):
         x_t = backward_simulation(self.student, z, grid, index, rng=g, **cond)
         return self.student(x_t, grid[index].expand(n), clip=False, **cond).x0
 
-    def discriminator_logits(self, x: Tensor, t: Tensor, noise: Tensor, train_backbone: bool = True, augment=None, **cond) -> Tensor:
-        """Head logits on fake-score bottleneck features of x (augmented) noised to level t (gradient flows to x)."""
-        if augment is not None:
-            x = augment(x)
+    def discriminator_logits(self, x: Tensor, t: Tensor, noise: Tensor, train_backbone: bool = True, **cond) -> Tensor:
+        """Head logits on fake-score bottleneck features of x noised to level t (gradient flows to x)."""
         x_t = self.fake_score.schedule.add_noise(x, noise, t)
         feats = bottleneck_features(self.fake_score.unet, x_t, t, **cond)
         return self.discriminator_head(feats if train_backbone else feats.detach())
@@ -289,15 +287,13 @@ class DMD2(AdversarialMethod):
         """Distribution matching (+ weighted GAN) loss of the generator."""
         n = batch["x"].shape[0]
         cond = self._cond(batch)
-        x = self.generate(n, g, **cond)
+        x = self.generator_samples(n, g, **cond)
         t = self._t_in(self.hparams.dm_t_range, n, g)
         out = distribution_matching_loss(x, self.teacher.denoiser, self.fake_score, t, self._randn(x.shape, g), **cond)
         loss, logs = out.loss, dict(out.logs)
         if self.discriminator_head is not None:
             t_gan = self._t_in(self.hparams.gan_t_range, n, g)
-            noise = self._randn(x.shape, g)  # drawn before the augmentation: the order fixes the stream
-            augment = DiscriminatorAugment.draw(self.d_augment, x.shape, g, x.device)
-            g_gan = self.g_loss_fn(self.discriminator_logits(x, t_gan, noise, augment=augment, **cond))
+            g_gan = self.g_loss_fn(self.discriminator_logits(x, t_gan, self._randn(x.shape, g), **cond))
             loss = loss + self.hparams.gan_generator_weight * g_gan
             logs["g_gan"] = g_gan.detach()
         logs["g_loss"] = loss.detach()
@@ -313,7 +309,7 @@ class DMD2(AdversarialMethod):
         cond = self._cond(batch)
         T = self.fake_score.schedule.num_train_timesteps
         with torch.no_grad():
-            x_fake = self.generate(n, g, **cond)
+            x_fake = self.generator_samples(n, g, **cond)
         t = self._randint(0, T, n, g)
         fake_loss = denoising_loss(self.fake_score, x_fake, t, self._randn(x_fake.shape, g), **cond)
         loss, logs = fake_loss, {"fake_score_loss": fake_loss.detach()}
@@ -323,15 +319,13 @@ class DMD2(AdversarialMethod):
         x_real = batch["x"].to(x_fake.dtype)
         t_real, t_fake = self._t_in(self.hparams.gan_t_range, n, g), self._t_in(self.hparams.gan_t_range, n, g)
         noise_real = self._randn(x_real.shape, g)
-        aug_real = DiscriminatorAugment.draw(self.d_augment, x_real.shape, g, x_real.device)
-        aug_fake = DiscriminatorAugment.draw(self.d_augment, x_fake.shape, g, x_fake.device)
 
         def d_real(x: Tensor) -> Tensor:  # D as a function of the clean image only: t and noise fixed now
-            return self.discriminator_logits(x, t_real, noise_real, plan.train_d_backbone, augment=aug_real, **cond)
+            return self.discriminator_logits(x, t_real, noise_real, plan.train_d_backbone, **cond)
 
         real_logits = d_real(x_real)
         fake_logits = self.discriminator_logits(
-            x_fake, t_fake, self._randn(x_fake.shape, g), plan.train_d_backbone, augment=aug_fake, **cond
+            x_fake, t_fake, self._randn(x_fake.shape, g), plan.train_d_backbone, **cond
         )
         d_gan = self.d_loss_fn(real_logits, fake_logits)
         loss = loss + self.hparams.gan_discriminator_weight * d_gan
