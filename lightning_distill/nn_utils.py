@@ -75,13 +75,19 @@ class FeatureTap:
 
     def __init__(self, network: nn.Module, names, stop: bool = False) -> None:
         names = dict(names) if isinstance(names, dict) else {n: n for n in names}
-        modules = dict(network.named_modules())
-        unknown = [path for path in names.values() if path not in modules]
+        # Feature networks build a tap per forward pass: look up only the named paths (walking every
+        # module of the network is left to the error message).
+        blocks, unknown = {}, []
+        for key, path in names.items():
+            try:
+                blocks[key] = network.get_submodule(path)
+            except AttributeError:
+                unknown.append(path)
         if unknown or not names:
-            blocks = [n for n in modules if n and n.count(".") <= 1]
-            raise ConfigError(f"no block named {unknown or '(none given)'} in {type(network).__name__}; blocks: {blocks[:24]}")
+            known = [n for n, _ in network.named_modules() if n and n.count(".") <= 1]
+            raise ConfigError(f"no block named {unknown or '(none given)'} in {type(network).__name__}; blocks: {known[:24]}")
         self.network_name = type(network).__name__
-        self.blocks = {key: modules[path] for key, path in names.items()}
+        self.blocks = blocks
         self.stop = stop
         self.features: dict[str, Tensor] = {}
         self._handles: list = []
