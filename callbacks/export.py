@@ -52,7 +52,7 @@ class PipelineExport(L.Callback):
                 state, _ = load_student_state(best, self.use_ema)
                 unet = copy.deepcopy(pl_module.student.unet)
                 unet.load_state_dict(state)
-                path = export_pipeline(unet, pl_module.make_scheduler(), self.dirpath)
+                path = export_pipeline(unet, pl_module.sampling_scheduler(pl_module.hparams.sample_steps), self.dirpath)
                 self.exported_from = best
             self.exported_to = str(path)
             rank_zero_info(f"Exported diffusers pipeline to {path}" + (f" (from {best})" if best else ""))

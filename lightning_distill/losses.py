@@ -123,7 +123,10 @@ def denoising_loss(
         snr = sched.snr(t)
         w = snr.clamp(max=min_snr_gamma)
         # Min-SNR weights are defined for x0-loss; divide by what the parametrisation already implies.
-        implied = {"epsilon": snr, "sample": torch.ones_like(snr), "v_prediction": snr + 1}[denoiser.prediction_type]
+        implied = {
+            "epsilon": snr, "sample": torch.ones_like(snr), "v_prediction": snr + 1,
+            "flow_prediction": (snr.sqrt() + 1) ** 2,  # x0 = x_s - s u: the u-error is the x0-error over s
+        }[denoiser.prediction_type]
         per_sample = per_sample * w / implied
     return per_sample.mean()
 

@@ -327,17 +327,16 @@ def score_features(
 def ddim_scheduler_for(scheduler_config: dict, clip_x0: float | None = 1.0, prediction_type: str | None = None):
     """A deterministic DDIM sampler (eta = 0, trailing spacing, last step onto x0) from any VP scheduler config.
 
-    The same settings as ``DistillationMethod.make_scheduler``, so teacher and student step counts mean
-    the same grid.
+    The same settings as ``DistillationMethod.make_scheduler`` (``sampling.deterministic_scheduler``),
+    so teacher and student step counts mean the same grid.
     """
+    from .parametrisation import VPSchedule
+    from .sampling import deterministic_scheduler
     from diffusers import DDIMScheduler
 
     cfg = {k: v for k, v in dict(scheduler_config).items() if not k.startswith("_")}
-    if prediction_type is not None:
-        cfg["prediction_type"] = prediction_type
-    cfg.update(timestep_spacing="trailing", set_alpha_to_one=True, clip_sample=clip_x0 is not None,
-               clip_sample_range=clip_x0 or 1.0)
-    return DDIMScheduler.from_config(cfg)
+    schedule = VPSchedule.from_scheduler(DDIMScheduler.from_config(cfg))
+    return deterministic_scheduler(cfg, schedule, prediction_type or cfg.get("prediction_type", "epsilon"), clip_x0)
 
 
 @torch.no_grad()
@@ -357,10 +356,13 @@ def scheduler_sample(
     """
     from diffusers.utils.torch_utils import randn_tensor
 
+    from .sampling import at_steps
+
     cfg = unet.config
     size = cfg.sample_size if isinstance(cfg.sample_size, int) else cfg.sample_size[0]
     p = next(unet.parameters())
     device = torch.device(device) if device is not None else p.device
+    scheduler = at_steps(scheduler, steps)  # flow schedulers: the trailing grid at every step count
     scheduler.set_timesteps(steps)
     x = randn_tensor((n, int(cfg.in_channels), int(size), int(size)), generator=generator, device=device)
     cond = {"class_labels": labels.to(device)} if labels is not None else {}
@@ -382,7 +384,7 @@ def decode_latents(x: Tensor, vae: nn.Module | None) -> Tensor:
 
 @torch.no_grad()
 def sample_teacher(teacher, n: int, steps: int, generator: torch.Generator | None = None, labels: Tensor | None = None) -> Tensor:
-    """Sample a :class:`~lightning_distill.teacher.DiffusionTeacher` with ``steps`` DDIM (eta = 0) steps.
+    """Sample a :class:`~lightning_distill.teacher.DiffusionTeacher` with ``steps`` DDIM (eta = 0; flow: Euler) steps.
 
     Returns images in [-1, 1] (latent teachers are decoded by their VAE).
 
@@ -390,7 +392,11 @@ def sample_teacher(teacher, n: int, steps: int, generator: torch.Generator | Non
 
         >>> x = sample_teacher(load_teacher("bundled:digits"), 16, 50, torch.Generator().manual_seed(0))
     """
-    sched = ddim_scheduler_for(teacher.scheduler_config, teacher.denoiser.clip_x0, teacher.prediction_type)
+    from .sampling import at_steps, deterministic_scheduler
+
+    den = teacher.denoiser
+    sched = deterministic_scheduler(teacher.scheduler_config, den.schedule, den.prediction_type, den.clip_x0)
+    sched = at_steps(sched, steps, den.schedule)
     return decode_latents(scheduler_sample(teacher.unet, sched, n, steps, generator, labels), teacher.vae)
 
 

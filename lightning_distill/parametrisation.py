@@ -1,6 +1,12 @@
-"""One parametrisation layer for every method (EDM's ``EDMPrecond`` idea, for VP / diffusers models).
+"""One parametrisation layer for every method (EDM's ``EDMPrecond`` idea, for diffusers models).
 
-Notation (diffusers name -> paper name):
+Two Gaussian paths x_t = alpha_t x + sigma_t eps share one interface (:class:`NoiseSchedule`):
+
+* variance preserving (:class:`VPSchedule`, DDPM / DDIM / LCM schedulers): alpha^2 + sigma^2 = 1;
+* rectified flow (:class:`FlowSchedule`, ``FlowMatchEulerDiscreteScheduler``; SD3, Flux, SANA, Wan):
+  alpha = 1 - s, sigma = s, s in [0, 1] (Liu et al. 2022; Esser et al. 2024).
+
+Notation for VP (diffusers name -> paper name):
 
 =============================  =========================================
 ``alphas_cumprod[t]``          alpha_t^2 (``alpha_bar`` in DDPM)
@@ -9,14 +15,20 @@ Notation (diffusers name -> paper name):
 ``prediction_type="epsilon"``  eps-prediction
 ``"sample"``                   x-prediction (x0)
 ``"v_prediction"``             v = alpha_t eps - sigma_t x   (Salimans & Ho 2022, Sec. 4)
+
+``"flow_prediction"``          flow velocity u = dx_s/ds = eps - x (diffusers' DPM-Solver name for it)
 =============================  =========================================
 
-x_t = alpha_t x + sigma_t eps with alpha_t^2 + sigma_t^2 = 1, SNR = alpha^2 / sigma^2.
+SNR = alpha^2 / sigma^2 on both paths.
 
-Timesteps are the model's integer timesteps ``0 .. T-1``; ``t = -1`` stands for clean data
-(alpha = 1, sigma = 0), which is where the last DDIM step lands (diffusers' ``set_alpha_to_one``).
-Methods never branch on ``prediction_type``: they call :class:`Denoiser`, which returns all three
-parametrisations, and the pure functions below. A pixel-space denoiser clamps its x0 estimate as its
+Methods index noise levels by integer timesteps ``0 .. T-1`` on both paths; ``t = -1`` stands for
+clean data (alpha = 1, sigma = 0), which is where the last DDIM / Euler step lands. On the VP path the
+index is the network's timestep; on the flow path index i is diffusers' training level
+s_i = shift((i + 1) / T) and the network is fed s_i * T (:meth:`NoiseSchedule.model_timestep`), as
+``FlowMatchEulerDiscreteScheduler`` does. Methods never branch on the path or on ``prediction_type``:
+they call :class:`Denoiser`, which returns every parametrisation, and the pure functions below.
+The deterministic DDIM step (alpha_s x0 + sigma_s eps) is, on the flow path, exactly the Euler step
+x_s' = x_s + (s' - s) u of ``FlowMatchEulerDiscreteScheduler``. A pixel-space denoiser clamps its x0 estimate as its
 sampler does; ``denoiser(x_t, t, clip=False)`` is the unclamped estimate that training uses.
 """
 
@@ -28,8 +40,15 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-PredictionType = Literal["epsilon", "sample", "v_prediction"]
-PREDICTION_TYPES = ("epsilon", "sample", "v_prediction")
+PredictionType = Literal["epsilon", "sample", "v_prediction", "flow_prediction"]
+PREDICTION_TYPES = ("epsilon", "sample", "v_prediction", "flow_prediction")
+#: the diffusers scheduler classes each path is read from (a teacher's ``scheduler/`` folder).
+VP_SCHEDULERS = (
+    "DDIMScheduler", "DDPMScheduler", "LCMScheduler", "PNDMScheduler", "EulerDiscreteScheduler",
+    "EulerAncestralDiscreteScheduler", "DPMSolverMultistepScheduler", "UniPCMultistepScheduler",
+    "DEISMultistepScheduler", "HeunDiscreteScheduler", "TCDScheduler",
+)
+FLOW_SCHEDULERS = ("FlowMatchEulerDiscreteScheduler", "FlowMatchHeunDiscreteScheduler", "FlowMatchLCMScheduler")
 
 
 def expand_like(coef: Tensor, like: Tensor) -> Tensor:
@@ -45,7 +64,68 @@ def expand_like(coef: Tensor, like: Tensor) -> Tensor:
 _expand = expand_like  # the old private name, until every caller uses expand_like
 
 
-class VPSchedule(nn.Module):
+class NoiseSchedule(nn.Module):
+    """A discrete Gaussian path x_t = alpha_t x + sigma_t eps, looked up by integer timestep t in [-1, T-1].
+
+    Subclasses fill ``_alpha`` / ``_sigma`` tables of T + 1 entries (index 0 is t = -1, clean data) and
+    say what the network is fed (:meth:`model_timestep`). Everything else is shared.
+    """
+
+    path: str = ""
+
+    def _set_tables(self, alpha: Tensor, sigma: Tensor) -> None:
+        self.register_buffer("_alpha", alpha.float(), persistent=False)
+        self.register_buffer("_sigma", sigma.float(), persistent=False)
+
+    @property
+    def num_train_timesteps(self) -> int:
+        return self._alpha.numel() - 1
+
+    def _index(self, t: Tensor) -> Tensor:
+        t = torch.as_tensor(t, device=self._alpha.device).long()
+        if bool(((t < -1) | (t >= self.num_train_timesteps)).any()):
+            raise ValueError(f"timesteps must lie in [-1, {self.num_train_timesteps - 1}], got {t.tolist()}")
+        return t + 1
+
+    def alpha(self, t: Tensor) -> Tensor:
+        return self._alpha[self._index(t)]
+
+    def sigma(self, t: Tensor) -> Tensor:
+        return self._sigma[self._index(t)]
+
+    def alphas_cumprod(self, t: Tensor) -> Tensor:
+        """alpha_t^2 (diffusers' alpha_bar on the VP path) looked up by timestep (t = -1 gives 1)."""
+        return self.alpha(t) ** 2
+
+    def snr(self, t: Tensor) -> Tensor:
+        return self.alpha(t) ** 2 / self.sigma(t) ** 2
+
+    def model_timestep(self, t: Tensor) -> Tensor:  # pragma: no cover - abstract
+        """The timestep the network is called with at integer timestep t."""
+        raise NotImplementedError
+
+    def add_noise(self, x0: Tensor, eps: Tensor, t: Tensor) -> Tensor:
+        """x_t = alpha_t x0 + sigma_t eps (the forward process)."""
+        return expand_like(self.alpha(t), x0) * x0 + expand_like(self.sigma(t), x0) * eps
+
+    def trailing_timesteps(self, num_steps: int) -> Tensor:
+        """The sampling grid of a ``num_steps`` sampler, 'trailing' spacing, high to low, ending at -1.
+
+        Matches diffusers' ``timestep_spacing="trailing"`` (Lin et al. 2023, Table 2) and nests: the
+        grid of N steps is every other point of the grid of 2N steps, which progressive distillation
+        relies on. On the flow path it is s_k = shift(1 - k / N), Flux's grid, when N divides T.
+        """
+        T = self.num_train_timesteps
+        if num_steps < 1 or num_steps > T:
+            raise ValueError(f"num_steps must lie in [1, {T}], got {num_steps}")
+        grid = torch.round(torch.arange(num_steps + 1, dtype=torch.float64) * (T / num_steps)).long()
+        return (T - grid - 1).clamp_min(-1)
+
+    def copy(self) -> "NoiseSchedule":  # pragma: no cover - abstract
+        raise NotImplementedError
+
+
+class VPSchedule(NoiseSchedule):
     """A discrete variance-preserving noise schedule: alpha, sigma, SNR lookups by integer timestep.
 
     Args:
@@ -59,6 +139,8 @@ class VPSchedule(nn.Module):
         torch.Size([2])
     """
 
+    path = "vp"
+
     def __init__(self, alphas_cumprod: Tensor) -> None:
         super().__init__()
         ac = torch.as_tensor(alphas_cumprod, dtype=torch.float64)
@@ -67,6 +149,7 @@ class VPSchedule(nn.Module):
         # index 0 holds t = -1 (clean data): alpha_bar = 1.
         padded = torch.cat([torch.ones(1, dtype=torch.float64), ac])
         self.register_buffer("_alphas_cumprod", padded.float(), persistent=False)
+        self._set_tables(padded.float().sqrt(), (1 - padded.float()).clamp_min(0).sqrt())
 
     @classmethod
     def from_scheduler(cls, scheduler) -> "VPSchedule":
@@ -78,10 +161,6 @@ class VPSchedule(nn.Module):
         return cls(torch.as_tensor(scheduler.alphas_cumprod))
 
     @property
-    def num_train_timesteps(self) -> int:
-        return self._alphas_cumprod.numel() - 1
-
-    @property
     def alphas_cumprod_table(self) -> Tensor:
         """alpha_bar_t for t = 0 .. T-1: a diffusers scheduler's ``alphas_cumprod`` (a view: do not modify)."""
         return self._alphas_cumprod[1:]
@@ -91,38 +170,102 @@ class VPSchedule(nn.Module):
         return VPSchedule(self.alphas_cumprod_table.clone())
 
     def alphas_cumprod(self, t: Tensor) -> Tensor:
-        """alpha_bar_t looked up by timestep (t = -1 gives 1, clean data)."""
-        t = torch.as_tensor(t, device=self._alphas_cumprod.device).long()
-        if bool(((t < -1) | (t >= self.num_train_timesteps)).any()):
-            raise ValueError(f"timesteps must lie in [-1, {self.num_train_timesteps - 1}], got {t.tolist()}")
-        return self._alphas_cumprod[t + 1]
-
-    def alpha(self, t: Tensor) -> Tensor:
-        return self.alphas_cumprod(t).sqrt()
-
-    def sigma(self, t: Tensor) -> Tensor:
-        return (1 - self.alphas_cumprod(t)).clamp_min(0).sqrt()
+        return self._alphas_cumprod[self._index(t)]
 
     def snr(self, t: Tensor) -> Tensor:
         ac = self.alphas_cumprod(t)
         return ac / (1 - ac)
 
-    def add_noise(self, x0: Tensor, eps: Tensor, t: Tensor) -> Tensor:
-        """x_t = alpha_t x0 + sigma_t eps (the forward process)."""
-        return expand_like(self.alpha(t), x0) * x0 + expand_like(self.sigma(t), x0) * eps
+    def model_timestep(self, t: Tensor) -> Tensor:
+        # t = -1 (clean) is never fed to a network; clamp keeps the call legal for the boundary.
+        return torch.as_tensor(t).clamp_min(0)
 
-    def trailing_timesteps(self, num_steps: int) -> Tensor:
-        """The sampling grid of a ``num_steps`` sampler, 'trailing' spacing, high to low, ending at -1.
 
-        Matches diffusers' ``timestep_spacing="trailing"`` (Lin et al. 2023, Table 2) and nests: the
-        grid of N steps is every other point of the grid of 2N steps, which progressive distillation
-        relies on.
-        """
-        T = self.num_train_timesteps
-        if num_steps < 1 or num_steps > T:
-            raise ValueError(f"num_steps must lie in [1, {T}], got {num_steps}")
-        grid = torch.round(torch.arange(num_steps + 1, dtype=torch.float64) * (T / num_steps)).long()
-        return (T - grid - 1).clamp_min(-1)
+def flow_shift(s: Tensor, shift: float) -> Tensor:
+    """SD3's static timestep shift s -> shift s / (1 + (shift - 1) s) (Esser et al. 2024, Eq. 23).
+
+    Flux's resolution-dependent shift e^mu / (e^mu + 1/s - 1) is the same map with shift = e^mu.
+    """
+    return shift * s / (1 + (shift - 1) * s)
+
+
+def dynamic_shift(image_seq_len: int, config: dict) -> float:
+    """The static shift equal to a ``use_dynamic_shifting`` scheduler's at ``image_seq_len`` tokens.
+
+    mu grows linearly from ``base_shift`` at ``base_image_seq_len`` to ``max_shift`` at
+    ``max_image_seq_len`` (Flux's ``calculate_shift``); exponential time shifting is shift = e^mu,
+    linear time shifting is shift = mu.
+    """
+    import math
+
+    base_len, max_len = config.get("base_image_seq_len", 256), config.get("max_image_seq_len", 4096)
+    base, top = config.get("base_shift", 0.5), config.get("max_shift", 1.15)
+    mu = base + (top - base) * (image_seq_len - base_len) / (max_len - base_len)
+    return math.exp(mu) if config.get("time_shift_type", "exponential") == "exponential" else mu
+
+
+class FlowSchedule(NoiseSchedule):
+    """The rectified-flow path x_s = (1 - s) x + s eps on diffusers' discrete training levels.
+
+    Integer timestep i in [0, T-1] is the level s_i = shift((i + 1) / T) of
+    ``FlowMatchEulerDiscreteScheduler``'s training table (``scheduler.sigmas``, ascending), and the
+    network is fed s_i * T; i = -1 is clean data (s = 0).
+
+    Args:
+        num_train_timesteps: T.
+        shift: the static timestep shift (1: none; SD3 uses 3.0).
+
+    Example::
+
+        >>> sched = FlowSchedule(1000, shift=3.0)
+        >>> sched.sigma(torch.tensor([-1, 999]))       # tensor([0., 1.])
+    """
+
+    path = "flow"
+
+    def __init__(self, num_train_timesteps: int = 1000, shift: float = 1.0) -> None:
+        super().__init__()
+        if num_train_timesteps < 1 or shift <= 0:
+            raise ValueError(f"FlowSchedule needs num_train_timesteps >= 1 and shift > 0, got {num_train_timesteps}, {shift}")
+        self.shift = float(shift)
+        levels = torch.arange(num_train_timesteps + 1, dtype=torch.float64) / num_train_timesteps
+        sigma = flow_shift(levels, self.shift)
+        self._set_tables(1 - sigma, sigma)
+        self.register_buffer("_timestep", (sigma * num_train_timesteps).float(), persistent=False)
+
+    @classmethod
+    def from_scheduler(cls, scheduler, image_seq_len: int | None = None) -> "FlowSchedule":
+        """Build from a ``FlowMatch*`` scheduler; a dynamically shifting one needs ``image_seq_len``."""
+        cfg = dict(scheduler.config)
+        shift = float(cfg.get("shift", 1.0))
+        if cfg.get("use_dynamic_shifting"):
+            if image_seq_len is None:
+                raise ValueError(
+                    f"{type(scheduler).__name__} shifts with the resolution (use_dynamic_shifting): "
+                    "the image token count is needed to fix its shift"
+                )
+            shift = dynamic_shift(image_seq_len, cfg)
+        return cls(int(cfg["num_train_timesteps"]), shift)
+
+    def copy(self) -> "FlowSchedule":
+        return FlowSchedule(self.num_train_timesteps, self.shift)
+
+    def model_timestep(self, t: Tensor) -> Tensor:
+        return self._timestep[self._index(t)]
+
+
+def schedule_from_scheduler(scheduler, image_seq_len: int | None = None) -> NoiseSchedule:
+    """The path of a diffusers scheduler instance: :class:`FlowSchedule` for ``FlowMatch*`` classes,
+    :class:`VPSchedule` for the DDPM family. Raises ValueError naming the supported classes otherwise."""
+    name = type(scheduler).__name__
+    if name in FLOW_SCHEDULERS:
+        return FlowSchedule.from_scheduler(scheduler, image_seq_len)
+    if name in VP_SCHEDULERS or hasattr(scheduler, "alphas_cumprod"):
+        return VPSchedule.from_scheduler(scheduler)
+    raise ValueError(
+        f"scheduler {name} is not supported; flow-matching: {', '.join(FLOW_SCHEDULERS)}; "
+        f"variance-preserving: {', '.join(VP_SCHEDULERS)}"
+    )
 
 
 # --- conversions between eps / x0 / v (pure functions) -------------------------------------------
@@ -130,14 +273,26 @@ class VPSchedule(nn.Module):
 
 @dataclass
 class Prediction:
-    """A denoiser output in all three parametrisations, for the same x_t."""
+    """A denoiser output in every parametrisation, for the same x_t."""
 
     x0: Tensor
     eps: Tensor
     v: Tensor
 
+    @property
+    def flow(self) -> Tensor:
+        """The flow velocity u = eps - x0 (the rectified-flow network output)."""
+        return self.eps - self.x0
+
     def get(self, kind: PredictionType) -> Tensor:
+        if kind == "flow_prediction":
+            return self.flow
         return {"epsilon": self.eps, "sample": self.x0, "v_prediction": self.v}[kind]
+
+
+def _check_kind(kind: str) -> None:
+    if kind not in PREDICTION_TYPES:
+        raise ValueError(f"unknown prediction_type {kind!r}; choose one of {PREDICTION_TYPES}")
 
 
 def prediction_from_output(
@@ -145,9 +300,13 @@ def prediction_from_output(
 ) -> Prediction:
     """Turn a network output of type ``kind`` into (x0, eps, v) at noise level (alpha, sigma).
 
+    Valid on any Gaussian path x_t = alpha x0 + sigma eps. The v-prediction inversion
+    (x0 = alpha x_t - sigma v) assumes alpha^2 + sigma^2 = 1 (VP); the flow velocity u = eps - x0
+    inverts as x0 = (x_t - sigma u) / (alpha + sigma), i.e. x0 = x_t - s u on the flow path.
     With ``clip_x0`` the x0 estimate is clamped and eps re-derived from it, as diffusers' schedulers do
     with ``clip_sample`` + ``use_clipped_model_output``.
     """
+    _check_kind(kind)
     a, s = expand_like(alpha, x_t), expand_like(sigma, x_t)
     if kind == "epsilon":
         eps = output
@@ -158,8 +317,9 @@ def prediction_from_output(
     elif kind == "v_prediction":
         x0 = a * x_t - s * output
         eps = s * x_t + a * output
-    else:
-        raise ValueError(f"unknown prediction_type {kind!r}; choose one of {PREDICTION_TYPES}")
+    else:  # flow_prediction
+        x0 = (x_t - s * output) / (a + s)
+        eps = output + x0
     if clip_x0 is not None:
         x0 = x0.clamp(-clip_x0, clip_x0)
         eps = (x_t - a * x0) / s
@@ -168,13 +328,14 @@ def prediction_from_output(
 
 def target_for(kind: PredictionType, x0: Tensor, eps: Tensor, alpha: Tensor, sigma: Tensor) -> Tensor:
     """The regression target of a network of type ``kind`` for clean x0 and noise eps."""
+    _check_kind(kind)
     if kind == "epsilon":
         return eps
     if kind == "sample":
         return x0
     if kind == "v_prediction":
         return expand_like(alpha, x0) * eps - expand_like(sigma, x0) * x0
-    raise ValueError(f"unknown prediction_type {kind!r}; choose one of {PREDICTION_TYPES}")
+    return eps - x0
 
 
 def output_for(kind: PredictionType, x0: Tensor, x_t: Tensor, alpha: Tensor, sigma: Tensor) -> Tensor:
@@ -185,16 +346,19 @@ def output_for(kind: PredictionType, x0: Tensor, x_t: Tensor, alpha: Tensor, sig
 
 
 def ddim_step(x0: Tensor, eps: Tensor, alpha_s: Tensor, sigma_s: Tensor) -> Tensor:
-    """Deterministic DDIM (eta = 0) update to level s: z_s = alpha_s x0 + sigma_s eps (Song et al. 2021, Eq. 12)."""
+    """Deterministic DDIM (eta = 0) update to level s: z_s = alpha_s x0 + sigma_s eps (Song et al. 2021, Eq. 12).
+
+    On the flow path this is the Euler step x_s + (s' - s) u of ``FlowMatchEulerDiscreteScheduler``.
+    """
     return expand_like(alpha_s, x0) * x0 + expand_like(sigma_s, x0) * eps
 
 
 class Denoiser(nn.Module):
-    """A diffusers UNet plus its noise schedule and prediction type: the one place that converts.
+    """A diffusers network plus its noise schedule and prediction type: the one place that converts.
 
     Args:
         unet: a diffusers ``UNet2DModel`` / ``UNet2DConditionModel`` (or anything with the same call).
-        schedule: the noise schedule the network was trained with.
+        schedule: the path the network was trained on (:class:`VPSchedule` or :class:`FlowSchedule`).
         prediction_type: what the network outputs.
         clip_x0: clamp x0 estimates to [-clip_x0, clip_x0] (pixel-space models; None for latents).
 
@@ -203,13 +367,13 @@ class Denoiser(nn.Module):
         >>> den = Denoiser(unet, VPSchedule.from_scheduler(scheduler), "epsilon", clip_x0=1.0)
         >>> pred = den(x_t, t)                     # Prediction(x0, eps, v), x0 clamped as the sampler does
         >>> x0 = den(x_t, t, clip=False).x0        # unclamped: the estimate to train on
-        >>> z_s = den.ddim(x_t, t, s)              # one deterministic DDIM step
+        >>> z_s = den.ddim(x_t, t, s)              # one deterministic DDIM (flow path: Euler) step
     """
 
     def __init__(
         self,
         unet: nn.Module,
-        schedule: VPSchedule,
+        schedule: NoiseSchedule,
         prediction_type: PredictionType = "epsilon",
         clip_x0: float | None = None,
     ) -> None:
@@ -221,12 +385,23 @@ class Denoiser(nn.Module):
         self.prediction_type = prediction_type
         self.clip_x0 = clip_x0
 
+    @property
+    def path(self) -> str:
+        """"vp" or "flow": the schedule's path."""
+        return self.schedule.path
+
     def raw(self, x_t: Tensor, t: Tensor, **cond) -> Tensor:
-        """The bare network output (whatever ``prediction_type`` says)."""
+        """The bare network output (whatever ``prediction_type`` says) at integer timestep t."""
         t = torch.as_tensor(t, device=x_t.device)
         if t.ndim == 0:
             t = t.expand(x_t.shape[0])
-        # t = -1 (clean) is never fed to a network; clamp keeps the call legal for the boundary.
+        return self.network(x_t, self.schedule.model_timestep(t), **cond)
+
+    def network(self, x_t: Tensor, model_t: Tensor, **cond) -> Tensor:
+        """The network called with its own timestep (a sampler's ``scheduler.timesteps`` entry)."""
+        model_t = torch.as_tensor(model_t, device=x_t.device)
+        if model_t.ndim == 0:
+            model_t = model_t.expand(x_t.shape[0])
         # A teacher held in lower precision (data.teacher_dtype) receives inputs in its own dtype.
         param = next(self.unet.parameters(), None)
         dtype = param.dtype if param is not None and param.is_floating_point() else x_t.dtype
@@ -235,8 +410,7 @@ class Denoiser(nn.Module):
             for k, v in cond.items()
             if v is not None
         }
-        out = self.unet(x_t.to(dtype), t.clamp_min(0), **cond, return_dict=False)[0]
-        return out
+        return self.unet(x_t.to(dtype), model_t, **cond, return_dict=False)[0]
 
     def forward(self, x_t: Tensor, t: Tensor, clip: bool = True, **cond) -> Prediction:
         """The prediction at (x_t, t) in all three parametrisations, in x_t's dtype.
@@ -259,7 +433,7 @@ class Denoiser(nn.Module):
         )
 
     def ddim(self, x_t: Tensor, t: Tensor, s: Tensor, pred: Prediction | None = None, **cond) -> Tensor:
-        """One deterministic DDIM step from timestep t to timestep s < t (s = -1 gives the x0 estimate)."""
+        """One deterministic DDIM (flow: Euler) step from timestep t to s < t (s = -1 gives the x0 estimate)."""
         s = torch.as_tensor(s, device=x_t.device)
         if s.ndim == 0:
             s = s.expand(x_t.shape[0])

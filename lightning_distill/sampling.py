@@ -1,6 +1,15 @@
-"""Samplers shared by several methods: the LCM training grid, the stock ``LCMScheduler`` builder, the x0
-sampler (x0 estimate, then fresh noise to the next timestep) and its training-time counterpart,
-backward simulation (DMD2, Sec. 4.3), used by consistency distillation, LCM, ADD and DMD2.
+"""Samplers shared by several methods: the stock deterministic sampler of each path (DDIM / flow Euler),
+the LCM training grid, the stock x0-sampler builder (``LCMScheduler`` / ``FlowMatchLCMScheduler``: x0
+estimate, then fresh noise to the next timestep) and its training-time counterpart, backward simulation
+(DMD2, Sec. 4.3), used by consistency distillation, LCM, ADD and DMD2.
+
+Flow-path step grids: ``FlowMatch*Scheduler.set_timesteps(N)`` spaces N levels from 1 down to the
+scheduler's smallest training level (1/T), so its default 2-step grid is (1, 0.001) and wastes a
+step. Every flow sampler here is instead built for its step count with ``shift_terminal`` at the
+last non-zero level of the trailing grid (:meth:`NoiseSchedule.trailing_timesteps`): for shift 1 it
+visits s = 1, (N-1)/N, ..., 1/N, 0 (Flux's grid), the grid flow students are trained on. An exported
+flow pipeline carries the scheduler of its trained step count, so its default call reproduces the
+framework's samples exactly.
 """
 
 from __future__ import annotations
@@ -11,10 +20,67 @@ import torch
 from torch import Tensor
 
 from .errors import ConfigError
-from .parametrisation import Denoiser, VPSchedule
+from .parametrisation import Denoiser, FlowSchedule, NoiseSchedule
 
 if TYPE_CHECKING:
     from .methods.base import DistillationMethod
+
+
+#: the stock scheduler of each path for a deterministic multi-step sampler and for an x0 sampler.
+STOCK_SAMPLERS = {
+    "vp": {"ddim": "DDIMScheduler", "x0": "LCMScheduler"},
+    "flow": {"ddim": "FlowMatchEulerDiscreteScheduler", "x0": "FlowMatchLCMScheduler"},
+}
+
+
+def flow_scheduler(kind: str, schedule: FlowSchedule):
+    """A stock flow scheduler (``kind`` "ddim": Euler, "x0": LCM) on ``schedule``'s T and static shift."""
+    import diffusers
+
+    cls = getattr(diffusers, STOCK_SAMPLERS["flow"][kind])
+    return cls(num_train_timesteps=schedule.num_train_timesteps, shift=schedule.shift)
+
+
+def at_steps(scheduler, steps: int, schedule: NoiseSchedule | None = None):
+    """The scheduler to take ``steps`` steps with: VP schedulers unchanged; a flow one rebuilt with
+    ``shift_terminal`` so that ``set_timesteps(steps)`` visits the trailing grid (module docstring).
+
+    ``schedule`` defaults to the one the scheduler's config describes (a static shift).
+    """
+    if not hasattr(scheduler, "sigmas") or hasattr(scheduler, "alphas_cumprod"):
+        return scheduler
+    schedule = schedule if schedule is not None else FlowSchedule.from_scheduler(scheduler)
+    cfg = {k: v for k, v in dict(scheduler.config).items() if not k.startswith("_")}  # _use_default_values resets keys
+    cfg.update(shift=schedule.shift, use_dynamic_shifting=False, shift_terminal=None)
+    if steps >= 2:  # one step goes from s = 1 straight to 0; stretching a one-point grid would divide by 0
+        cfg["shift_terminal"] = float(schedule.sigma(schedule.trailing_timesteps(steps)[-2]))
+    return type(scheduler).from_config(cfg)
+
+
+def deterministic_scheduler(
+    scheduler_config: dict, schedule: NoiseSchedule, prediction_type: str, clip_x0: float | None
+):
+    """The stock deterministic sampler of a network: DDIM (eta = 0, trailing spacing, last step onto x0,
+    clipping as ``clip_x0``) on the VP path, ``FlowMatchEulerDiscreteScheduler`` on the flow path.
+
+    Students and teachers alike, so step counts mean the same grid. Take a flow one through
+    :func:`at_steps` before sampling.
+    """
+    if schedule.path == "flow":
+        if prediction_type != "flow_prediction":
+            raise ConfigError(
+                f"a flow-matching sampler steps with the velocity: the network must be a flow_prediction one, not {prediction_type!r}"
+            )
+        return flow_scheduler("ddim", schedule)
+    from diffusers import DDIMScheduler
+
+    cfg = {k: v for k, v in dict(scheduler_config).items() if not k.startswith("_")}
+    cfg["prediction_type"] = prediction_type
+    # Trailing spacing starts at the last training timestep (pure noise for zero-terminal-SNR
+    # schedules), which few-step samplers need; set_alpha_to_one makes the last step land on x0.
+    cfg.update(timestep_spacing="trailing", set_alpha_to_one=True, clip_sample=clip_x0 is not None,
+               clip_sample_range=clip_x0 or 1.0)
+    return DDIMScheduler.from_config(cfg)
 
 
 def lcm_training_timesteps(num_train_timesteps: int, original_inference_steps: int) -> Tensor:
@@ -46,6 +112,11 @@ def lcm_scheduler(method: DistillationMethod, original_inference_steps: int, tim
     """
     import diffusers
 
+    if method.student.path == "flow":
+        # FlowMatchLCMScheduler: x0 = x_s - s u, then (1 - s') x0 + s' eps; no boundary scalings to match.
+        if method.student.prediction_type != "flow_prediction":
+            raise ConfigError("a flow-matching x0 sampler needs a flow_prediction student")
+        return flow_scheduler("x0", method.student.schedule)
     src = dict(method.student_scheduler_config)
     keys = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas", "rescale_betas_zero_snr")
     cfg = {k: src[k] for k in keys if k in src}
@@ -68,7 +139,7 @@ def lcm_scheduler(method: DistillationMethod, original_inference_steps: int, tim
     return sched
 
 
-def generator_timesteps(schedule: VPSchedule, num_steps: int) -> Tensor:
+def generator_timesteps(schedule: NoiseSchedule, num_steps: int) -> Tensor:
     """The K input timesteps of a K-step generator, high to low: t_n = n (T // K) - 1, n = K..1.
 
     The grid ``LCMScheduler(original_inference_steps=K)`` visits (for T = 1024, K = 4: 1023, 767, 511,
@@ -97,7 +168,11 @@ def backward_simulation(
 
 
 __all__ = [
+    "STOCK_SAMPLERS",
     "X0_SAMPLER_TIMESTEP_SCALING",
+    "at_steps",
+    "deterministic_scheduler",
+    "flow_scheduler",
     "backward_simulation",
     "generator_timesteps",
     "lcm_scheduler",

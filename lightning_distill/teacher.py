@@ -15,7 +15,7 @@ from typing import Literal
 import torch
 from torch import nn
 
-from .parametrisation import Denoiser, PredictionType, VPSchedule
+from .parametrisation import Denoiser, NoiseSchedule, PredictionType, schedule_from_scheduler
 
 ASSETS = Path(__file__).resolve().parent / "assets"
 BUNDLED_TEACHERS = {"bundled:digits": ASSETS / "teacher_digits"}
@@ -97,8 +97,16 @@ class DiffusionTeacher(nn.Module):
         clip_x0: float | None = 1.0,
     ) -> None:
         super().__init__()
+        try:
+            schedule = schedule_from_scheduler(scheduler, image_seq_len(unet))
+        except ValueError as err:
+            raise TeacherError(f"teacher {source or type(unet).__name__}: {err}") from err
+        if schedule.path == "flow":
+            # flow-matching networks predict the velocity, and their samplers never clamp x0
+            prediction_type = prediction_type or "flow_prediction"
+            clip_x0 = None
         prediction_type = prediction_type or scheduler.config.get("prediction_type", "epsilon")
-        self.denoiser = Denoiser(unet, VPSchedule.from_scheduler(scheduler), prediction_type, clip_x0)
+        self.denoiser = Denoiser(unet, schedule, prediction_type, clip_x0)
         self.scheduler_class = type(scheduler).__name__
         self.scheduler_config = {k: v for k, v in dict(scheduler.config).items() if not k.startswith("_")}
         self.source = source
@@ -117,7 +125,7 @@ class DiffusionTeacher(nn.Module):
         return self.denoiser.unet
 
     @property
-    def schedule(self) -> VPSchedule:
+    def schedule(self) -> NoiseSchedule:
         return self.denoiser.schedule
 
     @property
@@ -203,6 +211,17 @@ class DiffusionTeacher(nn.Module):
     def reloadable(self) -> bool:
         """True when the weights can be re-read from ``source`` (so checkpoints need not carry them)."""
         return self.source is not None
+
+
+def image_seq_len(unet: nn.Module) -> int:
+    """Tokens per sample of a network: (sample_size / patch_size)^2 (1 x 1 patches for a UNet).
+
+    What a resolution-dependent flow shift (``use_dynamic_shifting``) is computed from.
+    """
+    cfg = unet.config
+    size = cfg.sample_size if isinstance(cfg.sample_size, int) else cfg.sample_size[0]
+    patch = getattr(cfg, "patch_size", None) or 1
+    return int(size // patch) ** 2
 
 
 def low_cpu_mem_usage() -> bool:

@@ -97,8 +97,6 @@ class DistillationMethod(L.LightningModule):
         ...         return LossOutput(loss, {"mse": loss})
     """
 
-    #: ``sample()`` uses this diffusers scheduler class (LCMScheduler methods override make_scheduler()).
-    sampler_class: str = "DDIMScheduler"
     #: init args kept out of ``hparams``: the teacher (re-linked by the CLI) and factories (not
     #: serialisable). A subclass with more such arguments extends the tuple. Every key left in hparams
     #: must be a constructor argument: ``load_from_checkpoint`` and a CLI resume pass them back.
@@ -304,26 +302,29 @@ class DistillationMethod(L.LightningModule):
         return (int(cfg.in_channels), int(size), int(size))
 
     def make_scheduler(self):
-        """The stock diffusers scheduler that defines the student's sampler (and its export)."""
-        import diffusers
+        """The stock diffusers scheduler that defines the student's sampler (and its export).
 
-        cfg = dict(self.student_scheduler_config)
-        cfg["prediction_type"] = self.student.prediction_type
-        if self.sampler_class == "DDIMScheduler":
-            # Trailing spacing starts at the last training timestep (pure noise for zero-terminal-SNR
-            # schedules), which few-step samplers need; set_alpha_to_one makes the last step land on x0.
-            cfg.update(timestep_spacing="trailing", set_alpha_to_one=True)
-            cfg["clip_sample"] = self.student.clip_x0 is not None
-            cfg["clip_sample_range"] = self.student.clip_x0 or 1.0
-        return getattr(diffusers, self.sampler_class).from_config(cfg)
+        DDIM on the VP path, flow Euler on the flow path (``sampling.deterministic_scheduler``);
+        x0-sampler methods override it with ``sampling.lcm_scheduler``.
+        """
+        from ..sampling import deterministic_scheduler
 
-    def _sampling_scheduler(self):
-        """``make_scheduler()``, built once (building a diffusers scheduler costs ~15 ms per call)."""
-        cached = self.__dict__.get("_scheduler_cache")
-        if cached is None:
-            cached = self.make_scheduler()
-            self.__dict__["_scheduler_cache"] = cached
-        return cached
+        return deterministic_scheduler(
+            self.student_scheduler_config, self.student.schedule, self.student.prediction_type, self.student.clip_x0
+        )
+
+    def sampling_scheduler(self, steps: int):
+        """``make_scheduler()`` set up for ``steps`` steps (``sampling.at_steps``), built once per count
+        (building a diffusers scheduler costs ~15 ms)."""
+        from ..sampling import at_steps
+
+        cache = self.__dict__.setdefault("_scheduler_cache", {})
+        if "base" not in cache:
+            cache["base"] = self.make_scheduler()
+        key = steps if self.student.path == "flow" else None
+        if key not in cache:
+            cache[key] = at_steps(cache["base"], steps, self.student.schedule)
+        return cache[key]
 
     def max_sample_steps(self) -> int | None:
         """The most steps the student's sampler can take (None: any number).
@@ -331,8 +332,7 @@ class DistillationMethod(L.LightningModule):
         An ``LCMScheduler`` sampler only visits its training grid (``original_inference_steps`` points):
         consistency, ADD and DMD2 students are trained at exactly those timesteps.
         """
-        sched = self._sampling_scheduler()
-        return lcm_step_limit(sched)
+        return lcm_step_limit(self.sampling_scheduler(1))
 
     def check_sample_steps(self, steps: int) -> None:
         """Raise a clear error for a step count the sampler cannot take."""
@@ -375,14 +375,14 @@ class DistillationMethod(L.LightningModule):
         den = denoiser or self.sampling_denoiser()
         steps = steps or self.hparams.sample_steps
         self.check_sample_steps(steps)
-        sched = self._sampling_scheduler()
+        sched = self.sampling_scheduler(steps)
         sched.set_timesteps(steps)  # resets the scheduler's step state, so reuse is safe
         device = next(den.parameters()).device
         x = randn_tensor((n, *self.sample_shape), generator=generator, device=device)
         with eval_mode(den):
             for t in sched.timesteps:
                 cond = {"class_labels": labels.to(device)} if labels is not None else {}
-                out = den.raw(x, t.to(device), **cond).float()
+                out = den.network(x, t.to(device), **cond).float()
                 x = sched.step(out, t, x, generator=generator).prev_sample
         return x
 
@@ -405,4 +405,4 @@ class DistillationMethod(L.LightningModule):
         from ..export import export_pipeline
 
         den = self.sampling_denoiser() if use_ema else self.student
-        return export_pipeline(den.unet, self.make_scheduler(), target)
+        return export_pipeline(den.unet, self.sampling_scheduler(self.hparams.sample_steps), target)

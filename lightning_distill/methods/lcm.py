@@ -219,7 +219,7 @@ class LatentConsistencyDistillation(ConsistencyDistillation):
             prompts = prompts if prompts is not None else [hp.sample_prompt] * n
             prompt_embeds = self.teacher.encode_text(self.teacher.tokenize(prompts))
         prompt_embeds = prompt_embeds.to(device)
-        sched = self._sampling_scheduler()  # built once (base class); set_timesteps resets it
+        sched = self.sampling_scheduler(steps)  # built once (base class); set_timesteps resets it
         sched.set_timesteps(steps, device=device)
         x = randn_tensor((n, *self.sample_shape), generator=generator, device=device, dtype=prompt_embeds.dtype)
         x = x * sched.init_noise_sigma
@@ -228,7 +228,7 @@ class LatentConsistencyDistillation(ConsistencyDistillation):
         with eval_mode(den):
             denoised = x
             for t in sched.timesteps:
-                out = den.raw(x, t, timestep_cond=w_emb, encoder_hidden_states=prompt_embeds)
+                out = den.network(x, t, timestep_cond=w_emb, encoder_hidden_states=prompt_embeds)
                 x, denoised = sched.step(out, t, x, generator=generator, return_dict=False)
         return denoised
 
