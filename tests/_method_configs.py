@@ -17,8 +17,13 @@ REPO = Path(__file__).resolve().parents[1]
 WORKER = REPO / "tests" / "_ddp_worker.py"
 
 
-def debug_config(name: str) -> Path:
-    return REPO / "configs" / name / "debug.yaml"
+def debug_config(name: str, flow: bool = False) -> Path:
+    """configs/<name>/debug.yaml, or debug_flow.yaml (the same method on a flow-matching teacher)."""
+    return REPO / "configs" / name / ("debug_flow.yaml" if flow else "debug.yaml")
+
+
+def flow_debug_presets() -> list[str]:
+    return sorted(p.parent.name for p in (REPO / "configs").glob("*/debug_flow.yaml"))
 
 
 def present(names) -> list[str]:
@@ -36,11 +41,12 @@ def skip_reason(name: str) -> str:
 
 def write_fixtures(root: Path) -> dict[str, Path]:
     """Tiny teachers (pixel v- and eps-prediction, latent SD-like) and a captioned image folder."""
-    from conftest import write_tiny_teacher
+    from conftest import write_tiny_flow_teacher, write_tiny_teacher
 
     root = Path(root)
     out = {
         "tiny_teacher": write_tiny_teacher(root / "v"),
+        "tiny_flow_teacher": write_tiny_flow_teacher(root / "flow"),
         "tiny_eps_teacher": write_tiny_teacher(root / "eps", prediction_type="epsilon"),
         "tmp": root,
     }
@@ -69,11 +75,12 @@ def _lcm_fixtures(fixtures: dict) -> tuple[Path, Path]:
     return sd, images
 
 
-def preset_args(name: str, root_dir: Path, fixtures: dict) -> list[str]:
-    """``--config`` plus the overrides that keep preset ``name`` tiny, offline and writing under ``root_dir``."""
+def preset_args(name: str, root_dir: Path, fixtures: dict, flow: bool = False) -> list[str]:
+    """``--config`` plus the overrides that keep preset ``name`` tiny, offline and writing under ``root_dir``
+    (``flow``: its debug_flow.yaml, on the tiny flow-matching teacher)."""
     from test_cli import test_overrides
 
-    path = debug_config(name)
+    path = debug_config(name, flow)
     args = ["--config", str(path), "--trainer.default_root_dir", str(root_dir)]
     overrides = test_overrides(path, Path(fixtures["tmp"]), {k: v for k, v in fixtures.items() if k != "tmp"})
     cfg = yaml.safe_load(path.read_text()) or {}
@@ -82,7 +89,8 @@ def preset_args(name: str, root_dir: Path, fixtures: dict) -> list[str]:
         sd, images = _lcm_fixtures(fixtures)
         overrides = ["--data.teacher", str(sd), "--data.data", str(images)]
     elif not overrides and isinstance(teacher, str) and teacher.startswith("bundled:"):
-        overrides = ["--data.teacher", str(fixtures["tiny_teacher"]), "--data.image_size", "8"]
+        key = "tiny_flow_teacher" if flow else "tiny_teacher"
+        overrides = ["--data.teacher", str(fixtures[key]), "--data.image_size", "8"]
     # Quiet and cheap: no model summary, no progress bar.
     return args + overrides + ["--trainer.enable_model_summary", "false", "--trainer.enable_progress_bar", "false"]
 

@@ -54,6 +54,24 @@ def write_tiny_teacher(
     return path
 
 
+def write_tiny_flow_teacher(path, sample_size: int = 8, channels: int = 1, num_train_timesteps: int = 1000,
+                            shift: float = 1.0, num_class_embeds: int | None = None, **scheduler_kwargs):
+    """Save a randomly initialised tiny UNet2DModel + FlowMatchEulerDiscreteScheduler (a flow-matching
+    teacher: velocity output, no prediction_type in the scheduler config) as a diffusers folder."""
+    from diffusers import DDPMPipeline, FlowMatchEulerDiscreteScheduler
+
+    unet = make_tiny_unet(sample_size, channels, num_class_embeds)
+    sched = FlowMatchEulerDiscreteScheduler(num_train_timesteps=num_train_timesteps, shift=shift, **scheduler_kwargs)
+    DDPMPipeline(unet=unet, scheduler=sched).save_pretrained(path)
+    return path
+
+
+@pytest.fixture
+def tiny_flow_teacher_dir(tmp_path):
+    """A flow-matching 8x8 grayscale teacher folder (unet/ + FlowMatchEulerDiscreteScheduler)."""
+    return write_tiny_flow_teacher(tmp_path / "flow_teacher")
+
+
 @pytest.fixture
 def tiny_teacher_dir(tmp_path):
     """A v-prediction 8x8 grayscale teacher folder (unet/ + scheduler/)."""

@@ -13,7 +13,8 @@ declares ``# test-parse-only: <reason>`` instead: it is then parsed, type-checke
 ``fit --print_config`` (which validates every key and type but instantiates nothing).
 
 Placeholders: ``{tiny_teacher}`` is an 8x8 grayscale v-prediction teacher folder with T = 1024
-(conftest.write_tiny_teacher), ``{tiny_eps_teacher}`` the same with eps-prediction, ``{tmp}`` a
+(conftest.write_tiny_teacher), ``{tiny_eps_teacher}`` the same with eps-prediction, ``{tiny_flow_teacher}`` an 8x8
+flow-matching teacher (FlowMatchEulerDiscreteScheduler, T = 1000), ``{tmp}`` a
 temporary folder. ``--trainer.default_root_dir {tmp}/run`` is always added, so nothing is written
 under the repository. Arguments are split with ``shlex``.
 """
@@ -36,7 +37,7 @@ from lightning_distill.callbacks import StepProgressBar
 from lightning_distill.cli import cli_main, quiet_third_party, unexpected_eval_modules
 
 from _method_configs import subprocess_env
-from conftest import write_tiny_teacher
+from conftest import write_tiny_flow_teacher, write_tiny_teacher
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = sorted(REPO.glob("configs/**/*.yaml")) + sorted(REPO.glob("configs/**/*.yml"))
@@ -72,6 +73,7 @@ def teachers(tmp_path_factory):
     return {
         "tiny_teacher": write_tiny_teacher(root / "v"),
         "tiny_eps_teacher": write_tiny_teacher(root / "eps", prediction_type="epsilon"),
+        "tiny_flow_teacher": write_tiny_flow_teacher(root / "flow"),
     }
 
 
@@ -215,7 +217,7 @@ def test_bad_setting_is_one_line(tmp_path, capsys, monkeypatch):
 )
 def test_bad_method_setting_is_one_line(tmp_path, capsys, monkeypatch, override, message):
     """A method constructor's check (here DMD2's) is bad input too: one line naming it, exit 2, nothing written."""
-    from conftest import write_tiny_teacher
+    from conftest import write_tiny_flow_teacher, write_tiny_teacher
 
     monkeypatch.delenv("LIGHTNING_DISTILL_TRACEBACK", raising=False)
     teacher = write_tiny_teacher(tmp_path / "teacher")
