@@ -217,7 +217,7 @@ def test_bad_setting_is_one_line(tmp_path, capsys, monkeypatch):
 )
 def test_bad_method_setting_is_one_line(tmp_path, capsys, monkeypatch, override, message):
     """A method constructor's check (here DMD2's) is bad input too: one line naming it, exit 2, nothing written."""
-    from conftest import write_tiny_flow_teacher, write_tiny_teacher
+    from conftest import write_tiny_teacher
 
     monkeypatch.delenv("LIGHTNING_DISTILL_TRACEBACK", raising=False)
     teacher = write_tiny_teacher(tmp_path / "teacher")
