@@ -18,7 +18,10 @@ from torch import nn
 from .parametrisation import Denoiser, NoiseSchedule, PredictionType, schedule_from_scheduler
 
 ASSETS = Path(__file__).resolve().parent / "assets"
-BUNDLED_TEACHERS = {"bundled:digits": ASSETS / "teacher_digits"}
+BUNDLED_TEACHERS = {
+    "bundled:digits": ASSETS / "teacher_digits",  # VP, v-prediction, DDIM
+    "bundled:digits-flow": ASSETS / "teacher_digits_flow",  # rectified flow, velocity, flow Euler
+}
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 

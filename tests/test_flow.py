@@ -248,3 +248,20 @@ def test_flow_training_recipe(tmp_path):
         DiffusionTraining(unet=make_tiny_unet(), timestep_sampling="logit_normal")
     with pytest.raises(ConfigError, match="set prediction_type to flow_prediction"):
         DiffusionTraining(unet=make_tiny_unet(), path="flow", prediction_type="epsilon")
+
+
+def test_teacher_sampler_is_euler_on_the_trailing_grid(tiny_flow_teacher_dir):
+    """evaluate's teacher sampler (metrics.sample_teacher) takes N Euler steps s = 1, (N-1)/N, ..., 0."""
+    from diffusers.utils.torch_utils import randn_tensor
+
+    from lightning_distill.metrics import sample_teacher
+    from lightning_distill.teacher import load_teacher
+
+    teacher = load_teacher(str(tiny_flow_teacher_dir))
+    for steps in (1, 2, 4):
+        ours = sample_teacher(teacher, 3, steps, torch.Generator().manual_seed(5))
+        x = randn_tensor((3, 1, 8, 8), generator=torch.Generator().manual_seed(5))
+        grid = teacher.schedule.trailing_timesteps(steps)
+        for t, s in zip(grid[:-1], grid[1:]):
+            x = teacher.denoiser.ddim(x, t, s)
+        torch.testing.assert_close(ours, x, atol=1e-5, rtol=1e-5)
