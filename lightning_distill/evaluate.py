@@ -9,7 +9,8 @@ Command::
 Students are checkpoints (``.ckpt`` of any LightningModule with a ``sample`` method, written by
 ``lightning-distill fit``: the class is rebuilt from the class path stored in its hyper-parameters and
 the sampling-EMA weights are used when the checkpoint holds them) or exported diffusers pipeline folders.
-The teacher is sampled with deterministic DDIM (eta = 0, trailing spacing).
+The teacher is sampled with deterministic DDIM (eta = 0, trailing spacing); a flow-matching teacher with
+Euler steps at s = 1, (N-1)/N, ..., 0 (``sampling.at_steps``), as are flow pipeline folders.
 
 Writes to ``--out``: ``results.csv`` and ``results.md`` (FD and KID per model and step count, with the
 protocol: sample count, seed, reference set, feature network), ``fd_vs_steps.png`` and one sample grid
