@@ -97,6 +97,55 @@ def lcm_training_timesteps(num_train_timesteps: int, original_inference_steps: i
     return torch.arange(1, original_inference_steps + 1) * k - 1
 
 
+#: sigma_data of LCMScheduler.get_scalings_for_boundary_condition_discrete (hard-coded there).
+LCM_SIGMA_DATA = 0.5
+
+
+def lcm_boundary_scalings(
+    t: Tensor, timestep_scaling: float = 10.0, sigma_data: float = LCM_SIGMA_DATA
+) -> tuple[Tensor, Tensor]:
+    """c_skip(t), c_out(t) exactly as diffusers' ``LCMScheduler.get_scalings_for_boundary_condition_discrete``.
+
+    With s = t * timestep_scaling:  c_skip = sigma_data^2 / (s^2 + sigma_data^2),
+    c_out = s / sqrt(s^2 + sigma_data^2). So c_skip(0) = 1 and c_out(0) = 0 exactly: f(x, 0) = x.
+
+    Known discrepancy (METHODS.md section 3): Song et al.'s c_out is (sigma - sigma_min) sigma_data /
+    sqrt(sigma^2 + sigma_data^2); the LCM script and LCMScheduler drop the sigma_data factor, so their
+    c_out tends to 1 (not sigma_data) at high noise. We keep diffusers' form on purpose: the exported
+    ``LCMScheduler`` applies it at sampling time, and training must use the same function.
+
+    Args:
+        t: integer timesteps (any shape).
+        timestep_scaling: LCMScheduler's ``timestep_scaling`` (10 by default); larger makes c_skip fall faster.
+        sigma_data: 0.5 in LCMScheduler.
+
+    Returns:
+        (c_skip, c_out), float32 tensors shaped like ``t``.
+    """
+    scaled = torch.as_tensor(t).float() * timestep_scaling
+    c_skip = sigma_data**2 / (scaled**2 + sigma_data**2)
+    c_out = scaled / (scaled**2 + sigma_data**2) ** 0.5
+    return c_skip, c_out
+
+
+def x0_sampler_scalings(schedule: NoiseSchedule, t: Tensor, timestep_scaling: float) -> tuple[Tensor, Tensor]:
+    """c_skip(t), c_out(t) that the path's stock x0 sampler (:func:`lcm_scheduler`) applies to a network's
+    x0 estimate: the sampler steps from f(x_t, t) = c_skip x_t + c_out x0(x_t, t), the consistency
+    function a student of that sampler is trained as.
+
+    * ``LCMScheduler`` (VP): :func:`lcm_boundary_scalings`, whose c_skip(0) = 1, c_out(0) = 0 give f(x, 0) = x.
+    * ``FlowMatchLCMScheduler`` (flow): none, i.e. c_skip = 0, c_out = 1 (``timestep_scaling`` unused):
+      f = x0 = x_s - s u, which at s = 0 is x_s already, so the boundary condition needs no scalings.
+
+    Returns:
+        (c_skip, c_out), float32 tensors shaped like ``t``.
+    """
+    if schedule.path == "flow":
+        t = torch.as_tensor(t).float()
+        return torch.zeros_like(t), torch.ones_like(t)
+    return lcm_boundary_scalings(t, timestep_scaling)
+
+
 #: ``timestep_scaling`` that makes LCMScheduler's boundary scalings the identity for t >= 1
 #: (c_skip = 0.25 / ((1000 t)^2 + 0.25) < 3e-7): the sampler then takes a student's x0 estimate as it is
 #: and re-noises it with fresh noise (the multistep sampler of ADD and multi-step DMD2 generators).
@@ -175,6 +224,9 @@ __all__ = [
     "flow_scheduler",
     "backward_simulation",
     "generator_timesteps",
+    "LCM_SIGMA_DATA",
+    "lcm_boundary_scalings",
     "lcm_scheduler",
     "lcm_training_timesteps",
+    "x0_sampler_scalings",
 ]

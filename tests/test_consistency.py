@@ -264,3 +264,150 @@ def test_debug_config_runs_and_digits_config_builds(tiny_teacher_dir, tmp_path):
                     "--data.image_size", "8", "--trainer.default_root_dir", str(tmp_path / "digits")], run=False)
     assert isinstance(cli.model, ConsistencyDistillation)
     assert cli.model.make_scheduler().timesteps is not None
+
+
+# --- flow-matching teachers (x_s = (1 - s) x + s eps, velocity u = eps - x) -----------------------------
+
+
+class GaussianFlowUNet(nn.Module):
+    """The exact velocity of x0 ~ N(MU, S^2 I) on the flow path, fed s T as FlowMatchEulerDiscreteScheduler feeds it."""
+
+    def __init__(self, T: int = 1000) -> None:
+        super().__init__()
+        self.T = T
+        self.dummy = nn.Parameter(torch.zeros(()))
+
+    def forward(self, x, model_t, return_dict=False):
+        s = (model_t.double() / self.T).view(-1, 1, 1, 1)
+        a, x = 1 - s, x.double()
+        x0 = ideal_x0(x, a, s)
+        return (((x - a * x0) / s - x0).float(),)
+
+
+def test_flow_consistency_function_is_the_x0_estimate_and_holds_the_boundary():
+    from diffusers import FlowMatchLCMScheduler
+
+    from lightning_distill.parametrisation import FlowSchedule
+    from lightning_distill.sampling import x0_sampler_scalings
+
+    sch = FlowSchedule(1000)
+    torch.manual_seed(0)
+    den = Denoiser(make_tiny_unet(), sch, "flow_prediction")
+    x = 3 * torch.randn(4, 1, 8, 8)
+    t = torch.tensor([999, 499, 39, 0])
+    with torch.no_grad():
+        u = den.raw(x, t)
+        f = consistency_function(den, x, t)
+    # no boundary scalings: f = x_s - s u (FlowMatchLCMScheduler's x0), whatever timestep_scaling says
+    torch.testing.assert_close(f, x - sch.sigma(t).view(-1, 1, 1, 1) * u, rtol=0, atol=1e-6)
+    assert torch.equal(consistency_function(den, x, t, timestep_scaling=123.0), f)
+    c_skip, c_out = x0_sampler_scalings(sch, t, 10.0)
+    assert c_skip.tolist() == [0.0] * 4 and c_out.tolist() == [1.0] * 4
+    # the boundary f(x, s = 0) = x, exactly
+    with torch.no_grad():
+        assert torch.equal(consistency_function(den, x, torch.full((4,), -1)), x)
+    # the stock sampler's 1-step output (s = 1 -> 0: no fresh noise survives) is f(x, 999)
+    stock = FlowMatchLCMScheduler(num_train_timesteps=1000)
+    stock.set_timesteps(1)
+    out = stock.step(u[:1], stock.timesteps[0], x[:1], generator=torch.Generator().manual_seed(0)).prev_sample
+    torch.testing.assert_close(out, f[:1], rtol=0, atol=1e-6)
+    # the VP path keeps LCMScheduler's scalings
+    vp_t = torch.tensor([0, 31, 1023])
+    for a, b in zip(x0_sampler_scalings(cosine_schedule(), vp_t, 10.0), lcm_boundary_scalings(vp_t, 10.0)):
+        assert torch.equal(a, b)
+
+
+def test_flow_cd_target_and_solvers_on_gaussian_data():
+    """On the flow path DDIM is the Euler step, the CD target is the exact x0 at the Euler point, and Heun is
+    closer to the exact ODE (x_s - a_s MU scales by sqrt(a^2 S^2 + s^2), a = 1 - s, as on any Gaussian path)."""
+    from lightning_distill.parametrisation import FlowSchedule
+
+    sch = FlowSchedule(1000)
+    den = Denoiser(GaussianFlowUNet(), sch, "flow_prediction")
+    x = torch.randn(3, 1, 2, 2)
+    t = torch.tensor([999, 499, 24])
+    s = skipped_timesteps(t, 25)
+    predict = lambda x_, t_: den(x_, t_)  # noqa: E731
+    x_hat, target = consistency_target(predict, den, sch, x, t, s, "ddim")
+    lvl = lambda i: ((i + 1).double() / 1000).view(-1, 1, 1, 1)  # noqa: E731  (shift 1: s_i = (i + 1) / T)
+    s_t, s_s = lvl(t), lvl(s)
+    xd = x.double()
+    x0_t = ideal_x0(xd, 1 - s_t, s_t)
+    u = (xd - (1 - s_t) * x0_t) / s_t - x0_t
+    x_hat_ref = xd + (s_s - s_t) * u  # Euler, FlowMatchEulerDiscreteScheduler.step
+    torch.testing.assert_close(x_hat.double(), x_hat_ref, atol=2e-5, rtol=1e-4)
+    torch.testing.assert_close(target.double(), ideal_x0(x_hat_ref, 1 - s_s, s_s), atol=2e-5, rtol=1e-4)
+
+    def exact(t, s):
+        a_t, s_t, a_s, s_s = (v.double().view(-1, 1, 1, 1) for v in (sch.alpha(t), sch.sigma(t), sch.alpha(s), sch.sigma(s)))
+        return a_s * MU + ((a_s**2 * S**2 + s_s**2) / (a_t**2 * S**2 + s_t**2)).sqrt() * (x.double() - a_t * MU)
+
+    def err(solver, t, s):
+        t, s = torch.full((3,), t), torch.full((3,), s)
+        return (solver_step(den, sch, x, t, s, solver).double() - exact(t, s)).abs().max().item()
+
+    assert err("ddim", 500, 498) < 1e-4 and err("heun", 500, 498) < 1e-4
+    assert err("heun", 999, 749) < 0.2 * err("ddim", 999, 749)
+    assert err("heun", 499, 399) < 0.2 * err("ddim", 499, 399)
+
+
+def test_flow_training_step_is_finite_and_export_reproduces_sample(tiny_flow_teacher_dir, tmp_path):
+    from diffusers import DDPMPipeline, FlowMatchLCMScheduler
+
+    from lightning_distill.sampling import at_steps
+    from test_export import assert_pipeline_reproduces_samples
+
+    dm = TeacherDataModule(teacher=str(tiny_flow_teacher_dir), image_size=8, batch_size=4)
+    method = ConsistencyDistillation(dm.teacher, original_inference_steps=40, solver="heun", sample_steps=2)
+    assert method.student.path == "flow" and method.skip == 25
+    # the grid's levels are s = n / 40: every level the 1/2/4-step samplers visit is a trained one
+    levels = method.student.schedule.sigma(method.train_timesteps)
+    torch.testing.assert_close(levels, torch.arange(1, 41) / 40)
+    dm.setup()
+    torch.manual_seed(0)
+    out = method.compute_loss(next(iter(dm.train_dataloader())))
+    assert torch.isfinite(out.loss) and out.loss.item() > 0
+    out.loss.backward()
+    grads = [p.grad for p in method.student.parameters() if p.grad is not None]
+    assert grads and all(torch.isfinite(g).all() for g in grads)
+    assert all(p.grad is None for p in method.theta_minus.parameters())
+
+    pipe = DDPMPipeline.from_pretrained(method.export(tmp_path / "student"))
+    assert isinstance(pipe.scheduler, FlowMatchLCMScheduler)
+    assert_pipeline_reproduces_samples(method, pipe, 2)  # the stock call at the trained step count
+    stock = pipe.scheduler
+    for steps in (1, 4):
+        pipe.scheduler = at_steps(stock, steps)
+        assert_pipeline_reproduces_samples(method, pipe, steps)
+
+
+def test_sampler_off_the_training_grid_warns(tiny_flow_teacher_dir, tiny_teacher_dir):
+    from lightning_distill.methods.consistency import off_grid_timesteps
+
+    assert off_grid_timesteps(torch.tensor([1000.0, 500.0]), torch.tensor([500.0, 1000.0])) == []
+    assert off_grid_timesteps(torch.tensor([1000.0, 666.5]), torch.tensor([500.0, 1000.0])) == [666.5]
+    flow = TeacherDataModule(teacher=str(tiny_flow_teacher_dir), image_size=8).teacher
+    # T = 1000, N = 32: the top trained level is s = 992 / 1000, the sampler starts at s = 1
+    with pytest.warns(UserWarning, match=r"not on the training grid.*original_inference_steps = 32"):
+        ConsistencyDistillation(flow, original_inference_steps=32, sample_steps=2)
+    with pytest.warns(UserWarning, match=r"4-step sampler"):
+        ConsistencyDistillation(flow, original_inference_steps=50, sample_steps=4)  # s = 1/4 between n / 50
+    vp = TeacherDataModule(teacher=str(tiny_teacher_dir), image_size=8).teacher
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ConsistencyDistillation(flow, original_inference_steps=40, sample_steps=4)
+        ConsistencyDistillation(vp, original_inference_steps=30, sample_steps=4)  # LCMScheduler stays on its grid
+
+
+def test_flow_debug_and_digits_configs_build(tiny_flow_teacher_dir, tmp_path):
+    from lightning_distill.cli import cli_main
+
+    for name in ("debug_flow", "digits_flow"):
+        cli = cli_main(["--config", str(ROOT / f"configs/consistency/{name}.yaml"), "--data.teacher",
+                        str(tiny_flow_teacher_dir), "--data.image_size", "8",
+                        "--trainer.default_root_dir", str(tmp_path / name)], run=False)
+        assert isinstance(cli.model, ConsistencyDistillation) and cli.model.student.path == "flow"
+        assert type(cli.model.make_scheduler()).__name__ == "FlowMatchLCMScheduler"
+        assert cli.model.max_sample_steps() is None

@@ -4,9 +4,14 @@ The student is a consistency function on the teacher's integer timesteps,
 
     f_theta(x, t) = c_skip(t) x + c_out(t) x0_theta(x, t)                      (Song et al., Eq. 5)
 
-with ``c_skip`` / ``c_out`` exactly as diffusers' ``LCMScheduler`` computes them, so that the stock
-``LCMScheduler`` is the student's multistep sampler (Song et al., Algorithm 1, in VP form:
-x <- alpha_s f(x, t) + sigma_s z) and an exported pipeline reproduces :meth:`sample` sample for sample.
+with ``c_skip`` / ``c_out`` exactly as the path's stock x0 sampler applies them
+(:func:`~lightning_distill.sampling.x0_sampler_scalings`), so that this sampler is the student's
+multistep sampler (Song et al., Algorithm 1: x <- alpha_s f(x, t) + sigma_s z) and an exported pipeline
+reproduces :meth:`sample` sample for sample:
+
+* VP teachers: ``LCMScheduler`` and its boundary scalings (:func:`lcm_boundary_scalings`);
+* flow-matching teachers (x_s = (1 - s) x + s eps): ``FlowMatchLCMScheduler``, which applies none, so f is
+  the x0 estimate x_s - s u itself; f(x, 0) = x holds without scalings (METHODS.md section 7).
 
 Training (Song et al., Algorithm 2; LCM's skipping step k): draw a point t_{n+k} of the sampler's
 training grid, noise the data to it, take one teacher ODE step to t_n = t_{n+k} - k (DDIM by default),
@@ -16,10 +21,13 @@ EMA of the student with rate ``mu`` (mu = 0: the student itself under stop-gradi
 Notation (paper -> code):
 
 =========================  ==========================================================
-sigma_min boundary         t = 0 (c_skip(0) = 1, c_out(0) = 0, so f(x, 0) = x exactly)
-N (discretisation)         ``original_inference_steps`` (LCMScheduler's training grid)
+sigma_min boundary         VP: t = 0 (c_skip(0) = 1, c_out(0) = 0, so f(x, 0) = x exactly);
+                           flow: t = -1 (s = 0, f = x_s - 0 u = x_s)
+N (discretisation)         ``original_inference_steps`` (LCMScheduler's training grid; on the
+                           flow path the levels s = n k / T, i.e. n / N when N divides T)
 k (skipping interval)      ``num_train_timesteps // original_inference_steps``
-t_{n+k}, t_n               ``t_start``, ``t_end`` (= max(t_start - k, 0), as the LCM script)
+t_{n+k}, t_n               ``t_start``, ``t_end`` (= max(t_start - k, 0), as the LCM script; on the
+                           flow path t = 0 is s = 1 / T, where f = x - u / T is the target)
 theta_minus                ``ConsistencyDistillation.theta_minus`` (target network)
 d(., .)                    :func:`consistency_loss`
 =========================  ==========================================================
@@ -34,12 +42,18 @@ import copy
 from typing import Callable, Literal
 
 import torch
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 
 from ..errors import ConfigError
 from ..losses import pseudo_huber, regression_distance
-from ..parametrisation import Denoiser, Prediction, VPSchedule, ddim_step, expand_like
-from ..sampling import lcm_scheduler, lcm_training_timesteps
+from ..parametrisation import Denoiser, NoiseSchedule, Prediction, ddim_step, expand_like
+from ..sampling import (
+    lcm_boundary_scalings,  # lived here first; re-exported (__all__)
+    lcm_scheduler,
+    lcm_training_timesteps,
+    x0_sampler_scalings,
+)
 from ..teacher import DiffusionTeacher
 from .base import DistillationMethod, LossOutput
 
@@ -48,44 +62,18 @@ LossKind = Literal["l2", "l1", "pseudo_huber", "pseudo_huber_elementwise"]
 SOLVERS = ("ddim", "heun")
 LOSSES = ("l2", "l1", "pseudo_huber", "pseudo_huber_elementwise")
 
-#: sigma_data of LCMScheduler.get_scalings_for_boundary_condition_discrete (hard-coded there).
-LCM_SIGMA_DATA = 0.5
-
 
 # --- boundary condition (pure functions) ----------------------------------------------------------
-
-
-def lcm_boundary_scalings(
-    t: Tensor, timestep_scaling: float = 10.0, sigma_data: float = LCM_SIGMA_DATA
-) -> tuple[Tensor, Tensor]:
-    """c_skip(t), c_out(t) exactly as diffusers' ``LCMScheduler.get_scalings_for_boundary_condition_discrete``.
-
-    With s = t * timestep_scaling:  c_skip = sigma_data^2 / (s^2 + sigma_data^2),
-    c_out = s / sqrt(s^2 + sigma_data^2). So c_skip(0) = 1 and c_out(0) = 0 exactly: f(x, 0) = x.
-
-    Known discrepancy (METHODS.md section 3): Song et al.'s c_out is (sigma - sigma_min) sigma_data /
-    sqrt(sigma^2 + sigma_data^2); the LCM script and LCMScheduler drop the sigma_data factor, so their
-    c_out tends to 1 (not sigma_data) at high noise. We keep diffusers' form on purpose: the exported
-    ``LCMScheduler`` applies it at sampling time, and training must use the same function.
-
-    Args:
-        t: integer timesteps (any shape).
-        timestep_scaling: LCMScheduler's ``timestep_scaling`` (10 by default); larger makes c_skip fall faster.
-        sigma_data: 0.5 in LCMScheduler.
-
-    Returns:
-        (c_skip, c_out), float32 tensors shaped like ``t``.
-    """
-    scaled = torch.as_tensor(t).float() * timestep_scaling
-    c_skip = sigma_data**2 / (scaled**2 + sigma_data**2)
-    c_out = scaled / (scaled**2 + sigma_data**2) ** 0.5
-    return c_skip, c_out
 
 
 def consistency_function(
     denoiser: Denoiser, x_t: Tensor, t: Tensor, timestep_scaling: float = 10.0, **cond
 ) -> Tensor:
-    """f(x_t, t) = c_skip(t) x_t + c_out(t) x0(x_t, t) for a denoiser of any prediction type.
+    """f(x_t, t) = c_skip(t) x_t + c_out(t) x0(x_t, t) for a denoiser of any prediction type and path.
+
+    c_skip / c_out are those the stock x0 sampler of the denoiser's path applies
+    (:func:`~lightning_distill.sampling.x0_sampler_scalings`): LCMScheduler's on the VP path, none on
+    the flow path, where f is the x0 estimate x_s - s u itself (and ``timestep_scaling`` is unused).
 
     x0 is taken unclipped even for pixel models: clamping during training would zero the gradient of
     every out-of-range pixel and leave it stuck there. Sampling (LCMScheduler) clips as the teacher did.
@@ -94,7 +82,7 @@ def consistency_function(
     if t.ndim == 0:
         t = t.expand(x_t.shape[0])
     x0 = denoiser(x_t, t, clip=False, **cond).x0
-    c_skip, c_out = lcm_boundary_scalings(t, timestep_scaling)
+    c_skip, c_out = x0_sampler_scalings(denoiser.schedule, t, timestep_scaling)
     return expand_like(c_skip, x_t) * x_t + expand_like(c_out, x_t) * x0
 
 
@@ -104,7 +92,7 @@ Predict = Callable[[Tensor, Tensor], Prediction]
 
 
 def solver_step(
-    predict: Predict, schedule: VPSchedule, x_t: Tensor, t: Tensor, s: Tensor, solver: Solver = "ddim"
+    predict: Predict, schedule: NoiseSchedule, x_t: Tensor, t: Tensor, s: Tensor, solver: Solver = "ddim"
 ) -> Tensor:
     """One step of the teacher's probability-flow ODE from timestep t down to s (per-sample tensors).
 
@@ -114,6 +102,9 @@ def solver_step(
     * ``heun``: Heun's method in the EDM coordinates (Karras et al. 2022, Algorithm 1; Song et al.'s
       official consistency-distillation solver): DDIM predictor, then the trapezoid rule on eps.
       Two teacher evaluations. Where s = -1 (clean, sigma = 0) the corrector is skipped, as in EDM.
+
+    Both are written in alpha / sigma only, so they hold on the flow path too: there ``ddim`` is the Euler
+    step x_s + (s' - s) u of ``FlowMatchEulerDiscreteScheduler``.
 
     Args:
         predict: ``(x, t) -> Prediction``; the teacher (guided or not).
@@ -169,7 +160,7 @@ def skipped_timesteps(t_start: Tensor, k: int) -> Tensor:
 def consistency_target(
     teacher_predict: Predict,
     target: Denoiser,
-    schedule: VPSchedule,
+    schedule: NoiseSchedule,
     x_start: Tensor,
     t_start: Tensor,
     t_end: Tensor,
@@ -195,6 +186,15 @@ def ema_update_(target: nn.Module, online: nn.Module, mu: float) -> None:
         b_t.copy_(b_o)
 
 
+def off_grid_timesteps(visited: Tensor, trained: Tensor, atol: float = 1e-2) -> list[float]:
+    """The sampler timesteps in ``visited`` (``scheduler.timesteps``: the network's timestep units) farther
+    than ``atol`` from every trained one (``trained``, same units): levels the student never trained at."""
+    visited = torch.as_tensor(visited).double().flatten()
+    trained = torch.as_tensor(trained).double().flatten().to(visited.device)
+    far = (visited[:, None] - trained[None, :]).abs().amin(dim=1) > atol
+    return visited[far].tolist()
+
+
 def shared_dropout_devices(x: Tensor) -> list:
     """Devices whose RNG ``fork_rng`` must save so online and target passes draw the same dropout masks."""
     return [x.device] if x.device.type == "cuda" else []
@@ -204,17 +204,22 @@ def shared_dropout_devices(x: Tensor) -> list:
 
 
 class ConsistencyDistillation(DistillationMethod):
-    """Consistency distillation of a diffusion teacher into a 1-4 step student, sampled with ``LCMScheduler``.
+    """Consistency distillation of a diffusion teacher into a 1-4 step student, sampled with ``LCMScheduler``
+    (VP teachers) or ``FlowMatchLCMScheduler`` (flow-matching teachers).
 
     Args:
         original_inference_steps: N, the LCMScheduler training grid (k = T // N). Choose N dividing T so
-            the grid reaches the last timestep T - 1 (e.g. 16 or 32 for T = 1024, 50 for T = 1000).
+            the grid reaches the last timestep T - 1 (e.g. 16 or 32 for T = 1024, 50 for T = 1000). On
+            the flow path the K-step sampler visits s = 1, (K-1)/K, ..., 1/K, all on the grid (levels
+            n / N) when N divides T and K divides N (e.g. N = 40 for T = 1000 and K = 1, 2, 4); a
+            ``sample_steps`` sampler that leaves the grid is warned about at construction.
         solver: teacher ODE solver, ``ddim`` (default) or ``heun`` (see :func:`solver_step`).
         loss: distance d, ``l2``, ``l1``, ``pseudo_huber`` or ``pseudo_huber_elementwise``.
         huber_c: the pseudo-Huber constant c.
         target_decay: mu, the EMA rate of theta_minus (0: stop-gradient of the student itself;
             Song et al. use 0 on CIFAR-10 and 0.95 on ImageNet-64; the LCM script 0.95).
-        timestep_scaling: LCMScheduler's ``timestep_scaling`` of the boundary scalings.
+        timestep_scaling: LCMScheduler's ``timestep_scaling`` of the boundary scalings (VP path only:
+            ``FlowMatchLCMScheduler`` applies none).
         sample_steps: steps of logged grids and ``predict``.
         **kwargs: :class:`DistillationMethod`'s arguments (teacher, student, optimizer, seed, ...).
 
@@ -257,6 +262,7 @@ class ConsistencyDistillation(DistillationMethod):
         if target_decay > 0:
             self.theta_minus = copy.deepcopy(self.student).requires_grad_(False)
         self.make_scheduler()  # fail at construction, not at the first sample, if the grids disagree
+        self.warn_if_sampler_leaves_grid(sample_steps)
 
     # --- hooks a conditional subclass overrides -------------------------------------------------
 
@@ -318,8 +324,30 @@ class ConsistencyDistillation(DistillationMethod):
     # --- sampling / export --------------------------------------------------------------------
 
     def make_scheduler(self):
-        """A stock ``LCMScheduler`` on the teacher's noise schedule and this method's training grid."""
+        """The stock x0 sampler on the teacher's noise schedule: ``LCMScheduler`` on this method's
+        training grid (VP), ``FlowMatchLCMScheduler`` (flow; :func:`~lightning_distill.sampling.lcm_scheduler`)."""
         return lcm_scheduler(self, self.hparams.original_inference_steps, self.hparams.timestep_scaling)
+
+    def warn_if_sampler_leaves_grid(self, steps: int) -> None:
+        """Warn when the ``steps``-step sampler visits a timestep the student is not trained at.
+
+        ``LCMScheduler`` picks its timesteps from the training grid itself, so it never does; the flow
+        sampler (``sampling.at_steps``) visits s = 1, ..., 1/K, which may fall between grid levels.
+        """
+        limit = self.max_sample_steps()
+        if steps < 1 or (limit is not None and steps > limit):
+            return  # check_sample_steps refuses these when sampling
+        sched = self.sampling_scheduler(steps)
+        sched.set_timesteps(steps)
+        off = off_grid_timesteps(sched.timesteps, self.student.schedule.model_timestep(self.train_timesteps))
+        if off:
+            rank_zero_warn(
+                f"{type(self).__name__}: the {steps}-step sampler ({type(sched).__name__}) visits network "
+                f"timesteps {[round(t, 3) for t in off]}, which are not on the training grid of "
+                f"original_inference_steps = {self.hparams.original_inference_steps} (T = "
+                f"{self.student.schedule.num_train_timesteps}); choose N dividing T and a multiple of {steps} "
+                "(exact on an unshifted flow path; a flow shift other than 1 moves the stock sampler's levels)"
+            )
 
 
 __all__ = [
@@ -330,5 +358,6 @@ __all__ = [
     "consistency_loss",
     "consistency_target",
     "skipped_timesteps",
+    "off_grid_timesteps",
     "ema_update_",
 ]
