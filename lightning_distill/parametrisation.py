@@ -72,6 +72,10 @@ class NoiseSchedule(nn.Module):
     """
 
     path: str = ""
+    #: the path's velocity parametrisation (v on VP, u = eps - x0 on flow): stable at the pure-noise end,
+    #: where eps-prediction's x0 = (x_t - sigma eps) / alpha divides by alpha ~ 0, and on the flow path
+    #: the output its stock Euler sampler steps with. Few-step students default to it.
+    velocity_prediction: str = ""
 
     def _set_tables(self, alpha: Tensor, sigma: Tensor) -> None:
         self.register_buffer("_alpha", alpha.float(), persistent=False)
@@ -140,6 +144,7 @@ class VPSchedule(NoiseSchedule):
     """
 
     path = "vp"
+    velocity_prediction = "v_prediction"
 
     def __init__(self, alphas_cumprod: Tensor) -> None:
         super().__init__()
@@ -222,6 +227,7 @@ class FlowSchedule(NoiseSchedule):
     """
 
     path = "flow"
+    velocity_prediction = "flow_prediction"
 
     def __init__(self, num_train_timesteps: int = 1000, shift: float = 1.0) -> None:
         super().__init__()

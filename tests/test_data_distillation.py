@@ -262,3 +262,44 @@ def test_standalone_generation_command_matches_and_is_reused(tiny_teacher_dir, t
     assert (tmp_path / "cli" / shard_name(0)).stat().st_mtime_ns == mtime
     direct = load_pairs(generate_pairs(teacher.denoiser, _cfg(tmp_path / "direct", num_pairs=20), SHAPE))
     assert torch.equal(pairs["noise"], direct["noise"]) and torch.allclose(pairs["sample"], direct["sample"], atol=1e-6)
+
+
+# --- flow-matching teachers (METHODS.md section 7) -----------------------------------------------
+
+
+def test_flow_pairs_are_euler_samples_from_pure_noise(tiny_flow_teacher_dir):
+    """A flow teacher's pairs start at s = 1 (x_1 = eps) and follow x <- x + (s' - s) u(x, s) to s = 0."""
+    teacher = load_teacher(tiny_flow_teacher_dir)
+    sched = teacher.schedule
+    for time_grid in ("trailing", "quadratic"):
+        assert float(sched.sigma(sampling_grid(sched, 4, time_grid)[0])) == 1.0
+    grid = sampling_grid(sched, 4, "trailing")
+    noise = torch.randn(3, *SHAPE, generator=torch.Generator().manual_seed(0))
+    x, levels = noise, [1.0, 0.75, 0.5, 0.25, 0.0]
+    with torch.no_grad():
+        for s, s_next in zip(levels[:-1], levels[1:]):
+            x = x + (s_next - s) * teacher.unet(x, torch.full((3,), s * 1000)).sample
+    torch.testing.assert_close(ddim_sample(teacher.denoiser, noise, grid), x, atol=1e-5, rtol=1e-5)
+
+
+def test_flow_one_step_student_is_the_euler_step_from_pure_noise(tiny_flow_teacher_dir):
+    """Trained at t = T - 1 (s = 1): x0 = x_1 - u, which the one-step stock Euler sampler returns too."""
+    from diffusers.utils.torch_utils import randn_tensor
+
+    model = DataDistillation(teacher=load_teacher(tiny_flow_teacher_dir), distance="l1")
+    assert model.student.path == "flow" and model.student.prediction_type == "flow_prediction"
+    noise, target = torch.randn(4, *SHAPE), torch.rand(4, *SHAPE) * 2 - 1
+    with torch.no_grad():
+        x0 = noise - model.student.unet(noise, torch.full((4,), 1000.0)).sample
+    assert pair_regression_loss(model.student, noise, target, "l1").item() == pytest.approx(
+        (x0 - target).abs().mean().item(), rel=1e-5
+    )
+    out = model.compute_loss({"noise": noise, "x": target, "label": torch.zeros(4, dtype=torch.long)})
+    assert out.loss.item() == pytest.approx((x0 - target).abs().mean().item(), rel=1e-5)
+    assert type(model.sampling_scheduler(1)).__name__ == "FlowMatchEulerDiscreteScheduler"
+    sampled = model.sample(4, 1, torch.Generator().manual_seed(5))
+    z = randn_tensor((4, *SHAPE), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        by_hand = z - model.student.unet(z, torch.full((4,), 1000.0)).sample
+    torch.testing.assert_close(sampled, by_hand, atol=1e-6, rtol=0)
+    torch.testing.assert_close(one_step_sample(model.student, z), by_hand, atol=1e-6, rtol=0)

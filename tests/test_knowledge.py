@@ -319,3 +319,49 @@ def test_digits_configs_instantiate(config, tmp_path):
         pairs = cli.datamodule.hparams.pairs  # jsonargparse hands dataclass groups over as dicts
         assert (pairs["num_steps"] if isinstance(pairs, dict) else pairs.num_steps) == 32
         assert cli.model.hparams.sample_steps == 1
+
+
+# --- flow-matching teachers (METHODS.md section 7) -----------------------------------------------
+
+
+def test_flow_teacher_kd_targets_are_velocities_by_hand(tiny_flow_teacher_dir):
+    """On x_s = (1 - s) x + s eps (s = (t + 1) / T, the network fed s T): the hard label of a velocity
+    student is eps - x, the soft label the teacher's velocity; other student types get x = x_s - s u and
+    eps = x_s + (1 - s) u of that velocity."""
+    from lightning_distill.methods.knowledge import kd_targets
+
+    teacher = load_teacher(tiny_flow_teacher_dir)
+    g = torch.Generator().manual_seed(0)
+    x0, eps = torch.rand(4, 1, 8, 8, generator=g) * 2 - 1, torch.randn(4, 1, 8, 8, generator=g)
+    t = torch.tensor([0, 250, 700, 999])
+    s = ((t + 1) / 1000).view(-1, 1, 1, 1)
+    x_s = (1 - s) * x0 + s * eps
+    u_teacher = teacher.unet(x_s, (t + 1).float()).sample
+    x_t, hard, soft = kd_targets(teacher.denoiser, "flow_prediction", x0, eps, t)
+    torch.testing.assert_close(x_t, x_s)
+    torch.testing.assert_close(hard, eps - x0)
+    torch.testing.assert_close(soft, u_teacher, atol=1e-5, rtol=1e-5)
+    _, hard_x, soft_x = kd_targets(teacher.denoiser, "sample", x0, eps, t)
+    torch.testing.assert_close(hard_x, x0)
+    torch.testing.assert_close(soft_x, x_s - s * u_teacher, atol=1e-5, rtol=1e-5)
+    _, _, soft_eps = kd_targets(teacher.denoiser, "epsilon", x0, eps, t)
+    torch.testing.assert_close(soft_eps, x_s + (1 - s) * u_teacher, atol=1e-5, rtol=1e-5)
+
+
+def test_flow_student_regresses_velocities_hard_and_soft(tiny_flow_teacher_dir):
+    x0 = torch.rand(4, 1, 8, 8) * 2 - 1
+    for alpha in (0.0, 1.0):
+        model = _method(tiny_flow_teacher_dir, alpha=alpha)
+        assert model.student.path == "flow" and model.student.prediction_type == "flow_prediction"
+        torch.manual_seed(3)
+        got = model.compute_loss({"x": x0, "label": torch.zeros(4, dtype=torch.long)}).loss
+        torch.manual_seed(3)
+        t = torch.randint(0, 1000, (4,))
+        eps = torch.randn_like(x0)
+        s = ((t + 1) / 1000).view(-1, 1, 1, 1)
+        x_s = (1 - s) * x0 + s * eps
+        target = eps - x0 if alpha == 1 else model.teacher.unet(x_s, (t + 1).float()).sample
+        expected = F.mse_loss(model.student.unet(x_s, (t + 1).float()).sample, target)
+        assert got.item() == pytest.approx(expected.item(), rel=1e-4)
+    # the student samples with the stock flow Euler sampler, at the teacher's step count
+    assert type(model.sampling_scheduler(model.hparams.sample_steps)).__name__ == "FlowMatchEulerDiscreteScheduler"

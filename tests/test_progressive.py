@@ -575,3 +575,152 @@ def test_cli_shows_and_saves_the_base_settings(tmp_path, capsys):
     assert init_args["sample_steps"] is None and "lr_scheduler" not in init_args
     cli = cli_main(args[1:], run=False)
     assert cli.model.hparams.sample_steps == cli.model.hparams.num_student_steps == 2
+
+
+# --- flow-matching teachers (METHODS.md section 7) -------------------------------------------------
+
+FLOW_T = 1000
+
+
+class FlowGaussianNet(nn.Module):
+    """The ideal velocity u = eps - x0 of x0 ~ N(mu, s^2 I) on x_s = (1 - s) x0 + s eps, fed s * T as the
+    stock flow schedulers feed it (so it also runs inside FlowMatchEulerDiscreteScheduler's loop)."""
+
+    def __init__(self, mu: float, s: float, size: int = 4) -> None:
+        super().__init__()
+        self.mu, self.s = mu, s
+        self.config = SimpleNamespace(sample_size=size, in_channels=1, num_class_embeds=None)
+
+    def forward(self, sample, timestep, class_labels=None, return_dict=True):
+        level = (timestep.double() / FLOW_T).view(-1, 1, 1, 1)
+        a, sg = 1 - level, level
+        k = a * self.s**2 / (a**2 * self.s**2 + sg**2)
+        x0 = self.mu + k * (sample.double() - a * self.mu)
+        return ((sample.double() - x0) / sg - x0).to(sample.dtype),  # u = eps - x0, eps = (x_s - a x0) / s
+
+
+class FlowAffineNet(AffineNet):
+    """AffineNet indexed by the fed timestep s * T rounded (1 .. T), the flow network's call."""
+
+    def __init__(self, size: int = 4) -> None:
+        super().__init__(size)
+        self.scale, self.shift = nn.Parameter(torch.zeros(FLOW_T + 1)), nn.Parameter(torch.zeros(FLOW_T + 1, 1))
+
+    def forward(self, sample, timestep, class_labels=None, return_dict=True):
+        return super().forward(sample, timestep.round(), class_labels, return_dict)
+
+
+def flow_gaussian_teacher(mu=0.3, s=0.4, size=4, **scheduler_kwargs) -> DiffusionTeacher:
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=FLOW_T, **scheduler_kwargs)
+    return DiffusionTeacher(FlowGaussianNet(mu, s, size), scheduler, source=None)
+
+
+def _stock_euler_grid(teacher: DiffusionTeacher, steps: int):
+    """(sigmas, timesteps) of the stock flow Euler sampler set up for ``steps`` steps, as the student samples."""
+    from lightning_distill.sampling import at_steps, flow_scheduler
+
+    sched = at_steps(flow_scheduler("ddim", teacher.schedule), steps, teacher.schedule)
+    sched.set_timesteps(steps)
+    return sched.sigmas.double(), sched.timesteps
+
+
+def test_flow_target_is_what_two_stock_euler_steps_imply():
+    """On the flow path x_tilde is the x0 whose velocity (z - x0) / s takes ONE stock Euler step of the
+    N-step sampler exactly where TWO stock Euler steps of the teacher's 2N-step sampler land."""
+    teacher = flow_gaussian_teacher()
+    assert teacher.schedule.path == "flow" and teacher.prediction_type == "flow_prediction"
+    n = 4
+    z = torch.randn(8, 1, 4, 4, generator=torch.Generator().manual_seed(6))
+    i = torch.tensor([0, 1, 2, 3, 0, 1, 2, 3])
+    t, m, u = student_timesteps(teacher.schedule, n, i)
+    target = two_step_target(teacher.denoiser, z, t, m, u).double()
+    sig2, ts2 = _stock_euler_grid(teacher, 2 * n)
+    sig1, _ = _stock_euler_grid(teacher, n)
+    net = teacher.unet
+    for b in range(8):
+        k = 2 * int(i[b])
+        # the levels PD trains on are the stock samplers' levels (T = 1000 divisible by N and 2N)
+        assert float(teacher.schedule.sigma(t[b])) == pytest.approx(float(sig2[k]), abs=1e-6)
+        assert float(teacher.schedule.sigma(u[b])) == pytest.approx(float(sig2[k + 2]), abs=1e-6)
+        assert float(sig1[int(i[b])]) == pytest.approx(float(sig2[k]), abs=1e-6)
+        assert float(sig1[int(i[b]) + 1]) == pytest.approx(float(sig2[k + 2]), abs=1e-6)
+        x = z[b : b + 1].double()
+        for j in (k, k + 1):  # two Euler steps x <- x + (s' - s) u(x, s), by hand on the stock grid
+            x = x + (sig2[j + 1] - sig2[j]) * net(x.float(), ts2[j : j + 1])[0].double()
+        s_t, s_u = sig2[k], sig2[k + 2]
+        # Algorithm 2's x_tilde on alpha = 1 - s, sigma = s: (s_t z_teacher - s_u z_t) / (s_t - s_u)
+        by_hand = (s_t * x - s_u * z[b : b + 1].double()) / (s_t - s_u)
+        torch.testing.assert_close(target[b : b + 1], by_hand, atol=2e-5, rtol=2e-5)
+        # the student's one Euler step with the velocity that x_tilde encodes lands on the teacher's result
+        v = (z[b : b + 1].double() - target[b : b + 1]) / s_t
+        torch.testing.assert_close(z[b : b + 1].double() + (s_u - s_t) * v, x, atol=2e-5, rtol=2e-5)
+
+
+def test_flow_student_defaults_to_the_velocity_and_refuses_what_euler_cannot_step_with():
+    model = ProgressiveDistillation(flow_gaussian_teacher(), student=FlowAffineNet(), num_student_steps=2)
+    assert model.student.path == "flow" and model.student.prediction_type == "flow_prediction"
+    assert model.hparams.student_prediction_type == "flow_prediction"
+    assert type(model.sampling_scheduler(2)).__name__ == "FlowMatchEulerDiscreteScheduler"
+    # the VP default is unchanged: v-prediction
+    assert ProgressiveDistillation(gaussian_teacher(), student=AffineNet()).student.prediction_type == "v_prediction"
+    for kind in ("v_prediction", "sample"):  # no stock flow sampler steps with v or x0
+        with pytest.raises(ValueError, match="flow_prediction"):
+            ProgressiveDistillation(flow_gaussian_teacher(), student=FlowAffineNet(), student_prediction_type=kind)
+    with pytest.raises(ValueError, match="epsilon.*choose one of"):
+        ProgressiveDistillation(flow_gaussian_teacher(), student=FlowAffineNet(), student_prediction_type="epsilon")
+
+
+def test_flow_one_round_makes_a_one_step_euler_student_match_the_two_step_teacher(tmp_path):
+    from diffusers.utils.torch_utils import randn_tensor
+
+    torch.manual_seed(0)
+    teacher = flow_gaussian_teacher(0.3, 0.4)
+    model = ProgressiveDistillation(
+        teacher, student=FlowAffineNet(), num_student_steps=1, optimizer=lambda p: torch.optim.Adam(p, lr=0.05)
+    )
+    x = 0.3 + 0.4 * torch.randn(256, 1, 4, 4, generator=torch.Generator().manual_seed(4))
+
+    def both():
+        noise = randn_tensor((64, 1, 4, 4), generator=torch.Generator().manual_seed(5))
+        grid = teacher.schedule.trailing_timesteps(2)  # s = 1, 1/2, 0
+        z = teacher.denoiser.ddim(noise, grid[0], grid[1])
+        z = teacher.denoiser.ddim(z, grid[1], grid[2])  # the teacher's 2-step Euler sample
+        # the student's stock 1-step FlowMatchEulerDiscreteScheduler loop
+        student = model.sample(64, 1, torch.Generator().manual_seed(5), denoiser=model.student)
+        return student, z
+
+    s0, t0 = both()
+    assert (s0 - t0).abs().max() > 0.1
+    trainer = _trainer([TeacherSwap(steps_per_round=150, final_steps=1)], tmp_path)
+    trainer.fit(model, FixedBatches(x))
+    s1, t1 = both()
+    torch.testing.assert_close(s1, t1, atol=0.02, rtol=0)
+    assert abs(s1.std().item() - t1.std().item()) < 0.01
+
+
+@pytest.mark.parametrize("scheduler_kwargs", [{"shift": 3.0}, {"use_dynamic_shifting": True}])
+def test_promoted_flow_student_keeps_its_flow_path(scheduler_kwargs):
+    """The promoted teacher is a flow velocity model on the student's own levels, also when a
+    resolution-dependent shift would come out differently for the student network's size."""
+    teacher = flow_gaussian_teacher(size=4, **scheduler_kwargs)
+    student = FlowAffineNet(size=16)  # another size: a dynamic shift re-read from it would differ
+    with torch.no_grad():
+        student.scale.uniform_(-1, 1, generator=torch.Generator().manual_seed(0))
+    model = ProgressiveDistillation(teacher, student=student, num_student_steps=2)
+    model.promote_student()
+    promoted = model.teacher
+    assert model.num_student_steps == 1 and promoted is not teacher
+    assert promoted.scheduler_class == "FlowMatchEulerDiscreteScheduler"
+    assert promoted.prediction_type == "flow_prediction"
+    assert promoted.schedule.path == "flow" and promoted.denoiser.clip_x0 is None
+    levels = torch.arange(-1, FLOW_T)
+    torch.testing.assert_close(promoted.schedule.sigma(levels), teacher.schedule.sigma(levels), rtol=0, atol=0)
+    torch.testing.assert_close(promoted.schedule.sigma(levels), model.student.schedule.sigma(levels), rtol=0, atol=0)
+    # its DDIM step is the Euler step of the promoted network: x + (s' - s) u
+    z = torch.randn(2, 1, 16, 16, generator=torch.Generator().manual_seed(1))
+    t, s = torch.tensor(999), torch.tensor(499)
+    u = model.student.raw(z, t)
+    expected = z + (promoted.schedule.sigma(s) - promoted.schedule.sigma(t)) * u
+    torch.testing.assert_close(promoted.denoiser.ddim(z, t, s), expected)

@@ -14,6 +14,11 @@ s(x_T) ~= y by ordinary regression (METHODS.md section 0):
 Sampling (``sample(n, steps=1)``) is one step of the stock DDIM scheduler with trailing spacing: its
 single timestep is T - 1 and its single update lands on the (clipped) x0 estimate, which is exactly
 :func:`one_step_sample`, so training, ``sample()`` and the exported pipeline agree.
+
+On a flow-matching teacher t_N = T - 1 is s = 1, where x_1 = eps exactly (alpha = 0): the pairs are the
+teacher's Euler samples, the student's x0 estimate is x_1 - u (its velocity output, the default), and
+the one-step ``FlowMatchEulerDiscreteScheduler`` step from s = 1 to 0 is that same x_1 - u (no clipping
+on the flow path). An eps-student is undefined there (x0 = (x - s eps) / alpha with alpha = 0).
 """
 
 from __future__ import annotations

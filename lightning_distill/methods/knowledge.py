@@ -10,6 +10,10 @@ same sampler and step count as the teacher. At a noisy input x_t = alpha_t x + s
   the last term matching named intermediate blocks (feature KD as in BK-SDM / FitNets), with a
   learned 1x1 convolution P_b from student to teacher width wherever the widths differ.
 
+On a flow-matching teacher (x_s = (1 - s) x + s eps) nothing changes: the student defaults to the
+teacher's prediction type, the velocity u = eps - x (``flow_prediction``), so the hard label is eps - x
+and the soft label the teacher's velocity, and it samples with the same number of flow Euler steps.
+
 Block names are ``named_modules`` paths of the diffusers UNet, e.g. ``mid_block``, ``down_blocks.1``,
 ``up_blocks.0``. A block's feature is its output (the first element when a block returns a tuple, as
 diffusers down blocks return (hidden_states, skip_states)), read through the package's one forward-hook

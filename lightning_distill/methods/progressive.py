@@ -1,6 +1,7 @@
 """Progressive distillation (Salimans & Ho 2022, arXiv 2202.00512): halve the sampler's step count per round.
 
-A student that samples in N DDIM steps learns to do in one step what the frozen teacher does in two.
+A student that samples in N DDIM steps (on a flow-matching teacher: N Euler steps of
+``FlowMatchEulerDiscreteScheduler``) learns to do in one step what the frozen teacher does in two.
 After a round the student becomes the teacher and N halves (:class:`~lightning_distill.callbacks.progressive.TeacherSwap`
 decides when). Notation (paper, Algorithm 2 -> code):
 
@@ -14,12 +15,22 @@ w(lambda_t)                ``loss_weight``: max(SNR_t, 1) ("truncated SNR") or S
 =========================  ======================================================================
 
 Times are the model's integer timesteps on diffusers' *trailing* grid, which nests (the N-step grid is
-every other point of the 2N-step grid; see ``VPSchedule.trailing_timesteps``), so a student's sampling
+every other point of the 2N-step grid; see ``NoiseSchedule.trailing_timesteps``), so a student's sampling
 steps are exactly the next round's teacher steps, and t'' = -1 (clean, sigma = 0) on the last step.
 
 The student predicts v or x0, never eps: an eps-student's x0 = (z - sigma eps) / alpha blows up at the
 few-step high-noise end (paper, Sec. 4). A teacher of any prediction type works; the parametrisation
 layer converts.
+
+Flow-matching teachers (METHODS.md section 7): nothing here changes. On x_s = (1 - s) x + s eps the
+deterministic DDIM step alpha_s' x0 + sigma_s' eps is the Euler step x_s + (s' - s) u, so the teacher's
+two DDIM steps are two Euler steps and x_tilde (written with alpha, sigma only) is the x0 whose velocity
+u = (z_t - x_tilde) / s carries one Euler step onto them: x_tilde = (s z_teacher - s'' z_t) / (s - s'').
+The student then predicts the velocity (``flow_prediction``, the path's default), which the stock Euler
+sampler steps with. With shift 1 and N dividing T its N-step grid s = 1, (N-1)/N, ..., 0 is exactly the
+trailing grid trained on (``sampling.at_steps``); for other N the levels differ by rounding (< 1/T). A
+shifted teacher (shift != 1) is the README's known limit: diffusers' stretched grid is then not the
+trailing one (up to 0.05 in s for shift 3, N = 4), so the student samples off its training levels.
 """
 
 from __future__ import annotations
@@ -32,13 +43,13 @@ from lightning.pytorch.cli import OptimizerCallable
 from torch import Tensor, nn
 
 from ..errors import ConfigError
-from ..parametrisation import Denoiser, VPSchedule, expand_like
+from ..parametrisation import Denoiser, NoiseSchedule, expand_like
 from ..teacher import DiffusionTeacher
 from .base import DistillationMethod, LossOutput
 
 LossWeighting = Literal["truncated_snr", "snr_plus_one"]
 LOSS_WEIGHTINGS = ("truncated_snr", "snr_plus_one")
-STUDENT_PREDICTION_TYPES = ("v_prediction", "sample")
+STUDENT_PREDICTION_TYPES = ("v_prediction", "sample", "flow_prediction")
 
 
 # --- maths (pure functions) -----------------------------------------------------------------------
@@ -67,8 +78,10 @@ def x_tilde(z_teacher: Tensor, z_t: Tensor, alpha_t: Tensor, sigma_t: Tensor, al
 def loss_weight(snr: Tensor, weighting: LossWeighting = "truncated_snr") -> Tensor:
     """Per-sample weight of the x-space loss (paper, Sec. 4): max(SNR, 1) or SNR + 1.
 
-    SNR + 1 is what a plain v-space MSE implies (||v_hat - v||^2 = (SNR + 1) ||x_hat - x||^2);
-    truncated SNR behaves like eps-loss at high SNR and like x-loss as SNR -> 0.
+    SNR + 1 is what a plain v-space MSE implies on the VP path (||v_hat - v||^2 = (SNR + 1) ||x_hat - x||^2);
+    truncated SNR behaves like eps-loss at high SNR and like x-loss as SNR -> 0. On the flow path a
+    velocity MSE would weigh the x-error by 1 / s^2 = (sqrt(SNR) + 1)^2 instead: both choices here are
+    then weightings in their own right, the paper's truncated SNR the default.
     """
     if weighting == "truncated_snr":
         return snr.clamp_min(1.0)
@@ -83,7 +96,7 @@ def progressive_loss(x_hat: Tensor, target: Tensor, snr: Tensor, weighting: Loss
     return (loss_weight(snr.float(), weighting) * per_sample).mean()
 
 
-def student_timesteps(schedule: VPSchedule, num_student_steps: int, i: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+def student_timesteps(schedule: NoiseSchedule, num_student_steps: int, i: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """(t, t_mid, s) for student grid indices ``i`` in [0, N): points 2i, 2i+1, 2i+2 of the 2N-step grid.
 
     i = 0 is the noisiest step (t = T - 1); i = N - 1 ends at s = -1 (clean).
@@ -146,9 +159,11 @@ class ProgressiveDistillation(DistillationMethod):
     a draw counter that is checkpointed, so a resumed run draws exactly what an uninterrupted one would.
 
     Args:
-        teacher: the frozen teacher (linked from ``data.teacher``); samples well in 2N DDIM steps.
+        teacher: the frozen teacher (linked from ``data.teacher``); samples well in 2N DDIM (flow: Euler) steps.
         num_student_steps: N, the student's step count in the first round (the teacher takes 2N).
-        student_prediction_type: ``v_prediction`` or ``sample`` (x0); eps is refused (see module doc).
+        student_prediction_type: ``v_prediction`` or ``sample`` (x0) on the VP path, ``flow_prediction``
+            (the only one a flow Euler sampler steps with) on the flow path; eps is refused (see module
+            doc). None: the path's velocity (``v_prediction`` / ``flow_prediction``).
         loss_weighting: ``truncated_snr`` = max(SNR, 1) (the paper) or ``snr_plus_one``.
         student_dropout: dropout probability set on every ``nn.Dropout`` of the student (paper: 0);
             None keeps the network's own.
@@ -174,7 +189,7 @@ class ProgressiveDistillation(DistillationMethod):
         teacher: DiffusionTeacher | None = None,
         *,
         num_student_steps: int = 32,
-        student_prediction_type: Literal["v_prediction", "sample"] = "v_prediction",
+        student_prediction_type: Literal["v_prediction", "sample", "flow_prediction"] | None = None,
         loss_weighting: LossWeighting = "truncated_snr",
         student_dropout: float | None = 0.0,
         student_clip_x0: float | None = None,
@@ -182,6 +197,9 @@ class ProgressiveDistillation(DistillationMethod):
         sample_steps: int | None = None,
         **kwargs,
     ) -> None:
+        if teacher is None:
+            raise ConfigError("ProgressiveDistillation needs a teacher (set data.teacher)")
+        student_prediction_type = student_prediction_type or teacher.schedule.velocity_prediction
         if student_prediction_type not in STUDENT_PREDICTION_TYPES:
             raise ConfigError(
                 f"student_prediction_type {student_prediction_type!r} is not supported by progressive "
@@ -191,8 +209,6 @@ class ProgressiveDistillation(DistillationMethod):
             raise ConfigError(f"unknown loss_weighting {loss_weighting!r}; choose one of {LOSS_WEIGHTINGS}")
         if student_dropout is not None and not 0.0 <= student_dropout < 1.0:
             raise ConfigError(f"student_dropout must lie in [0, 1), got {student_dropout}")
-        if teacher is None:
-            raise ConfigError("ProgressiveDistillation needs a teacher (set data.teacher)")
         T = teacher.schedule.num_train_timesteps
         if not 1 <= num_student_steps <= T // 2:
             raise ConfigError(f"num_student_steps must lie in [1, {T // 2}] (the teacher takes 2N of T={T}), got {num_student_steps}")
@@ -202,6 +218,10 @@ class ProgressiveDistillation(DistillationMethod):
         super().__init__(teacher=teacher, student_prediction_type=student_prediction_type, optimizer=optimizer,
                          lr_scheduler=None, sample_steps=sample_steps, **kwargs)
         self.student.clip_x0 = student_clip_x0
+        # x_tilde assumes the student samples with the path's stock DDIM / Euler step: build that sampler
+        # now, so a prediction type it cannot step with (x0 or v on the flow path) fails here, before
+        # training, instead of at the first logged grid or export.
+        self.make_scheduler()
         if student_dropout is not None:
             for m in self.student.modules():
                 if isinstance(m, nn.Dropout):
@@ -254,7 +274,9 @@ class ProgressiveDistillation(DistillationMethod):
         import diffusers
 
         old = self.teacher
-        config = dict(old.scheduler_config, prediction_type=prediction_type)
+        config = dict(old.scheduler_config)
+        if "prediction_type" in config:  # FlowMatch* configs have none (and warn about an unknown key)
+            config["prediction_type"] = prediction_type
         scheduler = getattr(diffusers, old.scheduler_class).from_config(config)
         teacher = DiffusionTeacher(
             unet,
@@ -266,6 +288,9 @@ class ProgressiveDistillation(DistillationMethod):
             tokenizer=old.tokenizer,
             clip_x0=clip_x0,
         )
+        # The student's own path, not one re-read from the scheduler config: a resolution-dependent flow
+        # shift (use_dynamic_shifting) was fixed for the student when it was built.
+        teacher.denoiser.schedule = self.student.schedule.copy()
         for p in teacher.parameters():
             p.grad = None
         return teacher.to(self.device)
