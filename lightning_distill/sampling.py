@@ -189,11 +189,21 @@ def lcm_scheduler(method: DistillationMethod, original_inference_steps: int, tim
 
 
 def generator_timesteps(schedule: NoiseSchedule, num_steps: int) -> Tensor:
-    """The K input timesteps of a K-step generator, high to low: t_n = n (T // K) - 1, n = K..1.
+    """The K input timesteps of a K-step x0-sampler student (ADD, DMD2), high to low: those the path's
+    stock x0 sampler (:func:`lcm_scheduler`) visits at K steps.
 
-    The grid ``LCMScheduler(original_inference_steps=K)`` visits (for T = 1024, K = 4: 1023, 767, 511,
-    255); K = 1 gives [T - 1], one step from pure noise.
+    * VP: the grid of ``LCMScheduler(original_inference_steps=K)``, t_n = n (T // K) - 1, n = K..1 (for
+      T = 1024, K = 4: 1023, 767, 511, 255).
+    * flow: the trailing grid without its final -1, s = 1, (K-1)/K, ..., 1/K (``FlowMatchLCMScheduler``
+      through :func:`at_steps`). When K divides T both rules give the same timesteps; otherwise the
+      LCM grid would start below s = 1 (T = 1000, K = 3: t = 998, s = 0.999) where the sampler starts
+      from pure noise. (There the stock scheduler's interior levels, 666.5 / 1000 for K = 3, lie
+      between two training levels: within one level of these.)
+
+    K = 1 gives [T - 1], one step from pure noise, on both paths.
     """
+    if schedule.path == "flow":
+        return schedule.trailing_timesteps(num_steps)[:-1]
     return lcm_training_timesteps(schedule.num_train_timesteps, num_steps).flip(0)
 
 

@@ -294,3 +294,108 @@ def test_a_frozen_user_feature_network_stays_in_eval_mode(teacher):
     stats = feats.bn.running_mean.clone()
     model.discriminator(torch.randn(2, 1, 8, 8))
     torch.testing.assert_close(feats.bn.running_mean, stats)
+
+
+# --- flow-matching teachers (issue 22) -------------------------------------------------------------
+
+
+class ZeroU(nn.Module):
+    """A flow network that always outputs velocity 0: its x0 estimate is x_s itself."""
+
+    def forward(self, x, t, return_dict=False, **_):
+        return (torch.zeros_like(x),)
+
+
+def test_distillation_loss_by_hand_on_the_flow_path():
+    """Re-noising is x_s = (1 - s) x + s eps and c(t) = alpha_t = 1 - s."""
+    from lightning_distill.parametrisation import FlowSchedule
+
+    teacher = Denoiser(ZeroU(), FlowSchedule(10), "flow_prediction")
+    torch.manual_seed(0)
+    x0 = torch.randn(3, 1, 2, 2, requires_grad=True)
+    eps = torch.randn(3, 1, 2, 2)
+    t = torch.tensor([0, 4, 9])
+    s = ((t + 1) / 10).view(-1, 1, 1, 1)  # levels 0.1, 0.5, 1.0
+    target = (1 - s) * x0.detach() + s * eps  # the teacher's x0 of its input is that input
+    expected = ((1 - s).flatten() * (x0.detach() - target).pow(2).flatten(1).mean(1)).mean()
+    loss = add_distillation_loss(x0, teacher, t, eps, "alpha")
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-6)
+
+
+@pytest.mark.parametrize("T", [1000, 1024])
+def test_flow_student_timesteps_are_the_levels_the_flow_lcm_sampler_visits(T):
+    """generator_timesteps on the flow path against the stock FlowMatchLCMScheduler set up for K steps:
+    the same levels s = n / K when K divides T (fewer steps N visit a subset when N divides K); otherwise
+    the first (s = 1, pure noise) and the last level agree exactly and the interior ones within one level."""
+    from lightning_distill.parametrisation import FlowSchedule
+    from lightning_distill.sampling import at_steps, flow_scheduler, generator_timesteps
+
+    fs = FlowSchedule(T)
+    stock = flow_scheduler("x0", fs)
+    assert type(stock).__name__ == "FlowMatchLCMScheduler"
+
+    def visits(n):
+        sched = at_steps(stock, n, fs)
+        sched.set_timesteps(n)
+        return sched.timesteps.double()
+
+    for K in range(1, 9):
+        trained = fs.model_timestep(generator_timesteps(fs, K)).double()
+        got = visits(K)
+        assert got[0] == trained[0] == T and got[-1] == trained[-1], (K, got, trained)
+        if T % K == 0:
+            torch.testing.assert_close(got, trained, rtol=0, atol=1e-3, msg=f"K={K}")
+            torch.testing.assert_close(trained, T * torch.arange(K, 0, -1, dtype=torch.float64) / K)
+            for n in (n for n in range(1, K) if K % n == 0):
+                assert all((trained - v).abs().min() < 1e-3 for v in visits(n)), (K, n)
+        else:
+            assert (got - trained).abs().max() <= 1.0, (K, got, trained)
+
+
+@pytest.fixture(scope="module")
+def flow_teacher(tmp_path_factory):
+    from conftest import write_tiny_flow_teacher
+    from lightning_distill.teacher import load_teacher
+
+    return load_teacher(write_tiny_flow_teacher(tmp_path_factory.mktemp("add_flow") / "teacher", shift=3.0))
+
+
+def test_flow_teacher_student_sampler_and_discriminator_timesteps(flow_teacher):
+    """On a (shift-3) flow teacher: the student is trained and sampled at the same network timesteps
+    (s * T = 1000, 750), more steps than K are refused, and the teacher-encoder discriminator is fed the
+    network timestep of its level (clean images: feature_timestep 0; LADD option: the drawn t)."""
+    sched = flow_teacher.schedule
+    model = AdversarialDiffusionDistillation(flow_teacher, num_student_steps=2, head_hidden=8)
+    assert model.student.path == "flow" and model.student.prediction_type == "flow_prediction"
+    assert model.student_timesteps.tolist() == [999, 499]
+    sampler = model.sampling_scheduler(2)
+    sampler.set_timesteps(2)
+    assert type(sampler).__name__ == "FlowMatchLCMScheduler"
+    torch.testing.assert_close(sampler.timesteps, sched.model_timestep(model.student_timesteps))
+    torch.testing.assert_close(sampler.timesteps, torch.tensor([1000.0, 750.0]))
+    with pytest.raises(ValueError, match=r"samples with 1\.\.2 steps"):
+        model.sample(2, 3)
+    seen = []
+    hook = model.student.unet.register_forward_pre_hook(lambda m, args: seen.extend(args[1].tolist()))
+    batch = {"x": torch.rand(16, 1, 8, 8) * 2 - 1, "label": torch.zeros(16, dtype=torch.long)}
+    with torch.no_grad():
+        model.generate(batch, torch.Generator().manual_seed(0))
+    hook.remove()
+    assert set(seen) == {1000.0, 750.0}
+
+    fed = []
+    hook = flow_teacher.unet.register_forward_pre_hook(lambda m, args: fed.append(args[1].clone()))
+    x = torch.rand(4, 1, 8, 8) * 2 - 1
+    ladd = AdversarialDiffusionDistillation(flow_teacher, head_hidden=8, discriminator_t_range=[100, 600])
+    try:
+        with torch.no_grad():
+            fed.clear()
+            model.discriminate(x, None, torch.Generator().manual_seed(0))(x)
+            clean = fed[-1]
+            ladd.discriminate(x, None, torch.Generator().manual_seed(7))(x)
+            noised = fed[-1]
+    finally:
+        hook.remove()
+    torch.testing.assert_close(clean, sched.model_timestep(torch.zeros(4, dtype=torch.long)))  # 2.99..., not 0
+    g = torch.Generator().manual_seed(7)
+    torch.testing.assert_close(noised, sched.model_timestep(torch.randint(100, 601, (4,), generator=g)))

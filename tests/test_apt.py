@@ -132,3 +132,38 @@ def test_class_conditional_teacher(tmp_path):
     g_out = model.generator_loss(batch, gen)
     assert torch.isfinite(d_out.loss) and torch.isfinite(g_out.loss) and "r1" in d_out.logs
     assert model.generate(batch, gen).class_labels is batch["label"]
+
+
+def test_flow_teacher_generator_is_the_one_step_euler_sampler(tmp_path):
+    """On a (shift-3) flow teacher G(z) is one step from pure noise at s = 1 (network timestep T): x0 = z - u,
+    by hand from the bare UNet; the stock Euler sampler's one step z + (0 - 1) u is the same map; the
+    discriminator backbone is fed the network timestep s_t * T of its noise level."""
+    from conftest import write_tiny_flow_teacher
+    from lightning_distill.teacher import load_teacher
+
+    teacher = load_teacher(write_tiny_flow_teacher(tmp_path / "flow", shift=3.0))
+    model = AdversarialPostTraining(teacher, head_hidden=8, d_t_min=10, d_t_max=400)
+    assert model.student.path == "flow" and model.student.prediction_type == "flow_prediction"
+    assert model.generator_timestep == 999
+    batch = {"x": torch.zeros(3, 1, 8, 8), "label": torch.zeros(3, dtype=torch.long)}
+    with torch.no_grad():
+        fake = model.generate(batch, torch.Generator().manual_seed(7)).x
+        z = torch.randn(batch["x"].shape, generator=torch.Generator().manual_seed(7))
+        want = z - model.student.unet(z, torch.full((3,), 1000.0)).sample
+    torch.testing.assert_close(fake, want, rtol=0, atol=1e-6)
+    sampler = model.sampling_scheduler(1)
+    assert type(sampler).__name__ == "FlowMatchEulerDiscreteScheduler"
+    sample = model.sample(3, 1, torch.Generator().manual_seed(7), denoiser=model.student)
+    torch.testing.assert_close(sample, fake, rtol=0, atol=1e-5)  # no clipping on a flow (latent-style) teacher
+
+    fed = []
+    backbone = model.discriminator.backbone.network
+    hook = backbone.register_forward_pre_hook(lambda m, args: fed.append(args[1].clone()))
+    x = torch.rand(4, 1, 8, 8) * 2 - 1
+    try:
+        with torch.no_grad():
+            model.discriminate(x, None, torch.Generator().manual_seed(0))(x)
+    finally:
+        hook.remove()
+    t = torch.randint(10, 401, (4,), generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(fed[0], teacher.schedule.model_timestep(t))

@@ -411,3 +411,131 @@ def test_teacher_samples_as_the_real_set(tiny_teacher_dir, tmp_path, preset):
     assert seen and all(any(torch.equal(x, s) for s in samples) for batch in seen for x in batch)
     real = cli.datamodule.train_images()  # the FID reference stays the real data
     assert not any(torch.equal(seen[0][0], r) for r in real)
+
+
+# --- flow-matching teachers (issue 22) -------------------------------------------------------------
+
+
+class FlowGaussianUNet(nn.Module):
+    """The ideal denoiser of N(mu, s^2 I) data on the rectified-flow path, outputting the velocity u = eps - x0.
+
+    It is fed the network timestep s * T, as a flow UNet is, and reads its level s from that alone.
+    """
+
+    def __init__(self, mu: float, s: float, T: int) -> None:
+        super().__init__()
+        self.mu, self.s, self.T = mu, s, T
+
+    def forward(self, x_t, t, return_dict=False, **_):
+        lvl = (t.double() / self.T).view(-1, 1, 1, 1)
+        a, sg, x_t64 = 1 - lvl, lvl, x_t.double()
+        x0 = self.mu + a * self.s**2 / (a**2 * self.s**2 + sg**2) * (x_t64 - a * self.mu)
+        eps = (x_t64 - a * x0) / sg
+        return ((eps - x0).to(x_t.dtype),)
+
+
+def test_dm_gradient_on_the_flow_path_matches_gaussian_closed_form():
+    """On x_s = (1 - s) x + s n with velocity networks the gradient is the same closed form as on VP:
+    (D_fake - D_real) / mean|x - D_real|, D from Tweedie's formula on the flow path's alpha = 1 - s, sigma = s."""
+    from lightning_distill.parametrisation import FlowSchedule
+
+    sched = FlowSchedule(1000, shift=3.0)  # shifted: integer timestep, level and network timestep all differ
+    g = torch.Generator().manual_seed(0)
+    real, fake = (0.3, 0.5), (-0.4, 0.8)
+    x = torch.randn(6, 2, 3, 3, generator=g) * 0.7 + 0.1
+    noise = torch.randn(x.shape, generator=g)
+    t = torch.tensor([20, 100, 300, 500, 700, 900])
+    expected = _closed_form_grad(x, t, noise, sched, real, fake)
+    d_real, d_fake = (Denoiser(FlowGaussianUNet(*p, 1000), sched, "flow_prediction") for p in (real, fake))
+    for reduction, scale in (("sum", 1.0), ("mean", 1.0 / x.numel())):
+        xx = x.clone().requires_grad_(True)
+        distribution_matching_loss(xx, d_real, d_fake, t, noise, reduction=reduction).loss.backward()
+        torch.testing.assert_close(xx.grad, expected * scale, atol=1e-3 * scale, rtol=1e-3)
+
+
+@pytest.fixture
+def flow_teacher_dir(tmp_path):
+    from conftest import write_tiny_flow_teacher
+
+    return write_tiny_flow_teacher(tmp_path / "flow_teacher", shift=3.0)
+
+
+def test_flow_teacher_scores_are_velocity_networks(flow_teacher_dir):
+    """Real and fake scores read velocities (x0 = x_s - s u, by hand from the bare UNets), the fake score
+    regresses u = n - x, and the GAN head's backbone is fed the network timestep s * T, not the index."""
+    model = _model(flow_teacher_dir)
+    for den in (model.student, model.fake_score, model.teacher.denoiser):
+        assert den.path == "flow" and den.prediction_type == "flow_prediction" and den.clip_x0 is None
+    sched = model.teacher.schedule
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(4, 1, 8, 8, generator=g).clamp(-1, 1)
+    noise = torch.randn(x.shape, generator=g)
+    t = torch.tensor([30, 300, 600, 900])
+    s = sched.sigma(t).view(-1, 1, 1, 1)
+    x_t = (1 - s) * x + s * noise
+    with torch.no_grad():  # a fake score that differs from the teacher, so the gradient is not zero
+        for p in model.fake_score.unet.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=g))
+        x0_real = x_t - s * model.teacher.unet(x_t, sched.model_timestep(t)).sample
+        x0_fake = x_t - s * model.fake_score.unet(x_t, sched.model_timestep(t)).sample
+    xx = x.clone().requires_grad_(True)
+    distribution_matching_loss(xx, model.teacher.denoiser, model.fake_score, t, noise, reduction="sum").loss.backward()
+    want = (x0_fake - x0_real) / (x - x0_real).abs().flatten(1).mean(1).view(-1, 1, 1, 1)
+    torch.testing.assert_close(xx.grad, want, atol=1e-5, rtol=1e-4)
+    assert xx.grad.abs().max() > 0
+
+    from lightning_distill.losses import denoising_loss
+
+    with torch.no_grad():
+        u = model.fake_score.unet(x_t, sched.model_timestep(t)).sample
+        by_hand = ((u - (noise - x)) ** 2).mean()
+    torch.testing.assert_close(denoising_loss(model.fake_score, x, t, noise), by_hand)
+
+    fed = []
+    hook = model.fake_score.unet.register_forward_pre_hook(lambda m, args: fed.append(args[1].clone()))
+    model.discriminator_logits(x, t, noise)
+    hook.remove()
+    torch.testing.assert_close(fed[0], sched.model_timestep(t))  # shift 3: 2.99..., not the index 30
+
+
+def test_flow_teacher_two_step_generator_trains_and_exports(flow_teacher_dir, tmp_path):
+    """A 2-step generator on a flow teacher: finite losses over a few iterations; its grid is s = 1, 1/2,
+    the levels the exported FlowMatchLCMScheduler visits; the sampler feeds the backward-simulated inputs;
+    the stock pipeline reproduces sample() at 2 steps (its default call) and at 1; 3 steps are refused."""
+    from diffusers import DiffusionPipeline
+    from diffusers.utils.torch_utils import randn_tensor
+
+    from lightning_distill.sampling import at_steps
+    from test_export import assert_pipeline_reproduces_samples
+
+    from conftest import write_tiny_flow_teacher
+
+    teacher_dir = write_tiny_flow_teacher(tmp_path / "teacher_shift1")  # shift 1: the trailing grid is exact
+    model = _model(teacher_dir, generator_steps=2, generator_every=1)
+    trainer = _trainer(tmp_path, max_steps=3, enable_checkpointing=False)
+    trainer.fit(model, train_dataloaders=_loader())
+    logged = {k: v for k, v in trainer.callback_metrics.items() if k.startswith("train/")}
+    assert {"train/dm_loss", "train/fake_score_loss", "train/g_gan", "train/d_gan"} <= set(logged)
+    assert all(torch.isfinite(v).all() for v in logged.values()), logged
+
+    grid = generator_timesteps(model.student.schedule, 2)
+    assert grid.tolist() == [999, 499]
+    sched = model.sampling_scheduler(2)
+    sched.set_timesteps(2)
+    assert type(sched).__name__ == "FlowMatchLCMScheduler"
+    torch.testing.assert_close(sched.timesteps, model.student.schedule.model_timestep(grid))  # s * T = 1000, 500
+    got = model.sample(5, 2, torch.Generator().manual_seed(1), denoiser=model.student)
+    g = torch.Generator().manual_seed(1)
+    z = randn_tensor((5, *model.sample_shape), generator=g)
+    with torch.no_grad():
+        x1 = backward_simulation(model.student, z, grid, 1, rng=g)
+        want = model.student(x1, grid[1]).x0
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+    with pytest.raises(ValueError, match=r"1\.\.2 steps"):
+        model.sample(2, 3)
+
+    pipe = DiffusionPipeline.from_pretrained(str(model.export(tmp_path / "student", use_ema=False)))
+    assert type(pipe.scheduler).__name__ == "FlowMatchLCMScheduler"
+    assert_pipeline_reproduces_samples(model, pipe, 2)
+    pipe.scheduler = at_steps(pipe.scheduler, 1)
+    assert_pipeline_reproduces_samples(model, pipe, 1)

@@ -157,6 +157,9 @@ class Discriminator(nn.Module):
 def bottleneck_features(unet: nn.Module, x_t: Tensor, t: Tensor, module_name: str = "mid_block", **cond) -> Tensor:
     """The output of ``unet.<module_name>`` (default the mid block) for input (x_t, t), via a forward hook.
 
+    ``t`` is what the network is fed (``NoiseSchedule.model_timestep``: the integer timestep on the VP
+    path, s * T on the flow path).
+
     The forward pass stops once the module has run (:func:`capture_features`), so the decoder half
     of the UNet is never evaluated.
     """

@@ -34,7 +34,8 @@ class UNetEncoderFeatures(nn.Module):
         trainable: True registers the UNet as a submodule (trained and checkpointed, APT's backbone).
             False keeps only a reference to a frozen network (e.g. the teacher's own UNet in ADD), so
             its weights are neither trained nor saved twice.
-        timestep: the timestep used when ``forward`` gets ``t=None`` (0: clean images).
+        timestep: the network timestep used when ``forward`` gets ``t=None`` (0: clean images); what
+            the UNet is fed, so a flow-matching UNet's s * T (``NoiseSchedule.model_timestep``).
 
     Example::
 
@@ -43,7 +44,7 @@ class UNetEncoderFeatures(nn.Module):
     """
 
     def __init__(
-        self, unet: nn.Module, levels: Sequence[int] | None = None, trainable: bool = False, timestep: int = 0
+        self, unet: nn.Module, levels: Sequence[int] | None = None, trainable: bool = False, timestep: float = 0
     ) -> None:
         super().__init__()
         n_down = len(unet.down_blocks)
@@ -64,7 +65,7 @@ class UNetEncoderFeatures(nn.Module):
 
     @classmethod
     def trainable_copy(
-        cls, unet: nn.Module, levels: Sequence[int] | None = None, timestep: int = 0, requires_grad: bool = True
+        cls, unet: nn.Module, levels: Sequence[int] | None = None, timestep: float = 0, requires_grad: bool = True
     ) -> "UNetEncoderFeatures":
         """Features of a float32 copy of ``unet`` that is trained and checkpointed with the discriminator
         (APT's backbone, ADD's ``train_features``); ``requires_grad=False`` registers it frozen."""
@@ -78,7 +79,9 @@ class UNetEncoderFeatures(nn.Module):
     def forward(self, x: Tensor, t: Tensor | None = None, **cond) -> list[Tensor]:
         unet = self.network
         if t is None:
-            t = torch.full((x.shape[0],), self.timestep, device=x.device, dtype=torch.long)
+            # an integer timestep stays int64 (VP UNets); a flow UNet's s * T is a float
+            dtype = torch.long if float(self.timestep).is_integer() else torch.float32
+            t = torch.full((x.shape[0],), self.timestep, device=x.device, dtype=dtype)
         names = ["mid_block" if lv == -1 else f"down_blocks.{lv}" for lv in self.levels]
         cond = {k: v for k, v in cond.items() if v is not None}
         x = x.to(next(unet.parameters()).dtype)

@@ -15,7 +15,7 @@ training code; METHODS.md section 4 marks the details as unconfirmed.
 Notation (paper -> code):
 
 ==========================  ====================================================
-tau_1..tau_n (student t)    ``student_timesteps`` (LCMScheduler grid of ``num_student_steps``)
+tau_1..tau_n (student t)    ``student_timesteps`` (the x0 sampler's grid of ``num_student_steps``)
 x_s (noised real input)     ``x_t`` in :meth:`AdversarialDiffusionDistillation.generate`
 x_theta(x_s, s)             the student's x0 estimate (``Generated.x``)
 t, x_theta,t (re-noised)    ``s``, ``x_s`` in :func:`add_distillation_loss`
@@ -29,7 +29,10 @@ estimate and re-noises it with fresh noise to the next timestep (consistency-mod
 which is what the stock ``LCMScheduler`` does. Its grid with ``original_inference_steps =
 num_student_steps`` is exactly the student timesteps, and fewer sampling steps visit a subset of them;
 ``timestep_scaling`` is set so high that its boundary scalings are the identity (c_skip < 3e-7), so the
-student's x0 is used as is. The exported pipeline is a plain DDPMPipeline + LCMScheduler. (Deterministic
+student's x0 is used as is. The exported pipeline is a plain DDPMPipeline + LCMScheduler. On a
+flow-matching teacher it is ``FlowMatchLCMScheduler`` (x0 = x_s - s u, then (1 - s') x0 + s' eps): the
+student timesteps are s = 1, (K-1)/K, ..., 1/K (:func:`~lightning_distill.sampling.generator_timesteps`),
+the levels it visits at K steps; N < K steps visit a subset of them when N divides K. (Deterministic
 DDIM re-noising instead reuses the student's own noise estimate, an input the student never saw in
 training: on digits it made 2- and 4-step samples worse than 1-step ones, FD 1.61 / 2.78 against
 0.67 / 0.42 with fresh noise for the same weights.)
@@ -47,7 +50,7 @@ from ..errors import ConfigError
 from ..gan.discriminators import Discriminator
 from ..gan.features import UNetEncoderFeatures
 from ..parametrisation import Denoiser
-from ..sampling import X0_SAMPLER_TIMESTEP_SCALING, backward_simulation, lcm_scheduler, lcm_training_timesteps
+from ..sampling import X0_SAMPLER_TIMESTEP_SCALING, backward_simulation, generator_timesteps, lcm_scheduler
 from ..teacher import DiffusionTeacher
 from .adversarial import AdversarialMethod, Generated
 from .base import LossOutput
@@ -92,13 +95,15 @@ class AdversarialDiffusionDistillation(AdversarialMethod):
 
     Args:
         num_student_steps: number of fixed student timesteps: t_n = n (T // K) - 1, n = 1..K (for
-            T = 1000, K = 4: 999, 749, 499, 249, the paper's), the grid the sampler visits.
+            T = 1000, K = 4: 999, 749, 499, 249, the paper's), the grid the sampler visits (flow
+            teachers: s = n / K).
         feature_network: frozen feature network of the discriminator: any module mapping
             ``(x, t=None, **cond)`` to a list of feature tensors (``ModuleFeatures`` wraps ordinary
             networks, e.g. the digits classifier; ``HFVisionFeatures`` loads DINOv2 from a local folder).
             None: the teacher UNet's encoder (``feature_levels``) at timestep ``feature_timestep``.
         feature_levels: teacher-encoder levels (down block indices, -1 = mid block); None: all.
-        feature_timestep: timestep at which the teacher encoder looks at (clean) images.
+        feature_timestep: timestep at which the teacher encoder looks at (clean) images (fed to it as
+            ``schedule.model_timestep``: s * T on a flow teacher).
         train_features: train the discriminator's backbone too: a trainable copy of the teacher UNet
             (as APT's discriminator) instead of the frozen encoder. Not the paper's ADD (its feature
             network is frozen); for small data where a frozen network's heads lose to the generator.
@@ -162,12 +167,13 @@ class AdversarialDiffusionDistillation(AdversarialMethod):
         if self.teacher is None:
             raise ConfigError("AdversarialDiffusionDistillation needs a teacher (set data.teacher)")
         T = self.student.schedule.num_train_timesteps
-        self.register_buffer("student_timesteps", lcm_training_timesteps(T, num_student_steps).flip(0), persistent=False)
+        self.register_buffer("student_timesteps", generator_timesteps(self.student.schedule, num_student_steps), persistent=False)
         if discriminator_t_range is not None:
             lo, hi = (int(v) for v in discriminator_t_range)
             if not 0 <= lo <= hi < T:
                 raise ConfigError(f"discriminator_t_range must satisfy 0 <= lo <= hi < {T}, got {list(discriminator_t_range)}")
         teacher_features = feature_network is None
+        feature_timestep = self.teacher.schedule.model_timestep(torch.tensor(feature_timestep)).item()
         if train_features:
             if not teacher_features:
                 raise ConfigError("train_features=True trains a copy of the teacher UNet: leave feature_network unset")
@@ -188,8 +194,14 @@ class AdversarialDiffusionDistillation(AdversarialMethod):
         self.make_scheduler()  # fail at construction if LCMScheduler cannot express the teacher's schedule
 
     def make_scheduler(self):
-        """Stock ``LCMScheduler``: the student's x0, re-noised with fresh noise, at the student timesteps."""
+        """Stock ``LCMScheduler`` (flow: ``FlowMatchLCMScheduler``): the student's x0, re-noised with fresh
+        noise, at the student timesteps."""
         return lcm_scheduler(self, self.student_timesteps.numel(), X0_SAMPLER_TIMESTEP_SCALING)
+
+    def max_sample_steps(self) -> int:
+        """K: more steps would visit timesteps the student was not trained at (``LCMScheduler`` refuses
+        them itself; ``FlowMatchLCMScheduler`` has no such limit, so it is stated here for both paths)."""
+        return self.student_timesteps.numel()
 
     # --- AdversarialMethod hooks ---------------------------------------------------------------
 

@@ -215,7 +215,8 @@ class AdversarialMethod(DistillationMethod):
 
         With :meth:`discriminator_t_range` (APT; ADD's LADD option) the images are noised at a random t,
         one t and one noise draw per sample taken here, so real, fake and R1 evaluations see the same
-        function of the image.
+        function of the image. The backbone gets the network's own timestep of t
+        (``schedule.model_timestep``: t itself on the VP path, s_t * T on the flow path).
         """
         d = self.discriminator
         labels = class_labels if d.heads.class_embed is not None or d.backbone_cond else None
@@ -225,10 +226,11 @@ class AdversarialMethod(DistillationMethod):
         t = torch.randint(int(t_range[0]), int(t_range[1]) + 1, (x.shape[0],), generator=gen, device=x.device)
         noise = torch.randn(x.shape, generator=gen, device=x.device, dtype=x.dtype)
         sched = self.student.schedule
+        model_t = sched.model_timestep(t)
 
         def d_fn(images: Tensor) -> Tensor:
             n = images.shape[0]
-            return d(sched.add_noise(images, noise[:n], t[:n]), t[:n], class_labels=labels)
+            return d(sched.add_noise(images, noise[:n], t[:n]), model_t[:n], class_labels=labels)
 
         return d_fn
 

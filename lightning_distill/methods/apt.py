@@ -18,7 +18,9 @@ L_aR1                    :func:`~lightning_distill.gan.losses.approx_r1_penalty`
 =======================  ===========================================================
 
 Sampling and export: the stock DDIM sampler with one trailing step evaluates the student at t = T - 1
-on pure noise and returns its (clipped) x0: the same map G that is trained here.
+on pure noise and returns its (clipped) x0: the same map G that is trained here. On a flow-matching
+teacher t = T - 1 is s = 1 and the stock sampler is ``FlowMatchEulerDiscreteScheduler``, whose one step
+z + (0 - 1) u = z - u is again the student's x0 estimate G(z).
 """
 
 from __future__ import annotations
@@ -54,7 +56,7 @@ class AdversarialPostTraining(AdversarialMethod):
         optimizer, discriminator_optimizer, gan_loss, r1, r1_weight: as :class:`AdversarialMethod`,
             with the paper's defaults (RMSProp, non-saturating, approximated R1 with weight 100).
         sample_steps: steps of logged sample grids and ``predict`` (1: the trained one-step map; more
-            steps run the DDIM sampler, which the generator was not trained for).
+            steps run the DDIM (flow: Euler) sampler, which the generator was not trained for).
         **kwargs: :class:`AdversarialMethod`'s and :class:`DistillationMethod`'s arguments.
 
     Example::

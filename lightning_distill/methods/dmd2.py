@@ -35,6 +35,12 @@ Multi-step generators (``generator_steps`` K > 1) move between their steps as th
 estimate at t_i is re-noised with fresh noise to t_{i+1}, in training (:func:`backward_simulation`) and
 in the exported sampler (a stock ``LCMScheduler`` whose boundary scalings are the identity).
 
+Flow-matching teachers: nothing here changes. Both scores are velocity networks read through
+:class:`~lightning_distill.parametrisation.Denoiser` (x0 = x_s - s u), the fake score is trained on the
+teacher's velocity target (``denoising_loss``), x_t = (1 - s) x + s n, and the score identity above holds
+on any Gaussian path x_t = alpha_t x + sigma_t n, so grad and its normaliser mean|x - x0_real| keep their
+form. The generator's steps are s = 1, (K-1)/K, ..., 1/K and it exports as a ``FlowMatchLCMScheduler``.
+
 Not in this file (differences from the paper): no classifier-free guidance on the real score (the
 digits teacher is unconditional).
 """
@@ -169,7 +175,8 @@ class DMD2(AdversarialMethod):
         >>> dm = TeacherDataModule(teacher="bundled:digits")
         >>> model = DMD2(teacher=dm.teacher, generator_every=5, gan=True)
         >>> L.Trainer(max_steps=2000).fit(model, dm)
-        >>> model.export("outputs/dmd2")   # a 1-step pipeline (LCMScheduler: x0 from pure noise at T - 1)
+        >>> model.export("outputs/dmd2")   # a 1-step pipeline (LCMScheduler: x0 from pure noise at T - 1;
+        ...                                # FlowMatchLCMScheduler on a flow teacher)
     """
 
     hparams_ignore = AdversarialMethod.hparams_ignore + ("fake_score", "fake_score_optimizer")
@@ -225,8 +232,14 @@ class DMD2(AdversarialMethod):
         self.make_scheduler()  # fail at construction if LCMScheduler cannot express the teacher's schedule
 
     def make_scheduler(self):
-        """Stock ``LCMScheduler`` on the generator grid: x0 estimate, fresh noise to the next step."""
+        """Stock ``LCMScheduler`` (flow: ``FlowMatchLCMScheduler``) on the generator grid: x0 estimate,
+        fresh noise to the next step."""
         return lcm_scheduler(self, self.hparams.generator_steps, X0_SAMPLER_TIMESTEP_SCALING)
+
+    def max_sample_steps(self) -> int:
+        """K: more steps would visit timesteps the generator was not trained at (``LCMScheduler`` refuses
+        them itself; ``FlowMatchLCMScheduler`` has no such limit, so it is stated here for both paths)."""
+        return int(self.hparams.generator_steps)
 
     def critics(self) -> list[Critic]:
         """The fake score (its learning rate unscheduled: it must keep tracking the generator), then the head."""
@@ -279,8 +292,9 @@ class DMD2(AdversarialMethod):
 
     def discriminator_logits(self, x: Tensor, t: Tensor, noise: Tensor, train_backbone: bool = True, **cond) -> Tensor:
         """Head logits on fake-score bottleneck features of x noised to level t (gradient flows to x)."""
-        x_t = self.fake_score.schedule.add_noise(x, noise, t)
-        feats = bottleneck_features(self.fake_score.unet, x_t, t, **cond)
+        sched = self.fake_score.schedule
+        x_t = sched.add_noise(x, noise, t)
+        feats = bottleneck_features(self.fake_score.unet, x_t, sched.model_timestep(t), **cond)
         return self.discriminator_head(feats if train_backbone else feats.detach())
 
     def generator_loss(self, batch: dict, g: torch.Generator) -> LossOutput:
