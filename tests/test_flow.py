@@ -265,3 +265,14 @@ def test_teacher_sampler_is_euler_on_the_trailing_grid(tiny_flow_teacher_dir):
         for t, s in zip(grid[:-1], grid[1:]):
             x = teacher.denoiser.ddim(x, t, s)
         torch.testing.assert_close(ours, x, atol=1e-5, rtol=1e-5)
+
+
+def test_a_non_velocity_student_of_a_flow_teacher_is_refused_at_construction(tiny_flow_teacher_dir):
+    from lightning_distill.errors import ConfigError
+    from lightning_distill.methods import KnowledgeDistillation
+    from lightning_distill.teacher import load_teacher
+
+    teacher = load_teacher(str(tiny_flow_teacher_dir))
+    with pytest.raises(ConfigError, match="predicts the velocity .'flow_prediction'.: student_prediction_type 'sample'"):
+        KnowledgeDistillation(teacher, student_prediction_type="sample")
+    assert KnowledgeDistillation(teacher).student.prediction_type == "flow_prediction"

@@ -151,9 +151,15 @@ class DistillationMethod(L.LightningModule):
             student = copy.deepcopy(self.teacher.unet).float()
         student.requires_grad_(True)
         student.train()
-        self.student = Denoiser(
-            student, self.teacher.schedule.copy(), prediction_type or self.teacher.prediction_type, self.teacher.denoiser.clip_x0
-        )
+        prediction_type = prediction_type or self.teacher.prediction_type
+        velocity = self.teacher.schedule.velocity_prediction
+        if self.teacher.schedule.path == "flow" and prediction_type != velocity:
+            # the stock flow samplers (FlowMatch*Scheduler) step with the velocity: nothing else exports
+            raise ConfigError(
+                f"a student of a flow-matching teacher predicts the velocity ({velocity!r}): "
+                f"student_prediction_type {prediction_type!r} has no stock flow sampler"
+            )
+        self.student = Denoiser(student, self.teacher.schedule.copy(), prediction_type, self.teacher.denoiser.clip_x0)
         self.student_scheduler_config = dict(self.teacher.scheduler_config)
 
     def trainable_parameters(self):
