@@ -304,7 +304,7 @@ def write_report(rows: list[dict], grids: dict, out_dir, models, protocol: dict,
         f"- Reference set: {protocol['reference']}",
         f"- Generated samples per cell: {protocol['num_samples']}, seed {protocol['seed']} (the same noise chunks "
         "for every model and step count)",
-        "- Teacher: deterministic DDIM (eta = 0, trailing timesteps); students: their own sampler (checkpoint: "
+        "- Teacher: deterministic DDIM (eta = 0, trailing timesteps; a flow-matching teacher: Euler at s = 1, (N-1)/N, ..., 0); students: their own sampler (checkpoint: "
         "`sample()` with EMA weights when stored; pipeline: its scheduler)",
         "- KID: unbiased polynomial-kernel MMD^2 (x 1e3 below), mean over subsets of up to 1000",
         "",
