@@ -327,10 +327,9 @@ class DistillationMethod(L.LightningModule):
         cache = self.__dict__.setdefault("_scheduler_cache", {})
         if "base" not in cache:
             cache["base"] = self.make_scheduler()
-        key = steps if self.student.path == "flow" else None
-        if key not in cache:
-            cache[key] = at_steps(cache["base"], steps, self.student.schedule)
-        return cache[key]
+        if steps not in cache:  # at_steps returns a VP scheduler itself: one object for every count
+            cache[steps] = at_steps(cache["base"], steps, self.student.schedule)
+        return cache[steps]
 
     def max_sample_steps(self) -> int | None:
         """The most steps the student's sampler can take (None: any number).

@@ -86,9 +86,7 @@ class DiffusionTraining(DistillationMethod):
 
             if prediction_type not in ("flow_prediction", "v_prediction"):  # v_prediction: the default, unset
                 raise ConfigError(f"path 'flow' trains the flow velocity: set prediction_type to flow_prediction, not {prediction_type!r}")
-            if self.hparams.get("prediction_type") != "flow_prediction":
-                self.hparams.prediction_type = "flow_prediction"
-            prediction_type = "flow_prediction"
+            prediction_type = self.hparams.prediction_type = "flow_prediction"
             scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=num_train_timesteps, shift=shift)
             schedule, clip = FlowSchedule.from_scheduler(scheduler), None  # flow samplers never clamp
         else:
