@@ -128,6 +128,22 @@ class NoiseSchedule(nn.Module):
     def copy(self) -> "NoiseSchedule":  # pragma: no cover - abstract
         raise NotImplementedError
 
+    # --- continuous time (sCM's TrigFlow, MeanFlow's flow map) ------------------------------------
+
+    def at_flow_time(self, lam: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """alpha, sigma and the network timestep at flow time ``lam`` = sigma / (alpha + sigma) in [0, 1].
+
+        The continuous counterpart of the integer-timestep lookups, differentiable in ``lam`` (forward-
+        and reverse-mode), so that a continuous-time method can take d/d(time) of a network through its
+        timestep input. Flow time is the level of the rectified-flow path with the same signal-to-noise
+        ratio: z = x_t / (alpha + sigma) is then the point (1 - lam) x + lam eps of that path.
+        """
+        raise NotImplementedError  # pragma: no cover - abstract
+
+    def flow_time(self, t: Tensor) -> Tensor:
+        """The flow time sigma / (alpha + sigma) of integer timesteps t (-1: 0)."""
+        return self.sigma(t) / (self.alpha(t) + self.sigma(t))
+
 
 class VPSchedule(NoiseSchedule):
     """A discrete variance-preserving noise schedule: alpha, sigma, SNR lookups by integer timestep.
@@ -184,6 +200,21 @@ class VPSchedule(NoiseSchedule):
     def model_timestep(self, t: Tensor) -> Tensor:
         # t = -1 (clean) is never fed to a network; clamp keeps the call legal for the boundary.
         return torch.as_tensor(t).clamp_min(0)
+
+    def at_flow_time(self, lam: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        # alpha^2 + sigma^2 = 1 with sigma / alpha = lam / (1 - lam).
+        norm = ((1 - lam) ** 2 + lam**2).sqrt()
+        alpha, sigma = (1 - lam) / norm, lam / norm
+        # The network only knows the table's timesteps 0 .. T-1: a fractional timestep interpolates
+        # linearly in flow time between neighbours (ascending in t), clamped to the table's ends.
+        table = self._sigma[1:] / (self._alpha[1:] + self._sigma[1:])
+        hi = torch.searchsorted(table, lam.detach().contiguous()).clamp(1, table.numel() - 1)
+        lo_lam, hi_lam = table[hi - 1], table[hi]
+        frac = ((lam - lo_lam) / (hi_lam - lo_lam)).clamp(0, 1)
+        timestep = (hi - 1).to(lam.dtype) + frac
+        if lam.numel() and bool((lam.detach() > table[-1]).any()):
+            timestep = torch.where(lam > table[-1], torch.full_like(timestep, table.numel() - 1), timestep)
+        return alpha, sigma, timestep
 
 
 def flow_shift(s: Tensor, shift: float) -> Tensor:
@@ -258,6 +289,10 @@ class FlowSchedule(NoiseSchedule):
 
     def model_timestep(self, t: Tensor) -> Tensor:
         return self._timestep[self._index(t)]
+
+    def at_flow_time(self, lam: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        # The path itself: the network is fed s * T at any level s (shift only moves the table's levels).
+        return 1 - lam, lam, lam * self.num_train_timesteps
 
 
 def schedule_from_scheduler(scheduler, image_seq_len: int | None = None) -> NoiseSchedule:
@@ -417,6 +452,16 @@ class Denoiser(nn.Module):
             if v is not None
         }
         return self.unet(x_t.to(dtype), model_t, **cond, return_dict=False)[0]
+
+    def at_flow_time(self, x_t: Tensor, lam: Tensor, **cond) -> Prediction:
+        """The unclamped prediction at a continuous level: flow time ``lam`` (B,) in [0, 1], x_t on this path.
+
+        See :meth:`NoiseSchedule.at_flow_time`; differentiable in ``lam`` through the network's timestep
+        input, for continuous-time methods (sCD, MeanFlow).
+        """
+        alpha, sigma, model_t = self.schedule.at_flow_time(lam)
+        out = self.network(x_t, model_t, **cond).to(x_t.dtype)
+        return prediction_from_output(out, x_t, alpha, sigma, self.prediction_type)
 
     def forward(self, x_t: Tensor, t: Tensor, clip: bool = True, **cond) -> Prediction:
         """The prediction at (x_t, t) in all three parametrisations, in x_t's dtype.
