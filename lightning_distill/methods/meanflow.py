@@ -1,0 +1,461 @@
+"""MeanFlow distillation (Geng et al. 2025, arXiv 2505.13447): a flow map u(z_t, r, t) from a teacher.
+
+A MeanFlow network predicts the *average* velocity over an interval [r, t] of the teacher's
+probability-flow ODE, written in rectified-flow coordinates z_t = (1 - t) x + t eps (t = 1 noise):
+
+    u(z_t, r, t) = 1 / (t - r) int_r^t v(z_tau, tau) dtau,        z_r = z_t - (t - r) u(z_t, r, t)
+
+so one network samples at any step count (one step: x = z_1 - u(z_1, 0, 1)). Differentiating
+(t - r) u = int_r^t v in t gives the MeanFlow identity (Eq. 6), the regression target of training:
+
+    u(z_t, r, t) = v(z_t, t) - (t - r) d/dt u(z_t, r, t),   d/dt u = v . d_z u + d_t u   (Eq. 8)
+
+The total derivative is a forward-mode JVP of (z, r, t) -> u_theta with tangents (v, 0, 1); the
+target is stop-gradient (Eq. 9-10, Algorithm 1). Here v is the *teacher's* velocity at (z_t, t)
+(distillation; the paper's v_t = eps - x trains from data).
+
+Both teacher paths (VP and flow) serve without a branch: a point x_p = alpha x + sigma eps of the
+teacher's path at flow time t = sigma / (alpha + sigma) (``schedule.at_flow_time``) is the point
+z = x_p / (alpha + sigma) of the rectified-flow path, and any network's (x0_hat, eps_hat) at x_p gives
+the flow velocity eps_hat - x0_hat in z coordinates. The student is the teacher's UNet with a second
+time input: diffusers' ``class_embed_type="timestep"`` embedding, fed the interval (t - r) T and
+zero-initialised, so at step 0 the student is the teacher for every r (u = v, the r = t answer).
+
+Notation (paper -> code):
+
+===========================  ==================================================================
+t, r (t >= r; t = 1 noise)   ``t``, ``r``: flow times lam in [0, 1] (parametrisation's ``at_flow_time``)
+z_t                          ``z`` (:func:`flow_interpolate`); on the teacher's path x_p = (alpha + sigma) z
+                             (:func:`path_point`)
+v(z_t, t)                    ``v``: :func:`flow_velocity` of the teacher (eps_hat - x0_hat)
+u_theta(z_t, r, t)           :func:`average_velocity` (student; its output read at (x_p, t) gives
+                             (x0_bar, eps_bar), u = eps_bar - x0_bar); second input (t - r) T as
+                             ``class_labels`` (:func:`interval_label`)
+d/dt u (Eq. 8)               ``du_dt`` (:func:`total_derivative`: ``torch.func.jvp`` or central differences)
+u_tgt (Eq. 10)               :func:`meanflow_target`
+w = 1 / (||Delta||^2 + c)^p  :func:`adaptive_weighted_loss` (``adaptive_power`` p, ``adaptive_c`` c)
+(r, t) ~ logit-normal        :func:`sample_interval` (``time_mean``, ``time_std``, ``ratio_r_neq_t``)
+===========================  ==================================================================
+
+Sampling (any N): a grid of flow times from 1 to 0 and z_r = z_t - (t - r) u(z_t, r, t) per step.
+Flow teachers: diffusers' ``FlowMapEulerDiscreteScheduler`` (sigmas shift(linspace(1, 0, N + 1)), the
+network fed sigma T and the interval (sigma_t - sigma_r) T). VP teachers: ``DDIMScheduler`` (eta 0,
+trailing spacing, no clipping), which takes exactly the flow-map step (:func:`flow_map_intervals`);
+its grid starts at timestep T - 1, i.e. at flow time ``flow_time(T - 1)`` < 1 (for the digits teacher
+1 - 3e-5), where the sampler's Gaussian draw stands for the VP point x_{T-1} as it does for the teacher.
+No stock pipeline passes the interval to a ``UNet2DModel`` (``DDPMPipeline`` passes no class_labels), so
+:func:`flow_map_sample` is the one loop of :meth:`MeanFlowDistillation.sample` and of evaluating an
+exported folder (``metrics.scheduler_sample`` dispatches to it for any UNet with a ``"timestep"`` class
+embedding and no class table: :func:`is_flow_map_unet`).
+
+Forward-mode AD and attention: PyTorch's fused attention kernels (flash / memory-efficient on GPU, the
+flash kernel on CPU) have no forward-mode derivative; :func:`forward_ad_attention` selects the math
+kernel for the JVP, which has one on every device, at its O(tokens^2) memory per head. Where a model's
+kernels lack forward AD altogether, ``jvp="finite_difference"`` takes central differences (two more
+forward passes, no gradient).
+
+Where the code knowingly differs from the paper: the loss is the adaptive-weighted squared L2 norm summed
+over each sample's pixels, ||Delta||_2^2 as the paper writes it (c = 1e-3 is relative to that sum); r = t
+is chosen per sample with probability 1 - ``ratio_r_neq_t`` rather than for a fixed share of each batch;
+VP teachers are trained on t <= flow_time(T - 1), the levels their timestep table reaches.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Callable, Literal
+
+import torch
+from torch import Tensor, nn
+
+from ..errors import ConfigError
+from ..nn_utils import eval_mode
+from ..parametrisation import Denoiser, NoiseSchedule, expand_like
+from ..teacher import DiffusionTeacher
+from .base import DistillationMethod, LossOutput, build_module
+
+JVPMode = Literal["forward", "finite_difference"]
+JVP_MODES = ("forward", "finite_difference")
+#: the stock schedulers whose ``step`` is the flow-map step z_r = z_t - (t - r) u (see flow_map_intervals).
+FLOW_MAP_SCHEDULERS = ("FlowMapEulerDiscreteScheduler", "DDIMScheduler")
+
+
+# --- time sampling and paths (pure functions) ----------------------------------------------------
+
+
+def logit_normal(n: int, mean: float, std: float, device=None, generator: torch.Generator | None = None) -> Tensor:
+    """sigmoid(N(mean, std^2)) draws in (0, 1) (Esser et al. 2024's logit-normal time sampling)."""
+    return torch.sigmoid(mean + std * torch.randn(n, device=device, generator=generator))
+
+
+def sample_interval(
+    n: int,
+    mean: float = -0.4,
+    std: float = 1.0,
+    ratio_r_neq_t: float = 0.25,
+    device=None,
+    generator: torch.Generator | None = None,
+) -> tuple[Tensor, Tensor]:
+    """(r, t) per sample: two logit-normal draws sorted so that t >= r, then r = t with probability
+    1 - ``ratio_r_neq_t`` (paper Table 1a: 25% r != t is best; r = t is plain flow matching)."""
+    a, b = logit_normal(n, mean, std, device, generator), logit_normal(n, mean, std, device, generator)
+    t, r = torch.maximum(a, b), torch.minimum(a, b)
+    same = torch.rand(n, device=device, generator=generator) >= ratio_r_neq_t
+    return torch.where(same, t, r), t
+
+
+def flow_interpolate(x0: Tensor, eps: Tensor, t: Tensor) -> Tensor:
+    """z_t = (1 - t) x + t eps (the paper's Eq. 1 path)."""
+    return expand_like(1 - t, x0) * x0 + expand_like(t, x0) * eps
+
+
+def path_point(schedule: NoiseSchedule, z: Tensor, lam: Tensor) -> Tensor:
+    """x_p = (alpha + sigma) z: the teacher-path point at flow time ``lam`` of flow coordinates z
+    (alpha / (alpha + sigma) = 1 - lam, so x_p = alpha x + sigma eps when z = (1 - lam) x + lam eps)."""
+    alpha, sigma, _ = schedule.at_flow_time(lam)
+    return expand_like(alpha + sigma, z) * z
+
+
+def flow_velocity(den: Denoiser, z: Tensor, lam: Tensor, **cond) -> Tensor:
+    """dz/dlam = eps_hat - x0_hat of ``den`` at flow-coordinate point z, flow time lam: on either path,
+    since z = (1 - lam) x0_hat + lam eps_hat. Differentiable in z and lam."""
+    return den.at_flow_time(path_point(den.schedule, z, lam), lam, **cond).flow
+
+
+def interval_label(r: Tensor, t: Tensor, num_train_timesteps: int) -> Tensor:
+    """The student's second time input: the interval t - r in the network's timestep units, (t - r) T."""
+    return (t - r) * num_train_timesteps
+
+
+def average_velocity(student: Denoiser, z: Tensor, r: Tensor, t: Tensor) -> Tensor:
+    """u_theta(z, r, t): the student's output read at (x_p, t) as (x0_bar, eps_bar), u = eps_bar - x0_bar."""
+    return flow_velocity(student, z, t, class_labels=interval_label(r, t, student.schedule.num_train_timesteps))
+
+
+# --- the MeanFlow identity (pure functions) ------------------------------------------------------
+
+
+@contextmanager
+def forward_ad_attention():
+    """Run the block with PyTorch's math attention kernel, the one with a forward-mode derivative."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    with sdpa_kernel(SDPBackend.MATH):
+        yield
+
+
+def total_derivative(
+    u_fn: Callable[[Tensor, Tensor], Tensor],
+    z: Tensor,
+    t: Tensor,
+    v: Tensor,
+    mode: JVPMode = "forward",
+    step: float = 1e-3,
+    t_max: float = 1.0,
+) -> tuple[Tensor, Tensor]:
+    """(u, du/dt) with du/dt = v . d_z u + d_t u, the derivative along the teacher's ODE (Eq. 8).
+
+    ``u_fn(z, t)`` is u_theta(z, r, t) with r held (its tangent is 0). ``forward``: one ``torch.func.jvp``
+    with tangents (v, 1); u keeps its graph to the parameters (the paper's Algorithm 1 uses the JVP's
+    primal output as the prediction). ``finite_difference``: central differences with step h = ``step``
+    in flow time, (u(z + h v, t + h) - u(z - h v, t - h)) / 2h, t +- h kept in [0, ``t_max``]; u is a
+    separate (third) call. du/dt is returned detached: it only enters the stop-gradient target.
+    """
+    if mode == "forward":
+        with forward_ad_attention():
+            u, du_dt = torch.func.jvp(u_fn, (z, t), (v, torch.ones_like(t)))
+        return u, du_dt.detach()
+    if mode != "finite_difference":
+        raise ConfigError(f"unknown jvp {mode!r}; choose one of {JVP_MODES}")
+    u = u_fn(z, t)
+    with torch.no_grad():
+        t_plus, t_minus = (t + step).clamp(max=t_max), (t - step).clamp(min=0.0)
+        up = u_fn(z + expand_like(t_plus - t, z) * v, t_plus)
+        down = u_fn(z + expand_like(t_minus - t, z) * v, t_minus)
+        du_dt = (up - down) / expand_like(t_plus - t_minus, z)
+    return u, du_dt
+
+
+def meanflow_target(v: Tensor, du_dt: Tensor, r: Tensor, t: Tensor) -> Tensor:
+    """u_tgt = v - (t - r) du/dt (Eq. 10), stop-gradient. At r = t it is the teacher's velocity v."""
+    return (v - expand_like(t - r, v) * du_dt).detach()
+
+
+def adaptive_weighted_loss(delta: Tensor, power: float = 1.0, c: float = 1e-3) -> tuple[Tensor, Tensor]:
+    """Per-sample sg(w) ||Delta||_2^2 with w = 1 / (||Delta||_2^2 + c)^p (Sec. 4.3; p = 1, c = 1e-3).
+
+    ||Delta||_2^2 is summed over each sample's elements, as the paper's norm. With p = 1 the loss is
+    about 1 wherever the error is large: a robust loss (p = 0.5 is the pseudo-Huber-like case).
+
+    Returns:
+        (weighted loss, ||Delta||^2), both of shape (B,).
+    """
+    sq = delta.flatten(1).square().sum(1)
+    weight = (sq.detach() + c).pow(-power)
+    return weight * sq, sq
+
+
+# --- the flow-map sampler (shared by sample() and exported folders) -------------------------------
+
+
+def is_flow_map_unet(unet: nn.Module) -> bool:
+    """A flow-map network: a ``"timestep"`` class embedding (the interval input) and no class table.
+
+    The rule that routes an exported folder to :func:`flow_map_sample`: such a UNet refuses a call without
+    ``class_labels``, so no other sampler could drive it, and every MeanFlow student has one.
+    """
+    cfg = getattr(unet, "config", None) or {}
+    return cfg.get("class_embed_type") == "timestep" and not cfg.get("num_class_embeds")
+
+
+def flow_map_unet(unet: nn.Module) -> nn.Module:
+    """The teacher's network with a zero-initialised second time input: a float32 copy rebuilt from its
+    config with ``class_embed_type="timestep"``, the teacher's weights loaded, and the new embedding's last
+    linear layer set to 0, so that it adds nothing to the time embedding until trained.
+
+    Raises:
+        ConfigError: for a class-conditional network (its class table is where the interval goes) or a
+            network without diffusers' ``class_embed_type`` option.
+    """
+    cfg = {k: v for k, v in dict(getattr(unet, "config", None) or {}).items() if not k.startswith("_")}
+    if "class_embed_type" not in cfg or type(unet).__name__ != "UNet2DModel":
+        raise ConfigError(f"MeanFlow needs a diffusers UNet2DModel teacher (second time input), got {type(unet).__name__}")
+    if cfg.get("num_class_embeds") or cfg.get("class_embed_type") is not None:
+        raise ConfigError(
+            f"MeanFlow does not support class-conditional teachers (num_class_embeds="
+            f"{cfg.get('num_class_embeds')}, class_embed_type={cfg.get('class_embed_type')!r}): the class "
+            "embedding carries the interval t - r"
+        )
+    net = type(unet).from_config({**cfg, "class_embed_type": "timestep"})
+    missing, unexpected = net.load_state_dict(unet.state_dict(), strict=False)
+    if unexpected or any(not k.startswith("class_embedding.") for k in missing):
+        raise RuntimeError(f"flow-map UNet rebuild lost weights: missing {missing}, unexpected {unexpected}")
+    with torch.no_grad():
+        net.class_embedding.linear_2.weight.zero_()
+        net.class_embedding.linear_2.bias.zero_()
+    return net.float()
+
+
+def flow_map_intervals(scheduler) -> list[tuple[Tensor, Tensor]]:
+    """(network timestep, interval t - r in flow time) of each step of a set-up flow-map scheduler.
+
+    * ``FlowMapEulerDiscreteScheduler``: (sigma_k T, sigma_k - sigma_{k+1}); its step is
+      z - (sigma_k - sigma_{k+1}) u.
+    * ``DDIMScheduler`` (eta 0, no clipping): (t, lam(t) - lam(t')) with t' = t - T // N (DDIM's own
+      previous timestep; alpha_bar = ``final_alpha_cumprod`` below 0) and lam = sigma / (alpha + sigma).
+      Its step is the flow-map step: with x0_bar, eps_bar the student's mean at x_t = alpha_t x0_bar +
+      sigma_t eps_bar (i.e. z_t = (1 - t) x0_bar + t eps_bar), DDIM returns alpha_t' x0_bar + sigma_t'
+      eps_bar = (alpha_t' + sigma_t') ((1 - r) x0_bar + r eps_bar), and (1 - r) x0_bar + r eps_bar =
+      z_t - (t - r)(eps_bar - x0_bar) = z_t - (t - r) u: the same update, in VP coordinates.
+    """
+    name = type(scheduler).__name__
+    if name == "FlowMapEulerDiscreteScheduler":
+        s = scheduler.sigmas
+        return [(t, s[k] - s[k + 1]) for k, t in enumerate(scheduler.timesteps)]
+    if name == "DDIMScheduler":
+        if scheduler.config.clip_sample or scheduler.config.thresholding:
+            raise ValueError("a flow-map DDIMScheduler must not clip or threshold (clip_sample=False)")
+        ac = scheduler.alphas_cumprod.double()
+        final = torch.as_tensor(scheduler.final_alpha_cumprod, dtype=torch.float64)
+
+        def lam(a: Tensor) -> Tensor:
+            return (1 - a).sqrt() / (a.sqrt() + (1 - a).sqrt())
+
+        jump = scheduler.config.num_train_timesteps // scheduler.num_inference_steps
+        out = []
+        for t in scheduler.timesteps:
+            prev = int(t) - jump
+            out.append((t, lam(ac[int(t)]) - lam(ac[prev] if prev >= 0 else final)))
+        return out
+    raise ValueError(f"scheduler {name} is not a flow-map sampler; choose one of {FLOW_MAP_SCHEDULERS}")
+
+
+@torch.no_grad()
+def flow_map_sample(
+    unet: nn.Module,
+    scheduler,
+    n: int,
+    steps: int,
+    generator: torch.Generator | None = None,
+    device: torch.device | str | None = None,
+) -> Tensor:
+    """Sample a flow-map network in ``steps`` steps: (n, C, H, W) in model space.
+
+    ``DDPMPipeline``'s loop (``randn_tensor`` noise from ``generator``, then ``scheduler.step``) with the
+    interval (t - r) T passed to the network as ``class_labels`` (:func:`flow_map_intervals`). The loop
+    of :meth:`MeanFlowDistillation.sample` and of exported folders, so both give the same images.
+    """
+    from diffusers.utils.torch_utils import randn_tensor
+
+    cfg = unet.config
+    size = cfg.sample_size if isinstance(cfg.sample_size, int) else cfg.sample_size[0]
+    p = next(unet.parameters())
+    device = torch.device(device) if device is not None else p.device
+    scheduler.set_timesteps(steps)
+    T = scheduler.config.num_train_timesteps
+    x = randn_tensor((n, int(cfg.in_channels), int(size), int(size)), generator=generator, device=device)
+    with eval_mode(unet):
+        for t, interval in flow_map_intervals(scheduler):
+            label = (interval * T).to(device=device, dtype=p.dtype).expand(n)
+            out = unet(x.to(p.dtype), t.to(device), class_labels=label, return_dict=False)[0].float()
+            x = scheduler.step(out, t, x).prev_sample
+    return x
+
+
+# --- the LightningModule -------------------------------------------------------------------------
+
+
+class MeanFlowDistillation(DistillationMethod):
+    """MeanFlow distillation of a VP or flow-matching teacher into an any-step flow-map student.
+
+    Args:
+        time_mean, time_std: the logit-normal (mean, std) of r and t (paper: -0.4, 1.0).
+        ratio_r_neq_t: the probability of r != t (paper: 0.25); otherwise r = t (flow matching on the teacher).
+        adaptive_power: p of the adaptive loss weight (paper: 1; 0 is the plain squared L2 loss).
+        adaptive_c: c of the adaptive loss weight (paper: 1e-3).
+        jvp: ``forward`` (``torch.func.jvp`` through the math attention kernel) or ``finite_difference``.
+        finite_difference_step: h of the central differences (flow time), for ``jvp="finite_difference"``.
+        sample_steps: steps of logged grids, ``predict`` and the FID callback's "current".
+        **kwargs: :class:`DistillationMethod`'s arguments (teacher, student, optimizer, seed, ...).
+
+    Example::
+
+        >>> dm = TeacherDataModule(teacher="bundled:digits-flow")
+        >>> method = MeanFlowDistillation(dm.teacher, ratio_r_neq_t=0.25)
+        >>> L.Trainer(max_steps=1000, callbacks=[EMA(0.995)]).fit(method, dm)
+        >>> x = method.sample(16, steps=1)        # any step count: 1, 2, 4, ...
+    """
+
+    def __init__(
+        self,
+        teacher: DiffusionTeacher | None = None,
+        *,
+        time_mean: float = -0.4,
+        time_std: float = 1.0,
+        ratio_r_neq_t: float = 0.25,
+        adaptive_power: float = 1.0,
+        adaptive_c: float = 1e-3,
+        jvp: JVPMode = "forward",
+        finite_difference_step: float = 1e-3,
+        sample_steps: int = 1,
+        **kwargs,
+    ) -> None:
+        if jvp not in JVP_MODES:
+            raise ConfigError(f"unknown jvp {jvp!r}; choose one of {JVP_MODES}")
+        if not 0.0 <= ratio_r_neq_t <= 1.0:
+            raise ConfigError(f"ratio_r_neq_t must lie in [0, 1], got {ratio_r_neq_t}")
+        if time_std <= 0:
+            raise ConfigError(f"time_std must be > 0, got {time_std}")
+        if adaptive_power < 0 or adaptive_c <= 0:
+            raise ConfigError(f"adaptive_power must be >= 0 and adaptive_c > 0, got {adaptive_power}, {adaptive_c}")
+        if finite_difference_step <= 0:
+            raise ConfigError(f"finite_difference_step must be > 0, got {finite_difference_step}")
+        if teacher is None:
+            raise ConfigError(f"{type(self).__name__} needs a teacher (set data.teacher)")
+        super().__init__(teacher=teacher, sample_steps=sample_steps, **kwargs)
+        # The highest level the teacher's table reaches (VP: flow_time(T - 1) < 1; flow: 1).
+        self.t_max = float(self.student.schedule.flow_time(torch.tensor(self.student.schedule.num_train_timesteps - 1)))
+
+    def build_student(self, student: nn.Module | None, prediction_type) -> None:
+        """The teacher's UNet with a zero-initialised interval input (:func:`flow_map_unet`)."""
+        if self.teacher is None:
+            raise ConfigError(f"{type(self).__name__} needs a teacher (set data.teacher)")
+        if self.teacher.num_classes or self.teacher.is_text_conditional:
+            raise ConfigError(
+                f"{type(self).__name__} supports unconditional teachers only (this one is "
+                f"{'class' if self.teacher.num_classes else 'text'}-conditional): the class embedding carries the interval"
+            )
+        net = build_module(student)
+        net = self.teacher.unet if net is None else net
+        super().build_student(net if is_flow_map_unet(net) else flow_map_unet(net), prediction_type)
+
+    # --- the loss ----------------------------------------------------------------------------
+
+    def teacher_velocity(self, z: Tensor, t: Tensor) -> Tensor:
+        den = self.teacher.denoiser
+        return flow_velocity(den, z, t).float()
+
+    def compute_loss(self, batch: dict) -> LossOutput:
+        hp = self.hparams
+        x0 = batch["x"].float()
+        n = x0.shape[0]
+        r, t = sample_interval(n, hp.time_mean, hp.time_std, hp.ratio_r_neq_t, device=x0.device)
+        t = t.clamp(max=self.t_max)
+        r = torch.minimum(r, t)
+        z = flow_interpolate(x0, torch.randn_like(x0), t)
+        with torch.no_grad():
+            v = self.teacher_velocity(z, t)
+
+        def u_fn(z_: Tensor, t_: Tensor) -> Tensor:
+            return average_velocity(self.student, z_, r, t_).float()
+
+        # Validation runs under inference mode, which forward-mode AD cannot enter: the (logged) target
+        # is then taken by central differences.
+        mode = hp.jvp if torch.is_grad_enabled() else "finite_difference"
+        u, du_dt = total_derivative(u_fn, z, t, v, mode, hp.finite_difference_step, self.t_max)
+        u_tgt = meanflow_target(v, du_dt, r, t)
+        per_sample, sq = adaptive_weighted_loss(u - u_tgt, hp.adaptive_power, hp.adaptive_c)
+        loss = per_sample.mean()
+        return LossOutput(loss, {"loss": loss, "mse": sq.detach().mean() / x0[0].numel(),
+                                 "r_neq_t": (r < t).float().mean()})
+
+    # --- sampling / export --------------------------------------------------------------------
+
+    def make_scheduler(self):
+        """The stock flow-map sampler: ``FlowMapEulerDiscreteScheduler`` (T, the teacher's shift) on the flow
+        path; on the VP path ``DDIMScheduler`` (trailing, eta 0, no clipping), whose step is the flow-map
+        step (:func:`flow_map_intervals`)."""
+        schedule = self.student.schedule
+        if schedule.path == "flow":
+            from diffusers import FlowMapEulerDiscreteScheduler
+
+            return FlowMapEulerDiscreteScheduler(num_train_timesteps=schedule.num_train_timesteps, shift=schedule.shift)
+        from ..sampling import deterministic_scheduler
+
+        # no clipping: a clamped x0_bar would no longer be the flow-map step the student is trained for
+        return deterministic_scheduler(self.student_scheduler_config, schedule, self.student.prediction_type, None)
+
+    def sampling_scheduler(self, steps: int):
+        """One scheduler for every step count: both flow-map samplers set their grid in ``set_timesteps``."""
+        cache = self.__dict__.setdefault("_scheduler_cache", {})
+        if "base" not in cache:
+            cache["base"] = self.make_scheduler()
+        return cache["base"]
+
+    @torch.no_grad()
+    def sample(
+        self,
+        n: int,
+        steps: int | None = None,
+        generator: torch.Generator | None = None,
+        labels: Tensor | None = None,
+        denoiser: Denoiser | None = None,
+    ) -> Tensor:
+        """Draw ``n`` samples in ``steps`` flow-map steps with :func:`flow_map_sample` (the exported folder's loop)."""
+        if labels is not None:
+            raise ConfigError(f"{type(self).__name__} students are unconditional: no labels")
+        den = denoiser or self.sampling_denoiser()
+        steps = steps or self.hparams.sample_steps
+        self.check_sample_steps(steps)
+        device = next(den.parameters()).device
+        return flow_map_sample(den.unet, self.sampling_scheduler(steps), n, steps, generator, device)
+
+
+__all__ = [
+    "MeanFlowDistillation",
+    "sample_interval",
+    "logit_normal",
+    "flow_interpolate",
+    "path_point",
+    "flow_velocity",
+    "interval_label",
+    "average_velocity",
+    "forward_ad_attention",
+    "total_derivative",
+    "meanflow_target",
+    "adaptive_weighted_loss",
+    "is_flow_map_unet",
+    "flow_map_unet",
+    "flow_map_intervals",
+    "flow_map_sample",
+]
