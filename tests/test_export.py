@@ -95,6 +95,7 @@ EXPORTED_METHODS = {
     "dmd2-2step": (["--model.init_args.generator_steps", "2"], [1, 2]),
     "progressive": ([], [1, 2]),
     "knowledge": ([], [1, 2]),
+    "scm": ([], [1, 2, 4]),
 }
 
 

@@ -26,6 +26,7 @@ FLOW_METHODS = {
     "add": [1, 2],
     "apt": [1],
     "dmd2": [1],
+    "scm": [1, 2],
 }
 
 

@@ -13,6 +13,8 @@ class                            method                                         
 ``AdversarialDiffusionDistillation``  ADD (Sauer et al.)                              ``add.py``
 ``AdversarialPostTraining``      APT (Lin et al.)                                     ``apt.py``
 ``DMD2``                         distribution matching + GAN (Yin et al.)             ``dmd2.py``
+``SCMDistillation``              continuous-time consistency distillation, sCD        ``scm.py``
+                                 (Lu & Song, TrigFlow)
 ===============================  ===================================================  ==========================
 
 Shared bases: ``DistillationMethod`` (``base.py``: student, teacher, sampling, export) and
@@ -32,6 +34,7 @@ from .dmd2 import DMD2
 from .knowledge import KnowledgeDistillation
 from .lcm import LatentConsistencyDistillation
 from .progressive import ProgressiveDistillation
+from .scm import SCMDistillation
 
 __all__ = [
     "AdversarialDiffusionDistillation",
@@ -48,4 +51,5 @@ __all__ = [
     "LossOutput",
     "NonFiniteLossError",
     "ProgressiveDistillation",
+    "SCMDistillation",
 ]
