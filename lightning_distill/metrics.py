@@ -352,11 +352,19 @@ def scheduler_sample(
     """``DDPMPipeline``'s loop (``randn_tensor`` noise, then ``scheduler.step``): (n, C, H, W) in model space.
 
     It is the loop of ``DistillationMethod.sample`` and of exported pipelines, so a checkpoint, its
-    export and the teacher are sampled the same way from the same generator.
+    export and the teacher are sampled the same way from the same generator. A flow-map network (MeanFlow:
+    a ``"timestep"`` class embedding, no class table) takes the interval as ``class_labels``, which this
+    loop cannot pass: it is sampled with ``methods.meanflow.flow_map_sample``, MeanFlow's own loop.
     """
     from diffusers.utils.torch_utils import randn_tensor
 
+    from .methods.meanflow import flow_map_sample, is_flow_map_unet
     from .sampling import at_steps
+
+    if is_flow_map_unet(unet):
+        if labels is not None:
+            raise ValueError("a flow-map network is unconditional: its class input is the interval t - r")
+        return flow_map_sample(unet, scheduler, n, steps, generator, device)
 
     cfg = unet.config
     size = cfg.sample_size if isinstance(cfg.sample_size, int) else cfg.sample_size[0]

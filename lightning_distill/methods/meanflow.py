@@ -157,12 +157,14 @@ def total_derivative(
 
     ``u_fn(z, t)`` is u_theta(z, r, t) with r held (its tangent is 0). ``forward``: one ``torch.func.jvp``
     with tangents (v, 1); u keeps its graph to the parameters (the paper's Algorithm 1 uses the JVP's
-    primal output as the prediction). ``finite_difference``: central differences with step h = ``step``
+    primal output as the prediction), outside autocast. ``finite_difference``: central differences with step h = ``step``
     in flow time, (u(z + h v, t + h) - u(z - h v, t - h)) / 2h, t +- h kept in [0, ``t_max``]; u is a
     separate (third) call. du/dt is returned detached: it only enters the stop-gradient target.
     """
     if mode == "forward":
-        with forward_ad_attention():
+        # Under bf16 autocast torch.func.jvp fails in the first convolution (a bf16-cast weight meets the
+        # float32 dual input; seen on CPU, torch 2.14), so the JVP runs in the inputs' own precision.
+        with forward_ad_attention(), torch.autocast(z.device.type, enabled=False):
             u, du_dt = torch.func.jvp(u_fn, (z, t), (v, torch.ones_like(t)))
         return u, du_dt.detach()
     if mode != "finite_difference":

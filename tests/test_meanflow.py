@@ -1,0 +1,316 @@
+"""MeanFlow distillation: the identity's target against finite differences and a closed form, the
+zero-initialised student, the (r, t) sampler, argument checks, the flow-map sampler and its export."""
+
+from __future__ import annotations
+
+import lightning as L
+import pytest
+import torch
+
+from lightning_distill.errors import ConfigError
+from lightning_distill.methods.meanflow import (
+    MeanFlowDistillation,
+    adaptive_weighted_loss,
+    average_velocity,
+    flow_interpolate,
+    flow_map_intervals,
+    flow_map_sample,
+    flow_velocity,
+    forward_ad_attention,
+    is_flow_map_unet,
+    logit_normal,
+    meanflow_target,
+    path_point,
+    sample_interval,
+    total_derivative,
+)
+from lightning_distill.teacher import load_teacher
+
+from conftest import write_tiny_flow_teacher, write_tiny_teacher
+
+PATHS = ("vp", "flow")
+
+
+@pytest.fixture(scope="module")
+def teacher_dirs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("meanflow_teachers")
+    return {"vp": write_tiny_teacher(root / "vp"), "flow": write_tiny_flow_teacher(root / "flow")}
+
+
+def _method(teacher_dirs, path: str, **kwargs) -> MeanFlowDistillation:
+    return MeanFlowDistillation(load_teacher(str(teacher_dirs[path])), **kwargs)
+
+
+def _perturb_interval_input(method: MeanFlowDistillation, seed: int = 0) -> None:
+    """Give the zero-initialised interval embedding weights, so that u depends on r (as after training)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in method.student.unet.class_embedding.linear_2.parameters():
+            p.copy_(0.5 * torch.randn(p.shape, generator=g))
+
+
+def _batch(seed: int = 0, n: int = 3):
+    g = torch.Generator().manual_seed(seed)
+    x0, eps = torch.randn(n, 1, 8, 8, generator=g).clamp(-1, 1), torch.randn(n, 1, 8, 8, generator=g)
+    return x0, eps
+
+
+# --- the MeanFlow identity -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_jvp_total_derivative_matches_finite_differences(teacher_dirs, path):
+    """torch.func.jvp through the tiny UNet (math attention) = central differences, in float64."""
+    method = _method(teacher_dirs, path)
+    _perturb_interval_input(method)
+    student, teacher = method.student.double(), method.teacher.denoiser.double()
+    # UNet2DModel hands its class embedding a float32 sinusoid whatever the model's dtype
+    student.unet.class_embedding.register_forward_pre_hook(lambda m, args: (args[0].to(torch.float64),))
+    x0, eps = (a.double() for a in _batch())
+    t = torch.tensor([0.3, 0.62, 0.85], dtype=torch.float64)
+    r = torch.tensor([0.1, 0.62, 0.4], dtype=torch.float64)
+    z = flow_interpolate(x0, eps, t)
+    with torch.no_grad():
+        v = flow_velocity(teacher, z, t)
+
+    def u_fn(z_, t_):
+        return average_velocity(student, z_, r, t_)
+
+    u, du_fwd = total_derivative(u_fn, z, t, v, "forward")
+    # The sinusoidal time embeddings oscillate up to once per timestep unit (period ~ 2 pi / T in flow
+    # time) and diffusers computes them in float32, so no single step is accurate: h = 2e-4 and 1e-4 with
+    # Richardson extrapolation cancel the O(h^2) truncation (~(T h)^2 / 6); float32 rounding stays ~1e-3.
+    u_fd, du_2h = total_derivative(u_fn, z, t, v, "finite_difference", step=2e-4)
+    _, du_h = total_derivative(u_fn, z, t, v, "finite_difference", step=1e-4)
+    du_fd = (4 * du_h - du_2h) / 3
+    torch.testing.assert_close(u, u_fd, rtol=1e-10, atol=1e-10)
+    err = (du_fwd - du_fd).flatten(1).norm(dim=1) / du_fwd.flatten(1).norm(dim=1)
+    assert du_fwd.abs().max() > 1.0 and bool((err < 2e-3).all()), err  # not a comparison between zeros
+    # a wrong tangent (the z part alone, (v, 0)) is far off: the check can fail
+    with forward_ad_attention():
+        _, du_z = torch.func.jvp(u_fn, (z, t), (v, torch.zeros_like(t)))
+    assert bool(((du_z - du_fd).flatten(1).norm(dim=1) / du_fd.flatten(1).norm(dim=1) > 0.1).all())
+    assert u.requires_grad and not du_fwd.requires_grad  # u trains, du/dt only enters the target
+
+
+def _gaussian_flow(s: float):
+    """Data x ~ N(0, s^2) per pixel: z_t ~ N(0, sd_t^2), sd_t^2 = (1 - t)^2 s^2 + t^2, the PF-ODE is
+    z_t = (sd_t / sd_r) z_r, so v = z sd_t' / sd_t and u(z, r, t) = z (1 - sd_r / sd_t) / (t - r)."""
+
+    def sd(t):
+        return ((1 - t) ** 2 * s**2 + t**2).sqrt()
+
+    def v(z, t):
+        return z * ((t - (1 - t) * s**2) / sd(t) ** 2).view(-1, 1, 1, 1)
+
+    def u(z, r, t):
+        return z * ((1 - sd(r) / sd(t)) / (t - r)).view(-1, 1, 1, 1)
+
+    return v, u
+
+
+@pytest.mark.parametrize("mode", ["forward", "finite_difference"])
+def test_identity_holds_for_the_closed_form_average_velocity_of_gaussian_data(mode):
+    v_fn, u_true = _gaussian_flow(s=0.5)
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(4, 1, 3, 3, generator=g, dtype=torch.float64)
+    t = torch.tensor([0.9, 0.7, 0.5, 0.35], dtype=torch.float64)
+    r = torch.tensor([0.1, 0.3, 0.45, 0.0], dtype=torch.float64)
+    v = v_fn(z, t)
+    u, du_dt = total_derivative(lambda z_, t_: u_true(z_, r, t_), z, t, v, mode, step=1e-6)
+    target = meanflow_target(v, du_dt, r, t)
+    torch.testing.assert_close(target, u_true(z, r, t), rtol=1e-7, atol=1e-8)
+    # the identity is not a tautology: the instantaneous velocity (a wrong u) misses its own target
+    u_wrong, du_wrong = total_derivative(lambda z_, t_: v_fn(z_, t_), z, t, v, mode, step=1e-6)
+    assert (meanflow_target(v, du_wrong, r, t) - u_wrong).abs().max() > 1e-2
+
+
+def test_target_at_r_equals_t_is_the_teacher_velocity():
+    v, du_dt = torch.randn(2, 1, 4, 4), torch.randn(2, 1, 4, 4)
+    t = torch.tensor([0.3, 0.8])
+    torch.testing.assert_close(meanflow_target(v, du_dt, t, t), v, rtol=0, atol=0)
+    assert not torch.allclose(meanflow_target(v, du_dt, t - 0.2, t), v)
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_loss_with_r_equal_t_is_flow_matching_on_the_teacher(teacher_dirs, path):
+    """ratio_r_neq_t = 0: compute_loss is the adaptive loss of u_theta(z, t, t) against the teacher's v."""
+    method = _method(teacher_dirs, path, ratio_r_neq_t=0.0)
+    batch = {"x": _batch(1, 4)[0]}
+    torch.manual_seed(3)
+    # at step 0 the student is the teacher (up to the JVP's math attention kernel against the teacher's)
+    assert float(method.compute_loss(batch).loss) < 1e-6
+    _perturb_interval_input(method)
+    with torch.no_grad():
+        method.student.unet.conv_out.bias.add_(0.1)  # r = t no longer reproduces the teacher
+    torch.manual_seed(3)
+    out = method.compute_loss(batch)
+    torch.manual_seed(3)
+    x0 = batch["x"]
+    r, t = sample_interval(4, -0.4, 1.0, 0.0)
+    t = t.clamp(max=method.t_max)
+    z = flow_interpolate(x0, torch.randn_like(x0), t)
+    assert torch.equal(r, t)
+    with torch.no_grad():
+        u = average_velocity(method.student, z, t, t)
+        v = flow_velocity(method.teacher.denoiser, z, t)
+    expected = adaptive_weighted_loss(u - v, 1.0, 1e-3)[0].mean()
+    torch.testing.assert_close(out.loss.detach(), expected, rtol=1e-5, atol=1e-6)
+    assert float(out.loss) > 0
+
+
+def test_adaptive_weight_uses_the_summed_squared_norm():
+    delta = torch.full((2, 1, 2, 2), 0.5)
+    loss, sq = adaptive_weighted_loss(delta, power=1.0, c=1e-3)
+    torch.testing.assert_close(sq, torch.tensor([1.0, 1.0]))  # 4 pixels x 0.25
+    torch.testing.assert_close(loss, torch.tensor([1.0 / 1.001] * 2))
+    delta.requires_grad_(True)
+    adaptive_weighted_loss(delta, 1.0, 1e-3)[0].sum().backward()
+    torch.testing.assert_close(delta.grad, torch.full_like(delta, 2 * 0.5 / 1.001))  # weight under stop-grad
+
+
+# --- the student ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_zero_initialised_student_equals_the_teacher_for_any_r(teacher_dirs, path):
+    method = _method(teacher_dirs, path)
+    unet = method.student.unet
+    assert is_flow_map_unet(unet) and unet.config.class_embed_type == "timestep"
+    assert not is_flow_map_unet(method.teacher.unet)
+    teacher_sd = method.teacher.unet.state_dict()
+    for k, val in unet.state_dict().items():
+        if k.startswith("class_embedding."):
+            continue
+        torch.testing.assert_close(val, teacher_sd[k], rtol=0, atol=0, msg=k)
+    x0, eps = _batch(2, 4)
+    t = torch.tensor([0.95, 0.6, 0.3, 0.05])
+    z = flow_interpolate(x0, eps, t)
+    with torch.no_grad():
+        v = flow_velocity(method.teacher.denoiser, z, t)
+        for r in (torch.zeros(4), torch.rand(4, generator=torch.Generator().manual_seed(0)) * t, t):
+            torch.testing.assert_close(average_velocity(method.student, z, r, t), v, rtol=0, atol=0)
+    # and the teacher-path point is consistent with the path: x_p = alpha x0 + sigma eps
+    alpha, sigma, _ = method.teacher.schedule.at_flow_time(t)
+    torch.testing.assert_close(path_point(method.teacher.schedule, z, t),
+                               alpha.view(-1, 1, 1, 1) * x0 + sigma.view(-1, 1, 1, 1) * eps)
+
+
+def test_interval_sampler_orders_and_mixes():
+    g = torch.Generator().manual_seed(0)
+    r, t = sample_interval(20000, -0.4, 1.0, 0.25, generator=g)
+    assert bool((t >= r).all()) and bool(((r > 0) & (t < 1)).all())
+    assert abs(float((r < t).float().mean()) - 0.25) < 0.015
+    same = r == t
+    # r = t pairs keep the larger draw: their t is distributed as the r != t pairs' t
+    assert abs(float(t[same].mean()) - float(t[~same].mean())) < 0.02
+    x = torch.logit(logit_normal(20000, -0.4, 1.0, generator=g))
+    assert abs(float(x.mean()) + 0.4) < 0.03 and abs(float(x.std()) - 1.0) < 0.03
+    r0, t0 = sample_interval(1000, ratio_r_neq_t=0.0, generator=g)
+    assert torch.equal(r0, t0)
+    r1, t1 = sample_interval(1000, ratio_r_neq_t=1.0, generator=g)
+    assert bool((r1 < t1).all())
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"jvp": "backward"}, "forward"),
+        ({"ratio_r_neq_t": 1.5}, "ratio_r_neq_t"),
+        ({"time_std": 0.0}, "time_std"),
+        ({"adaptive_c": 0.0}, "adaptive_c"),
+        ({"adaptive_power": -1.0}, "adaptive_power"),
+        ({"finite_difference_step": 0.0}, "finite_difference_step"),
+    ],
+)
+def test_bad_arguments_raise_config_error(teacher_dirs, kwargs, match):
+    with pytest.raises(ConfigError, match=match):
+        _method(teacher_dirs, "flow", **kwargs)
+
+
+def test_class_conditional_teacher_is_refused(tmp_path):
+    folder = write_tiny_teacher(tmp_path / "cond", num_class_embeds=3)
+    with pytest.raises(ConfigError, match="class-conditional"):
+        MeanFlowDistillation(load_teacher(str(folder)))
+    with pytest.raises(ConfigError, match="teacher"):
+        MeanFlowDistillation(None)
+
+
+# --- sampling and export -------------------------------------------------------------------------
+
+
+def test_ddim_step_is_the_flow_map_step(teacher_dirs):
+    """On the VP path DDIMScheduler.step with the student's output = (alpha_r + sigma_r)(z_t - (t - r) u)."""
+    method = _method(teacher_dirs, "vp")
+    _perturb_interval_input(method)
+    sched = method.sampling_scheduler(2)
+    sched.set_timesteps(2)
+    schedule = method.student.schedule
+    T = schedule.num_train_timesteps
+    x = torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        for t_step, interval in flow_map_intervals(sched):
+            t_int = int(t_step)
+            lam_t = schedule.flow_time(torch.tensor([t_int] * 2))
+            lam_r = schedule.flow_time(torch.tensor([max(t_int - T // 2, -1)] * 2))
+            torch.testing.assert_close(interval.float(), lam_t[0] - lam_r[0], rtol=1e-5, atol=1e-6)
+            out = method.student.unet(x, t_step, class_labels=(interval * T).float().expand(2)).sample
+            ddim = sched.step(out, t_step, x).prev_sample
+            alpha_t, sigma_t, _ = schedule.at_flow_time(lam_t)
+            z = x / (alpha_t + sigma_t).view(-1, 1, 1, 1)
+            u = average_velocity(method.student, z, lam_r, lam_t)
+            alpha_r, sigma_r, _ = schedule.at_flow_time(lam_r)
+            flow_map = (alpha_r + sigma_r).view(-1, 1, 1, 1) * (z - (lam_t - lam_r).view(-1, 1, 1, 1) * u)
+            torch.testing.assert_close(ddim, flow_map, rtol=1e-4, atol=1e-5)
+            x = ddim
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_export_loads_with_stock_classes_and_reproduces_sample(teacher_dirs, path, tmp_path):
+    from diffusers import DDIMScheduler, FlowMapEulerDiscreteScheduler, UNet2DModel
+
+    from lightning_distill.metrics import scheduler_sample
+
+    method = _method(teacher_dirs, path)
+    _perturb_interval_input(method)  # the interval input matters: a wrong label would show
+    folder = method.export(tmp_path / "student")
+    unet = UNet2DModel.from_pretrained(folder, subfolder="unet")
+    sched_cls = FlowMapEulerDiscreteScheduler if path == "flow" else DDIMScheduler
+    sched = sched_cls.from_pretrained(folder, subfolder="scheduler")
+    assert type(method.sampling_scheduler(1)) is sched_cls
+    if path == "flow":
+        assert sched.config.shift == method.teacher.schedule.shift
+    else:
+        assert not sched.config.clip_sample and sched.config.timestep_spacing == "trailing"
+    for steps in (1, 2, 4):
+        ours = method.sample(3, steps, torch.Generator().manual_seed(steps))
+        theirs = flow_map_sample(unet, sched, 3, steps, torch.Generator().manual_seed(steps))
+        torch.testing.assert_close(theirs, ours, rtol=0, atol=1e-5, msg=f"{path}, {steps} steps")
+        # the evaluation path (metrics.scheduler_sample) dispatches a flow-map folder to the same loop
+        evaluated = scheduler_sample(unet, sched, 3, steps, torch.Generator().manual_seed(steps))
+        torch.testing.assert_close(evaluated, ours, rtol=0, atol=1e-5)
+    a, b = (method.sample(3, 2, torch.Generator().manual_seed(s)) for s in (0, 1))
+    assert not torch.allclose(a, b)
+    assert not torch.allclose(method.sample(3, 1, torch.Generator().manual_seed(0)), a)  # steps matter
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_a_few_training_steps_give_finite_losses_and_train_the_interval_input(teacher_dirs, path, tmp_path):
+    from lightning_distill.data import TeacherDataModule
+
+    L.seed_everything(0)
+    dm = TeacherDataModule(teacher=str(teacher_dirs[path]), data="digits", image_size=8, batch_size=4)
+    method = MeanFlowDistillation(dm.teacher, ratio_r_neq_t=0.5, optimizer=lambda p: torch.optim.Adam(p, lr=1e-3))
+    losses = []
+
+    class Record(L.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, *args):
+            losses.append(float(outputs["loss"]))
+
+    trainer = L.Trainer(max_steps=3, default_root_dir=tmp_path, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
+                        num_sanity_val_steps=0, callbacks=[Record()])
+    trainer.fit(method, dm)
+    assert len(losses) == 3 and all(torch.isfinite(torch.tensor(losses)))
+    assert method.student.unet.class_embedding.linear_2.weight.abs().max() > 0  # the interval input learns
+    assert torch.isfinite(method.sample(2, 2, torch.Generator().manual_seed(0))).all()
