@@ -130,7 +130,7 @@ def forward_ad_attention():
 
 def trigflow_jvp(
     F: Callable[[Tensor, Tensor], Tensor], x_t: Tensor, t: Tensor, dxt_dt: Tensor,
-    mode: JVPMode = "forward", step: float = 1e-3,
+    mode: JVPMode = "forward", step: float = 1e-4,
 ) -> tuple[Tensor, Tensor]:
     """(F(x_t, t), dF/dt) with dF/dt = dF/dx . dx_t/dt + dF/dt, the total derivative along the ODE.
 
@@ -239,7 +239,7 @@ class SCMDistillation(DistillationMethod):
         tangent_norm_const: float | None = 0.1,
         adaptive_weighting: bool = True,
         jvp: JVPMode = "forward",
-        finite_difference_step: float = 1e-3,
+        finite_difference_step: float = 1e-4,
         sample_steps: int = 2,
         **kwargs,
     ) -> None:
