@@ -289,6 +289,12 @@ def test_export_loads_with_stock_classes_and_reproduces_sample(teacher_dirs, pat
         # the evaluation path (metrics.scheduler_sample) dispatches a flow-map folder to the same loop
         evaluated = scheduler_sample(unet, sched, 3, steps, torch.Generator().manual_seed(steps))
         torch.testing.assert_close(evaluated, ours, rtol=0, atol=1e-5)
+    # evaluate's loader of a pipeline folder (DiffusionPipeline.from_pretrained, then scheduler_sample)
+    from lightning_distill.evaluate import load_sampler
+
+    sampler = load_sampler("meanflow", folder, None, torch.device("cpu"))
+    torch.testing.assert_close(sampler.sample(3, 2, torch.Generator().manual_seed(2), None),
+                               method.sample(3, 2, torch.Generator().manual_seed(2)), rtol=0, atol=1e-5)
     a, b = (method.sample(3, 2, torch.Generator().manual_seed(s)) for s in (0, 1))
     assert not torch.allclose(a, b)
     assert not torch.allclose(method.sample(3, 1, torch.Generator().manual_seed(0)), a)  # steps matter
