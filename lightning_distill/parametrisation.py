@@ -210,11 +210,8 @@ class VPSchedule(NoiseSchedule):
         table = self._sigma[1:] / (self._alpha[1:] + self._sigma[1:])
         hi = torch.searchsorted(table, lam.detach().contiguous()).clamp(1, table.numel() - 1)
         lo_lam, hi_lam = table[hi - 1], table[hi]
-        frac = ((lam - lo_lam) / (hi_lam - lo_lam)).clamp(0, 1)
-        timestep = (hi - 1).to(lam.dtype) + frac
-        if lam.numel() and bool((lam.detach() > table[-1]).any()):
-            timestep = torch.where(lam > table[-1], torch.full_like(timestep, table.numel() - 1), timestep)
-        return alpha, sigma, timestep
+        frac = ((lam - lo_lam) / (hi_lam - lo_lam)).clamp(0, 1)  # beyond either end: the end timestep
+        return alpha, sigma, (hi - 1).to(lam.dtype) + frac
 
 
 def flow_shift(s: Tensor, shift: float) -> Tensor:

@@ -246,3 +246,21 @@ def test_bad_arguments_are_config_errors(tiny_teacher_dir):
     assert all(id(p) in ids for p in method.adaptive_weight.parameters())
     assert all(id(p) in ids for p in method.student.parameters())
     assert SCMDistillation(teacher, adaptive_weighting=False).adaptive_weight is None
+
+
+@pytest.mark.parametrize("schedule", [vp_schedule(), FlowSchedule(1000, shift=3.0)], ids=["vp", "flow-shift3"])
+def test_continuous_levels_meet_the_integer_tables(schedule):
+    """at_flow_time at an integer timestep's flow time gives that timestep's alpha, sigma and network input;
+    between two, a timestep between theirs; beyond the table's ends, the end timesteps (VP)."""
+    ts = torch.tensor([0, 1, 250, 998, 999])
+    alpha, sigma, model_t = schedule.at_flow_time(schedule.flow_time(ts))
+    torch.testing.assert_close(alpha, schedule.alpha(ts), atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(sigma, schedule.sigma(ts), atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(model_t, schedule.model_timestep(ts).float(), atol=1e-3, rtol=1e-5)
+    mid = (schedule.flow_time(ts[1:3]) + schedule.flow_time(ts[1:3] + 1)) / 2
+    between = schedule.at_flow_time(mid)[2]
+    lo, hi = schedule.model_timestep(ts[1:3]).float(), schedule.model_timestep(ts[1:3] + 1).float()
+    assert bool(((between > lo) & (between < hi)).all()), (lo, between, hi)
+    if schedule.path == "vp":
+        ends = schedule.at_flow_time(torch.tensor([0.0, 1.0]))[2]
+        assert ends.tolist() == [0.0, 999.0]
