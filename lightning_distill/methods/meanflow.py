@@ -42,17 +42,19 @@ Flow teachers: diffusers' ``FlowMapEulerDiscreteScheduler`` (sigmas shift(linspa
 network fed sigma T and the interval (sigma_t - sigma_r) T). VP teachers: ``DDIMScheduler`` (eta 0,
 trailing spacing, no clipping), which takes exactly the flow-map step (:func:`flow_map_intervals`);
 its grid starts at timestep T - 1, i.e. at flow time ``flow_time(T - 1)`` < 1 (for the digits teacher
-1 - 3e-5), where the sampler's Gaussian draw stands for the VP point x_{T-1} as it does for the teacher.
+1 - 5e-5), where the sampler's Gaussian draw stands for the VP point x_{T-1} as it does for the teacher.
 No stock pipeline passes the interval to a ``UNet2DModel`` (``DDPMPipeline`` passes no class_labels), so
 :func:`flow_map_sample` is the one loop of :meth:`MeanFlowDistillation.sample` and of evaluating an
 exported folder (``metrics.scheduler_sample`` dispatches to it for any UNet with a ``"timestep"`` class
 embedding and no class table: :func:`is_flow_map_unet`).
 
-Forward-mode AD and attention: PyTorch's fused attention kernels (flash / memory-efficient on GPU, the
-flash kernel on CPU) have no forward-mode derivative; :func:`forward_ad_attention` selects the math
-kernel for the JVP, which has one on every device, at its O(tokens^2) memory per head. Where a model's
-kernels lack forward AD altogether, ``jvp="finite_difference"`` takes central differences (two more
-forward passes, no gradient).
+Forward-mode AD and attention: the CPU flash kernel of ``scaled_dot_product_attention`` (diffusers'
+default attention) has no forward-mode derivative (``NotImplementedError`` in ``torch.func.jvp``, torch
+2.14); :func:`forward_ad_attention` selects the math kernel for the JVP, which has one, at its
+O(tokens^2) memory per head. The JVP runs outside autocast (bf16 autocast fails inside it). On GPU
+(not checked in this repository's tests) the same context keeps the fused CUDA kernels (flash,
+memory-efficient, cuDNN) out of the JVP; where a model's own kernels lack forward AD,
+``jvp="finite_difference"`` takes central differences (two more forward passes, no gradient) with any kernel.
 
 Where the code knowingly differs from the paper: the loss is the adaptive-weighted squared L2 norm summed
 over each sample's pixels, ||Delta||_2^2 as the paper writes it (c = 1e-3 is relative to that sum); r = t
