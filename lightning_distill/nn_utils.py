@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 from contextlib import contextmanager
+from typing import Literal
 
+import torch
 from torch import Tensor, nn
 
 from .errors import ConfigError
@@ -25,6 +27,26 @@ def eval_mode(module: nn.Module):
     finally:
         if was_training:
             module.train()
+
+
+#: how the continuous-time methods (sCD, MeanFlow) take a network's time derivative.
+JVPMode = Literal["forward", "finite_difference"]
+JVP_MODES = ("forward", "finite_difference")
+
+
+@contextmanager
+def forward_ad_attention(device_type: str):
+    """Run a forward-mode JVP: PyTorch's math attention kernel and no autocast.
+
+    The fused attention kernels (flash on CPU and GPU, memory-efficient on GPU) have no forward-mode
+    derivative; the math kernel has one, at its memory cost (the attention matrix per head). bf16 autocast
+    casts an op's primal inputs but not their tangents (a float tangent meets a bf16 weight in the first
+    convolution), so the JVP runs in the weights' own dtype.
+    """
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    with sdpa_kernel(SDPBackend.MATH), torch.autocast(device_type, enabled=False):
+        yield
 
 
 def lcm_step_limit(scheduler) -> int | None:

@@ -15,6 +15,7 @@ class                            method                                         
 ``DMD2``                         distribution matching + GAN (Yin et al.)             ``dmd2.py``
 ``SCMDistillation``              continuous-time consistency distillation, sCD        ``scm.py``
                                  (Lu & Song, TrigFlow)
+``MeanFlowDistillation``         MeanFlow: average-velocity flow map (Geng et al.)    ``meanflow.py``
 ===============================  ===================================================  ==========================
 
 Shared bases: ``DistillationMethod`` (``base.py``: student, teacher, sampling, export) and
@@ -33,6 +34,7 @@ from .diffusion import DiffusionTraining
 from .dmd2 import DMD2
 from .knowledge import KnowledgeDistillation
 from .lcm import LatentConsistencyDistillation
+from .meanflow import MeanFlowDistillation
 from .progressive import ProgressiveDistillation
 from .scm import SCMDistillation
 
@@ -49,6 +51,7 @@ __all__ = [
     "KnowledgeDistillation",
     "LatentConsistencyDistillation",
     "LossOutput",
+    "MeanFlowDistillation",
     "NonFiniteLossError",
     "ProgressiveDistillation",
     "SCMDistillation",

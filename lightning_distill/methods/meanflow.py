@@ -50,7 +50,7 @@ embedding and no class table: :func:`is_flow_map_unet`).
 
 Forward-mode AD and attention: the CPU flash kernel of ``scaled_dot_product_attention`` (diffusers'
 default attention) has no forward-mode derivative (``NotImplementedError`` in ``torch.func.jvp``, torch
-2.14); :func:`forward_ad_attention` selects the math kernel for the JVP, which has one, at its
+2.14); ``nn_utils.forward_ad_attention`` selects the math kernel for the JVP, which has one, at its
 O(tokens^2) memory per head. The JVP runs outside autocast (bf16 autocast fails inside it). On GPU
 (not checked in this repository's tests) the same context keeps the fused CUDA kernels (flash,
 memory-efficient, cuDNN) out of the JVP; where a model's own kernels lack forward AD,
@@ -64,20 +64,17 @@ VP teachers are trained on t <= flow_time(T - 1), the levels their timestep tabl
 
 from __future__ import annotations
 
-from contextlib import contextmanager
-from typing import Callable, Literal
+from typing import Callable
 
 import torch
 from torch import Tensor, nn
 
 from ..errors import ConfigError
-from ..nn_utils import eval_mode
+from ..nn_utils import JVP_MODES, JVPMode, eval_mode, forward_ad_attention
 from ..parametrisation import Denoiser, NoiseSchedule, expand_like
 from ..teacher import DiffusionTeacher
 from .base import DistillationMethod, LossOutput, build_module
 
-JVPMode = Literal["forward", "finite_difference"]
-JVP_MODES = ("forward", "finite_difference")
 #: the stock schedulers whose ``step`` is the flow-map step z_r = z_t - (t - r) u (see flow_map_intervals).
 FLOW_MAP_SCHEDULERS = ("FlowMapEulerDiscreteScheduler", "DDIMScheduler")
 
@@ -137,15 +134,6 @@ def average_velocity(student: Denoiser, z: Tensor, r: Tensor, t: Tensor) -> Tens
 # --- the MeanFlow identity (pure functions) ------------------------------------------------------
 
 
-@contextmanager
-def forward_ad_attention():
-    """Run the block with PyTorch's math attention kernel, the one with a forward-mode derivative."""
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
-    with sdpa_kernel(SDPBackend.MATH):
-        yield
-
-
 def total_derivative(
     u_fn: Callable[[Tensor, Tensor], Tensor],
     z: Tensor,
@@ -164,9 +152,7 @@ def total_derivative(
     separate (third) call. du/dt is returned detached: it only enters the stop-gradient target.
     """
     if mode == "forward":
-        # Under bf16 autocast torch.func.jvp fails in the first convolution (a bf16-cast weight meets the
-        # float32 dual input; seen on CPU, torch 2.14), so the JVP runs in the inputs' own precision.
-        with forward_ad_attention(), torch.autocast(z.device.type, enabled=False):
+        with forward_ad_attention(z.device.type):  # math attention kernel, no autocast
             u, du_dt = torch.func.jvp(u_fn, (z, t), (v, torch.ones_like(t)))
         return u, du_dt.detach()
     if mode != "finite_difference":
@@ -456,7 +442,6 @@ __all__ = [
     "flow_velocity",
     "interval_label",
     "average_velocity",
-    "forward_ad_attention",
     "total_derivative",
     "meanflow_target",
     "adaptive_weighted_loss",

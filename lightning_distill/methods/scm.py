@@ -53,7 +53,7 @@ scalings with ``timestep_scaling`` 1000, which at the sampled timesteps t >= 1 a
 sampler uses the student's x0 estimate f as it is.
 
 Forward-mode AD and attention: PyTorch's fused attention kernels (flash / memory-efficient on GPU, the
-flash kernel on CPU) have no forward-mode derivative; :func:`forward_ad_attention` selects the math
+flash kernel on CPU) have no forward-mode derivative; ``nn_utils.forward_ad_attention`` selects the math
 kernel for the JVP, which supports it on every device at the math kernel's memory cost (O(tokens^2) per
 head). For large models use ``jvp="finite_difference"``, which calls the network twice with any kernel.
 """
@@ -61,20 +61,17 @@ head). For large models use ``jvp="finite_difference"``, which calls the network
 from __future__ import annotations
 
 import math
-from contextlib import contextmanager
-from typing import Callable, Literal
+from typing import Callable
 
 import torch
 from torch import Tensor, nn
 
 from ..errors import ConfigError
+from ..nn_utils import JVP_MODES, JVPMode, forward_ad_attention
 from ..parametrisation import Denoiser, expand_like
 from ..sampling import X0_SAMPLER_TIMESTEP_SCALING, lcm_scheduler
 from ..teacher import DiffusionTeacher
 from .base import DistillationMethod, LossOutput
-
-JVPMode = Literal["forward", "finite_difference"]
-JVP_MODES = ("forward", "finite_difference")
 
 
 # --- TrigFlow <-> the teacher's path (pure functions) -------------------------------------------
@@ -119,15 +116,6 @@ def consistency_function(x_t: Tensor, t: Tensor, F: Tensor, sigma_data: float) -
     return expand_like(torch.cos(t), x_t) * x_t - expand_like(torch.sin(t) * sigma_data, x_t) * F
 
 
-@contextmanager
-def forward_ad_attention():
-    """Run the block with PyTorch's math attention kernel, the one with a forward-mode derivative."""
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
-    with sdpa_kernel(SDPBackend.MATH):
-        yield
-
-
 def trigflow_jvp(
     F: Callable[[Tensor, Tensor], Tensor], x_t: Tensor, t: Tensor, dxt_dt: Tensor,
     mode: JVPMode = "forward", step: float = 1e-4,
@@ -139,9 +127,7 @@ def trigflow_jvp(
     networks whose kernels lack forward-mode support; F(x_t, t) is then a third call.
     """
     if mode == "forward":
-        # Outside autocast: under bf16-mixed it casts the primal inputs of each op but not their tangents
-        # (conv: "input type float and weight type bfloat16"); the JVP runs in the weights' float32.
-        with forward_ad_attention(), torch.autocast(x_t.device.type, enabled=False):
+        with forward_ad_attention(x_t.device.type):
             return torch.func.jvp(F, (x_t.float(), t.float()), (dxt_dt.float(), torch.ones_like(t, dtype=torch.float32)))
     # kept inside (0, pi/2): both ends are singular for the conversion to the teacher's path
     t_plus, t_minus = (t + step).clamp(max=math.pi / 2 - 1e-6), (t - step).clamp(min=1e-6)
@@ -313,7 +299,6 @@ __all__ = [
     "SCMDistillation",
     "consistency_function",
     "flow_time_of_trigflow",
-    "forward_ad_attention",
     "normalise_tangent",
     "sample_trigflow_time",
     "scm_loss",
