@@ -40,6 +40,8 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
+from . import backbones
+
 PredictionType = Literal["epsilon", "sample", "v_prediction", "flow_prediction"]
 PREDICTION_TYPES = ("epsilon", "sample", "v_prediction", "flow_prediction")
 #: the diffusers scheduler classes each path is read from (a teacher's ``scheduler/`` folder).
@@ -395,7 +397,9 @@ class Denoiser(nn.Module):
     """A diffusers network plus its noise schedule and prediction type: the one place that converts.
 
     Args:
-        unet: a diffusers ``UNet2DModel`` / ``UNet2DConditionModel`` (or anything with the same call).
+        unet: the denoising network: a diffusers ``UNet2DModel`` / ``UNet2DConditionModel`` (or anything
+            with the same call), or a transformer of :data:`lightning_distill.backbones.SUPPORTED`; the
+            attribute keeps the name ``unet`` whatever the backbone (every method reads it).
         schedule: the path the network was trained on (:class:`VPSchedule` or :class:`FlowSchedule`).
         prediction_type: what the network outputs.
         clip_x0: clamp x0 estimates to [-clip_x0, clip_x0] (pixel-space models; None for latents).
@@ -418,6 +422,7 @@ class Denoiser(nn.Module):
         super().__init__()
         if prediction_type not in PREDICTION_TYPES:
             raise ValueError(f"unknown prediction_type {prediction_type!r}; choose one of {PREDICTION_TYPES}")
+        backbones.backbone_for(unet)  # an unsupported diffusers model fails here, not at its first call
         self.unet = unet
         self.schedule = schedule
         self.prediction_type = prediction_type
@@ -448,7 +453,9 @@ class Denoiser(nn.Module):
             for k, v in cond.items()
             if v is not None
         }
-        return self.unet(x_t.to(dtype), model_t, **cond, return_dict=False)[0]
+        # The backbone adapter maps this one call onto the model's forward (names, timestep units,
+        # Flux's packing, DiT's learned-sigma half); a UNet is called model(x_t, model_t, **cond) as before.
+        return backbones.call(self.unet, x_t.to(dtype), model_t, **cond)
 
     def at_flow_time(self, x_t: Tensor, lam: Tensor, **cond) -> Prediction:
         """The unclamped prediction at a continuous level: flow time ``lam`` (B,) in [0, 1], x_t on this path.

@@ -15,6 +15,8 @@ from typing import Literal
 import torch
 from torch import nn
 
+from . import backbones
+from .errors import ConfigError
 from .parametrisation import Denoiser, NoiseSchedule, PredictionType, schedule_from_scheduler
 
 ASSETS = Path(__file__).resolve().parent / "assets"
@@ -55,6 +57,34 @@ def _subfolder_class(folder: Path, sub: str, config_name: str) -> str:
         return json.loads(cfg.read_text())["_class_name"]
     except (OSError, KeyError, json.JSONDecodeError) as err:
         raise TeacherError(f"teacher folder {folder}: cannot read {sub}/{config_name} ({err})") from err
+
+
+#: where a diffusers folder keeps its denoising network: UNet pipelines in unet/, transformer pipelines
+#: (DiT, SD3, Flux, SANA) in transformer/.
+DENOISER_FOLDERS = ("unet", "transformer")
+
+
+def denoiser_folder(names) -> str | None:
+    """The denoiser component among ``names`` (model_index.json keys or subfolders): unet or transformer."""
+    return next((sub for sub in DENOISER_FOLDERS if sub in names), None)
+
+
+def _local_denoiser_folder(folder: Path) -> str | None:
+    # model_index.json says which component the pipeline denoises with; without one, the folder present.
+    present = [sub for sub in DENOISER_FOLDERS if (folder / sub).is_dir()]
+    try:
+        index = json.loads((folder / "model_index.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        index = {}
+    return denoiser_folder([sub for sub in present if sub in index]) or denoiser_folder(present)
+
+
+def _denoiser_class(name: str, where: str):
+    try:
+        backbones.check_supported(name)
+    except ConfigError as err:
+        raise TeacherError(f"teacher {where}: {err}") from None
+    return _diffusers_class(name)
 
 
 def _diffusers_class(name: str):
@@ -137,17 +167,17 @@ class DiffusionTeacher(nn.Module):
 
     @property
     def in_channels(self) -> int:
-        return int(self.unet.config.in_channels)
+        """Channels of one sample (a packed Flux transformer's in_channels / 4); see ``backbones.sample_shape``."""
+        return backbones.sample_shape(self.unet)[0]
 
     @property
     def sample_size(self) -> int:
-        size = self.unet.config.sample_size
-        return int(size[0] if isinstance(size, (tuple, list)) else size)
+        return backbones.sample_shape(self.unet)[1]
 
     @property
     def num_classes(self) -> int | None:
-        n = getattr(self.unet.config, "num_class_embeds", None)
-        return int(n) if n else None
+        """Classes of a class-conditional network (UNet ``num_class_embeds``, DiT ``num_embeds_ada_norm``)."""
+        return backbones.num_classes(self.unet)
 
     @property
     def is_latent(self) -> bool:
@@ -216,15 +246,13 @@ class DiffusionTeacher(nn.Module):
         return self.source is not None
 
 
-def image_seq_len(unet: nn.Module) -> int:
-    """Tokens per sample of a network: (sample_size / patch_size)^2 (1 x 1 patches for a UNet).
+def image_seq_len(unet: nn.Module) -> int | None:
+    """Tokens per sample of a network: (sample_size / patch_size)^2 (1 x 1 patches for a UNet, 2 x 2 packing
+    for Flux); None when its config gives no resolution.
 
     What a resolution-dependent flow shift (``use_dynamic_shifting``) is computed from.
     """
-    cfg = unet.config
-    size = cfg.sample_size if isinstance(cfg.sample_size, int) else cfg.sample_size[0]
-    patch = getattr(cfg, "patch_size", None) or 1
-    return int(size // patch) ** 2
+    return backbones.image_seq_len(unet)
 
 
 def low_cpu_mem_usage() -> bool:
@@ -248,29 +276,34 @@ def load_teacher(
     prediction_type: PredictionType | None = None,
     clip_x0: float | None = 1.0,
 ) -> DiffusionTeacher:
-    """Load a frozen teacher from a diffusers folder (``unet/`` + ``scheduler/``) or a hub id.
+    """Load a frozen teacher from a diffusers folder (``unet/`` or ``transformer/``, + ``scheduler/``) or a hub id.
+
+    The denoiser may be any class of :data:`lightning_distill.backbones.SUPPORTED` (UNets, DiT, SD3,
+    Flux, SANA transformers); ``model_index.json`` says whether it lives in ``unet/`` or ``transformer/``.
 
     Hub ids need a network; with ``HF_HUB_OFFLINE=1`` only the local cache is consulted. Only
     safetensors / plain configs are read; no remote code is ever run.
 
     Raises:
-        TeacherError: the folder is missing, lacks ``unet/`` or ``scheduler/``, or holds unknown classes.
+        TeacherError: the folder is missing, lacks a denoiser folder or ``scheduler/``, or holds unknown or
+            unsupported classes.
     """
     if dtype not in DTYPES:
         raise TeacherError(f"teacher dtype {dtype!r} is not one of {sorted(DTYPES)}")
     folder, hub_id = resolve_teacher_source(source)
     torch_dtype = DTYPES[dtype]
     if folder is not None:
-        missing = [sub for sub in ("unet", "scheduler") if not (folder / sub).is_dir()]
+        sub = _local_denoiser_folder(folder)
+        missing = [m for m in (sub or "unet", "scheduler") if not (folder / m).is_dir()]
         if missing:
             raise TeacherError(
                 f"teacher folder {folder} lacks {' and '.join(m + '/' for m in missing)}; "
-                "a diffusers teacher needs unet/ and scheduler/"
+                "a diffusers teacher needs unet/ (or transformer/) and scheduler/"
             )
         location, kwargs = str(folder), {}
-        unet_cls = _diffusers_class(_subfolder_class(folder, "unet", "config.json"))
+        unet_cls = _denoiser_class(_subfolder_class(folder, sub, "config.json"), f"{folder}/{sub}")
         sched_cls = _diffusers_class(_subfolder_class(folder, "scheduler", "scheduler_config.json"))
-        has = {sub: (folder / sub).is_dir() for sub in ("vae", "text_encoder", "tokenizer")}
+        has = {c: (folder / c).is_dir() for c in ("vae", "text_encoder", "tokenizer")}
     else:
         location, kwargs = hub_id, {"revision": revision}
         from huggingface_hub import model_info  # only reached for hub ids
@@ -281,11 +314,19 @@ def load_teacher(
             raise TeacherError(f"teacher {hub_id!r} is not a local folder and could not be reached on the hub ({err})")
         import diffusers
 
-        unet_cls, sched_cls = diffusers.UNet2DConditionModel if "text_encoder" in files else diffusers.UNet2DModel, None
-        has = {sub: sub in files for sub in ("vae", "text_encoder", "tokenizer")}
+        sub, sched_cls = denoiser_folder(files) or "unet", None
+        if sub == "unet":
+            unet_cls = diffusers.UNet2DConditionModel if "text_encoder" in files else diffusers.UNet2DModel
+        else:  # a transformer pipeline: its config names the class
+            try:
+                cfg = diffusers.UNet2DModel.load_config(hub_id, subfolder=sub, revision=revision)
+            except Exception as err:
+                raise TeacherError(f"teacher {hub_id!r}: cannot read {sub}/config.json ({err})") from err
+            unet_cls = _denoiser_class(cfg["_class_name"], f"{hub_id}/{sub}")
+        has = {c: c in files for c in ("vae", "text_encoder", "tokenizer")}
     try:
         model_kwargs = {**kwargs, "torch_dtype": torch_dtype, "low_cpu_mem_usage": low_cpu_mem_usage()}
-        unet = unet_cls.from_pretrained(location, subfolder="unet", **model_kwargs)
+        unet = unet_cls.from_pretrained(location, subfolder=sub, **model_kwargs)
         if sched_cls is None:
             import diffusers
 
@@ -295,7 +336,7 @@ def load_teacher(
     except TeacherError:
         raise
     except Exception as err:
-        raise TeacherError(f"teacher {location}: could not load unet/ or scheduler/ ({type(err).__name__}: {err})") from err
+        raise TeacherError(f"teacher {location}: could not load {sub}/ or scheduler/ ({type(err).__name__}: {err})") from err
     vae = text_encoder = tokenizer = None
     if has["vae"]:
         import diffusers

@@ -23,6 +23,7 @@ import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
 
+from .. import backbones
 from ..errors import ConfigError
 from ..losses import LossOutput  # defined there so losses.py imports nothing from methods/
 from ..nn_utils import eval_mode, lcm_step_limit  # eval_mode is re-exported: methods import it from here
@@ -148,7 +149,8 @@ class DistillationMethod(L.LightningModule):
             raise ConfigError(f"{type(self).__name__} needs a teacher (set data.teacher)")
         student = build_module(student)
         if student is None:
-            student = copy.deepcopy(self.teacher.unet).float()
+            # a copy of the teacher's network, fit for training (DiT: its label dropout switched off)
+            student = backbones.prepare_student(copy.deepcopy(self.teacher.unet).float())
         student.requires_grad_(True)
         student.train()
         prediction_type = prediction_type or self.teacher.prediction_type
@@ -298,14 +300,18 @@ class DistillationMethod(L.LightningModule):
         return batch["label"] if self.is_class_conditional else None
 
     @property
+    def num_classes(self) -> int | None:
+        """Classes of a class-conditional student (UNet ``num_class_embeds``, DiT ``num_embeds_ada_norm``)."""
+        return backbones.num_classes(self.student.unet)
+
+    @property
     def is_class_conditional(self) -> bool:
-        return bool(getattr(self.student.unet.config, "num_class_embeds", None))
+        return self.num_classes is not None
 
     @property
     def sample_shape(self) -> tuple[int, int, int]:
-        cfg = self.student.unet.config
-        size = cfg.sample_size if isinstance(cfg.sample_size, int) else cfg.sample_size[0]
-        return (int(cfg.in_channels), int(size), int(size))
+        """(C, H, W) of one sample, read from the student network's config through its backbone adapter."""
+        return backbones.sample_shape(self.student.unet)
 
     def make_scheduler(self):
         """The stock diffusers scheduler that defines the student's sampler (and its export).
@@ -398,7 +404,7 @@ class DistillationMethod(L.LightningModule):
 
             gen = torch.Generator().manual_seed(self.hparams.seed)
             n = self.hparams.num_log_samples
-            labels = torch.arange(n) % self.student.unet.config.num_class_embeds if self.is_class_conditional else None
+            labels = torch.arange(n) % self.num_classes if self.is_class_conditional else None
             x = self.sample(n, self.hparams.sample_steps, gen, labels=labels)
             grid = make_grid((x.float().clamp(-1, 1) + 1) / 2, nrow=int(n**0.5))
             self.logger.experiment.add_image(f"{tag}/{self.hparams.sample_steps}step", grid, self.global_step)
