@@ -45,24 +45,37 @@ def atomic_write_dir(target: str | os.PathLike, write) -> Path:
     return target
 
 
-def make_pipeline(unet: nn.Module, scheduler):
+def make_pipeline(unet: nn.Module, scheduler, vae: nn.Module | None = None):
     """A stock diffusers pipeline around ``unet`` whose sampling loop is the framework's own.
 
     ``DDPMPipeline`` calls ``scheduler.step(out, t, x, generator=...)`` with the scheduler's defaults,
     which is exactly :meth:`DistillationMethod.sample`, for DDIM (eta = 0) and LCM schedulers alike.
+    A latent ``DiTTransformer2DModel`` (with the teacher's ``vae``) goes into ``DiTPipeline``, whose loop
+    is the same (learned-sigma half, class labels) except that it passes no generator to
+    ``scheduler.step``: it reproduces deterministic samplers (DDIM, flow Euler) and 1-step LCM sampling,
+    not the fresh noise of a multi-step LCM sampler. A pixel-space DiT has no stock pipeline
+    (``DiTPipeline`` always decodes with a VAE): it is written as a ``DDPMPipeline`` folder, which
+    ``load_teacher`` / ``load_student_state`` read but ``DDPMPipeline.__call__`` cannot sample (no labels).
     """
-    from diffusers import DDPMPipeline
+    from diffusers import DDPMPipeline, DiTPipeline
 
+    if type(unet).__name__ == "DiTTransformer2DModel" and vae is not None:
+        return DiTPipeline(transformer=unet, vae=vae, scheduler=scheduler)
     return DDPMPipeline(unet=unet, scheduler=scheduler)
 
 
-def export_pipeline(unet: nn.Module, scheduler, target: str | os.PathLike) -> Path:
-    """Save ``unet`` (float32, safetensors) and ``scheduler`` as a loadable diffusers pipeline folder."""
+def export_pipeline(unet: nn.Module, scheduler, target: str | os.PathLike, vae: nn.Module | None = None) -> Path:
+    """Save ``unet`` (float32, safetensors) and ``scheduler`` as a loadable diffusers pipeline folder
+    (with ``vae``, for a latent DiT: a ``DiTPipeline``; see :func:`make_pipeline`)."""
     unet = copy.deepcopy(unet).cpu().float()  # .to(dtype=...) makes diffusers warn about fp32 modules
     unet.requires_grad_(True)  # save_pretrained does not care; keep the copy a plain trainable model
+    if vae is not None and type(unet).__name__ == "DiTTransformer2DModel":
+        vae = copy.deepcopy(vae).cpu().float()
+    else:
+        vae = None  # only a DiT export carries the VAE (a UNet export stays a DDPMPipeline)
 
     def write(tmp: Path) -> None:
-        make_pipeline(unet, scheduler).save_pretrained(tmp, safe_serialization=True)
+        make_pipeline(unet, scheduler, vae).save_pretrained(tmp, safe_serialization=True)
 
     return atomic_write_dir(target, write)
 
@@ -91,8 +104,8 @@ def load_student_state(path: str | os.PathLike, use_ema: bool = True) -> tuple[d
       * a Lightning ``.ckpt`` of any ``DistillationMethod`` (e.g. ``ConsistencyDistillation``):
         the sampling-EMA weights of an ``EMA`` callback when present and ``use_ema``, else ``student.unet``;
         the prediction type from ``hyper_parameters.student_prediction_type`` when set;
-      * an exported pipeline folder (``unet/`` + ``scheduler/``): the UNet weights and the scheduler's
-        ``prediction_type``.
+      * an exported pipeline folder (``unet/`` or a DiT's ``transformer/``, + ``scheduler/``): the network's
+        weights and the scheduler's ``prediction_type``.
 
     Raises:
         MissingInputError (a FileNotFoundError): the path does not exist. ConfigError (a ValueError): no
@@ -102,13 +115,13 @@ def load_student_state(path: str | os.PathLike, use_ema: bool = True) -> tuple[d
     if not path.exists():
         raise MissingInputError(f"student {str(path)!r} does not exist (a .ckpt file or an exported pipeline folder)")
     if path.is_dir():
-        cfg = path / "unet" / "config.json"
-        if not cfg.is_file():
+        sub = next((s for s in ("unet", "transformer") if (path / s / "config.json").is_file()), None)
+        if sub is None:
             raise ConfigError(f"student folder {path} has no unet/config.json (expected an exported pipeline)")
         import diffusers
 
-        cls = getattr(diffusers, json.loads(cfg.read_text())["_class_name"])
-        unet = cls.from_pretrained(path, subfolder="unet", low_cpu_mem_usage=low_cpu_mem_usage())
+        cls = getattr(diffusers, json.loads((path / sub / "config.json").read_text())["_class_name"])
+        unet = cls.from_pretrained(path, subfolder=sub, low_cpu_mem_usage=low_cpu_mem_usage())
         sched_cfg = path / "scheduler" / "scheduler_config.json"
         pred = json.loads(sched_cfg.read_text()).get("prediction_type") if sched_cfg.is_file() else None
         return unet.state_dict(), pred

@@ -298,6 +298,13 @@ def schedule_from_scheduler(scheduler, image_seq_len: int | None = None) -> Nois
     """The path of a diffusers scheduler instance: :class:`FlowSchedule` for ``FlowMatch*`` classes,
     :class:`VPSchedule` for the DDPM family. Raises ValueError naming the supported classes otherwise."""
     name = type(scheduler).__name__
+    if (getattr(scheduler, "config", None) or {}).get("use_flow_sigmas"):
+        # SANA and Wan ship DPM-Solver / UniPC configs on the flow path: their alphas_cumprod table is not
+        # the path they sample, and their flow levels i / T sit one level off FlowMatchEuler's (i + 1) / T.
+        raise ValueError(
+            f"scheduler {name} with use_flow_sigmas (a flow-matching DPM-Solver / UniPC config, as SANA ships) "
+            f"is not supported yet; flow-matching: {', '.join(FLOW_SCHEDULERS)}"
+        )
     if name in FLOW_SCHEDULERS:
         return FlowSchedule.from_scheduler(scheduler, image_seq_len)
     if name in VP_SCHEDULERS or hasattr(scheduler, "alphas_cumprod"):

@@ -323,3 +323,64 @@ def test_consistency_distils_a_dit_teacher(tmp_path):
     again = model.sample(3, 2, torch.Generator().manual_seed(0), labels=labels)
     _exact(x, again)
     assert not torch.allclose(x, model.sample(3, 2, torch.Generator().manual_seed(0), labels=labels + 5))
+
+
+def test_flow_sigma_dpm_solver_config_is_refused_not_read_as_vp():
+    # SanaPipeline checkpoints ship DPMSolverMultistepScheduler(use_flow_sigmas=True, flow_prediction):
+    # its alphas_cumprod is not the path it samples, so it must not load as a VP teacher.
+    from diffusers import DPMSolverMultistepScheduler
+
+    from lightning_distill.parametrisation import schedule_from_scheduler
+
+    sched = DPMSolverMultistepScheduler(use_flow_sigmas=True, flow_shift=3.0, prediction_type="flow_prediction")
+    with pytest.raises(ValueError, match="with use_flow_sigmas .* is not supported yet"):
+        schedule_from_scheduler(sched)
+
+
+def write_tiny_latent_dit_teacher(path):
+    """A latent DiT teacher as DiT-XL-2 lays it out (transformer/ + vae/ + scheduler/): 4-channel 8x8
+    latents of 8x8 grayscale images (a one-level VAE does not downsample)."""
+    from diffusers import AutoencoderKL, DiTPipeline
+
+    torch.manual_seed(1)
+    vae = AutoencoderKL(in_channels=1, out_channels=1, latent_channels=4, block_out_channels=(8,),
+                        down_block_types=("DownEncoderBlock2D",), up_block_types=("UpDecoderBlock2D",),
+                        layers_per_block=1, norm_num_groups=4, sample_size=H)
+    sched = DDIMScheduler(num_train_timesteps=1000, timestep_spacing="trailing", set_alpha_to_one=True)
+    DiTPipeline(transformer=tiny_dit(channels=4), vae=vae, scheduler=sched).save_pretrained(path)
+    return path
+
+
+def test_latent_dit_student_exports_a_dit_pipeline_that_reproduces_its_samples(tmp_path):
+    from diffusers import DiffusionPipeline, DiTPipeline
+
+    from lightning_distill.methods.consistency import ConsistencyDistillation
+
+    teacher = load_teacher(str(write_tiny_latent_dit_teacher(tmp_path / "dit")))
+    assert teacher.is_latent and teacher.in_channels == 4 and teacher.denoiser.clip_x0 is None
+    model = ConsistencyDistillation(teacher=teacher, original_inference_steps=32, sample_steps=1)
+    with torch.no_grad():  # a student that differs from the teacher, so the export is of the student
+        for p in model.student.unet.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    folder = model.export(tmp_path / "student")
+    pipe = DiffusionPipeline.from_pretrained(str(folder))
+    assert isinstance(pipe, DiTPipeline) and type(pipe.scheduler).__name__ == "LCMScheduler"
+    for k, v in pipe.transformer.state_dict().items():
+        _exact(v, model.student.unet.state_dict()[k])
+    labels = [1, 4, 9]
+    # DiTPipeline passes no generator to scheduler.step: 1-step LCM sampling (no fresh noise) reproduces
+    for seed in (0, 7):
+        ours = model.sample(3, 1, torch.Generator().manual_seed(seed), labels=torch.tensor(labels))
+        ours = (teacher.decode_latents(ours) / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).numpy()
+        theirs = pipe(class_labels=labels, guidance_scale=1.0, num_inference_steps=1,
+                      generator=torch.Generator().manual_seed(seed), output_type="np").images
+        assert theirs.shape == ours.shape == (3, H, W, 1)
+        torch.testing.assert_close(torch.from_numpy(theirs), torch.from_numpy(ours), atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(model.sample(3, 1, torch.Generator().manual_seed(0), labels=torch.tensor(labels)),
+                              model.sample(3, 1, torch.Generator().manual_seed(7), labels=torch.tensor(labels)))
+    # and the folder reads back as a student / teacher
+    from lightning_distill.export import load_student_state
+
+    state, _ = load_student_state(folder)
+    assert set(state) == set(model.student.unet.state_dict())
+    assert type(load_teacher(str(folder)).unet).__name__ == "DiTTransformer2DModel"

@@ -416,4 +416,5 @@ class DistillationMethod(L.LightningModule):
         from ..export import export_pipeline
 
         den = self.sampling_denoiser() if use_ema else self.student
-        return export_pipeline(den.unet, self.sampling_scheduler(self.hparams.sample_steps), target)
+        vae = getattr(self.teacher, "vae", None)  # a latent DiT exports as DiTPipeline, which decodes with it
+        return export_pipeline(den.unet, self.sampling_scheduler(self.hparams.sample_steps), target, vae=vae)
