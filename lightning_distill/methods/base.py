@@ -149,8 +149,8 @@ class DistillationMethod(L.LightningModule):
             raise ConfigError(f"{type(self).__name__} needs a teacher (set data.teacher)")
         student = build_module(student)
         if student is None:
-            # a copy of the teacher's network, fit for training (DiT: its label dropout switched off)
-            student = backbones.prepare_student(copy.deepcopy(self.teacher.unet).float())
+            student = copy.deepcopy(self.teacher.unet).float()
+        student = backbones.prepare_student(student)  # DiT: its label dropout switched off
         student.requires_grad_(True)
         student.train()
         prediction_type = prediction_type or self.teacher.prediction_type
