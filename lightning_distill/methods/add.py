@@ -187,7 +187,7 @@ class AdversarialDiffusionDistillation(AdversarialMethod):
             self.sample_shape,
             hidden=head_hidden,
             spatial=spatial_logits,
-            num_classes=int(self.student.unet.config.num_class_embeds) if self.is_class_conditional else None,
+            num_classes=self.num_classes,
             # a class-conditional teacher encoder needs the labels too
             backbone_cond=teacher_features and self.teacher.num_classes is not None,
         )

@@ -99,7 +99,7 @@ class AdversarialPostTraining(AdversarialMethod):
             self.sample_shape,
             hidden=head_hidden,
             spatial=spatial_logits,
-            num_classes=int(self.student.unet.config.num_class_embeds) if cond else None,
+            num_classes=self.num_classes if cond else None,
             backbone_cond=cond,
         )
         self.discriminator.train()
