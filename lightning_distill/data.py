@@ -10,10 +10,12 @@ Batches are dicts: ``{"x": (B, C, H, W) in [-1, 1], "label": (B,) long}``.
 
 Latent teachers (a ``vae/`` folder): ``"x"`` holds the VAE latents the networks see (encoded once at
 setup, optionally cached to disk: ``latent_cache``). Text-conditional teachers (``text_encoder/`` +
-``tokenizer/``): batches also carry ``"input_ids"`` (B, L), the tokenised prompt of each image, from a
+``tokenizer/``): batches also carry ``"input_ids"`` (B, L) (SD3 teachers: also ``"input_ids_2"``, for the
+second CLIP encoder: ``teacher.text_inputs``), the tokenised prompt of each image, from a
 fixed ``prompt`` (``{label}`` is replaced by the class name) or a caption file in the image folder
 (``metadata.jsonl`` with ``file_name`` / ``text`` fields, or ``prompts.txt`` with one line per image in
-sorted file order); the method turns them into embeddings with ``teacher.encode_text``.
+sorted file order); the method turns them into the network's text keywords with ``teacher.text_conditioning``
+(``teacher.encode_text`` for SD1.5-style teachers).
 
 Teacher-data mode (``pairs``, see :mod:`lightning_distill.teacher_pairs`): the train / val sets are
 (noise, teacher sample) pairs generated once by the teacher's DDIM sampler and cached on disk; batches
@@ -304,10 +306,10 @@ class TeacherDataModule(L.LightningDataModule):
         return lines
 
     def prompt_inputs(self, labels: Tensor) -> dict[str, Tensor]:
-        """``{"input_ids": (N, L)}`` for text-conditional teachers, else ``{}``."""
+        """``{"input_ids": (N, L)}`` for text-conditional teachers (SD3: also ``input_ids_2``), else ``{}``."""
         if self.teacher is None or not self.teacher.is_text_conditional:
             return {}
-        return {"input_ids": self.teacher.tokenize(self.prompts(labels))}
+        return self.teacher.text_inputs(self.prompts(labels))
 
     def encode_latents(self, images: Tensor, batch_size: int = 32) -> Tensor:
         """Encode the whole data set with the teacher's VAE once (on a GPU if there is one), with a disk cache."""

@@ -72,10 +72,7 @@ def denoiser_folder(names) -> str | None:
 def _local_denoiser_folder(folder: Path) -> str | None:
     # model_index.json says which component the pipeline denoises with; without one, the folder present.
     present = [sub for sub in DENOISER_FOLDERS if (folder / sub).is_dir()]
-    try:
-        index = json.loads((folder / "model_index.json").read_text())
-    except (OSError, json.JSONDecodeError):
-        index = {}
+    index = _read_model_index(folder / "model_index.json")
     return denoiser_folder([sub for sub in present if sub in index]) or denoiser_folder(present)
 
 
@@ -96,6 +93,30 @@ def _diffusers_class(name: str):
     return cls
 
 
+#: optional components load_teacher reads beside the denoiser and scheduler.
+TEXT_AND_VAE = ("vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2", "text_encoder_3")
+#: the text encoder classes a teacher may hold (SD1.5: CLIPTextModel; SD3: CLIPTextModelWithProjection x 2).
+TEXT_ENCODERS = ("CLIPTextModel", "CLIPTextModelWithProjection")
+
+
+def _read_model_index(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return {}
+
+
+def _text_encoder_class(index: dict, name: str):
+    """The transformers class of text encoder ``name``: model_index.json's entry, CLIPTextModel without one."""
+    import transformers
+
+    entry = index.get(name) or [None, "CLIPTextModel"]
+    cls = entry[1] if isinstance(entry, (list, tuple)) and len(entry) == 2 else None
+    if cls not in TEXT_ENCODERS:
+        raise TeacherError(f"teacher {name}/ is a {cls}; supported text encoders: {', '.join(TEXT_ENCODERS)}")
+    return getattr(transformers, cls)
+
+
 class DiffusionTeacher(nn.Module):
     """A frozen diffusion model: denoiser (UNet + schedule + prediction type) and optional VAE / text encoder.
 
@@ -109,6 +130,10 @@ class DiffusionTeacher(nn.Module):
         source, revision: where it was loaded from; a teacher with a source is reloadable and is
             therefore left out of checkpoints (see ``DistillationMethod``).
         vae, text_encoder, tokenizer: latent / text-conditional teachers (LCM).
+        text_encoder_2, tokenizer_2: the second CLIP encoder of an SD3 teacher (``SD3Transformer2DModel``);
+            T5 (``text_encoder_3``) is absent, as ``StableDiffusion3Pipeline`` allows.
+        max_sequence_length: SD3 teachers: the length of the (zero) T5 part of the prompt embeddings,
+            ``StableDiffusion3Pipeline``'s ``max_sequence_length`` (256 there by default).
         clip_x0: clamp x0 estimates (pixel teachers); None for latent teachers.
 
     Example::
@@ -128,6 +153,9 @@ class DiffusionTeacher(nn.Module):
         text_encoder: nn.Module | None = None,
         tokenizer=None,
         clip_x0: float | None = 1.0,
+        text_encoder_2: nn.Module | None = None,
+        tokenizer_2=None,
+        max_sequence_length: int = 256,
     ) -> None:
         super().__init__()
         try:
@@ -147,6 +175,9 @@ class DiffusionTeacher(nn.Module):
         self.vae = vae
         self.text_encoder = text_encoder
         self.tokenizer = tokenizer
+        self.text_encoder_2 = text_encoder_2
+        self.tokenizer_2 = tokenizer_2
+        self.max_sequence_length = max_sequence_length
         self.requires_grad_(False)
         self.eval()
 
@@ -240,10 +271,77 @@ class DiffusionTeacher(nn.Module):
         device = next(self.text_encoder.parameters()).device
         return self.text_encoder(input_ids.to(device))[0]
 
+    def text_inputs(self, prompts: list[str]) -> dict[str, torch.Tensor]:
+        """What a batch carries for ``prompts``: ``input_ids`` (and ``input_ids_2`` for a second CLIP tokenizer).
+
+        Both CLIP tokenizers pad and truncate to the *first* tokenizer's ``model_max_length``, as
+        ``StableDiffusion3Pipeline._get_clip_prompt_embeds`` does (``tokenizer_max_length``).
+        """
+        inputs = {"input_ids": self.tokenize(prompts)}
+        if self.tokenizer_2 is not None:
+            inputs["input_ids_2"] = self.tokenizer_2(
+                list(prompts), padding="max_length", max_length=self.tokenizer.model_max_length, truncation=True,
+                return_tensors="pt",
+            ).input_ids
+        return inputs
+
+    @torch.no_grad()
+    def text_conditioning(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Token ids (:meth:`text_inputs`, or a batch holding them) -> the denoiser's text keywords.
+
+        SD1.5-style teachers: ``{"encoder_hidden_states"}`` (:meth:`encode_text`). SD3 teachers:
+        ``{"encoder_hidden_states", "pooled_projections"}`` as ``StableDiffusion3Pipeline.encode_prompt``
+        gives them with T5 absent (:func:`sd3_prompt_embeds`).
+        """
+        if not isinstance(backbones.backbone_for(self.unet), backbones.SD3Backbone):
+            return {"encoder_hidden_states": self.encode_text(inputs["input_ids"])}
+        if self.text_encoder is None or self.text_encoder_2 is None or "input_ids_2" not in inputs:
+            raise TeacherError(
+                "an SD3 teacher encodes prompts with two CLIP encoders: it needs text_encoder/ and text_encoder_2/ "
+                "(and their tokenizers), and the inputs input_ids and input_ids_2"
+            )
+        return sd3_prompt_embeds(
+            (self.text_encoder, self.text_encoder_2), (inputs["input_ids"], inputs["input_ids_2"]),
+            int(self.unet.config.joint_attention_dim), self.max_sequence_length,
+        )
+
+    def encode_prompts(self, prompts: list[str]) -> dict[str, torch.Tensor]:
+        """Prompts -> the denoiser's text keywords: :meth:`text_conditioning` of :meth:`text_inputs`."""
+        return self.text_conditioning(self.text_inputs(prompts))
+
     @property
     def reloadable(self) -> bool:
         """True when the weights can be re-read from ``source`` (so checkpoints need not carry them)."""
         return self.source is not None
+
+
+@torch.no_grad()
+def sd3_prompt_embeds(
+    text_encoders: tuple[nn.Module, nn.Module], input_ids: tuple[torch.Tensor, torch.Tensor], joint_attention_dim: int,
+    max_sequence_length: int = 256,
+) -> dict[str, torch.Tensor]:
+    """``StableDiffusion3Pipeline.encode_prompt`` with T5 absent (``text_encoder_3=None``), from token ids.
+
+    * each CLIP encoder's penultimate hidden state (``clip_skip`` None), cast to the first encoder's dtype,
+      concatenated on the feature axis and zero-padded to the transformer's ``joint_attention_dim``;
+    * then the T5 part: zeros (B, ``max_sequence_length``, joint_attention_dim), appended on the token axis;
+    * ``pooled_projections``: the two encoders' projected pooled outputs (``text_embeds``), concatenated.
+
+    Returns:
+        ``{"encoder_hidden_states": (B, L1 + max_sequence_length, joint_attention_dim),
+        "pooled_projections": (B, P1 + P2)}``.
+    """
+    dtype = text_encoders[0].dtype
+    hidden, pooled = [], []
+    for encoder, ids in zip(text_encoders, input_ids):
+        out = encoder(ids.to(encoder.device), output_hidden_states=True)
+        pooled.append(out[0])
+        hidden.append(out.hidden_states[-2].to(dtype))
+    clip = torch.cat(hidden, dim=-1)
+    # the pipeline pads to the T5 width, which without T5 is joint_attention_dim
+    clip = torch.nn.functional.pad(clip, (0, joint_attention_dim - clip.shape[-1]))
+    t5 = torch.zeros(clip.shape[0], max_sequence_length, joint_attention_dim, device=clip.device, dtype=dtype)
+    return {"encoder_hidden_states": torch.cat([clip, t5], dim=-2), "pooled_projections": torch.cat(pooled, dim=-1)}
 
 
 def image_seq_len(unet: nn.Module) -> int | None:
@@ -275,11 +373,18 @@ def load_teacher(
     dtype: Literal["float32", "bfloat16", "float16"] = "float32",
     prediction_type: PredictionType | None = None,
     clip_x0: float | None = 1.0,
+    max_sequence_length: int = 256,
 ) -> DiffusionTeacher:
     """Load a frozen teacher from a diffusers folder (``unet/`` or ``transformer/``, + ``scheduler/``) or a hub id.
 
     The denoiser may be any class of :data:`lightning_distill.backbones.SUPPORTED` (UNets, DiT, SD3,
     Flux, SANA transformers); ``model_index.json`` says whether it lives in ``unet/`` or ``transformer/``.
+
+    Text encoders: ``text_encoder/`` + ``tokenizer/`` (CLIP, SD1.5-style), and for an SD3 folder also
+    ``text_encoder_2/`` + ``tokenizer_2/``; each encoder's class (``CLIPTextModel`` or
+    ``CLIPTextModelWithProjection``) is read from ``model_index.json`` (``CLIPTextModel`` without one). A T5
+    ``text_encoder_3/`` is refused (save the folder with ``text_encoder_3=None``); ``max_sequence_length`` is
+    the length of the zero T5 part of SD3 prompt embeddings (:func:`sd3_prompt_embeds`).
 
     Hub ids need a network; with ``HF_HUB_OFFLINE=1`` only the local cache is consulted. Only
     safetensors / plain configs are read; no remote code is ever run.
@@ -303,7 +408,8 @@ def load_teacher(
         location, kwargs = str(folder), {}
         unet_cls = _denoiser_class(_subfolder_class(folder, sub, "config.json"), f"{folder}/{sub}")
         sched_cls = _diffusers_class(_subfolder_class(folder, "scheduler", "scheduler_config.json"))
-        has = {c: (folder / c).is_dir() for c in ("vae", "text_encoder", "tokenizer")}
+        has = {c: (folder / c).is_dir() for c in TEXT_AND_VAE}
+        index = _read_model_index(folder / "model_index.json")
     else:
         location, kwargs = hub_id, {"revision": revision}
         from huggingface_hub import model_info  # only reached for hub ids
@@ -323,7 +429,18 @@ def load_teacher(
             except Exception as err:
                 raise TeacherError(f"teacher {hub_id!r}: cannot read {sub}/config.json ({err})") from err
             unet_cls = _denoiser_class(cfg["_class_name"], f"{hub_id}/{sub}")
-        has = {c: c in files for c in ("vae", "text_encoder", "tokenizer")}
+        has = {c: c in files for c in TEXT_AND_VAE}
+        index = {}
+        if has["text_encoder_2"]:  # SD3: model_index.json says which CLIP classes (SD1.5 hub ids: CLIPTextModel)
+            try:
+                index = diffusers.DiffusionPipeline.load_config(hub_id, revision=revision)
+            except Exception as err:
+                raise TeacherError(f"teacher {hub_id!r}: cannot read model_index.json ({err})") from err
+    if has["text_encoder_3"]:
+        raise TeacherError(
+            f"teacher {source}: a T5 text_encoder_3/ is not supported yet; SD3 teachers are read with T5 absent "
+            "(save the pipeline with text_encoder_3=None, tokenizer_3=None)"
+        )
     try:
         model_kwargs = {**kwargs, "torch_dtype": torch_dtype, "low_cpu_mem_usage": low_cpu_mem_usage()}
         unet = unet_cls.from_pretrained(location, subfolder=sub, **model_kwargs)
@@ -337,22 +454,28 @@ def load_teacher(
         raise
     except Exception as err:
         raise TeacherError(f"teacher {location}: could not load {sub}/ or scheduler/ ({type(err).__name__}: {err})") from err
-    vae = text_encoder = tokenizer = None
+    vae = text_encoder = tokenizer = text_encoder_2 = tokenizer_2 = None
     if has["vae"]:
         import diffusers
 
         vae = diffusers.AutoencoderKL.from_pretrained(location, subfolder="vae", **model_kwargs)
         clip_x0 = None  # latents are not bounded to [-1, 1]
     if has["text_encoder"]:
-        import transformers
-
-        text_encoder = transformers.CLIPTextModel.from_pretrained(
+        text_encoder = _text_encoder_class(index, "text_encoder").from_pretrained(
             location, subfolder="text_encoder", torch_dtype=torch_dtype, **kwargs
         )
     if has["tokenizer"]:
         import transformers
 
         tokenizer = transformers.CLIPTokenizer.from_pretrained(location, subfolder="tokenizer", **kwargs)
+    if has["text_encoder_2"]:
+        text_encoder_2 = _text_encoder_class(index, "text_encoder_2").from_pretrained(
+            location, subfolder="text_encoder_2", torch_dtype=torch_dtype, **kwargs
+        )
+    if has["tokenizer_2"]:
+        import transformers
+
+        tokenizer_2 = transformers.CLIPTokenizer.from_pretrained(location, subfolder="tokenizer_2", **kwargs)
     return DiffusionTeacher(
         unet,
         scheduler,
@@ -363,4 +486,7 @@ def load_teacher(
         text_encoder=text_encoder,
         tokenizer=tokenizer,
         clip_x0=clip_x0,
+        text_encoder_2=text_encoder_2,
+        tokenizer_2=tokenizer_2,
+        max_sequence_length=max_sequence_length,
     )
