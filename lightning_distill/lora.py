@@ -1,0 +1,574 @@
+"""LoRA students through peft: inject, train only the adapters, checkpoint them, export them (issue #23).
+
+A LoRA student is the teacher's network with low-rank adapters on some of its layers: every base weight
+stays frozen at the teacher's value and only the adapters train (LCM-LoRA, arXiv 2311.05556: rank 64 on
+SD1.5's attention and feed-forward projections). What this module gives, as pure functions that
+``DistillationMethod`` calls:
+
+=========================================  ==============================================================
+function                                   what for
+=========================================  ==============================================================
+:class:`LoraSpec`                          the config schema ``student_lora: {rank, alpha, target_modules,
+                                           init}``, validated
+:func:`add_lora`                           build the student: inject adapters, freeze every base weight
+:func:`lora_state_dict` /                  the adapter weights alone (peft's key format, no adapter name)
+:func:`load_lora_state_dict`
+:func:`is_lora_key`, :func:`drop_base_weights`,   checkpoints that hold the adapters plus a reference to
+:func:`restore_base_weights`               the base (the base weights are re-read from the teacher)
+:func:`save_lora` / :func:`load_lora`      export as ``pytorch_lora_weights.safetensors`` in diffusers'
+                                           layout, loaded by ``pipe.load_lora_weights`` (and the model's
+                                           ``load_lora_adapter``)
+:func:`fuse_lora`                          export as full weights: adapters merged and removed, a stock model
+:func:`trainable_fraction`                 logging
+=========================================  ==============================================================
+
+peft's LoRA layer, in its notation: ``h = W x + (alpha / r) * B A x`` with ``A`` (r, in) and ``B`` (out, r);
+both initialisations offered here set ``B = 0``, so the student starts as exactly the teacher.
+
+Two ways to inject, one result: diffusers models with ``PeftAdapterMixin`` (``UNet2DConditionModel``, the
+SD3 / Flux / SANA transformers) get ``model.add_adapter`` (so their own ``fuse_lora`` / ``set_adapters`` /
+``save_lora_adapter`` keep working); the others (``UNet2DModel``, ``DiTTransformer2DModel``, a custom
+module) get ``peft.inject_adapter_in_model``. Either way the model keeps its class (no ``PeftModel``
+wrapper), so the backbone adapters and ``Denoiser`` call it unchanged. Injection renames each adapted
+layer's weights (``to_q.weight`` becomes ``to_q.base_layer.weight``), which is why exports go through
+:func:`fuse_lora` or :func:`save_lora` and never through ``save_pretrained`` of the LoRA model.
+
+Example::
+
+    >>> spec = LoraSpec(rank=64, alpha=64)                     # attention + feed-forward projections
+    >>> student = add_lora(copy.deepcopy(teacher_unet).float(), spec, seed=0)
+    >>> opt = torch.optim.AdamW([p for p in student.parameters() if p.requires_grad])
+    >>> save_lora(student, "out/lora")                         # pipe.load_lora_weights("out/lora")
+    >>> fused = fuse_lora(student)                              # a plain UNet2DConditionModel
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import dataclasses
+import json
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Literal
+
+import torch
+from torch import Tensor, nn
+
+from .errors import ConfigError, MissingInputError
+
+#: File name diffusers' ``save_lora_weights`` / ``load_lora_weights`` use by default.
+LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
+#: safetensors header key under which diffusers stores the adapter's ``LoraConfig`` (its rank and alpha).
+LORA_METADATA_KEY = "lora_adapter_metadata"
+
+LoraInit = Literal["gaussian", "kaiming"]
+#: ``init`` -> peft's ``init_lora_weights``. Both draw A at random and set B = 0 (output unchanged at init).
+#: Initialisations that rewrite the base weights (PiSSA, OLoRA, LoftQ) are left out on purpose: the
+#: checkpoint stores the adapters only and re-reads the base from the teacher, which needs the base intact.
+INIT_CHOICES: dict[str, bool | str] = {
+    "gaussian": "gaussian",  # A ~ N(0, 1/r): the diffusers LCM-LoRA script's choice
+    "kaiming": True,  # A Kaiming-uniform: peft's default
+}
+
+# Layer names (as peft matches them: the full module name or its ending after a ".").
+ATTENTION = (
+    "to_q", "to_k", "to_v", "to_out.0",
+    # joint (MMDiT) attention's context stream: SD3 and Flux
+    "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out",
+)
+FEED_FORWARD = (
+    "ff.net.0.proj", "ff.net.2",  # diffusers FeedForward (GELU / GEGLU projection in, linear out)
+    "ff_context.net.0.proj", "ff_context.net.2",  # SD3 / Flux context-stream feed-forward
+    "proj_mlp",  # Flux single-stream blocks' MLP in-projection
+)
+RESNET = ("conv1", "conv2", "conv_shortcut", "time_emb_proj")  # UNet ResnetBlock2D
+#: ``target_modules`` presets. Each preset's names that match nothing in a model are skipped (a pixel
+#: UNet2DModel may have no attention at all); an explicit list must match in full.
+PRESETS: dict[str, tuple[str, ...]] = {
+    "attention": ATTENTION,
+    "attention_ff": ATTENTION + FEED_FORWARD,
+    "all": ATTENTION + FEED_FORWARD + RESNET,
+}
+#: Default preset per backbone class. A pixel ``UNet2DModel`` is mostly convolutions (the digits teacher
+#: has no attention block), so its adapters go on the resnets too; everything else follows LCM-LoRA.
+DEFAULT_PRESET: dict[str, str] = {"UNet2DModel": "all"}
+FALLBACK_PRESET = "attention_ff"
+
+#: Layer types peft's LoRA adapts (others, e.g. an Attention block itself, are refused by name).
+_LORA_LAYER_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Embedding)
+_LORA_KEY = re.compile(r"(^|\.)lora_(A|B|embedding_A|embedding_B|magnitude_vector)(\.|$)")
+
+#: Backbone class -> (diffusers loader mixin whose ``save_lora_weights`` writes its file, component name).
+#: The component name is the key prefix in the file ("unet." / "transformer."), which is what the
+#: pipeline's ``load_lora_weights`` and the model's ``load_lora_adapter(prefix=...)`` filter on.
+STOCK_LORA_FORMAT: dict[str, tuple[str, str]] = {
+    "UNet2DConditionModel": ("StableDiffusionLoraLoaderMixin", "unet"),  # SD1.x / SD2.x; SDXL reads the same
+    "SD3Transformer2DModel": ("SD3LoraLoaderMixin", "transformer"),
+    "FluxTransformer2DModel": ("FluxLoraLoaderMixin", "transformer"),
+    "SanaTransformer2DModel": ("SanaLoraLoaderMixin", "transformer"),
+}
+
+
+# --- the config schema -----------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraSpec:
+    """``student_lora``: which layers get adapters, of what rank and scale, and how they start.
+
+    Args:
+        rank: r, the adapters' rank (LCM-LoRA: 64 for SD1.5).
+        alpha: peft's ``lora_alpha``; the update is scaled by ``alpha / rank``. None: ``rank`` (scale 1).
+        target_modules: a preset (``"attention"``: q/k/v/out projections incl. MMDiT's context stream;
+            ``"attention_ff"``: plus feed-forward projections; ``"all"``: plus UNet resnet convolutions
+            and time-embedding projections), a list of layer names (peft matching: a name matches a module
+            whose full name equals it or ends with ``"." + name``, e.g. ``"to_out.0"``, ``"attn1.to_q"``),
+            or None for the backbone's default (``"all"`` for ``UNet2DModel``, else ``"attention_ff"``).
+        init: ``"gaussian"`` (A ~ N(0, 1/r), as the diffusers LCM-LoRA script) or ``"kaiming"`` (peft's
+            default); B = 0 in both, so the student's output equals the teacher's at step 0.
+
+    Example::
+
+        >>> LoraSpec(rank=64)
+        >>> LoraSpec.from_config({"rank": 8, "alpha": 16, "target_modules": ["to_q", "to_v"]})
+    """
+
+    rank: int = 16
+    alpha: float | None = None
+    target_modules: str | tuple[str, ...] | None = None
+    init: LoraInit = "gaussian"
+
+    def __post_init__(self) -> None:
+        if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank < 1:
+            raise ConfigError(f"student_lora.rank must be a positive integer, got {self.rank!r}")
+        if self.alpha is not None and (isinstance(self.alpha, bool) or not self.alpha > 0):
+            raise ConfigError(f"student_lora.alpha must be > 0 (or None for alpha = rank), got {self.alpha!r}")
+        if self.init not in INIT_CHOICES:
+            raise ConfigError(f"student_lora.init must be one of {sorted(INIT_CHOICES)}, got {self.init!r}")
+        targets = self.target_modules
+        if isinstance(targets, str):
+            if targets not in PRESETS:
+                raise ConfigError(
+                    f"student_lora.target_modules {targets!r} is not a preset; choose one of {sorted(PRESETS)}, "
+                    "or give a list of layer names such as ['to_q', 'to_k', 'to_v', 'to_out.0']"
+                )
+        elif targets is not None:
+            targets = tuple(targets)
+            bad = [t for t in targets if not isinstance(t, str) or not t.strip(".")]
+            if not targets or bad:
+                raise ConfigError(
+                    f"student_lora.target_modules must be a preset {sorted(PRESETS)} or a non-empty list of layer "
+                    f"names, got {self.target_modules!r}"
+                )
+            object.__setattr__(self, "target_modules", targets)  # a list from YAML: hashable and comparable
+
+    @classmethod
+    def from_config(cls, value: LoraSpec | Mapping | None) -> LoraSpec | None:
+        """A spec from a config value: a LoraSpec, a mapping (a YAML block, a checkpoint's hparams), or None."""
+        if value is None or isinstance(value, LoraSpec):
+            return value
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"student_lora must be a mapping {{rank, alpha, target_modules, init}}, got {value!r}")
+        fields = [f.name for f in dataclasses.fields(cls)]
+        unknown = sorted(set(value) - set(fields))
+        if unknown:
+            raise ConfigError(f"student_lora has unknown keys {unknown}; valid keys are {fields}")
+        return cls(**value)
+
+    def to_dict(self) -> dict:
+        """Plain types only (a list for the targets), so a checkpoint's hparams stay ``weights_only``-loadable."""
+        out = dataclasses.asdict(self)
+        if isinstance(self.target_modules, tuple):
+            out["target_modules"] = list(self.target_modules)
+        return out
+
+    @property
+    def lora_alpha(self) -> float:
+        return self.rank if self.alpha is None else self.alpha
+
+    def lora_config(self, target_modules: Sequence[str]):
+        """The peft ``LoraConfig`` for these settings and already resolved layer names."""
+        from peft import LoraConfig
+
+        return LoraConfig(
+            r=self.rank,
+            lora_alpha=self.lora_alpha,
+            target_modules=list(target_modules),
+            init_lora_weights=INIT_CHOICES[self.init],
+        )
+
+
+# --- which layers ----------------------------------------------------------------------------------
+
+
+def _matches(module_name: str, target: str) -> bool:
+    # peft's rule for a list of target names (tuners_utils.check_target_module_exists)
+    return module_name == target or module_name.endswith("." + target)
+
+
+def _adaptable_layers(model: nn.Module) -> dict[str, nn.Module]:
+    return {n: m for n, m in model.named_modules() if n and isinstance(m, _LORA_LAYER_TYPES)}
+
+
+def _short_name(module_name: str) -> str:
+    """The name a user would write: the last component, or the last two when it is a list index."""
+    parts = module_name.split(".")
+    return ".".join(parts[-2:]) if parts[-1].isdigit() and len(parts) > 1 else parts[-1]
+
+
+def default_target_modules(model: nn.Module) -> str:
+    """The preset used when ``target_modules`` is None, by backbone class (see :data:`DEFAULT_PRESET`)."""
+    return DEFAULT_PRESET.get(type(model).__name__, FALLBACK_PRESET)
+
+
+def resolve_target_modules(model: nn.Module, target_modules: str | Sequence[str] | None) -> list[str]:
+    """The layer names to give peft: a preset's names that occur in ``model``, or a list checked in full.
+
+    Raises:
+        ConfigError: a listed name that matches no Linear / Conv / Embedding layer of ``model``, or a preset
+            that matches none; the message lists layer names the model does have.
+    """
+    layers = _adaptable_layers(model)
+    explicit = target_modules is not None and not isinstance(target_modules, str)
+    preset = None if explicit else (target_modules or default_target_modules(model))
+    if preset is not None and preset not in PRESETS:
+        raise ConfigError(f"unknown target_modules preset {preset!r}; choose one of {sorted(PRESETS)}")
+    names = list(target_modules) if explicit else list(PRESETS[preset])
+    found = [t for t in names if any(_matches(n, t) for n in layers)]
+    missing = [t for t in names if t not in found]
+    if (explicit and missing) or not found:
+        existing = sorted({_short_name(n) for n in layers})
+        shown = ", ".join(existing[:16]) + (f", ... ({len(existing)} in all)" if len(existing) > 16 else "")
+        what = f"student_lora.target_modules {missing}" if explicit else f"preset {preset!r} ({', '.join(names)})"
+        raise ConfigError(
+            f"{what} matches no Linear / Conv / Embedding layer of {type(model).__name__}; "
+            f"its layers include: {shown}"
+        )
+    return found
+
+
+# --- building the student --------------------------------------------------------------------------
+
+
+def has_lora(model: nn.Module) -> bool:
+    """Whether ``model`` holds peft adapter layers."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    return any(isinstance(m, BaseTunerLayer) for m in model.modules())
+
+
+def is_lora_key(key: str) -> bool:
+    """Whether a parameter / state-dict name belongs to a LoRA adapter (``...lora_A.default.weight``) rather
+    than to the base network (``...base_layer.weight``, ``...norm.weight``)."""
+    return _LORA_KEY.search(key) is not None
+
+
+@contextlib.contextmanager
+def _seeded(seed: int | None):
+    if seed is None:
+        yield
+        return
+    with torch.random.fork_rng(devices=[]):  # adapters are created on the CPU (the base's device)
+        torch.manual_seed(seed)
+        yield
+
+
+def _uses_diffusers_peft(model: nn.Module) -> bool:
+    try:
+        from diffusers.loaders.peft import PeftAdapterMixin
+    except ImportError:  # pragma: no cover - diffusers is a dependency
+        return False
+    return isinstance(model, PeftAdapterMixin)
+
+
+def freeze_base(model: nn.Module) -> nn.Module:
+    """Make the LoRA weights the only trainable parameters of ``model`` (in place; returns it)."""
+    for name, param in model.named_parameters():
+        param.requires_grad_(is_lora_key(name))
+    return model
+
+
+def add_lora(model: nn.Module, spec: LoraSpec | Mapping, *, seed: int | None = None,
+             adapter_name: str = "default") -> nn.Module:
+    """Inject LoRA adapters into ``model`` in place and freeze everything else; returns ``model``.
+
+    Call it on the student after anything that sets ``requires_grad`` on the whole network (base.py's
+    ``student.requires_grad_(True)``): afterwards only the adapters train.
+
+    Args:
+        model: the network (a diffusers model or any module with Linear / Conv layers), float32 ideally:
+            the adapters take the dtype of the layer they wrap.
+        spec: a :class:`LoraSpec` or its mapping.
+        seed: seed for the adapters' random A matrices (the global RNG is left as it was); None draws from
+            the global RNG, which is then deterministic given ``torch.manual_seed``.
+        adapter_name: peft's adapter name (one adapter per student here).
+
+    Raises:
+        ConfigError: bad spec values, target names that match nothing, or a model that already has adapters.
+    """
+    spec = LoraSpec.from_config(spec)
+    if spec is None:
+        raise ConfigError("add_lora needs a LoraSpec, got None")
+    if has_lora(model):
+        raise ConfigError(f"{type(model).__name__} already has LoRA adapters; add_lora adds the first adapter only")
+    config = spec.lora_config(resolve_target_modules(model, spec.target_modules))
+    with _seeded(seed):
+        if _uses_diffusers_peft(model):
+            model.add_adapter(config, adapter_name=adapter_name)
+        else:
+            from peft import inject_adapter_in_model
+
+            inject_adapter_in_model(config, model, adapter_name=adapter_name)
+    return freeze_base(model)
+
+
+def parameter_counts(model: nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameter counts, each shared tensor counted once."""
+    seen: dict[int, nn.Parameter] = {id(p): p for p in model.parameters()}
+    total = sum(p.numel() for p in seen.values())
+    return sum(p.numel() for p in seen.values() if p.requires_grad), total
+
+
+def trainable_fraction(model: nn.Module) -> float:
+    """Fraction of ``model``'s parameters that train (for logging; 1.0 for a full student)."""
+    trainable, total = parameter_counts(model)
+    return trainable / total if total else 0.0
+
+
+# --- adapter weights and checkpoints ---------------------------------------------------------------
+
+
+def lora_state_dict(model: nn.Module, adapter_name: str = "default") -> dict[str, Tensor]:
+    """The adapter weights alone, in peft's format (``down_blocks.0...to_q.lora_A.weight``: no adapter name).
+
+    The tensors are the model's own (not copies); clone them to keep a snapshot.
+    """
+    from peft import get_peft_model_state_dict
+
+    _check_adapter(model, adapter_name)
+    return get_peft_model_state_dict(model, adapter_name=adapter_name)
+
+
+def load_lora_state_dict(model: nn.Module, state_dict: Mapping[str, Tensor], adapter_name: str = "default") -> None:
+    """Load :func:`lora_state_dict` output into a model with the same adapters (strict: same keys, shapes).
+
+    Raises:
+        ConfigError: keys missing from or unknown to the model's adapters (the first few are named).
+    """
+    from peft import set_peft_model_state_dict
+
+    expected = set(lora_state_dict(model, adapter_name))
+    given = set(state_dict)
+    if expected != given:
+        missing, unknown = sorted(expected - given), sorted(given - expected)
+        raise ConfigError(
+            f"LoRA state dict does not fit {type(model).__name__}'s adapters: "
+            f"{len(missing)} missing (e.g. {missing[:3]}), {len(unknown)} unexpected (e.g. {unknown[:3]})"
+        )
+    set_peft_model_state_dict(model, dict(state_dict), adapter_name=adapter_name)
+
+
+def drop_base_weights(state_dict: dict[str, Tensor], prefix: str) -> list[str]:
+    """Remove the base (non-LoRA) weights under ``prefix`` from a checkpoint's ``state_dict``, in place.
+
+    For ``on_save_checkpoint`` of a LoRA student whose base is the reloadable teacher: the checkpoint then
+    holds the adapters plus whatever else the method trains, and the base is re-read on resume (see
+    :func:`restore_base_weights`). Returns the removed keys.
+    """
+    removed = [k for k in state_dict if k.startswith(prefix) and not is_lora_key(k)]
+    for key in removed:
+        del state_dict[key]
+    return removed
+
+
+def restore_base_weights(state_dict: dict[str, Tensor], module: nn.Module, prefix: str) -> list[str]:
+    """Fill the base weights that :func:`drop_base_weights` removed from ``module`` (a freshly built LoRA
+    student, whose base is the teacher's), so a strict ``load_state_dict`` accepts the checkpoint. Keys
+    already present are kept. Returns the added keys."""
+    added = []
+    for key, value in module.state_dict().items():
+        full = prefix + key
+        if not is_lora_key(key) and full not in state_dict:
+            state_dict[full] = value
+            added.append(full)
+    return added
+
+
+def _check_adapter(model: nn.Module, adapter_name: str) -> None:
+    configs = getattr(model, "peft_config", None) or {}
+    if adapter_name not in configs:
+        raise ConfigError(
+            f"{type(model).__name__} has no LoRA adapter {adapter_name!r} (adapters: {sorted(configs) or 'none'}); "
+            "build the student with add_lora first"
+        )
+
+
+# --- export: a LoRA file ---------------------------------------------------------------------------
+
+
+def _json_safe(config: dict) -> dict:
+    return {k: sorted(v) if isinstance(v, set) else v for k, v in config.items()}
+
+
+def lora_component_name(model: nn.Module) -> str:
+    """The pipeline component a network is ("unet" or "transformer"): the key prefix in a LoRA file."""
+    name = type(model).__name__
+    if name in STOCK_LORA_FORMAT:
+        return STOCK_LORA_FORMAT[name][1]
+    return "unet" if name.startswith("UNet") else "transformer"
+
+
+def save_lora(model: nn.Module, folder: str | os.PathLike, adapter_name: str = "default",
+              weight_name: str = LORA_WEIGHT_NAME) -> Path:
+    """Write the adapters as ``folder/pytorch_lora_weights.safetensors`` in diffusers' LoRA layout.
+
+    Keys are prefixed by the component (``unet.`` / ``transformer.``) and the ``LoraConfig`` (rank, alpha,
+    targets) is stored in the safetensors header, so a non-unit ``alpha / rank`` survives. For the classes
+    of :data:`STOCK_LORA_FORMAT` the file is written by the pipeline's own ``save_lora_weights`` and loads with
+    ``pipe.load_lora_weights(folder)`` (StableDiffusionPipeline, StableDiffusion3Pipeline, ...) or
+    ``model.load_lora_adapter(folder, prefix="unet" | "transformer")``. Other classes (``UNet2DModel``,
+    ``DiTTransformer2DModel``: no diffusers LoRA loader) get the same layout, read back by :func:`load_lora`.
+
+    The folder may already hold other files (an exported base pipeline): only the LoRA file is replaced,
+    and atomically (written beside it, then renamed). Weights are saved in float32.
+    """
+    import diffusers.loaders.lora_pipeline as lora_pipeline
+    from diffusers.loaders.lora_base import LoraBaseMixin
+
+    _check_adapter(model, adapter_name)
+    layers = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in lora_state_dict(model, adapter_name).items()}
+    metadata = _json_safe(model.peft_config[adapter_name].to_dict())
+    folder = Path(folder).expanduser()
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".lora.tmp-", dir=folder))
+    try:
+        stock = STOCK_LORA_FORMAT.get(type(model).__name__)
+        if stock is not None:
+            mixin, component = stock
+            getattr(lora_pipeline, mixin).save_lora_weights(
+                tmp, weight_name=weight_name,
+                **{f"{component}_lora_layers": layers, f"{component}_lora_adapter_metadata": metadata},
+            )
+        else:
+            component = lora_component_name(model)
+            LoraBaseMixin.write_lora_layers(
+                state_dict={f"{component}.{k}": v for k, v in layers.items()},
+                save_directory=str(tmp), is_main_process=True, weight_name=weight_name, save_function=None,
+                safe_serialization=True,
+                lora_adapter_metadata={f"{component}.{k}": v for k, v in metadata.items()},
+            )
+        os.replace(tmp / weight_name, folder / weight_name)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return folder / weight_name
+
+
+def read_lora_file(path: str | os.PathLike, component: str | None = None,
+                   weight_name: str = LORA_WEIGHT_NAME) -> tuple[dict[str, Tensor], dict | None]:
+    """(state dict, LoraConfig dict) of a :func:`save_lora` file (or folder), prefix ``component.`` removed.
+
+    ``component`` None: the file's only prefix. The config is None for a file without the header entry
+    (then alpha = rank is the only safe reading).
+    """
+    from safetensors import safe_open
+
+    path = Path(path).expanduser()
+    if path.is_dir():
+        path = path / weight_name
+    if not path.is_file():
+        raise MissingInputError(f"LoRA file {str(path)!r} does not exist")
+    with safe_open(str(path), framework="pt") as f:
+        header = f.metadata() or {}
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    prefixes = sorted({k.split(".", 1)[0] for k in tensors})
+    if component is None:
+        if len(prefixes) != 1:
+            raise ConfigError(f"LoRA file {path} holds several components {prefixes}: name the one to read")
+        component = prefixes[0]
+    if component not in prefixes:
+        raise ConfigError(f"LoRA file {path} has no {component!r} weights (components: {prefixes})")
+    sd = {k[len(component) + 1 :]: v for k, v in tensors.items() if k.startswith(component + ".")}
+    meta = json.loads(header[LORA_METADATA_KEY]) if LORA_METADATA_KEY in header else None
+    if meta is not None:
+        meta = {k[len(component) + 1 :]: v for k, v in meta.items() if k.startswith(component + ".")} or None
+    return sd, meta
+
+
+def load_lora(model: nn.Module, path: str | os.PathLike, *, adapter_name: str = "default",
+              weight_name: str = LORA_WEIGHT_NAME) -> nn.Module:
+    """Add the adapters of a :func:`save_lora` file to ``model`` (its base), in place; returns ``model``.
+
+    Works for every class (the counterpart of ``load_lora_adapter`` for models without ``PeftAdapterMixin``),
+    and leaves only the adapters trainable, as :func:`add_lora` does, so training can continue from it.
+    """
+    from peft import LoraConfig
+
+    sd, meta = read_lora_file(path, lora_component_name(model), weight_name)
+    if meta is None:  # no header: rank from the B matrices, alpha = rank (what diffusers assumes too)
+        rank = next(v.shape[1] for k, v in sd.items() if ".lora_B." in k)
+        targets = sorted({k.split(".lora_")[0] for k in sd})
+        meta = {"r": rank, "lora_alpha": rank, "target_modules": targets}
+    known = {f.name for f in dataclasses.fields(LoraConfig)}
+    config = LoraConfig(**{k: v for k, v in meta.items() if k in known})
+    if has_lora(model):
+        raise ConfigError(f"{type(model).__name__} already has LoRA adapters; load_lora expects the base network")
+    if _uses_diffusers_peft(model):
+        model.add_adapter(config, adapter_name=adapter_name)
+    else:
+        from peft import inject_adapter_in_model
+
+        inject_adapter_in_model(config, model, adapter_name=adapter_name)
+    load_lora_state_dict(model, sd, adapter_name)
+    return freeze_base(model)
+
+
+# --- export: fused full weights --------------------------------------------------------------------
+
+
+def fuse_lora(model: nn.Module, *, inplace: bool = False) -> nn.Module:
+    """Merge the adapters into the base weights (``W + alpha / r * B A``) and remove them: a plain model.
+
+    peft's ``merge_and_unload`` semantics, for models that are not a ``PeftModel``: every adapter layer is
+    replaced by its base layer holding the merged weight, and the peft bookkeeping (``peft_config``,
+    diffusers' ``_hf_peft_config_loaded``) is removed, so ``save_pretrained`` writes a stock model folder
+    (no LoRA or ``base_layer`` keys) that loads with ``from_pretrained`` and needs no peft. All parameters
+    are trainable again, as in a freshly loaded model.
+
+    Args:
+        model: a model with LoRA adapters (a model without them is returned as is, or copied).
+        inplace: merge into ``model`` itself; the default works on a deep copy and leaves the student as it is.
+
+    Raises:
+        ValueError: a merge produced non-finite weights (peft's ``safe_merge`` check).
+    """
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    if not inplace:
+        model = copy.deepcopy(model)
+    for name, module in list(model.named_modules()):
+        if not isinstance(module, BaseTunerLayer):
+            continue
+        module.merge(safe_merge=True)
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, module.get_base_layer())
+    if hasattr(model, "peft_config"):
+        del model.peft_config
+    if getattr(model, "_hf_peft_config_loaded", False):
+        model._hf_peft_config_loaded = False
+    model.requires_grad_(True)
+    return model
+
+
+__all__ = [
+    "LoraSpec", "PRESETS", "STOCK_LORA_FORMAT", "LORA_WEIGHT_NAME",
+    "add_lora", "default_target_modules", "resolve_target_modules", "has_lora", "is_lora_key", "freeze_base",
+    "lora_state_dict", "load_lora_state_dict", "drop_base_weights", "restore_base_weights",
+    "save_lora", "read_lora_file", "load_lora", "lora_component_name", "fuse_lora",
+    "parameter_counts", "trainable_fraction",
+]
