@@ -25,6 +25,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 
+from lightning_distill import backbones
 from lightning_distill.errors import ConfigError
 from lightning_distill.metrics import (
     ReferenceStats,
@@ -216,7 +217,8 @@ class FIDCallback(L.Callback):
         vae = getattr(teacher, "vae", None)
         num_classes = None
         if getattr(pl_module, "is_class_conditional", False):
-            num_classes = int(pl_module.student.unet.config.num_class_embeds)
+            # through the backbone adapter: UNet num_class_embeds, DiT num_embeds_ada_norm
+            num_classes = int(backbones.num_classes(pl_module.student.unet))
         steps = resolve_steps(self.steps, pl_module)
         metrics: dict[str, float] = {}
         # Sampling draws from explicit generators only; fork_rng keeps training's RNG stream untouched

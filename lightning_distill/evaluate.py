@@ -11,6 +11,9 @@ Students are checkpoints (``.ckpt`` of any LightningModule with a ``sample`` met
 the sampling-EMA weights are used when the checkpoint holds them) or exported diffusers pipeline folders.
 The teacher is sampled with deterministic DDIM (eta = 0, trailing spacing); a flow-matching teacher with
 Euler steps at s = 1, (N-1)/N, ..., 0 (``sampling.at_steps``), as are flow pipeline folders.
+Any denoiser :mod:`lightning_distill.backbones` supports for unprompted sampling (UNets, a class-conditional
+``DiTTransformer2DModel``, pixel or latent) is called through its adapter, its sample shape and class count
+read from its config; class-conditional models get the balanced labels ``i % num_classes`` (image i).
 
 Writes to ``--out``: ``results.csv`` and ``results.md`` (FD and KID per model and step count, with the
 protocol: sample count, seed, reference set, feature network), ``fd_vs_steps.png`` and one sample grid
@@ -37,6 +40,7 @@ from typing import Callable, Sequence
 import torch
 from torch import Tensor, nn
 
+from . import backbones
 from .export import ema_state_from_checkpoint
 from .metrics import (
     ReferenceStats,
@@ -137,7 +141,8 @@ def load_sampler(name: str, spec: str | os.PathLike, teacher: DiffusionTeacher |
         if not hasattr(model, "sample"):
             raise ValueError(f"{type(model).__name__} from {p} has no sample() method")
         den = getattr(model, "student", None)
-        ncls = int(den.unet.config.num_class_embeds) if getattr(model, "is_class_conditional", False) else None
+        # classes read through the backbone adapter: UNet num_class_embeds, DiT num_embeds_ada_norm
+        ncls = backbones.num_classes(den.unet) if getattr(model, "is_class_conditional", False) else None
         mvae = getattr(getattr(model, "teacher", None), "vae", None) or vae
 
         def sample(n, steps, g, labels):
@@ -146,18 +151,65 @@ def load_sampler(name: str, spec: str | os.PathLike, teacher: DiffusionTeacher |
         limit = model.max_sample_steps() if hasattr(model, "max_sample_steps") else None
         return Sampler(name, "checkpoint", str(p), sample, ncls, used_ema, limit)
     if p.is_dir():
-        from diffusers import DiffusionPipeline
-
-        pipe = DiffusionPipeline.from_pretrained(p, low_cpu_mem_usage=low_cpu_mem_usage())
-        unet, sched = pipe.unet.to(device), pipe.scheduler
-        pvae = getattr(pipe, "vae", None) or vae
-        ncls = getattr(unet.config, "num_class_embeds", None)
+        net, sched, pvae = load_pipeline_folder(p)
+        net = net.to(device)
+        pvae = pvae or vae
+        ncls = backbones.num_classes(net)
 
         def sample(n, steps, g, labels):
-            return decode_latents(scheduler_sample(unet, sched, n, steps, g, labels, device), pvae)
+            return decode_latents(scheduler_sample(net, sched, n, steps, g, labels, device), pvae)
 
-        return Sampler(name, "pipeline", str(p), sample, int(ncls) if ncls else None, None, lcm_step_limit(sched))
+        return Sampler(name, "pipeline", str(p), sample, ncls, None, lcm_step_limit(sched))
     raise FileNotFoundError(f"student {name!r}: {str(spec)!r} is neither a checkpoint file nor a pipeline folder")
+
+
+def load_pipeline_folder(path: str | os.PathLike):
+    """(denoiser, scheduler, vae or None) of an exported pipeline folder, as a user loads it.
+
+    ``DiffusionPipeline.from_pretrained`` reads the folder (a UNet's ``DDPMPipeline``, a latent DiT's
+    ``DiTPipeline``, a pixel DiT's ``DDPMPipeline`` folder holding the transformer); the denoiser is its
+    ``unet`` or ``transformer``. A folder no stock pipeline loads (a pixel-space DiT laid out as
+    ``DiTPipeline`` without ``vae/``, as DiT teacher folders are) is read component by component:
+    ``unet/`` or ``transformer/`` (a class :mod:`~lightning_distill.backbones` supports), ``scheduler/``
+    and an optional ``vae/``.
+    """
+    import diffusers
+
+    path = Path(path)
+    try:
+        pipe = diffusers.DiffusionPipeline.from_pretrained(path, low_cpu_mem_usage=low_cpu_mem_usage())
+    except (ValueError, TypeError, OSError) as err:
+        try:
+            return _load_pipeline_components(path)
+        except Exception:
+            raise err from None
+    net = getattr(pipe, "unet", None)
+    if net is None:
+        net = getattr(pipe, "transformer", None)
+    if net is None:
+        raise ValueError(f"pipeline folder {path} ({type(pipe).__name__}) has no unet or transformer to sample")
+    return net, pipe.scheduler, getattr(pipe, "vae", None)
+
+
+def _load_pipeline_components(path: Path):
+    import diffusers
+
+    def class_of(sub: str, config: str):
+        return json.loads((path / sub / config).read_text())["_class_name"]
+
+    sub = next((s for s in ("unet", "transformer") if (path / s / "config.json").is_file()), None)
+    if sub is None or not (path / "scheduler" / "scheduler_config.json").is_file():
+        raise ValueError(f"pipeline folder {path} has no unet/ or transformer/ with scheduler/")
+    name = class_of(sub, "config.json")
+    backbones.check_supported(name)
+    net = getattr(diffusers, name).from_pretrained(path, subfolder=sub, low_cpu_mem_usage=low_cpu_mem_usage())
+    sched = getattr(diffusers, class_of("scheduler", "scheduler_config.json")).from_pretrained(path, subfolder="scheduler")
+    vae = None
+    if (path / "vae" / "config.json").is_file():
+        vae = getattr(diffusers, class_of("vae", "config.json")).from_pretrained(
+            path, subfolder="vae", low_cpu_mem_usage=low_cpu_mem_usage()
+        )
+    return net, sched, vae
 
 
 def teacher_sampler(teacher: DiffusionTeacher, name: str = "teacher") -> Sampler:

@@ -355,9 +355,17 @@ def scheduler_sample(
     export and the teacher are sampled the same way from the same generator. A flow-map network (MeanFlow:
     a ``"timestep"`` class embedding, no class table) takes the interval as ``class_labels``, which this
     loop cannot pass: it is sampled with ``methods.meanflow.flow_map_sample``, MeanFlow's own loop.
+
+    ``unet`` is any denoiser :mod:`lightning_distill.backbones` supports, called through ``backbones.call``
+    and shaped by ``backbones.sample_shape``: a UNet gets the scalar timestep as ``DDPMPipeline`` passes it;
+    a transformer gets it expanded to the batch (``DiTPipeline``), keywords and a learned-sigma output
+    mapped by its adapter. ``labels`` (n,) are the class labels of a class-conditional network (a DiT
+    needs them). Text-conditional networks are refused: this loop has no prompts to give them.
     """
     from diffusers.utils.torch_utils import randn_tensor
 
+    from . import backbones
+    from .errors import ConfigError
     from .methods.meanflow import flow_map_sample, is_flow_map_unet
     from .sampling import at_steps
 
@@ -366,17 +374,27 @@ def scheduler_sample(
             raise ValueError("a flow-map network is unconditional: its class input is the interval t - r")
         return flow_map_sample(unet, scheduler, n, steps, generator, device)
 
-    cfg = unet.config
-    size = cfg.sample_size if isinstance(cfg.sample_size, int) else cfg.sample_size[0]
+    if backbones.is_text_conditional(unet):
+        raise ConfigError(
+            f"{type(unet).__name__} is text-conditional: sampling for evaluation draws unconditional or "
+            "class-conditional samples and has no prompt embeddings to pass"
+        )
+    shape = backbones.sample_shape(unet)
+    # DDPMPipeline hands a UNet the scalar timestep (the UNet broadcasts it); the transformer pipelines
+    # (DiTPipeline, ...) expand it to the batch first, and their models need the (B,) timestep.
+    per_sample_t = not isinstance(backbones.backbone_for(unet), backbones.UNetBackbone)
     p = next(unet.parameters())
     device = torch.device(device) if device is not None else p.device
     scheduler = at_steps(scheduler, steps)  # flow schedulers: the trailing grid at every step count
     scheduler.set_timesteps(steps)
-    x = randn_tensor((n, int(cfg.in_channels), int(size), int(size)), generator=generator, device=device)
+    x = randn_tensor((n, *shape), generator=generator, device=device)
     cond = {"class_labels": labels.to(device)} if labels is not None else {}
     with eval_mode(unet):
         for t in scheduler.timesteps:
-            out = unet(x.to(p.dtype), t.to(device), **cond, return_dict=False)[0].float()
+            model_t = t.to(device)
+            if per_sample_t:
+                model_t = model_t.reshape(-1).expand(n)
+            out = backbones.call(unet, x.to(p.dtype), model_t, **cond).float()
             x = scheduler.step(out, t, x, generator=generator).prev_sample
     return x
 
