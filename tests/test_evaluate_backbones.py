@@ -286,3 +286,15 @@ def test_fid_callback_and_report_on_a_dit_student(tmp_path):
     assert len(rows) == 1 + 1 + 2 + 1  # header, real held-out, teacher x2, student x1
     assert all(np.isfinite(float(r.split(",")[3])) for r in rows[1:])
     assert json.loads((root / "student" / "model_index.json").read_text())["unet"][1] == "DiTTransformer2DModel"
+
+    # evaluate on that run's checkpoint (EMA weights, model.sample through the Denoiser) and its export (the
+    # same weights, scheduler_sample through the adapter): the same images, the same FD
+    from lightning_distill.evaluate import evaluate_models
+
+    ckpt = root / "checkpoints" / "last.ckpt"
+    rows = evaluate_models(str(folder), {"ckpt": ckpt, "pipe": root / "student"}, steps=[1, 2], teacher_steps=[],
+                           **_common(tmp_path, net))
+    by = {(r["model"], r["steps"]): r["fd"] for r in rows}
+    assert set(by) == {("ckpt", 1), ("ckpt", 2), ("pipe", 1), ("pipe", 2)}
+    for s in (1, 2):
+        assert by[("ckpt", s)] == pytest.approx(by[("pipe", s)], rel=1e-5)
