@@ -3,8 +3,11 @@ StableDiffusion3Pipeline does with T5 absent, and feeds the SD3 transformer thro
 
 from __future__ import annotations
 
+import json
 import shutil
+from pathlib import Path
 
+import lightning as L
 import pytest
 import torch
 
@@ -83,3 +86,104 @@ def test_sd3_refusals(tiny_sd3_dir, tmp_path):
     teacher = load_teacher(str(one))
     with pytest.raises(TeacherError, match="two CLIP encoders"):
         teacher.encode_prompts(["a cat"])
+
+
+# --- LCM on the SD3 stack --------------------------------------------------------------------------------
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def sd3_captioned(image_folder):
+    rows = [{"file_name": f"{c}/{i}.png", "text": f"a photo of {'cat' if c == 'a' else 'dog'} {i}"}
+            for c in ("a", "b") for i in range(6)]
+    (image_folder / "metadata.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    return image_folder
+
+
+def sd3_lcm(tiny_sd3_dir, folder, **kw):
+    from lightning_distill.data import TeacherDataModule
+    from lightning_distill.methods.lcm import LatentConsistencyDistillation
+
+    dm = TeacherDataModule(teacher=str(tiny_sd3_dir), data=str(folder), image_size=IMAGE_SIZE, batch_size=4)
+    args = {"w_min": 3.0, "w_max": 3.0, "original_inference_steps": 40, "sample_steps": 2, **kw}
+    return dm, LatentConsistencyDistillation(dm.teacher, **args)
+
+
+def test_sd3_lcm_guided_teacher_and_refusals(tiny_sd3_dir, sd3_captioned):
+    from lightning_distill.errors import ConfigError
+
+    dm, method = sd3_lcm(tiny_sd3_dir, sd3_captioned)
+    teacher = dm.teacher
+    assert not method.guidance_embedding and type(method.student.unet).__name__ == "SD3Transformer2DModel"
+    cond_c = teacher.encode_prompts(["a red cat", "a blue dog"])
+    cond_u = method.uncond_conditioning(2, "cpu")
+    assert set(cond_u) == {"encoder_hidden_states", "pooled_projections"}
+    x, t, w = torch.randn(2, 4, 8, 8), torch.tensor([999, 519]), torch.tensor([3.0, 3.0])
+    c, u = teacher.denoiser(x, t, **cond_c), teacher.denoiser(x, t, **cond_u)
+    guided = method.guided_teacher(cond_c, cond_u, w)(x, t)
+    # both text keywords of the unconditional prompt "" enter the CFG: cond + w (cond - uncond)
+    torch.testing.assert_close(guided.v, c.v + 3.0 * (c.v - u.v), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(guided.x0, c.x0 + 3.0 * (c.x0 - u.x0), atol=1e-5, rtol=1e-5)
+    # the student starts as a copy of the teacher's transformer (no guidance input: one w folded in)
+    torch.testing.assert_close(method.student(x, t, **cond_c).v, c.v, atol=0, rtol=0)
+    with pytest.raises(ConfigError, match="no guidance-embedding input.*set w_min = w_max"):
+        sd3_lcm(tiny_sd3_dir, sd3_captioned, w_max=5.0)
+    with pytest.raises(ConfigError, match="one guidance scale folded in, g = w_min \\+ 1 = 4.0"):
+        method.sample(1, 1, prompts=["a cat"], guidance_scale=8.0)
+
+
+def test_sd3_lcm_distils_and_exports_stable_diffusion_3_pipeline(tiny_sd3_dir, sd3_captioned, tmp_path):
+    from diffusers import FlowMatchLCMScheduler, StableDiffusion3Pipeline
+    from diffusers.utils.torch_utils import randn_tensor
+
+    from lightning_distill.callbacks import EMA
+
+    torch.manual_seed(0)
+    dm, method = sd3_lcm(tiny_sd3_dir, sd3_captioned, optimizer=lambda p: torch.optim.Adam(p, lr=1e-3))
+    before = {k: v.clone() for k, v in method.student.unet.state_dict().items()}
+    trainer = L.Trainer(max_steps=3, logger=False, enable_progress_bar=False, enable_model_summary=False,
+                        enable_checkpointing=False, limit_val_batches=0, callbacks=[EMA(decay=0.5)], accelerator="cpu")
+    trainer.fit(method, dm)
+    assert torch.isfinite(trainer.callback_metrics["train/loss"])
+    assert any(not torch.equal(v, before[k]) for k, v in method.student.unet.state_dict().items())
+
+    prompts = ["a red cat", "a blue dog"]
+    for steps in (1, 2):
+        method.set_sample_steps(steps)  # the export carries the scheduler of its step count
+        path = method.export(tmp_path / f"sd3-lcm-{steps}")
+        pipe = StableDiffusion3Pipeline.from_pretrained(path, text_encoder_3=None, tokenizer_3=None)
+        assert isinstance(pipe.scheduler, FlowMatchLCMScheduler)
+        ours = method.sample(2, steps, torch.Generator().manual_seed(steps), prompts=prompts)
+        # StableDiffusion3Pipeline calls scheduler.step without the generator: its fresh noise (multiplied by
+        # 0 at the last step) comes from torch's global generator, which is given the state our generator
+        # has after drawing the initial latents, where sample() draws the fresh noise from.
+        g = torch.Generator().manual_seed(steps)
+        randn_tensor(ours.shape, generator=g)
+        torch.set_rng_state(g.get_state())
+        theirs = pipe(prompts, height=IMAGE_SIZE, width=IMAGE_SIZE, num_inference_steps=steps, guidance_scale=1.0,
+                      generator=torch.Generator().manual_seed(steps), output_type="latent").images
+        torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-4)
+        if steps == 1:  # one step needs no fresh noise: any global state reproduces it
+            torch.manual_seed(123)
+            again = pipe(prompts, height=IMAGE_SIZE, width=IMAGE_SIZE, num_inference_steps=1, guidance_scale=1.0,
+                         generator=torch.Generator().manual_seed(1), output_type="latent").images
+            torch.testing.assert_close(ours, again, rtol=0, atol=1e-4)
+    # the exported transformer holds the EMA weights (the sampling denoiser)
+    ema = method.sampling_denoiser().unet.state_dict()
+    assert all(torch.equal(v, ema[k]) for k, v in pipe.transformer.state_dict().items())
+
+
+def test_sd3_lcm_debug_preset(tiny_sd3_dir, sd3_captioned, tmp_path):
+    from diffusers import StableDiffusion3Pipeline
+
+    from lightning_distill.cli import cli_main
+
+    root = tmp_path / "debug_sd3"
+    cli_main(["fit", "--config", str(ROOT / "configs/lcm/debug_sd3.yaml"), "--data.teacher", str(tiny_sd3_dir),
+              "--data.data", str(sd3_captioned), "--trainer.default_root_dir", str(root)])
+    pipe = StableDiffusion3Pipeline.from_pretrained(root / "student", text_encoder_3=None, tokenizer_3=None)
+    image = pipe("a cat", height=IMAGE_SIZE, width=IMAGE_SIZE, num_inference_steps=2, guidance_scale=1.0,
+                 generator=torch.Generator().manual_seed(0), output_type="pt").images
+    assert image.shape == (1, 3, IMAGE_SIZE, IMAGE_SIZE) and torch.isfinite(image).all()
+    assert list((root / "logs").rglob("events.out.tfevents*"))

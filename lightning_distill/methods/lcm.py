@@ -20,6 +20,25 @@ Imagen / diffusers pipelines uncond + g (cond - uncond)              g = 1
 so g = w + 1. ``w_min`` / ``w_max`` here are in the LCM convention (the script's defaults 5 and 15 are
 g = 6 .. 16); the student embeds w. diffusers' ``LatentConsistencyModelPipeline`` takes g
 (``guidance_scale``) and embeds g - 1 = w, so an exported student is called with guidance_scale = w + 1.
+
+Two teacher families (the student's network is the teacher's class):
+
+==========================  =================================  ==============================================
+teacher                     guidance in the student            sampler / export
+==========================  =================================  ==============================================
+``UNet2DConditionModel``    w ~ U[w_min, w_max], embedded      ``LCMScheduler``; ``LatentConsistencyModel``
+(SD1.5-style, VP)           (``time_cond_proj_dim``)           ``Pipeline`` called with guidance_scale = w + 1
+``SD3Transformer2DModel``   one fixed w = w_min = w_max folded ``FlowMatchLCMScheduler``;
+(flow, T5 absent)           into the weights: MMDiT has no     ``StableDiffusion3Pipeline`` called with
+                            guidance input a stock pipeline    guidance_scale = 1 (its CFG off: the student is
+                            can feed                           already guided)
+==========================  =================================  ==============================================
+
+On the flow path the consistency function is the x0 estimate x_s - s u (:mod:`.consistency`), and the
+sampler is ``FlowMatchLCMScheduler`` (x0, then fresh noise to the next level). ``StableDiffusion3Pipeline``
+calls ``scheduler.step`` without the generator, so its fresh noise comes from torch's global generator:
+one step (where the noise is multiplied by 0) reproduces :meth:`sample` for the same generator; more
+steps do when the global generator holds the state the given one has after drawing the initial latents.
 """
 
 from __future__ import annotations
@@ -75,6 +94,16 @@ def cfg_prediction(cond: Prediction, uncond: Prediction, w: Tensor) -> Predictio
     return Prediction(guide(cond.x0, uncond.x0), guide(cond.eps, uncond.eps), guide(cond.v, uncond.v))
 
 
+def takes_guidance_embedding(network: nn.Module) -> bool:
+    """Whether a network has an input for the w embedding (``UNet2DConditionModel``'s ``time_cond_proj_dim``)."""
+    return "time_cond_proj_dim" in dict(getattr(network, "config", None) or {})
+
+
+def text_keywords(cond: Tensor | dict) -> dict:
+    """Text conditioning as network keywords: a tensor is SD1.5-style ``encoder_hidden_states``."""
+    return dict(cond) if isinstance(cond, dict) else {"encoder_hidden_states": cond}
+
+
 def student_unet_with_guidance_embedding(teacher_unet: nn.Module, time_cond_proj_dim: int) -> nn.Module:
     """The teacher's UNet architecture plus a w-embedding input, initialised from the teacher.
 
@@ -106,13 +135,16 @@ class LatentConsistencyDistillation(ConsistencyDistillation):
 
     Args:
         teacher: a latent, text-conditional teacher (``vae/``, ``unet/`` UNet2DConditionModel,
-            ``scheduler/``, ``text_encoder/``, ``tokenizer/``), linked from ``data.teacher``.
+            ``scheduler/``, ``text_encoder/``, ``tokenizer/``; or an SD3 folder: ``transformer/``
+            SD3Transformer2DModel, two CLIP encoders, T5 absent), linked from ``data.teacher``.
         student: student UNet with ``time_cond_proj_dim`` set; None: built from the teacher
-            (:func:`student_unet_with_guidance_embedding`).
-        w_min, w_max: range of the distilled guidance scale w, LCM convention (g = w + 1).
+            (:func:`student_unet_with_guidance_embedding`; SD3: a copy of the teacher's transformer).
+        w_min, w_max: range of the distilled guidance scale w, LCM convention (g = w + 1). A student
+            without a guidance-embedding input (SD3) distils one scale: w_min = w_max.
         time_cond_proj_dim: size of the w embedding (256 in the diffusers LCM script).
         uncond_prompt: the unconditional prompt of the teacher's CFG ("" as in LCM).
-        sample_prompt, sample_guidance_scale: prompt and pipeline-convention g for logged samples.
+        sample_prompt, sample_guidance_scale: prompt and pipeline-convention g for logged samples
+            (a fixed-guidance student samples at its own w_min + 1 whatever this says).
         loss, sample_steps, num_log_samples: as in :class:`ConsistencyDistillation`, with LCM's defaults.
         **kwargs: :class:`ConsistencyDistillation`'s arguments (defaults follow the diffusers LCM script:
             N = 50 grid, DDIM solver, c = 0.001, mu = 0.95) and :class:`DistillationMethod`'s.
@@ -124,6 +156,9 @@ class LatentConsistencyDistillation(ConsistencyDistillation):
         >>> lcm = LatentConsistencyDistillation(dm.teacher, w_min=3.0, w_max=15.0)
         >>> lcm.sample(4, steps=4, prompts=["a red bicycle"] * 4, guidance_scale=8.0)  # latents
     """
+
+    #: the teacher networks LCM distils (see the module table).
+    TEACHERS = ("UNet2DConditionModel", "SD3Transformer2DModel")
 
     def __init__(
         self,
@@ -150,39 +185,66 @@ class LatentConsistencyDistillation(ConsistencyDistillation):
             )
         if not 0.0 <= w_min <= w_max:
             raise ConfigError(f"need 0 <= w_min <= w_max, got w_min={w_min}, w_max={w_max}")
-        if student is not None and getattr(student.config, "time_cond_proj_dim", None) != time_cond_proj_dim:
-            raise ConfigError(f"the student UNet's time_cond_proj_dim must equal time_cond_proj_dim={time_cond_proj_dim}")
-        # A separate name: hparams take this frame's `student` (the outermost frame wins), which must stay
-        # the user's argument (None), not the built network.
-        built = student if student is not None else student_unet_with_guidance_embedding(teacher.unet, time_cond_proj_dim)
+        kind = type(teacher.unet).__name__
+        if kind not in self.TEACHERS:
+            raise ConfigError(f"LatentConsistencyDistillation distils {' and '.join(self.TEACHERS)} teachers, not {kind}")
+        if not takes_guidance_embedding(student if student is not None else teacher.unet):
+            # SD3: no w input that StableDiffusion3Pipeline could feed, so one guidance scale is distilled in
+            if w_min != w_max:
+                raise ConfigError(
+                    f"a {kind} student has no guidance-embedding input: LCM distils one fixed guidance scale into "
+                    f"it; set w_min = w_max (got w_min={w_min}, w_max={w_max})"
+                )
+            built = student  # None: the base class copies the teacher's network
+        else:
+            if student is not None and getattr(student.config, "time_cond_proj_dim", None) != time_cond_proj_dim:
+                raise ConfigError(f"the student UNet's time_cond_proj_dim must equal time_cond_proj_dim={time_cond_proj_dim}")
+            # A separate name: hparams take this frame's `student` (the outermost frame wins), which must stay
+            # the user's argument (None), not the built network.
+            built = student if student is not None else student_unet_with_guidance_embedding(teacher.unet, time_cond_proj_dim)
         super().__init__(
             teacher=teacher, student=built, loss=loss, sample_steps=sample_steps, num_log_samples=num_log_samples, **kwargs
         )
 
     # --- conditioning ---------------------------------------------------------------------------
 
+    @property
+    def guidance_embedding(self) -> bool:
+        """Whether the student embeds w (UNet); False: one w folded in (SD3)."""
+        return takes_guidance_embedding(self.student.unet)
+
+    def prompt_conditioning(self, batch: dict) -> dict:
+        """The teacher's text keywords for a batch's token ids (``teacher.text_conditioning``)."""
+        return self.teacher.text_conditioning(batch)
+
+    def uncond_conditioning(self, n: int, device) -> dict:
+        inputs = {k: v.to(device) for k, v in self.teacher.text_inputs([self.hparams.uncond_prompt]).items()}
+        return {k: v.expand(n, *v.shape[1:]) for k, v in self.teacher.text_conditioning(inputs).items()}
+
     def prompt_embeds(self, batch: dict) -> Tensor:
-        return self.teacher.encode_text(batch["input_ids"])
+        return self.prompt_conditioning(batch)["encoder_hidden_states"]
 
     def uncond_embeds(self, n: int, device) -> Tensor:
-        emb = self.teacher.encode_text(self.teacher.tokenize([self.hparams.uncond_prompt]).to(device))
-        return emb.expand(n, *emb.shape[1:])
+        return self.uncond_conditioning(n, device)["encoder_hidden_states"]
 
     def conditioning(self, batch: dict, n: int) -> tuple[dict, Predict]:
         hp = self.hparams
         device = batch["x"].device
         w = hp.w_min + (hp.w_max - hp.w_min) * torch.rand(n, device=device)  # LCM convention
-        emb_c = self.prompt_embeds(batch)
-        emb_u = self.uncond_embeds(n, device)
-        cond = {
-            "encoder_hidden_states": emb_c.float(),
-            "timestep_cond": guidance_scale_embedding(w, hp.time_cond_proj_dim).to(device),
-        }
-        return cond, self.guided_teacher(emb_c, emb_u, w)
+        cond_c = self.prompt_conditioning(batch)
+        cond_u = self.uncond_conditioning(n, device)
+        cond = {k: v.float() for k, v in cond_c.items()}
+        if self.guidance_embedding:
+            cond["timestep_cond"] = guidance_scale_embedding(w, hp.time_cond_proj_dim).to(device)
+        return cond, self.guided_teacher(cond_c, cond_u, w)
 
-    def guided_teacher(self, emb_c: Tensor, emb_u: Tensor, w: Tensor) -> Predict:
-        """The teacher's CFG prediction cond + w (cond - uncond), one batched call of 2B."""
-        call = self._teacher_call({"encoder_hidden_states": torch.cat([emb_c, emb_u])})
+    def guided_teacher(self, cond_c: Tensor | dict, cond_u: Tensor | dict, w: Tensor) -> Predict:
+        """The teacher's CFG prediction cond + w (cond - uncond), one batched call of 2B.
+
+        ``cond_c`` / ``cond_u``: the text keywords of the prompts and of the unconditional prompt (a tensor:
+        ``encoder_hidden_states``)."""
+        cond_c, cond_u = text_keywords(cond_c), text_keywords(cond_u)
+        call = self._teacher_call({k: torch.cat([cond_c[k], cond_u[k]]) for k in cond_c})
 
         def predict(x: Tensor, t: Tensor) -> Prediction:
             both = call(torch.cat([x, x]), torch.cat([t, t]))
@@ -199,13 +261,16 @@ class LatentConsistencyDistillation(ConsistencyDistillation):
     def sample(
         self, n: int, steps: int | None = None, generator: torch.Generator | None = None, labels: Tensor | None = None,
         denoiser: Denoiser | None = None, prompts: list[str] | None = None, guidance_scale: float | None = None,
-        prompt_embeds: Tensor | None = None,
+        prompt_embeds: Tensor | dict | None = None,
     ) -> Tensor:
-        """``n`` latents in ``steps`` steps; the loop is ``LatentConsistencyModelPipeline``'s.
+        """``n`` latents in ``steps`` steps; the loop is ``LatentConsistencyModelPipeline``'s (UNet) or
+        ``StableDiffusion3Pipeline``'s (SD3; the generator also draws the sampler's fresh noise).
 
         Args:
-            prompts: one per sample (default: ``sample_prompt``); or give ``prompt_embeds``.
-            guidance_scale: g in the pipelines' (Imagen) convention; the student embeds w = g - 1.
+            prompts: one per sample (default: ``sample_prompt``); or give ``prompt_embeds``, the text
+                keywords (a tensor: ``encoder_hidden_states``).
+            guidance_scale: g in the pipelines' (Imagen) convention; the student embeds w = g - 1. A
+                fixed-guidance (SD3) student takes only its own g = w_min + 1 (or None).
         """
         from diffusers.utils.torch_utils import randn_tensor
 
@@ -214,27 +279,35 @@ class LatentConsistencyDistillation(ConsistencyDistillation):
         device = next(den.parameters()).device
         steps = steps or hp.sample_steps
         self.check_sample_steps(steps)
-        g = hp.sample_guidance_scale if guidance_scale is None else guidance_scale
         if prompt_embeds is None:
             prompts = prompts if prompts is not None else [hp.sample_prompt] * n
-            prompt_embeds = self.teacher.encode_text(self.teacher.tokenize(prompts))
-        prompt_embeds = prompt_embeds.to(device)
+            prompt_embeds = self.teacher.encode_prompts(prompts)
+        cond = {k: v.to(device) for k, v in text_keywords(prompt_embeds).items()}
         sched = self.sampling_scheduler(steps)  # built once (base class); set_timesteps resets it
         sched.set_timesteps(steps, device=device)
-        x = randn_tensor((n, *self.sample_shape), generator=generator, device=device, dtype=prompt_embeds.dtype)
-        x = x * sched.init_noise_sigma
-        w_emb = guidance_scale_embedding(torch.tensor(g - 1).repeat(n), den.unet.config.time_cond_proj_dim)
-        w_emb = w_emb.to(device=device, dtype=x.dtype)
+        dtype = cond["encoder_hidden_states"].dtype
+        x = randn_tensor((n, *self.sample_shape), generator=generator, device=device, dtype=dtype)
+        x = x * getattr(sched, "init_noise_sigma", 1.0)  # the flow schedulers (and SD3 pipeline) have none
+        if self.guidance_embedding:
+            g = hp.sample_guidance_scale if guidance_scale is None else guidance_scale
+            w_emb = guidance_scale_embedding(torch.tensor(g - 1).repeat(n), den.unet.config.time_cond_proj_dim)
+            cond["timestep_cond"] = w_emb.to(device=device, dtype=x.dtype)
+        elif guidance_scale is not None and guidance_scale != hp.w_min + 1:
+            raise ConfigError(
+                f"this student has one guidance scale folded in, g = w_min + 1 = {hp.w_min + 1}; got guidance_scale={guidance_scale}"
+            )
         with eval_mode(den):
             denoised = x
             for t in sched.timesteps:
-                out = den.network(x, t, timestep_cond=w_emb, encoder_hidden_states=prompt_embeds)
-                x, denoised = sched.step(out, t, x, generator=generator, return_dict=False)
+                out = den.network(x, t, **cond)
+                # LCMScheduler returns (x_next, x0); FlowMatchLCMScheduler only x_next (x0 at the last step)
+                x, *x0 = sched.step(out, t, x, generator=generator, return_dict=False)
+                denoised = x0[0] if x0 else x
         return denoised
 
     def predict_step(self, batch: dict, batch_idx: int) -> Tensor:
         gen = torch.Generator(device="cpu").manual_seed(self.hparams.seed + batch_idx)
-        emb = self.prompt_embeds(batch) if "input_ids" in batch else None
+        emb = self.prompt_conditioning(batch) if "input_ids" in batch else None
         return self.sample(batch["x"].shape[0], self.hparams.sample_steps, gen, prompt_embeds=emb)
 
     def log_sample_grid(self, tag: str = "samples") -> None:
@@ -250,15 +323,29 @@ class LatentConsistencyDistillation(ConsistencyDistillation):
 
     def export(self, target, use_ema: bool = True):
         """Write a ``LatentConsistencyModelPipeline`` folder (teacher's VAE and text encoder, student UNet,
-        ``LCMScheduler``); call it with ``guidance_scale = w + 1``."""
+        ``LCMScheduler``); call it with ``guidance_scale = w + 1``.
+
+        SD3: a ``StableDiffusion3Pipeline`` folder (student transformer, the teacher's VAE, CLIP encoders and
+        tokenizers, T5 absent, ``FlowMatchLCMScheduler`` set up for ``sample_steps``); load it with
+        ``text_encoder_3=None, tokenizer_3=None`` and call it with ``guidance_scale=1`` (no CFG: the
+        student is guided already) and ``num_inference_steps=sample_steps``.
+        """
         import copy
 
-        from diffusers import LatentConsistencyModelPipeline
+        from diffusers import LatentConsistencyModelPipeline, StableDiffusion3Pipeline
 
         from ..export import atomic_write_dir
 
         den = self.sampling_denoiser() if use_ema else self.student
         unet = copy.deepcopy(den.unet).to(device="cpu", dtype=torch.float32)
+        t = self.teacher
+        if type(unet).__name__ == "SD3Transformer2DModel":
+            pipe = StableDiffusion3Pipeline(
+                transformer=unet, scheduler=self.sampling_scheduler(self.hparams.sample_steps), vae=t.vae,
+                text_encoder=t.text_encoder, tokenizer=t.tokenizer, text_encoder_2=t.text_encoder_2,
+                tokenizer_2=t.tokenizer_2, text_encoder_3=None, tokenizer_3=None,
+            )
+            return atomic_write_dir(target, lambda tmp: pipe.save_pretrained(tmp, safe_serialization=True))
         pipe = LatentConsistencyModelPipeline(
             vae=self.teacher.vae, text_encoder=self.teacher.text_encoder, tokenizer=self.teacher.tokenizer,
             unet=unet, scheduler=self.make_scheduler(), safety_checker=None, feature_extractor=None,
@@ -272,4 +359,6 @@ __all__ = [
     "guidance_scale_embedding",
     "cfg_prediction",
     "student_unet_with_guidance_embedding",
+    "takes_guidance_embedding",
+    "text_keywords",
 ]
