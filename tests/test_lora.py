@@ -292,6 +292,29 @@ def test_pipeline_load_lora_weights_reproduces_the_student(tiny_sd, tmp_path):
     close(latents(stock), latents(pipeline(fuse_lora(student))))  # same samples as the student's weights
 
 
+def test_sd3_pipeline_load_lora_weights_reproduces_the_student(tmp_path):
+    from diffusers import SD3Transformer2DModel, StableDiffusion3Pipeline
+
+    from _sd3 import write_tiny_sd3
+
+    folder = write_tiny_sd3(tmp_path / "sd3")
+
+    def latents(pipe):
+        return pipe("cat", num_inference_steps=2, height=16, width=16, guidance_scale=2.0,
+                    max_sequence_length=8, output_type="latent", generator=torch.Generator().manual_seed(0)).images
+
+    student = perturb_lora(add_lora(SD3Transformer2DModel.from_pretrained(folder, subfolder="transformer"),
+                                    LoraSpec(rank=2, alpha=4), seed=0))
+    save_lora(student, tmp_path / "lora")
+    pipe = StableDiffusion3Pipeline.from_pretrained(folder, text_encoder_3=None, tokenizer_3=None)
+    base = latents(pipe)
+    pipe.load_lora_weights(tmp_path / "lora")
+    with_lora = latents(pipe)
+    pipe.transformer = fuse_lora(student)  # the student's own (fused) weights
+    close(with_lora, latents(pipe))
+    assert not torch.allclose(with_lora, base, atol=1e-3)  # the LoRA did change the samples
+
+
 # --- export: fused -------------------------------------------------------------------------------------
 
 
