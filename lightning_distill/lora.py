@@ -5,22 +5,15 @@ stays frozen at the teacher's value and only the adapters train (LCM-LoRA, arXiv
 SD1.5's attention and feed-forward projections). What this module gives, as pure functions that
 ``DistillationMethod`` calls:
 
-=========================================  ==============================================================
-function                                   what for
-=========================================  ==============================================================
-:class:`LoraSpec`                          the config schema ``student_lora: {rank, alpha, target_modules,
-                                           init}``, validated
-:func:`add_lora`                           build the student: inject adapters, freeze every base weight
-:func:`lora_state_dict` /                  the adapter weights alone (peft's key format, no adapter name)
-:func:`load_lora_state_dict`
-:func:`is_lora_key`, :func:`drop_base_weights`,   checkpoints that hold the adapters plus a reference to
-:func:`restore_base_weights`               the base (the base weights are re-read from the teacher)
-:func:`save_lora` / :func:`load_lora`      export as ``pytorch_lora_weights.safetensors`` in diffusers'
-                                           layout, loaded by ``pipe.load_lora_weights`` (and the model's
-                                           ``load_lora_adapter``)
-:func:`fuse_lora`                          export as full weights: adapters merged and removed, a stock model
-:func:`trainable_fraction`                 logging
-=========================================  ==============================================================
+* :class:`LoraSpec`: the config schema ``student_lora: {rank, alpha, target_modules, init}``, validated.
+* :func:`add_lora`: build the student (inject adapters, freeze every base weight).
+* :func:`lora_state_dict` / :func:`load_lora_state_dict`: the adapter weights alone (peft's key format).
+* :func:`is_lora_key`, :func:`drop_base_weights`, :func:`restore_base_weights`: checkpoints that hold the
+  adapters plus a reference to the base (the base weights are re-read from the teacher on resume).
+* :func:`save_lora` / :func:`load_lora`: export as ``pytorch_lora_weights.safetensors`` in diffusers'
+  layout, which ``pipe.load_lora_weights`` (and the model's ``load_lora_adapter``) read.
+* :func:`fuse_lora`: export as full weights, adapters merged and removed: a stock model.
+* :func:`trainable_fraction` / :func:`parameter_counts`: logging.
 
 peft's LoRA layer, in its notation: ``h = W x + (alpha / r) * B A x`` with ``A`` (r, in) and ``B`` (out, r);
 both initialisations offered here set ``B = 0``, so the student starts as exactly the teacher.

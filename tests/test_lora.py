@@ -259,6 +259,18 @@ def test_unet2d_lora_file_round_trip(tmp_path):
     assert parameter_counts(loaded)[0] == parameter_counts(student)[0]  # trainable again: training can go on
 
 
+def test_load_lora_without_header_reads_alpha_as_rank(tmp_path):
+    """A LoRA file without diffusers' config header (other trainers): rank from B, alpha = rank."""
+    from safetensors.torch import save_file
+
+    student = perturb_lora(add_lora(make_tiny_unet(), LoraSpec(rank=3), seed=0))  # alpha = rank
+    save_file({f"unet.{k}": v.contiguous() for k, v in lora_state_dict(student).items()}, tmp_path / LORA_WEIGHT_NAME)
+    assert read_lora_file(tmp_path)[1] is None
+    close(call(load_lora(make_tiny_unet(), tmp_path)), call(student))
+    with pytest.raises(ConfigError, match="no 'transformer' weights"):
+        read_lora_file(tmp_path, "transformer")
+
+
 @pytest.fixture(scope="module")
 def tiny_sd(tmp_path_factory):
     from test_lcm import write_tiny_sd
@@ -313,6 +325,51 @@ def test_sd3_pipeline_load_lora_weights_reproduces_the_student(tmp_path):
     pipe.transformer = fuse_lora(student)  # the student's own (fused) weights
     close(with_lora, latents(pipe))
     assert not torch.allclose(with_lora, base, atol=1e-3)  # the LoRA did change the samples
+
+
+def _transformer_case(name):
+    """(model factory, backbones.call inputs) for the transformer backbones of test_backbones."""
+    from test_backbones import tiny_dit, tiny_flux, tiny_sana
+
+    g = torch.Generator().manual_seed(0)
+    if name == "DiT":
+        return tiny_dit, (torch.randn(B, 1, 8, 8, generator=g), torch.tensor([10, 500])), {
+            "class_labels": torch.tensor([3, 7])}
+    if name == "Flux":
+        return tiny_flux, (torch.randn(B, 4, 8, 8, generator=g), torch.tensor([100.0, 700.0])), {
+            "encoder_hidden_states": torch.randn(B, 6, 16, generator=g), "pooled_projections": torch.randn(B, 8)}
+    return tiny_sana, (torch.randn(B, 4, 8, 8, generator=g), torch.tensor([100.0, 700.0])), {
+        "encoder_hidden_states": torch.randn(B, 5, 8, generator=g),
+        "encoder_attention_mask": torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]])}
+
+
+@pytest.mark.parametrize("name", ["DiT", "Flux", "Sana"])
+def test_transformer_backbones_init_export_and_fuse(name, tmp_path):
+    """Through the backbone adapter (what Denoiser calls): unchanged at init, file and fused exports equal."""
+    from lightning_distill import backbones
+
+    make, args, cond = _transformer_case(name)
+
+    def out(model):
+        with torch.no_grad():
+            return backbones.call(model, *args, **cond)
+
+    ref = out(make().eval())  # eval: DiT's label dropout would draw random labels in train mode
+    student = add_lora(make(), LoraSpec(rank=2, alpha=4), seed=0).eval()
+    assert {"to_q", "to_k", "to_v", "to_out.0"} <= set(student.peft_config["default"].target_modules)
+    # not bit-exact for SANA: its linear attention feeds the projections a transposed (non-contiguous)
+    # input, on which peft's wrapped Linear rounds differently from nn.Linear (1 ulp, with B = 0)
+    torch.testing.assert_close(out(student), ref, rtol=0, atol=1e-6)
+    perturb_lora(student)
+    assert not torch.allclose(out(student), ref, atol=1e-4)
+    save_lora(student, tmp_path / "lora")
+    base = make().eval()
+    if name == "DiT":  # no diffusers LoRA loader for DiTTransformer2DModel
+        load_lora(base, tmp_path / "lora")
+    else:
+        base.load_lora_adapter(tmp_path / "lora", weight_name=LORA_WEIGHT_NAME)
+    close(out(base), out(student))
+    close(out(fuse_lora(student)), out(student))
 
 
 # --- export: fused -------------------------------------------------------------------------------------
