@@ -80,6 +80,27 @@ def export_pipeline(unet: nn.Module, scheduler, target: str | os.PathLike, vae: 
     return atomic_write_dir(target, write)
 
 
+def export_sd3_pipeline(transformer: nn.Module, scheduler, teacher, target: str | os.PathLike) -> Path:
+    """Save an ``SD3Transformer2DModel`` student (float32) with ``scheduler`` and the SD3 ``teacher``'s VAE,
+    CLIP text encoders and tokenizers as a ``StableDiffusion3Pipeline`` folder, T5 absent.
+
+    Load it with ``StableDiffusion3Pipeline.from_pretrained(path, text_encoder_3=None, tokenizer_3=None)``.
+    Its loop is :func:`~lightning_distill.sampling.text_to_image_loop` except that it passes no generator to
+    ``scheduler.step``: deterministic samplers and one-step x0 samplers reproduce the framework's samples
+    for the same generator; a multi-step ``FlowMatchLCMScheduler`` draws its fresh noise from torch's
+    global generator instead.
+    """
+    from diffusers import StableDiffusion3Pipeline
+
+    transformer = copy.deepcopy(transformer).cpu().float()  # .to(dtype=...) makes diffusers warn about fp32 modules
+    t = teacher
+    pipe = StableDiffusion3Pipeline(
+        transformer=transformer, scheduler=scheduler, vae=t.vae, text_encoder=t.text_encoder, tokenizer=t.tokenizer,
+        text_encoder_2=t.text_encoder_2, tokenizer_2=t.tokenizer_2, text_encoder_3=None, tokenizer_3=None,
+    )
+    return atomic_write_dir(target, lambda tmp: pipe.save_pretrained(tmp, safe_serialization=True))
+
+
 # --- reading a trained student back ----------------------------------------------------------------
 
 

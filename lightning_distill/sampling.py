@@ -188,6 +188,55 @@ def lcm_scheduler(method: DistillationMethod, original_inference_steps: int, tim
     return sched
 
 
+@torch.no_grad()
+def text_to_image_loop(denoiser: Denoiser, scheduler, x: Tensor, generator: torch.Generator | None = None, **cond) -> Tensor:
+    """The sampling loop of diffusers' text-to-image pipelines (``LatentConsistencyModelPipeline``,
+    ``StableDiffusion3Pipeline``) from initial latents ``x``, with ``scheduler`` already ``set_timesteps``.
+
+    Each step calls the network with the scheduler's timestep and the conditioning keywords ``cond``
+    (text embeddings, LCM's ``timestep_cond``), then ``scheduler.step(..., generator=generator)``. The result
+    is the last step's x0 estimate where the scheduler returns one (``LCMScheduler``'s ``denoised``), else
+    its last sample (``FlowMatch*Scheduler``s; ``FlowMatchLCMScheduler``'s last step lands on its x0).
+    """
+    denoised = x
+    for t in scheduler.timesteps:
+        out = denoiser.network(x, t, **cond)
+        x, *x0 = scheduler.step(out, t, x, generator=generator, return_dict=False)
+        denoised = x0[0] if x0 else x
+    return denoised
+
+
+@torch.no_grad()
+def text_to_image_sample(
+    method: DistillationMethod, n: int, steps: int | None, generator: torch.Generator | None, text_cond: dict,
+    denoiser: Denoiser | None = None, **extra_cond,
+) -> Tensor:
+    """``n`` latents from ``method``'s student sampler in a text-to-image pipeline's loop (LCM, DMD2, ...).
+
+    Initial latents from ``randn_tensor`` with ``generator`` in the text embeddings' dtype (times the
+    scheduler's ``init_noise_sigma`` where it has one), then :func:`text_to_image_loop` with the text
+    keywords ``text_cond`` (:meth:`DiffusionTeacher.text_conditioning`) and ``extra_cond`` (cast to the
+    latents' dtype: LCM's ``timestep_cond``).
+    """
+    from diffusers.utils.torch_utils import randn_tensor
+
+    from .nn_utils import eval_mode
+
+    den = denoiser or method.sampling_denoiser()
+    device = next(den.parameters()).device
+    steps = steps or method.hparams.sample_steps
+    method.check_sample_steps(steps)
+    cond = {k: v.to(device) for k, v in text_cond.items()}
+    sched = method.sampling_scheduler(steps)  # built once per count; set_timesteps resets it
+    sched.set_timesteps(steps, device=device)
+    x = randn_tensor((n, *method.sample_shape), generator=generator, device=device,
+                     dtype=cond["encoder_hidden_states"].dtype)
+    x = x * getattr(sched, "init_noise_sigma", 1.0)  # the flow schedulers (and SD3 pipeline) have none
+    cond.update({k: v.to(device=device, dtype=x.dtype) for k, v in extra_cond.items()})
+    with eval_mode(den):
+        return text_to_image_loop(den, sched, x, generator, **cond)
+
+
 def generator_timesteps(schedule: NoiseSchedule, num_steps: int) -> Tensor:
     """The K input timesteps of a K-step x0-sampler student (ADD, DMD2), high to low: those the path's
     stock x0 sampler (:func:`lcm_scheduler`) visits at K steps.
@@ -238,5 +287,7 @@ __all__ = [
     "lcm_boundary_scalings",
     "lcm_scheduler",
     "lcm_training_timesteps",
+    "text_to_image_loop",
+    "text_to_image_sample",
     "x0_sampler_scalings",
 ]

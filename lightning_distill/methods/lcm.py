@@ -48,8 +48,8 @@ from torch import Tensor, nn
 
 from ..errors import ConfigError
 from ..parametrisation import Denoiser, Prediction
+from ..sampling import text_to_image_sample
 from ..teacher import DiffusionTeacher
-from .base import eval_mode
 from .consistency import ConsistencyDistillation, LossKind, Predict
 
 
@@ -272,38 +272,20 @@ class LatentConsistencyDistillation(ConsistencyDistillation):
             guidance_scale: g in the pipelines' (Imagen) convention; the student embeds w = g - 1. A
                 fixed-guidance (SD3) student takes only its own g = w_min + 1 (or None).
         """
-        from diffusers.utils.torch_utils import randn_tensor
-
         hp = self.hparams
-        den = denoiser or self.sampling_denoiser()
-        device = next(den.parameters()).device
-        steps = steps or hp.sample_steps
-        self.check_sample_steps(steps)
         if prompt_embeds is None:
             prompts = prompts if prompts is not None else [hp.sample_prompt] * n
             prompt_embeds = self.teacher.encode_prompts(prompts)
-        cond = {k: v.to(device) for k, v in text_keywords(prompt_embeds).items()}
-        sched = self.sampling_scheduler(steps)  # built once (base class); set_timesteps resets it
-        sched.set_timesteps(steps, device=device)
-        dtype = cond["encoder_hidden_states"].dtype
-        x = randn_tensor((n, *self.sample_shape), generator=generator, device=device, dtype=dtype)
-        x = x * getattr(sched, "init_noise_sigma", 1.0)  # the flow schedulers (and SD3 pipeline) have none
+        extra = {}
         if self.guidance_embedding:
             g = hp.sample_guidance_scale if guidance_scale is None else guidance_scale
-            w_emb = guidance_scale_embedding(torch.tensor(g - 1).repeat(n), den.unet.config.time_cond_proj_dim)
-            cond["timestep_cond"] = w_emb.to(device=device, dtype=x.dtype)
+            den = denoiser or self.sampling_denoiser()
+            extra["timestep_cond"] = guidance_scale_embedding(torch.tensor(g - 1).repeat(n), den.unet.config.time_cond_proj_dim)
         elif guidance_scale is not None and guidance_scale != hp.w_min + 1:
             raise ConfigError(
                 f"this student has one guidance scale folded in, g = w_min + 1 = {hp.w_min + 1}; got guidance_scale={guidance_scale}"
             )
-        with eval_mode(den):
-            denoised = x
-            for t in sched.timesteps:
-                out = den.network(x, t, **cond)
-                # LCMScheduler returns (x_next, x0); FlowMatchLCMScheduler only x_next (x0 at the last step)
-                x, *x0 = sched.step(out, t, x, generator=generator, return_dict=False)
-                denoised = x0[0] if x0 else x
-        return denoised
+        return text_to_image_sample(self, n, steps, generator, text_keywords(prompt_embeds), denoiser, **extra)
 
     def predict_step(self, batch: dict, batch_idx: int) -> Tensor:
         gen = torch.Generator(device="cpu").manual_seed(self.hparams.seed + batch_idx)
@@ -332,20 +314,14 @@ class LatentConsistencyDistillation(ConsistencyDistillation):
         """
         import copy
 
-        from diffusers import LatentConsistencyModelPipeline, StableDiffusion3Pipeline
+        from diffusers import LatentConsistencyModelPipeline
 
-        from ..export import atomic_write_dir
+        from ..export import atomic_write_dir, export_sd3_pipeline
 
         den = self.sampling_denoiser() if use_ema else self.student
+        if type(den.unet).__name__ == "SD3Transformer2DModel":
+            return export_sd3_pipeline(den.unet, self.sampling_scheduler(self.hparams.sample_steps), self.teacher, target)
         unet = copy.deepcopy(den.unet).to(device="cpu", dtype=torch.float32)
-        t = self.teacher
-        if type(unet).__name__ == "SD3Transformer2DModel":
-            pipe = StableDiffusion3Pipeline(
-                transformer=unet, scheduler=self.sampling_scheduler(self.hparams.sample_steps), vae=t.vae,
-                text_encoder=t.text_encoder, tokenizer=t.tokenizer, text_encoder_2=t.text_encoder_2,
-                tokenizer_2=t.tokenizer_2, text_encoder_3=None, tokenizer_3=None,
-            )
-            return atomic_write_dir(target, lambda tmp: pipe.save_pretrained(tmp, safe_serialization=True))
         pipe = LatentConsistencyModelPipeline(
             vae=self.teacher.vae, text_encoder=self.teacher.text_encoder, tokenizer=self.teacher.tokenizer,
             unet=unet, scheduler=self.make_scheduler(), safety_checker=None, feature_extractor=None,
