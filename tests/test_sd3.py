@@ -189,12 +189,49 @@ def test_sd3_lcm_debug_preset(tiny_sd3_dir, sd3_captioned, tmp_path):
     assert list((root / "logs").rglob("events.out.tfevents*"))
 
 
+# --- consistency distillation and DMD2 on the SD3 stack (methods/text.py) --------------------------------
+
+
+def assert_export_reproduces(method, folder, steps: int, seed: int, prompts=("a red cat", "a blue dog")):
+    """The exported StableDiffusion3Pipeline (guidance_scale=1) gives method.sample's latents for one generator;
+    beyond one step torch's global generator gets the state the generator has after the initial latents
+    (the pipeline steps the scheduler without the generator; see methods/lcm.py)."""
+    from diffusers import FlowMatchLCMScheduler, StableDiffusion3Pipeline
+    from diffusers.utils.torch_utils import randn_tensor
+
+    pipe = StableDiffusion3Pipeline.from_pretrained(folder, text_encoder_3=None, tokenizer_3=None)
+    assert isinstance(pipe.scheduler, FlowMatchLCMScheduler)
+    ours = method.sample(len(prompts), steps, torch.Generator().manual_seed(seed), prompts=list(prompts))
+    g = torch.Generator().manual_seed(seed)
+    randn_tensor(ours.shape, generator=g)
+    torch.set_rng_state(g.get_state())
+    theirs = pipe(list(prompts), height=IMAGE_SIZE, width=IMAGE_SIZE, num_inference_steps=steps, guidance_scale=1.0,
+                  generator=torch.Generator().manual_seed(seed), output_type="latent").images
+    torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-4)
+
+
+def test_sd3_consistency_debug_preset_distils_and_exports(tiny_sd3_dir, sd3_captioned, tmp_path):
+    from lightning_distill.cli import cli_main
+
+    root = tmp_path / "cd_sd3"
+    cli = cli_main(["fit", "--config", str(ROOT / "configs/consistency/debug_sd3.yaml"), "--data.teacher",
+                    str(tiny_sd3_dir), "--data.data", str(sd3_captioned), "--trainer.default_root_dir", str(root)])
+    method = cli.model
+    assert method.text_conditional and cli.trainer.global_step == 3
+    assert torch.isfinite(cli.trainer.callback_metrics["train/loss"])
+    batch = next(iter(cli.datamodule.train_dataloader()))
+    cond, teacher_predict = method.conditioning(batch, 4)
+    assert set(cond) == {"encoder_hidden_states", "pooled_projections"}
+    # the teacher sees the same prompt keywords, no guidance
+    x, t = torch.randn(4, 4, 8, 8), torch.full((4,), 519)
+    torch.testing.assert_close(teacher_predict(x, t).v, method.teacher.denoiser(x, t, **cond).v, atol=1e-6, rtol=0)
+    assert_export_reproduces(method, root / "student", steps=2, seed=5)
+
+
 # --- DMD2 on the SD3 stack -------------------------------------------------------------------------------
 
 
 def test_sd3_dmd2_debug_preset_distils_and_exports(tiny_sd3_dir, sd3_captioned, tmp_path):
-    from diffusers import FlowMatchLCMScheduler, StableDiffusion3Pipeline
-
     from lightning_distill.cli import cli_main
     from lightning_distill.errors import ConfigError
     from lightning_distill.methods.dmd2 import DMD2
@@ -208,12 +245,6 @@ def test_sd3_dmd2_debug_preset_distils_and_exports(tiny_sd3_dir, sd3_captioned, 
     # the batch's text keywords reach all three networks: the SD3 keywords, not class labels
     batch = next(iter(cli.datamodule.train_dataloader()))
     assert set(method._cond(batch)) == {"encoder_hidden_states", "pooled_projections"}
-    pipe = StableDiffusion3Pipeline.from_pretrained(root / "student", text_encoder_3=None, tokenizer_3=None)
-    assert isinstance(pipe.scheduler, FlowMatchLCMScheduler)
-    prompts = ["a red cat", "a blue dog"]
-    ours = method.sample(2, 1, torch.Generator().manual_seed(3), prompts=prompts)
-    theirs = pipe(prompts, height=IMAGE_SIZE, width=IMAGE_SIZE, num_inference_steps=1, guidance_scale=1.0,
-                  generator=torch.Generator().manual_seed(3), output_type="latent").images
-    torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-4)
+    assert_export_reproduces(method, root / "student", steps=1, seed=3)
     with pytest.raises(ConfigError, match="GAN head reads UNet bottleneck features.*set gan=false"):
         DMD2(teacher=method.teacher, gan=True)

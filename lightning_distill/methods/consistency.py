@@ -56,6 +56,7 @@ from ..sampling import (
 )
 from ..teacher import DiffusionTeacher
 from .base import DistillationMethod, LossOutput
+from .text import TextToImageMixin
 
 Solver = Literal["ddim", "heun"]
 LossKind = Literal["l2", "l1", "pseudo_huber", "pseudo_huber_elementwise"]
@@ -203,7 +204,7 @@ def shared_dropout_devices(x: Tensor) -> list:
 # --- the LightningModule -------------------------------------------------------------------------------
 
 
-class ConsistencyDistillation(DistillationMethod):
+class ConsistencyDistillation(TextToImageMixin, DistillationMethod):
     """Consistency distillation of a diffusion teacher into a 1-4 step student, sampled with ``LCMScheduler``
     (VP teachers) or ``FlowMatchLCMScheduler`` (flow-matching teachers).
 
@@ -221,6 +222,8 @@ class ConsistencyDistillation(DistillationMethod):
         timestep_scaling: LCMScheduler's ``timestep_scaling`` of the boundary scalings (VP path only:
             ``FlowMatchLCMScheduler`` applies none).
         sample_steps: steps of logged grids and ``predict``.
+        sample_prompt: text-conditional (SD3) teachers: the prompt of logged grids and the default of
+            :meth:`sample` (:class:`~lightning_distill.methods.text.TextToImageMixin`).
         **kwargs: :class:`DistillationMethod`'s arguments (teacher, student, optimizer, seed, ...).
 
     Example::
@@ -242,6 +245,7 @@ class ConsistencyDistillation(DistillationMethod):
         target_decay: float = 0.95,
         timestep_scaling: float = 10.0,
         sample_steps: int = 2,
+        sample_prompt: str = "",
         **kwargs,
     ) -> None:
         if solver not in SOLVERS:
@@ -269,8 +273,12 @@ class ConsistencyDistillation(DistillationMethod):
     def conditioning(self, batch: dict, n: int) -> tuple[dict, Predict]:
         """The student's (and theta_minus's) network keyword arguments, and the teacher's ``(x, t) -> Prediction``.
 
-        Unconditional and class-conditional teachers here; the LCM subclass adds prompts and guidance.
+        Unconditional, class-conditional and text-conditional teachers (the batch's prompt keywords, no
+        guidance) here; the LCM subclass adds the guidance.
         """
+        if self.text_conditional:
+            cond = self.text_cond(batch)
+            return cond, self._teacher_call(cond)
         cond = {"class_labels": batch["label"]} if self.is_class_conditional else {}
         teacher_cond = {"class_labels": batch["label"]} if self.teacher.num_classes else {}
         return cond, self._teacher_call(teacher_cond)

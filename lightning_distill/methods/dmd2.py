@@ -54,7 +54,6 @@ import torch.nn.functional as F
 from lightning.pytorch.cli import OptimizerCallable
 from torch import Tensor, nn
 
-from .. import backbones
 from ..errors import ConfigError
 from ..gan.discriminators import BottleneckClassifier, bottleneck_features
 from ..gan.losses import GanLoss
@@ -66,11 +65,11 @@ from ..sampling import (
     backward_simulation,
     generator_timesteps,
     lcm_scheduler,
-    text_to_image_sample,
 )
 from ..teacher import DiffusionTeacher
 from .adversarial import AdversarialMethod, Critic, CriticOutput, R1Kind
 from .base import LossOutput, default_optimizer
+from .text import TextToImageMixin
 
 # --- maths (pure functions) ----------------------------------------------------------------------
 
@@ -140,7 +139,7 @@ def distribution_matching_loss(
 # --- the LightningModule -------------------------------------------------------------------------
 
 
-class DMD2(AdversarialMethod):
+class DMD2(TextToImageMixin, AdversarialMethod):
     """DMD2: a one-step (or K-step) generator trained by distribution matching plus an optional GAN term.
 
     Networks: ``student`` (the generator, a copy of the teacher), ``teacher`` (frozen real score),
@@ -174,7 +173,8 @@ class DMD2(AdversarialMethod):
         gan_loss, r1, r1_weight, generator_grad_clip, discriminator_grad_clip: as
             :class:`AdversarialMethod`, with the paper's defaults (non-saturating; R1 off; clips 10).
         sample_steps: sampler steps for logged grids / predict (None: ``generator_steps``).
-        sample_prompt: text-conditional (SD3) teachers: the prompt of logged grids.
+        sample_prompt: text-conditional (SD3) teachers: the prompt of logged grids (:class:`TextToImageMixin`:
+            text conditioning of all three networks, prompt sampling, ``StableDiffusion3Pipeline`` export).
         **kwargs: :class:`AdversarialMethod`'s and :class:`DistillationMethod`'s arguments
             (``optimizer`` / ``lr_scheduler`` are the generator's).
 
@@ -274,16 +274,11 @@ class DMD2(AdversarialMethod):
 
     # --- pieces of one iteration ---------------------------------------------------------------
 
-    @property
-    def text_conditional(self) -> bool:
-        """A text-to-image generator (SD3): batches carry token ids, samples take prompts."""
-        return backbones.is_text_conditional(self.student.unet) and self.teacher is not None and self.teacher.is_text_conditional
-
     def _cond(self, batch: dict) -> dict:
         # Text teachers: the prompt's keywords for generator, fake score and real score alike. The real
         # score is the plain conditional teacher (no classifier-free guidance in its x0 yet).
         if self.text_conditional:
-            return {k: v.float() for k, v in self.teacher.text_conditioning(batch).items()}
+            return self.text_cond(batch)
         return {"class_labels": batch["label"]} if self.is_class_conditional else {}
 
     def _randn(self, shape, g: torch.Generator) -> Tensor:
@@ -319,38 +314,6 @@ class DMD2(AdversarialMethod):
         x_t = sched.add_noise(x, noise, t)
         feats = bottleneck_features(self.fake_score.unet, x_t, sched.model_timestep(t), **cond)
         return self.discriminator_head(feats if train_backbone else feats.detach())
-
-    # --- text-to-image students (SD3): sampling and export ------------------------------------------
-
-    @torch.no_grad()
-    def sample(
-        self, n: int, steps: int | None = None, generator: torch.Generator | None = None, labels: Tensor | None = None,
-        denoiser: Denoiser | None = None, prompts: list[str] | None = None, prompt_embeds: dict | None = None,
-    ) -> Tensor:
-        """The base sampler; a text-conditional generator samples ``prompts`` (default: ``sample_prompt``) or
-        ``prompt_embeds`` (text keywords) in ``StableDiffusion3Pipeline``'s loop (:func:`text_to_image_sample`)."""
-        if not self.text_conditional:
-            return super().sample(n, steps, generator, labels, denoiser)
-        if prompt_embeds is None:
-            prompt_embeds = self.teacher.encode_prompts(prompts if prompts is not None else [self.hparams.sample_prompt] * n)
-        return text_to_image_sample(self, n, steps, generator, prompt_embeds, denoiser)
-
-    def predict_step(self, batch: dict, batch_idx: int) -> Tensor:
-        if not self.text_conditional:
-            return super().predict_step(batch, batch_idx)
-        gen = torch.Generator(device="cpu").manual_seed(self.hparams.seed + batch_idx)
-        return self.sample(batch["x"].shape[0], self.hparams.sample_steps, gen, prompt_embeds=self._cond(batch))
-
-    def export(self, target, use_ema: bool = True):
-        """The base export; an SD3 generator as a ``StableDiffusion3Pipeline`` folder
-        (:func:`~lightning_distill.export.export_sd3_pipeline`, ``FlowMatchLCMScheduler`` of ``sample_steps``),
-        called with ``guidance_scale=1``."""
-        den = self.sampling_denoiser() if use_ema else self.student
-        if type(den.unet).__name__ != "SD3Transformer2DModel":
-            return super().export(target, use_ema)
-        from ..export import export_sd3_pipeline
-
-        return export_sd3_pipeline(den.unet, self.sampling_scheduler(self.hparams.sample_steps), self.teacher, target)
 
     # --- losses --------------------------------------------------------------------------------
 

@@ -203,7 +203,8 @@ class LatentConsistencyDistillation(ConsistencyDistillation):
             # the user's argument (None), not the built network.
             built = student if student is not None else student_unet_with_guidance_embedding(teacher.unet, time_cond_proj_dim)
         super().__init__(
-            teacher=teacher, student=built, loss=loss, sample_steps=sample_steps, num_log_samples=num_log_samples, **kwargs
+            teacher=teacher, student=built, loss=loss, sample_steps=sample_steps, num_log_samples=num_log_samples,
+            sample_prompt=sample_prompt, **kwargs,
         )
 
     # --- conditioning ---------------------------------------------------------------------------
