@@ -342,6 +342,20 @@ def _check_kind(kind: str) -> None:
         raise ValueError(f"unknown prediction_type {kind!r}; choose one of {PREDICTION_TYPES}")
 
 
+
+def cfg_prediction(cond: Prediction, uncond: Prediction, w: Tensor) -> Prediction:
+    """Classifier-free guidance in the LCM convention: cond + w (cond - uncond), for x0, eps and v alike.
+
+    All three parametrisations are linear in (x0, eps) at a fixed x_t, so guiding each keeps them
+    consistent (v = alpha eps - sigma x0 still holds). w = 0 is the conditional model; the pipelines'
+    guidance scale g (uncond + g (cond - uncond)) is w = g - 1.
+    """
+    def guide(c: Tensor, u: Tensor) -> Tensor:
+        wb = w.reshape(-1, *([1] * (c.ndim - 1))).to(c.dtype)
+        return c + wb * (c - u)
+
+    return Prediction(guide(cond.x0, uncond.x0), guide(cond.eps, uncond.eps), guide(cond.v, uncond.v))
+
 def prediction_from_output(
     output: Tensor, x_t: Tensor, alpha: Tensor, sigma: Tensor, kind: PredictionType, clip_x0: float | None = None
 ) -> Prediction:

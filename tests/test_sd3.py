@@ -248,3 +248,25 @@ def test_sd3_dmd2_debug_preset_distils_and_exports(tiny_sd3_dir, sd3_captioned, 
     assert_export_reproduces(method, root / "student", steps=1, seed=3)
     with pytest.raises(ConfigError, match="GAN head reads UNet bottleneck features.*set gan=false"):
         DMD2(teacher=method.teacher, gan=True)
+
+
+def test_dmd2_guided_real_score_by_hand(tiny_sd3_dir, tiny_flow_teacher_dir):
+    from lightning_distill.errors import ConfigError
+    from lightning_distill.methods.dmd2 import DMD2
+    from lightning_distill.methods.text import GuidedScore
+
+    teacher = load_teacher(str(tiny_sd3_dir))
+    method = DMD2(teacher=teacher, gan=False, real_guidance_scale=4.0)
+    real = method.real_score()
+    assert isinstance(real, GuidedScore) and real.schedule is teacher.schedule
+    cond = {k: v.float() for k, v in teacher.encode_prompts(["a red cat", "a blue dog"]).items()}
+    uncond = teacher.encode_prompts(["", ""])
+    x, t = torch.randn(2, 4, 8, 8), torch.tensor([900, 300])
+    c, u = teacher.denoiser(x, t, **cond), teacher.denoiser(x, t, **uncond)
+    p = real(x, t, **cond)
+    for name in ("x0", "eps", "v"):  # the pipelines' convention: uncond + g (cond - uncond)
+        ref = getattr(u, name) + 4.0 * (getattr(c, name) - getattr(u, name))
+        torch.testing.assert_close(getattr(p, name), ref, atol=1e-5, rtol=1e-5)
+    assert DMD2(teacher=teacher, gan=False).real_score() is teacher.denoiser  # g = 1: the teacher as it is
+    with pytest.raises(ConfigError, match="needs a text-conditional teacher"):
+        DMD2(teacher=load_teacher(str(tiny_flow_teacher_dir)), gan=False, real_guidance_scale=4.0)

@@ -48,6 +48,7 @@ digits teacher is unconditional).
 from __future__ import annotations
 
 import copy
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -59,7 +60,7 @@ from ..gan.discriminators import BottleneckClassifier, bottleneck_features
 from ..gan.losses import GanLoss
 from ..gan.plan import StepPlan, attached_schedule
 from ..losses import denoising_loss
-from ..parametrisation import Denoiser
+from ..parametrisation import Denoiser, Prediction
 from ..sampling import (
     X0_SAMPLER_TIMESTEP_SCALING,
     backward_simulation,
@@ -69,7 +70,7 @@ from ..sampling import (
 from ..teacher import DiffusionTeacher
 from .adversarial import AdversarialMethod, Critic, CriticOutput, R1Kind
 from .base import LossOutput, default_optimizer
-from .text import TextToImageMixin
+from .text import GuidedScore, TextToImageMixin
 
 # --- maths (pure functions) ----------------------------------------------------------------------
 
@@ -115,7 +116,7 @@ def dm_surrogate_loss(x: Tensor, grad: Tensor, reduction: str = "mean") -> Tenso
 
 def distribution_matching_loss(
     x: Tensor,
-    real: Denoiser,
+    real: Denoiser | Callable[..., Prediction],
     fake: Denoiser,
     t: Tensor,
     noise: Tensor,
@@ -123,6 +124,9 @@ def distribution_matching_loss(
     **cond,
 ) -> LossOutput:
     """The generator's distribution-matching loss at generator samples ``x`` (DMD2, Sec. 3-4).
+
+    ``real`` is the teacher's denoiser or anything called like it with a ``schedule`` (a guided real score,
+    :class:`~lightning_distill.methods.text.GuidedScore`).
 
     Noises x to x_t = alpha_t x + sigma_t noise, queries both scores without gradients, and returns the
     surrogate whose gradient with respect to x is :func:`dm_gradient` (divided by B*C*H*W for "mean").
@@ -175,6 +179,10 @@ class DMD2(TextToImageMixin, AdversarialMethod):
         sample_steps: sampler steps for logged grids / predict (None: ``generator_steps``).
         sample_prompt: text-conditional (SD3) teachers: the prompt of logged grids (:class:`TextToImageMixin`:
             text conditioning of all three networks, prompt sampling, ``StableDiffusion3Pipeline`` export).
+        real_guidance_scale: text-conditional teachers: classifier-free guidance g of the real score in the
+            distribution-matching gradient, uncond + g (cond - uncond) against the prompt "" (the pipelines'
+            convention; 1: the conditional teacher). The generator learns the guided distribution, so its
+            export is called with guidance_scale=1 (DMD2 uses g = 8 for SDXL).
         **kwargs: :class:`AdversarialMethod`'s and :class:`DistillationMethod`'s arguments
             (``optimizer`` / ``lr_scheduler`` are the generator's).
 
@@ -212,6 +220,7 @@ class DMD2(TextToImageMixin, AdversarialMethod):
         discriminator_grad_clip: float | None = 10.0,
         sample_steps: int | None = None,
         sample_prompt: str = "",
+        real_guidance_scale: float = 1.0,
         **kwargs,
     ) -> None:
         if generator_steps < 1:
@@ -231,6 +240,11 @@ class DMD2(TextToImageMixin, AdversarialMethod):
         self.discriminator_head: BottleneckClassifier | None = None
         if self.teacher is None:
             return
+        if real_guidance_scale != 1.0 and not self.text_conditional:
+            raise ConfigError(
+                f"real_guidance_scale={real_guidance_scale} guides the real score against the prompt \"\": it needs a "
+                "text-conditional teacher (1.0 otherwise)"
+            )
         if fake_score is None:
             fake_score = copy.deepcopy(self.teacher.unet).float()
         fake_score.requires_grad_(True)
@@ -281,6 +295,13 @@ class DMD2(TextToImageMixin, AdversarialMethod):
             return self.text_cond(batch)
         return {"class_labels": batch["label"]} if self.is_class_conditional else {}
 
+    def real_score(self) -> Denoiser | GuidedScore:
+        """The teacher's denoiser, guided with ``real_guidance_scale`` (text teachers) when it is not 1."""
+        g = self.hparams.get("real_guidance_scale", 1.0)
+        if g == 1.0:
+            return self.teacher.denoiser
+        return GuidedScore(self.teacher.denoiser, self.uncond_text_cond(), g)
+
     def _randn(self, shape, g: torch.Generator) -> Tensor:
         return torch.randn(shape, generator=g, device=self.device)
 
@@ -323,7 +344,7 @@ class DMD2(TextToImageMixin, AdversarialMethod):
         cond = self._cond(batch)
         x = self.generator_samples(n, g, **cond)
         t = self._t_in(self.hparams.dm_t_range, n, g)
-        out = distribution_matching_loss(x, self.teacher.denoiser, self.fake_score, t, self._randn(x.shape, g), **cond)
+        out = distribution_matching_loss(x, self.real_score(), self.fake_score, t, self._randn(x.shape, g), **cond)
         loss, logs = out.loss, dict(out.logs)
         if self.discriminator_head is not None:
             t_gan = self._t_in(self.hparams.gan_t_range, n, g)

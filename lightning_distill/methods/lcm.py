@@ -47,7 +47,7 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import ConfigError
-from ..parametrisation import Denoiser, Prediction
+from ..parametrisation import Denoiser, Prediction, cfg_prediction  # cfg_prediction lived here first (__all__)
 from ..sampling import text_to_image_sample
 from ..teacher import DiffusionTeacher
 from .consistency import ConsistencyDistillation, LossKind, Predict
@@ -79,19 +79,6 @@ def guidance_scale_embedding(w: Tensor, embedding_dim: int = 256, dtype: torch.d
     if embedding_dim % 2 == 1:
         emb = nn.functional.pad(emb, (0, 1))
     return emb
-
-
-def cfg_prediction(cond: Prediction, uncond: Prediction, w: Tensor) -> Prediction:
-    """Classifier-free guidance in the LCM convention: cond + w (cond - uncond), for x0, eps and v alike.
-
-    All three parametrisations are linear in (x0, eps) at a fixed x_t, so guiding each keeps them
-    consistent (v = alpha eps - sigma x0 still holds). w = 0 is the conditional model.
-    """
-    def guide(c: Tensor, u: Tensor) -> Tensor:
-        wb = w.reshape(-1, *([1] * (c.ndim - 1))).to(c.dtype)
-        return c + wb * (c - u)
-
-    return Prediction(guide(cond.x0, uncond.x0), guide(cond.eps, uncond.eps), guide(cond.v, uncond.v))
 
 
 def takes_guidance_embedding(network: nn.Module) -> bool:

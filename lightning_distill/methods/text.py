@@ -10,8 +10,10 @@ things from a text-conditional (SD3) teacher, gathered here once:
 * export: an ``SD3Transformer2DModel`` student becomes a ``StableDiffusion3Pipeline`` folder with the
   method's sampler (:func:`~lightning_distill.export.export_sd3_pipeline`), called with ``guidance_scale=1``.
 
-Unconditional and class-conditional students go to the method's base class unchanged. Guidance is not
-distilled here (the teacher is the plain conditional model); LCM (:mod:`.lcm`) does that.
+Unconditional and class-conditional students go to the method's base class unchanged. Guidance: a
+method may guide its teacher with :class:`GuidedScore` (DMD2's ``real_guidance_scale``: the real score is
+uncond + g (cond - uncond), the unconditional prompt ""), so the student learns the guided distribution;
+consistency distillation uses the plain conditional teacher, and LCM (:mod:`.lcm`) distils guidance its own way.
 
 Example::
 
@@ -25,8 +27,38 @@ import torch
 from torch import Tensor
 
 from .. import backbones
-from ..parametrisation import Denoiser
+from ..parametrisation import Denoiser, NoiseSchedule, Prediction, cfg_prediction
 from ..sampling import text_to_image_sample
+
+
+class GuidedScore:
+    """A frozen denoiser under classifier-free guidance, called like it: uncond + g (cond - uncond).
+
+    ``g`` is the pipelines' guidance scale (g = 1: the conditional model); the prediction is guided in x0,
+    eps and v alike (:func:`~lightning_distill.parametrisation.cfg_prediction`, w = g - 1), from one
+    batched call of 2B (conditional keywords, then ``uncond``'s, broadcast to the batch).
+
+    Args:
+        denoiser: the frozen teacher's denoiser.
+        uncond: the text keywords of the unconditional prompt (batch 1 or B).
+        guidance_scale: g.
+    """
+
+    def __init__(self, denoiser: Denoiser, uncond: dict, guidance_scale: float) -> None:
+        self.denoiser, self.uncond, self.guidance_scale = denoiser, uncond, float(guidance_scale)
+
+    @property
+    def schedule(self) -> NoiseSchedule:
+        return self.denoiser.schedule
+
+    def __call__(self, x_t: Tensor, t: Tensor, clip: bool = True, **cond) -> Prediction:
+        n = x_t.shape[0]
+        t = torch.as_tensor(t, device=x_t.device)
+        t = t.expand(n) if t.ndim == 0 else t
+        both = {k: torch.cat([v, self.uncond[k].to(v).expand(n, *v.shape[1:])]) for k, v in cond.items()}
+        p = self.denoiser(torch.cat([x_t, x_t]), torch.cat([t, t]), clip=clip, **both)
+        c, u = (Prediction(p.x0[s], p.eps[s], p.v[s]) for s in (slice(0, n), slice(n, None)))
+        return cfg_prediction(c, u, torch.full((n,), self.guidance_scale - 1.0, device=x_t.device))
 
 
 class TextToImageMixin:
@@ -44,6 +76,10 @@ class TextToImageMixin:
     def text_cond(self, batch: dict) -> dict:
         """The network keywords of a batch's prompts (the teacher's ``text_conditioning``), float32."""
         return {k: v.float() for k, v in self.teacher.text_conditioning(batch).items()}
+
+    def uncond_text_cond(self, prompt: str = "") -> dict:
+        """The keywords of the unconditional prompt (batch 1, float32), on the method's device."""
+        return {k: v.float().to(self.device) for k, v in self.teacher.encode_prompts([prompt]).items()}
 
     @torch.no_grad()
     def sample(
@@ -76,4 +112,4 @@ class TextToImageMixin:
         return export_sd3_pipeline(den.unet, self.sampling_scheduler(self.hparams.sample_steps), self.teacher, target)
 
 
-__all__ = ["TextToImageMixin"]
+__all__ = ["GuidedScore", "TextToImageMixin"]
