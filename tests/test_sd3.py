@@ -270,3 +270,29 @@ def test_dmd2_guided_real_score_by_hand(tiny_sd3_dir, tiny_flow_teacher_dir):
     assert DMD2(teacher=teacher, gan=False).real_score() is teacher.denoiser  # g = 1: the teacher as it is
     with pytest.raises(ConfigError, match="needs a text-conditional teacher"):
         DMD2(teacher=load_teacher(str(tiny_flow_teacher_dir)), gan=False, real_guidance_scale=4.0)
+
+
+# --- progressive distillation on the SD3 stack ----------------------------------------------------------
+
+
+def test_sd3_progressive_debug_preset_distils_and_exports(tiny_sd3_dir, sd3_captioned, tmp_path):
+    from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
+
+    from lightning_distill.cli import cli_main
+
+    root = tmp_path / "pd_sd3"
+    cli = cli_main(["fit", "--config", str(ROOT / "configs/progressive/debug_sd3.yaml"), "--data.teacher",
+                    str(tiny_sd3_dir), "--data.data", str(sd3_captioned), "--trainer.default_root_dir", str(root)])
+    method = cli.model
+    assert method.text_conditional and method.round_index == 1 and method.num_student_steps == 1
+    # the promoted teacher keeps both CLIP encoders, so round 1 encodes prompts as round 0 did
+    assert method.teacher.text_encoder_2 is not None and not method.teacher.reloadable
+    assert torch.isfinite(cli.trainer.callback_metrics["train/loss"])
+    pipe = StableDiffusion3Pipeline.from_pretrained(root / "student", text_encoder_3=None, tokenizer_3=None)
+    assert isinstance(pipe.scheduler, FlowMatchEulerDiscreteScheduler)
+    prompts = ["a red cat", "a blue dog"]
+    # a deterministic sampler: the pipeline reproduces sample() for the same generator, no global state needed
+    ours = method.sample(2, 1, torch.Generator().manual_seed(7), prompts=prompts)
+    theirs = pipe(prompts, height=IMAGE_SIZE, width=IMAGE_SIZE, num_inference_steps=1, guidance_scale=1.0,
+                  generator=torch.Generator().manual_seed(7), output_type="latent").images
+    torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-4)

@@ -46,6 +46,7 @@ from ..errors import ConfigError
 from ..parametrisation import Denoiser, NoiseSchedule, expand_like
 from ..teacher import DiffusionTeacher
 from .base import DistillationMethod, LossOutput
+from .text import TextToImageMixin
 
 LossWeighting = Literal["truncated_snr", "snr_plus_one"]
 LOSS_WEIGHTINGS = ("truncated_snr", "snr_plus_one")
@@ -147,7 +148,7 @@ def _default_adam(params) -> torch.optim.Optimizer:
     return torch.optim.Adam(params, lr=5e-5)  # the paper's CIFAR-10 setting
 
 
-class ProgressiveDistillation(DistillationMethod):
+class ProgressiveDistillation(TextToImageMixin, DistillationMethod):
     """Progressive distillation: an N-step student regresses onto two steps of the teacher.
 
     The student starts as a copy of the teacher's UNet (or ``student``). Rounds, teacher promotion,
@@ -173,6 +174,9 @@ class ProgressiveDistillation(DistillationMethod):
         optimizer: optimiser factory for the student's parameters (Adam, lr 5e-5 by default). Its rate
             is annealed within each round (:func:`round_lr_factor`), so there is no ``lr_scheduler``.
         sample_steps: steps of logged grids and ``predict``; None: N. Every round sets it to the new N.
+        sample_prompt: text-conditional (SD3) teachers: the prompt of logged grids; student and teacher see
+            the batch's prompt keywords (:class:`~lightning_distill.methods.text.TextToImageMixin`, which also
+            exports an SD3 student as ``StableDiffusion3Pipeline``).
         **kwargs: :class:`DistillationMethod`'s arguments: ``student`` (None copies the teacher's UNet,
             the paper's initialisation), ``sample_every_n_steps``, ``num_log_samples``, ``seed``.
 
@@ -195,6 +199,7 @@ class ProgressiveDistillation(DistillationMethod):
         student_clip_x0: float | None = None,
         optimizer: OptimizerCallable = _default_adam,
         sample_steps: int | None = None,
+        sample_prompt: str = "",
         **kwargs,
     ) -> None:
         if teacher is None:
@@ -250,7 +255,10 @@ class ProgressiveDistillation(DistillationMethod):
         eps = torch.randn(x0.shape, generator=gen, device=x0.device, dtype=x0.dtype)
         sched = self.student.schedule
         t, t_mid, s = student_timesteps(sched, n, i)
-        cond = {"class_labels": batch["label"]} if self.is_class_conditional else {}
+        if self.text_conditional:
+            cond = self.text_cond(batch)
+        else:
+            cond = {"class_labels": batch["label"]} if self.is_class_conditional else {}
         z_t = sched.add_noise(x0, eps, t)
         with torch.no_grad():
             target = two_step_target(self.teacher.denoiser, z_t, t, t_mid, s, **cond)
@@ -287,6 +295,9 @@ class ProgressiveDistillation(DistillationMethod):
             text_encoder=old.text_encoder,
             tokenizer=old.tokenizer,
             clip_x0=clip_x0,
+            text_encoder_2=old.text_encoder_2,
+            tokenizer_2=old.tokenizer_2,
+            max_sequence_length=old.max_sequence_length,
         )
         # The student's own path, not one re-read from the scheduler config: a resolution-dependent flow
         # shift (use_dynamic_shifting) was fixed for the student when it was built.
