@@ -296,3 +296,31 @@ def test_sd3_progressive_debug_preset_distils_and_exports(tiny_sd3_dir, sd3_capt
     theirs = pipe(prompts, height=IMAGE_SIZE, width=IMAGE_SIZE, num_inference_steps=1, guidance_scale=1.0,
                   generator=torch.Generator().manual_seed(7), output_type="latent").images
     torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-4)
+
+
+# --- knowledge distillation into a smaller SD3 transformer ----------------------------------------------
+
+
+def test_sd3_knowledge_debug_preset_distils_and_exports(tiny_sd3_dir, sd3_captioned, tmp_path):
+    from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
+
+    from lightning_distill.cli import cli_main
+    from lightning_distill.errors import ConfigError
+    from lightning_distill.methods.knowledge import KnowledgeDistillation, count_parameters
+
+    root = tmp_path / "kd_sd3"
+    cli = cli_main(["fit", "--config", str(ROOT / "configs/knowledge/debug_sd3.yaml"), "--data.teacher",
+                    str(tiny_sd3_dir), "--data.data", str(sd3_captioned), "--trainer.default_root_dir", str(root)])
+    method = cli.model
+    assert method.text_conditional and method.student.unet.config.num_layers == 1
+    assert count_parameters(method.student.unet) < count_parameters(method.teacher.unet)
+    assert cli.trainer.global_step == 3 and torch.isfinite(cli.trainer.callback_metrics["train/loss"])
+    pipe = StableDiffusion3Pipeline.from_pretrained(root / "student", text_encoder_3=None, tokenizer_3=None)
+    assert isinstance(pipe.scheduler, FlowMatchEulerDiscreteScheduler) and pipe.transformer.config.num_layers == 1
+    prompts = ["a red cat", "a blue dog"]
+    ours = method.sample(2, 2, torch.Generator().manual_seed(11), prompts=prompts)
+    theirs = pipe(prompts, height=IMAGE_SIZE, width=IMAGE_SIZE, num_inference_steps=2, guidance_scale=1.0,
+                  generator=torch.Generator().manual_seed(11), output_type="latent").images
+    torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-4)
+    with pytest.raises(ConfigError, match="feature KD matches UNet feature maps"):
+        KnowledgeDistillation(method.teacher, feature_weights={"transformer_blocks.0": 1.0})

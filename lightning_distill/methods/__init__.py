@@ -21,7 +21,7 @@ class                            method                                         
 Shared bases: ``DistillationMethod`` (``base.py``: student, teacher, sampling, export) and
 ``AdversarialMethod`` (``adversarial.py``: the one training loop of ADD, APT and DMD2); the mixin
 ``TextToImageMixin`` (``text.py``: text conditioning, prompt sampling and SD3 export of consistency
-distillation, progressive distillation and DMD2). A method file
+distillation, progressive distillation, knowledge distillation and DMD2). A method file
 imports only these, never a sibling method (LCM extends consistency distillation, its own family).
 """
 

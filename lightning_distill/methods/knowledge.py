@@ -33,6 +33,7 @@ from ..nn_utils import FeatureTap
 from ..parametrisation import Denoiser, PredictionType, target_for
 from ..teacher import DiffusionTeacher
 from .base import DistillationMethod, LossOutput
+from .text import TextToImageMixin
 
 
 def kd_targets(
@@ -53,7 +54,7 @@ def kd_targets(
     return x_t, hard, soft
 
 
-class KnowledgeDistillation(DistillationMethod):
+class KnowledgeDistillation(TextToImageMixin, DistillationMethod):
     """Compress the teacher into a smaller student UNet with hard, soft and feature targets.
 
     Args:
@@ -64,6 +65,9 @@ class KnowledgeDistillation(DistillationMethod):
         feature_teacher_blocks: the teacher block each student block is matched to, where the paths
             differ (e.g. a student with fewer blocks); default: the same path.
         sample_steps: steps of logged grids and ``predict`` (the teacher's sampler, so as many as it needs).
+        sample_prompt: text-conditional (SD3) teachers: the prompt of logged grids; student and teacher see
+            the batch's prompt keywords (:class:`~lightning_distill.methods.text.TextToImageMixin`: also
+            the ``StableDiffusion3Pipeline`` export). Feature KD is for UNet blocks (B, C, H, W) only.
         **kwargs: :class:`DistillationMethod`'s arguments: ``student`` (the smaller UNet, e.g. a
             ``diffusers.UNet2DModel`` with fewer channels; None: a copy of the teacher, self-distillation),
             ``optimizer`` (it covers the student and the projections), ``seed``, ...
@@ -83,6 +87,7 @@ class KnowledgeDistillation(DistillationMethod):
         feature_weights: dict[str, float] | None = None,
         feature_teacher_blocks: dict[str, str] | None = None,
         sample_steps: int = 50,
+        sample_prompt: str = "",
         **kwargs,
     ) -> None:
         if teacher is None:
@@ -91,6 +96,12 @@ class KnowledgeDistillation(DistillationMethod):
             raise ConfigError(f"alpha must lie in [0, 1], got {alpha}")
         super().__init__(teacher=teacher, sample_steps=sample_steps, **kwargs)
         self.feature_weights = {k: float(w) for k, w in (feature_weights or {}).items() if w}
+        if self.feature_weights and self.text_conditional and type(self.student.unet).__name__ != "UNet2DConditionModel":
+            # transformer blocks return token sequences (and text tokens first): no (B, C, H, W) map to project
+            raise ConfigError(
+                f"feature KD matches UNet feature maps; a {type(self.student.unet).__name__} student has none: "
+                "leave feature_weights empty"
+            )
         unknown = set(feature_teacher_blocks or {}) - set(self.feature_weights)
         if unknown:
             raise ConfigError(f"feature_teacher_blocks names {sorted(unknown)}, which have no entry in feature_weights")
@@ -138,7 +149,10 @@ class KnowledgeDistillation(DistillationMethod):
         alpha = self.hparams.alpha
         t = torch.randint(0, self.student.schedule.num_train_timesteps, (x0.shape[0],), device=x0.device)
         eps = torch.randn_like(x0)
-        cond = {"class_labels": batch["label"]} if self.is_class_conditional else {}
+        if self.text_conditional:
+            cond = self.text_cond(batch)
+        else:
+            cond = {"class_labels": batch["label"]} if self.is_class_conditional else {}
         need_teacher = alpha < 1 or bool(self.feature_weights)
         if need_teacher:
             with self.teacher_tap or nullcontext():
