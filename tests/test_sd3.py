@@ -160,15 +160,16 @@ def test_sd3_lcm_distils_and_exports_stable_diffusion_3_pipeline(tiny_sd3_dir, s
         # has after drawing the initial latents, where sample() draws the fresh noise from.
         g = torch.Generator().manual_seed(steps)
         randn_tensor(ours.shape, generator=g)
-        torch.set_rng_state(g.get_state())
-        theirs = pipe(prompts, height=IMAGE_SIZE, width=IMAGE_SIZE, num_inference_steps=steps, guidance_scale=1.0,
-                      generator=torch.Generator().manual_seed(steps), output_type="latent").images
-        torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-4)
-        if steps == 1:  # one step needs no fresh noise: any global state reproduces it
-            torch.manual_seed(123)
-            again = pipe(prompts, height=IMAGE_SIZE, width=IMAGE_SIZE, num_inference_steps=1, guidance_scale=1.0,
-                         generator=torch.Generator().manual_seed(1), output_type="latent").images
-            torch.testing.assert_close(ours, again, rtol=0, atol=1e-4)
+        with torch.random.fork_rng(devices=[]):  # leave the global state as the other tests expect it
+            torch.set_rng_state(g.get_state())
+            theirs = pipe(prompts, height=IMAGE_SIZE, width=IMAGE_SIZE, num_inference_steps=steps, guidance_scale=1.0,
+                          generator=torch.Generator().manual_seed(steps), output_type="latent").images
+            torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-4)
+            if steps == 1:  # one step needs no fresh noise: any global state reproduces it
+                torch.manual_seed(123)
+                again = pipe(prompts, height=IMAGE_SIZE, width=IMAGE_SIZE, num_inference_steps=1, guidance_scale=1.0,
+                             generator=torch.Generator().manual_seed(1), output_type="latent").images
+                torch.testing.assert_close(ours, again, rtol=0, atol=1e-4)
     # the exported transformer holds the EMA weights (the sampling denoiser)
     ema = method.sampling_denoiser().unet.state_dict()
     assert all(torch.equal(v, ema[k]) for k, v in pipe.transformer.state_dict().items())
@@ -204,9 +205,10 @@ def assert_export_reproduces(method, folder, steps: int, seed: int, prompts=("a 
     ours = method.sample(len(prompts), steps, torch.Generator().manual_seed(seed), prompts=list(prompts))
     g = torch.Generator().manual_seed(seed)
     randn_tensor(ours.shape, generator=g)
-    torch.set_rng_state(g.get_state())
-    theirs = pipe(list(prompts), height=IMAGE_SIZE, width=IMAGE_SIZE, num_inference_steps=steps, guidance_scale=1.0,
-                  generator=torch.Generator().manual_seed(seed), output_type="latent").images
+    with torch.random.fork_rng(devices=[]):  # leave the global state as the other tests expect it
+        torch.set_rng_state(g.get_state())
+        theirs = pipe(list(prompts), height=IMAGE_SIZE, width=IMAGE_SIZE, num_inference_steps=steps,
+                      guidance_scale=1.0, generator=torch.Generator().manual_seed(seed), output_type="latent").images
     torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-4)
 
 
