@@ -15,6 +15,7 @@ import torch
 from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
+from lightning_distill import lora
 from lightning_distill.errors import ConfigError
 
 
@@ -82,7 +83,7 @@ class EMA(L.Callback):
         self.averaged.requires_grad_(False)
         self.averaged.eval()
         if self._pending is not None:
-            self.averaged.load_state_dict(self._pending)
+            self._load(self._pending)
             self._pending = None
 
     def reset(self, pl_module: L.LightningModule) -> None:
@@ -123,7 +124,11 @@ class EMA(L.Callback):
     def state_dict(self) -> dict[str, Any]:
         if self.averaged is None:
             return {"averaged": self._pending}
-        return {"averaged": self.averaged.state_dict()}
+        sd = self.averaged.state_dict()
+        if lora.has_lora(self.averaged.module):
+            # a LoRA student's base is frozen, so its average is the base itself: rebuilt, not stored
+            lora.drop_base_weights(sd, "module.")
+        return {"averaged": sd}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         sd = state_dict.get("averaged")
@@ -132,4 +137,10 @@ class EMA(L.Callback):
         if self.averaged is None:
             self._pending = sd
         else:
-            self.averaged.load_state_dict(sd)
+            self._load(sd)
+
+    def _load(self, sd: dict[str, Any]) -> None:
+        if lora.has_lora(self.averaged.module):
+            sd = dict(sd)
+            lora.restore_base_weights(sd, self.averaged.module, "module.")
+        self.averaged.load_state_dict(sd)

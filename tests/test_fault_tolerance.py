@@ -71,8 +71,13 @@ def _run(monkeypatch, args: list[str], **env) -> None:
 @pytest.mark.slow
 @pytest.mark.parametrize("name", PRESETS)
 def test_sigkill_then_resume_equals_uninterrupted(name, fixtures, tmp_path, monkeypatch):
+    kill_and_resume(name, fixtures, tmp_path, monkeypatch)
+
+
+def kill_and_resume(name, fixtures, tmp_path, monkeypatch, extra: tuple[str, ...] = ()) -> None:
+    """SIGKILL preset ``name`` (plus CLI ``extra`` arguments) mid-run, resume, compare with a straight run."""
     # Uninterrupted reference (same callbacks, including the every-step checkpoint).
-    ref_args = ["fit", *preset_args(name, tmp_path / "ref", fixtures)]
+    ref_args = ["fit", *preset_args(name, tmp_path / "ref", fixtures), *extra]
     _run(monkeypatch, ref_args, LD_TEST_OUT=tmp_path / "ref_out", LD_TEST_CKPT_EVERY=1,
          LD_TEST_CKPT_DIR=tmp_path / "ref" / "every")
     (ref,) = load_records(tmp_path / "ref_out")
@@ -89,7 +94,7 @@ def test_sigkill_then_resume_equals_uninterrupted(name, fixtures, tmp_path, monk
     k = random.Random(f"{KILL_SEED}:{name}").choice(ends)
     what = f"{name}, killed after step {k} of {ends} (LD_TEST_KILL_SEED={KILL_SEED})"
     root, every = tmp_path / "crash", tmp_path / "crash" / "every"
-    args = ["fit", *preset_args(name, root, fixtures)]
+    args = ["fit", *preset_args(name, root, fixtures), *extra]
     code = run_forked(args, {"LD_TEST_CKPT_EVERY": "1", "LD_TEST_CKPT_DIR": str(every), "LD_TEST_KILL_AT": str(k)})
     assert code == -signal.SIGKILL, f"{what}: the child was not SIGKILLed, exit code {code}"
     last = every / "last.ckpt"

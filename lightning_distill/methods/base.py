@@ -27,6 +27,8 @@ from .. import backbones
 from ..errors import ConfigError
 from ..losses import LossOutput  # defined there so losses.py imports nothing from methods/
 from ..nn_utils import eval_mode, lcm_step_limit  # eval_mode is re-exported: methods import it from here
+from .. import lora
+from ..lora import LoraSpec
 from ..parametrisation import Denoiser, PredictionType
 from ..teacher import DiffusionTeacher
 
@@ -82,6 +84,10 @@ class DistillationMethod(L.LightningModule):
         teacher: the frozen teacher (from ``TeacherDataModule.teacher``; linked by the CLI).
         student: the student network (a diffusers UNet). None: a copy of the teacher's UNet.
         student_prediction_type: what the student outputs; None keeps the teacher's.
+        student_lora: train a LoRA of the student instead of all its weights
+            (``{rank, alpha, target_modules, init}``, :class:`~lightning_distill.lora.LoraSpec`): only the
+            adapters train; checkpoints hold the adapters and a reference to the base (the teacher's source);
+            the export is the fused network plus the adapter file ``pytorch_lora_weights.safetensors``.
         optimizer: optimiser factory for ``trainable_parameters()``.
         lr_scheduler: optional LR scheduler factory (stepped every optimiser step; in the adversarial
             loop, every generator update).
@@ -108,6 +114,7 @@ class DistillationMethod(L.LightningModule):
         teacher: DiffusionTeacher | None = None,
         student: nn.Module | None = None,
         student_prediction_type: PredictionType | None = None,
+        student_lora: LoraSpec | None = None,
         optimizer: OptimizerCallable = default_optimizer,
         lr_scheduler: LRSchedulerCallable | None = None,
         sample_steps: int = 4,
@@ -127,6 +134,9 @@ class DistillationMethod(L.LightningModule):
         self.optimizer_factory = optimizer
         self.lr_scheduler_factory = lr_scheduler
         self.student: Denoiser | None = None
+        # a student derived from the teacher (its copy, with adapters) is rebuilt identically on resume, so
+        # a LoRA checkpoint can leave its frozen base out (on_save_checkpoint)
+        self._student_from_teacher = student is None
         if teacher is not None or student is not None:
             self.build_student(student, student_prediction_type)
             if "student_prediction_type" in self.hparams:
@@ -153,6 +163,13 @@ class DistillationMethod(L.LightningModule):
         student = backbones.prepare_student(student)  # DiT: its label dropout switched off
         student.requires_grad_(True)
         student.train()
+        spec = LoraSpec.from_config(self.hparams.get("student_lora"))
+        if spec is not None:
+            from lightning.pytorch.utilities import rank_zero_info
+
+            lora.add_lora(student, spec, seed=self.hparams.get("seed", 0))  # freezes the base
+            trainable, total = lora.parameter_counts(student)
+            rank_zero_info(f"{type(self).__name__}: LoRA student, {trainable:,} of {total:,} parameters train")
         prediction_type = prediction_type or self.teacher.prediction_type
         velocity = self.teacher.schedule.velocity_prediction
         if self.teacher.schedule.path == "flow" and prediction_type != velocity:
@@ -277,11 +294,23 @@ class DistillationMethod(L.LightningModule):
 
     # --- teacher in checkpoints ----------------------------------------------------------------
 
+    def _lora_prefixes(self) -> list[str]:
+        """State-dict prefixes of the LoRA networks whose frozen base is rebuilt from the teacher on resume
+        (the student and its copies, e.g. consistency distillation's theta_minus)."""
+        if not (self._student_from_teacher and self.teacher is not None and self.teacher.reloadable):
+            return []
+        return [f"{name}.unet." for name, child in self.named_children()
+                if isinstance(child, Denoiser) and lora.has_lora(child.unet)]
+
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         hparams = checkpoint.get("hyper_parameters") or {}
         for key, value in list(hparams.items()):
             if isinstance(value, nn.Module):
                 hparams[key] = module_spec(value)
+            elif isinstance(value, LoraSpec):  # plain types: weights_only loading refuses dataclasses
+                hparams[key] = value.to_dict()
+        for prefix in self._lora_prefixes():  # the adapters, not the base (re-read from the teacher's source)
+            lora.drop_base_weights(checkpoint["state_dict"], prefix)
         if self.teacher is not None and self.teacher.reloadable:
             sd = checkpoint["state_dict"]
             for key in [k for k in sd if k.startswith("teacher.")]:
@@ -290,6 +319,8 @@ class DistillationMethod(L.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         sd = checkpoint["state_dict"]
+        for prefix in self._lora_prefixes():
+            lora.restore_base_weights(sd, self.get_submodule(prefix[:-len(".unet.")]).unet, prefix)
         if self.teacher is not None and not any(k.startswith("teacher.") for k in sd):
             # Reloadable teacher: its weights come from the source the data module just loaded.
             sd.update({f"teacher.{k}": v for k, v in self.teacher.state_dict().items()})
@@ -417,4 +448,11 @@ class DistillationMethod(L.LightningModule):
 
         den = self.sampling_denoiser() if use_ema else self.student
         vae = getattr(self.teacher, "vae", None)  # a latent DiT exports as DiTPipeline, which decodes with it
-        return export_pipeline(den.unet, self.sampling_scheduler(self.hparams.sample_steps), target, vae=vae)
+        scheduler = self.sampling_scheduler(self.hparams.sample_steps)
+        if not lora.has_lora(den.unet):
+            return export_pipeline(den.unet, scheduler, target, vae=vae)
+        # A LoRA student: the fused network (a stock folder that needs no peft), and the adapters beside it
+        # (pytorch_lora_weights.safetensors) for loading onto the base with load_lora_weights / load_lora.
+        folder = export_pipeline(lora.fuse_lora(den.unet), scheduler, target, vae=vae)
+        lora.save_lora(den.unet, folder)
+        return folder
