@@ -227,7 +227,7 @@ def _kill_during_export(target: str) -> None:
             os.kill(os.getpid(), signal.SIGKILL)
 
     real = export.make_pipeline
-    export.make_pipeline = lambda unet, sched: Dying(real(unet, sched))
+    export.make_pipeline = lambda unet, sched, *args, **kwargs: Dying(real(unet, sched, *args, **kwargs))
     export.export_pipeline(make_tiny_unet(seed=1), DDIMScheduler(num_train_timesteps=1024), target)
 
 
