@@ -83,6 +83,17 @@ def deterministic_scheduler(
     return DDIMScheduler.from_config(cfg)
 
 
+def flow_map_scheduler(config: dict, schedule: NoiseSchedule, prediction_type: str):
+    """The stock sampler of a flow-map (MeanFlow) student: ``FlowMapEulerDiscreteScheduler`` (T, the
+    path's shift) on the flow path; on the VP path ``DDIMScheduler`` (trailing, eta 0), whose step with the
+    mean (x0, eps) is the flow-map step. No clipping: a clamped x0 would no longer be that step."""
+    if schedule.path == "flow":
+        from diffusers import FlowMapEulerDiscreteScheduler
+
+        return FlowMapEulerDiscreteScheduler(num_train_timesteps=schedule.num_train_timesteps, shift=schedule.shift)
+    return deterministic_scheduler(config, schedule, prediction_type, None)
+
+
 def lcm_training_timesteps(num_train_timesteps: int, original_inference_steps: int) -> Tensor:
     """The LCM training grid t_n = n k - 1, n = 1..N, k = T // N (ascending), as ``LCMScheduler.set_timesteps``.
 
@@ -280,6 +291,7 @@ __all__ = [
     "X0_SAMPLER_TIMESTEP_SCALING",
     "at_steps",
     "deterministic_scheduler",
+    "flow_map_scheduler",
     "flow_scheduler",
     "backward_simulation",
     "generator_timesteps",

@@ -397,15 +397,9 @@ class MeanFlowDistillation(DistillationMethod):
         """The stock flow-map sampler: ``FlowMapEulerDiscreteScheduler`` (T, the teacher's shift) on the flow
         path; on the VP path ``DDIMScheduler`` (trailing, eta 0, no clipping), whose step is the flow-map
         step (:func:`flow_map_intervals`)."""
-        schedule = self.student.schedule
-        if schedule.path == "flow":
-            from diffusers import FlowMapEulerDiscreteScheduler
+        from ..sampling import flow_map_scheduler
 
-            return FlowMapEulerDiscreteScheduler(num_train_timesteps=schedule.num_train_timesteps, shift=schedule.shift)
-        from ..sampling import deterministic_scheduler
-
-        # no clipping: a clamped x0_bar would no longer be the flow-map step the student is trained for
-        return deterministic_scheduler(self.student_scheduler_config, schedule, self.student.prediction_type, None)
+        return flow_map_scheduler(self.student_scheduler_config, self.student.schedule, self.student.prediction_type)
 
     def sampling_scheduler(self, steps: int):
         """One scheduler for every step count: both flow-map samplers set their grid in ``set_timesteps``."""
