@@ -86,6 +86,9 @@ class FeatureTap:
             under to its block path.
         stop: end the forward pass once every tapped block has run (the rest of the network, e.g. a
             UNet's decoder, is never evaluated; the ``with`` block then ends quietly).
+        select: the feature tensor of a block's output (default: the output itself, the first element of
+            a tuple, or ``last_hidden_state``); e.g. the image stream of an MMDiT block's
+            ``(encoder_hidden_states, hidden_states)``.
 
     Example::
 
@@ -95,7 +98,7 @@ class FeatureTap:
         >>> tap.features["mid_block"].shape
     """
 
-    def __init__(self, network: nn.Module, names, stop: bool = False) -> None:
+    def __init__(self, network: nn.Module, names, stop: bool = False, select=None) -> None:
         names = dict(names) if isinstance(names, dict) else {n: n for n in names}
         # Feature networks build a tap per forward pass: look up only the named paths (walking every
         # module of the network is left to the error message).
@@ -111,12 +114,13 @@ class FeatureTap:
         self.network_name = type(network).__name__
         self.blocks = blocks
         self.stop = stop
+        self.select = select or _first_tensor
         self.features: dict[str, Tensor] = {}
         self._handles: list = []
 
     def _hook(self, key: str):
         def fn(_module, _inputs, output):
-            self.features[key] = _first_tensor(output)
+            self.features[key] = self.select(output)
             if self.stop and len(self.features) == len(self.blocks):
                 raise _StopForward
 
@@ -138,9 +142,10 @@ class FeatureTap:
         return exc_type is _StopForward
 
 
-def capture_features(network: nn.Module, names, run) -> list[Tensor]:
-    """Run ``run()`` and return the outputs of the blocks ``names`` in order, stopping after the last one."""
+def capture_features(network: nn.Module, names, run, select=None) -> list[Tensor]:
+    """Run ``run()`` and return the outputs of the blocks ``names`` in order, stopping after the last one
+    (``select``: as :class:`FeatureTap`'s)."""
     names = list(names)
-    with FeatureTap(network, names, stop=True) as tap:
+    with FeatureTap(network, names, stop=True, select=select) as tap:
         run()
     return [tap.features[n] for n in names]
