@@ -178,6 +178,10 @@ class DiffusionTeacher(nn.Module):
         self.text_encoder_2 = text_encoder_2
         self.tokenizer_2 = tokenizer_2
         self.max_sequence_length = max_sequence_length
+        # Filled by data.text_cache / data.release_encoders (lightning_distill/text_cache.py): prompt -> its text
+        # keywords (batch 1), and a record of the encoders released (None while they are held).
+        self.prompt_table: dict[str, dict[str, torch.Tensor]] = {}
+        self.released = None
         self.requires_grad_(False)
         self.eval()
 
@@ -224,7 +228,8 @@ class DiffusionTeacher(nn.Module):
 
     @property
     def is_text_conditional(self) -> bool:
-        return self.text_encoder is not None and self.tokenizer is not None
+        held = self.text_encoder is not None or self.released is not None  # released: prompts come from prompt_table
+        return held and self.tokenizer is not None
 
     @torch.no_grad()
     def encode_images(self, x: torch.Tensor) -> torch.Tensor:
@@ -306,7 +311,17 @@ class DiffusionTeacher(nn.Module):
         )
 
     def encode_prompts(self, prompts: list[str]) -> dict[str, torch.Tensor]:
-        """Prompts -> the denoiser's text keywords: :meth:`text_conditioning` of :meth:`text_inputs`."""
+        """Prompts -> the denoiser's text keywords: :meth:`text_conditioning` of :meth:`text_inputs`, or the
+        cached embeddings of ``prompt_table`` when it holds every prompt (the only way once encoders are released)."""
+        table = self.prompt_table
+        if prompts and all(p in table for p in prompts):
+            return {k: torch.cat([table[p][k] for p in prompts]) for k in table[prompts[0]]}
+        if self.released is not None:
+            missing = sorted({p for p in prompts if p not in table})
+            raise TeacherError(
+                f"the text encoders were released (data.release_encoders) and prompts {missing} have no cached "
+                f"embedding; cached prompts: {sorted(table)}"
+            )
         return self.text_conditioning(self.text_inputs(prompts))
 
     @property
