@@ -15,11 +15,14 @@ second CLIP encoder: ``teacher.text_inputs``), the tokenised prompt of each imag
 fixed ``prompt`` (``{label}`` is replaced by the class name) or a caption file in the image folder
 (``metadata.jsonl`` with ``file_name`` / ``text`` fields, or ``prompts.txt`` with one line per image in
 sorted file order); the method turns them into the network's text keywords with ``teacher.text_conditioning``
-(``teacher.encode_text`` for SD1.5-style teachers).
+(``teacher.encode_text`` for SD1.5-style teachers). With ``text_cache`` / ``release_encoders`` every prompt is
+encoded once at setup instead and batches also carry ``"text_cond"``, the keywords themselves; with
+``release_encoders`` the text encoders and the VAE's encoder then leave the teacher (:mod:`lightning_distill.text_cache`).
 
 Teacher-data mode (``pairs``, see :mod:`lightning_distill.teacher_pairs`): the train / val sets are
 (noise, teacher sample) pairs generated once by the teacher's DDIM sampler and cached on disk; batches
-are then ``{"noise", "x" (the teacher's sample), "label"}``. ``train_images()`` still gives real data.
+are then ``{"noise", "x" (the teacher's sample), "label"}`` (text teachers: also the token ids of the
+training prompt each pair was sampled with). ``train_images()`` still gives real data.
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from .resume import EpochSeededRandomSampler, ResumableDataLoader
 from .teacher import DiffusionTeacher, TeacherError, load_teacher
 from .teacher_pairs import PairsConfig
+from .text_cache import TextEmbeddings
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 
@@ -60,15 +64,21 @@ def load_digits_tensor(image_size: int = 16) -> tuple[Tensor, Tensor]:
 class TensorImageDataset(Dataset):
     """Images held in memory as one tensor."""
 
-    def __init__(self, images: Tensor, labels: Tensor, extras: dict[str, Tensor] | None = None) -> None:
+    def __init__(
+        self, images: Tensor, labels: Tensor, extras: dict[str, Tensor] | None = None, text: TextEmbeddings | None = None
+    ) -> None:
         self.images, self.labels = images, labels
         self.extras = extras or {}  # further per-item tensors, e.g. "input_ids" for text teachers
+        self.text = text  # precomputed text keywords: item "text_cond"
 
     def __len__(self) -> int:
         return self.images.shape[0]
 
     def __getitem__(self, i: int) -> dict:
-        return {"x": self.images[i], "label": self.labels[i], **{k: v[i] for k, v in self.extras.items()}}
+        item = {"x": self.images[i], "label": self.labels[i], **{k: v[i] for k, v in self.extras.items()}}
+        if self.text is not None:
+            item["text_cond"] = self.text[i]
+        return item
 
 
 def find_images(root: str | os.PathLike) -> list[Path]:
@@ -134,6 +144,13 @@ class TeacherDataModule(L.LightningDataModule):
             (default: the one in the image folder, if any). Exclusive with ``prompt``.
         latent_cache: latent teachers: a ``.pt`` file holding the encoded data set; written once,
             reused while teacher, data and image size match.
+        text_cache: text-conditional teachers: a ``.pt`` file holding every prompt's embeddings (the
+            network's text keywords); written once, reused while teacher, revision, prompts and encoder
+            settings match. Batches then carry ``"text_cond"``, which the methods use instead of encoding.
+        release_encoders: text-conditional teachers: encode every prompt once (with ``text_cache``, or in
+            memory), plus ``""`` and the method's sampling prompts, then drop the text encoders and the VAE's
+            encoder from the teacher before training (the VAE decoder stays; exports read the dropped parts
+            back from the teacher's source).
         pairs: teacher-data mode: train on cached (noise, teacher sample) pairs instead (generated on
             first use, resumable; see :class:`~lightning_distill.teacher_pairs.PairsConfig`).
 
@@ -162,6 +179,8 @@ class TeacherDataModule(L.LightningDataModule):
         prompt: str | None = None,
         captions: str | None = None,
         latent_cache: str | None = None,
+        text_cache: str | None = None,
+        release_encoders: bool = False,
     ) -> None:
         super().__init__()
         if image_size < 4:
@@ -188,6 +207,14 @@ class TeacherDataModule(L.LightningDataModule):
             self.channels = channels or (self.teacher.in_channels if self.teacher and not self.teacher.is_latent else 3)
         self.image_size = image_size
         self.check_teacher()
+        if (text_cache or release_encoders) and not (self.teacher is not None and self.teacher.is_text_conditional):
+            raise DataError(
+                "data.text_cache and data.release_encoders need a text-conditional teacher (text_encoder/ and "
+                f"tokenizer/); teacher {teacher!r} has no text encoder"
+            )
+        if release_encoders and pairs is not None:
+            raise DataError("data.release_encoders does not combine with data.pairs (pair batches carry token ids, "
+                            "which need the text encoders); set one of them")
         self.train_set: Dataset | None = None
         self.val_set: Dataset | None = None
 
@@ -235,10 +262,16 @@ class TeacherDataModule(L.LightningDataModule):
         return load_image_folder(hp.data, self.image_size, self.channels, hp.class_conditional)
 
     def setup(self, stage: str | None = None) -> None:
-        if self.train_set is not None:
-            return
+        if self.train_set is None:
+            self.build_sets()
+        if self.hparams.release_encoders and self.trainer is not None:
+            self.release_encoders(self.trainer.lightning_module)
+
+    def build_sets(self) -> None:
         images, labels = self.load_all()
-        extras = self.prompt_inputs(labels)
+        extras, text = self.prompt_inputs(labels), None
+        if extras and (self.hparams.text_cache or self.hparams.release_encoders):
+            text = self.text_embeddings(self.prompts(labels))
         if self.teacher is not None and self.teacher.is_latent:
             images = self.encode_latents(images)
         n = images.shape[0]
@@ -246,7 +279,7 @@ class TeacherDataModule(L.LightningDataModule):
         if n - n_val < 1:
             raise DataError(f"only {n} images: too few to split into train and validation")
         perm = torch.randperm(n, generator=torch.Generator().manual_seed(self.hparams.split_seed))
-        full = TensorImageDataset(images, labels, extras)
+        full = TensorImageDataset(images, labels, extras, text)
         self.val_set = Subset(full, perm[:n_val].tolist())
         self.train_set = Subset(full, perm[n_val:].tolist())
         self.image_train_set, self.image_val_set = self.train_set, self.val_set
@@ -311,6 +344,27 @@ class TeacherDataModule(L.LightningDataModule):
             return {}
         return self.teacher.text_inputs(self.prompts(labels))
 
+    def text_embeddings(self, prompts: list[str]) -> TextEmbeddings:
+        """Every prompt's text keywords, encoded once (cached in ``text_cache``), and ``""``'s in the teacher's
+        ``prompt_table`` (the unconditional prompt of guidance)."""
+        from .text_cache import cache_key, caption_embeddings, remember_prompts
+
+        hp = self.hparams
+        emb = caption_embeddings(self.teacher, prompts, cache_key(self.teacher, hp.teacher, hp.teacher_revision, prompts),
+                                 hp.text_cache)
+        remember_prompts(self.teacher, [""])
+        return emb
+
+    def release_encoders(self, model=None) -> None:
+        """Encode the prompts ``model`` samples with (its ``prompts_to_cache()``) and ``""``, then drop the text
+        encoders and the VAE's encoder from the teacher (and from ``model.teacher``, if another object)."""
+        from .text_cache import release_encoders, remember_prompts
+
+        prompts = [""] + list(model.prompts_to_cache() if hasattr(model, "prompts_to_cache") else [])
+        for teacher in {id(t): t for t in (self.teacher, getattr(model, "teacher", None)) if t is not None}.values():
+            remember_prompts(teacher, prompts)
+            release_encoders(teacher)
+
     def encode_latents(self, images: Tensor, batch_size: int = 32) -> Tensor:
         """Encode the whole data set with the teacher's VAE once (on a GPU if there is one), with a disk cache."""
         hp = self.hparams
@@ -341,7 +395,7 @@ class TeacherDataModule(L.LightningDataModule):
 
     def setup_pairs(self) -> None:
         """Teacher-data mode: generate (or resume, or verify) the pairs and train on them."""
-        from .teacher_pairs import ensure_pairs, pair_datasets
+        from .teacher_pairs import PromptPool, ensure_pairs, pair_datasets
 
         cfg = self.hparams.pairs
         if isinstance(cfg, dict):
@@ -353,8 +407,13 @@ class TeacherDataModule(L.LightningDataModule):
             strategy = self.trainer.strategy
             dist = {"rank": self.trainer.global_rank, "world_size": self.trainer.world_size, "barrier": strategy.barrier}
             self.teacher.to(strategy.root_device)
+        prompts = None
+        if self.teacher.is_text_conditional:  # the training images' prompts; each pair stores its token ids
+            ids, train = self.image_train_set.dataset.extras, torch.as_tensor(self.image_train_set.indices)
+            prompts = PromptPool({k: v[train] for k, v in ids.items()}, self.teacher.text_conditioning)
         pairs = ensure_pairs(
-            self.teacher.denoiser, cfg, self.sample_shape, self.teacher.num_classes, self.teacher.source, **dist
+            self.teacher.denoiser, cfg, self.sample_shape, self.teacher.num_classes, self.teacher.source, **dist,
+            prompts=prompts,
         )
         self.train_set, self.val_set = pair_datasets(pairs, cfg.val_fraction)
 

@@ -6,7 +6,8 @@ pairs are stored once and then used for ordinary regression training (data disti
 Storage layout of a pairs folder::
 
     manifest.json              settings + one entry per shard (file, count, bytes, sha256)
-    shard-00000.safetensors    tensors "noise", "sample" (and "label"), metadata = settings + index
+    shard-00000.safetensors    tensors "noise", "sample" (and "label", or a text teacher's token ids
+                               "input_ids"[, "input_ids_2"]), metadata = settings + index
     shard-00001.safetensors
     ...
 
@@ -20,6 +21,13 @@ Guarantees:
   * The manifest is written last (rank 0, after all ranks are done) and is the completion marker.
     Loading checks every shard against it (size and sha256) and raises :class:`PairsError` on any
     mismatch; :func:`ensure_pairs` instead regenerates a shard that fails the check.
+
+Text-conditional teachers (SD3): each pair is drawn with one prompt of a :class:`PromptPool` (the data
+module's training captions), chosen by the shard's generator after the noise, and stores that prompt's
+token ids; the teacher samples from the keywords of those ids, and training regenerates the same keywords
+from the stored ids (the method's ``text_cond``), so the keywords themselves, (L + 256) x 4096 floats per
+SD3 prompt, are never written. The pool's token ids are fingerprinted in the settings. No guidance: the
+pairs are the plain conditional teacher's samples.
 """
 
 from __future__ import annotations
@@ -44,6 +52,41 @@ TimeGrid = Literal["trailing", "quadratic"]
 
 class PairsError(ValueError):
     """A pairs folder that cannot be used: missing, incomplete, corrupt, or made with other settings."""
+
+
+@dataclass
+class PromptPool:
+    """The prompts a text-conditional teacher's pairs are drawn from (uniformly, with each shard's generator).
+
+    Args:
+        inputs: every prompt's token ids, ``{"input_ids": (P, L)[, "input_ids_2": (P, L)]}`` (``teacher.text_inputs``).
+        encode: token ids (a dict like ``inputs``, on the teacher's device) -> the network's text keywords
+            (``teacher.text_conditioning``).
+
+    Example::
+
+        >>> pool = PromptPool(teacher.text_inputs(["a cat", "a dog"]), teacher.text_conditioning)
+    """
+
+    inputs: dict[str, Tensor]
+    encode: Callable[[dict], dict]
+
+    def __post_init__(self) -> None:
+        sizes = {k: v.shape[0] for k, v in self.inputs.items()}
+        if not sizes or len(set(sizes.values())) != 1 or 0 in sizes.values():
+            raise ValueError(f"a prompt pool needs token ids of one positive length per key, got sizes {sizes}")
+
+    @property
+    def size(self) -> int:
+        return next(iter(self.inputs.values())).shape[0]
+
+    def fingerprint(self) -> dict:
+        """Number of prompts and sha256 of their token ids (first 16 hex digits): other prompts, another cache."""
+        h = hashlib.sha256()
+        for k in sorted(self.inputs):
+            h.update(k.encode())
+            h.update(self.inputs[k].long().contiguous().numpy().tobytes())
+        return {"count": self.size, "sha256": h.hexdigest()[:16]}
 
 
 @dataclass
@@ -152,13 +195,15 @@ def seed_for_shard(seed: int, index: int) -> int:
     return (int(seed) * 1_000_003 + int(index)) % (2**63 - 1)
 
 
-def shard_noise(cfg: PairsConfig, index: int, shape: tuple[int, ...], num_classes: int | None):
-    """The noise (and labels) of one shard, drawn on the CPU so that every device gives the same pairs."""
+def shard_noise(cfg: PairsConfig, index: int, shape: tuple[int, ...], num_classes: int | None,
+                num_prompts: int | None = None):
+    """The noise (and labels, prompt indices) of one shard, drawn on the CPU so every device gives the same pairs."""
     gen = torch.Generator().manual_seed(seed_for_shard(cfg.seed, index))
     n = cfg.shard_count(index)
     noise = torch.randn((n, *shape), generator=gen)
     labels = torch.randint(0, num_classes, (n,), generator=gen) if num_classes else None
-    return noise, labels
+    prompts = torch.randint(0, num_prompts, (n,), generator=gen) if num_prompts else None
+    return noise, labels, prompts
 
 
 # --- files ---------------------------------------------------------------------------------------
@@ -190,7 +235,7 @@ def read_shard(path: Path, expected_count: int | None = None, settings: dict | N
     if "noise" not in tensors or "sample" not in tensors:
         raise PairsError(f"shard {path} lacks the 'noise' / 'sample' tensors")
     n = tensors["noise"].shape[0]
-    if tensors["sample"].shape[0] != n or ("label" in tensors and tensors["label"].shape[0] != n):
+    if any(v.shape[0] != n for v in tensors.values()):
         raise PairsError(f"shard {path}: tensors disagree in length")
     if expected_count is not None and n != expected_count:
         raise PairsError(f"shard {path} holds {n} pairs, expected {expected_count}")
@@ -226,6 +271,7 @@ def generate_pairs(
     barrier: Callable[[], None] | None = None,
     teacher_source: str | None = None,
     stop_after: int | None = None,
+    prompts: PromptPool | None = None,
 ) -> Path:
     """Generate (or finish generating) the pairs of ``cfg`` into ``cfg.dir`` and write the manifest.
 
@@ -239,6 +285,7 @@ def generate_pairs(
             is refused rather than silently reused).
         stop_after: generate at most this many shards in this call and return without a manifest
             (testing interruptions; None in normal use).
+        prompts: a text-conditional teacher's prompts (each pair stores the token ids it was sampled with).
 
     Returns:
         The folder.
@@ -249,7 +296,7 @@ def generate_pairs(
     barrier = d_barrier if barrier is None else barrier
     folder = Path(cfg.dir).expanduser()
     folder.mkdir(parents=True, exist_ok=True)
-    settings = pair_settings(denoiser, cfg, sample_shape, num_classes, teacher_source)
+    settings = pair_settings(denoiser, cfg, sample_shape, num_classes, teacher_source, prompts)
     grid = torch.tensor(settings["timesteps"])
     _check_existing_manifest(folder, settings)
     mine = [i for i in range(cfg.num_shards) if i % world_size == rank]
@@ -273,14 +320,18 @@ def generate_pairs(
     )
     meta_settings = json.dumps(settings, sort_keys=True)
     for i in todo:
-        noise, labels = shard_noise(cfg, i, sample_shape, num_classes)
+        noise, labels, which = shard_noise(cfg, i, sample_shape, num_classes, prompts.size if prompts else None)
+        ids = {k: v[which] for k, v in prompts.inputs.items()} if prompts is not None else {}
         samples = []
         for start in range(0, noise.shape[0], cfg.batch_size):
-            z = noise[start : start + cfg.batch_size].to(device=device, dtype=dtype)
-            cond = {"class_labels": labels[start : start + cfg.batch_size].to(device)} if labels is not None else {}
+            part = slice(start, start + cfg.batch_size)
+            z = noise[part].to(device=device, dtype=dtype)
+            cond = {"class_labels": labels[part].to(device)} if labels is not None else {}
+            if ids:  # the keywords are regenerated from the stored ids, here and in training
+                cond.update(prompts.encode({k: v[part].to(device) for k, v in ids.items()}))
             samples.append(ddim_sample(denoiser, z, grid.to(device), **cond).float().cpu())
             bar.update(z.shape[0])
-        tensors = {"noise": noise, "sample": torch.cat(samples)}
+        tensors = {"noise": noise, "sample": torch.cat(samples), **ids}
         if labels is not None:
             tensors["label"] = labels
         write_shard(folder / shard_name(i), tensors, {"settings": meta_settings, "index": str(i)})
@@ -295,13 +346,16 @@ def generate_pairs(
 
 
 def pair_settings(
-    denoiser: Denoiser, cfg: PairsConfig, sample_shape: tuple[int, ...], num_classes: int | None, teacher_source: str | None
+    denoiser: Denoiser, cfg: PairsConfig, sample_shape: tuple[int, ...], num_classes: int | None,
+    teacher_source: str | None, prompts: PromptPool | None = None,
 ) -> dict:
     """Everything that determines the pairs (recorded in the manifest and every shard; compared on reuse)."""
     grid = sampling_grid(denoiser.schedule, cfg.num_steps, cfg.time_grid, cfg.t_max)
     settings = {**cfg.generation_settings(), "teacher": teacher_source, "sample_shape": list(sample_shape),
                 "num_classes": num_classes, "format": FORMAT_VERSION, "teacher_sha256": teacher_fingerprint(denoiser),
                 "timesteps": grid.tolist()}
+    if prompts is not None:  # only then: caches of other teachers keep their settings
+        settings["prompts"] = prompts.fingerprint()
     return json.loads(json.dumps(settings))  # the form it takes after a JSON round trip
 
 
@@ -390,6 +444,7 @@ def ensure_pairs(
     rank: int | None = None,
     world_size: int | None = None,
     barrier: Callable[[], None] | None = None,
+    prompts: PromptPool | None = None,
 ) -> dict[str, Tensor]:
     """Generate what is missing (resuming), regenerate shards that fail the manifest check, then load.
 
@@ -402,7 +457,8 @@ def ensure_pairs(
     barrier = d_barrier if barrier is None else barrier
     folder = Path(cfg.dir).expanduser()
     if (folder / MANIFEST).exists():
-        _check_existing_manifest(folder, pair_settings(denoiser, cfg, sample_shape, num_classes, teacher_source))
+        settings = pair_settings(denoiser, cfg, sample_shape, num_classes, teacher_source, prompts)
+        _check_existing_manifest(folder, settings)
         bad = verify_pairs(folder)
         if not bad:
             return load_pairs(folder)
@@ -415,22 +471,24 @@ def ensure_pairs(
                 (folder / name).unlink(missing_ok=True)
             (folder / MANIFEST).unlink(missing_ok=True)
         barrier()
-    generate_pairs(denoiser, cfg, sample_shape, num_classes, rank, world_size, barrier, teacher_source)
+    generate_pairs(denoiser, cfg, sample_shape, num_classes, rank, world_size, barrier, teacher_source, prompts=prompts)
     return load_pairs(folder)
 
 
 class PairDataset(Dataset):
-    """(noise, teacher sample, label) triples; batches are {"noise", "x", "label"} (x = the teacher sample)."""
+    """(noise, teacher sample, label) triples; batches are {"noise", "x", "label"} (x = the teacher sample),
+    plus any ``extras`` per pair (a text teacher's token ids)."""
 
-    def __init__(self, noise: Tensor, sample: Tensor, label: Tensor | None = None) -> None:
-        self.noise, self.sample = noise, sample
+    def __init__(self, noise: Tensor, sample: Tensor, label: Tensor | None = None, extras: dict | None = None) -> None:
+        self.noise, self.sample, self.extras = noise, sample, extras or {}
         self.label = label if label is not None else torch.zeros(noise.shape[0], dtype=torch.long)
 
     def __len__(self) -> int:
         return self.noise.shape[0]
 
     def __getitem__(self, i: int) -> dict:
-        return {"noise": self.noise[i], "x": self.sample[i], "label": self.label[i]}
+        extras = {k: v[i] for k, v in self.extras.items()}
+        return {"noise": self.noise[i], "x": self.sample[i], "label": self.label[i], **extras}
 
 
 def pair_datasets(pairs: dict[str, Tensor], val_fraction: float) -> tuple[PairDataset, PairDataset]:
@@ -440,9 +498,11 @@ def pair_datasets(pairs: dict[str, Tensor], val_fraction: float) -> tuple[PairDa
     if n - n_val < 1:
         raise PairsError(f"only {n} pairs: too few to hold out {n_val} for validation")
     label = pairs.get("label")
+    extras = {k: v for k, v in pairs.items() if k not in ("noise", "sample", "label")}
 
     def part(sl: slice) -> PairDataset:
-        return PairDataset(pairs["noise"][sl], pairs["sample"][sl], None if label is None else label[sl])
+        return PairDataset(pairs["noise"][sl], pairs["sample"][sl], None if label is None else label[sl],
+                           {k: v[sl] for k, v in extras.items()})
 
     train, val = part(slice(0, n - n_val)), part(slice(n - n_val, n))
     return train, val
@@ -477,6 +537,9 @@ def main(argv: list[str] | None = None) -> None:
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     cfg = PairsConfig(**{f.name: getattr(args, f.name) for f in fields(PairsConfig) if f.name != "progress"})
     teacher = load_teacher(args.teacher)
+    if teacher.is_text_conditional:
+        parser.error("a text-conditional teacher's pairs need prompts: generate them with `lightning-distill fit` "
+                     "and data.pairs (prompts from data.prompt or the image folder's captions)")
     if torch.cuda.is_available():
         teacher.to("cuda")
     size = args.image_size or teacher.sample_size
@@ -494,6 +557,7 @@ __all__ = [
     "PairsConfig",
     "PairsError",
     "PairDataset",
+    "PromptPool",
     "ddim_sample",
     "ensure_pairs",
     "generate_pairs",

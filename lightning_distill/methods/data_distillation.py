@@ -19,6 +19,11 @@ On a flow-matching teacher t_N = T - 1 is s = 1, where x_1 = eps exactly (alpha 
 teacher's Euler samples, the student's x0 estimate is x_1 - u (its velocity output, the default), and
 the one-step ``FlowMatchEulerDiscreteScheduler`` step from s = 1 to 0 is that same x_1 - u (no clipping
 on the flow path). An eps-student is undefined there (x0 = (x - s eps) / alpha with alpha = 0).
+
+Text-conditional (SD3) teachers (#23 item 2): each pair stores the token ids of the training prompt it was
+sampled with (:class:`~lightning_distill.teacher_pairs.PromptPool`); the student sees the teacher's keywords
+of those ids (:class:`~.text.TextToImageMixin`), samples prompts in the text pipelines' loop, and exports as
+a ``StableDiffusion3Pipeline`` with the one-step ``FlowMatchEulerDiscreteScheduler`` (guidance_scale=1).
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ from ..losses import Distance, regression_distance
 from ..parametrisation import Denoiser
 from ..teacher import DiffusionTeacher
 from .base import DistillationMethod, LossOutput
+from .text import TextToImageMixin
 
 
 def one_step_x0(student: Denoiser, noise: Tensor, clip: bool = False, **cond) -> Tensor:
@@ -53,15 +59,17 @@ def pair_regression_loss(student: Denoiser, noise: Tensor, target: Tensor, dista
     return regression_distance(one_step_x0(student, noise, **cond), target, distance).mean()
 
 
-class DataDistillation(DistillationMethod):
+class DataDistillation(TextToImageMixin, DistillationMethod):
     """One-step student trained by regression on cached teacher (noise, sample) pairs.
 
     Needs ``data.pairs`` (teacher-data mode): batches are {"noise", "x", "label"} with x the teacher's
-    DDIM sample from that noise.
+    DDIM sample from that noise (text teachers: also the token ids of the pair's prompt).
 
     Args:
         distance: ``l1`` (Luhman & Luhman on CIFAR-10) or ``l2`` (their other data sets).
         sample_steps: 1: the student is a one-step generator.
+        sample_prompt: text-conditional (SD3) teachers: the prompt of logged grids and the default of
+            :meth:`sample` (:class:`~lightning_distill.methods.text.TextToImageMixin`).
         **kwargs: :class:`DistillationMethod`'s arguments: ``student`` (None: a copy of the teacher, as in
             the paper), ``student_prediction_type`` (``sample`` suits eps-prediction teachers), ...
 
@@ -72,7 +80,8 @@ class DataDistillation(DistillationMethod):
     """
 
     def __init__(
-        self, teacher: DiffusionTeacher | None = None, *, distance: Distance = "l1", sample_steps: int = 1, **kwargs
+        self, teacher: DiffusionTeacher | None = None, *, distance: Distance = "l1", sample_steps: int = 1,
+        sample_prompt: str = "", **kwargs,
     ) -> None:
         if teacher is None:
             raise ConfigError("DataDistillation needs a teacher (set data.teacher)")
@@ -81,7 +90,10 @@ class DataDistillation(DistillationMethod):
     def compute_loss(self, batch: dict) -> LossOutput:
         if "noise" not in batch:
             raise KeyError("DataDistillation trains on teacher pairs: set data.pairs (batches need a 'noise' entry)")
-        cond = {"class_labels": batch["label"]} if self.is_class_conditional else {}
+        if self.text_conditional:  # the keywords of the prompt each pair was sampled with
+            cond = self.text_cond(batch)
+        else:
+            cond = {"class_labels": batch["label"]} if self.is_class_conditional else {}
         loss = pair_regression_loss(self.student, batch["noise"], batch["x"], self.hparams.distance, **cond)
         return LossOutput(loss, {"loss": loss.detach(), self.hparams.distance: loss.detach()})
 

@@ -202,12 +202,12 @@ class LatentConsistencyDistillation(ConsistencyDistillation):
         return takes_guidance_embedding(self.student.unet)
 
     def prompt_conditioning(self, batch: dict) -> dict:
-        """The teacher's text keywords for a batch's token ids (``teacher.text_conditioning``)."""
-        return self.teacher.text_conditioning(batch)
+        """The text keywords of a batch's prompts: precomputed (``text_cond``) or the teacher's ``text_conditioning``."""
+        return batch["text_cond"] if "text_cond" in batch else self.teacher.text_conditioning(batch)
 
     def uncond_conditioning(self, n: int, device) -> dict:
-        inputs = {k: v.to(device) for k, v in self.teacher.text_inputs([self.hparams.uncond_prompt]).items()}
-        return {k: v.expand(n, *v.shape[1:]) for k, v in self.teacher.text_conditioning(inputs).items()}
+        cond = self.teacher.encode_prompts([self.hparams.uncond_prompt])  # cached when the encoders are released
+        return {k: v.to(device).expand(n, *v.shape[1:]) for k, v in cond.items()}
 
     def prompt_embeds(self, batch: dict) -> Tensor:
         return self.prompt_conditioning(batch)["encoder_hidden_states"]
@@ -277,7 +277,7 @@ class LatentConsistencyDistillation(ConsistencyDistillation):
 
     def predict_step(self, batch: dict, batch_idx: int) -> Tensor:
         gen = torch.Generator(device="cpu").manual_seed(self.hparams.seed + batch_idx)
-        emb = self.prompt_conditioning(batch) if "input_ids" in batch else None
+        emb = self.prompt_conditioning(batch) if "input_ids" in batch or "text_cond" in batch else None
         return self.sample(batch["x"].shape[0], self.hparams.sample_steps, gen, prompt_embeds=emb)
 
     def log_sample_grid(self, tag: str = "samples") -> None:
@@ -305,13 +305,15 @@ class LatentConsistencyDistillation(ConsistencyDistillation):
         from diffusers import LatentConsistencyModelPipeline
 
         from ..export import atomic_write_dir, export_sd3_pipeline
+        from ..text_cache import pipeline_parts
 
         den = self.sampling_denoiser() if use_ema else self.student
+        parts = pipeline_parts(self.teacher)  # encoders read back from the source when released
         if type(den.unet).__name__ == "SD3Transformer2DModel":
-            return export_sd3_pipeline(den.unet, self.sampling_scheduler(self.hparams.sample_steps), self.teacher, target)
+            return export_sd3_pipeline(den.unet, self.sampling_scheduler(self.hparams.sample_steps), parts, target)
         unet = copy.deepcopy(den.unet).to(device="cpu", dtype=torch.float32)
         pipe = LatentConsistencyModelPipeline(
-            vae=self.teacher.vae, text_encoder=self.teacher.text_encoder, tokenizer=self.teacher.tokenizer,
+            vae=parts.vae, text_encoder=parts.text_encoder, tokenizer=parts.tokenizer,
             unet=unet, scheduler=self.make_scheduler(), safety_checker=None, feature_extractor=None,
             requires_safety_checker=False,
         )

@@ -4,7 +4,8 @@ A method that conditions every network on the same keywords (consistency distill
 things from a text-conditional (SD3) teacher, gathered here once:
 
 * the keywords of a batch: :meth:`TextToImageMixin.text_cond`, the teacher's ``text_conditioning`` of the
-  batch's token ids (SD3: ``encoder_hidden_states`` + ``pooled_projections``), in float32;
+  batch's token ids (SD3: ``encoder_hidden_states`` + ``pooled_projections``), in float32, or the batch's
+  precomputed ``text_cond`` (``data.text_cache`` / ``data.release_encoders``, :mod:`lightning_distill.text_cache`);
 * sampling from prompts: :meth:`TextToImageMixin.sample` takes ``prompts`` (default: ``sample_prompt``) or
   ``prompt_embeds`` and runs the text pipelines' loop (:func:`~lightning_distill.sampling.text_to_image_sample`);
 * export: an ``SD3Transformer2DModel`` student becomes a ``StableDiffusion3Pipeline`` folder with the
@@ -74,8 +75,15 @@ class TextToImageMixin:
         )
 
     def text_cond(self, batch: dict) -> dict:
-        """The network keywords of a batch's prompts (the teacher's ``text_conditioning``), float32."""
-        return {k: v.float() for k, v in self.teacher.text_conditioning(batch).items()}
+        """The network keywords of a batch's prompts (precomputed ``text_cond``, else the teacher's
+        ``text_conditioning`` of its token ids), float32."""
+        cond = batch["text_cond"] if "text_cond" in batch else self.teacher.text_conditioning(batch)
+        return {k: v.float() for k, v in cond.items()}
+
+    def prompts_to_cache(self) -> list[str]:
+        """The prompts this method encodes outside batches (sample grids, guidance), encoded once before
+        ``data.release_encoders`` drops the text encoders."""
+        return [self.hparams.get("sample_prompt") or "", self.hparams.get("uncond_prompt", "")]
 
     def uncond_text_cond(self, prompt: str = "") -> dict:
         """The keywords of the unconditional prompt (batch 1, float32), on the method's device."""
@@ -108,8 +116,10 @@ class TextToImageMixin:
         if type(den.unet).__name__ != "SD3Transformer2DModel":
             return super().export(target, use_ema)
         from ..export import export_sd3_pipeline
+        from ..text_cache import pipeline_parts
 
-        return export_sd3_pipeline(den.unet, self.sampling_scheduler(self.hparams.sample_steps), self.teacher, target)
+        parts = pipeline_parts(self.teacher)  # encoders read back from the source when released
+        return export_sd3_pipeline(den.unet, self.sampling_scheduler(self.hparams.sample_steps), parts, target)
 
 
 __all__ = ["GuidedScore", "TextToImageMixin"]
