@@ -1,13 +1,21 @@
 """GAN building blocks of the adversarial methods (ADD, APT, DMD2's GAN head).
 
 ``losses`` (GAN losses, true and approximated R1), ``plan`` (the step plan and the schedule-callback
-protocol), ``features`` (feature networks), ``discriminators`` (heads). The
+protocol), ``features`` (feature networks: UNet and transformer denoisers, any module), ``discriminators`` (heads). The
 one adversarial training loop that uses them is
 :class:`lightning_distill.methods.adversarial.AdversarialMethod`.
 """
 
 from .discriminators import BottleneckClassifier, Discriminator, MultiLevelHeads, bottleneck_features
-from .features import DigitsClassifierFeatures, HFVisionFeatures, ModuleFeatures, UNetEncoderFeatures
+from .features import (
+    DigitsClassifierFeatures,
+    HFVisionFeatures,
+    ModuleFeatures,
+    TransformerFeatures,
+    UNetEncoderFeatures,
+    bottleneck_block,
+    denoiser_features,
+)
 from .losses import (
     GAN_LOSSES,
     GanLoss,
@@ -32,11 +40,14 @@ __all__ = [
     "ModuleFeatures",
     "MultiLevelHeads",
     "StepPlan",
+    "TransformerFeatures",
     "UNetEncoderFeatures",
     "approx_r1_penalty",
     "attached_schedule",
+    "bottleneck_block",
     "bottleneck_features",
     "d_updates_at",
+    "denoiser_features",
     "discriminator_accuracy",
     "hinge_d_loss",
     "hinge_g_loss",

@@ -2,8 +2,8 @@
 
 * :class:`MultiLevelHeads` / :class:`Discriminator`: one head per feature map of a feature network
   (ADD, APT), with projection conditioning.
-* :class:`BottleneckClassifier` on :func:`bottleneck_features`: DMD2's GAN head on the fake-score
-  UNet's mid-block features.
+* :class:`BottleneckClassifier` on :func:`bottleneck_features`: DMD2's GAN head on the fake score's
+  mid-block features (a UNet's mid block; a transformer's middle block, its image tokens as a map).
 """
 
 from __future__ import annotations
@@ -14,8 +14,10 @@ from typing import Sequence
 import torch
 from torch import Tensor, nn
 
+from .. import backbones
 from ..errors import ConfigError
 from ..nn_utils import capture_features, eval_mode
+from .features import bottleneck_block, image_tokens, is_unet, tokens_to_map
 
 
 def _groups(channels: int) -> int:
@@ -90,6 +92,7 @@ class MultiLevelHeads(nn.Module):
         if num_classes and cond_dim:
             raise ConfigError("condition on class labels or on an embedding, not both")
         self.class_embed = nn.Embedding(num_classes, hidden) if num_classes else None
+        self.cond_dim = cond_dim
         dim = hidden if num_classes else cond_dim
         self.heads = nn.ModuleList(_Head(k, c, hidden, spatial, dim) for c, k in zip(channels, ndims))
 
@@ -110,6 +113,10 @@ class Discriminator(nn.Module):
         sample_shape: (C, H, W) of the images, used once to probe the feature shapes.
         hidden, spatial, num_classes, cond_dim: head settings (see :class:`MultiLevelHeads`).
         backbone_cond: pass class labels to the backbone too (a class-conditional UNet backbone).
+        probe_cond: network keywords of the probe (batch 2) instead of class labels, for a backbone
+            conditioned otherwise (an SD3 transformer's text keywords).
+
+    ``forward``'s extra keywords (``network_cond``) go to the backbone as they are (text keywords).
 
     Example::
 
@@ -126,22 +133,27 @@ class Discriminator(nn.Module):
         num_classes: int | None = None,
         cond_dim: int | None = None,
         backbone_cond: bool = False,
+        probe_cond: dict | None = None,
     ) -> None:
         super().__init__()
         self.backbone = backbone
         self.backbone_cond = backbone_cond
         probe = torch.zeros(2, *sample_shape)
-        kwargs = {"class_labels": torch.zeros(2, dtype=torch.long)} if backbone_cond else {}
+        if probe_cond is not None:
+            kwargs = dict(probe_cond)
+        else:
+            kwargs = {"class_labels": torch.zeros(2, dtype=torch.long)} if backbone_cond else {}
         with torch.no_grad(), eval_mode(backbone):
             feats = backbone(probe, None, **kwargs)
         channels = [f.shape[-1] if f.ndim == 3 else f.shape[1] for f in feats]
         self.heads = MultiLevelHeads(channels, [f.ndim for f in feats], hidden, spatial, num_classes, cond_dim)
 
     def forward(
-        self, x: Tensor, t: Tensor | None = None, class_labels: Tensor | None = None, cond_embedding: Tensor | None = None
+        self, x: Tensor, t: Tensor | None = None, class_labels: Tensor | None = None, cond_embedding: Tensor | None = None,
+        **network_cond,
     ) -> Tensor:
         kwargs = {"class_labels": class_labels} if self.backbone_cond else {}
-        feats = self.backbone(x, t, **kwargs)
+        feats = self.backbone(x, t, **kwargs, **network_cond)
         return self.heads(feats, class_labels=class_labels, cond_embedding=cond_embedding)
 
     def train(self, mode: bool = True) -> "Discriminator":
@@ -154,27 +166,38 @@ class Discriminator(nn.Module):
         return list(self.backbone.parameters())
 
 
-def bottleneck_features(unet: nn.Module, x_t: Tensor, t: Tensor, module_name: str = "mid_block", **cond) -> Tensor:
-    """The output of ``unet.<module_name>`` (default the mid block) for input (x_t, t), via a forward hook.
+def bottleneck_features(network: nn.Module, x_t: Tensor, t: Tensor, module_name: str | None = None, **cond) -> Tensor:
+    """The fake score's bottleneck features for input (x_t, t) as a (B, C, h, w) map, via a forward hook.
+
+    A UNet: the output of ``network.<module_name>`` (default the mid block). A transformer (DiT, SD3,
+    Flux, SANA): the image tokens of its middle block (:func:`~lightning_distill.gan.features.bottleneck_block`),
+    reshaped to a map; it is called through :func:`lightning_distill.backbones.call`.
 
     ``t`` is what the network is fed (``NoiseSchedule.model_timestep``: the integer timestep on the VP
     path, s * T on the flow path).
 
-    The forward pass stops once the module has run (:func:`capture_features`), so the decoder half
-    of the UNet is never evaluated.
+    The forward pass stops once the block has run (:func:`capture_features`), so the decoder half
+    of a UNet (the later blocks of a transformer) is never evaluated.
     """
     t = torch.as_tensor(t, device=x_t.device)
     if t.ndim == 0:
         t = t.expand(x_t.shape[0])
     cond = {k: v for k, v in cond.items() if v is not None}
-    return capture_features(unet, [module_name], lambda: unet(x_t, t.clamp_min(0), **cond, return_dict=False))[0]
+    if is_unet(network):
+        name = module_name or "mid_block"
+        return capture_features(network, [name], lambda: network(x_t, t.clamp_min(0), **cond, return_dict=False))[0]
+    name = module_name or bottleneck_block(network)[0]
+    run = lambda: backbones.call(network, x_t, t.clamp_min(0), **cond)  # noqa: E731
+    tokens = capture_features(network, [name], run, select=image_tokens)[0]
+    return tokens_to_map(tokens, x_t.shape[-2], x_t.shape[-1])
 
 
 class BottleneckClassifier(nn.Module):
-    """The GAN head: a small conv net on the fake-score UNet's bottleneck features -> one logit per sample.
+    """The GAN head: a small conv net on the fake score's bottleneck features -> one logit per sample.
 
     Args:
-        channels: channels of the bottleneck features (the UNet's last ``block_out_channels``).
+        channels: channels of the bottleneck features (a UNet's last ``block_out_channels``, a
+            transformer's inner width: :func:`~lightning_distill.gan.features.bottleneck_block`).
         hidden: channels of the head's hidden layers (default: ``channels``).
         groups: GroupNorm groups (must divide ``hidden``).
 

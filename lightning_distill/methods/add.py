@@ -48,12 +48,13 @@ from torch import Tensor, nn
 
 from ..errors import ConfigError
 from ..gan.discriminators import Discriminator
-from ..gan.features import UNetEncoderFeatures
+from ..gan.features import denoiser_features
 from ..parametrisation import Denoiser
 from ..sampling import X0_SAMPLER_TIMESTEP_SCALING, backward_simulation, generator_timesteps, lcm_scheduler
 from ..teacher import DiffusionTeacher
 from .adversarial import AdversarialMethod, Generated
 from .base import LossOutput
+from .text import TextToImageMixin
 
 Weighting = Literal["alpha", "constant", "alpha_squared"]
 
@@ -90,7 +91,7 @@ def add_distillation_loss(
     return (distillation_weight(sched.alpha(s), weighting) * per_sample).mean()
 
 
-class AdversarialDiffusionDistillation(AdversarialMethod):
+class AdversarialDiffusionDistillation(TextToImageMixin, AdversarialMethod):
     """ADD: a 1-4 step student trained by an adversarial loss on frozen features plus teacher distillation.
 
     Args:
@@ -100,8 +101,10 @@ class AdversarialDiffusionDistillation(AdversarialMethod):
         feature_network: frozen feature network of the discriminator: any module mapping
             ``(x, t=None, **cond)`` to a list of feature tensors (``ModuleFeatures`` wraps ordinary
             networks, e.g. the digits classifier; ``HFVisionFeatures`` loads DINOv2 from a local folder).
-            None: the teacher UNet's encoder (``feature_levels``) at timestep ``feature_timestep``.
-        feature_levels: teacher-encoder levels (down block indices, -1 = mid block); None: all.
+            None: the teacher's own network at timestep ``feature_timestep``: a UNet's encoder, a
+            transformer's blocks (their image tokens as maps; :func:`~lightning_distill.gan.features.denoiser_features`).
+        feature_levels: teacher levels: a UNet's down block indices (-1 = mid block), a transformer's
+            block indices (-1 = last block); None: all.
         feature_timestep: timestep at which the teacher encoder looks at (clean) images (fed to it as
             ``schedule.model_timestep``: s * T on a flow teacher).
         train_features: train the discriminator's backbone too: a trainable copy of the teacher UNet
@@ -124,10 +127,14 @@ class AdversarialDiffusionDistillation(AdversarialMethod):
             correct the earlier steps' errors rather than to denoise real images.
         r1_weight: as :class:`AdversarialMethod` (here 1e-2).
         sample_steps: steps of logged grids and ``predict`` (None: ``num_student_steps``).
+        sample_prompt: text-conditional (SD3) teachers: the prompt of logged grids (:class:`TextToImageMixin`:
+            student, teacher and the teacher-feature discriminator get the batch's prompt keywords;
+            ``StableDiffusion3Pipeline`` export).
         **kwargs: :class:`AdversarialMethod`'s and :class:`DistillationMethod`'s arguments.
 
-    The discriminator is class-conditional (projection) when the student is. The distillation loss
-    re-noises to any t in [0, T - 1].
+    The discriminator is class-conditional (projection) when the student is; on a text teacher its heads
+    are conditioned (projection) on the pooled text embedding, when the teacher has one (SD3). The
+    distillation loss re-noises to any t in [0, T - 1].
 
     Example::
 
@@ -155,6 +162,7 @@ class AdversarialDiffusionDistillation(AdversarialMethod):
         backward_simulation: float = 0.0,
         r1_weight: float = 1e-2,
         sample_steps: int | None = None,
+        sample_prompt: str = "",
         **kwargs,
     ) -> None:
         distillation_weight(torch.ones(1), distill_weighting)  # validates the choice
@@ -176,20 +184,24 @@ class AdversarialDiffusionDistillation(AdversarialMethod):
         feature_timestep = self.teacher.schedule.model_timestep(torch.tensor(feature_timestep)).item()
         if train_features:
             if not teacher_features:
-                raise ConfigError("train_features=True trains a copy of the teacher UNet: leave feature_network unset")
-            feature_network = UNetEncoderFeatures.trainable_copy(self.teacher.unet, feature_levels, feature_timestep)
-        elif teacher_features:  # frozen: the teacher's own UNet, not registered as a submodule
-            feature_network = UNetEncoderFeatures(self.teacher.unet, feature_levels, trainable=False, timestep=feature_timestep)
+                raise ConfigError("train_features=True trains a copy of the teacher network: leave feature_network unset")
+            feature_network = denoiser_features(self.teacher.unet, feature_levels, feature_timestep, mode="copy")
+        elif teacher_features:  # frozen: the teacher's own network, not registered as a submodule
+            feature_network = denoiser_features(self.teacher.unet, feature_levels, feature_timestep)
         else:
             feature_network.requires_grad_(False)
+        text = self.discriminator_probe_cond()  # a text teacher's keywords of "" (None otherwise)
+        pooled = (text or {}).get("pooled_projections")
         self.discriminator = Discriminator(
             feature_network,
             self.sample_shape,
             hidden=head_hidden,
             spatial=spatial_logits,
             num_classes=self.num_classes,
-            # a class-conditional teacher encoder needs the labels too
-            backbone_cond=teacher_features and self.teacher.num_classes is not None,
+            cond_dim=None if pooled is None else int(pooled.shape[-1]),
+            # a conditional teacher network needs the labels (text keywords) too
+            backbone_cond=teacher_features and (self.teacher.num_classes is not None or self.text_conditional),
+            probe_cond=text if teacher_features else None,
         )
         self.make_scheduler()  # fail at construction if LCMScheduler cannot express the teacher's schedule
 
@@ -205,9 +217,6 @@ class AdversarialDiffusionDistillation(AdversarialMethod):
 
     # --- AdversarialMethod hooks ---------------------------------------------------------------
 
-    def _cond(self, labels: Tensor | None) -> dict:
-        return {"class_labels": labels} if labels is not None else {}
-
     def generate(self, batch: dict, gen: torch.Generator) -> Generated:
         """x_theta(x_s, s): real images noised to a random student timestep, denoised in one step (unclamped x0)."""
         x = batch["x"]
@@ -215,12 +224,12 @@ class AdversarialDiffusionDistillation(AdversarialMethod):
         t = self.student_timesteps[idx]
         eps = torch.randn(x.shape, generator=gen, device=x.device, dtype=x.dtype)
         x_t = self.student.schedule.add_noise(x, eps, t)
-        labels = self._labels(batch)
+        cond = self.network_cond(batch)
         if self.hparams.backward_simulation > 0:
-            x_t = self._backward_simulated(x_t, idx, labels, gen)
-        return Generated(self.student(x_t, t, clip=False, **self._cond(labels)).x0, labels)
+            x_t = self._backward_simulated(x_t, idx, cond, gen)
+        return Generated(self.student(x_t, t, clip=False, **cond).x0, self._labels(batch), cond)
 
-    def _backward_simulated(self, x_t: Tensor, idx: Tensor, labels: Tensor | None, gen: torch.Generator) -> Tensor:
+    def _backward_simulated(self, x_t: Tensor, idx: Tensor, cond: dict, gen: torch.Generator) -> Tensor:
         """Replace the inputs of a ``backward_simulation`` fraction of the later-step samples by sampler states.
 
         A sample at grid index i > 0 gets, with that probability, the state the sampler reaches after
@@ -234,8 +243,8 @@ class AdversarialDiffusionDistillation(AdversarialMethod):
             for i in range(1, self.student_timesteps.numel()):
                 rows = (pick & (idx == i)).nonzero().flatten()
                 if rows.numel():
-                    cond = self._cond(labels[rows] if labels is not None else None)
-                    x_t[rows] = backward_simulation(self.student, z[rows], self.student_timesteps, i, rng=gen, **cond)
+                    rows_cond = {k: v[rows] for k, v in cond.items()}
+                    x_t[rows] = backward_simulation(self.student, z[rows], self.student_timesteps, i, rng=gen, **rows_cond)
         return x_t
 
     def discriminator_t_range(self) -> tuple[int, int] | None:
@@ -248,7 +257,7 @@ class AdversarialDiffusionDistillation(AdversarialMethod):
         s = torch.randint(0, T, (x0.shape[0],), generator=gen, device=x0.device)
         eps = torch.randn(x0.shape, generator=gen, device=x0.device, dtype=x0.dtype)
         distill = add_distillation_loss(
-            x0, self.teacher.denoiser, s, eps, self.hparams.distill_weighting, **self._cond(fake.class_labels)
+            x0, self.teacher.denoiser, s, eps, self.hparams.distill_weighting, **fake.cond
         )
         return LossOutput(self.hparams.distill_weight * distill, {"distill": distill.detach()})
 

@@ -31,7 +31,7 @@ those of a discriminator on images (ADD, APT): a subclass sets ``self.discrimina
 from __future__ import annotations
 
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Iterable, Literal
 
 import torch
@@ -52,10 +52,19 @@ R1Kind = Literal["true", "approx", "none"]
 
 @dataclass
 class Generated:
-    """A generator output: the fake images and the condition they were made with."""
+    """A generator output: the fake images and the condition they were made with.
+
+    Attributes:
+        x: the fake images.
+        class_labels: their class labels (class-conditional students), for the discriminator's heads.
+        cond: the network keywords they were made with (:meth:`AdversarialMethod.network_cond`: class
+            labels or a text student's prompt keywords), for the teacher and a discriminator that reads a
+            conditional network.
+    """
 
     x: Tensor
     class_labels: Tensor | None = None
+    cond: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -210,19 +219,27 @@ class AdversarialMethod(DistillationMethod):
 
     # --- the losses of a discriminator on images (ADD, APT) -------------------------------------
 
-    def discriminate(self, x: Tensor, class_labels: Tensor | None, gen: torch.Generator) -> Callable[[Tensor], Tensor]:
+    def discriminate(
+        self, x: Tensor, class_labels: Tensor | None, gen: torch.Generator, cond: dict | None = None
+    ) -> Callable[[Tensor], Tensor]:
         """Return D as a function of images only, with any internal randomness drawn now from ``gen``.
 
         With :meth:`discriminator_t_range` (APT; ADD's LADD option) the images are noised at a random t,
         one t and one noise draw per sample taken here, so real, fake and R1 evaluations see the same
         function of the image. The backbone gets the network's own timestep of t
         (``schedule.model_timestep``: t itself on the VP path, s_t * T on the flow path).
+
+        ``cond``: the text keywords of the images (:attr:`Generated.cond`): a conditional backbone gets
+        them all, heads with a condition embedding the pooled text embedding (``pooled_projections``).
         """
         d = self.discriminator
         labels = class_labels if d.heads.class_embed is not None or d.backbone_cond else None
+        # class labels reach the backbone as ``class_labels`` (backbone_cond); text keywords as they are
+        net_cond = {k: v for k, v in (cond or {}).items() if k != "class_labels"} if d.backbone_cond else {}
+        emb = (cond or {}).get("pooled_projections") if d.heads.cond_dim else None
         t_range = self.discriminator_t_range()
         if t_range is None:
-            return lambda images: d(images, class_labels=labels)
+            return lambda images: d(images, class_labels=labels, cond_embedding=emb, **net_cond)
         t = torch.randint(int(t_range[0]), int(t_range[1]) + 1, (x.shape[0],), generator=gen, device=x.device)
         noise = torch.randn(x.shape, generator=gen, device=x.device, dtype=x.dtype)
         sched = self.student.schedule
@@ -230,9 +247,26 @@ class AdversarialMethod(DistillationMethod):
 
         def d_fn(images: Tensor) -> Tensor:
             n = images.shape[0]
-            return d(sched.add_noise(images, noise[:n], t[:n]), model_t[:n], class_labels=labels)
+            kw = {k: v[:n] for k, v in net_cond.items()}
+            return d(sched.add_noise(images, noise[:n], t[:n]), model_t[:n], class_labels=labels,
+                     cond_embedding=None if emb is None else emb[:n], **kw)
 
         return d_fn
+
+    def network_cond(self, batch: dict) -> dict:
+        """The keywords every network gets for a batch: a text student's prompt keywords
+        (``TextToImageMixin.text_cond``), else the class labels of a class-conditional one, else none."""
+        if getattr(self, "text_conditional", False):
+            return self.text_cond(batch)
+        labels = self._labels(batch)
+        return {"class_labels": labels} if labels is not None else {}
+
+    def discriminator_probe_cond(self) -> dict | None:
+        """Network keywords for the discriminator's shape probe (batch 2): a text teacher's keywords of the
+        prompt ""; None otherwise (class labels are the discriminator's own ``backbone_cond``)."""
+        if not getattr(self, "text_conditional", False):
+            return None
+        return {k: v.expand(2, *v.shape[1:]).cpu() for k, v in self.uncond_text_cond().items()}
 
     def r1_term(self, d_fn: Callable[[Tensor], Tensor], real: Tensor, real_logits: Tensor, gen: torch.Generator, weight: float) -> Tensor | None:
         """The configured R1 penalty of ``d_fn`` on ``real`` (unweighted), or None when off."""
@@ -250,7 +284,7 @@ class AdversarialMethod(DistillationMethod):
             real = batch["x"]
             with torch.no_grad():
                 fake = self.generate(batch, gen)
-            d_fn = self.discriminate(real, fake.class_labels, gen)
+            d_fn = self.discriminate(real, fake.class_labels, gen, fake.cond)
             real_logits = d_fn(real)
             fake_logits = d_fn(fake.x.detach())
             gan = self.d_loss_fn(real_logits, fake_logits)
@@ -265,7 +299,7 @@ class AdversarialMethod(DistillationMethod):
     def generator_loss(self, batch: dict, gen: torch.Generator) -> LossOutput:
         """Adversarial G loss on fresh fakes plus :meth:`generator_extra_loss`."""
         fake = self.generate(batch, gen)
-        d_fn = self.discriminate(batch["x"], fake.class_labels, gen)
+        d_fn = self.discriminate(batch["x"], fake.class_labels, gen, fake.cond)
         adv = self.g_loss_fn(d_fn(fake.x))
         loss, logs = adv, {"g_adv": adv.detach()}
         extra = self.generator_extra_loss(fake, batch, gen)

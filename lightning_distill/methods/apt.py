@@ -12,7 +12,8 @@ Notation (paper -> code):
 
 =======================  ===========================================================
 G(z)                     :meth:`AdversarialPostTraining.generate`: the student's x0 at t = T - 1
-D(x, t)                  ``discriminator``: teacher-UNet encoder copy + ``MultiLevelHeads``
+D(x, t)                  ``discriminator``: teacher-network copy (a UNet's encoder, a transformer's
+                         blocks) + ``MultiLevelHeads``
 x_t (D's input)          alpha_t x + sigma_t n, t ~ U{d_t_min .. d_t_max} (:meth:`discriminate`)
 L_aR1                    :func:`~lightning_distill.gan.losses.approx_r1_penalty`
 =======================  ===========================================================
@@ -20,7 +21,9 @@ L_aR1                    :func:`~lightning_distill.gan.losses.approx_r1_penalty`
 Sampling and export: the stock DDIM sampler with one trailing step evaluates the student at t = T - 1
 on pure noise and returns its (clipped) x0: the same map G that is trained here. On a flow-matching
 teacher t = T - 1 is s = 1 and the stock sampler is ``FlowMatchEulerDiscreteScheduler``, whose one step
-z + (0 - 1) u = z - u is again the student's x0 estimate G(z).
+z + (0 - 1) u = z - u is again the student's x0 estimate G(z). An SD3 (text) student exports as a
+``StableDiffusion3Pipeline`` with that scheduler (:class:`~lightning_distill.methods.text.TextToImageMixin`):
+generator and discriminator backbone get the batch's prompt keywords, the heads its pooled text embedding.
 """
 
 from __future__ import annotations
@@ -30,10 +33,11 @@ from lightning.pytorch.cli import OptimizerCallable
 
 from ..errors import ConfigError
 from ..gan.discriminators import Discriminator
-from ..gan.features import UNetEncoderFeatures
+from ..gan.features import denoiser_features
 from ..gan.losses import GanLoss
 from ..teacher import DiffusionTeacher
 from .adversarial import AdversarialMethod, Generated, R1Kind
+from .text import TextToImageMixin
 
 
 def apt_optimizer(params) -> torch.optim.Optimizer:
@@ -41,14 +45,15 @@ def apt_optimizer(params) -> torch.optim.Optimizer:
     return torch.optim.RMSprop(params, lr=5e-6, alpha=0.9)
 
 
-class AdversarialPostTraining(AdversarialMethod):
+class AdversarialPostTraining(TextToImageMixin, AdversarialMethod):
     """APT: one-step generator vs a diffusion-backbone discriminator on real data, approximated R1.
 
-    The teacher's UNet initialises the discriminator backbone (and the generator unless ``init_from``
+    The teacher's network (UNet or transformer) initialises the discriminator backbone (and the generator unless ``init_from``
     names a consistency-distilled student to start from, the paper's recipe).
 
     Args:
-        d_levels: discriminator backbone levels with a head (down block indices, -1 = mid block).
+        d_levels: discriminator backbone levels with a head (a UNet's down block indices, -1 = mid block;
+            a transformer's block indices, -1 = last block).
         head_hidden: head width.
         spatial_logits: one logit per position instead of one per head (APT: one per head).
         d_t_min, d_t_max: range of the discriminator's noise timestep (None: T - 1).
@@ -57,6 +62,7 @@ class AdversarialPostTraining(AdversarialMethod):
             with the paper's defaults (RMSProp, non-saturating, approximated R1 with weight 100).
         sample_steps: steps of logged sample grids and ``predict`` (1: the trained one-step map; more
             steps run the DDIM (flow: Euler) sampler, which the generator was not trained for).
+        sample_prompt: text-conditional (SD3) teachers: the prompt of logged grids.
         **kwargs: :class:`AdversarialMethod`'s and :class:`DistillationMethod`'s arguments.
 
     Example::
@@ -81,6 +87,7 @@ class AdversarialPostTraining(AdversarialMethod):
         r1: R1Kind = "approx",
         r1_weight: float = 100.0,
         sample_steps: int = 1,
+        sample_prompt: str = "",
         **kwargs,
     ) -> None:
         paper_defaults = dict(optimizer=optimizer, discriminator_optimizer=discriminator_optimizer, gan_loss=gan_loss, r1=r1)
@@ -92,15 +99,19 @@ class AdversarialPostTraining(AdversarialMethod):
         self.d_t_max = T - 1 if d_t_max is None else d_t_max
         if not 0 <= d_t_min <= self.d_t_max < T:
             raise ConfigError(f"need 0 <= d_t_min <= d_t_max < {T}, got {d_t_min}, {d_t_max}")
-        backbone = UNetEncoderFeatures.trainable_copy(self.teacher.unet, d_levels, requires_grad=train_d_backbone)
+        backbone = denoiser_features(self.teacher.unet, d_levels, mode="copy" if train_d_backbone else "frozen_copy")
         cond = self.is_class_conditional
+        text = self.discriminator_probe_cond()  # a text teacher's keywords of "" (None otherwise)
+        pooled = (text or {}).get("pooled_projections")
         self.discriminator = Discriminator(
             backbone,
             self.sample_shape,
             hidden=head_hidden,
             spatial=spatial_logits,
             num_classes=self.num_classes if cond else None,
-            backbone_cond=cond,
+            cond_dim=None if pooled is None else int(pooled.shape[-1]),
+            backbone_cond=cond or text is not None,
+            probe_cond=text,
         )
         self.discriminator.train()
 
@@ -110,10 +121,9 @@ class AdversarialPostTraining(AdversarialMethod):
         """G(z): the student's unclamped x0 estimate from pure noise at t = T - 1 (one step)."""
         x = batch["x"]
         z = torch.randn(x.shape, generator=gen, device=x.device, dtype=x.dtype)
-        labels = self._labels(batch)
-        cond = {"class_labels": labels} if labels is not None else {}
+        cond = self.network_cond(batch)
         t = torch.full((x.shape[0],), self.generator_timestep, device=x.device, dtype=torch.long)
-        return Generated(self.student(z, t, clip=False, **cond).x0, labels)
+        return Generated(self.student(z, t, clip=False, **cond).x0, self._labels(batch), cond)
 
     def discriminator_t_range(self) -> tuple[int, int]:
         return (self.hparams.d_t_min, self.d_t_max)

@@ -55,10 +55,13 @@ import torch.nn.functional as F
 from lightning.pytorch.cli import OptimizerCallable
 from torch import Tensor, nn
 
+from .. import lora, memory
 from ..errors import ConfigError
 from ..gan.discriminators import BottleneckClassifier, bottleneck_features
+from ..gan.features import bottleneck_block
 from ..gan.losses import GanLoss
 from ..gan.plan import StepPlan, attached_schedule
+from ..lora import LoraSpec
 from ..losses import denoising_loss
 from ..parametrisation import Denoiser, Prediction
 from ..sampling import (
@@ -149,13 +152,19 @@ class DMD2(TextToImageMixin, AdversarialMethod):
     Networks: ``student`` (the generator, a copy of the teacher), ``teacher`` (frozen real score),
     ``fake_score`` (a trainable copy of the teacher) and, with ``gan``, ``discriminator_head`` (a
     :class:`~lightning_distill.gan.discriminators.BottleneckClassifier` on the fake score's mid-block
-    features). Each trainable network has its own optimiser and gradient-norm clip.
+    features; a transformer's middle-block image tokens as a map). Each trainable network has its own
+    optimiser and gradient-norm clip.
 
     Critic first: at initialisation the fake score equals the teacher and the DM gradient is exactly
     zero, so a generator-first step 0 would be wasted.
 
     Args:
         fake_score: fake-score network; None: a copy of the teacher's UNet.
+        fake_score_lora: the fake score as the frozen teacher plus trained LoRA adapters
+            (``{rank, alpha, target_modules, init}``, :class:`~lightning_distill.lora.LoraSpec`) instead of a full
+            copy: its base *is* the teacher's weights (shared, in the teacher's dtype), so it adds the adapters,
+            their gradients and optimiser state only; checkpoints hold the adapters. Not with ``fake_score`` or
+            ``teacher_offload``.
         generator_steps: K, the generator's step count (1: one-step; > 1: backward simulation).
         dm_t_range: fractions of T bounding the timesteps of the distribution-matching gradient
             (the paper's 0.02 .. 0.98).
@@ -202,6 +211,7 @@ class DMD2(TextToImageMixin, AdversarialMethod):
         teacher: DiffusionTeacher | None = None,
         *,
         fake_score: nn.Module | None = None,
+        fake_score_lora: LoraSpec | None = None,
         generator_steps: int = 1,
         dm_t_range: tuple[float, float] = (0.02, 0.98),
         gan: bool = True,
@@ -245,18 +255,23 @@ class DMD2(TextToImageMixin, AdversarialMethod):
                 f"real_guidance_scale={real_guidance_scale} guides the real score against the prompt \"\": it needs a "
                 "text-conditional teacher (1.0 otherwise)"
             )
-        if fake_score is None:
-            fake_score = copy.deepcopy(self.teacher.unet).float()
-        fake_score.requires_grad_(True)
-        fake_score.train()
-        self.fake_score = Denoiser(fake_score, self.teacher.schedule.copy(), self.teacher.prediction_type, self.teacher.denoiser.clip_x0)
-        if gan:
-            if "block_out_channels" not in dict(getattr(fake_score, "config", None) or {}):
+        spec = LoraSpec.from_config(fake_score_lora, "fake_score_lora")
+        if spec is not None:
+            if fake_score is not None or self.hparams.get("teacher_offload"):
                 raise ConfigError(
-                    f"DMD2's GAN head reads UNet bottleneck features; a {type(fake_score).__name__} fake score has "
-                    "none: set gan=false"
+                    "fake_score_lora builds the fake score on the teacher's own weights: it cannot be combined with "
+                    "a fake_score network or with teacher_offload (the shared weights must stay on the device)"
                 )
-            self.discriminator_head = BottleneckClassifier(int(fake_score.config.block_out_channels[-1]), head_hidden)
+            fake_score = lora.lora_of_shared(self.teacher.unet, spec, seed=self.hparams.seed + 1)
+        else:
+            fake_score = copy.deepcopy(self.teacher.unet).float() if fake_score is None else fake_score
+            fake_score.requires_grad_(True)
+        fake_score.train()
+        if self.hparams.get("gradient_checkpointing"):
+            memory.enable_gradient_checkpointing(fake_score, "fake score")
+        self.fake_score = Denoiser(fake_score, self.teacher.schedule.copy(), self.teacher.prediction_type, self.teacher.denoiser.clip_x0)
+        if gan:  # a UNet's mid block or a transformer's middle block (ConfigError for other networks)
+            self.discriminator_head = BottleneckClassifier(bottleneck_block(fake_score)[1], head_hidden)
         self.make_scheduler()  # fail at construction if LCMScheduler cannot express the teacher's schedule
 
     def make_scheduler(self):
@@ -285,6 +300,28 @@ class DMD2(TextToImageMixin, AdversarialMethod):
                 "fake score, which must keep tracking the generator for the distribution-matching gradient; "
                 "to stop the GAN term instead, train without it (gan=false) or lower gan_generator_weight"
             )
+
+    # --- a LoRA fake score in checkpoints ------------------------------------------------------
+
+    _FAKE = "fake_score.unet."
+    _TEACHER = "teacher.denoiser.unet."
+
+    def _fake_score_is_lora(self) -> bool:
+        return self.fake_score is not None and self.hparams.get("fake_score_lora") is not None
+
+    def _lora_prefixes(self) -> list[str]:
+        # the fake score's base is the teacher's weights whoever built the student: handled below, always
+        return [p for p in super()._lora_prefixes() if p != self._FAKE]
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        super().on_save_checkpoint(checkpoint)
+        if self._fake_score_is_lora():  # the adapters; the base is the teacher (re-read, or saved as teacher.*)
+            lora.drop_base_weights(checkpoint["state_dict"], self._FAKE)
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        super().on_load_checkpoint(checkpoint)  # teacher.* keys are there now (saved, or re-read)
+        if self._fake_score_is_lora():
+            lora.restore_base_weights(checkpoint["state_dict"], self.fake_score.unet, self._FAKE, self._TEACHER)
 
     # --- pieces of one iteration ---------------------------------------------------------------
 
