@@ -161,17 +161,23 @@ class LoraSpec:
             object.__setattr__(self, "target_modules", targets)  # a list from YAML: hashable and comparable
 
     @classmethod
-    def from_config(cls, value: LoraSpec | Mapping | None) -> LoraSpec | None:
-        """A spec from a config value: a LoraSpec, a mapping (a YAML block, a checkpoint's hparams), or None."""
+    def from_config(cls, value: LoraSpec | Mapping | None, name: str = "student_lora") -> LoraSpec | None:
+        """A spec from a config value: a LoraSpec, a mapping (a YAML block, a checkpoint's hparams), or None.
+
+        ``name``: the config key the value came from, for error messages (``fake_score_lora``).
+        """
         if value is None or isinstance(value, LoraSpec):
             return value
         if not isinstance(value, Mapping):
-            raise ConfigError(f"student_lora must be a mapping {{rank, alpha, target_modules, init}}, got {value!r}")
+            raise ConfigError(f"{name} must be a mapping {{rank, alpha, target_modules, init}}, got {value!r}")
         fields = [f.name for f in dataclasses.fields(cls)]
         unknown = sorted(set(value) - set(fields))
         if unknown:
-            raise ConfigError(f"student_lora has unknown keys {unknown}; valid keys are {fields}")
-        return cls(**value)
+            raise ConfigError(f"{name} has unknown keys {unknown}; valid keys are {fields}")
+        try:
+            return cls(**value)
+        except ConfigError as err:
+            raise ConfigError(str(err).replace("student_lora", name)) from None
 
     def to_dict(self) -> dict:
         """Plain types only (a list for the targets), so a checkpoint's hparams stay ``weights_only``-loadable."""
@@ -379,17 +385,43 @@ def drop_base_weights(state_dict: dict[str, Tensor], prefix: str) -> list[str]:
     return removed
 
 
-def restore_base_weights(state_dict: dict[str, Tensor], module: nn.Module, prefix: str) -> list[str]:
+def restore_base_weights(state_dict: dict[str, Tensor], module: nn.Module, prefix: str,
+                         base_prefix: str | None = None) -> list[str]:
     """Fill the base weights that :func:`drop_base_weights` removed from ``module`` (a freshly built LoRA
     student, whose base is the teacher's), so a strict ``load_state_dict`` accepts the checkpoint. Keys
-    already present are kept. Returns the added keys."""
+    already present are kept. Returns the added keys.
+
+    ``base_prefix``: where the same checkpoint holds the plain network the base shares its weights with
+    (:func:`lora_of_shared`; DMD2's fake score: ``"teacher.denoiser.unet."``); its values are used when present,
+    so a load writes one value into each shared tensor whichever key comes last.
+    """
     added = []
     for key, value in module.state_dict().items():
         full = prefix + key
         if not is_lora_key(key) and full not in state_dict:
-            state_dict[full] = value
+            source = None if base_prefix is None else base_prefix + key.replace(".base_layer", "")
+            state_dict[full] = state_dict.get(source, value) if source is not None else value
             added.append(full)
     return added
+
+
+def lora_of_shared(network: nn.Module, spec: LoraSpec | Mapping, *, seed: int | None = None) -> nn.Module:
+    """A LoRA network whose frozen base *is* ``network``'s weights (shared tensors, not a copy); ``network``
+    itself is left as it was (its modules are copied, its parameters and buffers are not).
+
+    The memory of a second copy of a frozen network (DMD2's fake score as a LoRA of the teacher) is then the
+    adapters alone. The adapters are float32 whatever the base's dtype (a bf16 teacher): peft casts the input
+    of each adapter to its dtype and the sum back to the layer's.
+    """
+    from diffusers.training_utils import cast_training_params
+
+    if any(p.requires_grad for p in network.parameters()):
+        raise ConfigError(f"lora_of_shared needs a frozen network; {type(network).__name__} has trainable weights")
+    shared = {id(t): t for t in (*network.parameters(), *network.buffers())}
+    model = copy.deepcopy(network, memo=shared)  # deepcopy's memo returns each listed tensor itself
+    add_lora(model, spec, seed=seed)
+    cast_training_params(model, dtype=torch.float32)  # only the trainable (adapter) weights
+    return model
 
 
 def _check_adapter(model: nn.Module, adapter_name: str) -> None:
@@ -561,7 +593,7 @@ def fuse_lora(model: nn.Module, *, inplace: bool = False) -> nn.Module:
 __all__ = [
     "LoraSpec", "PRESETS", "STOCK_LORA_FORMAT", "LORA_WEIGHT_NAME",
     "add_lora", "default_target_modules", "resolve_target_modules", "has_lora", "is_lora_key", "freeze_base",
-    "lora_state_dict", "load_lora_state_dict", "drop_base_weights", "restore_base_weights",
+    "lora_state_dict", "load_lora_state_dict", "drop_base_weights", "restore_base_weights", "lora_of_shared",
     "save_lora", "read_lora_file", "load_lora", "lora_component_name", "fuse_lora",
     "parameter_counts", "trainable_fraction",
 ]

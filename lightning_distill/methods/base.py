@@ -27,7 +27,7 @@ from .. import backbones
 from ..errors import ConfigError
 from ..losses import LossOutput  # defined there so losses.py imports nothing from methods/
 from ..nn_utils import eval_mode, lcm_step_limit  # eval_mode is re-exported: methods import it from here
-from .. import lora
+from .. import lora, memory
 from ..lora import LoraSpec
 from ..parametrisation import Denoiser, PredictionType
 from ..teacher import DiffusionTeacher
@@ -88,6 +88,10 @@ class DistillationMethod(L.LightningModule):
             (``{rank, alpha, target_modules, init}``, :class:`~lightning_distill.lora.LoraSpec`): only the
             adapters train; checkpoints hold the adapters and a reference to the base (the teacher's source);
             the export is the fused network plus the adapter file ``pytorch_lora_weights.safetensors``.
+        gradient_checkpointing: activation checkpointing of the student (DMD2: and of its fake score) through
+            the diffusers model's ``enable_gradient_checkpointing()`` (:mod:`lightning_distill.memory`).
+        teacher_offload: keep the frozen teacher network's weights on the CPU, copied to the device for each
+            of its calls only (:func:`~lightning_distill.memory.offload_between_calls`; a no-op on a CPU run).
         optimizer: optimiser factory for ``trainable_parameters()``.
         lr_scheduler: optional LR scheduler factory (stepped every optimiser step; in the adversarial
             loop, every generator update).
@@ -115,6 +119,8 @@ class DistillationMethod(L.LightningModule):
         student: nn.Module | None = None,
         student_prediction_type: PredictionType | None = None,
         student_lora: LoraSpec | None = None,
+        gradient_checkpointing: bool = False,
+        teacher_offload: bool = False,
         optimizer: OptimizerCallable = default_optimizer,
         lr_scheduler: LRSchedulerCallable | None = None,
         sample_steps: int = 4,
@@ -131,9 +137,12 @@ class DistillationMethod(L.LightningModule):
         # default (ADD's sample_steps None = num_student_steps): record the step count in use.
         self.hparams.sample_steps = sample_steps
         self.teacher = teacher
+        self.register_load_state_dict_pre_hook(self._restore_before_load)
         self.optimizer_factory = optimizer
         self.lr_scheduler_factory = lr_scheduler
         self.student: Denoiser | None = None
+        if teacher_offload and teacher is None:
+            raise ConfigError(f"teacher_offload needs a teacher; {type(self).__name__} has none (set it to false)")
         # a student derived from the teacher (its copy, with adapters) is rebuilt identically on resume, so
         # a LoRA checkpoint can leave its frozen base out (on_save_checkpoint)
         self._student_from_teacher = student is None
@@ -163,6 +172,8 @@ class DistillationMethod(L.LightningModule):
         student = backbones.prepare_student(student)  # DiT: its label dropout switched off
         student.requires_grad_(True)
         student.train()
+        if self.hparams.get("gradient_checkpointing"):
+            memory.enable_gradient_checkpointing(student, "student")
         spec = LoraSpec.from_config(self.hparams.get("student_lora"))
         if spec is not None:
             from lightning.pytorch.utilities import rank_zero_info
@@ -186,7 +197,15 @@ class DistillationMethod(L.LightningModule):
 
     # --- Lightning plumbing --------------------------------------------------------------------
 
+    def to(self, *args, **kwargs):
+        # an offloaded teacher network stays on the CPU (it moves for each of its calls: memory.py)
+        with memory.kept_on_cpu(getattr(getattr(self, "teacher", None), "denoiser", None), "unet", args, kwargs):
+            return super().to(*args, **kwargs)
+
     def setup(self, stage: str) -> None:
+        if self.hparams.get("teacher_offload"):  # here, after every copy of the teacher's network is made
+            memory.check_strategy(self._trainer)
+            memory.offload_between_calls(self.teacher.unet)
         # Without a teacher (DiffusionTraining) nothing else compares the data with the network: a
         # channel or size mismatch would otherwise surface as a conv error inside the first step.
         shape = getattr(getattr(self._trainer, "datamodule", None), "sample_shape", None)
@@ -318,12 +337,26 @@ class DistillationMethod(L.LightningModule):
             checkpoint["teacher_source"] = {"source": self.teacher.source, "revision": self.teacher.revision}
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        sd = checkpoint["state_dict"]
-        for prefix in self._lora_prefixes():
-            lora.restore_base_weights(sd, self.get_submodule(prefix[:-len(".unet.")]).unet, prefix)
-        if self.teacher is not None and not any(k.startswith("teacher.") for k in sd):
+        if "state_dict" in checkpoint:  # FSDP strategies pop it: loaded already, through the pre-hook below
+            self.restore_left_out_weights(checkpoint["state_dict"])
+
+    def restore_left_out_weights(self, sd: dict, prefix: str = "") -> None:
+        """Put back into state dict ``sd`` what :meth:`on_save_checkpoint` left out: a reloadable teacher's
+        weights and the frozen base of LoRA networks (both already in this module, re-read from the source).
+
+        Called from ``on_load_checkpoint`` and, as a ``load_state_dict`` pre-hook, at every load of this
+        module's state (``prefix``: where the module sits in the loaded tree, e.g. under an FSDP wrapper):
+        ``FSDPStrategy`` and ``ModelParallelStrategy`` load the module state inside ``load_checkpoint``,
+        strictly and before ``on_load_checkpoint`` runs. Keys already present are kept.
+        """
+        for lp in self._lora_prefixes():
+            lora.restore_base_weights(sd, self.get_submodule(lp[:-len(".unet.")]).unet, prefix + lp)
+        if self.teacher is not None and not any(k.startswith(prefix + "teacher.") for k in sd):
             # Reloadable teacher: its weights come from the source the data module just loaded.
-            sd.update({f"teacher.{k}": v for k, v in self.teacher.state_dict().items()})
+            sd.update({f"{prefix}teacher.{k}": v for k, v in self.teacher.state_dict().items()})
+
+    def _restore_before_load(self, module, state_dict, prefix, *args) -> None:
+        self.restore_left_out_weights(state_dict, prefix)
 
     # --- sampling ------------------------------------------------------------------------------
 
