@@ -58,6 +58,7 @@ from torch import Tensor, nn
 from .. import lora, memory
 from ..errors import ConfigError
 from ..gan.discriminators import BottleneckClassifier, bottleneck_features
+from ..gan.features import bottleneck_block
 from ..gan.losses import GanLoss
 from ..gan.plan import StepPlan, attached_schedule
 from ..lora import LoraSpec
@@ -151,7 +152,8 @@ class DMD2(TextToImageMixin, AdversarialMethod):
     Networks: ``student`` (the generator, a copy of the teacher), ``teacher`` (frozen real score),
     ``fake_score`` (a trainable copy of the teacher) and, with ``gan``, ``discriminator_head`` (a
     :class:`~lightning_distill.gan.discriminators.BottleneckClassifier` on the fake score's mid-block
-    features). Each trainable network has its own optimiser and gradient-norm clip.
+    features; a transformer's middle-block image tokens as a map). Each trainable network has its own
+    optimiser and gradient-norm clip.
 
     Critic first: at initialisation the fake score equals the teacher and the DM gradient is exactly
     zero, so a generator-first step 0 would be wasted.
@@ -268,13 +270,8 @@ class DMD2(TextToImageMixin, AdversarialMethod):
         if self.hparams.get("gradient_checkpointing"):
             memory.enable_gradient_checkpointing(fake_score, "fake score")
         self.fake_score = Denoiser(fake_score, self.teacher.schedule.copy(), self.teacher.prediction_type, self.teacher.denoiser.clip_x0)
-        if gan:
-            if "block_out_channels" not in dict(getattr(fake_score, "config", None) or {}):
-                raise ConfigError(
-                    f"DMD2's GAN head reads UNet bottleneck features; a {type(fake_score).__name__} fake score has "
-                    "none: set gan=false"
-                )
-            self.discriminator_head = BottleneckClassifier(int(fake_score.config.block_out_channels[-1]), head_hidden)
+        if gan:  # a UNet's mid block or a transformer's middle block (ConfigError for other networks)
+            self.discriminator_head = BottleneckClassifier(bottleneck_block(fake_score)[1], head_hidden)
         self.make_scheduler()  # fail at construction if LCMScheduler cannot express the teacher's schedule
 
     def make_scheduler(self):
