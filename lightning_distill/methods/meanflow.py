@@ -48,6 +48,12 @@ No stock pipeline passes the interval to a ``UNet2DModel`` (``DDPMPipeline`` pas
 exported folder (``metrics.scheduler_sample`` dispatches to it for any UNet with a ``"timestep"`` class
 embedding and no class table: :func:`is_flow_map_unet`).
 
+Students: ``UNet2DModel`` only (unconditional). Text transformers are refused at construction (#23 item 2):
+``SD3Transformer2DModel`` has no second time input (its forward takes one ``timestep``, and the pooled-text
+embedding it adds to it is the prompt's) and ``StableDiffusion3Pipeline`` feeds none; the one stock
+flow-map pipeline in diffusers 0.42, ``AnyFlowPipeline``, drives only its own Wan video transformer. No
+stock SD3 folder could reproduce an any-step flow map, so none is written.
+
 Forward-mode AD and attention: the CPU flash kernel of ``scaled_dot_product_attention`` (diffusers'
 default attention) has no forward-mode derivative (``NotImplementedError`` in ``torch.func.jvp``, torch
 2.14); ``nn_utils.forward_ad_attention`` selects the math kernel for the JVP, which has one, at its
@@ -352,13 +358,19 @@ class MeanFlowDistillation(DistillationMethod):
         """The teacher's UNet with a zero-initialised interval input (:func:`flow_map_unet`)."""
         if self.teacher is None:
             raise ConfigError(f"{type(self).__name__} needs a teacher (set data.teacher)")
+        net = build_module(student)
+        net = self.teacher.unet if net is None else net
+        if type(net).__name__ != "UNet2DModel":
+            raise ConfigError(
+                f"{type(self).__name__} supports UNet2DModel students only, got {type(net).__name__}: the interval "
+                "t - r needs a second time input (class_embed_type='timestep') that a stock pipeline feeds, and this "
+                "network and its pipeline have none"
+            )
         if self.teacher.num_classes or self.teacher.is_text_conditional:
             raise ConfigError(
                 f"{type(self).__name__} supports unconditional teachers only (this one is "
                 f"{'class' if self.teacher.num_classes else 'text'}-conditional): the class embedding carries the interval"
             )
-        net = build_module(student)
-        net = self.teacher.unet if net is None else net
         super().build_student(net if is_flow_map_unet(net) else flow_map_unet(net), prediction_type)
 
     # --- the loss ----------------------------------------------------------------------------
@@ -428,19 +440,7 @@ class MeanFlowDistillation(DistillationMethod):
 
 
 __all__ = [
-    "MeanFlowDistillation",
-    "sample_interval",
-    "logit_normal",
-    "flow_interpolate",
-    "path_point",
-    "flow_velocity",
-    "interval_label",
-    "average_velocity",
-    "total_derivative",
-    "meanflow_target",
-    "adaptive_weighted_loss",
-    "is_flow_map_unet",
-    "flow_map_unet",
-    "flow_map_intervals",
-    "flow_map_sample",
+    "MeanFlowDistillation", "sample_interval", "logit_normal", "flow_interpolate", "path_point",
+    "flow_velocity", "interval_label", "average_velocity", "total_derivative", "meanflow_target",
+    "adaptive_weighted_loss", "is_flow_map_unet", "flow_map_unet", "flow_map_intervals", "flow_map_sample",
 ]

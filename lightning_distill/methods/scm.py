@@ -56,6 +56,13 @@ Forward-mode AD and attention: PyTorch's fused attention kernels (flash / memory
 flash kernel on CPU) have no forward-mode derivative; ``nn_utils.forward_ad_attention`` selects the math
 kernel for the JVP, which supports it on every device at the math kernel's memory cost (O(tokens^2) per
 head). For large models use ``jvp="finite_difference"``, which calls the network twice with any kernel.
+
+Text-conditional (SD3) teachers (#23 item 2): student and teacher see the batch's prompt keywords
+(:class:`~.text.TextToImageMixin`, the plain conditional teacher, no guidance); the prompt keywords are
+constants of the JVP (tangents only in x_t and t). Forward-mode AD goes through ``SD3Transformer2DModel``
+(its joint attention under the math kernel; checked against central differences on the tiny SD3 stack);
+the export is a ``StableDiffusion3Pipeline`` with the ``FlowMatchLCMScheduler`` above, called with
+``guidance_scale=1``.
 """
 
 from __future__ import annotations
@@ -72,6 +79,7 @@ from ..parametrisation import Denoiser, expand_like
 from ..sampling import X0_SAMPLER_TIMESTEP_SCALING, lcm_scheduler
 from ..teacher import DiffusionTeacher
 from .base import DistillationMethod, LossOutput
+from .text import TextToImageMixin
 
 
 # --- TrigFlow <-> the teacher's path (pure functions) -------------------------------------------
@@ -190,7 +198,7 @@ class AdaptiveWeight(nn.Module):
 # --- the LightningModule -------------------------------------------------------------------------------
 
 
-class SCMDistillation(DistillationMethod):
+class SCMDistillation(TextToImageMixin, DistillationMethod):
     """Continuous-time consistency distillation (sCD) of a VP or flow-matching teacher into a 1-2 step
     student, sampled and exported with the path's stock x0 sampler (``LCMScheduler`` / ``FlowMatchLCMScheduler``).
 
@@ -204,6 +212,8 @@ class SCMDistillation(DistillationMethod):
         jvp: ``forward`` (``torch.func.jvp`` through the math attention kernel) or ``finite_difference``.
         finite_difference_step: h of the central differences, in TrigFlow time (radians).
         sample_steps: steps of logged grids, ``predict`` and the export's default.
+        sample_prompt: text-conditional (SD3) teachers: the prompt of logged grids and the default of
+            :meth:`sample` (:class:`~lightning_distill.methods.text.TextToImageMixin`).
         **kwargs: :class:`DistillationMethod`'s arguments (teacher, student, optimizer, seed, ...).
 
     Example::
@@ -227,6 +237,7 @@ class SCMDistillation(DistillationMethod):
         jvp: JVPMode = "forward",
         finite_difference_step: float = 1e-4,
         sample_steps: int = 2,
+        sample_prompt: str = "",
         **kwargs,
     ) -> None:
         if jvp not in JVP_MODES:
@@ -249,9 +260,17 @@ class SCMDistillation(DistillationMethod):
         params = super().trainable_parameters()
         return params + (list(self.adaptive_weight.parameters()) if self.adaptive_weight is not None else [])
 
-    def teacher_velocity(self, x_t: Tensor, t: Tensor, batch: dict) -> Tensor:
+    def conditioning(self, batch: dict) -> tuple[dict, dict]:
+        """The student's and the teacher's network keywords: the batch's prompt keywords for both (text
+        teachers), else class labels where each network takes them."""
+        if self.text_conditional:
+            cond = self.text_cond(batch)
+            return cond, cond
+        student = {"class_labels": batch["label"]} if self.is_class_conditional else {}
+        return student, {"class_labels": batch["label"]} if self.teacher.num_classes else {}
+
+    def teacher_velocity(self, x_t: Tensor, t: Tensor, cond: dict) -> Tensor:
         """dx_t/dt = sigma_d F_teacher(x_t, t), in float32 whatever the teacher's dtype."""
-        cond = {"class_labels": batch["label"]} if self.teacher.num_classes else {}
         with torch.no_grad():
             F = trigflow_output(self.teacher.denoiser, x_t, t, self.hparams.sigma_data, **cond)
         return self.hparams.sigma_data * F.float()
@@ -263,8 +282,8 @@ class SCMDistillation(DistillationMethod):
         t = sample_trigflow_time(n, hp.p_mean, hp.p_std, hp.sigma_data, device=x0.device)
         z = torch.randn_like(x0) * hp.sigma_data
         x_t = expand_like(torch.cos(t), x0) * x0 + expand_like(torch.sin(t), x0) * z
-        cond = {"class_labels": batch["label"]} if self.is_class_conditional else {}
-        dxt_dt = self.teacher_velocity(x_t, t, batch)
+        cond, teacher_cond = self.conditioning(batch)
+        dxt_dt = self.teacher_velocity(x_t, t, teacher_cond)
 
         def F_minus_fn(x: Tensor, tt: Tensor) -> Tensor:
             return trigflow_output(self.student, x, tt, hp.sigma_data, **cond)
