@@ -299,6 +299,8 @@ class ProgressiveDistillation(TextToImageMixin, DistillationMethod):
             tokenizer_2=old.tokenizer_2,
             max_sequence_length=old.max_sequence_length,
         )
+        # cached prompts and the record of released encoders (data.release_encoders) carry over
+        teacher.prompt_table, teacher.released = old.prompt_table, old.released
         # The student's own path, not one re-read from the scheduler config: a resolution-dependent flow
         # shift (use_dynamic_shifting) was fixed for the student when it was built.
         teacher.denoiser.schedule = self.student.schedule.copy()
