@@ -268,10 +268,16 @@ class TeacherDataModule(L.LightningDataModule):
             self.release_encoders(self.trainer.lightning_module)
 
     def build_sets(self) -> None:
+        from .text_cache import cache_key, caption_embeddings, remember_prompts
+
+        hp = self.hparams
         images, labels = self.load_all()
         extras, text = self.prompt_inputs(labels), None
-        if extras and (self.hparams.text_cache or self.hparams.release_encoders):
-            text = self.text_embeddings(self.prompts(labels))
+        if extras and (hp.text_cache or hp.release_encoders):  # every prompt encoded once, "" for guidance
+            prompts = self.prompts(labels)
+            key = cache_key(self.teacher, hp.teacher, hp.teacher_revision, prompts)
+            text = caption_embeddings(self.teacher, prompts, key, hp.text_cache)
+            remember_prompts(self.teacher, [""])
         if self.teacher is not None and self.teacher.is_latent:
             images = self.encode_latents(images)
         n = images.shape[0]
@@ -343,17 +349,6 @@ class TeacherDataModule(L.LightningDataModule):
         if self.teacher is None or not self.teacher.is_text_conditional:
             return {}
         return self.teacher.text_inputs(self.prompts(labels))
-
-    def text_embeddings(self, prompts: list[str]) -> TextEmbeddings:
-        """Every prompt's text keywords, encoded once (cached in ``text_cache``), and ``""``'s in the teacher's
-        ``prompt_table`` (the unconditional prompt of guidance)."""
-        from .text_cache import cache_key, caption_embeddings, remember_prompts
-
-        hp = self.hparams
-        emb = caption_embeddings(self.teacher, prompts, cache_key(self.teacher, hp.teacher, hp.teacher_revision, prompts),
-                                 hp.text_cache)
-        remember_prompts(self.teacher, [""])
-        return emb
 
     def release_encoders(self, model=None) -> None:
         """Encode the prompts ``model`` samples with (its ``prompts_to_cache()``) and ``""``, then drop the text

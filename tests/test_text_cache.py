@@ -98,30 +98,30 @@ class Record(L.Callback):
         self.released, self.losses = released, []
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        from transformers import CLIPTextModelWithProjection
+        from transformers import CLIPPreTrainedModel
 
         t = pl_module.teacher
-        held = [m for m in pl_module.modules() if isinstance(m, CLIPTextModelWithProjection)]
+        held = [m for m in pl_module.modules() if isinstance(m, CLIPPreTrainedModel)]
         if self.released:
             assert t.text_encoder is None and t.text_encoder_2 is None and t.vae.encoder is None and not held
             assert "text_cond" in batch
         else:
-            assert len(held) == 2
+            assert held
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         self.losses.append(float(outputs["loss"]))
 
 
-def fit_consistency(tiny_sd3_dir, folder, root, **data_kw):
+def fit_consistency(tiny_sd3_dir, folder, root, method_cls=None, image_size=IMAGE_SIZE, method_kw=None, **data_kw):
     from lightning.pytorch.loggers import TensorBoardLogger
 
     from lightning_distill.methods.consistency import ConsistencyDistillation
 
     L.seed_everything(0)
-    dm = make_dm(tiny_sd3_dir, folder, **data_kw)
-    method = ConsistencyDistillation(
+    dm = TeacherDataModule(teacher=str(tiny_sd3_dir), data=str(folder), image_size=image_size, batch_size=4, **data_kw)
+    method = (method_cls or ConsistencyDistillation)(
         dm.teacher, original_inference_steps=40, sample_steps=2, sample_every_n_steps=1, num_log_samples=2,
-        sample_prompt=SAMPLE_PROMPT, optimizer=lambda p: torch.optim.Adam(p, lr=1e-3),
+        sample_prompt=SAMPLE_PROMPT, optimizer=lambda p: torch.optim.Adam(p, lr=1e-3), **(method_kw or {}),
     )
     record = Record(released=bool(data_kw))
     trainer = L.Trainer(max_steps=2, logger=TensorBoardLogger(root, name="logs"), enable_progress_bar=False,
@@ -181,3 +181,31 @@ def test_released_encoders_train_as_the_uncached_run_and_export(tiny_sd3_dir, im
         theirs = pipe(prompts, height=IMAGE_SIZE, width=IMAGE_SIZE, num_inference_steps=2, guidance_scale=1.0,
                       generator=torch.Generator().manual_seed(5), output_type="latent").images
     torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-4)
+
+
+def test_sd15_style_lcm_with_released_encoders(image_folder, tmp_path):
+    """SD1.5-style teacher (one CLIPTextModel, encoder_hidden_states only): guided LCM trains as uncached (the
+    "" of its CFG from the table) and exports a complete LatentConsistencyModelPipeline."""
+    from diffusers import LatentConsistencyModelPipeline
+
+    from lightning_distill.methods.lcm import LatentConsistencyDistillation
+    from test_lcm import write_tiny_sd
+
+    sd = write_tiny_sd(tmp_path / "tiny-sd")
+    captions(image_folder)
+    kw = dict(method_cls=LatentConsistencyDistillation, image_size=8, method_kw={"w_min": 2.0, "w_max": 6.0})
+    _, plain, rec0, _ = fit_consistency(sd, image_folder, tmp_path / "plain", **kw)
+    dm, method, rec1, _ = fit_consistency(sd, image_folder, tmp_path / "released", release_encoders=True, **kw)
+    assert len(rec1.losses) == len(rec0.losses) == 2
+    torch.testing.assert_close(torch.tensor(rec1.losses), torch.tensor(rec0.losses), rtol=1e-5, atol=1e-6)
+    item = dm.train_set[0]
+    ref = plain.teacher.encode_text(item["input_ids"][None])[0]
+    torch.testing.assert_close(item["text_cond"]["encoder_hidden_states"], ref, rtol=0, atol=1e-6)
+    assert method.teacher.released.modules == ("text_encoder", "vae.encoder")
+    pipe = LatentConsistencyModelPipeline.from_pretrained(method.export(tmp_path / "lcm"), safety_checker=None)
+    ref = plain.teacher.text_encoder.state_dict()
+    assert all(torch.equal(v, ref[k]) for k, v in pipe.text_encoder.state_dict().items())
+    ours = method.sample(1, 1, torch.Generator().manual_seed(1), prompts=[SAMPLE_PROMPT], guidance_scale=3.0)
+    theirs = pipe([SAMPLE_PROMPT], height=8, width=8, num_inference_steps=1, guidance_scale=3.0,
+                  generator=torch.Generator().manual_seed(1), output_type="latent").images
+    torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-5)
