@@ -3,6 +3,11 @@
 The pipeline is written to a temporary sibling folder and renamed into place, so an interrupted export
 never leaves a half-written folder at the target path; an existing export at that path is replaced only
 once the new one is complete.
+
+A LoRA student (:mod:`lightning_distill.lora`) is written the same way for every pipeline class
+(:func:`write_student_pipeline`): the folder holds the fused network (a stock model, no peft needed) and,
+beside it, the adapters as ``pytorch_lora_weights.safetensors``, which the *teacher's* pipeline loads with
+``load_lora_weights`` (SD UNets, SD3 transformers) or :func:`lightning_distill.lora.load_lora` (the others).
 """
 
 from __future__ import annotations
@@ -64,25 +69,47 @@ def make_pipeline(unet: nn.Module, scheduler, vae: nn.Module | None = None):
     return DDPMPipeline(unet=unet, scheduler=scheduler)
 
 
-def export_pipeline(unet: nn.Module, scheduler, target: str | os.PathLike, vae: nn.Module | None = None) -> Path:
-    """Save ``unet`` (float32, safetensors) and ``scheduler`` as a loadable diffusers pipeline folder
-    (with ``vae``, for a latent DiT: a ``DiTPipeline``; see :func:`make_pipeline`)."""
-    unet = copy.deepcopy(unet).cpu().float()  # .to(dtype=...) makes diffusers warn about fp32 modules
-    unet.requires_grad_(True)  # save_pretrained does not care; keep the copy a plain trainable model
-    if vae is not None and type(unet).__name__ == "DiTTransformer2DModel":
-        vae = copy.deepcopy(vae).cpu().float()
-    else:
-        vae = None  # only a DiT export carries the VAE (a UNet export stays a DDPMPipeline)
+def write_student_pipeline(network: nn.Module, make_pipe, target: str | os.PathLike) -> Path:
+    """Save ``make_pipe(plain)`` (a diffusers pipeline around ``plain``, a float32 CPU copy of the student
+    ``network``) at ``target``, atomically; the one path every export takes.
+
+    A LoRA ``network`` goes into the pipeline fused (``W + alpha / r * B A``: a stock folder loadable with
+    ``from_pretrained`` and no peft), and its adapters go into the same folder, inside the same atomic write,
+    as :data:`~lightning_distill.lora.LORA_WEIGHT_NAME` in diffusers' layout (:func:`lightning_distill.lora.save_lora`),
+    so the teacher's pipeline + ``load_lora_weights(folder)`` + the exported scheduler samples as the student.
+    """
+    from . import lora
+
+    adapters = lora.has_lora(network)
+    # fuse_lora copies the network (and leaves it trainable); .to(dtype=...) makes diffusers warn about fp32 modules
+    plain = (lora.fuse_lora(network) if adapters else copy.deepcopy(network)).cpu().float()
+    plain.requires_grad_(True)  # save_pretrained does not care; keep the copy a plain trainable model
+    pipe = make_pipe(plain)
 
     def write(tmp: Path) -> None:
-        make_pipeline(unet, scheduler, vae).save_pretrained(tmp, safe_serialization=True)
+        pipe.save_pretrained(tmp, safe_serialization=True)
+        if adapters:
+            lora.save_lora(network, tmp)
 
     return atomic_write_dir(target, write)
 
 
+def export_pipeline(unet: nn.Module, scheduler, target: str | os.PathLike, vae: nn.Module | None = None) -> Path:
+    """Save ``unet`` (float32, safetensors) and ``scheduler`` as a loadable diffusers pipeline folder
+    (with ``vae``, for a latent DiT: a ``DiTPipeline``; see :func:`make_pipeline`); a LoRA ``unet`` as its
+    fused network plus the adapter file (:func:`write_student_pipeline`)."""
+    if vae is not None and type(unet).__name__ == "DiTTransformer2DModel":
+        vae = copy.deepcopy(vae).cpu().float()
+    else:
+        vae = None  # only a DiT export carries the VAE (a UNet export stays a DDPMPipeline)
+    return write_student_pipeline(unet, lambda net: make_pipeline(net, scheduler, vae), target)
+
+
 def export_sd3_pipeline(transformer: nn.Module, scheduler, teacher, target: str | os.PathLike) -> Path:
     """Save an ``SD3Transformer2DModel`` student (float32) with ``scheduler`` and the SD3 ``teacher``'s VAE,
-    CLIP text encoders and tokenizers as a ``StableDiffusion3Pipeline`` folder, T5 absent.
+    CLIP text encoders and tokenizers as a ``StableDiffusion3Pipeline`` folder, T5 absent; a LoRA student as
+    its fused transformer plus the adapter file (:func:`write_student_pipeline`: the teacher's pipeline +
+    ``load_lora_weights(folder)`` + this folder's scheduler samples as the student).
 
     Load it with ``StableDiffusion3Pipeline.from_pretrained(path, text_encoder_3=None, tokenizer_3=None)``.
     Its loop is :func:`~lightning_distill.sampling.text_to_image_loop` except that it passes no generator to
@@ -92,13 +119,15 @@ def export_sd3_pipeline(transformer: nn.Module, scheduler, teacher, target: str 
     """
     from diffusers import StableDiffusion3Pipeline
 
-    transformer = copy.deepcopy(transformer).cpu().float()  # .to(dtype=...) makes diffusers warn about fp32 modules
     t = teacher
-    pipe = StableDiffusion3Pipeline(
-        transformer=transformer, scheduler=scheduler, vae=t.vae, text_encoder=t.text_encoder, tokenizer=t.tokenizer,
-        text_encoder_2=t.text_encoder_2, tokenizer_2=t.tokenizer_2, text_encoder_3=None, tokenizer_3=None,
-    )
-    return atomic_write_dir(target, lambda tmp: pipe.save_pretrained(tmp, safe_serialization=True))
+
+    def make(net: nn.Module):
+        return StableDiffusion3Pipeline(
+            transformer=net, scheduler=scheduler, vae=t.vae, text_encoder=t.text_encoder, tokenizer=t.tokenizer,
+            text_encoder_2=t.text_encoder_2, tokenizer_2=t.tokenizer_2, text_encoder_3=None, tokenizer_3=None,
+        )
+
+    return write_student_pipeline(transformer, make, target)
 
 
 # --- reading a trained student back ----------------------------------------------------------------

@@ -299,25 +299,25 @@ class LatentConsistencyDistillation(ConsistencyDistillation):
         tokenizers, T5 absent, ``FlowMatchLCMScheduler`` set up for ``sample_steps``); load it with
         ``text_encoder_3=None, tokenizer_3=None`` and call it with ``guidance_scale=1`` (no CFG: the
         student is guided already) and ``num_inference_steps=sample_steps``.
-        """
-        import copy
 
+        A LoRA student (``student_lora``: LCM-LoRA) is written fused, with its adapters beside it as
+        ``pytorch_lora_weights.safetensors``, which the teacher's pipeline loads with ``load_lora_weights``
+        (:func:`~lightning_distill.export.write_student_pipeline`).
+        """
         from diffusers import LatentConsistencyModelPipeline
 
-        from ..export import atomic_write_dir, export_sd3_pipeline
+        from ..export import export_sd3_pipeline, write_student_pipeline
         from ..text_cache import pipeline_parts
 
         den = self.sampling_denoiser() if use_ema else self.student
         parts = pipeline_parts(self.teacher)  # encoders read back from the source when released
         if type(den.unet).__name__ == "SD3Transformer2DModel":
             return export_sd3_pipeline(den.unet, self.sampling_scheduler(self.hparams.sample_steps), parts, target)
-        unet = copy.deepcopy(den.unet).to(device="cpu", dtype=torch.float32)
-        pipe = LatentConsistencyModelPipeline(
+        return write_student_pipeline(den.unet, lambda unet: LatentConsistencyModelPipeline(
             vae=parts.vae, text_encoder=parts.text_encoder, tokenizer=parts.tokenizer,
             unet=unet, scheduler=self.make_scheduler(), safety_checker=None, feature_extractor=None,
             requires_safety_checker=False,
-        )
-        return atomic_write_dir(target, lambda tmp: pipe.save_pretrained(tmp, safe_serialization=True))
+        ), target)
 
 
 __all__ = [

@@ -111,7 +111,9 @@ class TextToImageMixin:
 
     def export(self, target, use_ema: bool = True):
         """The base export; an SD3 student as a ``StableDiffusion3Pipeline`` folder (the sampler of
-        ``sample_steps``; load with ``text_encoder_3=None, tokenizer_3=None``, call with ``guidance_scale=1``)."""
+        ``sample_steps``; load with ``text_encoder_3=None, tokenizer_3=None``, call with ``guidance_scale=1``).
+        A LoRA student (``student_lora``) is written fused, with its adapters beside it in the file the teacher's
+        pipeline reads with ``load_lora_weights`` (:func:`~lightning_distill.export.write_student_pipeline`)."""
         den = self.sampling_denoiser() if use_ema else self.student
         if type(den.unet).__name__ != "SD3Transformer2DModel":
             return super().export(target, use_ema)
