@@ -182,6 +182,8 @@ def render_markdown(results: dict) -> str:
             if option == "teacher_offload" and row.get("device") == "cpu":
                 note = ("a no-op on a CPU run (the teacher's weights never leave the CPU): its GPU saving was not "
                         "measured here (no GPU)")
+            if row.get("rerun"):
+                note = f"{note}; {row['rerun']}"
             ratio = f"{row['peak_mb'] / base:.2f}x" if base else ""
             lines.append(
                 f"| {option} | {row['trained_params']:,} | {row['state_mb']:.2f} | {row['optimizer_mb']:.2f} | "

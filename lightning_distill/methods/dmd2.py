@@ -370,7 +370,10 @@ class DMD2(TextToImageMixin, AdversarialMethod):
         """Head logits on fake-score bottleneck features of x noised to level t (gradient flows to x)."""
         sched = self.fake_score.schedule
         x_t = sched.add_noise(x, noise, t)
-        feats = bottleneck_features(self.fake_score.unet, x_t, sched.model_timestep(t), **cond)
+        # a LoRA fake score runs in the teacher's dtype (its base is the teacher's tensors: bf16 with teacher_dtype)
+        dtype = next(self.fake_score.unet.parameters()).dtype
+        cond = {k: v.to(dtype) if torch.is_tensor(v) and v.is_floating_point() else v for k, v in cond.items()}
+        feats = bottleneck_features(self.fake_score.unet, x_t.to(dtype), sched.model_timestep(t), **cond).float()
         return self.discriminator_head(feats if train_backbone else feats.detach())
 
     # --- losses --------------------------------------------------------------------------------
