@@ -15,7 +15,7 @@ import torch
 from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
-from lightning_distill import lora
+from lightning_distill import lora, sharding
 from lightning_distill.errors import ConfigError
 
 
@@ -96,6 +96,12 @@ class EMA(L.Callback):
             self._build(pl_module)
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        target = self._target(pl_module)
+        if sharding.is_sharded(target) and not sharding.is_sharded(self.averaged.module):
+            # FSDP2 (sharding.py): the copy was taken in setup, before configure_model sharded the target
+            # (a sharded module cannot be copied); shard it the same way, so that each rank averages its
+            # own shards. Runs before a checkpoint's state is restored under ModelParallelStrategy.
+            sharding.shard_denoiser(self.averaged.module, sharding.data_parallel_mesh(pl_module))
         self.averaged.to(pl_module.device)
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -112,7 +118,9 @@ class EMA(L.Callback):
             return
         self._last_step = step
         n = int(self.averaged.n_averaged.item())
-        self.averaged.multi_avg_fn = get_ema_multi_avg_fn(ema_decay(n, self.decay, self.warmup))
+        average = get_ema_multi_avg_fn(ema_decay(n, self.decay, self.warmup))
+        # sharded (FSDP2): DTensor parameters and plain buffers cannot share one foreach call
+        self.averaged.multi_avg_fn = sharding.per_tensor_kind(average) if sharding.is_sharded(self.averaged) else average
         self.averaged.update_parameters(self._target(pl_module))
 
     def sampling_module(self, pl_module: L.LightningModule) -> nn.Module | None:
@@ -124,7 +132,8 @@ class EMA(L.Callback):
     def state_dict(self) -> dict[str, Any]:
         if self.averaged is None:
             return {"averaged": self._pending}
-        sd = self.averaged.state_dict()
+        # sharded: gathered on every rank (a collective), held by rank 0 (the one that saves checkpoints)
+        sd = sharding.full_state_dict(self.averaged) if sharding.is_sharded(self.averaged) else self.averaged.state_dict()
         if lora.has_lora(self.averaged.module):
             # a LoRA student's base is frozen, so its average is the base itself: rebuilt, not stored
             lora.drop_base_weights(sd, "module.")
@@ -143,4 +152,7 @@ class EMA(L.Callback):
         if lora.has_lora(self.averaged.module):
             sd = dict(sd)
             lora.restore_base_weights(sd, self.averaged.module, "module.")
-        self.averaged.load_state_dict(sd)
+        if sharding.is_sharded(self.averaged):
+            sharding.load_full_state_dict(self.averaged, sd)  # each rank keeps its shard of the full tensors
+        else:
+            self.averaged.load_state_dict(sd)

@@ -1,4 +1,4 @@
-"""Export the student as a diffusers pipeline folder at the end of fit (rank 0 only)."""
+"""Export the student as a diffusers pipeline folder at the end of fit (rank 0 writes it)."""
 
 from __future__ import annotations
 
@@ -7,6 +7,8 @@ import copy
 import lightning as L
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_info
+
+from lightning_distill import sharding
 
 
 class PipelineExport(L.Callback):
@@ -40,6 +42,14 @@ class PipelineExport(L.Callback):
         return None
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # FSDP2 (sharding.py): every rank gathers its shards of the exported networks; rank 0 exports
+        # unsharded copies holding the full weights
+        den = pl_module.sampling_denoiser() if self.use_ema else pl_module.student
+        with sharding.unsharded(den, pl_module.student if self.from_best else None, rank_zero=trainer.is_global_zero):
+            self._export(trainer, pl_module)
+        trainer.strategy.barrier("pipeline_export")
+
+    def _export(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.is_global_zero:
             best = self.best_checkpoint(trainer) if self.from_best else None
             if best is None:
@@ -56,4 +66,3 @@ class PipelineExport(L.Callback):
                 self.exported_from = best
             self.exported_to = str(path)
             rank_zero_info(f"Exported diffusers pipeline to {path}" + (f" (from {best})" if best else ""))
-        trainer.strategy.barrier("pipeline_export")

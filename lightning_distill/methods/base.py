@@ -27,7 +27,7 @@ from .. import backbones
 from ..errors import ConfigError
 from ..losses import LossOutput  # defined there so losses.py imports nothing from methods/
 from ..nn_utils import eval_mode, lcm_step_limit  # eval_mode is re-exported: methods import it from here
-from .. import lora, memory
+from .. import lora, memory, sharding
 from ..lora import LoraSpec
 from ..parametrisation import Denoiser, PredictionType
 from ..teacher import DiffusionTeacher
@@ -178,7 +178,9 @@ class DistillationMethod(L.LightningModule):
         if spec is not None:
             from lightning.pytorch.utilities import rank_zero_info
 
-            lora.add_lora(student, spec, seed=self.hparams.get("seed", 0))  # freezes the base
+            # freezes the base; layers a teacher-derived student adds (LCM's w input) train in full
+            new = lora.new_layers(student, self.teacher.unet) if self._student_from_teacher else ()
+            lora.add_lora(student, spec, seed=self.hparams.get("seed", 0), train_in_full=new)
             trainable, total = lora.parameter_counts(student)
             rank_zero_info(f"{type(self).__name__}: LoRA student, {trainable:,} of {total:,} parameters train")
         prediction_type = prediction_type or self.teacher.prediction_type
@@ -216,6 +218,10 @@ class DistillationMethod(L.LightningModule):
                 f"the data gives samples of shape {tuple(shape)} but the {type(self).__name__} student "
                 f"expects {self.sample_shape} (match data.channels / data.image_size to the network)"
             )
+
+    def configure_model(self) -> None:
+        # under ModelParallelStrategy: FSDP2 of the Denoiser networks (sharding.py); otherwise nothing
+        sharding.configure_model(self)
 
     def configure_optimizers(self):
         opt = self.optimizer_factory(self.trainable_parameters())
@@ -462,14 +468,17 @@ class DistillationMethod(L.LightningModule):
         return x
 
     def log_sample_grid(self, tag: str = "samples") -> None:
-        """Log a grid of samples from fixed noise to TensorBoard (rank 0 only)."""
-        if self.trainer.is_global_zero and self.logger is not None and hasattr(self.logger.experiment, "add_image"):
+        """Log a grid of samples from fixed noise to TensorBoard (rank 0 only; a sharded network's forward
+        is a collective, so then every rank samples)."""
+        logs = self.trainer.is_global_zero and self.logger is not None and hasattr(self.logger.experiment, "add_image")
+        if logs or (self.logger is not None and sharding.is_sharded(self.sampling_denoiser())):
             from torchvision.utils import make_grid
 
             gen = torch.Generator().manual_seed(self.hparams.seed)
             n = self.hparams.num_log_samples
             labels = torch.arange(n) % self.num_classes if self.is_class_conditional else None
             x = self.sample(n, self.hparams.sample_steps, gen, labels=labels)
+        if logs:
             grid = make_grid((x.float().clamp(-1, 1) + 1) / 2, nrow=int(n**0.5))
             self.logger.experiment.add_image(f"{tag}/{self.hparams.sample_steps}step", grid, self.global_step)
 
@@ -481,11 +490,5 @@ class DistillationMethod(L.LightningModule):
 
         den = self.sampling_denoiser() if use_ema else self.student
         vae = getattr(self.teacher, "vae", None)  # a latent DiT exports as DiTPipeline, which decodes with it
-        scheduler = self.sampling_scheduler(self.hparams.sample_steps)
-        if not lora.has_lora(den.unet):
-            return export_pipeline(den.unet, scheduler, target, vae=vae)
-        # A LoRA student: the fused network (a stock folder that needs no peft), and the adapters beside it
-        # (pytorch_lora_weights.safetensors) for loading onto the base with load_lora_weights / load_lora.
-        folder = export_pipeline(lora.fuse_lora(den.unet), scheduler, target, vae=vae)
-        lora.save_lora(den.unet, folder)
-        return folder
+        # a LoRA student: fused, its adapter file beside it, in one atomic write (export.write_student_pipeline)
+        return export_pipeline(den.unet, self.sampling_scheduler(self.hparams.sample_steps), target, vae=vae)
