@@ -13,6 +13,9 @@ SD1.5's attention and feed-forward projections). What this module gives, as pure
 * :func:`save_lora` / :func:`load_lora`: export as ``pytorch_lora_weights.safetensors`` in diffusers'
   layout, which ``pipe.load_lora_weights`` (and the model's ``load_lora_adapter``) read.
 * :func:`fuse_lora`: export as full weights, adapters merged and removed: a stock model.
+* :func:`new_layers` / ``add_lora(train_in_full=...)``: layers the student has and the teacher lacks (LCM's
+  guidance input ``time_embedding.cond_proj``) train in full beside the adapters (peft's ``modules_to_save``):
+  checkpoints keep them, exports write them to :data:`FULL_LAYERS_NAME` beside the adapter file.
 * :func:`trainable_fraction` / :func:`parameter_counts`: logging.
 
 peft's LoRA layer, in its notation: ``h = W x + (alpha / r) * B A x`` with ``A`` (r, in) and ``B`` (out, r);
@@ -58,6 +61,12 @@ from .errors import ConfigError, MissingInputError
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 #: safetensors header key under which diffusers stores the adapter's ``LoraConfig`` (its rank and alpha).
 LORA_METADATA_KEY = "lora_adapter_metadata"
+#: File beside the adapter file holding the layers trained in full (peft's ``modules_to_save``), which diffusers'
+#: ``load_lora_weights`` refuses ("all LoRA param names contain 'lora'") and the teacher's network lacks.
+FULL_LAYERS_NAME = "full_layers.safetensors"
+#: Its safetensors header key holding the student network's config (``{"_class_name", ...}``): the architecture
+#: that has those layers, to build before loading them (``Model.from_config(json.loads(header[...]))``).
+NETWORK_CONFIG_KEY = "network_config"
 
 LoraInit = Literal["gaussian", "kaiming"]
 #: ``init`` -> peft's ``init_lora_weights``. Both draw A at random and set B = 0 (output unchanged at init).
@@ -94,7 +103,8 @@ FALLBACK_PRESET = "attention_ff"
 
 #: Layer types peft's LoRA adapts (others, e.g. an Attention block itself, are refused by name).
 _LORA_LAYER_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Embedding)
-_LORA_KEY = re.compile(r"(^|\.)lora_(A|B|embedding_A|embedding_B|magnitude_vector)(\.|$)")
+# adapter weights, and the trained copy of a layer trained in full (peft's modules_to_save.<adapter>)
+_LORA_KEY = re.compile(r"(^|\.)(lora_(A|B|embedding_A|embedding_B|magnitude_vector)|modules_to_save)(\.|$)")
 
 #: Backbone class -> (diffusers loader mixin whose ``save_lora_weights`` writes its file, component name).
 #: The component name is the key prefix in the file ("unet." / "transformer."), which is what the
@@ -190,8 +200,8 @@ class LoraSpec:
     def lora_alpha(self) -> float:
         return self.rank if self.alpha is None else self.alpha
 
-    def lora_config(self, target_modules: Sequence[str]):
-        """The peft ``LoraConfig`` for these settings and already resolved layer names."""
+    def lora_config(self, target_modules: Sequence[str], modules_to_save: Sequence[str] = ()):
+        """The peft ``LoraConfig`` for these settings, already resolved layer names and layers trained in full."""
         from peft import LoraConfig
 
         return LoraConfig(
@@ -199,6 +209,7 @@ class LoraSpec:
             lora_alpha=self.lora_alpha,
             target_modules=list(target_modules),
             init_lora_weights=INIT_CHOICES[self.init],
+            modules_to_save=list(modules_to_save) or None,
         )
 
 
@@ -262,8 +273,9 @@ def has_lora(model: nn.Module) -> bool:
 
 
 def is_lora_key(key: str) -> bool:
-    """Whether a parameter / state-dict name belongs to a LoRA adapter (``...lora_A.default.weight``) rather
-    than to the base network (``...base_layer.weight``, ``...norm.weight``)."""
+    """Whether a parameter / state-dict name belongs to a LoRA adapter (``...lora_A.default.weight``) or to a
+    layer trained in full beside it (``...cond_proj.modules_to_save.default.weight``) rather than to the frozen
+    base network (``...base_layer.weight``, ``...norm.weight``, ``...cond_proj.original_module.weight``)."""
     return _LORA_KEY.search(key) is not None
 
 
@@ -292,8 +304,23 @@ def freeze_base(model: nn.Module) -> nn.Module:
     return model
 
 
+def new_layers(model: nn.Module, base: nn.Module) -> list[str]:
+    """Names of ``model``'s layers with a parameter that ``base`` lacks (by name and shape): the layers a student
+    built from the teacher adds (LCM's ``time_embedding.cond_proj``), which a LoRA student trains in full."""
+    theirs = {k: v.shape for k, v in base.state_dict().items()}
+    return [name for name, module in model.named_modules()
+            if any(theirs.get(f"{name}.{p}") != v.shape for p, v in module.named_parameters(recurse=False))]
+
+
+def full_layers(model: nn.Module) -> list[str]:
+    """Names of the layers ``model`` trains in full beside its adapters (peft's ``modules_to_save`` wrappers)."""
+    from peft.utils import ModulesToSaveWrapper
+
+    return [n for n, m in model.named_modules() if isinstance(m, ModulesToSaveWrapper)]
+
+
 def add_lora(model: nn.Module, spec: LoraSpec | Mapping, *, seed: int | None = None,
-             adapter_name: str = "default") -> nn.Module:
+             adapter_name: str = "default", train_in_full: Sequence[str] = ()) -> nn.Module:
     """Inject LoRA adapters into ``model`` in place and freeze everything else; returns ``model``.
 
     Call it on the student after anything that sets ``requires_grad`` on the whole network (base.py's
@@ -306,6 +333,9 @@ def add_lora(model: nn.Module, spec: LoraSpec | Mapping, *, seed: int | None = N
         seed: seed for the adapters' random A matrices (the global RNG is left as it was); None draws from
             the global RNG, which is then deterministic given ``torch.manual_seed``.
         adapter_name: peft's adapter name (one adapter per student here).
+        train_in_full: full names of layers that train in full instead (:func:`new_layers`: layers the base
+            lacks, such as a zero-initialised new input); peft's ``modules_to_save``: the layer is kept
+            frozen as ``original_module`` and a trained copy ``modules_to_save.<adapter_name>`` is used.
 
     Raises:
         ConfigError: bad spec values, target names that match nothing, or a model that already has adapters.
@@ -315,7 +345,10 @@ def add_lora(model: nn.Module, spec: LoraSpec | Mapping, *, seed: int | None = N
         raise ConfigError("add_lora needs a LoraSpec, got None")
     if has_lora(model):
         raise ConfigError(f"{type(model).__name__} already has LoRA adapters; add_lora adds the first adapter only")
-    config = spec.lora_config(resolve_target_modules(model, spec.target_modules))
+    unknown = sorted(set(train_in_full) - {n for n, _ in model.named_modules()})
+    if unknown:
+        raise ConfigError(f"train_in_full names {unknown}, which are not layers of {type(model).__name__}")
+    config = spec.lora_config(resolve_target_modules(model, spec.target_modules), train_in_full)
     with _seeded(seed):
         if _uses_diffusers_peft(model):
             model.add_adapter(config, adapter_name=adapter_name)
@@ -459,15 +492,23 @@ def save_lora(model: nn.Module, folder: str | os.PathLike, adapter_name: str = "
     ``model.load_lora_adapter(folder, prefix="unet" | "transformer")``. Other classes (``UNet2DModel``,
     ``DiTTransformer2DModel``: no diffusers LoRA loader) get the same layout, read back by :func:`load_lora`.
 
-    The folder may already hold other files (an exported base pipeline): only the LoRA file is replaced,
-    and atomically (written beside it, then renamed). Weights are saved in float32.
+    Layers trained in full (:func:`full_layers`) go to ``folder/full_layers.safetensors`` instead (same key
+    layout, the network's config in its header): diffusers' loaders refuse non-LoRA keys in a LoRA file, and a
+    stock base network lacks such layers anyway. :func:`load_lora` reads both files; with diffusers, build
+    the network from the header's config, load the base and this file's weights, then ``load_lora_weights``.
+
+    The folder may already hold other files (an exported base pipeline): only the LoRA files are replaced,
+    and atomically (written beside them, then renamed). Weights are saved in float32.
     """
     import diffusers.loaders.lora_pipeline as lora_pipeline
     from diffusers.loaders.lora_base import LoraBaseMixin
+    from safetensors.torch import save_file
 
     _check_adapter(model, adapter_name)
-    layers = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in lora_state_dict(model, adapter_name).items()}
-    metadata = _json_safe(model.peft_config[adapter_name].to_dict())
+    state = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in lora_state_dict(model, adapter_name).items()}
+    layers = {k: v for k, v in state.items() if is_lora_key(k)}  # peft names a full layer's copy by the layer's name
+    full = {f"{lora_component_name(model)}.{k}": v for k, v in state.items() if not is_lora_key(k)}
+    metadata = {**_json_safe(model.peft_config[adapter_name].to_dict()), "modules_to_save": None}
     folder = Path(folder).expanduser()
     folder.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".lora.tmp-", dir=folder))
@@ -487,6 +528,13 @@ def save_lora(model: nn.Module, folder: str | os.PathLike, adapter_name: str = "
                 safe_serialization=True,
                 lora_adapter_metadata={f"{component}.{k}": v for k, v in metadata.items()},
             )
+        if full:
+            config = {k: v for k, v in dict(getattr(model, "config", None) or {}).items() if not k.startswith("_")}
+            header = {NETWORK_CONFIG_KEY: json.dumps({"_class_name": type(model).__name__, **config}, default=list)}
+            save_file(full, str(tmp / FULL_LAYERS_NAME), metadata=header)
+            os.replace(tmp / FULL_LAYERS_NAME, folder / FULL_LAYERS_NAME)
+        else:
+            (folder / FULL_LAYERS_NAME).unlink(missing_ok=True)  # a stale one from an earlier save
         os.replace(tmp / weight_name, folder / weight_name)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -529,17 +577,31 @@ def load_lora(model: nn.Module, path: str | os.PathLike, *, adapter_name: str = 
     """Add the adapters of a :func:`save_lora` file to ``model`` (its base), in place; returns ``model``.
 
     Works for every class (the counterpart of ``load_lora_adapter`` for models without ``PeftAdapterMixin``),
-    and leaves only the adapters trainable, as :func:`add_lora` does, so training can continue from it.
+    and leaves only the adapters trainable, as :func:`add_lora` does, so training can continue from it. A
+    ``full_layers.safetensors`` beside the file is loaded too (its layers trained in full, as ``add_lora``'s
+    ``train_in_full``); ``model`` must have those layers (build it from that file's network config).
     """
     from peft import LoraConfig
 
-    sd, meta = read_lora_file(path, lora_component_name(model), weight_name)
+    component = lora_component_name(model)
+    sd, meta = read_lora_file(path, component, weight_name)
+    path = Path(path).expanduser()
+    full_path = (path if path.is_dir() else path.parent) / FULL_LAYERS_NAME
+    full = read_lora_file(full_path, component)[0] if full_path.is_file() else {}
+    names = sorted({k.rpartition(".")[0] for k in full})
+    missing = [n for n in names if n not in dict(model.named_modules())]
+    if missing:
+        raise ConfigError(
+            f"{full_path} holds layers {missing} trained in full that {type(model).__name__} lacks; build the "
+            f"network from the config in that file's {NETWORK_CONFIG_KEY!r} header and load the base weights into it"
+        )
     if meta is None:  # no header: rank from the B matrices, alpha = rank (what diffusers assumes too)
         rank = next(v.shape[1] for k, v in sd.items() if ".lora_B." in k)
         targets = sorted({k.split(".lora_")[0] for k in sd})
         meta = {"r": rank, "lora_alpha": rank, "target_modules": targets}
     known = {f.name for f in dataclasses.fields(LoraConfig)}
-    config = LoraConfig(**{k: v for k, v in meta.items() if k in known})
+    config = LoraConfig(**{k: v for k, v in meta.items() if k in known and k != "modules_to_save"},
+                        modules_to_save=names or None)
     if has_lora(model):
         raise ConfigError(f"{type(model).__name__} already has LoRA adapters; load_lora expects the base network")
     if _uses_diffusers_peft(model):
@@ -548,7 +610,7 @@ def load_lora(model: nn.Module, path: str | os.PathLike, *, adapter_name: str = 
         from peft import inject_adapter_in_model
 
         inject_adapter_in_model(config, model, adapter_name=adapter_name)
-    load_lora_state_dict(model, sd, adapter_name)
+    load_lora_state_dict(model, {**sd, **full}, adapter_name)
     return freeze_base(model)
 
 
@@ -561,8 +623,8 @@ def fuse_lora(model: nn.Module, *, inplace: bool = False) -> nn.Module:
     peft's ``merge_and_unload`` semantics, for models that are not a ``PeftModel``: every adapter layer is
     replaced by its base layer holding the merged weight, and the peft bookkeeping (``peft_config``,
     diffusers' ``_hf_peft_config_loaded``) is removed, so ``save_pretrained`` writes a stock model folder
-    (no LoRA or ``base_layer`` keys) that loads with ``from_pretrained`` and needs no peft. All parameters
-    are trainable again, as in a freshly loaded model.
+    (no LoRA or ``base_layer`` keys) that loads with ``from_pretrained`` and needs no peft. A layer trained in
+    full is replaced by its trained copy. All parameters are trainable again, as in a freshly loaded model.
 
     Args:
         model: a model with LoRA adapters (a model without them is returned as is, or copied).
@@ -572,16 +634,21 @@ def fuse_lora(model: nn.Module, *, inplace: bool = False) -> nn.Module:
         ValueError: a merge produced non-finite weights (peft's ``safe_merge`` check).
     """
     from peft.tuners.tuners_utils import BaseTunerLayer
+    from peft.utils import ModulesToSaveWrapper
 
     if not inplace:
         model = copy.deepcopy(model)
     for name, module in list(model.named_modules()):
-        if not isinstance(module, BaseTunerLayer):
+        if isinstance(module, ModulesToSaveWrapper):  # a layer trained in full: its trained copy
+            plain = module.unload_and_optionally_merge_module(merge=True, safe_merge=True, adapter_names=None)
+        elif isinstance(module, BaseTunerLayer):
+            module.merge(safe_merge=True)
+            plain = module.get_base_layer()
+        else:
             continue
-        module.merge(safe_merge=True)
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, module.get_base_layer())
+        setattr(parent, child, plain)
     if hasattr(model, "peft_config"):
         del model.peft_config
     if getattr(model, "_hf_peft_config_loaded", False):
@@ -591,8 +658,8 @@ def fuse_lora(model: nn.Module, *, inplace: bool = False) -> nn.Module:
 
 
 __all__ = [
-    "LoraSpec", "PRESETS", "STOCK_LORA_FORMAT", "LORA_WEIGHT_NAME",
-    "add_lora", "default_target_modules", "resolve_target_modules", "has_lora", "is_lora_key", "freeze_base",
+    "LoraSpec", "PRESETS", "STOCK_LORA_FORMAT", "LORA_WEIGHT_NAME", "FULL_LAYERS_NAME", "NETWORK_CONFIG_KEY",
+    "add_lora", "new_layers", "full_layers", "default_target_modules", "resolve_target_modules", "has_lora", "is_lora_key", "freeze_base",
     "lora_state_dict", "load_lora_state_dict", "drop_base_weights", "restore_base_weights", "lora_of_shared",
     "save_lora", "read_lora_file", "load_lora", "lora_component_name", "fuse_lora",
     "parameter_counts", "trainable_fraction",

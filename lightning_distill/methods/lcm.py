@@ -98,7 +98,9 @@ def student_unet_with_guidance_embedding(teacher_unet: nn.Module, time_cond_proj
     match is copied. The new projection ``time_embedding.cond_proj`` is zero-initialised, so the
     student starts as exactly the teacher's conditional model and learns the w dependence.
     """
-    config = dict(teacher_unet.config)
+    # private keys dropped: an in-memory model's `_use_default_values` (which lists time_cond_proj_dim) would
+    # make from_config ignore the value set below
+    config = {k: v for k, v in teacher_unet.config.items() if not k.startswith("_")}
     if "time_cond_proj_dim" not in config:
         raise ConfigError(
             f"{type(teacher_unet).__name__} has no time_cond_proj_dim input for the guidance embedding; "
@@ -182,17 +184,23 @@ class LatentConsistencyDistillation(ConsistencyDistillation):
                     f"a {kind} student has no guidance-embedding input: LCM distils one fixed guidance scale into "
                     f"it; set w_min = w_max (got w_min={w_min}, w_max={w_max})"
                 )
-            built = student  # None: the base class copies the teacher's network
-        else:
-            if student is not None and getattr(student.config, "time_cond_proj_dim", None) != time_cond_proj_dim:
-                raise ConfigError(f"the student UNet's time_cond_proj_dim must equal time_cond_proj_dim={time_cond_proj_dim}")
-            # A separate name: hparams take this frame's `student` (the outermost frame wins), which must stay
-            # the user's argument (None), not the built network.
-            built = student if student is not None else student_unet_with_guidance_embedding(teacher.unet, time_cond_proj_dim)
+        elif student is not None and getattr(student.config, "time_cond_proj_dim", None) != time_cond_proj_dim:
+            raise ConfigError(f"the student UNet's time_cond_proj_dim must equal time_cond_proj_dim={time_cond_proj_dim}")
         super().__init__(
-            teacher=teacher, student=built, loss=loss, sample_steps=sample_steps, num_log_samples=num_log_samples,
+            teacher=teacher, student=student, loss=loss, sample_steps=sample_steps, num_log_samples=num_log_samples,
             sample_prompt=sample_prompt, **kwargs,
         )
+
+    def build_student(self, student: nn.Module | None, prediction_type) -> None:
+        """None: the teacher's network, a UNet with the w input added (:func:`student_unet_with_guidance_embedding`).
+
+        Built here rather than passed in as a given student, so that it counts as derived from the teacher
+        (base.py): a LoRA student (LCM-LoRA) then trains the new ``time_embedding.cond_proj`` in full beside the
+        adapters (frozen, it would stay zero and the student would ignore w), and its checkpoint leaves out
+        the frozen base re-read from the teacher."""
+        if student is None and takes_guidance_embedding(self.teacher.unet):
+            student = student_unet_with_guidance_embedding(self.teacher.unet, self.hparams.time_cond_proj_dim)
+        super().build_student(student, prediction_type)
 
     # --- conditioning ---------------------------------------------------------------------------
 
