@@ -27,7 +27,7 @@ from .. import backbones
 from ..errors import ConfigError
 from ..losses import LossOutput  # defined there so losses.py imports nothing from methods/
 from ..nn_utils import eval_mode, lcm_step_limit  # eval_mode is re-exported: methods import it from here
-from .. import lora, memory
+from .. import lora, memory, sharding
 from ..lora import LoraSpec
 from ..parametrisation import Denoiser, PredictionType
 from ..teacher import DiffusionTeacher
@@ -218,6 +218,10 @@ class DistillationMethod(L.LightningModule):
                 f"the data gives samples of shape {tuple(shape)} but the {type(self).__name__} student "
                 f"expects {self.sample_shape} (match data.channels / data.image_size to the network)"
             )
+
+    def configure_model(self) -> None:
+        # under ModelParallelStrategy: FSDP2 of the Denoiser networks (sharding.py); otherwise nothing
+        sharding.configure_model(self)
 
     def configure_optimizers(self):
         opt = self.optimizer_factory(self.trainable_parameters())
@@ -464,14 +468,17 @@ class DistillationMethod(L.LightningModule):
         return x
 
     def log_sample_grid(self, tag: str = "samples") -> None:
-        """Log a grid of samples from fixed noise to TensorBoard (rank 0 only)."""
-        if self.trainer.is_global_zero and self.logger is not None and hasattr(self.logger.experiment, "add_image"):
+        """Log a grid of samples from fixed noise to TensorBoard (rank 0 only; a sharded network's forward
+        is a collective, so then every rank samples)."""
+        logs = self.trainer.is_global_zero and self.logger is not None and hasattr(self.logger.experiment, "add_image")
+        if logs or (self.logger is not None and sharding.is_sharded(self.sampling_denoiser())):
             from torchvision.utils import make_grid
 
             gen = torch.Generator().manual_seed(self.hparams.seed)
             n = self.hparams.num_log_samples
             labels = torch.arange(n) % self.num_classes if self.is_class_conditional else None
             x = self.sample(n, self.hparams.sample_steps, gen, labels=labels)
+        if logs:
             grid = make_grid((x.float().clamp(-1, 1) + 1) / 2, nrow=int(n**0.5))
             self.logger.experiment.add_image(f"{tag}/{self.hparams.sample_steps}step", grid, self.global_step)
 
