@@ -20,7 +20,9 @@ class PipelineExport(L.Callback):
         from_best: export the student of the best checkpoint of the (first) ``ModelCheckpoint`` that
             monitors a metric, instead of the final weights: for methods that get worse when run too
             long (APT), where the best FD checkpoint is the result. Its EMA weights when stored and
-            ``use_ema``; the final weights when no best checkpoint was written.
+            ``use_ema``; the final weights when no best checkpoint was written. Written by the method's own
+            ``export`` (SD3 / LCM pipelines, a LoRA student fused with its adapter file beside it), on the
+            checkpoint's weights with what it left out (LoRA base, teacher) restored as on resume.
 
     Example::
 
@@ -57,12 +59,33 @@ class PipelineExport(L.Callback):
                     rank_zero_info("PipelineExport(from_best=True): no monitored best checkpoint; exporting the final weights")
                 path = pl_module.export(self.dirpath, use_ema=self.use_ema)
             else:
-                from lightning_distill.export import export_pipeline, load_student_state
-
-                state, _ = load_student_state(best, self.use_ema)
-                unet = copy.deepcopy(pl_module.student.unet)
-                unet.load_state_dict(state)
-                path = export_pipeline(unet, pl_module.sampling_scheduler(pl_module.hparams.sample_steps), self.dirpath)
+                path = self.export_checkpoint(pl_module, best)
                 self.exported_from = best
             self.exported_to = str(path)
             rank_zero_info(f"Exported diffusers pipeline to {path}" + (f" (from {best})" if best else ""))
+
+    def export_checkpoint(self, pl_module: L.LightningModule, path: str):
+        """``pl_module.export(dirpath)`` of the student stored in checkpoint ``path`` (its EMA weights when stored
+        and ``use_ema``); ``pl_module`` is left as it was.
+
+        The checkpoint's state dict gets what ``on_save_checkpoint`` left out (a reloadable teacher, the frozen
+        base of a LoRA student) from ``pl_module.restore_left_out_weights``, the resume path; a copy of the student
+        network loads its ``student.unet.`` weights strictly and stands in for the student during the export.
+        """
+        import torch
+
+        from lightning_distill.export import ema_state_from_checkpoint
+
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        sd = dict(ckpt["state_dict"])
+        ema = ema_state_from_checkpoint(ckpt) if self.use_ema else None
+        sd.update({f"student.{k}": v for k, v in (ema or {}).items()})  # EMA adapters over the base from sd
+        pl_module.restore_left_out_weights(sd)
+        prefix = "student.unet."
+        network = copy.deepcopy(pl_module.student.unet)
+        network.load_state_dict({k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)})
+        live, pl_module.student.unet = pl_module.student.unet, network
+        try:
+            return pl_module.export(self.dirpath, use_ema=False)
+        finally:
+            pl_module.student.unet = live

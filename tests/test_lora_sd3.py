@@ -96,3 +96,54 @@ def test_sd3_lora_student_trains_adapters_only_and_exports_a_load_lora_weights_f
     assert (plain - ours).abs().max() > 1e-2  # the adapters matter: without them the samples differ
     teacher.load_lora_weights(folder)
     torch.testing.assert_close(pipeline_latents(teacher, steps, 5, ours.shape), ours, rtol=0, atol=1e-4)
+
+
+def test_from_best_exports_the_best_checkpoints_lora_student_through_the_methods_export(
+        tiny_sd3_dir, sd3_captioned, tmp_path):  # noqa: F811
+    """PipelineExport(from_best=True) with a LoRA student of an SD3 teacher: the best checkpoint holds adapters
+    only; the export goes through the method's own export with the base restored as on resume, so it is a
+    StableDiffusion3Pipeline folder whose fused transformer is the teacher's + (alpha / r) B A of the best
+    checkpoint's EMA adapters (by hand), with those adapters in the adapter file, not the final ones."""
+    import json
+
+    import lightning as L
+    from diffusers import SD3Transformer2DModel
+    from lightning.pytorch.callbacks import ModelCheckpoint
+    from safetensors.torch import load_file
+
+    from lightning_distill import lora
+    from lightning_distill.callbacks import EMA, PipelineExport
+    from lightning_distill.cli import cli_main
+
+    class Score(L.Callback):  # a metric that is best (lowest) after step 2 of 4
+        def on_train_batch_end(self, trainer, pl_module, *args):
+            pl_module.log("score", abs(trainer.global_step - 2.0))
+
+    cli = cli_main(["--config", str(ROOT / "configs" / "consistency" / "debug_sd3.yaml"), "--data.teacher", str(tiny_sd3_dir),
+                    "--data.data", str(sd3_captioned), "--model.init_args.student_lora", "{rank: 4, alpha: 4}", *LR], run=False)
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", monitor="score", mode="min", save_top_k=1, every_n_train_steps=1)
+    export = PipelineExport(str(tmp_path / "student"), from_best=True)
+    trainer = L.Trainer(max_steps=4, logger=False, enable_progress_bar=False, enable_model_summary=False,
+                        limit_val_batches=0, accelerator="cpu", callbacks=[Score(), EMA(decay=0.5, warmup=False), ckpt, export])
+    trainer.fit(cli.model, cli.datamodule)
+    assert export.exported_from == ckpt.best_model_path and "step=2" in ckpt.best_model_path
+
+    saved = torch.load(ckpt.best_model_path, map_location="cpu", weights_only=True)
+    assert all(lora.is_lora_key(k) for k in saved["state_dict"] if k.startswith("student."))  # adapters only
+    averaged = next(s["averaged"] for s in saved["callbacks"].values() if isinstance(s, dict) and "averaged" in s)
+    folder = tmp_path / "student"
+    assert json.loads((folder / "model_index.json").read_text())["_class_name"] == "StableDiffusion3Pipeline"
+    base = SD3Transformer2DModel.from_pretrained(tiny_sd3_dir, subfolder="transformer").state_dict()
+    fused = load_file(folder / "transformer" / "diffusion_pytorch_model.safetensors")
+    adapters = load_file(folder / lora.LORA_WEIGHT_NAME)
+    layers = {k.rsplit(".lora_A.", 1)[0] for k in averaged if ".lora_A." in k}
+    assert layers and fused.keys() == base.keys()
+    for layer in layers:  # module.unet.<layer>.lora_A.default.weight -> W + (alpha / r) B A, alpha = r
+        name = layer.removeprefix("module.unet.")
+        a, b = averaged[f"{layer}.lora_A.default.weight"], averaged[f"{layer}.lora_B.default.weight"]
+        torch.testing.assert_close(fused[f"{name}.weight"], base[f"{name}.weight"] + b @ a, rtol=0, atol=1e-6)
+        assert torch.equal(adapters[f"transformer.{name}.lora_A.weight"], a)
+    untouched = [k for k in base if k.rsplit(".", 1)[0] not in {n.removeprefix("module.unet.") for n in layers}]
+    assert all(torch.equal(fused[k], base[k]) for k in untouched)
+    final = lora.lora_state_dict(cli.model.sampling_denoiser().unet)
+    assert any(not torch.equal(adapters[f"transformer.{k}"], v) for k, v in final.items())  # not the final EMA
