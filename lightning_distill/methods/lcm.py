@@ -310,7 +310,19 @@ class LatentConsistencyDistillation(ConsistencyDistillation):
 
         A LoRA student (``student_lora``: LCM-LoRA) is written fused, with its adapters beside it as
         ``pytorch_lora_weights.safetensors``, which the teacher's pipeline loads with ``load_lora_weights``
-        (:func:`~lightning_distill.export.write_student_pipeline`).
+        (:func:`~lightning_distill.export.write_student_pipeline`). A UNet student's guidance input
+        ``time_embedding.cond_proj`` (trained in full) is not in that file: diffusers' loader refuses non-LoRA
+        keys and the teacher's UNet has no such layer (``LatentConsistencyModelPipeline`` cannot run it: no
+        ``time_cond_proj_dim``). It is written to ``full_layers.safetensors`` (``lora.FULL_LAYERS_NAME``),
+        whose header holds the student UNet's config::
+
+            >>> header = safe_open(f"{folder}/full_layers.safetensors", "pt").metadata()
+            >>> unet = UNet2DConditionModel.from_config(json.loads(header["network_config"]))
+            >>> layers = {k.removeprefix("unet."): v for k, v in load_file(f"{folder}/full_layers.safetensors").items()}
+            >>> unet.load_state_dict({**teacher_pipe.unet.state_dict(), **layers})
+            >>> pipe = LatentConsistencyModelPipeline(**{**teacher_pipe.components, "unet": unet,
+            ...                                          "scheduler": LCMScheduler.from_pretrained(folder, subfolder="scheduler")})
+            >>> pipe.load_lora_weights(folder)  # the adapters; sample with guidance_scale = w + 1
         """
         from diffusers import LatentConsistencyModelPipeline
 
