@@ -259,6 +259,46 @@ def test_unet2d_lora_file_round_trip(tmp_path):
     assert parameter_counts(loaded)[0] == parameter_counts(student)[0]  # trainable again: training can go on
 
 
+def test_layer_trained_in_full_checkpoint_fuse_and_files(tmp_path):
+    """A layer the base lacks (LCM's guidance input) trains in full beside the adapters (peft modules_to_save):
+    found by new_layers, kept by drop_base_weights, fused as its trained copy, written to full_layers.safetensors
+    rather than the stock LoRA file, and read back by load_lora onto a network that has the layer."""
+    from diffusers import UNet2DConditionModel
+
+    from lightning_distill.lora import FULL_LAYERS_NAME, new_layers
+
+    teacher = tiny_cond_unet()
+    config = {**{k: v for k, v in teacher.config.items() if not k.startswith("_")}, "time_cond_proj_dim": 8}
+
+    def with_w_input():
+        net = UNet2DConditionModel.from_config(config)
+        net.load_state_dict(teacher.state_dict(), strict=False)
+        return net
+
+    student = with_w_input()
+    assert new_layers(student, teacher) == ["time_embedding.cond_proj"]
+    perturb_lora(add_lora(student, LoraSpec(rank=2), seed=0, train_in_full=new_layers(student, teacher)))
+    trained = [n for n, p in student.named_parameters() if p.requires_grad and ".lora_" not in n]
+    assert trained == ["time_embedding.cond_proj.modules_to_save.default.weight"]
+    sd = {f"s.{k}": v for k, v in student.state_dict().items()}
+    drop_base_weights(sd, "s.")
+    assert f"s.{trained[0]}" in sd and "s.time_embedding.cond_proj.original_module.weight" not in sd
+    g = torch.Generator().manual_seed(1)
+    x, ehs, w = torch.randn(B, 4, 4, 4, generator=g), torch.randn(B, 8, 16, generator=g), torch.randn(B, 8, generator=g)
+
+    def out(model):
+        with torch.no_grad():
+            return model(x, torch.tensor([10, 500]), ehs, timestep_cond=w).sample
+
+    close(out(fuse_lora(student)), out(student))
+    save_lora(student, tmp_path / "lora")
+    assert set(read_lora_file(tmp_path / "lora")[0]) == {k for k in lora_state_dict(student) if ".lora_" in k}
+    assert set(read_lora_file(tmp_path / "lora" / FULL_LAYERS_NAME)[0]) == {"time_embedding.cond_proj.weight"}
+    close(out(load_lora(with_w_input(), tmp_path / "lora")), out(student))
+    with pytest.raises(ConfigError, match=r"\['time_embedding.cond_proj'\] trained in full that UNet2DConditionModel lacks"):
+        load_lora(tiny_cond_unet(), tmp_path / "lora")
+
+
 def test_load_lora_without_header_reads_alpha_as_rank(tmp_path):
     """A LoRA file without diffusers' config header (other trainers): rank from B, alpha = rank."""
     from safetensors.torch import save_file
