@@ -65,6 +65,15 @@ def is_sharded(module: nn.Module | None) -> bool:
     return module is not None and any(isinstance(p, DTensor) for p in module.parameters())
 
 
+def is_sharded_state(state: dict) -> bool:
+    """Whether a state dict holds DTensor shards (``ModelParallelStrategy(save_distributed_checkpoint=True)``
+    saves them; its loader, ``torch.distributed.checkpoint.load``, needs every key of the module, so such a
+    checkpoint keeps the teacher's replicated weights, which it writes once)."""
+    from torch.distributed.tensor import DTensor
+
+    return any(isinstance(v, DTensor) for v in state.values())
+
+
 def meta_copy(module: nn.Module) -> nn.Module:
     """A deep copy of ``module`` whose parameters live on the meta device (no memory); buffers are copied
     (FSDP leaves them whole), so non-persistent ones survive a later ``load_state_dict(assign=True)``."""
@@ -200,6 +209,6 @@ def unsharded(*denoisers: nn.Module, rank_zero: bool):
 
 
 __all__ = [
-    "BLOCKS", "block_classes", "configure_model", "data_parallel_mesh", "full_state_dict", "is_sharded",
+    "BLOCKS", "block_classes", "configure_model", "data_parallel_mesh", "full_state_dict", "is_sharded", "is_sharded_state",
     "load_full_state_dict", "meta_copy", "per_tensor_kind", "plain_network", "shard_denoiser", "shard_network", "unsharded",
 ]

@@ -7,8 +7,8 @@ FSDP does not run on CPU with the installed torch / Lightning, and the first tes
 * torch's ``FullyShardedDataParallel`` itself (FSDP1, what ``FSDPStrategy`` wraps the LightningModule in)
   refuses to wrap a CPU module when no accelerator exists, and Lightning passes it ``device_id=None`` on CPU.
 
-(FSDP2 ``fully_shard`` through Lightning's ``ModelParallelStrategy`` does run on CPU / gloo, but that
-strategy needs a ``configure_model`` that shards the networks, which the methods do not have yet.)
+(FSDP2 ``fully_shard`` through Lightning's ``ModelParallelStrategy`` does run on CPU / gloo: the methods'
+``configure_model`` shards their networks there (lightning_distill/sharding.py; tests/test_fsdp2.py.)
 
 The same test builds the strategy of ``configs/strategies/fsdp.yaml`` through jsonargparse, as the CLI
 does, and checks which blocks its wrap policy shards in a UNet, SD3, Flux and DiT network.

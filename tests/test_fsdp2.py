@@ -91,12 +91,33 @@ def _export(root: Path) -> dict:
     return load_file(root / "student" / "unet" / "diffusion_pytorch_model.safetensors")
 
 
-def test_blocks_match_the_fsdp_wrap_policy():
+def test_blocks_match_the_fsdp_wrap_policy_and_unsharded_trainables_are_refused():
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+
     from lightning_distill import sharding
+    from lightning_distill.errors import ConfigError
 
     cfg = yaml.safe_load((REPO / "configs" / "strategies" / "fsdp.yaml").read_text())
     assert list(sharding.BLOCKS) == cfg["trainer"]["strategy"]["init_args"]["auto_wrap_policy"]
     sharding.block_classes()  # every path imports
+
+    class Method(torch.nn.Module):  # what configure_model reads: the strategy's mesh and the children
+        def __init__(self, mesh) -> None:
+            super().__init__()
+            self.device_mesh = mesh
+            self.teacher = torch.nn.Linear(2, 2)  # left whole, even if it had trainable weights
+            self.discriminator = torch.nn.Linear(2, 2)
+
+    assert sharding.configure_model(Method(None)) is None  # no mesh (any other strategy): nothing happens
+    assert not dist.is_initialized()
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        mesh = init_device_mesh("cpu", (1, 1), mesh_dim_names=("data_parallel", "tensor_parallel"))
+        with pytest.raises(ConfigError, match=r"Method\.discriminator \(Linear\) trains but is not a Denoiser"):
+            sharding.configure_model(Method(mesh))
+    finally:
+        dist.destroy_process_group()
 
 
 @pytest.mark.slow

@@ -334,13 +334,16 @@ class DistillationMethod(L.LightningModule):
                 hparams[key] = module_spec(value)
             elif isinstance(value, LoraSpec):  # plain types: weights_only loading refuses dataclasses
                 hparams[key] = value.to_dict()
+        if self.teacher is not None and self.teacher.reloadable:
+            checkpoint["teacher_source"] = {"source": self.teacher.source, "revision": self.teacher.revision}
+        if sharding.is_sharded_state(checkpoint["state_dict"]):
+            return  # per-rank FSDP2 shards (torch.distributed.checkpoint): its loader needs every key
         for prefix in self._lora_prefixes():  # the adapters, not the base (re-read from the teacher's source)
             lora.drop_base_weights(checkpoint["state_dict"], prefix)
         if self.teacher is not None and self.teacher.reloadable:
             sd = checkpoint["state_dict"]
             for key in [k for k in sd if k.startswith("teacher.")]:
                 del sd[key]
-            checkpoint["teacher_source"] = {"source": self.teacher.source, "revision": self.teacher.revision}
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         if "state_dict" in checkpoint:  # FSDP strategies pop it: loaded already, through the pre-hook below
