@@ -323,8 +323,10 @@ def _digits_presets() -> list[Path]:
 
     found = []
     for path in CONFIGS:
-        data = (yaml.safe_load(path.read_text()) or {}).get("data") or {}
-        if data.get("data", "digits") == "digits" and not data.get("pairs"):
+        cfg = yaml.safe_load(path.read_text()) or {}
+        data = cfg.get("data") or {}
+        # strategy snippets (configs/strategies/, a second --config) have no model and train on nothing
+        if "model" in cfg and data.get("data", "digits") == "digits" and not data.get("pairs"):
             found.append(path)
     return found
 
