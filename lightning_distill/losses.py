@@ -247,6 +247,8 @@ __all__ = [
     "Distance",
     "HUBER_REDUCTIONS",
     "HuberReduction",
+    "NonFiniteLossError",
+    "check_finite",
     "classifier_kd_loss",
     "denoising_loss",
     "feature_kd_loss",
@@ -256,3 +258,15 @@ __all__ = [
     "regression_distance",
     "temperature_kd_loss",
 ]
+
+
+class NonFiniteLossError(FloatingPointError):
+    """A loss term became NaN or inf; training stops and the last good checkpoint is kept."""
+
+
+def check_finite(out: LossOutput, step: int) -> None:
+    terms = {"loss": out.loss, **out.logs}
+    for name, value in terms.items():
+        value = torch.as_tensor(value)
+        if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            raise NonFiniteLossError(f"non-finite value in loss term {name!r} at global step {step}: {value.item()}")

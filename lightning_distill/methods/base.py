@@ -25,52 +25,13 @@ from torch import Tensor, nn
 
 from .. import backbones
 from ..errors import ConfigError
-from ..losses import LossOutput  # defined there so losses.py imports nothing from methods/
+from ..losses import LossOutput, NonFiniteLossError, check_finite  # noqa: F401 - re-exported for methods and the CLI
 from ..nn_utils import eval_mode, lcm_step_limit  # eval_mode is re-exported: methods import it from here
-from .. import lora, memory, sharding
+from .. import checkpoint_content, lora, memory, sharding
+from ..checkpoint_content import build_module, module_spec  # noqa: F401 - re-exported: methods import them here
 from ..lora import LoraSpec
 from ..parametrisation import Denoiser, PredictionType
 from ..teacher import DiffusionTeacher
-
-
-class NonFiniteLossError(FloatingPointError):
-    """A loss term became NaN or inf; training stops and the last good checkpoint is kept."""
-
-
-def check_finite(out: LossOutput, step: int) -> None:
-    terms = {"loss": out.loss, **out.logs}
-    for name, value in terms.items():
-        value = torch.as_tensor(value)
-        if value.is_floating_point() and not bool(torch.isfinite(value).all()):
-            raise NonFiniteLossError(f"non-finite value in loss term {name!r} at global step {step}: {value.item()}")
-
-
-def module_spec(module: nn.Module) -> dict | None:
-    """A weights-only-loadable description of a network: its class path and config (diffusers models).
-
-    Checkpoints store this instead of the pickled module, so ``torch.load(weights_only=True)`` (the
-    default for resuming) accepts them; the weights themselves are in ``state_dict``.
-    """
-    config = getattr(module, "config", None)
-    if config is None:
-        return None
-    cls = type(module)
-    init_args = {k: v for k, v in dict(config).items() if not k.startswith("_")}
-    return {"class_path": f"{cls.__module__}.{cls.__qualname__}", "init_args": init_args}
-
-
-def build_module(spec: nn.Module | dict | None) -> nn.Module | None:
-    """Inverse of :func:`module_spec`: pass modules through, build ``{"class_path", "init_args"}`` dicts."""
-    if spec is None or isinstance(spec, nn.Module):
-        return spec
-    if isinstance(spec, dict) and "class_path" in spec:
-        import importlib
-
-        module_name, _, name = spec["class_path"].rpartition(".")
-        cls = getattr(importlib.import_module(module_name), name)
-        args = dict(spec.get("init_args") or {})
-        return cls.from_config(args) if hasattr(cls, "from_config") else cls(**args)
-    raise TypeError(f"expected an nn.Module or a {{'class_path', 'init_args'}} dict, got {type(spec).__name__}")
 
 
 def default_optimizer(params) -> torch.optim.Optimizer:
@@ -336,33 +297,18 @@ class DistillationMethod(L.LightningModule):
                 hparams[key] = value.to_dict()
         if self.teacher is not None and self.teacher.reloadable:
             checkpoint["teacher_source"] = {"source": self.teacher.source, "revision": self.teacher.revision}
-        if sharding.is_sharded_state(checkpoint["state_dict"]):
-            return  # per-rank FSDP2 shards (torch.distributed.checkpoint): its loader needs every key
-        for prefix in self._lora_prefixes():  # the adapters, not the base (re-read from the teacher's source)
-            lora.drop_base_weights(checkpoint["state_dict"], prefix)
-        if self.teacher is not None and self.teacher.reloadable:
-            sd = checkpoint["state_dict"]
-            for key in [k for k in sd if k.startswith("teacher.")]:
-                del sd[key]
+        if not sharding.is_sharded_state(checkpoint["state_dict"]):  # FSDP2 shards: its loader needs every key
+            checkpoint_content.drop_left_out_weights(checkpoint["state_dict"], self._lora_prefixes(), self.teacher)
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         if "state_dict" in checkpoint:  # FSDP strategies pop it: loaded already, through the pre-hook below
             self.restore_left_out_weights(checkpoint["state_dict"])
 
     def restore_left_out_weights(self, sd: dict, prefix: str = "") -> None:
-        """Put back into state dict ``sd`` what :meth:`on_save_checkpoint` left out: a reloadable teacher's
-        weights and the frozen base of LoRA networks (both already in this module, re-read from the source).
-
-        Called from ``on_load_checkpoint`` and, as a ``load_state_dict`` pre-hook, at every load of this
-        module's state (``prefix``: where the module sits in the loaded tree, e.g. under an FSDP wrapper):
-        ``FSDPStrategy`` and ``ModelParallelStrategy`` load the module state inside ``load_checkpoint``,
-        strictly and before ``on_load_checkpoint`` runs. Keys already present are kept.
-        """
-        for lp in self._lora_prefixes():
-            lora.restore_base_weights(sd, self.get_submodule(lp[:-len(".unet.")]).unet, prefix + lp)
-        if self.teacher is not None and not any(k.startswith(prefix + "teacher.") for k in sd):
-            # Reloadable teacher: its weights come from the source the data module just loaded.
-            sd.update({f"{prefix}teacher.{k}": v for k, v in self.teacher.state_dict().items()})
+        """Put back into ``sd`` what :meth:`on_save_checkpoint` left out (:mod:`lightning_distill.checkpoint_content`);
+        also a ``load_state_dict`` pre-hook, as FSDP strategies load the state before ``on_load_checkpoint``."""
+        networks = {lp: self.get_submodule(lp[:-len(".unet.")]).unet for lp in self._lora_prefixes()}
+        checkpoint_content.restore_left_out_weights(sd, networks, self.teacher, prefix)
 
     def _restore_before_load(self, module, state_dict, prefix, *args) -> None:
         self.restore_left_out_weights(state_dict, prefix)

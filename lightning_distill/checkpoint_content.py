@@ -1,0 +1,66 @@
+"""What a method's checkpoint holds besides trained weights, and what it leaves out on purpose.
+
+* Networks passed as hyperparameters are stored as :func:`module_spec` (class path + config), so
+  ``torch.load(weights_only=True)`` accepts the checkpoint; :func:`build_module` rebuilds them.
+* Weights that can be re-read from the teacher's source are left out (:func:`drop_left_out_weights`): a
+  reloadable teacher's, and the frozen base of LoRA networks derived from it. :func:`restore_left_out_weights`
+  puts them back from the live module before a strict load (resume, FSDP's loaders, ``from_best`` export).
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from . import lora
+
+
+def module_spec(module: nn.Module) -> dict | None:
+    """A weights-only-loadable description of a network: its class path and config (diffusers models).
+
+    Checkpoints store this instead of the pickled module, so ``torch.load(weights_only=True)`` (the
+    default for resuming) accepts them; the weights themselves are in ``state_dict``.
+    """
+    config = getattr(module, "config", None)
+    if config is None:
+        return None
+    cls = type(module)
+    init_args = {k: v for k, v in dict(config).items() if not k.startswith("_")}
+    return {"class_path": f"{cls.__module__}.{cls.__qualname__}", "init_args": init_args}
+
+
+def build_module(spec: nn.Module | dict | None) -> nn.Module | None:
+    """Inverse of :func:`module_spec`: pass modules through, build ``{"class_path", "init_args"}`` dicts."""
+    if spec is None or isinstance(spec, nn.Module):
+        return spec
+    if isinstance(spec, dict) and "class_path" in spec:
+        import importlib
+
+        module_name, _, name = spec["class_path"].rpartition(".")
+        cls = getattr(importlib.import_module(module_name), name)
+        args = dict(spec.get("init_args") or {})
+        return cls.from_config(args) if hasattr(cls, "from_config") else cls(**args)
+    raise TypeError(f"expected an nn.Module or a {{'class_path', 'init_args'}} dict, got {type(spec).__name__}")
+
+
+def drop_left_out_weights(sd: dict, lora_prefixes: list[str], teacher) -> None:
+    """Remove from state dict ``sd`` the frozen base under each LoRA network prefix and a reloadable teacher's weights."""
+    for prefix in lora_prefixes:  # the adapters stay; the base is re-read from the teacher's source
+        lora.drop_base_weights(sd, prefix)
+    if teacher is not None and teacher.reloadable:
+        for key in [k for k in sd if k.startswith("teacher.")]:
+            del sd[key]
+
+
+def restore_left_out_weights(sd: dict, networks: dict[str, nn.Module], teacher, prefix: str = "") -> None:
+    """Put back what :func:`drop_left_out_weights` removed, from the live networks; keys already present are kept.
+
+    Args:
+        sd: the state dict being loaded (changed in place).
+        networks: LoRA network prefix (e.g. ``"student.unet."``) -> that network in the live module.
+        teacher: the live teacher (its weights were just loaded from its source), or None.
+        prefix: where the module sits in the loaded tree (e.g. under an FSDP wrapper).
+    """
+    for lp, network in networks.items():
+        lora.restore_base_weights(sd, network, prefix + lp)
+    if teacher is not None and not any(k.startswith(prefix + "teacher.") for k in sd):
+        sd.update({f"{prefix}teacher.{k}": v for k, v in teacher.state_dict().items()})
