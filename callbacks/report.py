@@ -22,6 +22,9 @@ class DistillationReport(L.Callback):
         teacher_steps: teacher DDIM step counts (include the teacher's full count, e.g. 50).
         num_samples: generated images per cell; seed: noise seed (the same for every model).
         feature_net: feature network name (``digits`` gives FD-digits) or an ``nn.Module`` with ``num_features``.
+        teacher_cache: read the teacher's cells from :mod:`~lightning_distill.teacher_features` entries with
+            the same content key (the user cache, or those the teacher folder ships) instead of sampling
+            the fixed teacher again; the report names every entry it read. False samples them.
 
     Example::
 
@@ -36,6 +39,7 @@ class DistillationReport(L.Callback):
         num_samples: int = 2000,
         seed: int = 0,
         feature_net: str = "digits",
+        teacher_cache: bool = True,
     ) -> None:
         self.out_dir = out_dir
         self.steps = list(steps)
@@ -43,6 +47,7 @@ class DistillationReport(L.Callback):
         self.num_samples = num_samples
         self.seed = seed
         self.feature_net = feature_net
+        self.teacher_cache = teacher_cache
         self.rows: list[dict] | None = None
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -64,6 +69,7 @@ class DistillationReport(L.Callback):
             feature_net=self.feature_net,
             device=pl_module.device,
             log=rank_zero_info,
+            teacher_cache=self.teacher_cache,
         )
         table = (Path(self.out_dir) / "results.md").read_text()
         print(f"\n{table}\nExported student pipeline: {exported}\nReport: {self.out_dir}\n", file=sys.stdout, flush=True)

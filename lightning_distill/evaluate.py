@@ -59,6 +59,7 @@ from .metrics import (
 )
 from .nn_utils import lcm_step_limit
 from .teacher import DiffusionTeacher, load_teacher, low_cpu_mem_usage
+from .teacher_features import teacher_cell_features
 
 CSV_FIELDS = [
     "model", "kind", "steps", "fd", "kid", "kid_std", "num_samples", "seed", "feature_net", "reference", "num_reference",
@@ -261,11 +262,17 @@ def evaluate_models(
     cache_dir: str | os.PathLike | None = None,
     device: str | torch.device | None = None,
     log: Callable[[str], None] | None = None,
+    teacher_cache: bool = True,
+    teacher_cache_out: str | os.PathLike | None = None,
 ) -> list[dict]:
     """FD / KID of the teacher (at ``teacher_steps``) and each student (at ``steps``); one dict per row.
 
     With ``out_dir`` the report files are written there (see the module docstring). Rows carry their
     protocol (``num_samples``, ``seed``, ``feature_net``, ``reference``, ``num_reference``).
+
+    The teacher's cells read their generated features from :mod:`~lightning_distill.teacher_features`
+    when an entry with the same content key exists (``teacher_cache``; the report names the file), and
+    write the ones they compute to ``cache_dir`` and to ``teacher_cache_out`` when given.
 
     Example::
 
@@ -311,9 +318,24 @@ def evaluate_models(
         s = score_features(extract_features(net, heldout, device=device), ref, True, kid_subsets, kid_subset_size, seed)
         rows.append(dict(model="real held-out (val split)", kind="data", steps=0, fd=s.fd, kid=s.kid, kid_std=s.kid_std,
                          **{**protocol, "num_samples": s.num_samples}))
+    cached_from: dict[int, str] = {}
     for sampler, step_list in models:
         grids[sampler.name] = {}
         for st in step_list:
+            if sampler.kind == "teacher":
+                feats, grid, path = teacher_cell_features(
+                    teacher, sampler, st, num_samples, seed, chunk_size, net, device, cache_dir, teacher_cache,
+                    teacher_cache_out, grid_size,
+                )
+                if path is not None:
+                    cached_from[st] = path
+                s = score_features(feats, ref, True, kid_subsets, kid_subset_size, seed)
+                grids[sampler.name][st] = grid
+                rows.append(dict(model=sampler.name, kind=sampler.kind, steps=st, fd=s.fd, kid=s.kid, kid_std=s.kid_std,
+                                 **protocol))
+                log(f"{sampler.name} {st} steps: FD {s.fd:.4f}  KID {s.kid:.5f} ± {s.kid_std:.5f}"
+                    + (f"  (features read from {cached_from[st]})" if st in cached_from else ""))
+                continue
             first: list[Tensor] = []
 
             def fn(n, g, labels, st=st, first=first):
@@ -329,8 +351,9 @@ def evaluate_models(
             rows.append(row)
             log(f"{sampler.name} {st} steps: FD {s.fd:.4f}  KID {s.kid:.5f} ± {s.kid_std:.5f}")
     if out_dir is not None:
-        write_report(rows, grids, out_dir, models, protocol, feat_name)
+        write_report(rows, grids, out_dir, models, {**protocol, "teacher_features_cached": cached_from}, feat_name)
     return rows
+
 
 
 # --- report files --------------------------------------------------------------------------------
@@ -373,6 +396,9 @@ def write_report(rows: list[dict], grids: dict, out_dir, models, protocol: dict,
         if r["kind"] == "data":
             lines += [f"Real held-out data against the reference ({r['num_samples']} images; a small-sample "
                       f"value, not a floor at {protocol['num_samples']}): FD {r['fd']:.4g}, KID x 1e3 {r['kid'] * 1e3:.4g}", ""]
+    for st, path in sorted(protocol.get("teacher_features_cached", {}).items()):
+        lines += [f"Teacher {st} steps: generated features read from the cache entry `{path}` (same teacher weights, "
+                  "sampler, protocol and library versions; `--no-teacher-cache` samples them again)", ""]
     lines += ["Models:", ""] + [
         f"- {s.name}: {s.kind} `{s.source}`" + (f" (EMA weights: {'yes' if s.ema else 'no'})" if s.ema is not None else "")
         for s, _ in models
@@ -575,6 +601,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--kid-subset-size", type=int, default=1000)
     p.add_argument("--chunk-size", type=int, default=250)
     p.add_argument("--cache-dir", default=None)
+    p.add_argument("--no-teacher-cache", action="store_true", help="always sample the teacher's cells")
+    p.add_argument("--teacher-cache-out", default=None,
+                   help="also write the teacher's cell features here (e.g. <teacher folder>/eval_cache to ship them)")
     p.add_argument("--device", default=None)
     p.add_argument("--no-real-baseline", action="store_true")
     p.add_argument("--fd-checks", action="store_true", help="run the metric's own checks instead; writes <out>/fd_checks.md")
@@ -613,7 +642,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         kid_subset_size=a.kid_subset_size,
         chunk_size=a.chunk_size,
         real_baseline=not a.no_real_baseline,
-        cache_dir=a.cache_dir,
+        cache_dir=a.cache_dir, teacher_cache=not a.no_teacher_cache, teacher_cache_out=a.teacher_cache_out,
         device=a.device,
     )
     print((Path(a.out) / "results.md").read_text())

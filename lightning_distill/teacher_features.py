@@ -1,0 +1,131 @@
+"""Cached features of a teacher's generated samples: the fixed rows of every evaluation report.
+
+A report scores the teacher at its step counts next to each student under one protocol (sample count,
+noise seed, chunking, feature network). The teacher does not change between runs, so its generated
+features are a function of the teacher's weights, its sampler and that protocol; computing them again
+in every run is the largest cost of a small report (the bundled digits teacher's 50-step cell is most
+of the README main job's closing report). This module keys those features by a content hash of
+everything they depend on and reads them from, in order,
+
+1. the user cache (``cache_dir``, by default ``~/.cache/lightning_distill/reference_stats``, beside the
+   reference statistics), which a first run fills;
+2. the teacher folder's ``eval_cache/``, where a teacher can ship entries measured by
+   ``python -m lightning_distill.evaluate ... --teacher-cache-out <teacher folder>/eval_cache`` (the
+   bundled digits teachers ship the README protocol's cells).
+
+The key covers every weight of the teacher network (and of its VAE), its scheduler config, the sampler, the step count,
+the protocol (samples, seed, chunk size, classes), the feature network's fingerprint, the device type
+and the torch / diffusers versions (a sampler or kernel change in either gives a new key, so a stale
+entry is never read; it is recomputed instead). An entry holds the features and the first sample-grid
+images, so a report from the cache is the same report. ``teacher_cache=False`` in
+:func:`~lightning_distill.evaluate.evaluate_models` (``--no-teacher-cache``) always samples.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from .metrics import default_cache_dir, fingerprint
+
+SHIPPED_DIR = "eval_cache"
+
+
+def teacher_features_key(
+    teacher, steps: int, num_samples: int, seed: int, chunk_size: int, net: nn.Module, device: torch.device | str
+) -> str:
+    """Content key of one teacher cell: ``teacher-<steps>step-n<N>-s<seed>-<sha256 prefix>``."""
+    import diffusers
+
+    h = hashlib.sha256()
+    meta = {
+        "steps": int(steps), "num_samples": int(num_samples), "seed": int(seed), "chunk_size": int(chunk_size),
+        "num_classes": teacher.num_classes, "scheduler": dict(teacher.scheduler_config),
+        "path": teacher.denoiser.schedule.path, "prediction": teacher.denoiser.prediction_type,
+        "clip_x0": teacher.denoiser.clip_x0,
+        "feature_net": fingerprint(net), "device": torch.device(device).type,
+        "torch": ".".join(torch.__version__.split("+")[0].split(".")[:2]), "diffusers": diffusers.__version__,
+    }
+    h.update(json.dumps(meta, sort_keys=True, default=str).encode())
+    for name, module in (("unet", teacher.unet), ("vae", teacher.vae)):
+        for k, v in (module.state_dict().items() if module is not None else ()):
+            h.update(f"{name}.{k}".encode())
+            h.update(v.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return f"teacher-{steps}step-n{num_samples}-s{seed}-{h.hexdigest()[:20]}"
+
+
+def search_dirs(teacher, cache_dir: str | os.PathLike | None) -> list[Path]:
+    """Where entries are looked for: the user cache, then the teacher folder's shipped ``eval_cache/``."""
+    from .teacher import resolve_teacher_source
+
+    dirs = [Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()]
+    if teacher.source is not None:
+        folder, _ = resolve_teacher_source(teacher.source)
+        if folder is not None:
+            dirs.append(Path(folder) / SHIPPED_DIR)
+    return dirs
+
+
+def load_entry(key: str, dirs: list[Path]) -> tuple[Tensor, Tensor, Path] | None:
+    """(features, grid images, file) of the first entry named ``key``; None when there is none."""
+    for d in dirs:
+        path = d / f"{key}.pt"
+        if path.is_file():
+            e = torch.load(path, map_location="cpu", weights_only=True)
+            return e["features"], e["grid"], path
+    return None
+
+
+def save_entry(key: str, features: Tensor, grid: Tensor, directory: str | os.PathLike) -> Path:
+    """Write an entry atomically (a crash never leaves a half-written file under the key's name)."""
+    d = Path(directory).expanduser()
+    d.mkdir(parents=True, exist_ok=True)
+    path = d / f"{key}.pt"
+    tmp = path.with_suffix(f".tmp{os.getpid()}")
+    torch.save({"features": features.to(torch.float64).cpu(), "grid": grid.float().cpu()}, tmp)
+    os.replace(tmp, path)
+    return path
+
+
+def teacher_cell_features(
+    teacher, sampler, steps: int, num_samples: int, seed: int, chunk_size: int, net: nn.Module, device,
+    cache_dir=None, use_cache: bool = True, cache_out=None, grid_size: int = 16,
+) -> tuple[Tensor, Tensor, str | None]:
+    """Features and sample-grid images of one teacher cell, and the entry file they were read from.
+
+    From the first entry with the cell's key (:func:`search_dirs`) when ``use_cache``; otherwise sampled
+    with ``sampler`` (:func:`~lightning_distill.metrics.generated_features`) and written to the user cache
+    (when ``use_cache``). ``cache_out`` receives the entry either way.
+    """
+    from . import metrics
+
+    key = teacher_features_key(teacher, steps, num_samples, seed, chunk_size, net, device)
+    entry = load_entry(key, search_dirs(teacher, cache_dir)) if use_cache else None
+    source = None
+    if entry is not None:
+        feats, grid, path = entry
+        source = str(path)
+    else:
+        first: list[Tensor] = []
+
+        def fn(n, g, labels):
+            x = sampler.sample(n, steps, g, labels)
+            if not first:
+                first.append(x[:grid_size].float().cpu())
+            return x
+
+        feats = metrics.generated_features(fn, net, num_samples, seed, chunk_size, sampler.num_classes, device=device)
+        grid = first[0]
+        if use_cache:
+            save_entry(key, feats, grid, cache_dir if cache_dir is not None else default_cache_dir())
+    if cache_out is not None:
+        save_entry(key, feats, grid, cache_out)
+    return feats, grid[:grid_size], source
+
+
+__all__ = ["teacher_cell_features", "teacher_features_key", "search_dirs", "load_entry", "save_entry", "SHIPPED_DIR"]
