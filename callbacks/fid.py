@@ -212,7 +212,11 @@ class FIDCallback(L.Callback):
     def evaluate(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, float]:
         """Compute, log (rank 0) and return this step's metrics; every rank must call it."""
         device = pl_module.device
-        self._get_feature_net(device)
+        # Building the feature network draws random initial weights before its saved ones are loaded, so it
+        # happens inside the RNG fork too: otherwise the first evaluation shifts training's random stream
+        # (and a run resumed after it would draw other numbers than the uninterrupted run).
+        with torch.random.fork_rng(devices=[]):
+            self._get_feature_net(device)
         teacher = getattr(pl_module, "teacher", None)
         vae = getattr(teacher, "vae", None)
         num_classes = None

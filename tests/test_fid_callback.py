@@ -21,6 +21,7 @@ import torch
 from lightning_distill.callbacks.ema import EMA
 from lightning_distill.callbacks.fid import FIDCallback
 from lightning_distill.data import TeacherDataModule
+from lightning_distill.feature_net import DigitsFeatureNet
 from lightning_distill.methods.diffusion import DiffusionTraining
 from lightning_distill.metrics import chunk_bounds, chunk_seed
 
@@ -95,3 +96,31 @@ def test_logged_fd_and_kid_equal_an_independent_computation(tmp_path):
         raw = independent_scores(model, model.student, fid.feature_net, dm.train_images(), fid, s)
         assert logged[f"fid/digits-feat/{s}step/n14"] != pytest.approx(raw["fid"], rel=1e-6), \
             "the logged FD is the raw student's, not the EMA copy's"
+
+
+def test_evaluations_leave_training_random_stream_untouched(tmp_path, monkeypatch):
+    """A run with FIDCallback evaluating every step trains exactly as one without it: building the feature
+    network (random initial weights, here drawn from the global RNG) and sampling happen in an RNG fork."""
+    from lightning_distill.callbacks import fid as fid_module
+
+    def fresh_net(spec, **kwargs):
+        return DigitsFeatureNet(image_size=8, widths=(4, 8), num_features=8)  # consumes the global RNG
+
+    monkeypatch.setattr(fid_module, "get_feature_net", fresh_net)
+
+    def fit(callbacks):
+        torch.manual_seed(0)
+        model = DiffusionTraining(unet=make_tiny_unet(8), sample_steps=2)
+        trainer = L.Trainer(max_steps=3, logger=False, callbacks=[EMA(decay=0.9), *callbacks], enable_checkpointing=False,
+                            default_root_dir=tmp_path, limit_val_batches=0, enable_progress_bar=False,
+                            enable_model_summary=False, accelerator="cpu")
+        trainer.fit(model, TeacherDataModule(teacher=None, image_size=8, batch_size=8))
+        return model.student.state_dict()
+
+    plain = fit([])
+    fid = FIDCallback(every_n_steps=1, num_samples=6, steps=[1], feature_net="digits", kid=False, chunk_size=4,
+                      cache_dir=str(tmp_path / "cache"))
+    with_fid = fit([fid])
+    assert fid.last_eval_step == 3
+    for k in plain:
+        torch.testing.assert_close(with_fid[k], plain[k], rtol=0, atol=0, msg=k)
