@@ -4,10 +4,12 @@ Reads the preset (default ``configs/consistency/main.yaml``) and times, in one p
 
 * ``startup_s``: importing the framework and loading the bundled teacher;
 * ``step_s``: one consistency-distillation step (``compute_loss`` + backward + AdamW) with the preset's solver,
-  grid and batch size, median over ``--steps`` steps after one warm-up; also at half the batch and with the
-  other solver, so the cost of each recipe knob is a measured ratio, not a guess;
+  substeps, grid and batch size, median over ``--steps`` steps after one warm-up; also at twice the batch,
+  with the other solver and with another substep count, so the cost of each recipe knob is a measured
+  ratio, not a guess;
 * ``report``: the ``DistillationReport`` cells, each timed on one chunk of ``--chunk`` samples and scaled to
-  ``num_samples`` (the teacher's 50-step cell alone is most of it), plus the digits feature extraction.
+  ``num_samples`` (the teacher's 50-step cell alone is most of it), plus the digits feature extraction;
+  and the same without the teacher cells whose features the teacher folder ships (read, not sampled).
 
 The estimate ``startup + max_steps x step + report`` is printed beside its parts; benchmarks/main_job.py
 measures the real end-to-end wall time.
@@ -68,10 +70,11 @@ def main() -> None:
     report_cb = next(c["init_args"] for c in cfg["trainer"]["callbacks"] if c["class_path"].endswith("DistillationReport"))
     batch_size, size = int(data["batch_size"]), int(data["image_size"])
     grid, solver = int(model_args.get("original_inference_steps", 50)), model_args.get("solver", "ddim")
+    substeps = int(model_args.get("solver_substeps", 1))
 
-    def step_time(bs: int, solver_: str) -> float:
+    def step_time(bs: int, solver_: str, substeps_: int = substeps) -> float:
         torch.manual_seed(0)
-        method = ConsistencyDistillation(teacher, original_inference_steps=grid, solver=solver_)
+        method = ConsistencyDistillation(teacher, original_inference_steps=grid, solver=solver_, solver_substeps=substeps_)
         opt = torch.optim.AdamW([p for p in method.parameters() if p.requires_grad], lr=1e-4)
         batch = {"x": torch.rand(bs, teacher.in_channels, size, size) * 2 - 1, "label": torch.zeros(bs, dtype=torch.long)}
 
@@ -84,12 +87,14 @@ def main() -> None:
         return _median_time(step, args.steps)
 
     other = "ddim" if solver == "heun" else "heun"
+    preset = f"{solver} x{substeps} batch {batch_size} (preset)"
     steps = {
-        f"{solver} batch {batch_size} (preset)": step_time(batch_size, solver),
-        f"{solver} batch {batch_size // 2}": step_time(batch_size // 2, solver),
-        f"{other} batch {batch_size}": step_time(batch_size, other),
+        preset: step_time(batch_size, solver),
+        f"{solver} x{substeps} batch {batch_size * 2}": step_time(batch_size * 2, solver),
+        f"{other} x{substeps} batch {batch_size}": step_time(batch_size, other),
+        f"{solver} x{substeps + 1 if substeps == 1 else 1} batch {batch_size}": step_time(batch_size, solver, 2 if substeps == 1 else 1),
     }
-    step_s = steps[f"{solver} batch {batch_size} (preset)"]
+    step_s = steps[preset]
 
     n = int(report_cb.get("num_samples", 2000))
     sampler = teacher_sampler(teacher)
@@ -105,6 +110,13 @@ def main() -> None:
         x = torch.rand(args.chunk, teacher.in_channels, size, size) * 2 - 1
         feat = _median_time(lambda: extract_features(net, x), 1) * n / args.chunk
     report_s = sum(cells.values()) + feat * len(cells)
+    # the teacher's cells are read from the teacher folder's shipped feature cache when their key matches
+    # (lightning_distill/teacher_features.py), so a first run pays only the students' cells
+    from lightning_distill import teacher_features as tf
+
+    shipped = [k for k in report_cb.get("teacher_steps", [1, 2, 4, 50]) if tf.load_entry(
+        tf.teacher_features_key(teacher, k, n, int(report_cb.get("seed", 0)), 250, net, "cpu"), tf.search_dirs(teacher, None)[1:]) is not None]
+    report_cached_s = report_s - sum(cells[f"teacher {k} steps"] for k in shipped) - feat * len(shipped)
     max_steps = int(cfg["trainer"]["max_steps"])
     result = {
         "config": os.path.relpath(args.config, REPO),
@@ -119,7 +131,9 @@ def main() -> None:
         "report_cells_s": cells,
         "report_features_s": feat * len(cells),
         "report_s": report_s,
-        "estimate_total_s": startup + max_steps * step_s + report_s,
+        "teacher_cells_shipped": shipped,
+        "report_with_shipped_teacher_cells_s": report_cached_s,
+        "estimate_total_s": startup + max_steps * step_s + report_cached_s,
     }
     text = json.dumps(result, indent=2)
     if args.out:
