@@ -114,8 +114,9 @@ def main() -> None:
     # (lightning_distill/teacher_features.py), so a first run pays only the students' cells
     from lightning_distill import teacher_features as tf
 
+    digest, shipped_dir = tf.teacher_digest(teacher, net, "cpu"), tf.search_dirs(teacher, None)[1:]
     shipped = [k for k in report_cb.get("teacher_steps", [1, 2, 4, 50]) if tf.load_entry(
-        tf.teacher_features_key(teacher, k, n, int(report_cb.get("seed", 0)), 250, net, "cpu"), tf.search_dirs(teacher, None)[1:]) is not None]
+        tf.cell_key(digest, k, n, int(report_cb.get("seed", 0)), 250), shipped_dir) is not None]
     report_cached_s = report_s - sum(cells[f"teacher {k} steps"] for k in shipped) - feat * len(shipped)
     max_steps = int(cfg["trainer"]["max_steps"])
     result = {

@@ -40,7 +40,7 @@ from typing import Callable, Sequence
 import torch
 from torch import Tensor, nn
 
-from . import backbones
+from . import backbones, teacher_features
 from .export import ema_state_from_checkpoint
 from .metrics import (
     ReferenceStats,
@@ -59,7 +59,6 @@ from .metrics import (
 )
 from .nn_utils import lcm_step_limit
 from .teacher import DiffusionTeacher, load_teacher, low_cpu_mem_usage
-from .teacher_features import teacher_cell_features
 
 CSV_FIELDS = [
     "model", "kind", "steps", "fd", "kid", "kid_std", "num_samples", "seed", "feature_net", "reference", "num_reference",
@@ -319,41 +318,44 @@ def evaluate_models(
         rows.append(dict(model="real held-out (val split)", kind="data", steps=0, fd=s.fd, kid=s.kid, kid_std=s.kid_std,
                          **{**protocol, "num_samples": s.num_samples}))
     cached_from: dict[int, str] = {}
+    digest = None
     for sampler, step_list in models:
         grids[sampler.name] = {}
         for st in step_list:
+            compute = lambda st=st: sample_cell(sampler, st, net, num_samples, seed, chunk_size, grid_size, device)
             if sampler.kind == "teacher":
-                feats, grid, path = teacher_cell_features(
-                    teacher, sampler, st, num_samples, seed, chunk_size, net, device, cache_dir, teacher_cache,
-                    teacher_cache_out, grid_size,
+                digest = digest or teacher_features.teacher_digest(teacher, net, device)
+                feats, grid, path = teacher_features.cached_cell(
+                    teacher, digest, st, num_samples, seed, chunk_size, compute, cache_dir, teacher_cache,
+                    teacher_cache_out,
                 )
                 if path is not None:
                     cached_from[st] = path
-                s = score_features(feats, ref, True, kid_subsets, kid_subset_size, seed)
-                grids[sampler.name][st] = grid
-                rows.append(dict(model=sampler.name, kind=sampler.kind, steps=st, fd=s.fd, kid=s.kid, kid_std=s.kid_std,
-                                 **protocol))
-                log(f"{sampler.name} {st} steps: FD {s.fd:.4f}  KID {s.kid:.5f} ± {s.kid_std:.5f}"
-                    + (f"  (features read from {cached_from[st]})" if st in cached_from else ""))
-                continue
-            first: list[Tensor] = []
-
-            def fn(n, g, labels, st=st, first=first):
-                x = sampler.sample(n, st, g, labels)
-                if not first:
-                    first.append(x[:grid_size].float().cpu())
-                return x
-
-            feats = generated_features(fn, net, num_samples, seed, chunk_size, sampler.num_classes, device=device)
+            else:
+                (feats, grid), path = compute(), None
             s = score_features(feats, ref, True, kid_subsets, kid_subset_size, seed)
-            grids[sampler.name][st] = first[0]
-            row = dict(model=sampler.name, kind=sampler.kind, steps=st, fd=s.fd, kid=s.kid, kid_std=s.kid_std, **protocol)
-            rows.append(row)
-            log(f"{sampler.name} {st} steps: FD {s.fd:.4f}  KID {s.kid:.5f} ± {s.kid_std:.5f}")
+            grids[sampler.name][st] = grid
+            rows.append(dict(model=sampler.name, kind=sampler.kind, steps=st, fd=s.fd, kid=s.kid, kid_std=s.kid_std,
+                             **protocol))
+            log(f"{sampler.name} {st} steps: FD {s.fd:.4f}  KID {s.kid:.5f} ± {s.kid_std:.5f}"
+                + (f"  (features read from {path})" if path else ""))
     if out_dir is not None:
         write_report(rows, grids, out_dir, models, {**protocol, "teacher_features_cached": cached_from}, feat_name)
     return rows
 
+
+def sample_cell(sampler, steps: int, net, num_samples: int, seed: int, chunk_size: int, grid_size: int, device):
+    """Features of ``num_samples`` images the sampler draws at ``steps`` (the protocol's chunks and seeds),
+    and the first ``grid_size`` images for the sample grid."""
+    first: list[Tensor] = []
+
+    def fn(n, g, labels):
+        x = sampler.sample(n, steps, g, labels)
+        if not first:
+            first.append(x[:grid_size].float().cpu())
+        return x
+
+    return generated_features(fn, net, num_samples, seed, chunk_size, sampler.num_classes, device=device), first[0]
 
 
 # --- report files --------------------------------------------------------------------------------

@@ -27,24 +27,25 @@ import hashlib
 import json
 import os
 from pathlib import Path
+from typing import Callable
 
 import torch
 from torch import Tensor, nn
 
+from .checkpoint_io import atomic_torch_save
 from .metrics import default_cache_dir, fingerprint
 
 SHIPPED_DIR = "eval_cache"
 
 
-def teacher_features_key(
-    teacher, steps: int, num_samples: int, seed: int, chunk_size: int, net: nn.Module, device: torch.device | str
-) -> str:
-    """Content key of one teacher cell: ``teacher-<steps>step-n<N>-s<seed>-<sha256 prefix>``."""
+def teacher_digest(teacher, net: nn.Module, device: torch.device | str) -> str:
+    """What every cell of one teacher shares: a sha256 over the teacher's (and its VAE's) weights, its
+    scheduler and parametrisation, the feature network's fingerprint, the device type and the torch /
+    diffusers versions. Computed once per report; :func:`cell_key` adds the cell's own settings."""
     import diffusers
 
     h = hashlib.sha256()
     meta = {
-        "steps": int(steps), "num_samples": int(num_samples), "seed": int(seed), "chunk_size": int(chunk_size),
         "num_classes": teacher.num_classes, "scheduler": dict(teacher.scheduler_config),
         "path": teacher.denoiser.schedule.path, "prediction": teacher.denoiser.prediction_type,
         "clip_x0": teacher.denoiser.clip_x0,
@@ -56,7 +57,21 @@ def teacher_features_key(
         for k, v in (module.state_dict().items() if module is not None else ()):
             h.update(f"{name}.{k}".encode())
             h.update(v.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
-    return f"teacher-{steps}step-n{num_samples}-s{seed}-{h.hexdigest()[:20]}"
+    return h.hexdigest()
+
+
+def cell_key(digest: str, steps: int, num_samples: int, seed: int, chunk_size: int) -> str:
+    """Content key of one teacher cell: ``teacher-<steps>step-n<N>-s<seed>-<sha256 prefix>``."""
+    cell = json.dumps({"steps": int(steps), "num_samples": int(num_samples), "seed": int(seed),
+                       "chunk_size": int(chunk_size)}, sort_keys=True)
+    return f"teacher-{steps}step-n{num_samples}-s{seed}-{hashlib.sha256((digest + cell).encode()).hexdigest()[:20]}"
+
+
+def teacher_features_key(
+    teacher, steps: int, num_samples: int, seed: int, chunk_size: int, net: nn.Module, device: torch.device | str
+) -> str:
+    """:func:`cell_key` of one cell, digest included (one-off lookups; a report computes the digest once)."""
+    return cell_key(teacher_digest(teacher, net, device), steps, num_samples, seed, chunk_size)
 
 
 def search_dirs(teacher, cache_dir: str | os.PathLike | None) -> list[Path]:
@@ -82,50 +97,34 @@ def load_entry(key: str, dirs: list[Path]) -> tuple[Tensor, Tensor, Path] | None
 
 
 def save_entry(key: str, features: Tensor, grid: Tensor, directory: str | os.PathLike) -> Path:
-    """Write an entry atomically (a crash never leaves a half-written file under the key's name)."""
-    d = Path(directory).expanduser()
-    d.mkdir(parents=True, exist_ok=True)
-    path = d / f"{key}.pt"
-    tmp = path.with_suffix(f".tmp{os.getpid()}")
-    torch.save({"features": features.to(torch.float64).cpu(), "grid": grid.float().cpu()}, tmp)
-    os.replace(tmp, path)
-    return path
+    """Write an entry atomically (:func:`~lightning_distill.checkpoint_io.atomic_torch_save`)."""
+    return atomic_torch_save({"features": features.to(torch.float64).cpu(), "grid": grid.float().cpu()},
+                             Path(directory).expanduser() / f"{key}.pt")
 
 
-def teacher_cell_features(
-    teacher, sampler, steps: int, num_samples: int, seed: int, chunk_size: int, net: nn.Module, device,
-    cache_dir=None, use_cache: bool = True, cache_out=None, grid_size: int = 16,
+def cached_cell(
+    teacher, digest: str, steps: int, num_samples: int, seed: int, chunk_size: int,
+    compute: Callable[[], tuple[Tensor, Tensor]], cache_dir=None, use_cache: bool = True, cache_out=None,
 ) -> tuple[Tensor, Tensor, str | None]:
-    """Features and sample-grid images of one teacher cell, and the entry file they were read from.
+    """Features and sample-grid images of one teacher cell, and the entry file they were read from (None
+    when computed).
 
-    From the first entry with the cell's key (:func:`search_dirs`) when ``use_cache``; otherwise sampled
-    with ``sampler`` (:func:`~lightning_distill.metrics.generated_features`) and written to the user cache
-    (when ``use_cache``). ``cache_out`` receives the entry either way.
+    Read from the first entry with the cell's key (:func:`search_dirs`) when ``use_cache``; otherwise
+    ``compute()`` samples them and they are written to the user cache (when ``use_cache``). ``cache_out``
+    receives the entry either way.
     """
-    from . import metrics
-
-    key = teacher_features_key(teacher, steps, num_samples, seed, chunk_size, net, device)
+    key = cell_key(digest, steps, num_samples, seed, chunk_size)
     entry = load_entry(key, search_dirs(teacher, cache_dir)) if use_cache else None
-    source = None
     if entry is not None:
         feats, grid, path = entry
-        source = str(path)
     else:
-        first: list[Tensor] = []
-
-        def fn(n, g, labels):
-            x = sampler.sample(n, steps, g, labels)
-            if not first:
-                first.append(x[:grid_size].float().cpu())
-            return x
-
-        feats = metrics.generated_features(fn, net, num_samples, seed, chunk_size, sampler.num_classes, device=device)
-        grid = first[0]
+        (feats, grid), path = compute(), None
         if use_cache:
             save_entry(key, feats, grid, cache_dir if cache_dir is not None else default_cache_dir())
     if cache_out is not None:
         save_entry(key, feats, grid, cache_out)
-    return feats, grid[:grid_size], source
+    return feats, grid, None if path is None else str(path)
 
 
-__all__ = ["teacher_cell_features", "teacher_features_key", "search_dirs", "load_entry", "save_entry", "SHIPPED_DIR"]
+__all__ = ["cached_cell", "cell_key", "teacher_digest", "teacher_features_key", "search_dirs", "load_entry",
+           "save_entry", "SHIPPED_DIR"]

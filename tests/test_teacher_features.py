@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from lightning_distill import evaluate, metrics
+from lightning_distill import evaluate
 from lightning_distill import teacher_features as tf
 from lightning_distill.feature_net import DigitsFeatureNet
 from lightning_distill.metrics import get_feature_net
@@ -36,8 +36,8 @@ def test_second_report_reads_the_teacher_cells_back_exactly(tmp_path, monkeypatc
     assert len(list((tmp_path / "cache").glob("teacher-*step-n12-s1-*.pt"))) == 2
 
     calls = []
-    real = metrics.generated_features
-    monkeypatch.setattr(metrics, "generated_features", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = evaluate.sample_cell
+    monkeypatch.setattr(evaluate, "sample_cell", lambda *a, **k: calls.append(1) or real(*a, **k))
     second, logs = _report(teacher, tmp_path, "b")
     assert calls == []  # nothing sampled
     assert {s: (r["fd"], r["kid"]) for s, r in second.items()} == {s: (r["fd"], r["kid"]) for s, r in first.items()}
