@@ -5,8 +5,8 @@ Reads the preset (default ``configs/consistency/main.yaml``) and times, in one p
 * ``startup_s``: importing the framework and loading the bundled teacher;
 * ``step_s``: one consistency-distillation step (``compute_loss`` + backward + AdamW) with the preset's solver,
   substeps, grid and batch size, median over ``--steps`` steps after one warm-up; also at twice the batch,
-  with the other solver and with another substep count, so the cost of each recipe knob is a measured
-  ratio, not a guess;
+  with the other solver, with another substep count and under bf16 autocast, so the cost of each recipe
+  knob is a measured ratio, not a guess;
 * ``report``: the ``DistillationReport`` cells, each timed on one chunk of ``--chunk`` samples and scaled to
   ``num_samples`` (the teacher's 50-step cell alone is most of it), plus the digits feature extraction;
   and the same without the teacher cells whose features the teacher folder ships (read, not sampled).
@@ -72,14 +72,15 @@ def main() -> None:
     grid, solver = int(model_args.get("original_inference_steps", 50)), model_args.get("solver", "ddim")
     substeps = int(model_args.get("solver_substeps", 1))
 
-    def step_time(bs: int, solver_: str, substeps_: int = substeps) -> float:
+    def step_time(bs: int, solver_: str, substeps_: int = substeps, bf16: bool = False) -> float:
         torch.manual_seed(0)
         method = ConsistencyDistillation(teacher, original_inference_steps=grid, solver=solver_, solver_substeps=substeps_)
         opt = torch.optim.AdamW([p for p in method.parameters() if p.requires_grad], lr=1e-4)
         batch = {"x": torch.rand(bs, teacher.in_channels, size, size) * 2 - 1, "label": torch.zeros(bs, dtype=torch.long)}
 
         def step() -> None:
-            loss = method.compute_loss(batch).loss
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):  # what precision: bf16-mixed does
+                loss = method.compute_loss(batch).loss
             opt.zero_grad()
             loss.backward()
             opt.step()
@@ -93,6 +94,7 @@ def main() -> None:
         f"{solver} x{substeps} batch {batch_size * 2}": step_time(batch_size * 2, solver),
         f"{other} x{substeps} batch {batch_size}": step_time(batch_size, other),
         f"{solver} x{substeps + 1 if substeps == 1 else 1} batch {batch_size}": step_time(batch_size, solver, 2 if substeps == 1 else 1),
+        f"{solver} x{substeps} batch {batch_size}, bf16 autocast": step_time(batch_size, solver, bf16=True),
     }
     step_s = steps[preset]
 
