@@ -356,7 +356,7 @@ def write_report(out: Path, summary: Sequence[dict], per_seed: Sequence[dict], p
         f"- Reference set: {protocol['reference']}",
         f"- Generated samples per cell: {protocol['num_samples']}, evaluation seed {protocol['eval_seed']} (the same "
         "noise for every seed's student and the teacher)",
-        "- Students: their exported pipeline's scheduler; teacher: deterministic DDIM (eta = 0, trailing)",
+        "- Students: their exported pipeline's scheduler; teacher: deterministic DDIM (eta = 0, trailing; a flow-matching teacher: Euler at s = 1, (N-1)/N, ..., 0)",
         "- Median of an even number of seeds: the mean of the middle two",
         f"- Summary command: `{protocol['command']}`",
         "",
