@@ -60,6 +60,9 @@ from .metrics import (
 from .nn_utils import lcm_step_limit
 from .teacher import DiffusionTeacher, load_teacher, low_cpu_mem_usage
 
+#: The teacher's sampler in every report's protocol (this module's and the seeds runner's).
+TEACHER_SAMPLER = "deterministic DDIM (eta = 0, trailing timesteps; a flow-matching teacher: Euler at s = 1, (N-1)/N, ..., 0)"
+
 CSV_FIELDS = [
     "model", "kind", "steps", "fd", "kid", "kid_std", "num_samples", "seed", "feature_net", "reference", "num_reference",
 ]
@@ -381,7 +384,7 @@ def write_report(rows: list[dict], grids: dict, out_dir, models, protocol: dict,
         f"- Reference set: {protocol['reference']}",
         f"- Generated samples per cell: {protocol['num_samples']}, seed {protocol['seed']} (the same noise chunks "
         "for every model and step count)",
-        "- Teacher: deterministic DDIM (eta = 0, trailing timesteps; a flow-matching teacher: Euler at s = 1, (N-1)/N, ..., 0); students: their own sampler (checkpoint: "
+        f"- Teacher: {TEACHER_SAMPLER}; students: their own sampler (checkpoint: "
         "`sample()` with EMA weights when stored; pipeline: its scheduler)",
         "- KID: unbiased polynomial-kernel MMD^2 (x 1e3 below), mean over subsets of up to 1000",
         "",

@@ -315,6 +315,7 @@ def plot_spread(summary: Sequence[dict], path: Path, feat_name: str, num_samples
 
 def write_report(out: Path, summary: Sequence[dict], per_seed: Sequence[dict], protocol: dict) -> None:
     """results.md / results.csv / per_seed.csv / fd_vs_steps.png / protocol.json in ``out``."""
+    from .evaluate import TEACHER_SAMPLER
     write_csv(out / "results.csv", summary, SUMMARY_FIELDS)
     write_csv(out / "per_seed.csv", per_seed, PER_SEED_FIELDS)
     (out / "protocol.json").write_text(json.dumps(protocol, indent=2) + "\n")
@@ -356,7 +357,7 @@ def write_report(out: Path, summary: Sequence[dict], per_seed: Sequence[dict], p
         f"- Reference set: {protocol['reference']}",
         f"- Generated samples per cell: {protocol['num_samples']}, evaluation seed {protocol['eval_seed']} (the same "
         "noise for every seed's student and the teacher)",
-        "- Students: their exported pipeline's scheduler; teacher: deterministic DDIM (eta = 0, trailing; a flow-matching teacher: Euler at s = 1, (N-1)/N, ..., 0)",
+        f"- Students: their exported pipeline's scheduler; teacher: {TEACHER_SAMPLER}",
         "- Median of an even number of seeds: the mean of the middle two",
         f"- Summary command: `{protocol['command']}`",
         "",
