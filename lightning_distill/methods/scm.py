@@ -49,11 +49,13 @@ Where the code knowingly differs: the paper's network changes (positional time e
 adaptive double normalisation) cannot be applied to a teacher-initialised diffusers UNet; the student keeps
 its teacher's time input (for the digits teachers a sinusoidal embedding of timesteps 0-1000, trained at
 integer timesteps only). Its exact time derivative is dominated by wiggles a few timesteps wide that no
-sampler visits (on the digits teachers the exact and the smoothed tangent g agree in direction only to a
-cosine of 0.36-0.46), so the digits presets take dF/dt by central differences over 0.02 rad
-(``jvp: finite_difference``, ``finite_difference_step: 0.02``): 6-8x lower FD at equal steps than the JVP. The exported ``LCMScheduler`` (VP) applies its boundary
-scalings with ``timestep_scaling`` 1000, which at the sampled timesteps t >= 1 are c_skip < 3e-7: the
-sampler uses the student's x0 estimate f as it is.
+sampler visits (on the digits teachers the exact tangent g and one smoothed over 0.02 rad agree in
+direction to a mean cosine of 0.40-0.48: ``benchmarks/scm_time_derivative.py``). The digits presets
+therefore take dF/dt by central differences over 0.02 rad (``jvp: finite_difference``,
+``finite_difference_step: 0.02``); with c = 1.6 this gave a 6-8x lower FD at step 500 than the JVP with
+c = 0.1 (one seed, flow teacher). The exported ``LCMScheduler`` (VP) applies its boundary scalings with
+``timestep_scaling`` 1000, which at the sampled timesteps t >= 1 are c_skip < 3e-7: the sampler uses the
+student's x0 estimate f as it is.
 
 Forward-mode AD and attention: PyTorch's fused attention kernels (flash / memory-efficient on GPU, the
 flash kernel on CPU) have no forward-mode derivative; ``nn_utils.forward_ad_attention`` selects the math
