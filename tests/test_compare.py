@@ -1,0 +1,116 @@
+"""``python -m lightning_distill.compare``: several methods' seeds in one evaluate run, checked against separate
+evaluations of the same exports, and its one-line errors."""
+
+from __future__ import annotations
+
+import csv
+import json
+import statistics
+from pathlib import Path
+
+import pytest
+import torch
+
+from lightning_distill import compare
+from lightning_distill.evaluate import evaluate_models
+from lightning_distill.feature_net import DigitsFeatureNet, save_feature_net
+
+from _method_configs import write_fixtures
+
+
+def _read(path: Path) -> list[dict]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def _seeds_report(folder: Path, teacher: Path, exports: dict[int, Path]) -> Path:
+    """A seeds report folder as ``python -m lightning_distill.seeds`` leaves it (only what compare reads)."""
+    folder.mkdir(parents=True)
+    protocol = dict(config="configs/x/y.yaml", teacher=str(teacher), exports={str(s): str(p) for s, p in exports.items()},
+                    saved_configs={str(s): None for s in exports})
+    (folder / "protocol.json").write_text(json.dumps(protocol))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("compare")
+    fx = write_fixtures(root / "fixtures")
+    torch.manual_seed(0)
+    feat = save_feature_net(DigitsFeatureNet(image_size=8, widths=(4, 8), num_features=8), root / "feat")
+    # method "a": two seeds (two different tiny models); method "b": one pipeline folder, the same model as a's seed 0
+    a = _seeds_report(root / "a", fx["tiny_teacher"], {0: fx["tiny_teacher"], 1: fx["tiny_eps_teacher"]})
+    eval_kw = dict(num_samples=8, eval_seed=3, feature_net=str(feat), device="cpu", cache_dir=str(root / "cache"))
+    out = root / "out"
+    argv = ["--run", f"a={a}", "--run", f"b={fx['tiny_teacher']}", "--out", str(out), "--steps", "1", "2",
+            "--teacher-steps", "1", "3", "--num-samples", "8", "--eval-seed", "3", "--feature-net", str(feat),
+            "--device", "cpu", "--cache-dir", str(root / "cache")]
+    summary = compare.main(argv)
+    return dict(root=root, fx=fx, feat=feat, a=a, out=out, summary=summary, eval_kw=eval_kw)
+
+
+def test_one_run_matches_separate_evaluations_and_summarises_per_method(setup):
+    out, fx, feat = setup["out"], setup["fx"], setup["feat"]
+    for f in ("results.md", "results.csv", "per_seed.csv", "fd_vs_steps.png", "protocol.json", "evaluate/results.csv"):
+        assert (out / f).is_file(), f
+    per_seed = _read(out / "per_seed.csv")
+    fd = {(r["model"], r["seed"], int(r["steps"])): float(r["fd"]) for r in per_seed}
+    # an independent evaluation of a's seed 1 alone, same protocol: the same numbers
+    alone = evaluate_models(teacher=str(fx["tiny_teacher"]), students={"x": str(fx["tiny_eps_teacher"])}, steps=[1, 2],
+                            teacher_steps=[3], num_samples=8, seed=3, feature_net=str(feat), device="cpu",
+                            cache_dir=str(setup["root"] / "cache"), real_baseline=False)
+    for row in alone:
+        key = ("a", "1", row["steps"]) if row["model"] == "x" else ("teacher", "", row["steps"])
+        assert fd[key] == pytest.approx(row["fd"], rel=1e-5), key
+    # one noise for all: b is a's seed-0 model, so their values are equal
+    for s in (1, 2):
+        assert fd[("b", "", s)] == pytest.approx(fd[("a", "0", s)], rel=1e-6)
+    summary = {(r["model"], int(r["steps"])): r for r in _read(out / "results.csv")}
+    teacher_ref = fd[("teacher", "", 3)]  # the largest teacher step count is the yardstick
+    for s in (1, 2):
+        vals = [fd[("a", "0", s)], fd[("a", "1", s)]]
+        row = summary[("a", s)]
+        assert float(row["fd_median"]) == pytest.approx(statistics.median(vals), rel=1e-5)
+        assert float(row["fd_min"]) == pytest.approx(min(vals), rel=1e-5)
+        assert float(row["fd_max"]) == pytest.approx(max(vals), rel=1e-5)
+        assert row["num_seeds"] == "2" and row["seeds"] == "0 1"
+        assert float(row["ratio_to_teacher"]) == pytest.approx(statistics.median(vals) / teacher_ref, rel=1e-4)
+        assert summary[("b", s)]["num_seeds"] == "1"
+    assert float(summary[("teacher", 3)]["ratio_to_teacher"]) == pytest.approx(1.0)
+
+
+def test_markdown_bolds_the_best_median_per_step_count(setup):
+    text = (setup["out"] / "results.md").read_text()
+    summary = [r for r in setup["summary"] if r["kind"] != "teacher"]
+    for s in (1, 2):
+        best = min(r["fd_median"] for r in summary if r["steps"] == s)
+        assert f"**{best:.4g}**" in text
+    assert "| b | 1 run |" in text and "| a | 0 1 |" in text
+    assert "evaluation seed 3" in text and f"a: `{setup['a']}`" in text
+
+
+def _one_line_error(argv, monkeypatch, capsys) -> str:
+    monkeypatch.delenv("LIGHTNING_DISTILL_TRACEBACK", raising=False)
+    monkeypatch.setattr("sys.argv", ["compare", *argv])
+    with pytest.raises(SystemExit) as exc:
+        compare._entry()
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    return err[0]
+
+
+def test_errors_are_one_line_and_nothing_is_written(setup, tmp_path, monkeypatch, capsys):
+    fx, out = setup["fx"], tmp_path / "out"
+    other = _seeds_report(tmp_path / "other", fx["tiny_flow_teacher"], {0: fx["tiny_flow_teacher"]})
+    line = _one_line_error(["--run", f"a={setup['a']}", "--run", f"o={other}", "--out", str(out)], monkeypatch, capsys)
+    assert "different teachers" in line and str(fx["tiny_flow_teacher"]) in line
+    line = _one_line_error(["--run", f"a/b={setup['a']}", "--out", str(out)], monkeypatch, capsys)
+    assert "NAME must be" in line
+    line = _one_line_error(["--run", f"a={setup['a']}", "--run", f"a={setup['a']}", "--out", str(out)], monkeypatch, capsys)
+    assert "distinct" in line
+    line = _one_line_error(["--run", f"z={tmp_path}", "--out", str(out)], monkeypatch, capsys)
+    assert "neither a seeds report" in line
+    line = _one_line_error(["--run", f"b={fx['tiny_teacher']}", "--out", str(out)], monkeypatch, capsys)
+    assert "pass --teacher" in line
+    assert not out.exists()
