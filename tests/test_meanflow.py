@@ -132,10 +132,11 @@ def test_target_at_r_equals_t_is_the_teacher_velocity():
     assert not torch.allclose(meanflow_target(v, du_dt, t - 0.2, t), v)
 
 
+@pytest.mark.parametrize("power", [0.0, 1.0])  # the default (plain L2) and the paper's adaptive weight
 @pytest.mark.parametrize("path", PATHS)
-def test_loss_with_r_equal_t_is_flow_matching_on_the_teacher(teacher_dirs, path):
-    """ratio_r_neq_t = 0: compute_loss is the adaptive loss of u_theta(z, t, t) against the teacher's v."""
-    method = _method(teacher_dirs, path, ratio_r_neq_t=0.0)
+def test_loss_with_r_equal_t_is_flow_matching_on_the_teacher(teacher_dirs, path, power):
+    """ratio_r_neq_t = 0: compute_loss is the (adaptive-weighted) loss of u_theta(z, t, t) against the teacher's v."""
+    method = _method(teacher_dirs, path, ratio_r_neq_t=0.0, adaptive_power=power)
     batch = {"x": _batch(1, 4)[0]}
     torch.manual_seed(3)
     # at step 0 the student is the teacher (up to the JVP's math attention kernel against the teacher's)
@@ -154,7 +155,7 @@ def test_loss_with_r_equal_t_is_flow_matching_on_the_teacher(teacher_dirs, path)
     with torch.no_grad():
         u = average_velocity(method.student, z, t, t)
         v = flow_velocity(method.teacher.denoiser, z, t)
-    expected = adaptive_weighted_loss(u - v, 1.0, 1e-3)[0].mean()
+    expected = adaptive_weighted_loss(u - v, power, 1e-3)[0].mean()
     torch.testing.assert_close(out.loss.detach(), expected, rtol=1e-5, atol=1e-6)
     assert float(out.loss) > 0
 
