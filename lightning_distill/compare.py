@@ -211,14 +211,14 @@ def compare_methods(
     methods = [load_runs(n, Path(p)) for n, p in runs]
     teacher = common_teacher(methods, teacher)
     settings = next((m.data for m in methods if m.data), {})
-    students = {student_key(m.name, s): p for m in methods for s, p in m.exports.items()}
+    # each evaluated student's (method, seed, export), keyed by its name in the evaluate run
+    owner = {student_key(m.name, s): (m.name, s, p) for m in methods for s, p in m.exports.items()}
     rows = evaluate_models(
-        teacher=teacher, students=students, steps=steps, teacher_steps=teacher_steps, num_samples=num_samples,
+        teacher=teacher, students={k: v[2] for k, v in owner.items()}, steps=steps, teacher_steps=teacher_steps, num_samples=num_samples,
         seed=eval_seed, out_dir=Path(out) / "evaluate", feature_net=feature_net,
         data=data or settings.get("data") or "digits", image_size=image_size or settings.get("image_size"),
         channels=settings.get("channels"), cache_dir=cache_dir, device=device, log=log,
     )
-    owner = {student_key(m.name, s): (m.name, s, p) for m in methods for s, p in m.exports.items()}
     per_seed = []
     for row in rows:
         if row["kind"] == "data":

@@ -97,3 +97,16 @@ def image_folder(tmp_path):
             arr = rng.integers(0, 255, (12, 10, 3), dtype=np.uint8)
             Image.fromarray(arr).save(root / cls / f"{i}.png")
     return root
+
+
+def one_line_error(entry, prog: str, argv: list[str], monkeypatch, capsys) -> str:
+    """Run a ``python -m lightning_distill.<prog>`` entry point (``module._entry``) on ``argv``; assert it exits
+    with status 2 and exactly one stderr line, and return that line."""
+    monkeypatch.delenv("LIGHTNING_DISTILL_TRACEBACK", raising=False)
+    monkeypatch.setattr("sys.argv", [prog, *argv])
+    with pytest.raises(SystemExit) as exc:
+        entry()
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    return err[0]

@@ -16,6 +16,7 @@ from lightning_distill.evaluate import evaluate_models
 from lightning_distill.feature_net import DigitsFeatureNet, save_feature_net
 
 from _method_configs import write_fixtures
+from conftest import one_line_error
 
 
 def _read(path: Path) -> list[dict]:
@@ -90,14 +91,7 @@ def test_markdown_bolds_the_best_median_per_step_count(setup):
 
 
 def _one_line_error(argv, monkeypatch, capsys) -> str:
-    monkeypatch.delenv("LIGHTNING_DISTILL_TRACEBACK", raising=False)
-    monkeypatch.setattr("sys.argv", ["compare", *argv])
-    with pytest.raises(SystemExit) as exc:
-        compare._entry()
-    assert exc.value.code == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1, err
-    return err[0]
+    return one_line_error(compare._entry, "compare", argv, monkeypatch, capsys)
 
 
 def test_errors_are_one_line_and_nothing_is_written(setup, tmp_path, monkeypatch, capsys):

@@ -15,6 +15,7 @@ from lightning_distill import seeds
 from lightning_distill.feature_net import DigitsFeatureNet, save_feature_net
 
 from _method_configs import write_fixtures
+from conftest import one_line_error
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = REPO / "configs" / "consistency" / "debug.yaml"
@@ -101,14 +102,7 @@ def test_skip_train_reevaluates_the_existing_exports(two_seeds, monkeypatch):
 
 
 def _one_line_error(argv, monkeypatch, capsys) -> str:
-    monkeypatch.delenv("LIGHTNING_DISTILL_TRACEBACK", raising=False)
-    monkeypatch.setattr("sys.argv", ["seeds", *argv])
-    with pytest.raises(SystemExit) as exc:
-        seeds._entry()
-    assert exc.value.code == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1, err
-    return err[0]
+    return one_line_error(seeds._entry, "seeds", argv, monkeypatch, capsys)
 
 
 def test_missing_config_is_one_line(tmp_path, monkeypatch, capsys):
