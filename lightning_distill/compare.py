@@ -13,10 +13,17 @@ reference statistics and feature network for all of them, so the methods differ 
 seeds reports must name the same teacher (``--teacher`` overrides it, and is needed when no seeds report is
 given); the data settings are the first seeds run's saved config (``--data`` / ``--image-size`` override them).
 
+With several ``--eval-seeds`` the evaluation is repeated with each noise seed (the teacher's cells come from
+its feature cache after the first time). A training seed's FD is then the mean over the evaluation seeds, and
+each ratio to the teacher is given with its range over the evaluation seeds: the teacher's 50-step FD-digits at
+2,000 samples moves by up to 2x between noise seeds (``benchmarks/results/eval_noise``), so a ratio from one
+evaluation seed is a draw, not a property of the method.
+
 Writes to ``--out``: ``results.md`` (median [min, max] over seeds per method and step count, each median's
 ratio to the teacher's FD at its largest step count, the best median per step count in bold; per-seed values;
-the protocol), ``results.csv``, ``per_seed.csv``, ``fd_vs_steps.png`` (median lines, min-max bands),
-``protocol.json`` and ``evaluate/`` (the evaluation's own report and sample grids).
+per-evaluation-seed medians; the protocol), ``results.csv``, ``per_seed.csv`` (one row per evaluation seed),
+``fd_vs_steps.png`` (median lines, min-max bands), ``protocol.json`` and ``evaluate/`` (the evaluation's own
+report and sample grids; ``evaluate/seed<E>/`` per evaluation seed when there are several).
 """
 
 from __future__ import annotations
@@ -26,6 +33,7 @@ import json
 import os
 import re
 import shlex
+import statistics
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,7 +44,7 @@ import yaml
 from .seeds import PER_SEED_FIELDS, SUMMARY_FIELDS, plot_spread, summarise, write_csv
 
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")
-COMPARE_FIELDS = [*SUMMARY_FIELDS[:8], "ratio_to_teacher", *SUMMARY_FIELDS[8:]]
+COMPARE_FIELDS = [*SUMMARY_FIELDS[:8], "ratio_to_teacher", "ratio_eval_min", "ratio_eval_max", *SUMMARY_FIELDS[8:]]
 
 
 @dataclass
@@ -110,8 +118,41 @@ def add_ratios(summary: list[dict]) -> float | None:
     return ref
 
 
-def markdown(summary: Sequence[dict], per_seed: Sequence[dict], protocol: dict) -> str:
-    """results.md: the comparison table (best median per step count in bold), per-seed values, protocol."""
+def mean_over_eval_seeds(per_eval: Sequence[dict]) -> list[dict]:
+    """One row per (model, training seed, steps): FD, KID and KID std averaged over the evaluation seeds, whose
+    list becomes the row's ``eval_seed`` (e.g. ``"0 1 2"``)."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in per_eval:
+        groups.setdefault((r["model"], r["seed"], r["steps"]), []).append(r)
+    out = []
+    for rows in groups.values():
+        avg = {k: statistics.fmean(r[k] for r in rows) if all(r.get(k) is not None for r in rows) else None
+               for k in ("fd", "kid", "kid_std")}
+        out.append({**rows[0], **avg, "eval_seed": " ".join(str(r["eval_seed"]) for r in rows)})
+    return out
+
+
+def per_eval_seed_summaries(per_eval: Sequence[dict]) -> dict[int, list[dict]]:
+    """Each evaluation seed's own summary (median over training seeds, ratio to that seed's teacher FD)."""
+    out = {}
+    for e in dict.fromkeys(r["eval_seed"] for r in per_eval):
+        out[e] = summarise([r for r in per_eval if r["eval_seed"] == e])
+        add_ratios(out[e])
+    return out
+
+
+def add_eval_ranges(summary: list[dict], by_seed: dict[int, list[dict]]) -> None:
+    """Set each summary row's ``ratio_eval_min`` / ``ratio_eval_max``: its ratio's range over the evaluation seeds."""
+    for r in summary:
+        ratios = [x["ratio_to_teacher"] for rows in by_seed.values() for x in rows
+                  if x["model"] == r["model"] and x["steps"] == r["steps"] and x["ratio_to_teacher"] is not None]
+        r["ratio_eval_min"], r["ratio_eval_max"] = (min(ratios), max(ratios)) if ratios else (None, None)
+
+
+def markdown(summary: Sequence[dict], per_seed: Sequence[dict], protocol: dict,
+             by_eval_seed: dict[int, list[dict]] | None = None) -> str:
+    """results.md: the comparison table (best median per step count in bold), per-seed values, each evaluation
+    seed's medians (when there are several), protocol."""
     from .evaluate import TEACHER_SAMPLER
 
     steps = sorted({r["steps"] for r in summary})
@@ -120,11 +161,16 @@ def markdown(summary: Sequence[dict], per_seed: Sequence[dict], protocol: dict) 
     teacher = [r for r in summary if r["kind"] == "teacher"]
     ref = max(teacher, key=lambda r: r["steps"]) if teacher else None
     head = " | ".join(f"{s} step{'s' if s > 1 else ''}" for s in steps)
+    eval_seeds = protocol["eval_seeds"]
+    several = len(eval_seeds) > 1
     lines = [
         "# Methods compared in one evaluate run",
         "",
-        "FD median [min, max] over each method's training seeds"
+        (f"A training seed's FD is its mean over the evaluation seeds {' '.join(map(str, eval_seeds))}. " if several else "")
+        + "FD median [min, max] over each method's training seeds"
         + (f"; in brackets after it, the median's ratio to the teacher's {ref['steps']}-step FD ({ref['fd_median']:.4g})"
+           + ("; after the semicolon, that ratio's range over the evaluation seeds (each seed's median over training "
+              "seeds against the teacher's FD with the same noise)" if several else "")
            if ref else "")
         + ". Bold: the best student median at that step count.",
         "",
@@ -143,7 +189,11 @@ def markdown(summary: Sequence[dict], per_seed: Sequence[dict], protocol: dict) 
             if c["kind"] != "teacher" and c["fd_median"] == best[c["steps"]]:
                 med = f"**{med}**"
             spread = f" [{c['fd_min']:.4g}, {c['fd_max']:.4g}]" if c["num_seeds"] > 1 else ""
-            ratio = f" ({c['ratio_to_teacher']:.2f}x)" if c.get("ratio_to_teacher") is not None else ""
+            ratio = ""
+            if c.get("ratio_to_teacher") is not None:
+                span = (f"; {c['ratio_eval_min']:.2f}-{c['ratio_eval_max']:.2f}x"
+                        if several and c["kind"] != "teacher" and c.get("ratio_eval_min") is not None else "")
+                ratio = f" ({c['ratio_to_teacher']:.2f}x{span})"
             return med + spread + ratio
 
         lines.append(f"| {model} | {seeds} | " + " | ".join(cell(cells.get(s)) for s in steps) + " |")
@@ -152,6 +202,18 @@ def markdown(summary: Sequence[dict], per_seed: Sequence[dict], protocol: dict) 
         cells = {r["steps"]: r["fd"] for r in per_seed if r["model"] == model and r["seed"] == seed}
         lines.append(f"| {model} | {'-' if seed is None else seed} | "
                      + " | ".join(f"{cells[s]:.4g}" if s in cells else "" for s in steps) + " |")
+    if several and by_eval_seed:
+        lines += ["", "## Per evaluation seed", "",
+                  "Median over training seeds with each evaluation seed alone (the teacher: its FD), and its ratio to "
+                  "the teacher's FD with that noise.", "",
+                  f"| method | eval seed | {head} |", "|---|---|" + "---|" * len(steps)]
+        for model in dict.fromkeys(r["model"] for r in summary):
+            for e, rows in by_eval_seed.items():
+                cells = {r["steps"]: r for r in rows if r["model"] == model}
+                lines.append(f"| {model} | {e} | " + " | ".join(
+                    f"{cells[s]['fd_median']:.4g}" + (f" ({cells[s]['ratio_to_teacher']:.2f}x)"
+                                                      if cells[s]["ratio_to_teacher"] is not None else "")
+                    if s in cells else "" for s in steps) + " |")
     lines += [
         "",
         "## Protocol",
@@ -159,8 +221,9 @@ def markdown(summary: Sequence[dict], per_seed: Sequence[dict], protocol: dict) 
         f"- Teacher: `{protocol['teacher']}`, sampled with {TEACHER_SAMPLER}; students: their exported pipeline's scheduler",
         f"- Feature network: **{protocol['feature_net']}** (\"FD-digits\" when it is the bundled digits classifier)",
         f"- Reference set: {protocol['reference']}",
-        f"- Generated samples per cell: {protocol['num_samples']}, evaluation seed {protocol['eval_seed']} (the same "
-        "noise for every model, one evaluate run)",
+        f"- Generated samples per cell: {protocol['num_samples']}, evaluation seed{'s' if several else ''} "
+        f"{' '.join(map(str, eval_seeds))} (the same noise for every model"
+        + ("; one evaluate run per seed, the teacher's features cached)" if several else ", one evaluate run)"),
         "- Median of an even number of seeds: the mean of the middle two",
         f"- Command: `{protocol['command']}`",
         "",
@@ -180,7 +243,7 @@ def compare_methods(
     steps: Sequence[int] = (1, 2, 4),
     teacher_steps: Sequence[int] = (50,),
     num_samples: int = 2000,
-    eval_seed: int = 0,
+    eval_seeds: Sequence[int] = (0,),
     feature_net: str = "digits",
     data: str | None = None,
     image_size: int | None = None,
@@ -194,7 +257,8 @@ def compare_methods(
     Args:
         runs: (name, folder) pairs: seeds report folders or exported pipeline folders, names distinct.
         teacher: overrides the teacher the seeds reports name (needed when every run is a pipeline folder).
-        steps, teacher_steps, num_samples, eval_seed, feature_net, cache_dir, device: the evaluation's.
+        steps, teacher_steps, num_samples, feature_net, cache_dir, device: the evaluation's.
+        eval_seeds: evaluation noise seeds; with several, one evaluate run each, FD averaged over them.
         data, image_size: override the data settings read from the first seeds run's saved config.
 
     Returns:
@@ -208,17 +272,23 @@ def compare_methods(
     names = [n for n, _ in runs]
     if len(set(names)) != len(names):
         raise ValueError(f"--run names must be distinct, got {names}")
+    eval_seeds = [int(e) for e in eval_seeds]
+    if not eval_seeds or len(set(eval_seeds)) != len(eval_seeds):
+        raise ValueError(f"--eval-seeds must be distinct noise seeds, got {eval_seeds}")
     methods = [load_runs(n, Path(p)) for n, p in runs]
     teacher = common_teacher(methods, teacher)
     settings = next((m.data for m in methods if m.data), {})
     # each evaluated student's (method, seed, export), keyed by its name in the evaluate run
     owner = {student_key(m.name, s): (m.name, s, p) for m in methods for s, p in m.exports.items()}
-    rows = evaluate_models(
-        teacher=teacher, students={k: v[2] for k, v in owner.items()}, steps=steps, teacher_steps=teacher_steps, num_samples=num_samples,
-        seed=eval_seed, out_dir=Path(out) / "evaluate", feature_net=feature_net,
-        data=data or settings.get("data") or "digits", image_size=image_size or settings.get("image_size"),
-        channels=settings.get("channels"), cache_dir=cache_dir, device=device, log=log,
-    )
+    rows = []
+    for e in eval_seeds:
+        rows += evaluate_models(
+            teacher=teacher, students={k: v[2] for k, v in owner.items()}, steps=steps, teacher_steps=teacher_steps,
+            num_samples=num_samples, seed=e, out_dir=Path(out) / "evaluate" / (f"seed{e}" if len(eval_seeds) > 1 else ""),
+            feature_net=feature_net, data=data or settings.get("data") or "digits",
+            image_size=image_size or settings.get("image_size"), channels=settings.get("channels"), cache_dir=cache_dir,
+            device=device, log=log,
+        )
     per_seed = []
     for row in rows:
         if row["kind"] == "data":
@@ -230,12 +300,14 @@ def compare_methods(
             feature_net=row["feature_net"], reference=row["reference"], source=str(source),
         ))
     per_seed.sort(key=lambda r: r["kind"] != "teacher")  # the teacher's row first: the yardstick
-    summary = summarise(per_seed)
+    summary = summarise(mean_over_eval_seeds(per_seed))
     add_ratios(summary)
+    by_eval_seed = per_eval_seed_summaries(per_seed)
+    add_eval_ranges(summary, by_eval_seed)
     first = per_seed[0]
     protocol = dict(
         teacher=str(teacher), steps=list(steps), teacher_steps=list(teacher_steps), num_samples=first["num_samples"],
-        eval_seed=eval_seed, feature_net=first["feature_net"], reference=first["reference"],
+        eval_seeds=eval_seeds, feature_net=first["feature_net"], reference=first["reference"],
         runs={m.name: dict(source=str(m.source), config=m.config,
                            exports={"-" if s is None else str(s): str(p) for s, p in m.exports.items()}) for m in methods},
         command=command or "python -m lightning_distill.compare " + " ".join(f"--run {n}={p}" for n, p in runs),
@@ -245,7 +317,7 @@ def compare_methods(
     write_csv(out / "results.csv", summary, COMPARE_FIELDS)
     write_csv(out / "per_seed.csv", per_seed, PER_SEED_FIELDS)
     (out / "protocol.json").write_text(json.dumps(protocol, indent=2) + "\n")
-    (out / "results.md").write_text(markdown(summary, per_seed, protocol))
+    (out / "results.md").write_text(markdown(summary, mean_over_eval_seeds(per_seed), protocol, by_eval_seed))
     plot_spread(summary, out / "fd_vs_steps.png", protocol["feature_net"], protocol["num_samples"])
     log(f"report: {out / 'results.md'}")
     return summary
@@ -260,7 +332,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, nargs="+", default=[1, 2, 4], help="student step counts")
     p.add_argument("--teacher-steps", type=int, nargs="*", default=[50], help="teacher step counts; the largest is the ratio's yardstick")
     p.add_argument("--num-samples", type=int, default=2000)
-    p.add_argument("--eval-seed", type=int, default=0, help="noise seed of the evaluation (the same for every model)")
+    p.add_argument("--eval-seeds", "--eval-seed", dest="eval_seeds", type=int, nargs="+", default=[0],
+                   help="noise seeds of the evaluation (the same for every model); with several, FD is averaged over them")
     p.add_argument("--feature-net", default="digits", help="digits, inception, or a saved classifier folder")
     p.add_argument("--data", default=None, help="reference data (default: the first seeds run's data.data)")
     p.add_argument("--image-size", type=int, default=None)
@@ -273,7 +346,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     argv = list(sys.argv[1:] if argv is None else argv)
     a = build_parser().parse_args(argv)
     summary = compare_methods(
-        [parse_run(s) for s in a.run], a.out, a.teacher, a.steps, a.teacher_steps, a.num_samples, a.eval_seed,
+        [parse_run(s) for s in a.run], a.out, a.teacher, a.steps, a.teacher_steps, a.num_samples, a.eval_seeds,
         a.feature_net, a.data, a.image_size, a.cache_dir, a.device,
         command="python -m lightning_distill.compare " + " ".join(shlex.quote(x) for x in argv),
     )

@@ -90,6 +90,35 @@ def test_markdown_bolds_the_best_median_per_step_count(setup):
     assert "evaluation seed 3" in text and f"a: `{setup['a']}`" in text
 
 
+def test_several_evaluation_seeds_average_fd_and_give_the_ratio_range(setup):
+    """--eval-seeds 3 4: per training seed the mean of the two evaluations (seed 3's equal to the one-seed run's),
+    median over training seeds, ratio to the teacher's mean FD, and the ratio's range over the two seeds."""
+    root, feat, fx = setup["root"], setup["feat"], setup["fx"]
+    out = root / "out_eval_seeds"
+    compare.main(["--run", f"a={setup['a']}", "--out", str(out), "--steps", "1", "--teacher-steps", "3",
+                  "--num-samples", "8", "--eval-seeds", "3", "4", "--feature-net", str(feat), "--device", "cpu",
+                  "--cache-dir", str(root / "cache")])
+    assert (out / "evaluate" / "seed3" / "results.csv").is_file() and (out / "evaluate" / "seed4" / "results.csv").is_file()
+    fd = {(r["model"], r["seed"], r["eval_seed"]): float(r["fd"]) for r in _read(out / "per_seed.csv") if r["steps"] == "1" or r["model"] == "teacher"}
+    one_seed = {(r["model"], r["seed"], int(r["steps"])): float(r["fd"]) for r in _read(setup["out"] / "per_seed.csv")}
+    assert fd[("a", "1", "3")] == pytest.approx(one_seed[("a", "1", 1)], rel=1e-6)
+    assert fd[("teacher", "", "3")] == pytest.approx(one_seed[("teacher", "", 3)], rel=1e-6)
+    assert fd[("a", "1", "4")] != pytest.approx(fd[("a", "1", "3")], rel=1e-3)  # another noise, another draw
+    mean = {t: statistics.fmean(fd[("a", t, e)] for e in ("3", "4")) for t in ("0", "1")}
+    teacher = statistics.fmean(fd[("teacher", "", e)] for e in ("3", "4"))
+    row = {(r["model"], int(r["steps"])): r for r in _read(out / "results.csv")}[("a", 1)]
+    assert float(row["fd_median"]) == pytest.approx(statistics.median(mean.values()), rel=1e-5)
+    assert float(row["fd_min"]) == pytest.approx(min(mean.values()), rel=1e-5)
+    assert float(row["ratio_to_teacher"]) == pytest.approx(statistics.median(mean.values()) / teacher, rel=1e-4)
+    per_e = [statistics.median([fd[("a", "0", e)], fd[("a", "1", e)]]) / fd[("teacher", "", e)] for e in ("3", "4")]
+    assert float(row["ratio_eval_min"]) == pytest.approx(min(per_e), rel=1e-4)
+    assert float(row["ratio_eval_max"]) == pytest.approx(max(per_e), rel=1e-4)
+    assert row["eval_seed"] == "3 4"
+    text = (out / "results.md").read_text()
+    assert "## Per evaluation seed" in text and "evaluation seeds 3 4" in text
+    assert f"{min(per_e):.2f}-{max(per_e):.2f}x" in text
+
+
 def _one_line_error(argv, monkeypatch, capsys) -> str:
     return one_line_error(compare._entry, "compare", argv, monkeypatch, capsys)
 
@@ -107,4 +136,6 @@ def test_errors_are_one_line_and_nothing_is_written(setup, tmp_path, monkeypatch
     assert "neither a seeds report" in line
     line = _one_line_error(["--run", f"b={fx['tiny_teacher']}", "--out", str(out)], monkeypatch, capsys)
     assert "pass --teacher" in line
+    line = _one_line_error(["--run", f"a={setup['a']}", "--eval-seeds", "1", "1", "--out", str(out)], monkeypatch, capsys)
+    assert "--eval-seeds must be distinct" in line
     assert not out.exists()
