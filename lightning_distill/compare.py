@@ -33,7 +33,6 @@ import json
 import os
 import re
 import shlex
-import statistics
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,7 +40,7 @@ from typing import Callable, Sequence
 
 import yaml
 
-from .seeds import PER_SEED_FIELDS, SUMMARY_FIELDS, plot_spread, summarise, write_csv
+from .seeds import PER_SEED_FIELDS, SUMMARY_FIELDS, mean_over_eval_seeds, plot_spread, summarise, write_csv
 
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")
 COMPARE_FIELDS = [*SUMMARY_FIELDS[:8], "ratio_to_teacher", "ratio_eval_min", "ratio_eval_max", *SUMMARY_FIELDS[8:]]
@@ -116,20 +115,6 @@ def add_ratios(summary: list[dict]) -> float | None:
     for r in summary:
         r["ratio_to_teacher"] = r["fd_median"] / ref if ref else None
     return ref
-
-
-def mean_over_eval_seeds(per_eval: Sequence[dict]) -> list[dict]:
-    """One row per (model, training seed, steps): FD, KID and KID std averaged over the evaluation seeds, whose
-    list becomes the row's ``eval_seed`` (e.g. ``"0 1 2"``)."""
-    groups: dict[tuple, list[dict]] = {}
-    for r in per_eval:
-        groups.setdefault((r["model"], r["seed"], r["steps"]), []).append(r)
-    out = []
-    for rows in groups.values():
-        avg = {k: statistics.fmean(r[k] for r in rows) if all(r.get(k) is not None for r in rows) else None
-               for k in ("fd", "kid", "kid_std")}
-        out.append({**rows[0], **avg, "eval_seed": " ".join(str(r["eval_seed"]) for r in rows)})
-    return out
 
 
 def per_eval_seed_summaries(per_eval: Sequence[dict]) -> dict[int, list[dict]]:

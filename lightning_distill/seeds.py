@@ -20,7 +20,9 @@ once beforehand.
 Every export (the folder ``PipelineExport`` writes, ``${trainer.default_root_dir}/student`` in the presets)
 is then scored by :func:`lightning_distill.evaluate.evaluate_models` in one call, with the README's protocol
 unless told otherwise: FD-digits, 2000 samples per cell, evaluation seed 0 (the same noise for every seed's
-student), the digits train split as the reference. ``--skip-train`` only evaluates: it summarises runs
+student), the digits train split as the reference. ``--eval-seeds 0 1 2`` repeats the evaluation with each
+noise seed and averages every FD over them (a teacher's FD-digits at 2,000 samples moves by up to 2x between
+noise seeds; ``benchmarks/results/eval_noise``). ``--skip-train`` only evaluates: it summarises runs
 trained elsewhere, laid out as ``OUT/seed_S`` (a ``lightning-distill fit`` run folder with its export).
 
 Writes to ``--out``: ``results.md`` (median [min, max] per model and step count, the per-seed values and
@@ -275,6 +277,20 @@ def summarise(per_seed: Sequence[dict]) -> list[dict]:
     return out
 
 
+def mean_over_eval_seeds(per_eval: Sequence[dict]) -> list[dict]:
+    """One row per (model, training seed, steps): FD, KID and KID std averaged over the evaluation seeds, whose
+    list becomes the row's ``eval_seed`` (e.g. ``"0 1 2"``)."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in per_eval:
+        groups.setdefault((r["model"], r["seed"], r["steps"]), []).append(r)
+    out = []
+    for rows in groups.values():
+        avg = {k: statistics.fmean(r[k] for r in rows) if all(r.get(k) is not None for r in rows) else None
+               for k in ("fd", "kid", "kid_std")}
+        out.append({**rows[0], **avg, "eval_seed": " ".join(str(r["eval_seed"]) for r in rows)})
+    return out
+
+
 def _fmt(v) -> str:
     return f"{v:.6g}" if isinstance(v, float) else ("" if v is None else str(v))
 
@@ -319,6 +335,7 @@ def write_report(out: Path, summary: Sequence[dict], per_seed: Sequence[dict], p
     write_csv(out / "results.csv", summary, SUMMARY_FIELDS)
     write_csv(out / "per_seed.csv", per_seed, PER_SEED_FIELDS)
     (out / "protocol.json").write_text(json.dumps(protocol, indent=2) + "\n")
+    per_seed = mean_over_eval_seeds(per_seed)  # the tables: one value per training seed
     steps = sorted({r["steps"] for r in summary})
     head = "| " + " | ".join(f"{s} step{'s' if s > 1 else ''}" for s in steps) + " |"
     rule = "|---|" + "---|" * len(steps)
@@ -355,8 +372,9 @@ def write_report(out: Path, summary: Sequence[dict], per_seed: Sequence[dict], p
         f"- Training command per seed: `{protocol['train_command']}`",
         f"- Feature network: **{protocol['feature_net']}** (\"FD-digits\" when it is the bundled digits classifier)",
         f"- Reference set: {protocol['reference']}",
-        f"- Generated samples per cell: {protocol['num_samples']}, evaluation seed {protocol['eval_seed']} (the same "
-        "noise for every seed's student and the teacher)",
+        f"- Generated samples per cell: {protocol['num_samples']}, evaluation seed{'s' if len(protocol['eval_seeds']) > 1 else ''} "
+        f"{' '.join(map(str, protocol['eval_seeds']))} (the same noise for every seed's student and the teacher"
+        + ("; a training seed's FD is its mean over them)" if len(protocol["eval_seeds"]) > 1 else ")"),
         f"- Students: their exported pipeline's scheduler; teacher: {TEACHER_SAMPLER}",
         "- Median of an even number of seeds: the mean of the middle two",
         f"- Summary command: `{protocol['command']}`",
@@ -389,7 +407,7 @@ def run_seeds(
     steps: Sequence[int] = (1, 2, 4, 8),
     teacher_steps: Sequence[int] = (),
     num_samples: int = 2000,
-    eval_seed: int = 0,
+    eval_seeds: Sequence[int] = (0,),
     feature_net: str = "digits",
     cache_dir: str | os.PathLike | None = None,
     device: str | None = None,
@@ -407,7 +425,9 @@ def run_seeds(
         jobs: seeds trained at once (one thread per process when above 1).
         skip_train: evaluate the exports already in ``out/seed_S``.
         steps, teacher_steps: student / teacher DDIM step counts (no teacher rows when ``teacher_steps`` is empty).
-        num_samples, eval_seed, feature_net, cache_dir, device: the evaluation's (see ``evaluate_models``).
+        num_samples, feature_net, cache_dir, device: the evaluation's (see ``evaluate_models``).
+        eval_seeds: evaluation noise seeds; with several, one evaluation each and every FD averaged over them
+            (``per_seed.csv`` keeps each evaluation's row).
         name: the students' name in the tables (default: the config's ``method/preset``).
         command: the command line recorded in the protocol.
 
@@ -429,6 +449,9 @@ def run_seeds(
     if not seeds or len(set(seeds)) != len(seeds):
         raise ValueError(f"--seeds must be distinct training seeds, got {seeds}")
     check_overrides(overrides)
+    eval_seeds = [int(e) for e in eval_seeds]
+    if not eval_seeds or len(set(eval_seeds)) != len(eval_seeds):
+        raise ValueError(f"--eval-seeds must be distinct noise seeds, got {eval_seeds}")
     out = Path(out) if out is not None else default_out(config)
     name = name or "/".join(config.with_suffix("").parts[-2:])
     out.mkdir(parents=True, exist_ok=True)
@@ -440,11 +463,14 @@ def run_seeds(
     data = _merge(runs[0].config.get("data") or {}, parse_overrides(overrides).get("data") or {})
     teacher = data.get("teacher")
     students = {f"seed_{r.seed}": r.export for r in runs}
-    rows = evaluate_models(
-        teacher=teacher, students=students, steps=steps, teacher_steps=teacher_steps, num_samples=num_samples,
-        seed=eval_seed, out_dir=out / "evaluate", feature_net=feature_net, data=data.get("data") or "digits",
-        image_size=data.get("image_size"), channels=data.get("channels"), cache_dir=cache_dir, device=device, log=log,
-    )
+    rows = []
+    for e in eval_seeds:
+        rows += evaluate_models(
+            teacher=teacher, students=students, steps=steps, teacher_steps=teacher_steps, num_samples=num_samples,
+            seed=e, out_dir=out / "evaluate" / (f"seed{e}" if len(eval_seeds) > 1 else ""), feature_net=feature_net,
+            data=data.get("data") or "digits", image_size=data.get("image_size"), channels=data.get("channels"),
+            cache_dir=cache_dir, device=device, log=log,
+        )
     by_name = {f"seed_{r.seed}": r for r in runs}
     per_seed = []
     for row in rows:
@@ -458,13 +484,13 @@ def run_seeds(
         ))
     # teacher rows first in evaluate's output; the seeds' student first in the tables
     per_seed.sort(key=lambda r: r["kind"] == "teacher")
-    summary = summarise(per_seed)
+    summary = summarise(mean_over_eval_seeds(per_seed))
     first = per_seed[0]
     protocol = dict(
         config=str(config), overrides=list(overrides), seeds=seeds, skip_train=skip_train,
         train_command="lightning-distill " + " ".join(shlex.quote(a) for a in train_command(
             config, "S", out / "seed_S", overrides, model_accepts_seed(preset_config(config, overrides)))),
-        num_samples=first["num_samples"], eval_seed=eval_seed, feature_net=first["feature_net"],
+        num_samples=first["num_samples"], eval_seeds=eval_seeds, feature_net=first["feature_net"],
         reference=first["reference"], steps=list(steps), teacher_steps=list(teacher_steps), teacher=str(teacher),
         exports={str(r.seed): str(r.export) for r in runs},
         saved_configs={str(r.seed): str(r.saved_config) if r.saved_config else None for r in runs},
@@ -492,7 +518,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, nargs="+", default=[1, 2, 4, 8], help="student step counts")
     p.add_argument("--teacher-steps", type=int, nargs="*", default=[], help="teacher DDIM step counts (e.g. 50)")
     p.add_argument("--num-samples", type=int, default=2000)
-    p.add_argument("--eval-seed", type=int, default=0, help="noise seed of the evaluation (the same for every model)")
+    p.add_argument("--eval-seeds", "--eval-seed", dest="eval_seeds", type=int, nargs="+", default=[0],
+                   help="noise seeds of the evaluation (the same for every model); with several, FD is averaged over them")
     p.add_argument("--feature-net", default="digits", help="digits, inception, or a saved classifier folder")
     p.add_argument("--cache-dir", default=None, help="reference-statistics cache")
     p.add_argument("--device", default=None)
@@ -509,7 +536,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         raise ValueError(f"--jobs must be at least 1, got {a.jobs}")
     summary = run_seeds(
         a.config, a.seeds, a.out, overrides, a.jobs, a.skip_train, a.steps, a.teacher_steps, a.num_samples,
-        a.eval_seed, a.feature_net, a.cache_dir, a.device, a.name,
+        a.eval_seeds, a.feature_net, a.cache_dir, a.device, a.name,
         command="python -m lightning_distill.seeds " + " ".join(shlex.quote(x) for x in argv),
     )
     out = Path(a.out) if a.out else default_out(Path(a.config))

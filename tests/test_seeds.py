@@ -4,6 +4,7 @@ tiny teacher, its summary statistics against hand values, and its one-line error
 from __future__ import annotations
 
 import csv
+import shutil
 import statistics
 from pathlib import Path
 
@@ -99,6 +100,36 @@ def test_skip_train_reevaluates_the_existing_exports(two_seeds, monkeypatch):
     after = _read(out / "per_seed.csv")
     assert [(r["seed"], r["steps"], r["fd"]) for r in after] == [(r["seed"], r["steps"], r["fd"]) for r in before]
     assert "evaluated with `--skip-train`" in (out / "results.md").read_text()
+
+
+@pytest.mark.slow  # subprocess training runs (the module fixture)
+def test_several_eval_seeds_average_each_training_seed(two_seeds, tmp_path):
+    """--skip-train --eval-seeds 0 5 on a copy of the runs: seed 0's rows equal the one-seed report's, and the
+    summary is the median over training seeds of each seed's mean over the two evaluations."""
+    out = tmp_path / "out"
+    shutil.copytree(two_seeds["out"], out)
+    args = [a for a in two_seeds["eval_args"]]
+    seeds.main(["--config", str(CONFIG), "--seeds", "0", "1", "--skip-train", "--out", str(out), *args,
+                "--eval-seeds", "0", "5", "--", *two_seeds["overrides"]])
+    one = {(r["model"], r["seed"], r["steps"]): float(r["fd"]) for r in _read(two_seeds["out"] / "per_seed.csv")}
+    fd = {(r["model"], r["seed"], r["steps"], r["eval_seed"]): float(r["fd"]) for r in _read(out / "per_seed.csv")}
+    assert all(fd[(*k, "0")] == pytest.approx(v, rel=1e-6) for k, v in one.items())
+    assert fd[("consistency/debug", "1", "2", "5")] != pytest.approx(fd[("consistency/debug", "1", "2", "0")], rel=1e-3)
+    assert (out / "evaluate" / "seed5" / "results.csv").is_file()
+    row = {(r["model"], r["steps"]): r for r in _read(out / "results.csv")}[("consistency/debug", "2")]
+    means = [statistics.fmean(fd[("consistency/debug", t, "2", e)] for e in ("0", "5")) for t in ("0", "1")]
+    assert float(row["fd_median"]) == pytest.approx(statistics.median(means), rel=1e-5)
+    assert float(row["fd_max"]) == pytest.approx(max(means), rel=1e-5) and row["eval_seed"] == "0 5"
+    assert "evaluation seeds 0 5" in (out / "results.md").read_text()
+
+
+def test_mean_over_eval_seeds_hand_values():
+    def row(seed, e, fd):
+        return dict(model="m", kind="pipeline", seed=seed, steps=1, fd=fd, kid=None, kid_std=None, eval_seed=e)
+
+    got = seeds.mean_over_eval_seeds([row(0, 0, 0.2), row(1, 0, 0.5), row(0, 3, 0.4), row(1, 3, 0.1)])
+    assert [(r["seed"], r["fd"], r["eval_seed"], r["kid"]) for r in got] == [(0, pytest.approx(0.3), "0 3", None),
+                                                                           (1, pytest.approx(0.3), "0 3", None)]
 
 
 def _one_line_error(argv, monkeypatch, capsys) -> str:
