@@ -91,6 +91,20 @@ def load_runs(name: str, source: Path) -> MethodRuns:
     return MethodRuns(name, source, exports, protocol.get("teacher"), data, protocol.get("config"))
 
 
+def parse_run_steps(spec: str, names: Sequence[str]) -> tuple[str, list[int]]:
+    """``NAME=S[,S...]`` -> (NAME, steps): one run's own step counts (e.g. ``dmd2=1`` for a 1-step generator)."""
+    name, sep, value = spec.partition("=")
+    if name not in names:
+        raise ValueError(f"--run-steps {spec!r}: {name!r} is not a --run name (runs: {', '.join(names)})")
+    try:
+        steps = [int(v) for v in value.split(",")] if sep else []
+    except ValueError:
+        steps = []
+    if not steps or min(steps) < 1:
+        raise ValueError(f"--run-steps {spec!r}: expected NAME=S[,S...] with positive step counts, e.g. {name}=1")
+    return name, steps
+
+
 def common_teacher(methods: Sequence[MethodRuns], teacher: str | None) -> str:
     """The teacher every seeds report names; a clear error when they differ or none is known."""
     if teacher is not None:
@@ -215,6 +229,8 @@ def markdown(summary: Sequence[dict], per_seed: Sequence[dict], protocol: dict,
         "Runs:",
         "",
         *[f"- {name}: `{r['source']}`" + (f" (config `{r['config']}`)" if r.get("config") else "")
+          + (f"; scored at {', '.join(map(str, protocol['run_steps'][name]))} step(s) only"
+             if name in protocol.get("run_steps", {}) else "")
           for name, r in protocol["runs"].items()],
         "",
     ]
@@ -236,6 +252,7 @@ def compare_methods(
     device: str | None = None,
     command: str | None = None,
     log: Callable[[str], None] | None = None,
+    run_steps: dict[str, Sequence[int]] | None = None,
 ) -> list[dict]:
     """Score every seed of every method in one evaluate run; write the report to ``out``; return the summary.
 
@@ -244,6 +261,7 @@ def compare_methods(
         teacher: overrides the teacher the seeds reports name (needed when every run is a pipeline folder).
         steps, teacher_steps, num_samples, feature_net, cache_dir, device: the evaluation's.
         eval_seeds: evaluation noise seeds; with several, one evaluate run each, FD averaged over them.
+        run_steps: step counts of the runs named, instead of ``steps`` (a 1-step generator: ``{"dmd2": [1]}``).
         data, image_size: override the data settings read from the first seeds run's saved config.
 
     Returns:
@@ -265,11 +283,12 @@ def compare_methods(
     settings = next((m.data for m in methods if m.data), {})
     # each evaluated student's (method, seed, export), keyed by its name in the evaluate run
     owner = {student_key(m.name, s): (m.name, s, p) for m in methods for s, p in m.exports.items()}
+    student_steps = {k: list(run_steps[v[0]]) for k, v in owner.items() if v[0] in (run_steps or {})}
     rows = []
     for e in eval_seeds:
         rows += evaluate_models(
             teacher=teacher, students={k: v[2] for k, v in owner.items()}, steps=steps, teacher_steps=teacher_steps,
-            num_samples=num_samples, seed=e, out_dir=Path(out) / "evaluate" / (f"seed{e}" if len(eval_seeds) > 1 else ""),
+            num_samples=num_samples, seed=e, student_steps=student_steps, out_dir=Path(out) / "evaluate" / (f"seed{e}" if len(eval_seeds) > 1 else ""),
             feature_net=feature_net, data=data or settings.get("data") or "digits",
             image_size=image_size or settings.get("image_size"), channels=settings.get("channels"), cache_dir=cache_dir,
             device=device, log=log,
@@ -291,7 +310,8 @@ def compare_methods(
     add_eval_ranges(summary, by_eval_seed)
     first = per_seed[0]
     protocol = dict(
-        teacher=str(teacher), steps=list(steps), teacher_steps=list(teacher_steps), num_samples=first["num_samples"],
+        teacher=str(teacher), steps=list(steps), run_steps={k: list(v) for k, v in (run_steps or {}).items()},
+        teacher_steps=list(teacher_steps), num_samples=first["num_samples"],
         eval_seeds=eval_seeds, feature_net=first["feature_net"], reference=first["reference"],
         runs={m.name: dict(source=str(m.source), config=m.config,
                            exports={"-" if s is None else str(s): str(p) for s, p in m.exports.items()}) for m in methods},
@@ -314,6 +334,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a seeds report folder (python -m lightning_distill.seeds --out) or an exported pipeline; repeatable")
     p.add_argument("--out", required=True, help="report folder")
     p.add_argument("--teacher", default=None, help="the teacher (default: the one the seeds reports name)")
+    p.add_argument("--run-steps", action="append", default=[], metavar="NAME=S[,S...]",
+                   help="one run's own step counts instead of --steps, e.g. dmd2=1 for a 1-step generator; repeatable")
     p.add_argument("--steps", type=int, nargs="+", default=[1, 2, 4], help="student step counts")
     p.add_argument("--teacher-steps", type=int, nargs="*", default=[50], help="teacher step counts; the largest is the ratio's yardstick")
     p.add_argument("--num-samples", type=int, default=2000)
@@ -330,10 +352,12 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> list[dict]:
     argv = list(sys.argv[1:] if argv is None else argv)
     a = build_parser().parse_args(argv)
+    runs = [parse_run(s) for s in a.run]
+    run_steps = dict(parse_run_steps(s, [n for n, _ in runs]) for s in a.run_steps)
     summary = compare_methods(
-        [parse_run(s) for s in a.run], a.out, a.teacher, a.steps, a.teacher_steps, a.num_samples, a.eval_seeds,
+        runs, a.out, a.teacher, a.steps, a.teacher_steps, a.num_samples, a.eval_seeds,
         a.feature_net, a.data, a.image_size, a.cache_dir, a.device,
-        command="python -m lightning_distill.compare " + " ".join(shlex.quote(x) for x in argv),
+        command="python -m lightning_distill.compare " + " ".join(shlex.quote(x) for x in argv), run_steps=run_steps,
     )
     print((Path(a.out) / "results.md").read_text())
     return summary

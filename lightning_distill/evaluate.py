@@ -266,6 +266,7 @@ def evaluate_models(
     log: Callable[[str], None] | None = None,
     teacher_cache: bool = True,
     teacher_cache_out: str | os.PathLike | None = None,
+    student_steps: dict[str, Sequence[int]] | None = None,
 ) -> list[dict]:
     """FD / KID of the teacher (at ``teacher_steps``) and each student (at ``steps``); one dict per row.
 
@@ -275,6 +276,8 @@ def evaluate_models(
     The teacher's cells read their generated features from :mod:`~lightning_distill.teacher_features`
     when an entry with the same content key exists (``teacher_cache``; the report names the file), and
     write the ones they compute to ``cache_dir`` and to ``teacher_cache_out`` when given.
+    ``student_steps`` gives the students it names their own step counts instead of ``steps`` (a 1-step
+    generator need not be scored at 4).
 
     Example::
 
@@ -298,12 +301,13 @@ def evaluate_models(
         models.append((teacher_sampler(teacher), list(teacher_steps)))
     for name, spec in (students or {}).items():
         sampler = load_sampler(name, spec, teacher, device)
-        ok = [s for s in steps if sampler.max_steps is None or s <= sampler.max_steps]
+        own = list((student_steps or {}).get(name, steps))
+        ok = [s for s in own if sampler.max_steps is None or s <= sampler.max_steps]
         if not ok:
-            raise ValueError(f"student {name!r} samples with at most {sampler.max_steps} steps; none of {list(steps)} fit")
-        if len(ok) < len(steps):
+            raise ValueError(f"student {name!r} samples with at most {sampler.max_steps} steps; none of {own} fit")
+        if len(ok) < len(own):
             log(f"{name}: samples with at most {sampler.max_steps} steps (its training grid); "
-                f"skipping steps {[s for s in steps if s not in ok]}")
+                f"skipping steps {[s for s in own if s not in ok]}")
         models.append((sampler, ok))
     kwargs = {"feature_extractor_weights_path": feature_extractor_weights_path} if feature_extractor_weights_path else {}
     net = get_feature_net(feature_net, **kwargs).to(device)

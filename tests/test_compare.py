@@ -119,6 +119,21 @@ def test_several_evaluation_seeds_average_fd_and_give_the_ratio_range(setup):
     assert f"{min(per_e):.2f}-{max(per_e):.2f}x" in text
 
 
+def test_run_steps_scores_one_run_at_its_own_step_counts(setup):
+    """--run-steps b=2: b (a's seed-0 model) only at 2 steps, with the value the shared --steps run gave it."""
+    root, feat = setup["root"], setup["feat"]
+    out = root / "out_run_steps"
+    compare.main(["--run", f"a={setup['a']}", "--run", f"b={setup['fx']['tiny_teacher']}", "--run-steps", "b=2",
+                  "--out", str(out), "--steps", "1", "2", "--teacher-steps", "3", "--num-samples", "8",
+                  "--eval-seed", "3", "--feature-net", str(feat), "--device", "cpu", "--cache-dir", str(root / "cache")])
+    rows = _read(out / "per_seed.csv")
+    assert sorted(int(r["steps"]) for r in rows if r["model"] == "b") == [2]
+    assert sorted(int(r["steps"]) for r in rows if r["model"] == "a") == [1, 1, 2, 2]
+    before = {(r["model"], r["seed"], r["steps"]): float(r["fd"]) for r in _read(setup["out"] / "per_seed.csv")}
+    assert all(float(r["fd"]) == pytest.approx(before[(r["model"], r["seed"], r["steps"])], rel=1e-6) for r in rows)
+    assert "scored at 2 step(s) only" in (out / "results.md").read_text()
+
+
 def _one_line_error(argv, monkeypatch, capsys) -> str:
     return one_line_error(compare._entry, "compare", argv, monkeypatch, capsys)
 
@@ -138,4 +153,8 @@ def test_errors_are_one_line_and_nothing_is_written(setup, tmp_path, monkeypatch
     assert "pass --teacher" in line
     line = _one_line_error(["--run", f"a={setup['a']}", "--eval-seeds", "1", "1", "--out", str(out)], monkeypatch, capsys)
     assert "--eval-seeds must be distinct" in line
+    line = _one_line_error(["--run", f"a={setup['a']}", "--run-steps", "z=1", "--out", str(out)], monkeypatch, capsys)
+    assert "'z' is not a --run name (runs: a)" in line
+    line = _one_line_error(["--run", f"a={setup['a']}", "--run-steps", "a=one", "--out", str(out)], monkeypatch, capsys)
+    assert "expected NAME=S[,S...]" in line
     assert not out.exists()
