@@ -354,7 +354,7 @@ def scheduler_sample(
     It is the loop of ``DistillationMethod.sample`` and of exported pipelines, so a checkpoint, its
     export and the teacher are sampled the same way from the same generator. A flow-map network (MeanFlow:
     a ``"timestep"`` class embedding, no class table) takes the interval as ``class_labels``, which this
-    loop cannot pass: it is sampled with ``methods.meanflow.flow_map_sample``, MeanFlow's own loop.
+    loop cannot pass: it is sampled with ``flow_map.flow_map_sample``, MeanFlow's own loop.
 
     ``unet`` is any denoiser :mod:`lightning_distill.backbones` supports, called through ``backbones.call``
     and shaped by ``backbones.sample_shape``: a UNet gets the scalar timestep as ``DDPMPipeline`` passes it;
@@ -366,7 +366,7 @@ def scheduler_sample(
 
     from . import backbones
     from .errors import ConfigError
-    from .methods.meanflow import flow_map_sample, is_flow_map_unet
+    from .flow_map import flow_map_sample, is_flow_map_unet
     from .sampling import at_steps
 
     if is_flow_map_unet(unet):

@@ -13,16 +13,14 @@ from lightning_distill.methods.meanflow import (
     adaptive_weighted_loss,
     average_velocity,
     flow_interpolate,
-    flow_map_intervals,
-    flow_map_sample,
     flow_velocity,
-    is_flow_map_unet,
     logit_normal,
     meanflow_target,
     path_point,
     sample_interval,
     total_derivative,
 )
+from lightning_distill.flow_map import flow_map_intervals, flow_map_sample, is_flow_map_unet
 from lightning_distill.nn_utils import forward_ad_attention
 from lightning_distill.teacher import load_teacher
 
