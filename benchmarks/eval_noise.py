@@ -61,8 +61,8 @@ def main(argv=None) -> None:
     p.add_argument("--cache-dir", default=None)
     p.add_argument("--out", default=None)
     a = p.parse_args(argv)
-    if len(a.seeds) < 2:
-        p.error("--seeds: give at least two evaluation seeds (a spread needs two)")
+    if len(set(a.seeds)) < 2 or len(set(a.seeds)) != len(a.seeds):
+        p.error(f"--seeds: give at least two distinct evaluation seeds (a spread needs two), got {a.seeds}")
     command = "python " + " ".join(sys.argv if argv is None else ["benchmarks/eval_noise.py", *argv])
     results = [teacher_fd_by_seed(t, a.seeds, a.steps, a.num_samples, a.cache_dir) for t in a.teacher]
     text = json.dumps({"command": command, "results": results}, indent=2)

@@ -1,4 +1,4 @@
-"""Which method for 1, 2 and 4 steps: several methods' seeds scored in one evaluate run, median [min, max] each.
+"""Which method for 1, 2 and 4 steps: several methods' seeds scored with the same evaluation noise, median [min, max] each.
 
 Command::
 
@@ -8,14 +8,14 @@ Command::
 
 Each ``--run NAME=DIR`` is a report folder of :mod:`lightning_distill.seeds` (its ``protocol.json`` lists one
 export per training seed) or one exported pipeline folder (a single run, reported as such). Every export of
-every method goes into one :func:`~lightning_distill.evaluate.evaluate_models` call: the same evaluation noise,
+every method goes into one :func:`~lightning_distill.evaluate.evaluate_models` call per evaluation seed: the same noise,
 reference statistics and feature network for all of them, so the methods differ only by their students. The
 seeds reports must name the same teacher (``--teacher`` overrides it, and is needed when no seeds report is
 given); the data settings are the first seeds run's saved config (``--data`` / ``--image-size`` override them).
 
-With several ``--eval-seeds`` the evaluation is repeated with each noise seed (the teacher's cells come from
-its feature cache after the first time). A training seed's FD is then the mean over the evaluation seeds, and
-each ratio to the teacher is given with its range over the evaluation seeds: the teacher's 50-step FD-digits at
+With several ``--eval-seeds`` the evaluation is repeated with each noise seed. A training seed's FD is then the
+mean over the evaluation seeds, and each ratio to the teacher is given with the range of the ratios each
+evaluation seed gives alone (which need not contain the averaged ratio): the teacher's 50-step FD-digits at
 2,000 samples moves by up to 2x between noise seeds (``benchmarks/results/eval_noise``), so a ratio from one
 evaluation seed is a draw, not a property of the method.
 
@@ -91,18 +91,29 @@ def load_runs(name: str, source: Path) -> MethodRuns:
     return MethodRuns(name, source, exports, protocol.get("teacher"), data, protocol.get("config"))
 
 
-def parse_run_steps(spec: str, names: Sequence[str]) -> tuple[str, list[int]]:
-    """``NAME=S[,S...]`` -> (NAME, steps): one run's own step counts (e.g. ``dmd2=1`` for a 1-step generator)."""
-    name, sep, value = spec.partition("=")
-    if name not in names:
-        raise ValueError(f"--run-steps {spec!r}: {name!r} is not a --run name (runs: {', '.join(names)})")
-    try:
-        steps = [int(v) for v in value.split(",")] if sep else []
-    except ValueError:
-        steps = []
-    if not steps or min(steps) < 1:
-        raise ValueError(f"--run-steps {spec!r}: expected NAME=S[,S...] with positive step counts, e.g. {name}=1")
-    return name, steps
+def parse_run_steps(specs: Sequence[str]) -> dict[str, list[int]]:
+    """``NAME=S[,S...]`` each -> {NAME: steps}: runs' own step counts (e.g. ``dmd2=1`` for a 1-step generator)."""
+    out: dict[str, list[int]] = {}
+    for spec in specs:
+        name, sep, value = spec.partition("=")
+        try:
+            steps = [int(v) for v in value.split(",")] if sep else []
+        except ValueError:
+            steps = []
+        if not steps:
+            raise ValueError(f"--run-steps {spec!r}: expected NAME=S[,S...] with positive step counts, e.g. {name}=1")
+        if name in out:
+            raise ValueError(f"--run-steps {spec!r}: {name!r} is given twice")
+        out[name] = steps
+    return out
+
+
+def check_run_steps(run_steps: dict[str, Sequence[int]], names: Sequence[str]) -> None:
+    for name, steps in run_steps.items():
+        if name not in names:
+            raise ValueError(f"--run-steps {name}=...: {name!r} is not a --run name (runs: {', '.join(names)})")
+        if not steps or min(steps) < 1:
+            raise ValueError(f"--run-steps {name}={','.join(map(str, steps))}: step counts must be positive")
 
 
 def common_teacher(methods: Sequence[MethodRuns], teacher: str | None) -> str:
@@ -163,13 +174,14 @@ def markdown(summary: Sequence[dict], per_seed: Sequence[dict], protocol: dict,
     eval_seeds = protocol["eval_seeds"]
     several = len(eval_seeds) > 1
     lines = [
-        "# Methods compared in one evaluate run",
+        "# Methods compared on the same evaluation noise",
         "",
         (f"A training seed's FD is its mean over the evaluation seeds {' '.join(map(str, eval_seeds))}. " if several else "")
         + "FD median [min, max] over each method's training seeds"
         + (f"; in brackets after it, the median's ratio to the teacher's {ref['steps']}-step FD ({ref['fd_median']:.4g})"
-           + ("; after the semicolon, that ratio's range over the evaluation seeds (each seed's median over training "
-              "seeds against the teacher's FD with the same noise)" if several else "")
+           + ("; after the semicolon, the range of the ratios the evaluation seeds give alone (each seed's median over "
+              "training seeds against the teacher's FD with the same noise; it need not contain the averaged ratio)"
+              if several else "")
            if ref else "")
         + ". Bold: the best student median at that step count.",
         "",
@@ -196,7 +208,8 @@ def markdown(summary: Sequence[dict], per_seed: Sequence[dict], protocol: dict,
             return med + spread + ratio
 
         lines.append(f"| {model} | {seeds} | " + " | ".join(cell(cells.get(s)) for s in steps) + " |")
-    lines += ["", "## Per seed", "", f"| method | seed | {head} |", "|---|---|" + "---|" * len(steps)]
+    lines += ["", "## Per training seed" + (" (mean over the evaluation seeds)" if several else ""), "",
+              f"| method | seed | {head} |", "|---|---|" + "---|" * len(steps)]
     for model, seed in dict.fromkeys((r["model"], r["seed"]) for r in per_seed):
         cells = {r["steps"]: r["fd"] for r in per_seed if r["model"] == model and r["seed"] == seed}
         lines.append(f"| {model} | {'-' if seed is None else seed} | "
@@ -222,7 +235,7 @@ def markdown(summary: Sequence[dict], per_seed: Sequence[dict], protocol: dict,
         f"- Reference set: {protocol['reference']}",
         f"- Generated samples per cell: {protocol['num_samples']}, evaluation seed{'s' if several else ''} "
         f"{' '.join(map(str, eval_seeds))} (the same noise for every model"
-        + ("; one evaluate run per seed, the teacher's features cached)" if several else ", one evaluate run)"),
+        + ("; one evaluate run per seed)" if several else ", one evaluate run)"),
         "- Median of an even number of seeds: the mean of the middle two",
         f"- Command: `{protocol['command']}`",
         "",
@@ -254,7 +267,8 @@ def compare_methods(
     log: Callable[[str], None] | None = None,
     run_steps: dict[str, Sequence[int]] | None = None,
 ) -> list[dict]:
-    """Score every seed of every method in one evaluate run; write the report to ``out``; return the summary.
+    """Score every seed of every method in one evaluate run per evaluation seed; write the report to ``out``;
+    return the summary.
 
     Args:
         runs: (name, folder) pairs: seeds report folders or exported pipeline folders, names distinct.
@@ -278,6 +292,7 @@ def compare_methods(
     eval_seeds = [int(e) for e in eval_seeds]
     if not eval_seeds or len(set(eval_seeds)) != len(eval_seeds):
         raise ValueError(f"--eval-seeds must be distinct noise seeds, got {eval_seeds}")
+    check_run_steps(run_steps or {}, names)
     methods = [load_runs(n, Path(p)) for n, p in runs]
     teacher = common_teacher(methods, teacher)
     settings = next((m.data for m in methods if m.data), {})
@@ -353,7 +368,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     argv = list(sys.argv[1:] if argv is None else argv)
     a = build_parser().parse_args(argv)
     runs = [parse_run(s) for s in a.run]
-    run_steps = dict(parse_run_steps(s, [n for n, _ in runs]) for s in a.run_steps)
+    run_steps = parse_run_steps(a.run_steps)
     summary = compare_methods(
         runs, a.out, a.teacher, a.steps, a.teacher_steps, a.num_samples, a.eval_seeds,
         a.feature_net, a.data, a.image_size, a.cache_dir, a.device,

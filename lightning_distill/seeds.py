@@ -355,7 +355,9 @@ def write_report(out: Path, summary: Sequence[dict], per_seed: Sequence[dict], p
         lines.append(f"| {label} | {seeds} | " + " | ".join(
             (f"{c['fd_median']:.4g}" + (f" [{c['fd_min']:.4g}, {c['fd_max']:.4g}]" if c["num_seeds"] > 1 else ""))
             if (c := cells.get(s)) else "" for s in steps) + " |")
-    lines += ["", "## Per seed", "", "| model | seed " + head, "|---" + rule]
+    several = len(protocol["eval_seeds"]) > 1
+    lines += ["", "## Per training seed" + (" (mean over the evaluation seeds)" if several else ""), "",
+              "| model | seed " + head, "|---" + rule]
     keys = dict.fromkeys((r["model"], r["seed"]) for r in per_seed)
     for model, seed in keys:
         cells = {r["steps"]: r["fd"] for r in per_seed if r["model"] == model and r["seed"] == seed}

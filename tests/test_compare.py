@@ -157,4 +157,9 @@ def test_errors_are_one_line_and_nothing_is_written(setup, tmp_path, monkeypatch
     assert "'z' is not a --run name (runs: a)" in line
     line = _one_line_error(["--run", f"a={setup['a']}", "--run-steps", "a=one", "--out", str(out)], monkeypatch, capsys)
     assert "expected NAME=S[,S...]" in line
+    line = _one_line_error(["--run", f"a={setup['a']}", "--run-steps", "a=1", "--run-steps", "a=2", "--out", str(out)],
+                           monkeypatch, capsys)
+    assert "'a' is given twice" in line
+    line = _one_line_error(["--run", f"a={setup['a']}", "--run-steps", "a=0", "--out", str(out)], monkeypatch, capsys)
+    assert "step counts must be positive" in line
     assert not out.exists()

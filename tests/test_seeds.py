@@ -124,12 +124,14 @@ def test_several_eval_seeds_average_each_training_seed(two_seeds, tmp_path):
 
 
 def test_mean_over_eval_seeds_hand_values():
-    def row(seed, e, fd):
-        return dict(model="m", kind="pipeline", seed=seed, steps=1, fd=fd, kid=None, kid_std=None, eval_seed=e)
+    def row(seed, e, fd, kid=None):
+        return dict(model="m", kind="pipeline", seed=seed, steps=1, fd=fd, kid=kid, kid_std=None, eval_seed=e)
 
-    got = seeds.mean_over_eval_seeds([row(0, 0, 0.2), row(1, 0, 0.5), row(0, 3, 0.4), row(1, 3, 0.1)])
-    assert [(r["seed"], r["fd"], r["eval_seed"], r["kid"]) for r in got] == [(0, pytest.approx(0.3), "0 3", None),
-                                                                           (1, pytest.approx(0.3), "0 3", None)]
+    got = seeds.mean_over_eval_seeds([row(0, 0, 0.2, 0.01), row(1, 0, 0.5, 0.05), row(0, 3, 0.4, 0.03), row(1, 3, 0.9)])
+    assert [(r["seed"], r["fd"], r["eval_seed"]) for r in got] == [(0, pytest.approx(0.3), "0 3"),
+                                                                  (1, pytest.approx(0.7), "0 3")]
+    # a KID missing at one evaluation seed leaves that training seed's mean KID unknown, not half-averaged
+    assert got[0]["kid"] == pytest.approx(0.02) and got[1]["kid"] is None
 
 
 def _one_line_error(argv, monkeypatch, capsys) -> str:
