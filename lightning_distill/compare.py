@@ -40,7 +40,9 @@ from typing import Callable, Sequence
 
 import yaml
 
-from .seeds import PER_SEED_FIELDS, SUMMARY_FIELDS, mean_over_eval_seeds, plot_spread, summarise, write_csv
+from .seeds import (
+    PER_SEED_FIELDS, SUMMARY_FIELDS, evaluate_eval_seeds, mean_over_eval_seeds, plot_spread, summarise, write_csv,
+)
 
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")
 COMPARE_FIELDS = [*SUMMARY_FIELDS[:8], "ratio_to_teacher", "ratio_eval_min", "ratio_eval_max", *SUMMARY_FIELDS[8:]]
@@ -281,7 +283,6 @@ def compare_methods(
     Returns:
         Summary rows (``COMPARE_FIELDS``), one per method (and the teacher) and step count.
     """
-    from .evaluate import evaluate_models
 
     log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
     if not runs:
@@ -299,15 +300,12 @@ def compare_methods(
     # each evaluated student's (method, seed, export), keyed by its name in the evaluate run
     owner = {student_key(m.name, s): (m.name, s, p) for m in methods for s, p in m.exports.items()}
     student_steps = {k: list(run_steps[v[0]]) for k, v in owner.items() if v[0] in (run_steps or {})}
-    rows = []
-    for e in eval_seeds:
-        rows += evaluate_models(
-            teacher=teacher, students={k: v[2] for k, v in owner.items()}, steps=steps, teacher_steps=teacher_steps,
-            num_samples=num_samples, seed=e, student_steps=student_steps, out_dir=Path(out) / "evaluate" / (f"seed{e}" if len(eval_seeds) > 1 else ""),
-            feature_net=feature_net, data=data or settings.get("data") or "digits",
-            image_size=image_size or settings.get("image_size"), channels=settings.get("channels"), cache_dir=cache_dir,
-            device=device, log=log,
-        )
+    rows = evaluate_eval_seeds(
+        eval_seeds, Path(out) / "evaluate", teacher, students={k: v[2] for k, v in owner.items()}, steps=steps,
+        teacher_steps=teacher_steps, num_samples=num_samples, student_steps=student_steps, feature_net=feature_net,
+        data=data or settings.get("data") or "digits", image_size=image_size or settings.get("image_size"),
+        channels=settings.get("channels"), cache_dir=cache_dir, device=device, log=log,
+    )
     per_seed = []
     for row in rows:
         if row["kind"] == "data":
@@ -319,7 +317,8 @@ def compare_methods(
             feature_net=row["feature_net"], reference=row["reference"], source=str(source),
         ))
     per_seed.sort(key=lambda r: r["kind"] != "teacher")  # the teacher's row first: the yardstick
-    summary = summarise(mean_over_eval_seeds(per_seed))
+    per_training_seed = mean_over_eval_seeds(per_seed)
+    summary = summarise(per_training_seed)
     add_ratios(summary)
     by_eval_seed = per_eval_seed_summaries(per_seed)
     add_eval_ranges(summary, by_eval_seed)
@@ -337,7 +336,7 @@ def compare_methods(
     write_csv(out / "results.csv", summary, COMPARE_FIELDS)
     write_csv(out / "per_seed.csv", per_seed, PER_SEED_FIELDS)
     (out / "protocol.json").write_text(json.dumps(protocol, indent=2) + "\n")
-    (out / "results.md").write_text(markdown(summary, mean_over_eval_seeds(per_seed), protocol, by_eval_seed))
+    (out / "results.md").write_text(markdown(summary, per_training_seed, protocol, by_eval_seed))
     plot_spread(summary, out / "fd_vs_steps.png", protocol["feature_net"], protocol["num_samples"])
     log(f"report: {out / 'results.md'}")
     return summary

@@ -291,6 +291,21 @@ def mean_over_eval_seeds(per_eval: Sequence[dict]) -> list[dict]:
     return out
 
 
+def evaluate_eval_seeds(eval_seeds: Sequence[int], out_dir: Path, teacher, **kwargs) -> list[dict]:
+    """``evaluate_models`` once per evaluation seed, the teacher loaded once; its report in ``out_dir``, or in
+    ``out_dir/seed<E>`` each when there are several seeds. The rows of all seeds, each with its ``seed``."""
+    from .evaluate import evaluate_models
+    from .teacher import load_teacher
+
+    if isinstance(teacher, (str, os.PathLike)):
+        teacher = load_teacher(teacher)
+    rows: list[dict] = []
+    for e in eval_seeds:
+        rows += evaluate_models(teacher=teacher, seed=e, out_dir=Path(out_dir) / (f"seed{e}" if len(eval_seeds) > 1 else ""),
+                                **kwargs)
+    return rows
+
+
 def _fmt(v) -> str:
     return f"{v:.6g}" if isinstance(v, float) else ("" if v is None else str(v))
 
@@ -441,7 +456,6 @@ def run_seeds(
         >>> rows = run_seeds("configs/consistency/main.yaml", [0, 1, 2], jobs=2, teacher_steps=[50])
         >>> [(r["steps"], r["fd_median"], r["fd_min"], r["fd_max"]) for r in rows if r["kind"] != "teacher"]
     """
-    from .evaluate import evaluate_models
 
     log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
     config = Path(config)
@@ -465,14 +479,11 @@ def run_seeds(
     data = _merge(runs[0].config.get("data") or {}, parse_overrides(overrides).get("data") or {})
     teacher = data.get("teacher")
     students = {f"seed_{r.seed}": r.export for r in runs}
-    rows = []
-    for e in eval_seeds:
-        rows += evaluate_models(
-            teacher=teacher, students=students, steps=steps, teacher_steps=teacher_steps, num_samples=num_samples,
-            seed=e, out_dir=out / "evaluate" / (f"seed{e}" if len(eval_seeds) > 1 else ""), feature_net=feature_net,
-            data=data.get("data") or "digits", image_size=data.get("image_size"), channels=data.get("channels"),
-            cache_dir=cache_dir, device=device, log=log,
-        )
+    rows = evaluate_eval_seeds(
+        eval_seeds, out / "evaluate", teacher, students=students, steps=steps, teacher_steps=teacher_steps,
+        num_samples=num_samples, feature_net=feature_net, data=data.get("data") or "digits",
+        image_size=data.get("image_size"), channels=data.get("channels"), cache_dir=cache_dir, device=device, log=log,
+    )
     by_name = {f"seed_{r.seed}": r for r in runs}
     per_seed = []
     for row in rows:
