@@ -319,3 +319,30 @@ def test_a_few_training_steps_give_finite_losses_and_train_the_interval_input(te
     assert len(losses) == 3 and all(torch.isfinite(torch.tensor(losses)))
     assert method.student.unet.class_embedding.linear_2.weight.abs().max() > 0  # the interval input learns
     assert torch.isfinite(method.sample(2, 2, torch.Generator().manual_seed(0))).all()
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_interval_error_diagnostic(teacher_dirs, path):
+    """benchmarks/meanflow_interval_error.py: a zero-initialised student is the teacher's velocity on every
+    interval, a trained interval input is not, and one step of the teacher's ODE reference is its x0 estimate."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from meanflow_interval_error import interval_errors, teacher_trajectory
+
+    method = _method(teacher_dirs, path).eval()
+    rows = interval_errors(method, n=4, seed=0, ode_steps=8, times=[1.0, 0.5, 0.0])
+    assert [(r["t"] > r["r"]) for r in rows] == [True] * 3 and rows[0]["t"] == round(method.t_max, 5)
+    for row in rows:
+        assert row["student"] == row["teacher_velocity"] > 0
+    _perturb_interval_input(method)
+    assert all(r["student"] != r["teacher_velocity"] for r in interval_errors(method, 4, 0, 8, [1.0, 0.5, 0.0]))
+
+    # one ODE step from t_max lands on the teacher's x0 estimate there (z - t v = x0_hat in flow coordinates)
+    z = torch.randn(4, 1, 8, 8, generator=torch.Generator().manual_seed(1))
+    den, t_max = method.teacher.denoiser, torch.full((4,), method.t_max)
+    with torch.no_grad():
+        end = teacher_trajectory(den, z, method.t_max, 1)[1][-1]
+        x0_hat = den.at_flow_time(path_point(den.schedule, z, t_max), t_max).x0
+    torch.testing.assert_close(end, x0_hat, rtol=1e-4, atol=1e-5)
