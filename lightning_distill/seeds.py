@@ -476,8 +476,16 @@ def run_seeds(
     runs = find_runs(config, seeds, out, overrides)
 
     # the run's own data settings, except those given again on this command line (a teacher moved since)
-    data = _merge(runs[0].config.get("data") or {}, parse_overrides(overrides).get("data") or {})
+    given = parse_overrides(overrides).get("data") or {}
+    data = _merge(runs[0].config.get("data") or {}, given)
     teacher = data.get("teacher")
+    trained_from = {r.seed: (r.config.get("data") or {}).get("teacher") for r in runs}
+    if "teacher" not in given and len(set(map(str, trained_from.values()))) > 1:
+        # e.g. a chained job whose teacher is each seed's own earlier export: no one teacher to score against
+        raise ValueError(
+            "the seeds were trained from different teachers (" + ", ".join(f"seed {s}: {t}" for s, t in trained_from.items())
+            + "); name the teacher of the comparison after --, e.g. -- --data.teacher bundled:digits"
+        )
     students = {f"seed_{r.seed}": r.export for r in runs}
     rows = evaluate_eval_seeds(
         eval_seeds, out / "evaluate", teacher, students=students, steps=steps, teacher_steps=teacher_steps,

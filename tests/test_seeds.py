@@ -4,6 +4,7 @@ tiny teacher, its summary statistics against hand values, and its one-line error
 from __future__ import annotations
 
 import csv
+import json
 import shutil
 import statistics
 from pathlib import Path
@@ -136,6 +137,25 @@ def test_mean_over_eval_seeds_hand_values():
 
 def _one_line_error(argv, monkeypatch, capsys) -> str:
     return one_line_error(seeds._entry, "seeds", argv, monkeypatch, capsys)
+
+
+@pytest.mark.slow  # subprocess training runs (the module fixture)
+def test_seeds_trained_from_different_teachers_need_the_teacher_named(two_seeds, tmp_path, monkeypatch, capsys):
+    """A chained job (each seed's teacher its own earlier export) has no one teacher: the runner must not score
+    the teacher rows with seed 0's; named after --, the named teacher is used."""
+    out = tmp_path / "out"
+    shutil.copytree(two_seeds["out"], out)
+    saved = seeds.saved_run_config(out / "seed_1")
+    cfg = yaml.safe_load(saved.read_text())
+    teacher = cfg["data"]["teacher"]
+    cfg["data"]["teacher"] = str(tmp_path / "seed_0_export")
+    saved.write_text(yaml.safe_dump(cfg))
+    argv = ["--config", str(CONFIG), "--seeds", "0", "1", "--skip-train", "--out", str(out), *two_seeds["eval_args"]]
+    line = _one_line_error([*argv, "--", "--data.image_size", "8"], monkeypatch, capsys)
+    assert "trained from different teachers" in line and f"seed 0: {teacher}" in line
+    assert f"seed 1: {tmp_path / 'seed_0_export'}" in line and "-- --data.teacher" in line
+    seeds.main([*argv, "--", *two_seeds["overrides"]])
+    assert json.loads((out / "protocol.json").read_text())["teacher"] == teacher
 
 
 def test_missing_config_is_one_line(tmp_path, monkeypatch, capsys):
