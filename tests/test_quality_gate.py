@@ -89,7 +89,7 @@ def test_gate_on_a_debug_sized_run(tmp_path, monkeypatch, capsys):
     # a stated time of 0.06 s: the quality bar (made loose here: a random tiny teacher) passes, time fails
     monkeypatch.setattr("sys.argv", [
         "quality_gate.py", "--config", str(REPO / "configs" / "consistency" / "debug.yaml"), "--out", str(out),
-        "--budget-min", "0.001", "--max-ratio", "1e6", "--",
+        "--budget-min", "0.001", "--max-ratio", "1e6", "--eval-seeds", "0", "3", "--cache-dir", str(tmp_path / "cache"), "--",
         "--data.teacher", str(teacher), "--data.image_size", "8", *report,
     ])
     with pytest.raises(SystemExit) as exc:
@@ -99,8 +99,14 @@ def test_gate_on_a_debug_sized_run(tmp_path, monkeypatch, capsys):
     assert "FAIL time:" in printed and "FAIL quality" not in printed and "quality gate FAILED" in printed
     record = json.loads((out / "quality_gate.json").read_text())
     assert record["passed"] is False and [f.split(":")[0] for f in record["failures"]] == ["time"]
-    student, teacher_fd = gate.report_fds(out / "report" / "results.csv")
-    assert (record["student_fd"], record["teacher_fd"]) == (student, teacher_fd)
+    # --eval-seeds 0 3: the export scored again per seed; seed 0 is the job's own report, the judged FDs the means
+    assert record["eval_seeds"] == [0, 3] and "mean over evaluation seeds 0 3" in printed
+    seed0 = gate.report_fds(out / "gate_eval" / "seed0" / "results.csv")
+    seed3 = gate.report_fds(out / "gate_eval" / "seed3" / "results.csv")
+    assert seed0 == pytest.approx(gate.report_fds(out / "report" / "results.csv"), rel=1e-4)
+    assert seed3[0] != pytest.approx(seed0[0], rel=1e-3)
+    student, teacher_fd = (seed0[0] + seed3[0]) / 2, (seed0[1] + seed3[1]) / 2
+    assert (record["student_fd"], record["teacher_fd"]) == (pytest.approx(student), pytest.approx(teacher_fd))
     assert record["fd_ratio"] == pytest.approx(student / teacher_fd)
     assert record["wall_s"] == record["timing"]["median_wall_s"] > 0.06 and record["timing"]["exit_codes"] == [0]
 
@@ -111,3 +117,11 @@ def test_gate_missing_config_is_exit_2_in_one_line(tmp_path, monkeypatch, capsys
         gate.main()
     assert exc.value.code == 2
     assert capsys.readouterr().err.strip() == f"quality_gate: error: config {str(tmp_path / 'missing.yaml')!r} not found"
+
+
+def test_gate_repeated_eval_seed_is_exit_2_before_any_training(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr("sys.argv", ["quality_gate.py", "--out", str(tmp_path / "run"), "--eval-seeds", "0", "0"])
+    with pytest.raises(SystemExit) as exc:
+        gate.main()
+    assert exc.value.code == 2 and not (tmp_path / "run").exists()
+    assert capsys.readouterr().err.strip() == "quality_gate: error: --eval-seeds must be distinct noise seeds, got [0, 0]"
