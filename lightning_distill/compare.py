@@ -300,12 +300,20 @@ def compare_methods(
     # each evaluated student's (method, seed, export), keyed by its name in the evaluate run
     owner = {student_key(m.name, s): (m.name, s, p) for m in methods for s, p in m.exports.items()}
     student_steps = {k: list(run_steps[v[0]]) for k, v in owner.items() if v[0] in (run_steps or {})}
-    rows = evaluate_eval_seeds(
-        eval_seeds, Path(out) / "evaluate", teacher, students={k: v[2] for k, v in owner.items()}, steps=steps,
-        teacher_steps=teacher_steps, num_samples=num_samples, student_steps=student_steps, feature_net=feature_net,
-        data=data or settings.get("data") or "digits", image_size=image_size or settings.get("image_size"),
-        channels=settings.get("channels"), cache_dir=cache_dir, device=device, log=log,
-    )
+    from .evaluate import StepCountError
+
+    try:
+        rows = evaluate_eval_seeds(
+            eval_seeds, Path(out) / "evaluate", teacher, students={k: v[2] for k, v in owner.items()}, steps=steps,
+            teacher_steps=teacher_steps, num_samples=num_samples, student_steps=student_steps, feature_net=feature_net,
+            data=data or settings.get("data") or "digits", image_size=image_size or settings.get("image_size"),
+            channels=settings.get("channels"), cache_dir=cache_dir, device=device, log=log,
+        )
+    except StepCountError as err:  # name the --run and seed, not the evaluate run's internal key
+        run, seed, _ = owner.get(err.name, (err.name, None, None))
+        fit = ",".join(str(s) for s in range(1, err.max_steps + 1))
+        raise ValueError(f"--run {run}" + ("" if seed is None else f" seed {seed}") + f" samples with at most "
+                         f"{err.max_steps} steps; none of {err.steps} fit (e.g. --run-steps {run}={fit})") from None
     per_seed = []
     for row in rows:
         if row["kind"] == "data":

@@ -92,6 +92,14 @@ def _import_class(class_path: str):
         raise ValueError(f"cannot import class {class_path!r} named by the checkpoint ({err})") from err
 
 
+class StepCountError(ValueError):
+    """A student that can sample at none of the step counts asked for (its ``name``, ``max_steps``, ``steps``)."""
+
+    def __init__(self, name: str, max_steps: int, steps) -> None:
+        self.name, self.max_steps, self.steps = name, max_steps, list(steps)
+        super().__init__(f"student {name!r} samples with at most {max_steps} steps; none of {self.steps} fit")
+
+
 def load_checkpoint_model(
     path: str | os.PathLike, teacher: DiffusionTeacher | None = None, class_path: str | None = None, use_ema: bool = True
 ):
@@ -304,7 +312,7 @@ def evaluate_models(
         own = list((student_steps or {}).get(name, steps))
         ok = [s for s in own if sampler.max_steps is None or s <= sampler.max_steps]
         if not ok:
-            raise ValueError(f"student {name!r} samples with at most {sampler.max_steps} steps; none of {own} fit")
+            raise StepCountError(name, sampler.max_steps, own)
         if len(ok) < len(own):
             log(f"{name}: samples with at most {sampler.max_steps} steps (its training grid); "
                 f"skipping steps {[s for s in own if s not in ok]}")

@@ -163,3 +163,34 @@ def test_errors_are_one_line_and_nothing_is_written(setup, tmp_path, monkeypatch
     line = _one_line_error(["--run", f"a={setup['a']}", "--run-steps", "a=0", "--out", str(out)], monkeypatch, capsys)
     assert "step counts must be positive" in line
     assert not out.exists()
+
+
+def test_a_run_that_cannot_take_the_step_counts_is_named_by_run_and_seed(setup, tmp_path, monkeypatch, capsys):
+    """An LCM export with a 2-point grid asked for 4 steps: the error names the --run and seed and a --run-steps
+    that fits, not the evaluate run's internal student key."""
+    import shutil
+
+    from diffusers import DDIMScheduler, LCMScheduler
+
+    teacher = setup["fx"]["tiny_teacher"]
+    folder = tmp_path / "lcm_student"
+    shutil.copytree(teacher, folder)
+    cfg = DDIMScheduler.from_pretrained(folder, subfolder="scheduler").config
+    keys = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas")
+    LCMScheduler(**{k: cfg[k] for k in keys}, prediction_type=cfg["prediction_type"],
+                 original_inference_steps=2).save_pretrained(folder / "scheduler")
+    index = json.loads((folder / "model_index.json").read_text())
+    index["scheduler"] = ["diffusers", "LCMScheduler"]
+    (folder / "model_index.json").write_text(json.dumps(index))
+    report = _seeds_report(tmp_path / "cd", teacher, {5: folder})
+    # the export is loaded (diffusers' loading bar on stderr) before its grid is known: the error is the last line
+    monkeypatch.delenv("LIGHTNING_DISTILL_TRACEBACK", raising=False)
+    monkeypatch.setattr("sys.argv", ["compare", "--run", f"cd={report}", "--steps", "4", "--out", str(tmp_path / "out"),
+                                     "--feature-net", str(setup["feat"]), "--device", "cpu"])
+    with pytest.raises(SystemExit) as exc:
+        compare._entry()
+    assert exc.value.code == 2
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert line.startswith("compare: error: ValueError: ")
+    assert "--run cd seed 5 samples with at most 2 steps; none of [4] fit (e.g. --run-steps cd=1,2)" in line
+    assert "cd_seed" not in line
