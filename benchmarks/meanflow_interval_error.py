@@ -27,16 +27,16 @@ from lightning_distill.methods.meanflow import average_velocity, flow_velocity
 
 
 def teacher_trajectory(den, z_top: torch.Tensor, t_max: float, ode_steps: int) -> tuple[torch.Tensor, list]:
-    """(grid, states): Heun's method in flow time from t_max to 0 on a uniform grid of ``ode_steps`` steps."""
+    """(grid, states): Heun's method in flow time from t_max to 0 on a uniform grid of ``ode_steps`` steps; the
+    last step is Euler's, so that the teacher is never called at t = 0 (the clean end, outside its training)."""
     grid = torch.linspace(t_max, 0.0, ode_steps + 1, dtype=torch.float64)
-    z, states = z_top, [z_top]
-    n = z.shape[0]
+    z, states, n = z_top, [z_top], z_top.shape[0]
     for k in range(ode_steps):
-        t, s = grid[k].float().expand(n), grid[k + 1].float().expand(n)
-        v = flow_velocity(den, z, t).float()
-        z_euler = z + (grid[k + 1] - grid[k]).item() * v
-        v_next = flow_velocity(den, z_euler, s).float() if k < ode_steps - 1 else v
-        z = z + (grid[k + 1] - grid[k]).item() * 0.5 * (v + v_next)
+        h = float(grid[k + 1] - grid[k])
+        v = flow_velocity(den, z, grid[k].float().expand(n)).float()
+        last = k == ode_steps - 1
+        v_next = v if last else flow_velocity(den, z + h * v, grid[k + 1].float().expand(n)).float()
+        z = z + h * 0.5 * (v + v_next)
         states.append(z)
     return grid, states
 

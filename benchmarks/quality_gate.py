@@ -129,20 +129,27 @@ def report_fds(results_csv: Path, student_steps: int = 2, teacher_steps: int = 5
     return float(student[0]["fd"]), float(teacher[0]["fd"])
 
 
+def saved_config(run_dir: Path) -> tuple[Path, dict]:
+    """The job's saved, resolved ``config.yaml`` (path and contents)."""
+    import yaml
+
+    from lightning_distill.seeds import saved_run_config
+
+    saved = saved_run_config(run_dir)
+    if saved is None:
+        raise GateError(f"no config.yaml saved under {run_dir}: the job did not start")
+    return saved, yaml.safe_load(saved.read_text())
+
+
 def averaged_fds(run_dir: Path, eval_seeds: Sequence[int], student_steps: int = 2, teacher_steps: int = 50,
                  cache_dir: str | None = None) -> tuple[float, float, list[dict]]:
     """(student FD, teacher FD, rows): the run's export and its teacher scored by the evaluate protocol at each
     evaluation seed, with the report's sample count and feature network; each FD the mean over the seeds."""
     import statistics
 
-    import yaml
+    from lightning_distill.seeds import callback_arg, evaluate_eval_seeds, export_dir
 
-    from lightning_distill.seeds import callback_arg, evaluate_eval_seeds, export_dir, saved_run_config
-
-    saved = saved_run_config(run_dir)
-    if saved is None:
-        raise GateError(f"no config.yaml saved under {run_dir}: the job did not start")
-    cfg = yaml.safe_load(saved.read_text())
+    _, cfg = saved_config(run_dir)
     data = cfg.get("data") or {}
     export = export_dir(cfg, run_dir)
     if not (export / "model_index.json").is_file():
@@ -165,14 +172,10 @@ def averaged_fds(run_dir: Path, eval_seeds: Sequence[int], student_steps: int = 
 
 def report_csv(run_dir: Path) -> Path:
     """The ``results.csv`` of the run's ``DistillationReport`` (its ``out_dir`` from the saved, resolved config)."""
-    from lightning_distill.seeds import callback_arg, saved_run_config
+    from lightning_distill.seeds import callback_arg
 
-    import yaml
-
-    saved = saved_run_config(run_dir)
-    if saved is None:
-        raise GateError(f"no config.yaml saved under {run_dir}: the job did not start")
-    out_dir = callback_arg(yaml.safe_load(saved.read_text()), "DistillationReport", "out_dir")
+    saved, cfg = saved_config(run_dir)
+    out_dir = callback_arg(cfg, "DistillationReport", "out_dir")
     if out_dir is None:
         raise GateError(f"the config ({saved}) has no lightning_distill.callbacks.DistillationReport callback to score the student")
     return Path(out_dir) / "results.csv"
@@ -213,9 +216,10 @@ def run_gate(argv: Sequence[str] | None = None) -> GateResult:
     csv_path = report_csv(out)
     if not csv_path.is_file() or csv_path.stat().st_mtime < started:
         raise GateError(f"the job wrote no new report at {csv_path}")
-    student_fd, teacher_fd = report_fds(csv_path)
-    scored = {"report": str(csv_path), "eval_seeds": [0]}
-    if a.eval_seeds is not None:
+    if a.eval_seeds is None:  # the job's own report
+        student_fd, teacher_fd = report_fds(csv_path)
+        scored = {"report": str(csv_path), "eval_seeds": [0]}
+    else:
         student_fd, teacher_fd, rows = averaged_fds(out, a.eval_seeds, cache_dir=a.cache_dir)
         scored = {"report": str(out / "gate_eval"), "eval_seeds": list(a.eval_seeds),
                   "per_eval_seed": [{k: r[k] for k in ("model", "kind", "steps", "fd", "seed")} for r in rows]}

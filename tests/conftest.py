@@ -54,6 +54,25 @@ def write_tiny_teacher(
     return path
 
 
+def write_lcm_student(teacher_dir, path, original_inference_steps: int = 2):
+    """A copy of a tiny VP teacher folder whose scheduler is an ``LCMScheduler`` with a grid of
+    ``original_inference_steps`` (what a CD / ADD / DMD2 export is): it samples with at most that many steps."""
+    import json
+    import shutil
+
+    from diffusers import DDIMScheduler, LCMScheduler
+
+    shutil.copytree(teacher_dir, path)
+    cfg = DDIMScheduler.from_pretrained(path, subfolder="scheduler").config
+    keys = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas")
+    LCMScheduler(**{k: cfg[k] for k in keys}, prediction_type=cfg["prediction_type"],
+                 original_inference_steps=original_inference_steps).save_pretrained(path / "scheduler")
+    index = json.loads((path / "model_index.json").read_text())
+    index["scheduler"] = ["diffusers", "LCMScheduler"]
+    (path / "model_index.json").write_text(json.dumps(index))
+    return path
+
+
 def write_tiny_flow_teacher(path, sample_size: int = 8, channels: int = 1, num_train_timesteps: int = 1000,
                             shift: float = 1.0, num_class_embeds: int | None = None, **scheduler_kwargs):
     """Save a randomly initialised tiny UNet2DModel + FlowMatchEulerDiscreteScheduler (a flow-matching

@@ -16,7 +16,7 @@ from lightning_distill.evaluate import evaluate_models
 from lightning_distill.feature_net import DigitsFeatureNet, save_feature_net
 
 from _method_configs import write_fixtures
-from conftest import one_line_error
+from conftest import one_line_error, write_lcm_student
 
 
 def _read(path: Path) -> list[dict]:
@@ -168,20 +168,8 @@ def test_errors_are_one_line_and_nothing_is_written(setup, tmp_path, monkeypatch
 def test_a_run_that_cannot_take_the_step_counts_is_named_by_run_and_seed(setup, tmp_path, monkeypatch, capsys):
     """An LCM export with a 2-point grid asked for 4 steps: the error names the --run and seed and a --run-steps
     that fits, not the evaluate run's internal student key."""
-    import shutil
-
-    from diffusers import DDIMScheduler, LCMScheduler
-
     teacher = setup["fx"]["tiny_teacher"]
-    folder = tmp_path / "lcm_student"
-    shutil.copytree(teacher, folder)
-    cfg = DDIMScheduler.from_pretrained(folder, subfolder="scheduler").config
-    keys = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas")
-    LCMScheduler(**{k: cfg[k] for k in keys}, prediction_type=cfg["prediction_type"],
-                 original_inference_steps=2).save_pretrained(folder / "scheduler")
-    index = json.loads((folder / "model_index.json").read_text())
-    index["scheduler"] = ["diffusers", "LCMScheduler"]
-    (folder / "model_index.json").write_text(json.dumps(index))
+    folder = write_lcm_student(teacher, tmp_path / "lcm_student", original_inference_steps=2)
     report = _seeds_report(tmp_path / "cd", teacher, {5: folder})
     # the export is loaded (diffusers' loading bar on stderr) before its grid is known: the error is the last line
     monkeypatch.delenv("LIGHTNING_DISTILL_TRACEBACK", raising=False)

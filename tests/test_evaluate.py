@@ -216,22 +216,10 @@ def test_missing_student_fails_before_reference_features(tmp_path, monkeypatch):
 
 def test_step_counts_beyond_an_lcm_students_grid_are_skipped_or_rejected(tmp_path, tiny_teacher_dir):
     """An LCMScheduler student (CD / ADD / DMD2 export) samples with at most original_inference_steps."""
-    import json
-    import shutil
-
-    from diffusers import DDIMScheduler, LCMScheduler
-
+    from conftest import write_lcm_student
     from lightning_distill import evaluate
 
-    folder = tmp_path / "lcm_student"
-    shutil.copytree(tiny_teacher_dir, folder)
-    cfg = DDIMScheduler.from_pretrained(folder, subfolder="scheduler").config
-    keys = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas")
-    LCMScheduler(**{k: cfg[k] for k in keys}, prediction_type=cfg["prediction_type"],
-                 original_inference_steps=2).save_pretrained(folder / "scheduler")
-    index = json.loads((folder / "model_index.json").read_text())
-    index["scheduler"] = ["diffusers", "LCMScheduler"]
-    (folder / "model_index.json").write_text(json.dumps(index))
+    folder = write_lcm_student(tiny_teacher_dir, tmp_path / "lcm_student", original_inference_steps=2)
 
     logs: list[str] = []
     common = dict(image_size=8, num_samples=6, feature_net=save_feature_net(tiny_net(), tmp_path / "feat"),
