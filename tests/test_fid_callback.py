@@ -56,16 +56,18 @@ def np_kid(real: np.ndarray, fake: np.ndarray, subsets: int, subset_size: int, s
 
 
 @torch.no_grad()
-def independent_scores(model, denoiser, net, reference_images, fid: FIDCallback, steps: int) -> dict[str, float]:
-    """FD and KID of ``denoiser``'s samples at ``steps`` steps, recomputed outside the library's metric code."""
+def independent_scores(model, denoiser, net, reference_images, fid: FIDCallback, steps: int, seed: int | None = None) -> dict[str, float]:
+    """FD and KID of ``denoiser``'s samples at ``steps`` steps with evaluation noise ``seed`` (default: the
+    callback's first), recomputed outside the library's metric code."""
+    seed = fid.seed if seed is None else seed
     net = net.eval()
     fake = []
     for c, (a, b) in enumerate(chunk_bounds(fid.num_samples, fid.chunk_size)):
-        x = model.sample(b - a, steps, torch.Generator().manual_seed(chunk_seed(fid.seed, c)), denoiser=denoiser)
+        x = model.sample(b - a, steps, torch.Generator().manual_seed(chunk_seed(seed, c)), denoiser=denoiser)
         fake.append(net(x).double().numpy())
     fake = np.concatenate(fake)
     real = net(reference_images).double().numpy()
-    return {"fid": np_fd(real, fake), "kid": np_kid(real, fake, fid.kid_subsets, fid.kid_subset_size, fid.seed)}
+    return {"fid": np_fd(real, fake), "kid": np_kid(real, fake, fid.kid_subsets, fid.kid_subset_size, seed)}
 
 
 def test_logged_fd_and_kid_equal_an_independent_computation(tmp_path):
@@ -96,6 +98,33 @@ def test_logged_fd_and_kid_equal_an_independent_computation(tmp_path):
         raw = independent_scores(model, model.student, fid.feature_net, dm.train_images(), fid, s)
         assert logged[f"fid/digits-feat/{s}step/n14"] != pytest.approx(raw["fid"], rel=1e-6), \
             "the logged FD is the raw student's, not the EMA copy's"
+
+
+def test_several_seeds_log_the_mean_over_them(tmp_path):
+    """seed=[3, 5]: each logged metric is the mean of the two single-seed computations, and differs from
+    either alone (so the check can tell the mean from one seed's value)."""
+    fid = FIDCallback(every_n_steps=0, num_samples=10, steps=[2], feature_net=tiny_net(), kid_subsets=3,
+                      kid_subset_size=4, chunk_size=4, seed=[3, 5], cache_dir=str(tmp_path / "cache"))
+    logger = MemoryLogger()
+    L.seed_everything(0)
+    model = DiffusionTraining(unet=make_tiny_unet(8), sample_steps=2, optimizer=lambda p: torch.optim.Adam(p, lr=1e-2))
+    dm = TeacherDataModule(teacher=None, image_size=8, batch_size=8)
+    trainer = L.Trainer(max_steps=1, logger=logger, callbacks=[fid], enable_checkpointing=False,
+                        default_root_dir=tmp_path, limit_val_batches=0, enable_progress_bar=False,
+                        enable_model_summary=False, accelerator="cpu")
+    trainer.fit(model, dm)
+    (logged,) = [m for _, m in logger.logged if any(k.startswith("fid/") for k in m)]
+    each = [independent_scores(model, model.student, fid.feature_net, dm.train_images(), fid, 2, seed) for seed in (3, 5)]
+    for metric in ("fid", "kid"):
+        got = logged[f"{metric}/digits-feat/2step/n10"]
+        assert got == pytest.approx((each[0][metric] + each[1][metric]) / 2, rel=1e-6, abs=1e-9), metric
+        assert all(got != pytest.approx(e[metric], rel=1e-3) for e in each), f"{metric} is one seed's value"
+
+
+@pytest.mark.parametrize("seed", [[], [1, 1]])
+def test_seed_list_must_be_distinct_and_non_empty(seed):
+    with pytest.raises(ValueError, match="distinct"):
+        FIDCallback(seed=seed)
 
 
 def test_evaluations_leave_training_random_stream_untouched(tmp_path, monkeypatch):
