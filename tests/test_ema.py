@@ -119,3 +119,23 @@ def test_resume_continues_the_average(tmp_path, accumulate):
     assert int(resumed.averaged.n_averaged) == int(full.averaged.n_averaged) == 4
     for got, want in zip(averaged(resumed, model), averaged(full, model)):
         torch.testing.assert_close(got, want)
+
+
+def test_posthoc_average_of_snapshots_reproduces_the_callback(tmp_path):
+    """benchmarks/posthoc_ema.py: its ``cur`` profile over per-step snapshots equals the EMA callback's average
+    (decay 0.995 with warm-up), and its ``raw`` profile is the last weights."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from posthoc_ema import Snapshots, average_snapshots, profile_weights
+
+    ema = EMA(decay=0.995, warmup=True)
+    model = fit(tmp_path, ema, 5, callbacks=[Snapshots(str(tmp_path / "snaps"), every=1)])
+    got = average_snapshots(tmp_path / "snaps", "cur", prefix="")
+    for (name, p), want in zip([*model.student.named_parameters(), ("seen", None)], averaged(ema, model)):
+        torch.testing.assert_close(got[name], want, msg=name)
+    raw = average_snapshots(tmp_path / "snaps", "raw", prefix="")
+    torch.testing.assert_close(raw["weight"], model.student.weight.detach())
+    for profile in ("cur", "pow2", "last3"):
+        assert sum(profile_weights(profile, 5)) == pytest.approx(1.0)
