@@ -27,6 +27,8 @@ from pathlib import Path
 import lightning as L
 import torch
 
+from lightning_distill.callbacks.ema import ema_decay
+
 PROFILES = ("cur", "raw", "pow2", "pow4", "pow16", "last200", "last400")
 
 
@@ -57,8 +59,8 @@ def profile_weights(name: str, num_steps: int) -> list[float]:
     steps = range(1, num_steps + 1)
     if name == "raw":
         return [0.0] * (num_steps - 1) + [1.0]
-    if name == "cur":  # update n sees k = n - 1 earlier updates: decay min(0.995, (1 + k) / (10 + k))
-        return exponential_weights([min(0.995, n / (9 + n)) for n in steps])
+    if name == "cur":  # the EMA callback's default schedule; update n follows k = n - 1 earlier updates
+        return exponential_weights([ema_decay(n - 1, 0.995, warmup=True) for n in steps])
     if name.startswith("pow"):
         g = float(name[3:])
         return exponential_weights([(1 - 1 / n) ** (g + 1) for n in steps])
@@ -79,7 +81,7 @@ def average_snapshots(snap_dir: Path, name: str, prefix: str = "unet.") -> dict[
     for f, s in zip(files, steps):
         w = sum(c[n - 1] for n in range(s - every + 1, s + 1))
         if w:
-            sd = torch.load(f, weights_only=True)
+            sd = final if f == files[-1] else torch.load(f, weights_only=True)
             for k in acc:
                 acc[k] += w * sd[k].double()
     out = {k: acc[k].to(v.dtype) if k in acc else v for k, v in final.items()}

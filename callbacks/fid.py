@@ -132,7 +132,6 @@ class FIDCallback(L.Callback):
         self.seeds = [int(x) for x in seed] if isinstance(seed, (list, tuple)) else [int(seed)]
         if not self.seeds or len(set(self.seeds)) < len(self.seeds):
             raise ConfigError(f"FIDCallback: seed must be an int or a non-empty list of distinct ints, got {seed!r}")
-        self.seed = self.seeds[0]
         self.chunk_size = chunk_size
         self.cache_dir = cache_dir
         self.tag_format = tag_format
@@ -143,6 +142,11 @@ class FIDCallback(L.Callback):
         self.teacher_metrics: dict[str, float] = {}
         self.last_metrics: dict[str, float] = {}
         self._layout_written = False
+
+    @property
+    def seed(self) -> int:
+        """The first evaluation seed (the only one unless ``seed`` was given a list)."""
+        return self.seeds[0]
 
     # --- the one small override hook -----------------------------------------------------------
 
