@@ -20,12 +20,14 @@ import sys
 from pathlib import Path
 
 from lightning_distill.evaluate import evaluate_models
+from lightning_distill.teacher import load_teacher
 
 
 def teacher_fd_by_seed(teacher: str, seeds: list[int], steps: int, num_samples: int, cache_dir: str | None) -> dict:
     fd = {}
+    loaded = load_teacher(teacher)  # once, not once per seed
     for e in seeds:
-        rows = evaluate_models(teacher=teacher, students=None, teacher_steps=[steps], num_samples=num_samples, seed=e,
+        rows = evaluate_models(teacher=loaded, students=None, teacher_steps=[steps], num_samples=num_samples, seed=e,
                                real_baseline=False, cache_dir=cache_dir)
         fd[e] = rows[0]["fd"]
         protocol = {k: rows[0][k] for k in ("num_samples", "feature_net", "reference")}
