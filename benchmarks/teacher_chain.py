@@ -23,7 +23,7 @@ import torch
 
 from lightning_distill.evaluate import reference_images
 from lightning_distill.methods.consistency import skipped_timesteps, solve_ode
-from lightning_distill.metrics import frechet_distance, gaussian_stats, generated_features, get_feature_net, reference_stats
+from lightning_distill.metrics import feature_net_name, generated_features, get_feature_net, reference_stats, score_features
 from lightning_distill.sampling import lcm_training_timesteps
 from lightning_distill.teacher import load_teacher
 
@@ -69,9 +69,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
         n_grid, substeps = (int(v) for v in spec.split(":"))
         feats = generated_features(chain_sampler(teacher, n_grid, substeps, a.solver), net, a.num_samples, a.eval_seed,
                                    250, None, device="cpu")
-        fd = frechet_distance(*gaussian_stats(feats), ref.mu, ref.sigma)
+        fd = score_features(feats, ref, kid=False).fd
         rows.append(dict(grid=n_grid, substeps=substeps, solver=a.solver, fd=fd, num_samples=a.num_samples,
-                         eval_seed=a.eval_seed, feature_net="digits", reference=f"digits train split ({ref.num_images} images)"))
+                         eval_seed=a.eval_seed, feature_net=feature_net_name(net), reference=f"digits train split ({ref.num_images} images)"))
         print(f"grid {n_grid}, {substeps} {a.solver} substep(s): chain FD {fd:.4f}", flush=True)
     if a.out:
         a.out.parent.mkdir(parents=True, exist_ok=True)
