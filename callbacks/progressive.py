@@ -11,6 +11,7 @@ round. When the round of the ``final_steps`` student ends, it sets ``trainer.sho
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import Any
 
 import lightning as L
@@ -27,8 +28,10 @@ class TeacherSwap(L.Callback):
     ``promote_student()`` (:class:`~lightning_distill.methods.progressive.ProgressiveDistillation`).
 
     Args:
-        steps_per_round: optimiser steps per round (also the length of the per-round LR annealing).
-            None: rounds end only on a plateau.
+        steps_per_round: optimiser steps per round (also the length of the per-round LR annealing):
+            one count for every round, or a list with one count per round of this run, from the method's
+            ``num_student_steps`` down to ``final_steps`` (e.g. ``[500, 500, 1500, 1500]`` for 32 -> 4:
+            longer late rounds, where each halving costs the most). None: rounds end only on a plateau.
         final_steps: the student's step count at which training stops (after that student's round).
             Must be reachable from the method's ``num_student_steps`` by halving, checked at setup.
         plateau_patience: also end a round when the smoothed training loss has not improved by a
@@ -40,12 +43,13 @@ class TeacherSwap(L.Callback):
     Example::
 
         >>> swap = TeacherSwap(steps_per_round=800, final_steps=1)
+        >>> longer_late = TeacherSwap(steps_per_round=[500, 500, 1500, 1500], final_steps=4)  # 32 -> 4 steps
         >>> trainer = L.Trainer(max_epochs=-1, callbacks=[swap, EMA(decay=0.995)])
     """
 
     def __init__(
         self,
-        steps_per_round: int | None = 1000,
+        steps_per_round: int | list[int] | None = 1000,
         final_steps: int = 1,
         plateau_patience: int | None = None,
         plateau_min_delta: float = 0.01,
@@ -54,8 +58,9 @@ class TeacherSwap(L.Callback):
     ) -> None:
         if steps_per_round is None and plateau_patience is None:
             raise ConfigError("TeacherSwap needs steps_per_round, plateau_patience, or both")
-        if steps_per_round is not None and steps_per_round < 1:
-            raise ConfigError(f"steps_per_round must be >= 1, got {steps_per_round}")
+        counts = list(steps_per_round) if isinstance(steps_per_round, Sequence) else [steps_per_round]
+        if steps_per_round is not None and (not counts or any(c is None or c < 1 for c in counts)):
+            raise ConfigError(f"steps_per_round must be >= 1 (one count, or a non-empty list of counts), got {steps_per_round}")
         if plateau_patience is not None and plateau_patience < 1:
             raise ConfigError(f"plateau_patience must be >= 1, got {plateau_patience}")
         if not 0.0 <= plateau_min_delta <= 1.0:
@@ -64,7 +69,7 @@ class TeacherSwap(L.Callback):
             raise ConfigError(f"plateau_smoothing must lie in [0, 1), got {plateau_smoothing}")
         if final_steps < 1:
             raise ConfigError(f"final_steps must be >= 1, got {final_steps}")
-        self.steps_per_round = steps_per_round
+        self.steps_per_round = counts if isinstance(steps_per_round, Sequence) else steps_per_round
         self.final_steps = final_steps
         self.plateau_patience = plateau_patience
         self.plateau_min_delta = plateau_min_delta
@@ -79,12 +84,19 @@ class TeacherSwap(L.Callback):
         self._reset_plateau()
         self._loaded = False
 
+    def round_steps(self, round_index: int) -> int | None:
+        """The step budget of round ``round_index`` of this run (None: the round ends on a plateau)."""
+        if isinstance(self.steps_per_round, list):
+            return self.steps_per_round[round_index]
+        return self.steps_per_round
+
     # --- the one small override hook ---------------------------------------------------------------
 
     def should_end_round(self, trainer: L.Trainer, pl_module: L.LightningModule) -> bool:
         """True when the current round is over (step budget spent, or loss plateau)."""
         steps = trainer.global_step - self.round_start_step
-        if self.steps_per_round is not None and steps >= self.steps_per_round:
+        budget = self.round_steps(self.round)
+        if budget is not None and steps >= budget:
             return True
         if self.plateau_patience is not None and steps >= self.min_steps_per_round:
             return self._plateau_steps >= self.plateau_patience
@@ -117,17 +129,26 @@ class TeacherSwap(L.Callback):
         if missing:
             raise ConfigError(f"TeacherSwap needs a progressive-distillation module; {type(pl_module).__name__} lacks {missing}")
 
-    def _check_reachable(self, start_steps: int) -> None:
-        check_halving(start_steps, self.final_steps)  # raises ConfigError naming both step counts
+    def _check_reachable(self, start_steps: int) -> int:
+        return check_halving(start_steps, self.final_steps)  # raises ConfigError naming both step counts
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
         self._check_module(pl_module)
         # Before any training step (and before a checkpoint is restored: the configured start count).
-        self._check_reachable(pl_module.num_student_steps)
+        rounds = self._check_reachable(pl_module.num_student_steps) + 1
+        if isinstance(self.steps_per_round, list) and len(self.steps_per_round) != rounds:
+            raise ConfigError(
+                f"steps_per_round lists {len(self.steps_per_round)} rounds, but {pl_module.num_student_steps} -> "
+                f"{self.final_steps} student steps takes {rounds}: give one count per round, or one count for all"
+            )
         # The method's configure_optimizers anneals the rate over this many steps (after every reset).
-        pl_module.round_length = self.steps_per_round
+        pl_module.round_length = self.round_steps(pl_module.round_index)
+
+    def on_load_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
+        # The module's round is restored by now (restore_model runs before the callbacks): anneal over its budget.
+        pl_module.round_length = self.round_steps(pl_module.round_index)
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self._loaded:
@@ -173,6 +194,7 @@ class TeacherSwap(L.Callback):
         self.num_student_steps = pl_module.num_student_steps
         self.round_start_step = trainer.global_step
         self._reset_plateau()
+        pl_module.round_length = self.round_steps(self.round)
         # Fresh optimiser state and a fresh (round-local) LR schedule, as in the paper.
         trainer.strategy.setup_optimizers(trainer)
         for cb in trainer.callbacks:

@@ -361,15 +361,16 @@ class Probe(L.Callback):
         )
 
 
-def _progressive_run(teacher_dir, root, ckpt_path=None, max_steps=1000, probe=None):
-    """4 -> 2 -> 1 steps, 3 optimiser steps per round, on a tiny UNet teacher; checkpoint every step."""
+def _progressive_run(teacher_dir, root, ckpt_path=None, max_steps=1000, probe=None, steps_per_round=3):
+    """4 -> 2 -> 1 steps, 3 optimiser steps per round (or ``steps_per_round``), on a tiny UNet teacher;
+    checkpoint every step."""
     from lightning.pytorch.callbacks import ModelCheckpoint
 
     teacher = load_teacher(str(teacher_dir))
     model = ProgressiveDistillation(teacher, num_student_steps=4, optimizer=lambda p: torch.optim.Adam(p, lr=1e-3))
     x = torch.rand(8, 1, 8, 8, generator=torch.Generator().manual_seed(6)) * 2 - 1
     ckpt = ModelCheckpoint(dirpath=root / "ckpt", filename="{step}", every_n_train_steps=1, save_top_k=-1)
-    swap = TeacherSwap(steps_per_round=3, final_steps=1)
+    swap = TeacherSwap(steps_per_round=steps_per_round, final_steps=1)
     ema = EMA(decay=0.9)
     callbacks = [swap, ema, ckpt] + ([probe] if probe else [])
     trainer = _trainer(callbacks, root, max_steps=max_steps, enable_checkpointing=True)
@@ -449,6 +450,37 @@ def test_kill_mid_round_3_and_resume_equals_uninterrupted(uninterrupted, tmp_pat
         k: ref[k] for k in ("round", "num_student_steps", "round_start_step", "finished")
     }
     assert trainer.optimizers[0].param_groups[0]["lr"] == pytest.approx(run.trainer.optimizers[0].param_groups[0]["lr"])
+
+
+def test_per_round_step_budgets_end_rounds_anneal_and_resume(tmp_path):
+    """steps_per_round=[2, 3, 4]: rounds end at steps 2, 5 and 9, each anneals its rate over its own
+    budget, and a resume inside the last round (restored after the method's round) keeps that budget."""
+    teacher_dir = write_tiny_teacher(tmp_path / "teacher")
+    probe = Probe()
+    trainer, model, swap, ema = _progressive_run(teacher_dir, tmp_path / "full", probe=probe, steps_per_round=[2, 3, 4])
+    rows = {r["step"]: r for r in probe.rows}
+    assert trainer.global_step == 9 and swap.finished
+    assert [rows[k]["n"] for k in range(1, 10)] == [4, 2, 2, 2, 1, 1, 1, 1, 1]
+    assert [rows[k]["lr"] / 1e-3 for k in range(1, 10)] == pytest.approx([1 / 2, 1, 2 / 3, 1 / 3, 1, 3 / 4, 2 / 4, 1 / 4, 0])
+    ckpt = tmp_path / "full" / "ckpt" / "step=6.ckpt"  # one step into the 4-step round
+    probe2 = Probe()
+    trainer2, model2, swap2, ema2 = _progressive_run(
+        teacher_dir, tmp_path / "resumed", ckpt_path=str(ckpt), probe=probe2, steps_per_round=[2, 3, 4]
+    )
+    assert trainer2.global_step == 9 and swap2.finished and model2.round_length == 4
+    assert [r["lr"] / 1e-3 for r in probe2.rows] == pytest.approx([2 / 4, 1 / 4, 0])
+    for k, v in model.student.state_dict().items():
+        torch.testing.assert_close(model2.student.state_dict()[k], v, msg=k)
+
+
+def test_per_round_step_budgets_must_match_the_rounds(tmp_path):
+    model = ProgressiveDistillation(gaussian_teacher(), student=AffineNet(), num_student_steps=8)
+    trainer = _trainer([TeacherSwap(steps_per_round=[100, 100], final_steps=2)], tmp_path)
+    with pytest.raises(ValueError, match=r"steps_per_round lists 2 rounds, but 8 -> 2 student steps takes 3"):
+        trainer.fit(model, FixedBatches(torch.zeros(4, 1, 4, 4)))
+    assert trainer.global_step == 0
+    with pytest.raises(ValueError, match=r"steps_per_round must be >= 1 .*got \[100, 0\]"):
+        TeacherSwap(steps_per_round=[100, 0])
 
 
 def test_unreachable_final_steps_fails_before_training(tmp_path):

@@ -272,9 +272,10 @@ class ProgressiveDistillation(TextToImageMixin, DistillationMethod):
         opt = self.optimizer_factory(self.trainable_parameters())
         if not self.round_length:  # rounds that end on a plateau have no length to anneal over
             return opt
-        length = self.round_length
         # A fresh LambdaLR per round: its step counter is the round-local step (reset with the optimiser).
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: round_lr_factor(step, length))
+        # The length is read at each step, so a resume that restores the round after this call (strategies
+        # that restore after setup) still anneals over the restored round's budget (TeacherSwap sets it).
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: round_lr_factor(step, self.round_length))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
     def _promoted_teacher(self, unet: nn.Module, prediction_type: str, clip_x0: float | None) -> DiffusionTeacher:
