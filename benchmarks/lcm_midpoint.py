@@ -55,7 +55,7 @@ def main(argv: list[str] | None = None) -> dict:
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
     net = get_feature_net("digits")
-    rows = []
+    rows, refs = [], {}
     for folder in a.students:
         unet, sched, _ = load_pipeline_folder(folder)
         if type(sched).__name__ != "LCMScheduler":
@@ -64,8 +64,11 @@ def main(argv: list[str] | None = None) -> dict:
         grid = lcm_training_timesteps(T, n_grid).tolist()
         sched.set_timesteps(2)
         default = int(sched.timesteps[-1])
-        images, _ = reference_images("digits", backbones.sample_shape(unet)[-1], "train", 0, 0.1, None)
-        ref = reference_stats(images, net, None, device="cpu")
+        size = backbones.sample_shape(unet)[-1]
+        if size not in refs:  # one reference per image size, not one per student
+            images, _ = reference_images("digits", size, "train", 0, 0.1, None)
+            refs[size] = reference_stats(images, net, None, device="cpu")
+        ref = refs[size]
         for m in a.midpoints or grid[:-1]:
             feats = generated_features(two_step_sampler(unet, sched, m), net, a.num_samples, a.eval_seed, 250, None,
                                        device="cpu")
