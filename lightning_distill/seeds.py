@@ -24,6 +24,9 @@ student), the digits train split as the reference. ``--eval-seeds 0 1 2`` repeat
 noise seed and averages every FD over them (a teacher's FD-digits at 2,000 samples moves by up to 2x between
 noise seeds; ``benchmarks/results/eval_noise``). ``--skip-train`` only evaluates: it summarises runs
 trained elsewhere, laid out as ``OUT/seed_S`` (a ``lightning-distill fit`` run folder with its export).
+``--resume`` continues an interrupted runner in the same ``--out`` (a run longer than a session, a killed
+machine): a seed whose export exists is not trained again, a seed with a ``last.ckpt`` continues from it
+(``--ckpt_path``, the exact kill-and-resume of every method), the others train from the start.
 
 Writes to ``--out``: ``results.md`` (median [min, max] per model and step count, the per-seed values and
 the protocol), ``results.csv`` (the summary), ``per_seed.csv`` (every seed's value), ``fd_vs_steps.png``
@@ -196,37 +199,62 @@ def _last_line(path: Path) -> str:
     return lines[-1] if lines else "no output"
 
 
+def last_checkpoint(run_dir: Path) -> Path | None:
+    """The newest ``last*.ckpt`` under ``run_dir`` (``ModelCheckpoint(save_last=True)``'s), or None."""
+    found = [p for p in Path(run_dir).rglob("last*.ckpt") if p.is_file()]
+    return max(found, key=lambda p: p.stat().st_mtime) if found else None
+
+
 def train_seeds(
     config: Path, seeds: Sequence[int], out: Path, overrides: Sequence[str] = (), jobs: int = 1,
-    log: Callable[[str], None] = print,
-) -> None:
+    log: Callable[[str], None] = print, resume: bool = False,
+) -> dict[int, str]:
     """Train every seed with the CLI, ``jobs`` processes at a time; output to ``out/seed_S/train.log``.
+
+    With ``resume``, a seed whose export already exists is left as it is, and a seed with a last checkpoint
+    continues from it (its log appended to); the others train from the start.
+
+    Returns:
+        Per seed, what was done: ``"trained"``, ``"resumed from <last.ckpt>"`` or ``"kept (export exists)"``.
 
     Raises:
         TrainingFailed: a seed's training failed; names the seed, its exit status, the log's last line and the log.
     """
-    seed_arg = model_accepts_seed(preset_config(config, overrides))
+    preset = preset_config(config, overrides)
+    seed_arg = model_accepts_seed(preset)
     env = dict(os.environ)
     if jobs > 1:  # N processes on N cores: one thread each, else they oversubscribe the CPU
         env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
 
-    def one(seed: int) -> tuple[int, int, Path]:
+    def one(seed: int) -> tuple[int, int, Path, str]:
         run_dir = out / f"seed_{seed}"
         run_dir.mkdir(parents=True, exist_ok=True)
         cmd = [sys.executable, "-m", "lightning_distill", *train_command(config, seed, run_dir, overrides, seed_arg)]
-        log(f"seed {seed}: training -> {run_dir} (log: {run_dir / 'train.log'})")
-        with open(run_dir / "train.log", "w") as f:
+        done, mode = "trained", "w"
+        if resume:
+            if (export_dir(preset, run_dir) / "model_index.json").is_file():
+                log(f"seed {seed}: {export_dir(preset, run_dir)} exists, not trained again (--resume)")
+                return seed, 0, run_dir / "train.log", "kept (export exists)"
+            if (ckpt := last_checkpoint(run_dir)) is not None:
+                cmd += ["--ckpt_path", str(ckpt)]
+                done, mode = f"resumed from {ckpt}", "a"
+        log(f"seed {seed}: {'training' if mode == 'w' else done} -> {run_dir} (log: {run_dir / 'train.log'})")
+        with open(run_dir / "train.log", mode) as f:
+            if mode == "a":
+                f.write(f"\n--- resumed by the seeds runner: {shlex.join(cmd)}\n")
+                f.flush()
             rc = subprocess.run(cmd, env=env, stdout=f, stderr=subprocess.STDOUT).returncode
         log(f"seed {seed}: training {'done' if rc == 0 else f'failed (exit {rc})'}")
-        return seed, rc, run_dir / "train.log"
+        return seed, rc, run_dir / "train.log", done
 
     with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
         results = list(pool.map(one, seeds))
-    failed = [(s, rc, p) for s, rc, p in results if rc != 0]
+    failed = [(s, rc, p) for s, rc, p, _ in results if rc != 0]
     if failed:
         s, rc, p = failed[0]
         more = f" ({len(failed) - 1} more seed(s) failed too)" if len(failed) > 1 else ""
         raise TrainingFailed(f"seed {s}: training exited with {rc}: {_last_line(p)} (log: {p}){more}")
+    return {s: done for s, _, _, done in results}
 
 
 def find_runs(config: Path, seeds: Sequence[int], out: Path, overrides: Sequence[str] = ()) -> list[SeedRun]:
@@ -385,7 +413,8 @@ def write_report(out: Path, summary: Sequence[dict], per_seed: Sequence[dict], p
         "",
         f"- Config: `{protocol['config']}`; overrides: `{overrides}`",
         f"- Training seeds: {', '.join(map(str, protocol['seeds']))} "
-        + ("(trained elsewhere; evaluated with `--skip-train`)" if protocol["skip_train"] else "(trained here)"),
+        + ("(trained elsewhere; evaluated with `--skip-train`)" if protocol["skip_train"] else "(trained here"
+           + "".join(f"; seed {k}: {v}" for k, v in protocol.get("training", {}).items() if v != "trained") + ")"),
         f"- Training command per seed: `{protocol['train_command']}`",
         f"- Feature network: **{protocol['feature_net']}** (\"FD-digits\" when it is the bundled digits classifier)",
         f"- Reference set: {protocol['reference']}",
@@ -431,6 +460,7 @@ def run_seeds(
     name: str | None = None,
     command: str | None = None,
     log: Callable[[str], None] | None = None,
+    resume: bool = False,
 ) -> list[dict]:
     """Train (unless ``skip_train``) and evaluate ``config`` once per seed; write the report; return the summary.
 
@@ -447,6 +477,7 @@ def run_seeds(
             (``per_seed.csv`` keeps each evaluation's row).
         name: the students' name in the tables (default: the config's ``method/preset``).
         command: the command line recorded in the protocol.
+        resume: continue an interrupted runner in ``out`` (:func:`train_seeds`); not with ``skip_train``.
 
     Returns:
         The summary rows (``SUMMARY_FIELDS``), one per model and step count.
@@ -468,11 +499,12 @@ def run_seeds(
     eval_seeds = [int(e) for e in eval_seeds]
     if not eval_seeds or len(set(eval_seeds)) != len(eval_seeds):
         raise ValueError(f"--eval-seeds must be distinct noise seeds, got {eval_seeds}")
+    if resume and skip_train:
+        raise ValueError("--resume continues training and --skip-train trains nothing: give one of them")
     out = Path(out) if out is not None else default_out(config)
     name = name or "/".join(config.with_suffix("").parts[-2:])
     out.mkdir(parents=True, exist_ok=True)
-    if not skip_train:
-        train_seeds(config, seeds, out, overrides, jobs, log)
+    training = {} if skip_train else train_seeds(config, seeds, out, overrides, jobs, log, resume)
     runs = find_runs(config, seeds, out, overrides)
 
     # the run's own data settings, except those given again on this command line (a teacher moved since)
@@ -509,6 +541,7 @@ def run_seeds(
     first = per_seed[0]
     protocol = dict(
         config=str(config), overrides=list(overrides), seeds=seeds, skip_train=skip_train,
+        training={str(k): v for k, v in training.items()},
         train_command="lightning-distill " + " ".join(shlex.quote(a) for a in train_command(
             config, "S", out / "seed_S", overrides, model_accepts_seed(preset_config(config, overrides)))),
         num_samples=first["num_samples"], eval_seeds=eval_seeds, feature_net=first["feature_net"],
@@ -536,6 +569,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "(default runs/seeds/<method>_<preset>)")
     p.add_argument("--jobs", type=int, default=1, help="seeds trained at once, one thread each when above 1")
     p.add_argument("--skip-train", action="store_true", help="only evaluate the exports already in OUT/seed_S")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted runner in OUT: keep the seeds "
+                   "with an export, continue those with a last.ckpt, train the others")
     p.add_argument("--steps", type=int, nargs="+", default=[1, 2, 4, 8], help="student step counts")
     p.add_argument("--teacher-steps", type=int, nargs="*", default=[], help="teacher DDIM step counts (e.g. 50)")
     p.add_argument("--num-samples", type=int, default=2000)
@@ -557,7 +592,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         raise ValueError(f"--jobs must be at least 1, got {a.jobs}")
     summary = run_seeds(
         a.config, a.seeds, a.out, overrides, a.jobs, a.skip_train, a.steps, a.teacher_steps, a.num_samples,
-        a.eval_seeds, a.feature_net, a.cache_dir, a.device, a.name,
+        a.eval_seeds, a.feature_net, a.cache_dir, a.device, a.name, resume=a.resume,
         command="python -m lightning_distill.seeds " + " ".join(shlex.quote(x) for x in argv),
     )
     out = Path(a.out) if a.out else default_out(Path(a.config))

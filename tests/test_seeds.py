@@ -204,3 +204,48 @@ def test_preset_config_overrides_and_export_dir(tmp_path):
     assert seeds.export_dir(saved, tmp_path / "seed_0") == tmp_path / "seed_0" / "student"
     with pytest.raises(ValueError, match="no lightning_distill.callbacks.PipelineExport"):
         seeds.export_dir({"trainer": {"callbacks": []}}, tmp_path)
+
+
+@pytest.mark.slow  # subprocess training runs
+def test_resume_keeps_finished_seeds_and_continues_interrupted_ones_exactly(tmp_path, monkeypatch, capsys):
+    """``--resume``: a seed with an export is kept untouched; a seed with a last.ckpt at step 2 and no export (a
+    run killed after its step-2 checkpoint) continues to step 4 and ends where an uninterrupted run ends."""
+    from safetensors.torch import load_file
+
+    teacher = write_fixtures(tmp_path / "fixtures")["tiny_teacher"]
+    cfg = yaml.safe_load(CONFIG.read_text())
+    cfg["trainer"]["max_steps"] = 4
+    cfg["trainer"]["callbacks"][0]["init_args"]["every_n_train_steps"] = 1  # ModelCheckpoint: last.ckpt every step
+    config = tmp_path / "debug_4.yaml"
+    config.write_text(yaml.safe_dump(cfg))
+    overrides = ["--data.teacher", str(teacher), "--data.image_size", "8"]
+    weights = "student/unet/diffusion_pytorch_model.safetensors"
+    quiet = lambda msg: None  # noqa: E731
+
+    whole, out = tmp_path / "whole", tmp_path / "out"
+    assert seeds.train_seeds(config, [1], whole, overrides, log=quiet) == {1: "trained"}
+    seeds.train_seeds(config, [1], out, [*overrides, "--trainer.max_steps", "2"], log=quiet)
+    shutil.rmtree(out / "seed_1" / "student")  # interrupted: a step-2 checkpoint, no export
+    at_2 = torch.load(out / "seed_1" / "checkpoints" / "last.ckpt", weights_only=False)
+    assert at_2["global_step"] == 2
+
+    # finished: nothing runs, nothing is rewritten
+    kept = {p: p.stat().st_mtime_ns for p in [whole / "seed_1" / weights, whole / "seed_1" / "train.log"]}
+    assert seeds.train_seeds(config, [1], whole, overrides, log=quiet, resume=True) == {1: "kept (export exists)"}
+    assert {p: p.stat().st_mtime_ns for p in kept} == kept
+
+    # interrupted: continues from its last.ckpt, appends to its log, ends equal to the uninterrupted run
+    done = seeds.train_seeds(config, [1], out, overrides, log=quiet, resume=True)
+    assert done[1] == f"resumed from {out / 'seed_1' / 'checkpoints' / 'last.ckpt'}"
+    at_4 = torch.load(out / "seed_1" / "checkpoints" / "last.ckpt", weights_only=False)
+    assert at_4["global_step"] == 4  # it went on from step 2, and moved the weights
+    assert any(not torch.equal(v, at_4["state_dict"][k]) for k, v in at_2["state_dict"].items() if k.startswith("student."))
+    log = (out / "seed_1" / "train.log").read_text()
+    assert "--- resumed by the seeds runner" in log
+    assert f"Restoring states from the checkpoint path at {out / 'seed_1' / 'checkpoints' / 'last.ckpt'}" in log.split("--- resumed")[1]
+    resumed, reference = load_file(out / "seed_1" / weights), load_file(whole / "seed_1" / weights)
+    assert resumed.keys() == reference.keys() and all(torch.equal(resumed[k], reference[k]) for k in reference)
+
+    line = one_line_error(seeds._entry, "seeds", ["--config", str(config), "--seeds", "1", "--out", str(out),
+                                                   "--resume", "--skip-train"], monkeypatch, capsys)
+    assert "--resume" in line and "--skip-train" in line
