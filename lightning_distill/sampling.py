@@ -250,20 +250,24 @@ def text_to_image_sample(
 
 def generator_timesteps(schedule: NoiseSchedule, num_steps: int) -> Tensor:
     """The K input timesteps of a K-step x0-sampler student (ADD, DMD2), high to low: those the path's
-    stock x0 sampler (:func:`lcm_scheduler`) visits at K steps.
+    stock x0 sampler (:func:`lcm_scheduler`) visits at K steps, so the student trains where it is sampled.
 
     * VP: the grid of ``LCMScheduler(original_inference_steps=K)``, t_n = n (T // K) - 1, n = K..1 (for
       T = 1024, K = 4: 1023, 767, 511, 255).
-    * flow: the trailing grid without its final -1, s = 1, (K-1)/K, ..., 1/K (``FlowMatchLCMScheduler``
-      through :func:`at_steps`). When K divides T both rules give the same timesteps; otherwise the
-      LCM grid would start below s = 1 (T = 1000, K = 3: t = 998, s = 0.999) where the sampler starts
-      from pure noise. (There the stock scheduler's interior levels, 666.5 / 1000 for K = 3, lie
-      between two training levels: within one level of these.)
+    * flow: the levels ``FlowMatchLCMScheduler`` visits through :func:`at_steps`, each rounded to the
+      nearest training level (at most half a level away). Without a shift they are s = 1, (K-1)/K, ...,
+      1/K, the trailing grid. With a shift (SD3: 3) and K >= 3 the stock grid is the shifted linspace
+      stretched to end at shift(1/K) (``shift_terminal``), not shift(1 - k/K): at shift 3, K = 4 it feeds
+      the network 1000, 928, 799, 500, where shift(1 - k/K) would be 1000, 900, 750, 500.
 
     K = 1 gives [T - 1], one step from pure noise, on both paths.
     """
     if schedule.path == "flow":
-        return schedule.trailing_timesteps(num_steps)[:-1]
+        sampler = at_steps(flow_scheduler("x0", schedule), num_steps, schedule)
+        sampler.set_timesteps(num_steps)
+        visits = sampler.sigmas[:-1].double().cpu()
+        levels = schedule.sigma(torch.arange(schedule.num_train_timesteps)).double().cpu()
+        return (levels[None, :] - visits[:, None]).abs().argmin(1)
     return lcm_training_timesteps(schedule.num_train_timesteps, num_steps).flip(0)
 
 

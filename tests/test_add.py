@@ -352,6 +352,30 @@ def test_flow_student_timesteps_are_the_levels_the_flow_lcm_sampler_visits(T):
             assert (got - trained).abs().max() <= 1.0, (K, got, trained)
 
 
+def test_shifted_flow_student_timesteps_are_the_nearest_levels_to_what_the_sampler_visits():
+    """With a shift (SD3's 3) the stock FlowMatchLCMScheduler's K >= 3 grid is not shift(1 - k/K): the student
+    trains at the training level nearest to each level the sampler feeds the network (none of its
+    neighbours is closer), not at shift(1 - k/K), which is 28-50 timesteps away at K = 4."""
+    from lightning_distill.parametrisation import FlowSchedule
+    from lightning_distill.sampling import at_steps, flow_scheduler, generator_timesteps
+
+    fs = FlowSchedule(1000, shift=3.0)
+    levels = fs.model_timestep(torch.arange(1000)).double()
+    for K in range(1, 9):
+        sched = at_steps(flow_scheduler("x0", fs), K, fs)
+        sched.set_timesteps(K)
+        visits = sched.timesteps.double()
+        trained = generator_timesteps(fs, K)
+        for i, v in zip(trained.tolist(), visits.tolist()):
+            near = [j for j in (i - 1, i + 1) if 0 <= j < 1000]
+            assert all(abs(levels[i] - v) <= abs(levels[j] - v) for j in near), (K, i, v)
+        assert (levels[trained] - visits).abs().max() < 1.5, (K, levels[trained], visits)
+    shifted_trailing = fs.model_timestep(fs.trailing_timesteps(4)[:-1]).double()
+    sched = at_steps(flow_scheduler("x0", fs), 4, fs)
+    sched.set_timesteps(4)
+    assert (shifted_trailing - sched.timesteps.double()).abs().max() > 25  # the grid trained on before
+
+
 @pytest.fixture(scope="module")
 def flow_teacher(tmp_path_factory):
     from conftest import write_tiny_flow_teacher

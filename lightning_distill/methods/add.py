@@ -31,8 +31,8 @@ num_student_steps`` is exactly the student timesteps, and fewer sampling steps v
 ``timestep_scaling`` is set so high that its boundary scalings are the identity (c_skip < 3e-7), so the
 student's x0 is used as is. The exported pipeline is a plain DDPMPipeline + LCMScheduler. On a
 flow-matching teacher it is ``FlowMatchLCMScheduler`` (x0 = x_s - s u, then (1 - s') x0 + s' eps): the
-student timesteps are s = 1, (K-1)/K, ..., 1/K (:func:`~lightning_distill.sampling.generator_timesteps`),
-the levels it visits at K steps; N < K steps visit a subset of them when N divides K. (Deterministic
+student timesteps are the levels it visits at K steps (:func:`~lightning_distill.sampling.generator_timesteps`:
+s = 1, (K-1)/K, ..., 1/K without a shift); N < K steps visit a subset of them when N divides K (no shift). (Deterministic
 DDIM re-noising instead reuses the student's own noise estimate, an input the student never saw in
 training: on digits it made 2- and 4-step samples worse than 1-step ones, FD 1.61 / 2.78 against
 0.67 / 0.42 with fresh noise for the same weights.)
@@ -97,7 +97,7 @@ class AdversarialDiffusionDistillation(TextToImageMixin, AdversarialMethod):
     Args:
         num_student_steps: number of fixed student timesteps: t_n = n (T // K) - 1, n = 1..K (for
             T = 1000, K = 4: 999, 749, 499, 249, the paper's), the grid the sampler visits (flow
-            teachers: s = n / K).
+            teachers: s = n / K without a shift; ``sampling.generator_timesteps``).
         feature_network: frozen feature network of the discriminator: any module mapping
             ``(x, t=None, **cond)`` to a list of feature tensors (``ModuleFeatures`` wraps ordinary
             networks, e.g. the digits classifier; ``HFVisionFeatures`` loads DINOv2 from a local folder).

@@ -374,7 +374,8 @@ class ConsistencyDistillation(TextToImageMixin, DistillationMethod):
         """Warn when the ``steps``-step sampler visits a timestep the student is not trained at.
 
         ``LCMScheduler`` picks its timesteps from the training grid itself, so it never does; the flow
-        sampler (``sampling.at_steps``) visits s = 1, ..., 1/K, which may fall between grid levels.
+        sampler (``sampling.at_steps``) visits its own levels (s = 1, ..., 1/K without a shift), which may fall
+        between grid levels.
         """
         limit = self.max_sample_steps()
         if steps < 1 or (limit is not None and steps > limit):

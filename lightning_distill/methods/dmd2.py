@@ -33,13 +33,15 @@ one generator update; after S iterations the generator has had ceil(S / N) updat
 
 Multi-step generators (``generator_steps`` K > 1) move between their steps as the paper does: the x0
 estimate at t_i is re-noised with fresh noise to t_{i+1}, in training (:func:`backward_simulation`) and
-in the exported sampler (a stock ``LCMScheduler`` whose boundary scalings are the identity).
+in the exported sampler (a stock ``LCMScheduler``, ``FlowMatchLCMScheduler`` on the flow path, whose
+boundary scalings are the identity).
 
 Flow-matching teachers: nothing here changes. Both scores are velocity networks read through
 :class:`~lightning_distill.parametrisation.Denoiser` (x0 = x_s - s u), the fake score is trained on the
 teacher's velocity target (``denoising_loss``), x_t = (1 - s) x + s n, and the score identity above holds
 on any Gaussian path x_t = alpha_t x + sigma_t n, so grad and its normaliser mean|x - x0_real| keep their
-form. The generator's steps are s = 1, (K-1)/K, ..., 1/K and it exports as a ``FlowMatchLCMScheduler``.
+form. The generator's steps are the levels the exported ``FlowMatchLCMScheduler`` visits at K steps
+(s = 1, (K-1)/K, ..., 1/K without a shift; ``sampling.generator_timesteps``).
 
 Not in this file (differences from the paper): no classifier-free guidance on the real score (the
 digits teacher is unconditional).
@@ -250,6 +252,8 @@ class DMD2(TextToImageMixin, AdversarialMethod):
         self.discriminator_head: BottleneckClassifier | None = None
         if self.teacher is None:
             return
+        # the generator's K input timesteps, the levels its exported sampler visits
+        self.register_buffer("generator_grid", generator_timesteps(self.student.schedule, generator_steps), persistent=False)
         if real_guidance_scale != 1.0 and not self.text_conditional:
             raise ConfigError(
                 f"real_guidance_scale={real_guidance_scale} guides the real score against the prompt \"\": it needs a "
@@ -360,7 +364,7 @@ class DMD2(TextToImageMixin, AdversarialMethod):
         clamping would zero the gradient of every pixel outside [-1, 1], so the generator could never
         learn to bring it back.
         """
-        grid = generator_timesteps(self.student.schedule, self.hparams.generator_steps).to(self.device)
+        grid = self.generator_grid
         index = int(self._randint(0, len(grid), 1, g).item()) if len(grid) > 1 else 0
         z = self._randn((n, *self.sample_shape), g)
         x_t = backward_simulation(self.student, z, grid, index, rng=g, **cond)
