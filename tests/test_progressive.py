@@ -756,3 +756,30 @@ def test_promoted_flow_student_keeps_its_flow_path(scheduler_kwargs):
     u = model.student.raw(z, t)
     expected = z + (promoted.schedule.sigma(s) - promoted.schedule.sigma(t)) * u
     torch.testing.assert_close(promoted.denoiser.ddim(z, t, s), expected)
+
+
+def test_resumed_promoted_teacher_keeps_the_configured_teacher_precision(tmp_path):
+    """data.teacher_dtype bfloat16: the promoted teacher is a bf16 copy of the student, and the checkpoint's
+    round >= 1 teacher comes back as bf16 too (rebuilt as the student's float32 copy, the resumed run's teacher
+    would compute in float32 while the uninterrupted run's computes in bf16)."""
+    teacher_dir = write_tiny_teacher(tmp_path / "teacher")
+
+    def method() -> ProgressiveDistillation:
+        return ProgressiveDistillation(load_teacher(str(teacher_dir), dtype="bfloat16"), num_student_steps=4)
+
+    model = method()
+    with torch.no_grad():
+        for p in model.student.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    model.promote_student()
+    assert {p.dtype for p in model.teacher.parameters()} == {torch.bfloat16}
+    ckpt = {"state_dict": model.state_dict()}
+    model.on_save_checkpoint(ckpt)
+
+    resumed = method()
+    resumed.on_load_checkpoint(ckpt)  # Lightning's order: the hook, then the state dict
+    resumed.load_state_dict(ckpt["state_dict"])
+    assert (resumed.round_index, resumed.num_student_steps) == (1, 2)
+    assert {p.dtype for p in resumed.teacher.parameters()} == {torch.bfloat16}
+    for (name, a), b in zip(resumed.teacher.unet.named_parameters(), model.teacher.unet.parameters()):
+        assert torch.equal(a, b), name

@@ -316,14 +316,17 @@ class ProgressiveDistillation(TextToImageMixin, DistillationMethod):
         # The promoted teacher keeps the student's x0 clamp (none by default): its two DDIM steps are then
         # exactly the steps its sampler was trained to take (clamping x0 would move them off x_tilde).
         clip = self.student.clip_x0
-        # The promoted teacher keeps the precision the user chose for teachers (data.teacher_dtype).
-        # (A bare StopIteration from an analytic, parameterless teacher would escape into Lightning's
-        # data loop and silently end the epoch instead of the round: fall back to the student's dtype.)
+        self.teacher = self._promoted_teacher(self._student_copy_for_teacher(), self.student.prediction_type, clip)
+        self.set_round(self.round_index + 1, self.num_student_steps // 2)
+
+    def _student_copy_for_teacher(self) -> nn.Module:
+        """A weight copy of the student's network in the precision the user chose for teachers
+        (data.teacher_dtype), read from the current teacher. (A bare StopIteration from an analytic,
+        parameterless teacher would escape into Lightning's data loop and silently end the epoch instead
+        of the round: fall back to the student's dtype.)"""
         param = next(self.teacher.parameters(), None)
         param = param if param is not None else next(self.student.parameters())
-        unet = copy.deepcopy(self.student.unet).to(dtype=param.dtype)
-        self.teacher = self._promoted_teacher(unet, self.student.prediction_type, clip)
-        self.set_round(self.round_index + 1, self.num_student_steps // 2)
+        return copy.deepcopy(self.student.unet).to(dtype=param.dtype)
 
     @property
     def current_steps(self) -> int:
@@ -357,8 +360,8 @@ class ProgressiveDistillation(TextToImageMixin, DistillationMethod):
             self.set_round(state["round"], state["num_student_steps"])
             self._draws = state["draws"]
             if state["round"] > 0:  # a promoted teacher, whatever the configured one is
-                self.teacher = self._promoted_teacher(
-                    copy.deepcopy(self.student.unet), state["teacher_prediction_type"], state["teacher_clip_x0"]
+                self.teacher = self._promoted_teacher(  # in the configured teacher's precision, as promoted
+                    self._student_copy_for_teacher(), state["teacher_prediction_type"], state["teacher_clip_x0"]
                 )
         super().on_load_checkpoint(checkpoint)
 
