@@ -232,8 +232,8 @@ def train_seeds(
         cmd = [sys.executable, "-m", "lightning_distill", *train_command(config, seed, run_dir, overrides, seed_arg)]
         done, mode = "trained", "w"
         if resume:
-            if (export_dir(preset, run_dir) / "model_index.json").is_file():
-                log(f"seed {seed}: {export_dir(preset, run_dir)} exists, not trained again (--resume)")
+            if ((export := export_dir(preset, run_dir)) / "model_index.json").is_file():
+                log(f"seed {seed}: {export} exists, not trained again (--resume)")
                 return seed, 0, run_dir / "train.log", "kept (export exists)"
             if (ckpt := last_checkpoint(run_dir)) is not None:
                 cmd += ["--ckpt_path", str(ckpt)]
