@@ -3,7 +3,8 @@
 The maths of a round (x_tilde, the two teacher steps) lives in
 ``lightning_distill.methods.progressive``; this callback owns the schedule across rounds. At the end
 of a round it calls ``pl_module.promote_student()`` (the student's weights are copied into a new frozen
-teacher and N halves), re-creates the optimiser and its per-round learning-rate schedule through the
+teacher and N halves; with ``promote="ema"`` the sampling EMA's weights are copied into the student first),
+re-creates the optimiser and its per-round learning-rate schedule through the
 strategy, restarts every callback that offers ``reset(pl_module)`` (the sampling EMA), and logs the
 round. When the round of the ``final_steps`` student ends, it sets ``trainer.should_stop``.
 """
@@ -17,8 +18,17 @@ from typing import Any
 import lightning as L
 from lightning.pytorch.utilities import rank_zero_info
 
+from lightning_distill.callbacks.ema import EMA
 from lightning_distill.errors import ConfigError
 from lightning_distill.methods.progressive import check_halving
+
+
+PROMOTE_CHOICES = ("student", "ema")
+
+
+def student_ema(trainer: L.Trainer) -> EMA | None:
+    """The trainer's EMA callback that averages ``student`` (None without one)."""
+    return next((c for c in trainer.callbacks if isinstance(c, EMA) and c.module_name == "student"), None)
 
 
 class TeacherSwap(L.Callback):
@@ -39,6 +49,11 @@ class TeacherSwap(L.Callback):
         plateau_min_delta: relative improvement that counts as progress.
         plateau_smoothing: decay of the (bias-corrected) moving average of the training loss.
         min_steps_per_round: a plateau never ends a round before this many steps.
+        promote: which weights become the next round's teacher (and start its student): ``"student"``,
+            the raw weights (Salimans & Ho train without an EMA), or ``"ema"``, the sampling EMA's
+            average as it stands at the swap, i.e. the student that every in-run score and export
+            measures. ``"ema"`` needs an :class:`~lightning_distill.callbacks.ema.EMA` callback on
+            ``student``.
 
     Example::
 
@@ -55,6 +70,7 @@ class TeacherSwap(L.Callback):
         plateau_min_delta: float = 0.01,
         plateau_smoothing: float = 0.98,
         min_steps_per_round: int = 0,
+        promote: str = "student",
     ) -> None:
         if steps_per_round is None and plateau_patience is None:
             raise ConfigError("TeacherSwap needs steps_per_round, plateau_patience, or both")
@@ -69,12 +85,15 @@ class TeacherSwap(L.Callback):
             raise ConfigError(f"plateau_smoothing must lie in [0, 1), got {plateau_smoothing}")
         if final_steps < 1:
             raise ConfigError(f"final_steps must be >= 1, got {final_steps}")
+        if promote not in PROMOTE_CHOICES:
+            raise ConfigError(f"promote must be one of {list(PROMOTE_CHOICES)}, got {promote!r}")
         self.steps_per_round = counts if isinstance(steps_per_round, Sequence) else steps_per_round
         self.final_steps = final_steps
         self.plateau_patience = plateau_patience
         self.plateau_min_delta = plateau_min_delta
         self.plateau_smoothing = plateau_smoothing
         self.min_steps_per_round = min_steps_per_round
+        self.promote = promote
         # state (checkpointed)
         self.round = 0
         self.num_student_steps: int | None = None
@@ -136,6 +155,8 @@ class TeacherSwap(L.Callback):
         if stage != "fit":
             return
         self._check_module(pl_module)
+        if self.promote == "ema" and student_ema(trainer) is None:
+            raise ConfigError('TeacherSwap(promote="ema") needs an EMA callback on the student (lightning_distill.callbacks.EMA)')
         # Before any training step (and before a checkpoint is restored: the configured start count).
         rounds = self._check_reachable(pl_module.num_student_steps) + 1
         if isinstance(self.steps_per_round, list) and len(self.steps_per_round) != rounds:
@@ -188,7 +209,12 @@ class TeacherSwap(L.Callback):
         self.swap(trainer, pl_module)
 
     def swap(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        """Promote the student, reset optimiser + LR schedule and every resettable callback."""
+        """Promote the student (or its EMA), reset optimiser + LR schedule and every resettable callback."""
+        if self.promote == "ema":
+            averaged = student_ema(trainer).sampling_module(pl_module)
+            if averaged is None:
+                raise RuntimeError(f"TeacherSwap(promote='ema'): the EMA has not started averaging by step {trainer.global_step}")
+            pl_module.student.load_state_dict(averaged.state_dict())  # the next round starts from the average
         pl_module.promote_student()
         self.round = pl_module.round_index
         self.num_student_steps = pl_module.num_student_steps

@@ -33,6 +33,7 @@ from lightning_distill.methods.progressive import (
 )
 from lightning_distill.parametrisation import ddim_step, output_for
 from lightning_distill.teacher import DiffusionTeacher, load_teacher
+from lightning_distill.errors import ConfigError
 
 from conftest import write_tiny_teacher
 
@@ -361,7 +362,7 @@ class Probe(L.Callback):
         )
 
 
-def _progressive_run(teacher_dir, root, ckpt_path=None, max_steps=1000, probe=None, steps_per_round=3):
+def _progressive_run(teacher_dir, root, ckpt_path=None, max_steps=1000, probe=None, steps_per_round=3, promote="student"):
     """4 -> 2 -> 1 steps, 3 optimiser steps per round (or ``steps_per_round``), on a tiny UNet teacher;
     checkpoint every step."""
     from lightning.pytorch.callbacks import ModelCheckpoint
@@ -370,7 +371,7 @@ def _progressive_run(teacher_dir, root, ckpt_path=None, max_steps=1000, probe=No
     model = ProgressiveDistillation(teacher, num_student_steps=4, optimizer=lambda p: torch.optim.Adam(p, lr=1e-3))
     x = torch.rand(8, 1, 8, 8, generator=torch.Generator().manual_seed(6)) * 2 - 1
     ckpt = ModelCheckpoint(dirpath=root / "ckpt", filename="{step}", every_n_train_steps=1, save_top_k=-1)
-    swap = TeacherSwap(steps_per_round=steps_per_round, final_steps=1)
+    swap = TeacherSwap(steps_per_round=steps_per_round, final_steps=1, promote=promote)
     ema = EMA(decay=0.9)
     callbacks = [swap, ema, ckpt] + ([probe] if probe else [])
     trainer = _trainer(callbacks, root, max_steps=max_steps, enable_checkpointing=True)
@@ -450,6 +451,60 @@ def test_kill_mid_round_3_and_resume_equals_uninterrupted(uninterrupted, tmp_pat
         k: ref[k] for k in ("round", "num_student_steps", "round_start_step", "finished")
     }
     assert trainer.optimizers[0].param_groups[0]["lr"] == pytest.approx(run.trainer.optimizers[0].param_groups[0]["lr"])
+
+
+class WeightProbe(L.Callback):
+    """After every optimiser step: copies of the student's, the teacher's and the EMA's networks."""
+
+    def __init__(self) -> None:
+        self.rows = {}
+
+    def on_train_batch_end(self, trainer, pl_module, *args):
+        ema = next(c for c in trainer.callbacks if isinstance(c, EMA))
+        copy = lambda m: {k: v.detach().clone() for k, v in m.state_dict().items()}  # noqa: E731
+        self.rows[trainer.global_step] = dict(
+            student=copy(pl_module.student.unet), teacher=copy(pl_module.teacher.unet), ema=copy(ema.averaged.module.unet)
+        )
+
+
+def _equal(a: dict, b: dict) -> bool:
+    return all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_promote_ema_makes_the_average_the_next_teacher_and_student_and_resumes_exactly(tmp_path):
+    """promote="ema": at the swaps (steps 3 and 6) the new teacher and the student both hold the EMA as it
+    stood after the step before (TeacherSwap runs before EMA here), not the raw student; the default
+    promotes the raw student. A kill inside round 3 resumes to the same weights."""
+    teacher_dir = write_tiny_teacher(tmp_path / "teacher")
+    probe = WeightProbe()
+    trainer, model, swap, ema = _progressive_run(teacher_dir, tmp_path / "full", probe=probe, promote="ema")
+    assert trainer.global_step == 9 and swap.finished
+    rows = probe.rows
+    for k in (3, 6):
+        before = rows[k - 1]
+        assert not _equal(before["ema"], before["student"])  # the average and the raw weights differ
+        assert _equal(rows[k]["teacher"], before["ema"])  # the promoted teacher is the average
+        assert _equal(rows[k]["student"], rows[k]["teacher"])  # and the next round's student starts from it
+    # the default promotes the raw student (the teacher differs from the EMA before the swap)
+    raw = WeightProbe()
+    _progressive_run(teacher_dir, tmp_path / "raw", probe=raw, max_steps=3)
+    assert not _equal(raw.rows[3]["teacher"], raw.rows[2]["ema"])
+    # kill-and-resume inside round 3 reproduces the uninterrupted run
+    _, resumed, _, ema2 = _progressive_run(
+        teacher_dir, tmp_path / "resumed", ckpt_path=str(tmp_path / "full" / "ckpt" / "step=7.ckpt"), promote="ema"
+    )
+    for a, b in [(resumed.student, model.student), (resumed.teacher, model.teacher), (ema2.averaged, ema.averaged)]:
+        for k, v in a.state_dict().items():
+            torch.testing.assert_close(v, b.state_dict()[k], msg=k)
+
+
+def test_promote_ema_without_an_ema_callback_fails_at_setup(tmp_path):
+    model = ProgressiveDistillation(gaussian_teacher(0.0, 1.0), student=AffineNet(), num_student_steps=2)
+    trainer = _trainer([TeacherSwap(steps_per_round=2, final_steps=1, promote="ema")], tmp_path)
+    with pytest.raises(ConfigError, match="needs an EMA callback"):
+        trainer.fit(model, FixedBatches(torch.zeros(4, 1, 4, 4)))
+    with pytest.raises(ConfigError, match=r"promote must be one of \['student', 'ema'\], got 'average'"):
+        TeacherSwap(promote="average")
 
 
 def test_per_round_step_budgets_end_rounds_anneal_and_resume(tmp_path):
