@@ -8,8 +8,9 @@ scheduler's smallest training level (1/T), so its default 2-step grid is (1, 0.0
 step. Every flow sampler here is instead built for its step count with ``shift_terminal`` at the
 last non-zero level of the trailing grid (:meth:`NoiseSchedule.trailing_timesteps`): for shift 1 it
 visits s = 1, (N-1)/N, ..., 1/N, 0 (Flux's grid), the grid flow students are trained on. An exported
-flow pipeline carries the scheduler of its trained step count, so its default call reproduces the
-framework's samples exactly.
+flow pipeline carries the scheduler of its trained step count K, so a call with ``num_inference_steps=K``
+reproduces the framework's samples exactly. The stock stretch visits other levels at another count
+(and gives NaN sigmas at 1 step when K >= 2): rebuild the scheduler with :func:`at_steps` for it.
 """
 
 from __future__ import annotations

@@ -258,7 +258,6 @@ def generate_pairs(
     if stop_after is not None:
         todo = todo[:stop_after]
     device = next(denoiser.parameters()).device
-    dtype = next(denoiser.parameters()).dtype
     from tqdm.auto import tqdm
 
     bar = tqdm(
@@ -275,7 +274,7 @@ def generate_pairs(
         samples = []
         for start in range(0, noise.shape[0], cfg.batch_size):
             part = slice(start, start + cfg.batch_size)
-            z = noise[part].to(device=device, dtype=dtype)
+            z = noise[part].to(device)  # float32 ODE state; a bf16 / fp16 teacher gets its own dtype's input
             cond = {"class_labels": labels[part].to(device)} if labels is not None else {}
             if ids:  # the keywords are regenerated from the stored ids, here and in training
                 cond.update(prompts.encode({k: v[part].to(device) for k, v in ids.items()}))
@@ -306,6 +305,8 @@ def pair_settings(
                 "timesteps": grid.tolist()}
     if prompts is not None:  # only then: caches of other teachers keep their settings
         settings["prompts"] = prompts.fingerprint()
+    if next(denoiser.parameters()).dtype != torch.float32:  # a reduced-precision teacher's caches made before
+        settings["ode_state"] = "float32"  # the state was held in float32 no longer match (float32 ones still do)
     return json.loads(json.dumps(settings))  # the form it takes after a JSON round trip
 
 

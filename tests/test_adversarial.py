@@ -129,6 +129,23 @@ def test_approx_r1_reuses_the_d_losss_real_logits():
         torch.testing.assert_close(a, b)  # the penalty's gradient still flows through D(x)
 
 
+def test_approx_r1_under_bf16_autocast_is_the_float32_penalty():
+    """D(x) - D(x + sigma n) is about sigma ||grad D||, below bf16's three digits: under bf16-mixed the
+    penalty must still be the float32 one (both passes with autocast off, the D loss's bf16 logits not reused),
+    not rounding noise (about 10x too large before)."""
+    torch.manual_seed(0)
+    d = nn.Sequential(nn.Conv2d(1, 16, 3, padding=1), nn.SiLU(), nn.Conv2d(16, 16, 3, padding=1), nn.SiLU(),
+                      nn.Flatten(), nn.Linear(16 * 8 * 8, 1))
+    x, n = torch.randn(32, 1, 8, 8), torch.randn(32, 1, 8, 8)
+    exact = approx_r1_penalty(d, x, 0.01, noise=n)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mixed_logits = d(x)
+        assert mixed_logits.dtype == torch.bfloat16
+        got = approx_r1_penalty(d, x, 0.01, noise=n, real_logits=mixed_logits)
+    assert got.dtype == torch.float32
+    assert got.item() == pytest.approx(exact.item(), rel=1e-4)
+
+
 # --- the schedule ------------------------------------------------------------------------------------
 
 

@@ -97,9 +97,13 @@ def approx_r1_penalty(
     """
     noise = torch.randn_like(real) if noise is None else noise
     noisy = real + sigma * noise
-    if real_logits is None:
-        real_logits = discriminator(real, **kwargs)
-    diff = _per_sample(real_logits) - _per_sample(discriminator(noisy, **kwargs))
+    # The difference is about sigma ||grad D||, below bf16's three digits: both passes run with autocast off
+    # (a caller's logits from an autocast pass are recomputed), as the true R1 does.
+    mixed = torch.is_autocast_enabled(real.device.type)
+    with torch.autocast(real.device.type, enabled=False):
+        if real_logits is None or mixed:
+            real_logits = discriminator(real, **kwargs)
+        diff = _per_sample(real_logits).float() - _per_sample(discriminator(noisy, **kwargs)).float()
     return diff.pow(2).mean()
 
 

@@ -100,9 +100,12 @@ def solver_step(
     * ``ddim``: z_s = alpha_s x0 + sigma_s eps (Song et al. 2021, Eq. 12). This is also Euler's method in
       the variance-exploding coordinates y = x / alpha, sigma_ve = sigma / alpha (EDM, Karras et al.
       2022), i.e. the "Euler" of Song et al.'s official code.
-    * ``heun``: Heun's method in the EDM coordinates (Karras et al. 2022, Algorithm 1; Song et al.'s
-      official consistency-distillation solver): DDIM predictor, then the trapezoid rule on eps.
-      Two teacher evaluations. Where s = -1 (clean, sigma = 0) the corrector is skipped, as in EDM.
+    * ``heun``: a second-order (Heun-type) step of the exponential integrator in x0 (the data-prediction
+      form of DPM-Solver++(2)): DDIM predictor, then the trapezoid rule on the x0 predictions at both
+      ends, z_s = (sigma_s / sigma_t) z_t + alpha_s (1 - e^-h) (x0_t + x0_s) / 2. Two teacher evaluations.
+      It is not the EDM Heun of Song et al.'s official solver (trapezoid on eps in VE coordinates), which is
+      undefined at the flow path's s = 1 (alpha = 0); near the data end it gains less over DDIM than that one
+      does. Where s = -1 (clean, sigma = 0) the corrector is skipped.
 
     Both are written in alpha / sigma only, so they hold on the flow path too: there ``ddim`` is the Euler
     step x_s + (s' - s) u of ``FlowMatchEulerDiscreteScheduler``.
@@ -319,10 +322,11 @@ class ConsistencyDistillation(TextToImageMixin, DistillationMethod):
 
     def _teacher_call(self, cond: dict) -> Predict:
         den = self.teacher.denoiser
-        dtype = next(den.parameters()).dtype
 
+        # x stays float32: the network gets its own dtype's input (Denoiser.network), while the conversion
+        # to x0 / eps / v and the solver step run in float32 (in bf16 they would round to a quarter of a step).
         def predict(x: Tensor, t: Tensor) -> Prediction:
-            p = den(x.to(dtype), t, **{k: v.to(dtype) if v.is_floating_point() else v for k, v in cond.items()})
+            p = den(x, t, **cond)
             return Prediction(p.x0.float(), p.eps.float(), p.v.float())
 
         return predict

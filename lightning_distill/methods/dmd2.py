@@ -58,6 +58,7 @@ from lightning.pytorch.cli import OptimizerCallable
 from torch import Tensor, nn
 
 from .. import lora, memory
+from ..backbones import prepare_student
 from ..errors import ConfigError
 from ..gan.discriminators import BottleneckClassifier, bottleneck_features
 from ..gan.features import bottleneck_block
@@ -270,7 +271,7 @@ class DMD2(TextToImageMixin, AdversarialMethod):
         else:
             fake_score = copy.deepcopy(self.teacher.unet).float() if fake_score is None else fake_score
             fake_score.requires_grad_(True)
-        fake_score.train()
+        prepare_student(fake_score).train()  # a DiT's label dropout off: the DM gradient reads conditional scores
         if self.hparams.get("gradient_checkpointing"):
             memory.enable_gradient_checkpointing(fake_score, "fake score")
         self.fake_score = Denoiser(fake_score, self.teacher.schedule.copy(), self.teacher.prediction_type, self.teacher.denoiser.clip_x0)
