@@ -210,6 +210,26 @@ def test_steps_train_only_their_network_and_the_teacher_is_not_saved_twice(teach
     assert any(changed(stage2.student.parameters(), student0))
 
 
+def test_without_the_distillation_loss_the_generator_step_makes_no_teacher_pass(teacher):
+    """LADD (distill_weight 0): the generator loss is the adversarial term alone, with one teacher network
+    call fewer than with the distillation loss (the default discriminator reads the teacher's own encoder)."""
+    batch = {"x": torch.rand(4, 1, 8, 8, generator=torch.Generator().manual_seed(0)) * 2 - 1, "label": torch.zeros(4, dtype=torch.long)}
+    calls, out = {}, {}
+    for w in (0.0, 2.5):
+        model = AdversarialDiffusionDistillation(teacher, num_student_steps=2, head_hidden=8, distill_weight=w)
+        n = []
+        hook = teacher.unet.register_forward_hook(lambda *_: n.append(1))
+        try:
+            out[w] = model.generator_loss(batch, torch.Generator().manual_seed(1))
+        finally:
+            hook.remove()
+        calls[w] = len(n)
+    assert calls[2.5] == calls[0.0] + 1
+    assert "distill" not in out[0.0].logs and "distill" in out[2.5].logs
+    assert torch.equal(out[0.0].loss, out[0.0].logs["g_adv"])
+    torch.testing.assert_close(out[2.5].loss, out[2.5].logs["g_adv"] + 2.5 * out[2.5].logs["distill"])
+
+
 def test_trainable_feature_network_is_a_trained_copy_of_the_teacher(teacher, tmp_path):
     """train_features: the D backbone is a copy of the teacher UNet that the D step trains and checkpoints."""
     import lightning as L

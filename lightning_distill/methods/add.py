@@ -251,11 +251,13 @@ class AdversarialDiffusionDistillation(TextToImageMixin, AdversarialMethod):
         t_range = self.hparams.discriminator_t_range
         return None if t_range is None else (int(t_range[0]), int(t_range[1]))
 
-    def generator_extra_loss(self, fake: Generated, batch: dict, gen: torch.Generator) -> LossOutput:
+    def generator_extra_loss(self, fake: Generated, batch: dict, gen: torch.Generator) -> LossOutput | None:
         x0 = fake.x
         T = self.student.schedule.num_train_timesteps
         s = torch.randint(0, T, (x0.shape[0],), generator=gen, device=x0.device)
         eps = torch.randn(x0.shape, generator=gen, device=x0.device, dtype=x0.dtype)
+        if self.hparams.distill_weight == 0:  # LADD: no teacher pass (the draws above keep the random stream)
+            return None
         distill = add_distillation_loss(
             x0, self.teacher.denoiser, s, eps, self.hparams.distill_weighting, **fake.cond
         )
