@@ -76,7 +76,9 @@ class NoiseSchedule(nn.Module):
     path: str = ""
     #: the path's velocity parametrisation (v on VP, u = eps - x0 on flow): stable at the pure-noise end,
     #: where eps-prediction's x0 = (x_t - sigma eps) / alpha divides by alpha ~ 0, and on the flow path
-    #: the output its stock Euler sampler steps with. Few-step students default to it.
+    #: the output its stock Euler sampler steps with. Progressive distillation's students default to it;
+    #: the other methods keep the teacher's type (DMD2's SD 1.5 generator predicts eps, too) unless
+    #: ``student_prediction_type`` says otherwise.
     velocity_prediction: str = ""
 
     def _set_tables(self, alpha: Tensor, sigma: Tensor) -> None:
