@@ -40,7 +40,7 @@ from typing import Callable, Sequence
 import torch
 from torch import Tensor, nn
 
-from . import backbones, teacher_features
+from . import backbones, lora, teacher_features
 from .export import ema_state_from_checkpoint
 from .metrics import (
     ReferenceStats,
@@ -137,6 +137,8 @@ def load_checkpoint_model(
     used_ema = False
     ema = ema_state_from_checkpoint(ckpt) if use_ema else None
     if ema is not None and getattr(model, "student", None) is not None:
+        if lora.has_lora(model.student):  # the EMA stores the adapters: its base is the loaded student's
+            lora.restore_base_weights(ema, model.student, "")
         model.student.load_state_dict(ema)
         used_ema = True
     return model.eval(), used_ema

@@ -29,23 +29,26 @@ from .teacher import low_cpu_mem_usage
 def atomic_write_dir(target: str | os.PathLike, write) -> Path:
     """Call ``write(tmp_dir)`` then move ``tmp_dir`` to ``target`` (replacing it) in two renames.
 
-    The previous folder is moved aside first and removed only after the new one is in place; a crash
-    between the two renames leaves it next to the target as ``<name>.old-*`` rather than losing it.
+    The previous folder is moved aside first and removed only after the new one is in place; if the second
+    rename fails it is moved back, and a crash between the two renames leaves it next to the target as
+    ``.<name>.old-*`` rather than losing it.
     """
     target = Path(target).expanduser().resolve()
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    old = None
     try:
         write(tmp)
-        old = None
         if target.exists():
-            old = target.parent / f".{target.name}.old-{os.getpid()}"
-            os.replace(target, old)
+            old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
+            os.replace(target, old)  # onto the empty folder mkdtemp made: a unique name, never a stale one
         os.replace(tmp, target)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        if old is not None and old.exists() and not target.exists():
+            os.replace(old, target)  # the second rename failed: the previous folder goes back
         raise
     return target
 
@@ -81,8 +84,11 @@ def write_student_pipeline(network: nn.Module, make_pipe, target: str | os.PathL
     from . import lora
 
     adapters = lora.has_lora(network)
-    # fuse_lora copies the network (and leaves it trainable); .to(dtype=...) makes diffusers warn about fp32 modules
-    plain = (lora.fuse_lora(network) if adapters else copy.deepcopy(network)).cpu().float()
+    # .to(dtype=...) makes diffusers warn about fp32 modules. The adapters merge in float32 (peft merges in the
+    # base's dtype: a bf16 base would round W + B A to bf16, losing most of a small update).
+    plain = copy.deepcopy(network).cpu().float()
+    if adapters:
+        lora.fuse_lora(plain, inplace=True)
     plain.requires_grad_(True)  # save_pretrained does not care; keep the copy a plain trainable model
     pipe = make_pipe(plain)
 

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import lightning as L
 import numpy as np
 import pytest
@@ -186,6 +189,27 @@ def test_interrupted_export_keeps_previous(trained, tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         model.export(tmp_path / "fresh")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["student"]
+
+
+def test_a_failed_rename_into_place_puts_the_previous_folder_back(tmp_path, monkeypatch):
+    from lightning_distill import export
+
+    target = tmp_path / "out"
+    atomic_write_dir(target, lambda tmp: (tmp / "a.txt").write_text("A"))
+    real_replace, calls = os.replace, []
+
+    def second_rename_fails(src, dst):
+        calls.append(Path(src).name)
+        if len(calls) == 2:  # the first moves the previous folder aside, the second puts the new one in place
+            raise OSError("rename failed")
+        real_replace(src, dst)
+
+    monkeypatch.setattr(export.os, "replace", second_rename_fails)
+    with pytest.raises(OSError, match="rename failed"):
+        atomic_write_dir(target, lambda tmp: (tmp / "b.txt").write_text("B"))
+    assert len(calls) == 3 and calls[0] == "out"  # aside, the failed one, back
+    assert _snapshot(target) == {"a.txt": b"A"}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no temp or .old folder left
 
 
 def test_atomic_write_dir_replaces_only_when_complete(tmp_path):

@@ -3,6 +3,8 @@ adapters, adapter-only state dicts and checkpoints, diffusers' LoRA file read by
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -428,3 +430,19 @@ def test_fuse_lora_gives_a_stock_model(make, tmp_path):
     reloaded = type(student).from_pretrained(tmp_path / "fused")
     assert not has_lora(reloaded) and not getattr(reloaded, "_hf_peft_config_loaded", False)
     close(call(reloaded), call(student))
+
+
+def test_export_merges_a_bf16_students_adapters_in_float32(tmp_path):
+    """A student trained in bf16 (bf16-true) exports W + alpha / r * B A formed in float32, as the student
+    computes base and adapter apart: peft merges in the base's dtype, where a small update rounds away."""
+    from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
+
+    from lightning_distill.export import write_student_pipeline
+
+    student = perturb_lora(add_lora(make_tiny_unet(), LoraSpec(rank=2, alpha=2), seed=0), scale=1e-3).to(torch.bfloat16)
+    expected = fuse_lora(copy.deepcopy(student).float()).state_dict()  # the same merge of a float32 copy
+    folder = write_student_pipeline(student, lambda net: DDPMPipeline(unet=net, scheduler=DDPMScheduler()), tmp_path / "out")
+    got = UNet2DModel.from_pretrained(folder / "unet").state_dict()
+    assert got.keys() == expected.keys()
+    for key, value in expected.items():
+        torch.testing.assert_close(got[key], value, rtol=0, atol=0, msg=key)

@@ -62,6 +62,15 @@ def test_lora_student_trains_adapters_only_and_exports_fused_and_adapter(name, f
     ema = next(v for k, v in ckpt["callbacks"].items() if k.startswith("EMA"))["averaged"]
     assert all(lora.is_lora_key(k) or k == "n_averaged" for k in ema), [k for k in ema if not lora.is_lora_key(k)][:5]
     assert ckpt["hyper_parameters"]["student_lora"]["rank"] == 4
+    # evaluate reads the checkpoint's EMA adapters onto the teacher's base (a strict load of the adapters alone failed)
+    from lightning_distill.evaluate import load_checkpoint_model
+
+    loaded, used_ema = load_checkpoint_model(tmp_path / "run" / "checkpoints" / "last.ckpt", model.teacher)
+    assert used_ema
+    got = loaded.student.state_dict()
+    assert all(torch.equal(got[k.removeprefix("module.")], v) for k, v in ema.items() if k != "n_averaged")
+    assert all(torch.equal(got[k], v.float()) for k, v in _base_keys(loaded.student, {
+        f"unet.{k}": v for k, v in teacher_sd.items()}).items())
 
     folder = model.export(tmp_path / "student")
     pipe = DiffusionPipeline.from_pretrained(str(folder))
