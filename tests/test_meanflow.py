@@ -123,6 +123,30 @@ def test_identity_holds_for_the_closed_form_average_velocity_of_gaussian_data(mo
     assert (meanflow_target(v, du_wrong, r, t) - u_wrong).abs().max() > 1e-2
 
 
+def test_finite_differences_stay_inside_the_interval_and_are_float32_under_bf16_autocast():
+    """t - h never goes below the interval's start r (u at a negative interval is untrained) nor to 0: the
+    difference is one-sided there and still first-order right; a zero-width one (t = r = t_max) is 0, not NaN.
+    Under bf16 autocast the difference runs in float32."""
+    v_fn, u_true = _gaussian_flow(s=0.5)
+    z = torch.randn(3, 1, 3, 3, generator=torch.Generator().manual_seed(0))
+    t = torch.tensor([0.5, 0.3, 1.0])
+    r = torch.tensor([0.495, 0.0, 1.0])  # t - h below r; r = 0 (t - h would be fine); t = r = t_max
+    seen, r_net = [], torch.tensor([0.2, 0.0, 0.5])  # the network's own r (fixed); r above only bounds t - h
+
+    def u_fn(z_, t_):
+        seen.append(t_.clone())
+        return u_true(z_, r_net, t_)
+
+    v = v_fn(z, t)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        _, du = total_derivative(u_fn, z, t, v, "finite_difference", step=0.01, r=r)
+    lowest = torch.stack(seen).min(0).values
+    assert bool((lowest >= r).all()) and float(lowest[1]) == pytest.approx(0.29)
+    assert du.dtype == torch.float32 and torch.isfinite(du).all() and du[2].abs().max() == 0
+    _, exact = total_derivative(u_fn, z, t, v, "forward")
+    torch.testing.assert_close(du[:2], exact[:2], rtol=0.05, atol=1e-3)
+
+
 def test_target_at_r_equals_t_is_the_teacher_velocity():
     v, du_dt = torch.randn(2, 1, 4, 4), torch.randn(2, 1, 4, 4)
     t = torch.tensor([0.3, 0.8])

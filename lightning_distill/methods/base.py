@@ -262,8 +262,11 @@ class DistillationMethod(L.LightningModule):
         return self._eval_step(batch, "test")
 
     def _eval_step(self, batch: dict, prefix: str) -> Tensor:
-        # Fixed seed: validation losses of the same weights are comparable across epochs and runs.
-        with torch.random.fork_rng(devices=[]):
+        # Fixed seed: validation losses of the same weights are comparable across epochs and runs. manual_seed
+        # seeds every device: the module's own accelerator's generator is restored too (else each rank's
+        # training noise would restart from seed + 1 after every validation, the same on every rank).
+        accel = self.device.type != "cpu"
+        with torch.random.fork_rng(devices=[self.device] if accel else [], device_type=self.device.type if accel else None):
             torch.manual_seed(self.hparams.seed + 1)
             out = self.compute_loss(batch)
         self.log_dict({f"{prefix}/{k}": v for k, v in out.logs.items()}, sync_dist=True, batch_size=batch["x"].shape[0])

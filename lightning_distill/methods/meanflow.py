@@ -146,14 +146,16 @@ def total_derivative(
     mode: JVPMode = "forward",
     step: float = 1e-4,
     t_max: float = 1.0,
+    r: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """(u, du/dt) with du/dt = v . d_z u + d_t u, the derivative along the teacher's ODE (Eq. 8).
 
     ``u_fn(z, t)`` is u_theta(z, r, t) with r held (its tangent is 0). ``forward``: one ``torch.func.jvp``
     with tangents (v, 1); u keeps its graph to the parameters (the paper's Algorithm 1 uses the JVP's
     primal output as the prediction), outside autocast. ``finite_difference``: central differences with step h = ``step``
-    in flow time, (u(z + h v, t + h) - u(z - h v, t - h)) / 2h, t +- h kept in [0, ``t_max``]; u is a
-    separate (third) call. du/dt is returned detached: it only enters the stop-gradient target.
+    in flow time, (u(z + h v, t + h) - u(z - h v, t - h)) / 2h, t + h kept below ``t_max`` and t - h above
+    the interval's start ``r`` (and 0), one-sided at those ends; u is a separate (third) call. du/dt is
+    returned detached: it only enters the stop-gradient target.
     """
     if mode == "forward":
         with forward_ad_attention(z.device.type):  # math attention kernel, no autocast
@@ -162,11 +164,16 @@ def total_derivative(
     if mode != "finite_difference":
         raise ConfigError(f"unknown jvp {mode!r}; choose one of {JVP_MODES}")
     u = u_fn(z, t)
-    with torch.no_grad():
-        t_plus, t_minus = (t + step).clamp(max=t_max), (t - step).clamp(min=0.0)
+    # a difference of two nearby outputs: in float32 (under bf16 autocast it would be mostly rounding);
+    # t - h stays at or above r (u at a negative interval is untrained) and above 0 (sigma = 0 divides
+    # an x0-predicting student by zero): one-sided there. A zero-width difference (t = r = t_max) is 0.
+    with torch.no_grad(), torch.autocast(z.device.type, enabled=False):
+        t_plus = (t + step).clamp(max=t_max)
+        lo = torch.zeros_like(t) if r is None else r
+        t_minus = torch.minimum(torch.maximum(t - step, lo).clamp(min=min(step, 1e-4)), t)
         up = u_fn(z + expand_like(t_plus - t, z) * v, t_plus)
         down = u_fn(z + expand_like(t_minus - t, z) * v, t_minus)
-        du_dt = (up - down) / expand_like(t_plus - t_minus, z)
+        du_dt = (up - down) / expand_like((t_plus - t_minus).clamp(min=1e-12), z)
     return u, du_dt
 
 
@@ -272,8 +279,8 @@ class MeanFlowDistillation(DistillationMethod):
     # --- the loss ----------------------------------------------------------------------------
 
     def teacher_velocity(self, z: Tensor, t: Tensor) -> Tensor:
-        den = self.teacher.denoiser
-        return flow_velocity(den, z, t).float()
+        with torch.autocast(z.device.type, enabled=False):  # the ODE's velocity, not a bf16 one
+            return flow_velocity(self.teacher.denoiser, z, t).float()
 
     def compute_loss(self, batch: dict) -> LossOutput:
         hp = self.hparams
@@ -292,7 +299,7 @@ class MeanFlowDistillation(DistillationMethod):
         # Validation runs under inference mode, which forward-mode AD cannot enter: the (logged) target
         # is then taken by central differences.
         mode = hp.jvp if torch.is_grad_enabled() else "finite_difference"
-        u, du_dt = total_derivative(u_fn, z, t, v, mode, hp.finite_difference_step, self.t_max)
+        u, du_dt = total_derivative(u_fn, z, t, v, mode, hp.finite_difference_step, self.t_max, r)
         u_tgt = meanflow_target(v, du_dt, r, t)
         per_sample, sq = adaptive_weighted_loss(u - u_tgt, hp.adaptive_power, hp.adaptive_c)
         loss = per_sample.mean()

@@ -145,8 +145,10 @@ def trigflow_jvp(
     # kept inside (0, pi/2): both ends are singular for the conversion to the teacher's path
     t_plus, t_minus = (t + step).clamp(max=math.pi / 2 - 1e-6), (t - step).clamp(min=1e-6)
     dx = expand_like(t_plus - t, x_t) * dxt_dt, expand_like(t_minus - t, x_t) * dxt_dt
-    dF = (F(x_t + dx[0], t_plus) - F(x_t + dx[1], t_minus)) / expand_like(t_plus - t_minus, x_t)
-    return F(x_t, t), dF
+    # a difference of two nearby outputs: in float32 (under bf16 autocast it would be mostly rounding)
+    with torch.autocast(x_t.device.type, enabled=False):
+        dF = (F(x_t + dx[0], t_plus) - F(x_t + dx[1], t_minus)) / expand_like(t_plus - t_minus, x_t)
+        return F(x_t, t), dF
 
 
 def scm_tangent(
@@ -276,7 +278,7 @@ class SCMDistillation(TextToImageMixin, DistillationMethod):
 
     def teacher_velocity(self, x_t: Tensor, t: Tensor, cond: dict) -> Tensor:
         """dx_t/dt = sigma_d F_teacher(x_t, t), in float32 whatever the teacher's dtype."""
-        with torch.no_grad():
+        with torch.no_grad(), torch.autocast(x_t.device.type, enabled=False):  # the ODE's velocity, not a bf16 one
             F = trigflow_output(self.teacher.denoiser, x_t, t, self.hparams.sigma_data, **cond)
         return self.hparams.sigma_data * F.float()
 
@@ -301,7 +303,9 @@ class SCMDistillation(TextToImageMixin, DistillationMethod):
             g = normalise_tangent(g, hp.tangent_norm_const)
         F_theta = trigflow_output(self.student, x_t, t, hp.sigma_data, **cond)
         logvar = self.adaptive_weight(t) if self.adaptive_weight is not None else None
-        per_sample, unweighted = scm_loss(F_theta, F_minus.detach(), g.detach(), logvar)
+        # F- is F_theta under stop-gradient (Eq. 8): the JVP's float32 primal would differ from a bf16-autocast
+        # F_theta by rounding, a bias that stays in the residual; F_minus above only forms the tangent.
+        per_sample, unweighted = scm_loss(F_theta, F_theta.detach(), g.detach(), logvar)
         loss = per_sample.mean()
         logs = {"loss": loss, "unweighted": unweighted.mean().detach(), "warmup": torch.tensor(warmup)}
         if logvar is not None:
