@@ -64,3 +64,28 @@ def restore_left_out_weights(sd: dict, networks: dict[str, nn.Module], teacher, 
         lora.restore_base_weights(sd, network, prefix + lp)
     if teacher is not None and not any(k.startswith(prefix + "teacher.") for k in sd):
         sd.update({f"{prefix}teacher.{k}": v for k, v in teacher.state_dict().items()})
+
+
+def check_left_out_base(recorded: dict | None, teacher, lora_prefixes: list[str]) -> None:
+    """A LoRA network's frozen base is re-read from the live teacher: refuse a checkpoint whose recorded
+    teacher (``teacher_source``: source and revision) is another one, where the adapters would sit on a base
+    they were not trained on. Folders compare by resolved path, hub ids with their revision."""
+    from .errors import ConfigError
+    from .teacher import TeacherError, resolve_teacher_source
+
+    if not recorded or not lora_prefixes or teacher is None or not teacher.reloadable:
+        return
+
+    def identity(source: str, revision: str | None) -> tuple:
+        try:
+            folder, hub_id = resolve_teacher_source(source)
+        except TeacherError:  # the recorded folder is gone: compare as written
+            return (str(source), revision)
+        return (str(folder.resolve()), None) if folder is not None else (hub_id, revision)
+
+    if identity(recorded["source"], recorded.get("revision")) != identity(teacher.source, teacher.revision):
+        raise ConfigError(
+            f"this checkpoint's LoRA adapters were trained on teacher {recorded['source']!r}"
+            f"{' (revision ' + repr(recorded.get('revision')) + ')' if recorded.get('revision') else ''}, not on "
+            f"{teacher.source!r}: their frozen base is re-read from the teacher, so pass --data.teacher {recorded['source']}"
+        )

@@ -71,6 +71,15 @@ def test_lora_student_trains_adapters_only_and_exports_fused_and_adapter(name, f
     assert all(torch.equal(got[k.removeprefix("module.")], v) for k, v in ema.items() if k != "n_averaged")
     assert all(torch.equal(got[k], v.float()) for k, v in _base_keys(loaded.student, {
         f"unet.{k}": v for k, v in teacher_sd.items()}).items())
+    # resuming the adapters on another teacher (whose base they were not trained on) is a one-line error
+    import shutil
+
+    from lightning_distill.errors import ConfigError
+    from lightning_distill.teacher import load_teacher
+
+    other = shutil.copytree(model.teacher.source, tmp_path / "other_teacher")
+    with pytest.raises(ConfigError, match=r"LoRA adapters were trained on teacher .*, not on .*other_teacher"):
+        type(model).load_from_checkpoint(tmp_path / "run" / "checkpoints" / "last.ckpt", teacher=load_teacher(str(other)))
 
     folder = model.export(tmp_path / "student")
     pipe = DiffusionPipeline.from_pretrained(str(folder))
