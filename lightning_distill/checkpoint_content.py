@@ -66,6 +66,20 @@ def restore_left_out_weights(sd: dict, networks: dict[str, nn.Module], teacher, 
         sd.update({f"{prefix}teacher.{k}": v for k, v in teacher.state_dict().items()})
 
 
+def check_lora_spec(checkpoint: dict, spec) -> None:
+    """Refuse a checkpoint whose student adapters were built with another ``student_lora`` (rank, alpha,
+    targets) than this run's, before the state dict's per-layer size mismatches would."""
+    from .errors import ConfigError
+
+    saved = lora.LoraSpec.from_config((checkpoint.get("hyper_parameters") or {}).get("student_lora"))
+    mine = lora.LoraSpec.from_config(spec)
+    if saved != mine:
+        show = lambda s: None if s is None else s.to_dict()  # noqa: E731
+        raise ConfigError(
+            f"this checkpoint's student_lora is {show(saved)}, this run's is {show(mine)}: resume with the checkpoint's settings"
+        )
+
+
 def check_left_out_base(recorded: dict | None, teacher, lora_prefixes: list[str]) -> None:
     """A LoRA network's frozen base is re-read from the live teacher: refuse a checkpoint whose recorded
     teacher (``teacher_source``: source and revision) is another one, where the adapters would sit on a base

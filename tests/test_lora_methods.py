@@ -80,6 +80,14 @@ def test_lora_student_trains_adapters_only_and_exports_fused_and_adapter(name, f
     other = shutil.copytree(model.teacher.source, tmp_path / "other_teacher")
     with pytest.raises(ConfigError, match=r"LoRA adapters were trained on teacher .*, not on .*other_teacher"):
         type(model).load_from_checkpoint(tmp_path / "run" / "checkpoints" / "last.ckpt", teacher=load_teacher(str(other)))
+    # ... and so is resuming with other adapter settings (before: torch's per-layer size-mismatch dump)
+    from lightning_distill.checkpoint_content import check_lora_spec
+
+    check_lora_spec(ckpt, {"rank": 4, "alpha": 4})  # the same settings, as a mapping: accepted
+    with pytest.raises(ConfigError, match=r"checkpoint's student_lora is \{'rank': 4.*\}, this run's is \{'rank': 8"):
+        check_lora_spec(ckpt, {"rank": 8, "alpha": 4})
+    with pytest.raises(ConfigError, match=r"this run's is None"):
+        check_lora_spec(ckpt, None)
 
     folder = model.export(tmp_path / "student")
     pipe = DiffusionPipeline.from_pretrained(str(folder))

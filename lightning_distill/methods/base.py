@@ -304,6 +304,7 @@ class DistillationMethod(L.LightningModule):
             checkpoint_content.drop_left_out_weights(checkpoint["state_dict"], self._lora_prefixes(), self.teacher)
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint_content.check_lora_spec(checkpoint, self.hparams.get("student_lora"))
         checkpoint_content.check_left_out_base(checkpoint.get("teacher_source"), self.teacher, self._lora_prefixes())
         if "state_dict" in checkpoint:  # FSDP strategies pop it: loaded already, through the pre-hook below
             self.restore_left_out_weights(checkpoint["state_dict"])
