@@ -284,3 +284,30 @@ def test_finite_differences_under_bf16_autocast_are_the_float32_ones():
     assert got.dtype == torch.float32
     torch.testing.assert_close(got, ref, rtol=0, atol=0)
     torch.testing.assert_close(got_F, ref_F, rtol=0, atol=0)
+
+
+def test_times_stay_where_the_teachers_table_reaches():
+    """SD 1.5's schedule ends at TrigFlow t = 1.537 (not pi/2): above it the network's timestep would pin at
+    T - 1 while alpha keeps falling. trigflow_range gives its table's ends, and the finite differences stay
+    inside them (one-sided at the ends)."""
+    from diffusers import DDPMScheduler
+
+    from lightning_distill.methods.scm import trigflow_range, trigflow_time
+    from lightning_distill.parametrisation import schedule_from_scheduler
+
+    sd = schedule_from_scheduler(DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012))
+    lo, hi = trigflow_range(sd, 0.5)
+    assert hi == pytest.approx(1.5366, abs=1e-4) and hi == pytest.approx(float(trigflow_time(sd.flow_time(torch.tensor(999)), 0.5)))
+    assert lo == pytest.approx(float(trigflow_time(sd.flow_time(torch.tensor(0)), 0.5))) and 0 < lo < 0.1
+    flow_lo, flow_hi = trigflow_range(FlowSchedule(1000), 0.5)
+    assert flow_hi == pytest.approx(math.pi / 2 - 1e-6) and flow_lo == pytest.approx(math.atan2(0.001, 0.999 * 0.5), rel=1e-4)
+    seen = []
+
+    def F(x, t):
+        seen.append(t.clone())
+        return x * torch.sin(t).view(-1, 1)
+
+    t = torch.tensor([lo, 0.8, hi])
+    trigflow_jvp(F, torch.ones(3, 2), t, torch.ones(3, 2), "finite_difference", step=0.01, t_range=(lo, hi))
+    seen = torch.stack(seen)
+    assert float(seen.min()) == pytest.approx(lo) and float(seen.max()) == pytest.approx(hi)

@@ -106,6 +106,15 @@ def trigflow_scale(alpha: Tensor, sigma: Tensor, sigma_data: float) -> Tensor:
     return sigma_data / (sigma_data**2 * alpha**2 + sigma**2).sqrt()
 
 
+def trigflow_range(schedule, sigma_data: float) -> tuple[float, float]:
+    """The TrigFlow times of a teacher's lowest and highest training levels, inside (0, pi/2) (both ends are
+    singular for the conversion to its path). Beyond them the network's timestep input pins at its table's
+    end while alpha and sigma keep moving (a non-zero-terminal-SNR VP teacher, SD 1.5: t <= 1.537)."""
+    ends = schedule.flow_time(torch.tensor([0, schedule.num_train_timesteps - 1]))
+    lo, hi = trigflow_time(ends.double(), sigma_data).tolist()
+    return max(lo, 1e-6), min(hi, math.pi / 2 - 1e-6)
+
+
 def sample_trigflow_time(
     n: int, p_mean: float, p_std: float, sigma_data: float, generator: torch.Generator | None = None, device=None
 ) -> Tensor:
@@ -131,19 +140,19 @@ def consistency_function(x_t: Tensor, t: Tensor, F: Tensor, sigma_data: float) -
 
 def trigflow_jvp(
     F: Callable[[Tensor, Tensor], Tensor], x_t: Tensor, t: Tensor, dxt_dt: Tensor,
-    mode: JVPMode = "forward", step: float = 1e-4,
+    mode: JVPMode = "forward", step: float = 1e-4, t_range: tuple[float, float] = (1e-6, math.pi / 2 - 1e-6),
 ) -> tuple[Tensor, Tensor]:
     """(F(x_t, t), dF/dt) with dF/dt = dF/dx . dx_t/dt + dF/dt, the total derivative along the ODE.
 
     ``forward``: one ``torch.func.jvp`` with tangents (dx_t/dt, 1). ``finite_difference``: central
     differences (F(x + h dx, t + h) - F(x - h dx, t - h)) / 2h with h = ``step`` (in radians), for
-    networks whose kernels lack forward-mode support; F(x_t, t) is then a third call.
+    networks whose kernels lack forward-mode support; F(x_t, t) is then a third call. t +- h stay in
+    ``t_range`` (:func:`trigflow_range`), one-sided at its ends.
     """
     if mode == "forward":
         with forward_ad_attention(x_t.device.type):
             return torch.func.jvp(F, (x_t.float(), t.float()), (dxt_dt.float(), torch.ones_like(t, dtype=torch.float32)))
-    # kept inside (0, pi/2): both ends are singular for the conversion to the teacher's path
-    t_plus, t_minus = (t + step).clamp(max=math.pi / 2 - 1e-6), (t - step).clamp(min=1e-6)
+    t_plus, t_minus = (t + step).clamp(max=t_range[1]), (t - step).clamp(min=t_range[0])
     dx = expand_like(t_plus - t, x_t) * dxt_dt, expand_like(t_minus - t, x_t) * dxt_dt
     # a difference of two nearby outputs: in float32 (under bf16 autocast it would be mostly rounding)
     with torch.autocast(x_t.device.type, enabled=False):
@@ -261,6 +270,7 @@ class SCMDistillation(TextToImageMixin, DistillationMethod):
             raise ConfigError(f"{type(self).__name__} needs a teacher (set data.teacher)")
         super().__init__(teacher=teacher, sample_steps=sample_steps, **kwargs)
         self.adaptive_weight = AdaptiveWeight(sigma_data) if adaptive_weighting else None
+        self.t_range = trigflow_range(self.student.schedule, sigma_data)  # times the teacher's table covers
         self.make_scheduler()  # fail at construction if the teacher's betas have no LCMScheduler
 
     def trainable_parameters(self):
@@ -286,7 +296,7 @@ class SCMDistillation(TextToImageMixin, DistillationMethod):
         hp = self.hparams
         x0 = batch["x"].float()
         n = x0.shape[0]
-        t = sample_trigflow_time(n, hp.p_mean, hp.p_std, hp.sigma_data, device=x0.device)
+        t = sample_trigflow_time(n, hp.p_mean, hp.p_std, hp.sigma_data, device=x0.device).clamp(*self.t_range)
         z = torch.randn_like(x0) * hp.sigma_data
         x_t = expand_like(torch.cos(t), x0) * x0 + expand_like(torch.sin(t), x0) * z
         cond, teacher_cond = self.conditioning(batch)
@@ -296,7 +306,7 @@ class SCMDistillation(TextToImageMixin, DistillationMethod):
             return trigflow_output(self.student, x, tt, hp.sigma_data, **cond)
 
         with torch.no_grad():
-            F_minus, dF_dt = trigflow_jvp(F_minus_fn, x_t, t, dxt_dt, hp.jvp, hp.finite_difference_step)
+            F_minus, dF_dt = trigflow_jvp(F_minus_fn, x_t, t, dxt_dt, hp.jvp, hp.finite_difference_step, self.t_range)
         warmup = tangent_warmup(self.global_step, hp.tangent_warmup_steps)
         g = scm_tangent(F_minus, dF_dt, dxt_dt, x_t, t, hp.sigma_data, warmup)
         if hp.tangent_norm_const is not None:
@@ -333,6 +343,7 @@ __all__ = [
     "scm_tangent",
     "tangent_warmup",
     "trigflow_jvp",
+    "trigflow_range",
     "trigflow_output",
     "trigflow_scale",
     "trigflow_time",
