@@ -107,20 +107,25 @@ def load_image(path: Path, image_size: int, channels: int) -> Tensor:
     return TF.to_tensor(img) * 2 - 1
 
 
-def load_image_folder(
-    root: str | os.PathLike, image_size: int, channels: int, class_conditional: bool
-) -> tuple[Tensor, Tensor]:
-    """Decode a whole folder into memory (every file checked before training starts)."""
+def image_folder_labels(root: str | os.PathLike) -> tuple[list[Path], Tensor]:
+    """The folder's images (sorted) and each one's class: the index of its sub-folder among the sorted
+    sub-folder names (0 for an image at the top)."""
     files = find_images(root)
     root = Path(root).expanduser()
     classes = sorted({p.relative_to(root).parts[0] for p in files if len(p.relative_to(root).parts) > 1})
     index = {c: i for i, c in enumerate(classes)}
-    images, labels = [], []
-    for p in files:
-        images.append(load_image(p, image_size, channels))
-        parts = p.relative_to(root).parts
-        labels.append(index[parts[0]] if class_conditional and len(parts) > 1 else 0)
-    return torch.stack(images), torch.tensor(labels, dtype=torch.long)
+    labels = [index[p.relative_to(root).parts[0]] if len(p.relative_to(root).parts) > 1 else 0 for p in files]
+    return files, torch.tensor(labels, dtype=torch.long)
+
+
+def load_image_folder(
+    root: str | os.PathLike, image_size: int, channels: int, class_conditional: bool
+) -> tuple[Tensor, Tensor]:
+    """Decode a whole folder into memory (every file checked before training starts); labels are the
+    sub-folders' classes when ``class_conditional``, else 0."""
+    files, labels = image_folder_labels(root)
+    images = torch.stack([load_image(p, image_size, channels) for p in files])
+    return images, labels if class_conditional else torch.zeros_like(labels)
 
 
 class TeacherDataModule(L.LightningDataModule):
@@ -272,9 +277,11 @@ class TeacherDataModule(L.LightningDataModule):
 
         hp = self.hparams
         images, labels = self.load_all()
-        extras, text = self.prompt_inputs(labels), None
+        # a prompt's {label} names the image's sub-folder whether or not the labels condition the network
+        named = labels if hp.data == "digits" or hp.class_conditional else image_folder_labels(hp.data)[1]
+        extras, text = self.prompt_inputs(named), None
         if extras and (hp.text_cache or hp.release_encoders):  # every prompt encoded once, "" for guidance
-            prompts = self.prompts(labels)
+            prompts = self.prompts(named)
             key = cache_key(self.teacher, hp.teacher, hp.teacher_revision, prompts)
             text = caption_embeddings(self.teacher, prompts, key, hp.text_cache)
             remember_prompts(self.teacher, [""])
@@ -454,4 +461,4 @@ class TeacherDataModule(L.LightningDataModule):
         return self.val_dataloader()
 
 
-__all__ = ["TeacherDataModule", "DataError", "TeacherError", "load_digits_tensor", "load_image_folder"]
+__all__ = ["TeacherDataModule", "DataError", "TeacherError", "image_folder_labels", "load_digits_tensor", "load_image_folder"]

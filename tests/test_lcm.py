@@ -111,6 +111,12 @@ def test_latent_data_prompts_and_cache(tiny_sd, captioned_folder, tmp_path):
     with pytest.raises(DataError, match="either data.prompt or data.captions"):
         make_dm(tiny_sd, captioned_folder, prompt="x", captions=str(captioned_folder / "metadata.jsonl")).setup()
     assert fixed.prompts(torch.tensor([0, 1])) == ["a photo of a", "a photo of b"]
+    # ... and the data set's prompts name each image's sub-folder, though a text teacher's labels are all 0
+    fixed.setup()
+    full = fixed.train_set.dataset
+    assert full.labels.eq(0).all()
+    expected = fixed.teacher.text_inputs(["a photo of a"] * 6 + ["a photo of b"] * 6)
+    assert torch.equal(full.extras["input_ids"], expected["input_ids"])
 
 
 def test_cfg_teacher_step_by_hand(tiny_sd, captioned_folder):
