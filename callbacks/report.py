@@ -58,7 +58,11 @@ class DistillationReport(L.Callback):
         exported = next((cb.exported_to for cb in trainer.callbacks if getattr(cb, "exported_to", None)), None)
         if exported is None:
             exported = str(pl_module.export(Path(self.out_dir) / "student"))
+        # the reference set is the run's own data (its folder, size, channels and split), not the digits default
+        hp = getattr(trainer.datamodule, "hparams", None) or {}
+        data = {k: hp[k] for k in ("data", "image_size", "channels", "split_seed", "val_fraction") if hp.get(k) is not None}
         self.rows = evaluate_models(
+            **data,
             teacher=pl_module.teacher,
             students={"student": exported},
             steps=self.steps,

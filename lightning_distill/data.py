@@ -285,6 +285,7 @@ class TeacherDataModule(L.LightningDataModule):
             key = cache_key(self.teacher, hp.teacher, hp.teacher_revision, prompts)
             text = caption_embeddings(self.teacher, prompts, key, hp.text_cache)
             remember_prompts(self.teacher, [""])
+        self.pixels = images  # train_images / val_images: pixels, also when the data set holds latents
         if self.teacher is not None and self.teacher.is_latent:
             images = self.encode_latents(images)
         n = images.shape[0]
@@ -420,13 +421,14 @@ class TeacherDataModule(L.LightningDataModule):
         self.train_set, self.val_set = pair_datasets(pairs, cfg.val_fraction)
 
     def train_images(self) -> Tensor:
-        """All training images as one tensor (reference statistics, FID)."""
+        """All training images as one tensor in pixel space, in [-1, 1] (reference statistics, FID), also
+        for a latent teacher, whose data set holds their VAE latents."""
         self.setup()
-        return self.image_train_set.dataset.images[self.image_train_set.indices]
+        return self.pixels[self.image_train_set.indices]
 
     def val_images(self) -> Tensor:
         self.setup()
-        return self.image_val_set.dataset.images[self.image_val_set.indices]
+        return self.pixels[self.image_val_set.indices]
 
     def _loader(self, ds: Dataset, batch_size: int, shuffle: bool) -> DataLoader:
         return DataLoader(

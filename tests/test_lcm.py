@@ -104,6 +104,9 @@ def test_latent_data_prompts_and_cache(tiny_sd, captioned_folder, tmp_path):
     img = raw.load_all()[0][:2]
     z = raw.teacher.vae.encode(img).latent_dist.mode() * 0.18215
     torch.testing.assert_close(dm.train_set.dataset.images[:2], z)
+    # the reference images of FID are the pixels, not the latents the data set trains on
+    pixels = raw.load_all()[0]
+    assert torch.equal(dm.train_images(), pixels[dm.train_set.indices]) and torch.equal(dm.val_images(), pixels[dm.val_set.indices])
     assert images.shape[1] == 4
     # prompts: metadata order follows the sorted files; a fixed prompt formats {label} with class names
     assert dm.prompts(torch.zeros(12, dtype=torch.long))[6] == "a photo of dog 0"

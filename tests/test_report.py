@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from conftest import write_tiny_teacher
@@ -17,7 +18,7 @@ def test_main_job_prints_student_vs_teacher_table(tmp_path, capsys):
     cli_main([
         "fit", "--config", str(CONFIGS / "consistency" / "main.yaml"),
         "--data.teacher", str(teacher), "--data.image_size", "8", "--data.batch_size", "8",
-        "--trainer.max_steps", "2", "--trainer.default_root_dir", str(root),
+        "--trainer.max_steps", "2", "--trainer.default_root_dir", str(root), "--data.split_seed", "3",
         "--trainer.enable_progress_bar", "false",
         "--trainer.callbacks.init_args.num_samples", "24",  # applies to the last callback (the report)
         "--trainer.callbacks.init_args.teacher_steps", "[1, 2]",
@@ -33,3 +34,6 @@ def test_main_job_prints_student_vs_teacher_table(tmp_path, capsys):
     assert len(rows) == 1 + 1 + 2 + 1  # header, real held-out baseline, teacher x2, student x1
     assert (report / "fd_vs_steps.png").stat().st_size > 0
     assert (root / "student" / "model_index.json").exists()
+    # the reference is the run's own data and split (before: always the digits default split)
+    protocol = json.loads((report / "protocol.json").read_text())
+    assert protocol["reference"].startswith("digits train split (split_seed=3, val_fraction=0.1, 1617 images, 8x8)")
