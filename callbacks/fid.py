@@ -29,6 +29,7 @@ from lightning_distill import backbones
 from lightning_distill.errors import ConfigError
 from lightning_distill.metrics import (
     ReferenceStats,
+    check_kid_settings,
     chunk_bounds,
     decode_latents,
     feature_net_name,
@@ -116,6 +117,7 @@ class FIDCallback(L.Callback):
         bad = [s for s in steps if s != "current" and (not isinstance(s, int) or s < 1)]
         if bad or not steps:
             raise ConfigError(f"FIDCallback: steps must be positive ints or 'current', got {list(steps)}")
+        check_kid_settings(kid_subsets, kid_subset_size)
         if reference not in ("train", "val", "all"):
             raise ConfigError(f"FIDCallback: reference must be 'train', 'val' or 'all', got {reference!r}")
         self.every_n_steps = every_n_steps

@@ -42,8 +42,10 @@ from torch import Tensor, nn
 
 from . import backbones, lora, teacher_features
 from .export import ema_state_from_checkpoint
+from .errors import ConfigError
 from .metrics import (
     ReferenceStats,
+    check_kid_settings,
     decode_latents,
     fd_from_features,
     gaussian_stats,
@@ -295,6 +297,10 @@ def evaluate_models(
         >>> rows[0]["fd"]
     """
     log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
+    bad = [s for s in [*steps, *teacher_steps, *(s for v in (student_steps or {}).values() for s in v)] if int(s) < 1]
+    if bad or chunk_size < 1:
+        raise ConfigError(f"step counts and chunk_size must be >= 1, got steps {bad or 'ok'} and chunk_size {chunk_size}")
+    check_kid_settings(kid_subsets, kid_subset_size)
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if isinstance(teacher, (str, os.PathLike)):
         teacher = load_teacher(teacher)

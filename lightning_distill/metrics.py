@@ -30,6 +30,7 @@ from typing import Callable
 import torch
 from torch import Tensor, nn
 
+from .errors import ConfigError
 from .nn_utils import eval_mode
 
 # --- Fréchet distance and KID (pure functions) ---------------------------------------------------
@@ -72,6 +73,12 @@ def fd_from_features(f1: Tensor, f2: Tensor) -> float:
     return frechet_distance(*gaussian_stats(f1), *gaussian_stats(f2))
 
 
+def check_kid_settings(subsets: int, subset_size: int) -> None:
+    """One-line ConfigError for a KID protocol that cannot be computed (before any sampling)."""
+    if subsets < 1 or subset_size < 2:
+        raise ConfigError(f"KID needs kid_subsets >= 1 and kid_subset_size >= 2, got {subsets} and {subset_size}")
+
+
 def kernel_distance(
     real: Tensor,
     fake: Tensor,
@@ -90,6 +97,7 @@ def kernel_distance(
     """
     from torchmetrics.image.kid import poly_mmd
 
+    check_kid_settings(subsets, subset_size)
     real, fake = real.double(), fake.double()
     m = min(subset_size, real.shape[0], fake.shape[0])
     if m < 2:

@@ -254,3 +254,26 @@ def test_fid_debug_config_runs_through_the_cli(tmp_path):
     assert set(fid.last_metrics) == {f"{m}/digits-feat/{s}step/n8" for m in ("fid", "kid") for s in (1, 2)}
     assert list((tmp_path / "fd_cache").glob("digits-feat-n*.pt"))
     assert list((tmp_path / "logs").rglob("events.out.tfevents*"))
+
+
+@pytest.mark.parametrize("kwargs,words", [
+    ({"teacher_steps": [0]}, r"step counts and chunk_size must be >= 1, got steps \[0\]"),
+    ({"chunk_size": 0}, r"chunk_size 0"),
+    ({"kid_subsets": 0}, r"kid_subsets >= 1 and kid_subset_size >= 2, got 0 and 1000"),
+    ({"kid_subset_size": 1}, r"got 100 and 1"),
+])
+def test_bad_protocol_settings_fail_before_any_work(kwargs, words):
+    """One-line errors naming the value, raised before the teacher loads (a missing folder would say so)."""
+    from lightning_distill.errors import ConfigError
+    from lightning_distill.evaluate import evaluate_models
+
+    with pytest.raises(ConfigError, match=words):
+        evaluate_models("no/such/teacher", {}, **kwargs)
+
+
+def test_fid_callback_refuses_a_kid_protocol_it_cannot_compute():
+    from lightning_distill.callbacks.fid import FIDCallback
+    from lightning_distill.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="kid_subset_size >= 2, got 100 and 1"):
+        FIDCallback(kid_subset_size=1)
