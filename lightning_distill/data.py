@@ -391,7 +391,7 @@ class TeacherDataModule(L.LightningDataModule):
             vae.to(home)
         if cache is not None:
             cache.parent.mkdir(parents=True, exist_ok=True)
-            tmp = cache.with_suffix(cache.suffix + ".tmp")
+            tmp = cache.with_suffix(f"{cache.suffix}.{os.getpid()}.tmp")  # each DDP rank its own file; the last rename wins
             torch.save({"key": key, "latents": latents}, tmp)
             os.replace(tmp, cache)  # atomic: an interrupted write never leaves a truncated cache
         return latents

@@ -150,7 +150,7 @@ def caption_embeddings(teacher, prompts: list[str], key: dict, cache: str | os.P
     emb = encode_captions(teacher, prompts)
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(path.suffix + ".tmp")
+        tmp = path.with_suffix(f"{path.suffix}.{os.getpid()}.tmp")  # each DDP rank its own file; the last rename wins
         torch.save({"key": key, "tensors": emb.tensors, "shapes": emb.shapes}, tmp)
         os.replace(tmp, path)
     return emb
