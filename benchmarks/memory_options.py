@@ -144,7 +144,7 @@ def measure(stack: str, option: str, batch_size: int) -> dict:
 NOTES = {
     "baseline": "full generator, full fake score (fp32 copies), fp32 teacher",
     "gradient_checkpointing": "student and fake score",
-    "student_lora": "rank 4; the base stays a frozen fp32 copy of the teacher",
+    "student_lora": "rank 4; base = the teacher's own tensors (student_lora.base: shared, the default)",
     "fake_score_lora": "rank 4; base = the teacher's own tensors",
     "teacher_bf16": "data.teacher_dtype bfloat16",
     "teacher_offload": "",

@@ -4,11 +4,17 @@ Built on ``torch.optim.swa_utils.AveragedModel`` with ``get_ema_multi_avg_fn``. 
 ``EMAWeightAveraging`` averages the whole LightningModule (the frozen teacher included) and so does not
 fit: this callback averages only the named submodule, keeps its state in checkpoints, and offers the
 averaged copy for sampling, evaluation and export through ``sampling_module(pl_module)``.
+
+A LoRA student's frozen base is its own average, so for it the averaged copy (:class:`TrainableAverage`)
+holds new tensors for the trainable weights only and shares the base with the student (which may in turn
+share it with the teacher: ``student_lora.base``): the EMA of a 12B teacher's LoRA costs the adapters.
 """
 
 from __future__ import annotations
 
 from typing import Any
+
+from collections import defaultdict
 
 import lightning as L
 import torch
@@ -28,6 +34,37 @@ def ema_decay(num_updates: int, decay: float, warmup: bool) -> float:
     if not warmup:
         return decay
     return min(decay, (1.0 + num_updates) / (10.0 + num_updates))
+
+
+class TrainableAverage(nn.Module):
+    """``AveragedModel`` for a network that trains only some weights (a LoRA network): the copy's frozen
+    parameters and buffers are the network's own tensors, and only the trainable ones are averaged.
+
+    Same state-dict layout as ``AveragedModel`` (``module.<name>``, ``n_averaged``) and the same update rule
+    (the first update copies, later ones call ``multi_avg_fn(averaged, current, n_averaged)``).
+    """
+
+    def __init__(self, model: nn.Module, multi_avg_fn) -> None:
+        super().__init__()
+        self.module = lora.copy_trainable(model)
+        self.register_buffer("n_averaged", torch.tensor(0, dtype=torch.long))
+        self.multi_avg_fn = multi_avg_fn
+
+    @torch.no_grad()
+    def update_parameters(self, model: nn.Module) -> None:
+        groups: dict[tuple, tuple[list, list]] = defaultdict(lambda: ([], []))
+        for mine, theirs in zip(self.module.parameters(), model.parameters(), strict=True):
+            if theirs.requires_grad:  # a frozen weight is shared: nothing to average
+                group = groups[(mine.device, mine.dtype)]
+                group[0].append(mine)
+                group[1].append(theirs.detach().to(mine.device))
+        for averaged, current in groups.values():
+            if self.n_averaged == 0:
+                for a, c in zip(averaged, current):
+                    a.copy_(c)
+            else:
+                self.multi_avg_fn(averaged, current, self.n_averaged.to(averaged[0].device))
+        self.n_averaged += 1
 
 
 class EMA(L.Callback):
@@ -79,7 +116,11 @@ class EMA(L.Callback):
 
     def _build(self, pl_module: L.LightningModule) -> None:
         target = self._target(pl_module)
-        self.averaged = AveragedModel(target, multi_avg_fn=get_ema_multi_avg_fn(self.decay), use_buffers=True)
+        average = get_ema_multi_avg_fn(self.decay)
+        if lora.has_lora(target) and getattr(pl_module, "device_mesh", None) is None:
+            self.averaged = TrainableAverage(target, average)  # (FSDP2 shards a whole copy: AveragedModel)
+        else:
+            self.averaged = AveragedModel(target, multi_avg_fn=average, use_buffers=True)
         self.averaged.requires_grad_(False)
         self.averaged.eval()
         if self._pending is not None:

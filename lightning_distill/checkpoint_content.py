@@ -73,7 +73,7 @@ def check_lora_spec(checkpoint: dict, spec) -> None:
 
     saved = lora.LoraSpec.from_config((checkpoint.get("hyper_parameters") or {}).get("student_lora"))
     mine = lora.LoraSpec.from_config(spec)
-    if saved != mine:
+    if saved != mine and not (saved is not None and saved.same_adapters(mine)):
         show = lambda s: None if s is None else s.to_dict()  # noqa: E731
         raise ConfigError(
             f"this checkpoint's student_lora is {show(saved)}, this run's is {show(mine)}: resume with the checkpoint's settings"

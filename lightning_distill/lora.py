@@ -11,7 +11,8 @@ SD1.5's attention and feed-forward projections). What this module gives, as pure
 * :func:`is_lora_key`: whether a parameter / checkpoint key is an adapter's or the frozen base's.
 * :func:`new_layers` / ``add_lora(train_in_full=...)``: layers the student has and the teacher lacks (LCM's
   guidance input ``time_embedding.cond_proj``) train in full beside the adapters (peft's ``modules_to_save``).
-* :func:`lora_of_shared`: a LoRA whose frozen base shares another network's tensors (DMD2's fake score).
+* :func:`lora_of_shared`: a LoRA whose frozen base shares another network's tensors (DMD2's fake score);
+  :func:`tie_base`: the same for a student already built (``student_lora.base: shared``).
 * :func:`trainable_fraction` / :func:`parameter_counts`: logging.
 
 The formats a LoRA student is written in live in :mod:`lightning_distill.lora_io`, and their names stay
@@ -110,6 +111,12 @@ class LoraSpec:
             or None for the backbone's default (``"all"`` for ``UNet2DModel``, else ``"attention_ff"``).
         init: ``"gaussian"`` (A ~ N(0, 1/r), as the diffusers LCM-LoRA script) or ``"kaiming"`` (peft's
             default); B = 0 in both, so the student's output equals the teacher's at step 0.
+        base: where a student derived from the teacher keeps its frozen base. ``"shared"`` (default): the
+            teacher's own tensors (:func:`tie_base`), so the base costs no memory beyond the teacher, and it
+            runs in the teacher's dtype (``data.teacher_dtype``; the adapters stay float32). ``"copy"``: a float32
+            copy of the teacher's weights (float32 base computation with a reduced-precision teacher, at the
+            cost of a second copy). Both hold the same values, so with a float32 teacher they train identically.
+            Not part of what a checkpoint must match: the stored adapters fit either.
 
     Example::
 
@@ -121,6 +128,7 @@ class LoraSpec:
     alpha: float | None = None
     target_modules: str | tuple[str, ...] | None = None
     init: LoraInit = "gaussian"
+    base: Literal["shared", "copy"] = "shared"
 
     def __post_init__(self) -> None:
         if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank < 1:
@@ -129,6 +137,8 @@ class LoraSpec:
             raise ConfigError(f"student_lora.alpha must be > 0 (or None for alpha = rank), got {self.alpha!r}")
         if self.init not in INIT_CHOICES:
             raise ConfigError(f"student_lora.init must be one of {sorted(INIT_CHOICES)}, got {self.init!r}")
+        if self.base not in ("shared", "copy"):
+            raise ConfigError(f"student_lora.base must be one of ['copy', 'shared'], got {self.base!r}")
         targets = self.target_modules
         if isinstance(targets, str):
             if targets not in PRESETS:
@@ -171,6 +181,10 @@ class LoraSpec:
         if isinstance(self.target_modules, tuple):
             out["target_modules"] = list(self.target_modules)
         return out
+
+    def same_adapters(self, other: LoraSpec | None) -> bool:
+        """Whether ``other`` builds the same adapters (everything but ``base``, which does not change them)."""
+        return other is not None and dataclasses.replace(self, base=other.base) == other
 
     @property
     def lora_alpha(self) -> float:
@@ -381,6 +395,80 @@ def load_lora_state_dict(model: nn.Module, state_dict: Mapping[str, Tensor], ada
     set_peft_model_state_dict(model, dict(state_dict), adapter_name=adapter_name)
 
 
+def shared_copy(network: nn.Module) -> nn.Module:
+    """A copy of ``network``'s modules that holds ``network``'s own parameters and buffers (the same tensor
+    objects, no new memory): module state (train / eval, flags) is the copy's, weights are shared."""
+    shared = {id(t): t for t in (*network.parameters(), *network.buffers())}
+    return copy.deepcopy(network, memo=shared)  # deepcopy's memo returns each listed tensor itself
+
+
+def copy_trainable(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` with new tensors for its trainable parameters only; its frozen parameters and
+    buffers are ``model``'s own. The averaged copies of a LoRA network (the sampling EMA, consistency
+    distillation's theta_minus) then share its frozen base instead of holding another one."""
+    frozen = {id(t): t for t in (*model.parameters(), *model.buffers()) if not t.requires_grad}
+    return copy.deepcopy(model, memo=frozen)
+
+
+def _base_name(name: str) -> str:
+    # peft's names of a wrapped layer's frozen weights -> the plain network's (to_q.base_layer.weight -> to_q.weight)
+    return ".".join(p for p in name.split(".") if p not in ("base_layer", "original_module"))
+
+
+def tie_base(model: nn.Module, base: nn.Module) -> int:
+    """Make every frozen parameter of LoRA network ``model`` that equals ``base``'s parameter of the same name
+    (and shape) *be* that parameter; returns how many were tied. Trainable parameters and frozen ones that
+    differ (or that ``base`` lacks) are left alone.
+
+    The student of a teacher then holds no copy of the frozen base: a float32 student built from a bf16
+    teacher takes the teacher's bf16 tensors (equal after the cast). Tied tensors keep ``requires_grad=False``.
+    """
+    theirs = dict(base.named_parameters())
+    tied = 0
+    for module_name, module in model.named_modules():
+        for name, param in list(module.named_parameters(recurse=False)):
+            other = theirs.get(_base_name(f"{module_name}.{name}" if module_name else name))
+            if param.requires_grad or other is None or other is param or other.shape != param.shape:
+                continue
+            if torch.equal(param.detach().float(), other.detach().to(param.device).float()):
+                module.register_parameter(name, other)
+                tied += 1
+    return tied
+
+
+def shared_tensors(a: nn.Module, b: nn.Module) -> int:
+    """How many parameter tensors modules ``a`` and ``b`` share (the same objects)."""
+    theirs = {id(p) for p in b.parameters()}
+    return sum(id(p) in theirs for p in a.parameters())
+
+
+def check_shared_base(student: nn.Module, teacher: nn.Module, *, offload: bool, precision: str | None) -> None:
+    """Refuse the setups a student on the teacher's own weights (``student_lora.base: shared``) cannot run.
+
+    Raises:
+        ConfigError: ``teacher_offload`` (it moves the teacher's weights off the device between its calls,
+            and the student's with them); or a reduced-precision teacher with layers the student trains in
+            full (float32, e.g. LCM's ``cond_proj``) in a run without autocast, where a float32 layer would get
+            the base's bf16 activations.
+    """
+    if not shared_tensors(student, teacher):
+        return
+    fix = "or set student_lora.base: copy (a float32 copy of the base)"
+    if offload:
+        raise ConfigError(
+            f"teacher_offload moves the teacher's weights between its calls, and the LoRA student's frozen base is "
+            f"those weights (student_lora.base: shared): set teacher_offload: false, {fix}"
+        )
+    dtypes = {p.dtype for p in student.parameters() if not p.requires_grad}
+    full = full_layers(student)
+    if full and dtypes - {torch.float32, torch.float64} and str(precision) in ("32", "32-true", "64", "64-true"):
+        raise ConfigError(
+            f"the LoRA student shares the {sorted(map(str, dtypes))[0]} teacher's base and trains {full} in float32: "
+            f"under precision {precision!r} those layers get the base's reduced-precision activations; use "
+            f"trainer.precision bf16-mixed (or 16-mixed), {fix}"
+        )
+
+
 def lora_of_shared(network: nn.Module, spec: LoraSpec | Mapping, *, seed: int | None = None) -> nn.Module:
     """A LoRA network whose frozen base *is* ``network``'s weights (shared tensors, not a copy); ``network``
     itself is left as it was (its modules are copied, its parameters and buffers are not).
@@ -393,8 +481,7 @@ def lora_of_shared(network: nn.Module, spec: LoraSpec | Mapping, *, seed: int | 
 
     if any(p.requires_grad for p in network.parameters()):
         raise ConfigError(f"lora_of_shared needs a frozen network; {type(network).__name__} has trainable weights")
-    shared = {id(t): t for t in (*network.parameters(), *network.buffers())}
-    model = copy.deepcopy(network, memo=shared)  # deepcopy's memo returns each listed tensor itself
+    model = shared_copy(network)
     add_lora(model, spec, seed=seed)
     cast_training_params(model, dtype=torch.float32)  # only the trainable (adapter) weights
     return model
@@ -437,6 +524,7 @@ __all__ = [
     "LoraSpec", "PRESETS", "STOCK_LORA_FORMAT", "LORA_WEIGHT_NAME", "FULL_LAYERS_NAME", "NETWORK_CONFIG_KEY",
     "add_lora", "new_layers", "full_layers", "default_target_modules", "resolve_target_modules", "has_lora", "is_lora_key", "freeze_base",
     "lora_state_dict", "load_lora_state_dict", "drop_base_weights", "restore_base_weights", "lora_of_shared",
+    "shared_copy", "copy_trainable", "tie_base", "shared_tensors", "check_shared_base",
     "save_lora", "read_lora_file", "load_lora", "lora_component_name", "fuse_lora",
     "parameter_counts", "trainable_fraction",
 ]

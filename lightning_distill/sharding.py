@@ -30,6 +30,7 @@ import weakref
 import torch
 from torch import nn
 
+from . import lora
 from .errors import ConfigError
 
 #: Block classes made FSDP units (the wrap policy of configs/strategies/fsdp.yaml; tests/test_fsdp2.py
@@ -136,6 +137,12 @@ def configure_model(pl_module) -> None:
         if name == "teacher":
             continue
         if isinstance(child, Denoiser):
+            teacher = getattr(pl_module, "teacher", None)
+            if name == "student" and teacher is not None and lora.shared_tensors(child, teacher):
+                raise ConfigError(
+                    "FSDP2 shards the student's weights, and this LoRA student's frozen base is the teacher's "
+                    "(student_lora.base: shared): set student_lora.base: copy, or use --trainer.strategy ddp"
+                )
             shard_denoiser(child, mesh, blocks)
         elif any(p.requires_grad for p in child.parameters()):
             raise ConfigError(

@@ -171,6 +171,8 @@ def test_lcm_lora_unet_trains_its_new_guidance_input_in_full(tiny_sd, captioned_
     teacher_sd = UNet2DConditionModel.from_pretrained(tiny_sd, subfolder="unet").state_dict()
     base = {k.replace(".base_layer", ""): v for k, v in student.state_dict().items() if not lora.is_lora_key(k)}
     assert all(torch.equal(base[k], v) for k, v in teacher_sd.items())
+    # the student was rebuilt with the new input (a copy), then its frozen base tied to the teacher's tensors
+    assert lora.shared_tensors(student, method.teacher.unet) == len(list(method.teacher.unet.parameters()))
 
     ckpt = torch.load(root / "checkpoints" / "last.ckpt", weights_only=True)
     stored = [k for k in ckpt["state_dict"] if k.startswith(("student.", "theta_minus."))]
@@ -205,3 +207,75 @@ def test_lcm_lora_unet_trains_its_new_guidance_input_in_full(tiny_sd, captioned_
         torch.testing.assert_close(latents(fused), ours, rtol=0, atol=1e-5)
         torch.testing.assert_close(latents(on_teacher), ours, rtol=0, atol=1e-5)
         assert (latents(adapters_only) - ours).abs().max() > 1e-4
+
+
+def test_a_shared_base_trains_as_a_copy_without_holding_one(fixtures, tmp_path):
+    """``student_lora.base: shared`` (the default): the student's frozen base, its sampling EMA's and consistency
+    distillation's theta_minus's are the teacher's own tensors, so a LoRA run holds one copy of the network
+    (the teacher's) plus adapters; ``base: copy`` holds three more. On a float32 teacher both train the same
+    adapters bit for bit, and the teacher's weights are left untouched."""
+    from lightning_distill import lora, memory
+    from lightning_distill.teacher import load_teacher
+
+    runs = {}
+    for base in ("shared", "copy"):
+        spec = json.dumps({"rank": 4, "alpha": 4, "base": base})
+        runs[base] = _fit("consistency", tmp_path / base, fixtures, "--model.init_args.student_lora", spec)
+    shared, copied = runs["shared"].model, runs["copy"].model
+    assert shared.trainer.global_step == copied.trainer.global_step > 0
+    teacher = list(shared.teacher.unet.parameters())
+    ema = {k: next(c for c in run.trainer.callbacks if type(c).__name__ == "EMA").averaged for k, run in runs.items()}
+    for network in (shared.student.unet, shared.theta_minus.unet, ema["shared"].module.unet):
+        assert lora.shared_tensors(network, shared.teacher.unet) == len(teacher)
+        assert all(not p.requires_grad for p in teacher)
+    for network in (copied.student.unet, copied.theta_minus.unet, ema["copy"].module.unet):
+        assert lora.shared_tensors(network, copied.teacher.unet) == 0
+    # the copy run's EMA shares the copied base with its student instead of holding a third copy
+    frozen = [p for p in copied.student.unet.parameters() if not p.requires_grad]
+    assert lora.shared_tensors(ema["copy"].module.unet, copied.student.unet) == len(frozen)
+
+    # same adapters, EMA and theta_minus, bit for bit; the teacher still equals its source
+    for a, b in [(shared.student, copied.student), (shared.theta_minus, copied.theta_minus), (ema["shared"], ema["copy"])]:
+        sa, sb = a.state_dict(), b.state_dict()
+        assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+    source = load_teacher(str(fixtures["tiny_teacher"])).unet.state_dict()
+    assert all(torch.equal(v, source[k]) for k, v in shared.teacher.unet.state_dict().items())
+    assert any(not torch.equal(v, source[k.replace(".base_layer", "")]) for k, v in lora.fuse_lora(shared.student.unet).state_dict().items())
+
+    # what the module holds: frozen, the teacher's bytes and theta_minus's adapters (+ the student's base copy)
+    held = {k: memory.state_bytes(run.model) for k, run in runs.items()}
+    teacher_bytes, adapters = memory.nbytes(teacher), held["shared"]["trainable"]
+    assert held["shared"]["frozen"] == teacher_bytes + adapters
+    assert held["copy"]["frozen"] == 2 * teacher_bytes + adapters  # theta_minus shares the student's copy
+    assert held["copy"]["trainable"] == adapters
+
+
+def test_a_shared_base_takes_the_teachers_precision_and_refuses_what_would_break_it(fixtures, tmp_path):
+    """A bf16 teacher: the shared base is bf16 (no float32 copy), the adapters float32, and a 32-true step runs.
+    teacher_offload (it moves the shared weights off the device between calls) is refused before training,
+    naming ``base: copy``, which then runs; so is a 32-true run whose layers trained in full would get bf16
+    activations (LCM's guidance input; unit-checked on a module pair)."""
+    from lightning_distill import lora
+    from lightning_distill.cli import cli_main
+    from lightning_distill.errors import ConfigError
+
+    cli = _fit("consistency", tmp_path / "bf16", fixtures, "--data.teacher_dtype", "bfloat16")
+    student, teacher = cli.model.student.unet, cli.model.teacher.unet
+    assert cli.trainer.global_step > 0 and lora.shared_tensors(student, teacher) == len(list(teacher.parameters()))
+    assert {p.dtype for p in student.parameters() if p.requires_grad} == {torch.float32}
+    assert {p.dtype for p in student.parameters() if not p.requires_grad} == {torch.bfloat16}
+
+    offload = ["--model.init_args.teacher_offload", "true"]
+    with pytest.raises(SystemExit) as exc:
+        _fit("consistency", tmp_path / "offload", fixtures, *offload)
+    assert exc.value.code == 2 and not (tmp_path / "offload" / "checkpoints").exists()
+    spec = json.dumps({"rank": 4, "alpha": 4, "base": "copy"})
+    assert _fit("consistency", tmp_path / "copy", fixtures, *offload, "--model.init_args.student_lora", spec).trainer.global_step > 0
+
+    net = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 4)).to(torch.bfloat16).requires_grad_(False)
+    with_full = lora.add_lora(lora.shared_copy(net), {"rank": 2, "target_modules": ["0"]}, train_in_full=["1"])
+    lora.check_shared_base(with_full, net, offload=False, precision="bf16-mixed")
+    with pytest.raises(ConfigError, match=r"trains \['1'\] in float32.*bf16-mixed.*base: copy"):
+        lora.check_shared_base(with_full, net, offload=False, precision="32-true")
+    with pytest.raises(ConfigError, match="teacher_offload.*base: copy"):
+        lora.check_shared_base(with_full, net, offload=True, precision="bf16-mixed")

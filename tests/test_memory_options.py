@@ -149,7 +149,7 @@ def test_dmd2_lora_fake_score_trains_checkpoints_reloads_and_is_smaller(fixtures
     ckpt = torch.load(ckpt_path, weights_only=True)
     stored = [k for k in ckpt["state_dict"] if k.startswith("fake_score.")]
     assert stored and all(lora.is_lora_key(k) for k in stored)
-    assert ckpt["hyper_parameters"]["fake_score_lora"] == {"rank": 4, "alpha": 8, "target_modules": None, "init": "gaussian"}
+    assert ckpt["hyper_parameters"]["fake_score_lora"] == {"rank": 4, "alpha": 8, "target_modules": None, "init": "gaussian", "base": "shared"}
     reloaded = DMD2.load_from_checkpoint(ckpt_path, teacher=cli.datamodule.teacher)
     for key, value in lora.lora_state_dict(fake).items():
         torch.testing.assert_close(lora.lora_state_dict(reloaded.fake_score.unet)[key], value, rtol=0, atol=0)

@@ -127,23 +127,28 @@ class DistillationMethod(L.LightningModule):
         """Wrap the student network in a Denoiser that shares the teacher's schedule."""
         if self.teacher is None:
             raise ConfigError(f"{type(self).__name__} needs a teacher (set data.teacher)")
-        student = build_module(student)
-        if student is None:
-            student = copy.deepcopy(self.teacher.unet).float()
+        student, spec = build_module(student), LoraSpec.from_config(self.hparams.get("student_lora"))
+        shared = spec is not None and spec.base == "shared" and self._student_from_teacher
+        if student is None:  # a LoRA student on the teacher's own weights (no copy) or a float32 copy
+            student = lora.shared_copy(self.teacher.unet) if shared else copy.deepcopy(self.teacher.unet).float()
         student = backbones.prepare_student(student)  # DiT: its label dropout switched off
         student.requires_grad_(True)
         student.train()
         if self.hparams.get("gradient_checkpointing"):
             memory.enable_gradient_checkpointing(student, "student")
-        spec = LoraSpec.from_config(self.hparams.get("student_lora"))
         if spec is not None:
+            from diffusers.training_utils import cast_training_params
             from lightning.pytorch.utilities import rank_zero_info
 
             # freezes the base; layers a teacher-derived student adds (LCM's w input) train in full
             new = lora.new_layers(student, self.teacher.unet) if self._student_from_teacher else ()
             lora.add_lora(student, spec, seed=self.hparams.get("seed", 0), train_in_full=new)
+            cast_training_params(student, dtype=torch.float32)  # adapters on a bf16 shared base: float32
+            if shared:  # LCM / MeanFlow rebuilt the network as a copy: its frozen base becomes the teacher's
+                lora.tie_base(student, self.teacher.unet)
             trainable, total = lora.parameter_counts(student)
-            rank_zero_info(f"{type(self).__name__}: LoRA student, {trainable:,} of {total:,} parameters train")
+            base = f"{lora.shared_tensors(student, self.teacher.unet)} base tensors are the teacher's" if shared else "base copied"
+            rank_zero_info(f"{type(self).__name__}: LoRA student, {trainable:,} of {total:,} parameters train; {base}")
         prediction_type = prediction_type or self.teacher.prediction_type
         velocity = self.teacher.schedule.velocity_prediction
         if self.teacher.schedule.path == "flow" and prediction_type != velocity:
@@ -166,6 +171,9 @@ class DistillationMethod(L.LightningModule):
             return super().to(*args, **kwargs)
 
     def setup(self, stage: str) -> None:
+        if self.student is not None and self.teacher is not None:  # student_lora.base: shared
+            offload, precision = bool(self.hparams.get("teacher_offload")), getattr(self._trainer, "precision", None)
+            lora.check_shared_base(self.student.unet, self.teacher.unet, offload=offload, precision=precision)
         if self.hparams.get("teacher_offload"):  # here, after every copy of the teacher's network is made
             memory.check_strategy(self._trainer)
             memory.offload_between_calls(self.teacher.unet)

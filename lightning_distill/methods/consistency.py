@@ -45,6 +45,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 
+from .. import lora
 from ..errors import ConfigError
 from ..losses import pseudo_huber, regression_distance
 from ..parametrisation import Denoiser, NoiseSchedule, Prediction, ddim_step, expand_like
@@ -213,9 +214,11 @@ def consistency_target(
 def ema_update_(target: nn.Module, online: nn.Module, mu: float) -> None:
     """theta_minus <- mu theta_minus + (1 - mu) theta (buffers copied). mu = 0 copies the online weights."""
     for p_t, p_o in zip(target.parameters(), online.parameters()):
-        p_t.lerp_(p_o.detach().to(p_t.dtype), 1.0 - mu)
+        if p_t is not p_o:  # a shared frozen weight (a LoRA student's base) is its own average
+            p_t.lerp_(p_o.detach().to(p_t.dtype), 1.0 - mu)
     for b_t, b_o in zip(target.buffers(), online.buffers()):
-        b_t.copy_(b_o)
+        if b_t is not b_o:
+            b_t.copy_(b_o)
 
 
 def off_grid_timesteps(visited: Tensor, trained: Tensor, atol: float = 1e-2) -> list[float]:
@@ -301,7 +304,9 @@ class ConsistencyDistillation(TextToImageMixin, DistillationMethod):
         # with mu = 0 it is the student itself under stop-gradient, so no copy is kept.
         self.theta_minus: Denoiser | None = None
         if target_decay > 0:
-            self.theta_minus = copy.deepcopy(self.student).requires_grad_(False)
+            # a LoRA student's frozen base is shared, not copied (it is its own average)
+            target = lora.copy_trainable(self.student) if lora.has_lora(self.student) else copy.deepcopy(self.student)
+            self.theta_minus = target.requires_grad_(False)
         self.make_scheduler()  # fail at construction, not at the first sample, if the grids disagree
         self.warn_if_sampler_leaves_grid(sample_steps)
 

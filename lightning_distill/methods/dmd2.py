@@ -262,10 +262,10 @@ class DMD2(TextToImageMixin, AdversarialMethod):
             )
         spec = LoraSpec.from_config(fake_score_lora, "fake_score_lora")
         if spec is not None:
-            if fake_score is not None or self.hparams.get("teacher_offload"):
+            if fake_score is not None or self.hparams.get("teacher_offload") or spec.base != "shared":
                 raise ConfigError(
                     "fake_score_lora builds the fake score on the teacher's own weights: it cannot be combined with "
-                    "a fake_score network or with teacher_offload (the shared weights must stay on the device)"
+                    "a fake_score network, teacher_offload (the shared weights must stay on the device) or base: copy"
                 )
             fake_score = lora.lora_of_shared(self.teacher.unet, spec, seed=self.hparams.seed + 1)
         else:
