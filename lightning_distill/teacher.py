@@ -382,6 +382,26 @@ def low_cpu_mem_usage() -> bool:
     return is_accelerate_available()
 
 
+def _hub_entries(hub_id: str, revision: str | None) -> set[str]:
+    """The top-level names of a hub repo (``unet``, ``scheduler``, ...): asked of the hub, or, when it cannot be
+    reached (``HF_HUB_OFFLINE=1``, no network), read from the local Hugging Face cache, so that a teacher
+    downloaded once also loads offline (diffusers then reads its files from the same cache)."""
+    from huggingface_hub import model_info, snapshot_download  # only reached for hub ids
+
+    try:
+        return {s.rfilename.split("/")[0] for s in model_info(hub_id, revision=revision).siblings}
+    except Exception as err:  # offline, no network or unknown id: the cache, else say which
+        reason = err
+    try:
+        cached = snapshot_download(hub_id, revision=revision, local_files_only=True, allow_patterns=["model_index.json"])
+    except Exception:
+        raise TeacherError(
+            f"teacher {hub_id!r} is not a local folder, could not be reached on the hub ({reason}) and is not in "
+            "the local Hugging Face cache"
+        ) from None
+    return set(os.listdir(cached))
+
+
 def load_teacher(
     source: str | os.PathLike,
     revision: str | None = None,
@@ -401,7 +421,8 @@ def load_teacher(
     ``text_encoder_3/`` is refused (save the folder with ``text_encoder_3=None``); ``max_sequence_length`` is
     the length of the zero T5 part of SD3 prompt embeddings (:func:`sd3_prompt_embeds`).
 
-    Hub ids need a network; with ``HF_HUB_OFFLINE=1`` only the local cache is consulted. Only
+    Hub ids need a network the first time; with ``HF_HUB_OFFLINE=1`` (or no network) a teacher already in the
+    local Hugging Face cache loads from there. Only
     safetensors / plain configs are read; no remote code is ever run.
 
     Raises:
@@ -427,12 +448,7 @@ def load_teacher(
         index = _read_model_index(folder / "model_index.json")
     else:
         location, kwargs = hub_id, {"revision": revision}
-        from huggingface_hub import model_info  # only reached for hub ids
-
-        try:
-            files = {s.rfilename.split("/")[0] for s in model_info(hub_id, revision=revision).siblings}
-        except Exception as err:  # offline or unknown id: say which
-            raise TeacherError(f"teacher {hub_id!r} is not a local folder and could not be reached on the hub ({err})")
+        files = _hub_entries(hub_id, revision)
         import diffusers
 
         sub, sched_cls = denoiser_folder(files) or "unet", None

@@ -257,3 +257,33 @@ def test_pipeline_export_from_best_checkpoint(tmp_path):
     for k, v in exported.items():
         torch.testing.assert_close(v, averaged[f"module.unet.{k}"])
     assert any(not torch.equal(v, final[k]) for k, v in exported.items())  # not the final EMA weights
+
+
+def test_the_export_copy_goes_straight_to_the_cpu_in_float32(monkeypatch):
+    """``cpu_float_copy``: every tensor is copied once, to a float32 CPU tensor (non-float buffers keep their
+    dtype), weights tied in the network stay tied, and nothing is shared with the original. No parameter or
+    buffer goes through ``deepcopy`` (which would copy it on its own device first: a second GPU copy of the
+    network at export time; on this CPU-only machine that is what the patched ``__deepcopy__`` detects)."""
+    from lightning_distill import lora
+    from lightning_distill.export import cpu_float_copy
+
+    net = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Linear(4, 3)).to(torch.bfloat16)
+    net[1].weight = torch.nn.Parameter(net[0].weight.detach().t().contiguous())  # an extra parameter object
+    net.register_buffer("steps", torch.arange(3))
+    lora.add_lora(net, {"rank": 2, "target_modules": ["0"]}, seed=0)
+    net.extra = net[1]  # the same module twice: its weights are one set of tensors
+
+    def refuse(self, memo):
+        raise AssertionError("a tensor went through deepcopy")
+
+    monkeypatch.setattr(torch.Tensor, "__deepcopy__", refuse)
+    monkeypatch.setattr(torch.nn.Parameter, "__deepcopy__", refuse)
+    plain = cpu_float_copy(net)
+    monkeypatch.undo()
+    assert plain.extra is plain[1] and plain.extra.weight is plain[1].weight and lora.has_lora(plain)
+    pairs = list(zip(net.state_dict(keep_vars=True).items(), plain.state_dict(keep_vars=True).items()))
+    for (key, old), (key2, new) in pairs:
+        assert key == key2 and new.device.type == "cpu" and new.data_ptr() != old.data_ptr()
+        assert new.dtype == (torch.float32 if old.is_floating_point() else old.dtype)
+        assert torch.equal(new, old.to(new.dtype)) and type(new) is type(old)
+        assert new.requires_grad == old.requires_grad

@@ -80,3 +80,37 @@ def test_main_paths_with_network_disabled(tmp_path):
     assert "OK" in proc.stdout.splitlines()
     assert "BLOCKED: []" in proc.stdout, [line for line in proc.stdout.splitlines() if line.startswith("BLOCKED")]
     assert "hub id offline:" in proc.stdout
+
+
+def test_a_cached_hub_teacher_loads_offline(tmp_path):
+    """A hub id whose files are in the local Hugging Face cache loads with ``HF_HUB_OFFLINE=1`` (before, the
+    repo listing asked the hub and failed), equal to the folder it came from; an id not in the cache is still
+    a one-line TeacherError naming the cache. The cache is laid out as huggingface_hub writes it
+    (``models--org--name/refs/main`` -> ``snapshots/<commit>/``), made here from the bundled teacher."""
+    import shutil
+
+    folder = REPO / "lightning_distill" / "assets" / "teacher_digits"
+    repo = tmp_path / "hub" / "models--some-org--digits"
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    shutil.copytree(folder, repo / "snapshots" / commit, ignore=shutil.ignore_patterns("eval_cache", "README.md"))
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    script = f"""
+import torch
+from lightning_distill.teacher import TeacherError, load_teacher
+hub, local = load_teacher("some-org/digits"), load_teacher({str(folder)!r})
+a, b = hub.unet.state_dict(), local.unet.state_dict()
+assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+assert dict(hub.scheduler_config) == dict(local.scheduler_config) and hub.source == "some-org/digits"
+try:
+    load_teacher("some-org/not-cached")
+except TeacherError as err:
+    print("missing:", err)
+print("OK")
+"""
+    env = subprocess_env(HF_HUB_OFFLINE=1, HF_HUB_CACHE=str(tmp_path / "hub"))
+    proc = subprocess.run([sys.executable, "-c", script], cwd=REPO, env=env, stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True, timeout=300)
+    assert proc.returncode == 0 and "OK" in proc.stdout.splitlines(), proc.stdout[-3000:]
+    missing = next(line for line in proc.stdout.splitlines() if line.startswith("missing:"))
+    assert "'some-org/not-cached' is not a local folder" in missing and "not in the local Hugging Face cache" in missing
