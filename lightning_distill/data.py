@@ -107,12 +107,22 @@ def load_image(path: Path, image_size: int, channels: int) -> Tensor:
     return TF.to_tensor(img) * 2 - 1
 
 
-def image_folder_labels(root: str | os.PathLike) -> tuple[list[Path], Tensor]:
-    """The folder's images (sorted) and each one's class: the index of its sub-folder among the sorted
-    sub-folder names (0 for an image at the top)."""
-    files = find_images(root)
+def class_folders(root: str | os.PathLike, files: list[Path] | None = None) -> list[str]:
+    """The classes of an image folder: its first-level sub-folders that hold images, sorted as text (as
+    torchvision's ``ImageFolder``), or as numbers when every name is an integer ("2" before "10", so that
+    folders ``0`` ... ``N`` are classes 0 ... N)."""
     root = Path(root).expanduser()
-    classes = sorted({p.relative_to(root).parts[0] for p in files if len(p.relative_to(root).parts) > 1})
+    files = find_images(root) if files is None else files
+    names = {p.relative_to(root).parts[0] for p in files if len(p.relative_to(root).parts) > 1}
+    return sorted(names, key=int if names and all(n.isdigit() for n in names) else None)
+
+
+def image_folder_labels(root: str | os.PathLike) -> tuple[list[Path], Tensor]:
+    """The folder's images (sorted) and each one's class: the index of its sub-folder among
+    :func:`class_folders` (0 for an image at the top)."""
+    files = find_images(root)
+    classes = class_folders(root, files)
+    root = Path(root).expanduser()
     index = {c: i for i, c in enumerate(classes)}
     labels = [index[p.relative_to(root).parts[0]] if len(p.relative_to(root).parts) > 1 else 0 for p in files]
     return files, torch.tensor(labels, dtype=torch.long)
@@ -257,6 +267,18 @@ class TeacherDataModule(L.LightningDataModule):
             )
         if self.hparams.class_conditional and t.num_classes is None and t.unet.config.get("class_embed_type") is None:
             raise TeacherError("class_conditional=True but the teacher UNet has no class embedding (num_class_embeds)")
+        if t.num_classes and self.hparams.data != "digits":  # an image folder: its sub-folders are the classes
+            if not self.hparams.class_conditional:
+                raise TeacherError(
+                    f"the teacher is class-conditional ({t.num_classes} classes) but data.class_conditional is false, "
+                    f"so every image of {self.hparams.data} would be class 0: set data.class_conditional: true "
+                    "(the first-level sub-folders are the classes)"
+                )
+            classes = class_folders(self.hparams.data)
+            if len(classes) > t.num_classes:
+                raise TeacherError(
+                    f"{self.hparams.data} has {len(classes)} class folders but the teacher knows {t.num_classes} classes"
+                )
 
     # --- Lightning hooks -----------------------------------------------------------------------
 
@@ -305,8 +327,7 @@ class TeacherDataModule(L.LightningDataModule):
     def class_names(self) -> list[str]:
         if self.hparams.data == "digits":
             return [str(i) for i in range(10)]
-        root = Path(self.hparams.data).expanduser()
-        return sorted({p.relative_to(root).parts[0] for p in find_images(root) if len(p.relative_to(root).parts) > 1})
+        return class_folders(self.hparams.data)
 
     def prompts(self, labels: Tensor) -> list[str]:
         """One prompt per image (same order as ``load_all``), from ``prompt`` or a caption file."""

@@ -176,6 +176,23 @@ def test_teacher_data_mismatches(tmp_path, tiny_teacher_dir, image_folder):
     cond = write_tiny_teacher(tmp_path / "cond", num_class_embeds=10)
     dm = TeacherDataModule(teacher=str(cond), data="digits", image_size=8, class_conditional=True)
     assert dm.teacher.num_classes == 10
+    # a class-conditional teacher on an image folder: the sub-folders must be its classes, not silently class 0
+    folder = tmp_path / "numbered"
+    for name in ("2", "10", "1"):
+        (folder / name).mkdir(parents=True)
+        Image.fromarray(np.full((8, 8), 100 + int(name), dtype=np.uint8), mode="L").save(folder / name / "x.png")
+    with pytest.raises(TeacherError, match=r"class-conditional \(10 classes\) but data.class_conditional is false"):
+        TeacherDataModule(teacher=str(cond), data=str(folder), image_size=8)
+    dm = TeacherDataModule(teacher=str(cond), data=str(folder), image_size=8, class_conditional=True)
+    images, labels = dm.load_all()  # integer names sort as numbers: folders 1, 2, 10 are classes 0, 1, 2
+    assert dm.class_names() == ["1", "2", "10"]
+    assert labels.tolist() == [0, 2, 1]  # files sorted as paths: 1/x.png, 10/x.png, 2/x.png
+    torch.testing.assert_close(images[:, 0, 0, 0], torch.tensor([101, 110, 102]) / 255 * 2 - 1)
+    for name in range(3, 12):
+        (folder / str(name)).mkdir(exist_ok=True)
+        Image.fromarray(np.zeros((8, 8), dtype=np.uint8), mode="L").save(folder / str(name) / "x.png")
+    with pytest.raises(TeacherError, match="has 11 class folders but the teacher knows 10 classes"):
+        TeacherDataModule(teacher=str(cond), data=str(folder), image_size=8, class_conditional=True)
 
 
 @pytest.mark.parametrize(
