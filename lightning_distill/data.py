@@ -145,7 +145,8 @@ class TeacherDataModule(L.LightningDataModule):
         teacher: ``"bundled:digits"``, a local diffusers folder (``unet/`` + ``scheduler/``), a hub id
             (needs a network), or None to train without a teacher (``DiffusionTraining``).
         teacher_revision: hub revision (commit, branch or tag) for hub ids.
-        teacher_dtype: precision the teacher is held in; the student is unaffected.
+        teacher_dtype: precision the teacher is held in; a full student stays float32, a LoRA student's
+            shared base (``student_lora.base: shared``) is the teacher's and computes in this precision.
         teacher_prediction_type: override the teacher scheduler's ``prediction_type``.
         data: ``"digits"`` or a folder of images.
         image_size: side of the square training images.
@@ -390,10 +391,15 @@ class TeacherDataModule(L.LightningDataModule):
             release_encoders(teacher)
 
     def encode_latents(self, images: Tensor, batch_size: int = 32) -> Tensor:
-        """Encode the whole data set with the teacher's VAE once (on a GPU if there is one), with a disk cache."""
+        """Encode the whole data set with the teacher's VAE once (on a GPU if there is one), with a disk cache
+        keyed by the images themselves and the VAE's weights and dtype (the teacher's name and the data's
+        settings alone would let an edited folder or another VAE read stale latents)."""
+        from .nn_utils import content_digest
+
         hp = self.hparams
         key = {"teacher": str(hp.teacher), "revision": hp.teacher_revision, "data": str(hp.data),
-               "image_size": self.image_size, "n": int(images.shape[0])}
+               "image_size": self.image_size, "n": int(images.shape[0]),
+               "content": content_digest(images, self.teacher.vae, type(self.teacher.vae).__name__)}
         cache = Path(hp.latent_cache).expanduser() if hp.latent_cache else None
         if cache is not None and cache.is_file():
             stored = torch.load(cache, map_location="cpu", weights_only=True)

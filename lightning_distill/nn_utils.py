@@ -149,3 +149,27 @@ def capture_features(network: nn.Module, names, run, select=None) -> list[Tensor
     with FeatureTap(network, names, stop=True, select=select) as tap:
         run()
     return [tap.features[n] for n in names]
+
+
+def content_digest(*items: "Tensor | nn.Module | str") -> str:
+    """A sha256 of tensors' bytes (with shapes and dtypes), modules' state dicts (names and tensors) and
+    strings, in order: part of a cache key that must change when the weights or the data behind it do."""
+    import hashlib
+
+    h = hashlib.sha256()
+
+    def tensor(t: Tensor) -> None:
+        t = t.detach().cpu().contiguous()
+        h.update(f"{tuple(t.shape)}{t.dtype}".encode())
+        h.update(t.view(-1).view(torch.uint8).numpy().tobytes())
+
+    for item in items:
+        if isinstance(item, nn.Module):
+            for name, value in item.state_dict().items():
+                h.update(name.encode())
+                tensor(value)
+        elif isinstance(item, Tensor):
+            tensor(item)
+        else:
+            h.update(str(item).encode())
+    return h.hexdigest()[:24]

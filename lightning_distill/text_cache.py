@@ -124,8 +124,11 @@ def encode_captions(teacher, prompts: list[str], batch_size: int = 64) -> TextEm
 
 
 def cache_key(teacher, source: str, revision: str | None, prompts: list[str]) -> dict:
-    """What the cached embeddings depend on: teacher, revision, the captions (content and order) and the
-    encoder settings (classes and configs, dtype, tokenizer length, SD3's T5 length and joint width)."""
+    """What the cached embeddings depend on: teacher, revision, the captions (content and order), the
+    encoder settings (classes and configs, dtype, tokenizer length, SD3's T5 length and joint width), the
+    encoders' weights and the tokenizers' vocabularies."""
+    from .nn_utils import content_digest
+
     encoders = {n: {"class": type(m).__name__, "config": m.config.to_dict()}
                 for n in TEXT_ENCODER_NAMES if (m := getattr(teacher, n)) is not None}
     settings = {
@@ -135,8 +138,10 @@ def cache_key(teacher, source: str, revision: str | None, prompts: list[str]) ->
         "joint_attention_dim": dict(teacher.unet.config).get("joint_attention_dim"),
     }
     digest = lambda obj: hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()  # noqa: E731
+    tokenizers = [t.get_vocab() for t in (teacher.tokenizer, teacher.tokenizer_2) if t is not None]
+    weights = content_digest(*_encoders(teacher), digest(tokenizers))
     return {"teacher": str(source), "revision": revision, "n": len(prompts), "captions": digest(prompts),
-            "settings": digest(settings)}
+            "settings": digest(settings), "weights": weights}
 
 
 def caption_embeddings(teacher, prompts: list[str], key: dict, cache: str | os.PathLike | None) -> TextEmbeddings:

@@ -104,6 +104,25 @@ def test_latent_data_prompts_and_cache(tiny_sd, captioned_folder, tmp_path):
     img = raw.load_all()[0][:2]
     z = raw.teacher.vae.encode(img).latent_dist.mode() * 0.18215
     torch.testing.assert_close(dm.train_set.dataset.images[:2], z)
+    # the key holds the images and the VAE: other VAE weights, or an edited image (same count, names and
+    # size), are re-encoded rather than read stale from the cache
+    other_vae = make_dm(tiny_sd, captioned_folder, latent_cache=str(cache))
+    with torch.no_grad():
+        other_vae.teacher.vae.encoder.conv_in.bias.add_(0.5)
+    other_vae.setup()
+    assert not torch.allclose(other_vae.train_set.dataset.images, dm.train_set.dataset.images)
+    import shutil
+
+    from PIL import Image
+
+    folder = shutil.copytree(captioned_folder, tmp_path / "folder")
+    first = make_dm(tiny_sd, folder, latent_cache=str(tmp_path / "copy.pt"))
+    first.setup()
+    path = sorted(p for p in folder.rglob("*.png"))[0]
+    Image.new("RGB", Image.open(path).size, (255, 0, 0)).save(path)
+    edited = make_dm(tiny_sd, folder, latent_cache=str(tmp_path / "copy.pt"))
+    edited.setup()
+    assert not torch.equal(edited.train_set.dataset.images, first.train_set.dataset.images)
     # the reference images of FID are the pixels, not the latents the data set trains on
     pixels = raw.load_all()[0]
     assert torch.equal(dm.train_images(), pixels[dm.train_set.indices]) and torch.equal(dm.val_images(), pixels[dm.val_set.indices])

@@ -86,6 +86,13 @@ def test_cached_embeddings_are_the_pipelines_and_follow_the_captions(tiny_sd3_di
     assert not torch.allclose(e2[k], got_e[k]) and torch.equal(e2[:k], got_e[:k])
     stored = torch.load(cache, weights_only=True)["tensors"]["encoder_hidden_states"]
     torch.testing.assert_close(stored[k], stale.train_set.dataset.text.tensors["encoder_hidden_states"][k], rtol=0, atol=0)
+    # the same captions through other encoder weights: the key holds the weights, so they are re-encoded
+    changed = make_dm(tiny_sd3_dir, image_folder, text_cache=str(cache))
+    with torch.no_grad():
+        changed.teacher.text_encoder.text_model.embeddings.token_embedding.weight.add_(0.5)
+    changed.setup()
+    e3 = changed.train_set.dataset.text.tensors["encoder_hidden_states"]
+    assert not torch.allclose(e3, stale.train_set.dataset.text.tensors["encoder_hidden_states"])
 
     with pytest.raises(DataError, match="need a text-conditional teacher"):
         TeacherDataModule(teacher=str(tiny_flow_teacher_dir), data="digits", image_size=8, release_encoders=True)
