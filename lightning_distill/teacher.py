@@ -472,8 +472,23 @@ def load_teacher(
             f"teacher {source}: a T5 text_encoder_3/ is not supported yet; SD3 teachers are read with T5 absent "
             "(save the pipeline with text_encoder_3=None, tokenizer_3=None)"
         )
+    if has["vae"]:  # the VAE's class, before any weights load: only AutoencoderKL's latent_dist is read
+        import diffusers
+
+        vae_cfg = diffusers.AutoencoderKL.load_config(location, subfolder="vae", **kwargs)
+        if vae_cfg.get("_class_name", "AutoencoderKL") != "AutoencoderKL":
+            raise TeacherError(
+                f"teacher {source}: VAE class {vae_cfg['_class_name']!r} is not supported (supported: AutoencoderKL)"
+            )
     try:
-        model_kwargs = {**kwargs, "torch_dtype": torch_dtype, "low_cpu_mem_usage": low_cpu_mem_usage()}
+        # safetensors only: a pickled .bin could run code when loaded
+        model_kwargs = {**kwargs, "torch_dtype": torch_dtype, "low_cpu_mem_usage": low_cpu_mem_usage(), "use_safetensors": True}
+        extra = unet_cls.load_config(location, subfolder=sub, **kwargs).get("addition_embed_type")
+        if extra is not None:  # refused from the config, before the weights load
+            raise TeacherError(
+                f"teacher {source}: a UNet with addition_embed_type={extra!r} (SDXL's pooled-text and size "
+                "conditioning) is not supported: its extra inputs are not built (supported: SD1.x / SD2.x UNets)"
+            )
         unet = unet_cls.from_pretrained(location, subfolder=sub, **model_kwargs)
         if sched_cls is None:
             import diffusers
@@ -493,7 +508,7 @@ def load_teacher(
         clip_x0 = None  # latents are not bounded to [-1, 1]
     if has["text_encoder"]:
         text_encoder = _text_encoder_class(index, "text_encoder").from_pretrained(
-            location, subfolder="text_encoder", torch_dtype=torch_dtype, **kwargs
+            location, subfolder="text_encoder", torch_dtype=torch_dtype, use_safetensors=True, **kwargs
         )
     if has["tokenizer"]:
         import transformers
@@ -501,7 +516,7 @@ def load_teacher(
         tokenizer = transformers.CLIPTokenizer.from_pretrained(location, subfolder="tokenizer", **kwargs)
     if has["text_encoder_2"]:
         text_encoder_2 = _text_encoder_class(index, "text_encoder_2").from_pretrained(
-            location, subfolder="text_encoder_2", torch_dtype=torch_dtype, **kwargs
+            location, subfolder="text_encoder_2", torch_dtype=torch_dtype, use_safetensors=True, **kwargs
         )
     if has["tokenizer_2"]:
         import transformers

@@ -127,6 +127,18 @@ def test_teacher_folder_without_subfolder(tmp_path, sub):
         load_teacher(str(folder))
 
 
+def test_pickled_teacher_weights_are_refused(tmp_path):
+    """safetensors only: a folder whose weights are a pickled .bin is refused (loading one could run code)."""
+    from safetensors.torch import load_file
+
+    pickled = write_tiny_teacher(tmp_path / "pickled")
+    weights = next((pickled / "unet").glob("*.safetensors"))
+    torch.save(load_file(weights), pickled / "unet" / "diffusion_pytorch_model.bin")
+    weights.unlink()
+    with pytest.raises(TeacherError, match="could not load unet/"):
+        load_teacher(str(pickled))
+
+
 def test_teacher_path_is_a_file(tmp_path):
     f = tmp_path / "teacher.safetensors"
     f.write_bytes(b"x")

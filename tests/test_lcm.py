@@ -219,3 +219,20 @@ def test_lcm_configs_build_with_the_tiny_stand_in(tiny_sd, captioned_folder, tmp
                     "--data.latent_cache", "null", "--trainer.default_root_dir", str(tmp_path / "sd15")], run=False)
     assert isinstance(cli.model, LatentConsistencyDistillation)
     assert cli.model.hparams.original_inference_steps == 50
+
+
+def test_an_sdxl_unet_is_refused_before_its_weights_load(tiny_sd, tmp_path):
+    """SDXL's UNet (``addition_embed_type="text_time"``) needs pooled text and size ids that are not built:
+    a one-line TeacherError from its config (before: it loaded and failed inside the first forward)."""
+    import json
+    import shutil
+
+    from lightning_distill.teacher import TeacherError, load_teacher
+
+    xl = shutil.copytree(tiny_sd, tmp_path / "xl")
+    cfg = json.loads((xl / "unet" / "config.json").read_text())
+    (xl / "unet" / "config.json").write_text(json.dumps({**cfg, "addition_embed_type": "text_time"}))
+    for f in (xl / "unet").glob("*.safetensors"):
+        f.write_bytes(b"not weights")  # refused from the config: the weights are never read
+    with pytest.raises(TeacherError, match="addition_embed_type='text_time' .*SDXL.* is not supported"):
+        load_teacher(str(xl))

@@ -80,6 +80,13 @@ def test_sd3_refusals(tiny_sd3_dir, tmp_path):
     (t5 / "text_encoder_3").mkdir()
     with pytest.raises(TeacherError, match="T5 text_encoder_3/ is not supported"):
         load_teacher(str(t5))
+    # a VAE other than AutoencoderKL (SANA's AutoencoderDC) is refused by name, before any weights load
+    dc = tmp_path / "dc-vae"
+    shutil.copytree(tiny_sd3_dir, dc)
+    cfg = json.loads((dc / "vae" / "config.json").read_text())
+    (dc / "vae" / "config.json").write_text(json.dumps({**cfg, "_class_name": "AutoencoderDC"}))
+    with pytest.raises(TeacherError, match=r"VAE class 'AutoencoderDC' is not supported \(supported: AutoencoderKL\)"):
+        load_teacher(str(dc))
     one = tmp_path / "one-clip"
     shutil.copytree(tiny_sd3_dir, one)
     shutil.rmtree(one / "text_encoder_2")
