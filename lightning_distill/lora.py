@@ -442,30 +442,61 @@ def shared_tensors(a: nn.Module, b: nn.Module) -> int:
     return sum(id(p) in theirs for p in a.parameters())
 
 
-def check_shared_base(student: nn.Module, teacher: nn.Module, *, offload: bool, precision: str | None) -> None:
-    """Refuse the setups a student on the teacher's own weights (``student_lora.base: shared``) cannot run.
+def check_shared_base(pl_module: nn.Module, trainer=None) -> None:
+    """Refuse, before training, the setups that networks holding each other's tensors cannot run
+    (``student_lora.base: shared``, DMD2's ``fake_score_lora``, consistency distillation's theta_minus of a LoRA
+    student); ``trainer``: the run's (None: only what the module alone decides).
 
     Raises:
-        ConfigError: ``teacher_offload`` (it moves the teacher's weights off the device between its calls,
-            and the student's with them); or a reduced-precision teacher with layers the student trains in
-            full (float32, e.g. LCM's ``cond_proj``) in a run without autocast, where a float32 layer would get
-            the base's bf16 activations.
+        ConfigError: ``FSDPStrategy`` (FSDP1 flattens a tensor two networks share into one network's unit, and
+            the other then reads a shard); ``teacher_offload`` with a student on the teacher's weights (it moves
+            them off the device between the teacher's calls); a reduced-precision shared base under a
+            precision without autocast (``32-true``) when the student trains float32 layers in full (e.g. LCM's
+            ``cond_proj``: they would get the base's bf16 activations) or when the base is float16 (no loss
+            scaling for the gradients through it); a reduced-precision shared base in a method that
+            differentiates its student numerically (``float32_student``: sCD, MeanFlow).
     """
-    if not shared_tensors(student, teacher):
+    strategy = type(getattr(trainer, "strategy", None)).__name__
+    if strategy == "FSDPStrategy":
+        owner: dict[int, str] = {}
+        for name, child in pl_module.named_children():
+            for p in child.parameters():
+                other = owner.setdefault(id(p), name)
+                if other != name:
+                    raise ConfigError(
+                        f"FSDPStrategy wraps each network on its own and cannot hold the tensors that {other} and "
+                        f"{name} share (a LoRA network's frozen base): use DDP, or ModelParallelStrategy "
+                        "(configs/strategies/fsdp2.yaml) with student_lora.base: copy"
+                    )
+    student, teacher = getattr(pl_module, "student", None), getattr(pl_module, "teacher", None)
+    if student is None or teacher is None or not shared_tensors(student, teacher):
         return
     fix = "or set student_lora.base: copy (a float32 copy of the base)"
-    if offload:
+    if getattr(pl_module, "hparams", {}).get("teacher_offload"):
         raise ConfigError(
             f"teacher_offload moves the teacher's weights between its calls, and the LoRA student's frozen base is "
             f"those weights (student_lora.base: shared): set teacher_offload: false, {fix}"
         )
-    dtypes = {p.dtype for p in student.parameters() if not p.requires_grad}
+    dtypes = {p.dtype for p in student.parameters() if not p.requires_grad} - {torch.float32, torch.float64}
+    if dtypes and getattr(pl_module, "float32_student", False):
+        raise ConfigError(
+            f"{type(pl_module).__name__} differentiates the student in float32, and a LoRA student on the "
+            f"{sorted(map(str, dtypes))[0]} teacher's weights computes in that precision: {fix.removeprefix('or ')}"
+        )
+    precision = str(getattr(trainer, "precision", None))
+    if precision not in ("32", "32-true", "64", "64-true"):
+        return
     full = full_layers(student)
-    if full and dtypes - {torch.float32, torch.float64} and str(precision) in ("32", "32-true", "64", "64-true"):
+    if full and dtypes:
         raise ConfigError(
             f"the LoRA student shares the {sorted(map(str, dtypes))[0]} teacher's base and trains {full} in float32: "
             f"under precision {precision!r} those layers get the base's reduced-precision activations; use "
             f"trainer.precision bf16-mixed (or 16-mixed), {fix}"
+        )
+    if torch.float16 in dtypes:
+        raise ConfigError(
+            f"the LoRA student shares the float16 teacher's base: under precision {precision!r} nothing scales the "
+            f"loss for the gradients through it; use trainer.precision 16-mixed, {fix}"
         )
 
 

@@ -69,6 +69,13 @@ def test_init_from_a_consistency_checkpoint_and_an_exported_folder(teacher, cons
     assert pred == "v_prediction" and key in sd
     with pytest.raises(FileNotFoundError, match="does not exist"):
         AdversarialPostTraining(teacher, init_from=str(root / "missing.ckpt"))
+    # a LoRA student's base is the teacher's tensors: init_from (a full student) is refused before any of it loads
+    before = {k: v.clone() for k, v in teacher.unet.state_dict().items()}
+    from lightning_distill.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="init_from .* loads a full student; it cannot be combined with student_lora"):
+        AdversarialPostTraining(teacher, init_from=str(root / "cd.ckpt"), student_lora={"rank": 2}, head_hidden=8)
+    assert all(torch.equal(v, before[k]) for k, v in teacher.unet.state_dict().items())
 
 
 def test_generator_is_the_one_step_sampler(teacher):

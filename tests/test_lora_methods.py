@@ -253,8 +253,9 @@ def test_a_shared_base_trains_as_a_copy_without_holding_one(fixtures, tmp_path):
 def test_a_shared_base_takes_the_teachers_precision_and_refuses_what_would_break_it(fixtures, tmp_path):
     """A bf16 teacher: the shared base is bf16 (no float32 copy), the adapters float32, and a 32-true step runs.
     teacher_offload (it moves the shared weights off the device between calls) is refused before training,
-    naming ``base: copy``, which then runs; so is a 32-true run whose layers trained in full would get bf16
-    activations (LCM's guidance input; unit-checked on a module pair)."""
+    naming ``base: copy``, which then runs; so are (unit-checked on a module pair) a 32-true run whose layers
+    trained in full would get bf16 activations (LCM's guidance input), an fp16 base under 32-true, FSDP1 with
+    shared tensors, and sCD on a bf16 shared base."""
     from lightning_distill import lora
     from lightning_distill.cli import cli_main
     from lightning_distill.errors import ConfigError
@@ -274,8 +275,25 @@ def test_a_shared_base_takes_the_teachers_precision_and_refuses_what_would_break
 
     net = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 4)).to(torch.bfloat16).requires_grad_(False)
     with_full = lora.add_lora(lora.shared_copy(net), {"rank": 2, "target_modules": ["0"]}, train_in_full=["1"])
-    lora.check_shared_base(with_full, net, offload=False, precision="bf16-mixed")
+    method = torch.nn.Module()
+    method.student, method.teacher, method.hparams = with_full, net, {}
+
+    def run(precision="32-true", strategy="SingleDeviceStrategy"):
+        return type("Trainer", (), {"precision": precision, "strategy": type(strategy, (), {})()})()
+
+    lora.check_shared_base(method, run("bf16-mixed"))
     with pytest.raises(ConfigError, match=r"trains \['1'\] in float32.*bf16-mixed.*base: copy"):
-        lora.check_shared_base(with_full, net, offload=False, precision="32-true")
+        lora.check_shared_base(method, run())
+    with pytest.raises(ConfigError, match="FSDPStrategy .* student and teacher share"):
+        lora.check_shared_base(method, run("bf16-mixed", "FSDPStrategy"))
+    method.student = lora.add_lora(lora.shared_copy(net.half()), {"rank": 2, "target_modules": ["0"]})
+    with pytest.raises(ConfigError, match="float16 teacher's base: under precision '32-true' nothing scales"):
+        lora.check_shared_base(method, run())
+    lora.check_shared_base(method, run("16-mixed"))
+    method.hparams = {"teacher_offload": True}
     with pytest.raises(ConfigError, match="teacher_offload.*base: copy"):
-        lora.check_shared_base(with_full, net, offload=True, precision="bf16-mixed")
+        lora.check_shared_base(method, run("16-mixed"))
+    # sCD / MeanFlow differentiate the student in float32: a bf16 shared base is refused when built
+    with pytest.raises(SystemExit) as exc:
+        _fit("scm", tmp_path / "scm", fixtures, "--data.teacher_dtype", "bfloat16", flow=True)
+    assert exc.value.code == 2

@@ -39,6 +39,7 @@ from lightning.pytorch.cli import OptimizerCallable
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 
+from .. import lora
 from ..errors import ConfigError
 from ..export import load_student_state
 from ..gan.discriminators import Discriminator
@@ -112,6 +113,8 @@ def frozen(params: Iterable[nn.Parameter]):
 
 def load_init_state(unet: nn.Module, state: dict[str, Tensor], init_from: str) -> None:
     """Load a trained student's weights (``load_student_state(init_from)``) into ``unet``: all must fit."""
+    if lora.has_lora(unet):  # checked first: a partial load would write into a base shared with the teacher
+        raise ConfigError(f"init_from {init_from!r} loads a full student; it cannot be combined with student_lora")
     missing, unexpected = unet.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise ConfigError(

@@ -46,8 +46,8 @@ class DistillationMethod(L.LightningModule):
         student: the student network (a diffusers UNet). None: a copy of the teacher's UNet.
         student_prediction_type: what the student outputs; None keeps the teacher's.
         student_lora: train a LoRA of the student instead of all its weights
-            (``{rank, alpha, target_modules, init}``, :class:`~lightning_distill.lora.LoraSpec`): only the
-            adapters train; checkpoints hold the adapters and a reference to the base (the teacher's source);
+            (``{rank, alpha, target_modules, init, base}``, :class:`~lightning_distill.lora.LoraSpec`): only the
+            adapters train, on the teacher's own frozen weights by default (``base: shared``); checkpoints hold the adapters and a reference to the base (the teacher's source);
             the export is the fused network plus the adapter file ``pytorch_lora_weights.safetensors``.
         gradient_checkpointing: activation checkpointing of the student (DMD2: and of its fake score) through
             the diffusers model's ``enable_gradient_checkpointing()`` (:mod:`lightning_distill.memory`).
@@ -73,6 +73,8 @@ class DistillationMethod(L.LightningModule):
     #: serialisable). A subclass with more such arguments extends the tuple. Every key left in hparams
     #: must be a constructor argument: ``load_from_checkpoint`` and a CLI resume pass them back.
     hparams_ignore: tuple[str, ...] = ("teacher", "optimizer", "lr_scheduler")
+    #: the method differentiates the student numerically (sCD, MeanFlow): its network must compute in float32
+    float32_student: bool = False
 
     def __init__(
         self,
@@ -132,7 +134,8 @@ class DistillationMethod(L.LightningModule):
         if student is None:  # a LoRA student on the teacher's own weights (no copy) or a float32 copy
             student = lora.shared_copy(self.teacher.unet) if shared else copy.deepcopy(self.teacher.unet).float()
         student = backbones.prepare_student(student)  # DiT: its label dropout switched off
-        student.requires_grad_(True)
+        if spec is None:  # (a LoRA student's requires_grad is set by add_lora; a shared base stays frozen)
+            student.requires_grad_(True)
         student.train()
         if self.hparams.get("gradient_checkpointing"):
             memory.enable_gradient_checkpointing(student, "student")
@@ -171,9 +174,7 @@ class DistillationMethod(L.LightningModule):
             return super().to(*args, **kwargs)
 
     def setup(self, stage: str) -> None:
-        if self.student is not None and self.teacher is not None:  # student_lora.base: shared
-            offload, precision = bool(self.hparams.get("teacher_offload")), getattr(self._trainer, "precision", None)
-            lora.check_shared_base(self.student.unet, self.teacher.unet, offload=offload, precision=precision)
+        lora.check_shared_base(self, self._trainer)  # what a network sharing another's tensors cannot run with
         if self.hparams.get("teacher_offload"):  # here, after every copy of the teacher's network is made
             memory.check_strategy(self._trainer)
             memory.offload_between_calls(self.teacher.unet)

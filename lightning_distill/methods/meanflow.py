@@ -227,6 +227,8 @@ class MeanFlowDistillation(DistillationMethod):
         >>> x = method.sample(16, steps=1)        # any step count: 1, 2, 4, ...
     """
 
+    float32_student = True  # the MeanFlow identity's derivative (JVP or finite difference) runs in float32
+
     def __init__(
         self,
         teacher: DiffusionTeacher | None = None,

@@ -240,6 +240,8 @@ class SCMDistillation(TextToImageMixin, DistillationMethod):
         >>> x = method.sample(16, steps=2)
     """
 
+    float32_student = True  # the time derivative (JVP or finite difference) runs in float32
+
     def __init__(
         self,
         teacher: DiffusionTeacher | None = None,
