@@ -301,6 +301,8 @@ def evaluate_models(
     if bad or chunk_size < 1:
         raise ConfigError(f"step counts and chunk_size must be >= 1, got steps {bad or 'ok'} and chunk_size {chunk_size}")
     check_kid_settings(kid_subsets, kid_subset_size)
+    if teacher is not None and teacher_steps and "teacher" in (students or {}):
+        raise ConfigError("a student is named 'teacher', the teacher's own row: rename it (its rows would merge)")
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if isinstance(teacher, (str, os.PathLike)):
         teacher = load_teacher(teacher)
@@ -363,7 +365,8 @@ def evaluate_models(
             log(f"{sampler.name} {st} steps: FD {s.fd:.4f}  KID {s.kid:.5f} ± {s.kid_std:.5f}"
                 + (f"  (features read from {path})" if path else ""))
     if out_dir is not None:
-        write_report(rows, grids, out_dir, models, {**protocol, "teacher_features_cached": cached_from}, feat_name)
+        kid = {"kid_subsets": kid_subsets, "kid_subset_size": kid_subset_size}
+        write_report(rows, grids, out_dir, models, {**protocol, **kid, "teacher_features_cached": cached_from}, feat_name)
     return rows
 
 
@@ -406,7 +409,8 @@ def write_report(rows: list[dict], grids: dict, out_dir, models, protocol: dict,
         "for every model and step count)",
         f"- Teacher: {TEACHER_SAMPLER}; students: their own sampler (checkpoint: "
         "`sample()` with EMA weights when stored; pipeline: its scheduler)",
-        "- KID: unbiased polynomial-kernel MMD^2 (x 1e3 below), mean over subsets of up to 1000",
+        f"- KID: unbiased polynomial-kernel MMD^2 (x 1e3 below), mean over {protocol.get('kid_subsets', 100)} subsets "
+        f"of up to {protocol.get('kid_subset_size', 1000)}",
         "",
     ]
     for metric, scale, title in (("fd", 1.0, "FD"), ("kid", 1e3, "KID x 1e3")):

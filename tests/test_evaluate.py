@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 from pathlib import Path
 
 import lightning as L
@@ -172,6 +173,9 @@ def test_report_end_to_end_checkpoint_pipeline_and_teacher(tmp_path, tiny_teache
     assert by[("ckpt", 2)]["fd"] == pytest.approx(by[("pipe", 2)]["fd"], rel=1e-5)
     md = (out / "results.md").read_text()
     assert "Generated samples per cell: 6, seed 5" in md and "EMA weights: yes" in md
+    assert "mean over 3 subsets of up to 4" in md  # the KID settings used, here and in protocol.json
+    protocol = json.loads((out / "protocol.json").read_text())
+    assert protocol["kid_subsets"] == 3 and protocol["kid_subset_size"] == 4 and protocol["num_samples"] == 6
 
 
 def test_report_rejects_bad_student_spec(tmp_path, capsys):
@@ -261,6 +265,7 @@ def test_fid_debug_config_runs_through_the_cli(tmp_path):
     ({"chunk_size": 0}, r"chunk_size 0"),
     ({"kid_subsets": 0}, r"kid_subsets >= 1 and kid_subset_size >= 2, got 0 and 1000"),
     ({"kid_subset_size": 1}, r"got 100 and 1"),
+    ({"students": {"teacher": "some/student"}}, r"a student is named 'teacher', the teacher's own row"),
 ])
 def test_bad_protocol_settings_fail_before_any_work(kwargs, words):
     """One-line errors naming the value, raised before the teacher loads (a missing folder would say so)."""
@@ -268,7 +273,7 @@ def test_bad_protocol_settings_fail_before_any_work(kwargs, words):
     from lightning_distill.evaluate import evaluate_models
 
     with pytest.raises(ConfigError, match=words):
-        evaluate_models("no/such/teacher", {}, **kwargs)
+        evaluate_models("no/such/teacher", **{"students": {}, **kwargs})
 
 
 def test_fid_callback_refuses_a_kid_protocol_it_cannot_compute():
