@@ -463,12 +463,17 @@ def generated_features(
 
     Chunk c (images c*chunk_size ...) is sampled from ``chunk_seed(seed, c)`` by ``sample_fn(count,
     generator, labels)`` on rank ``c % world_size``; class-conditional models get labels ``i % num_classes``
-    (balanced classes).
+    (balanced classes). Every rank calls ``sample_fn`` equally often: a rank without a chunk in the last
+    round draws one image and drops it, since under FSDP2 each network forward is a collective that every
+    rank must join (with uneven counts the other ranks would wait forever).
     """
     feats = []
-    for c, (a, b) in enumerate(chunk_bounds(n, chunk_size)):
-        if c % world_size != rank:
+    chunks = chunk_bounds(n, chunk_size)
+    for c in range(rank, -(-len(chunks) // world_size) * world_size, world_size):
+        if c >= len(chunks):  # no chunk left for this rank: keep its network calls in step with the others
+            sample_fn(1, torch.Generator().manual_seed(chunk_seed(seed, c)), torch.zeros(1, dtype=torch.long) if num_classes else None)
             continue
+        a, b = chunks[c]
         gen = torch.Generator().manual_seed(chunk_seed(seed, c))
         labels = torch.arange(a, b) % num_classes if num_classes else None
         x = sample_fn(b - a, gen, labels)

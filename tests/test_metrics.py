@@ -186,9 +186,20 @@ def test_generated_features_same_seed_same_set_for_any_rank_split():
     torch.testing.assert_close(torch.cat([r0[:4], r1, r0[4:]]), one)
     # the gathered ranks' rows go back into chunk order: KID draws its subsets by row index
     torch.testing.assert_close(M.merge_rank_features([r0, r1], 10, 4), one)
-    three = [M.generated_features(sample, net, 10, seed=3, chunk_size=3, num_classes=10, rank=r, world_size=3)
+    calls = {r: [] for r in range(3)}
+
+    def counted(rank):
+        def fn(n, g, labels):
+            calls[rank].append(n)
+            return sample(n, g, labels)
+        return fn
+
+    three = [M.generated_features(counted(r), net, 10, seed=3, chunk_size=3, num_classes=10, rank=r, world_size=3)
              for r in range(3)]
     assert [f.shape[0] for f in three] == [4, 3, 3]  # chunks (0, 3), (1,), (2,): 3 + 1, 3, 3 images
+    # every rank samples twice (ranks 1 and 2 draw a dropped 1-image batch in round 2): under FSDP2 a forward
+    # is a collective, and a rank that stopped early would leave the others waiting
+    assert calls == {0: [3, 1], 1: [3, 1], 2: [3, 1]}
     single = M.generated_features(sample, net, 10, seed=3, chunk_size=3, num_classes=10)
     torch.testing.assert_close(M.merge_rank_features(three, 10, 3), single)
     with pytest.raises(ValueError, match=r"rank row counts \[6, 3\]"):
