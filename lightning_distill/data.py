@@ -110,11 +110,13 @@ def load_image(path: Path, image_size: int, channels: int) -> Tensor:
 def class_folders(root: str | os.PathLike, files: list[Path] | None = None) -> list[str]:
     """The classes of an image folder: its first-level sub-folders that hold images, sorted as text (as
     torchvision's ``ImageFolder``), or as numbers when every name is an integer ("2" before "10", so that
-    folders ``0`` ... ``N`` are classes 0 ... N)."""
+    folders ``0`` ... ``N`` are classes 0 ... N; equal numbers by their text, "01" before "1")."""
     root = Path(root).expanduser()
     files = find_images(root) if files is None else files
     names = {p.relative_to(root).parts[0] for p in files if len(p.relative_to(root).parts) > 1}
-    return sorted(names, key=int if names and all(n.isdigit() for n in names) else None)
+    if names and all(n.isascii() and n.isdecimal() for n in names):
+        return sorted(names, key=lambda n: (int(n), n))
+    return sorted(names)
 
 
 def image_folder_labels(root: str | os.PathLike) -> tuple[list[Path], Tensor]:
@@ -159,7 +161,7 @@ class TeacherDataModule(L.LightningDataModule):
         captions: text-conditional teachers: a ``metadata.jsonl`` or ``prompts.txt`` caption file
             (default: the one in the image folder, if any). Exclusive with ``prompt``.
         latent_cache: latent teachers: a ``.pt`` file holding the encoded data set; written once,
-            reused while teacher, data and image size match.
+            reused while teacher, data, image size, the images' pixels and the VAE's weights match.
         text_cache: text-conditional teachers: a ``.pt`` file holding every prompt's embeddings (the
             network's text keywords); written once, reused while teacher, revision, prompts and encoder
             settings match. Batches then carry ``"text_cond"``, which the methods use instead of encoding.
@@ -305,7 +307,7 @@ class TeacherDataModule(L.LightningDataModule):
         extras, text = self.prompt_inputs(named), None
         if extras and (hp.text_cache or hp.release_encoders):  # every prompt encoded once, "" for guidance
             prompts = self.prompts(named)
-            key = cache_key(self.teacher, hp.teacher, hp.teacher_revision, prompts)
+            key = cache_key(self.teacher, hp.teacher, hp.teacher_revision, prompts) if hp.text_cache else None
             text = caption_embeddings(self.teacher, prompts, key, hp.text_cache)
             remember_prompts(self.teacher, [""])
         self.pixels = images  # train_images / val_images: pixels, also when the data set holds latents
@@ -397,10 +399,11 @@ class TeacherDataModule(L.LightningDataModule):
         from .nn_utils import content_digest
 
         hp = self.hparams
-        key = {"teacher": str(hp.teacher), "revision": hp.teacher_revision, "data": str(hp.data),
-               "image_size": self.image_size, "n": int(images.shape[0]),
-               "content": content_digest(images, self.teacher.vae, type(self.teacher.vae).__name__)}
         cache = Path(hp.latent_cache).expanduser() if hp.latent_cache else None
+        key = None if cache is None else {
+            "teacher": str(hp.teacher), "revision": hp.teacher_revision, "data": str(hp.data),
+            "image_size": self.image_size, "n": int(images.shape[0]),
+            "content": content_digest(images, self.teacher.vae, type(self.teacher.vae).__name__)}
         if cache is not None and cache.is_file():
             stored = torch.load(cache, map_location="cpu", weights_only=True)
             if stored.get("key") == key:

@@ -161,7 +161,7 @@ def content_digest(*items: "Tensor | nn.Module | str") -> str:
     def tensor(t: Tensor) -> None:
         t = t.detach().cpu().contiguous()
         h.update(f"{tuple(t.shape)}{t.dtype}".encode())
-        h.update(t.view(-1).view(torch.uint8).numpy().tobytes())
+        h.update(t.view(-1).view(torch.uint8).numpy())  # the buffer itself, no copy
 
     for item in items:
         if isinstance(item, nn.Module):

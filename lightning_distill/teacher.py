@@ -385,21 +385,32 @@ def low_cpu_mem_usage() -> bool:
 def _hub_entries(hub_id: str, revision: str | None) -> set[str]:
     """The top-level names of a hub repo (``unet``, ``scheduler``, ...): asked of the hub, or, when it cannot be
     reached (``HF_HUB_OFFLINE=1``, no network), read from the local Hugging Face cache, so that a teacher
-    downloaded once also loads offline (diffusers then reads its files from the same cache)."""
-    from huggingface_hub import model_info, snapshot_download  # only reached for hub ids
+    downloaded once also loads offline (diffusers then reads its files from the same cache). Offline, the
+    repo's cached file list (written by ``snapshot_download``) is used when there is one, else its cached
+    ``model_index.json``'s components, else the cached folders: a partly downloaded repo must not look like
+    a smaller pipeline (an SD folder without ``text_encoder/`` would read as an unconditional UNet)."""
+    from huggingface_hub import get_cached_repo_tree, model_info, snapshot_download  # only reached for hub ids
 
     try:
         return {s.rfilename.split("/")[0] for s in model_info(hub_id, revision=revision).siblings}
     except Exception as err:  # offline, no network or unknown id: the cache, else say which
         reason = err
     try:
-        cached = snapshot_download(hub_id, revision=revision, local_files_only=True, allow_patterns=["model_index.json"])
+        tree = get_cached_repo_tree(hub_id, revision=revision)
+    except Exception:
+        tree = None
+    if tree:
+        return {f.path.split("/")[0] for f in tree}
+    try:
+        cached = Path(snapshot_download(hub_id, revision=revision, local_files_only=True, allow_patterns=["model_index.json"]))
     except Exception:
         raise TeacherError(
             f"teacher {hub_id!r} is not a local folder, could not be reached on the hub ({reason}) and is not in "
             "the local Hugging Face cache"
         ) from None
-    return set(os.listdir(cached))
+    index = _read_model_index(cached / "model_index.json") if (cached / "model_index.json").is_file() else {}
+    components = {k for k, v in index.items() if isinstance(v, list) and v and v[0] is not None}
+    return components or set(os.listdir(cached))
 
 
 def load_teacher(
@@ -422,8 +433,9 @@ def load_teacher(
     the length of the zero T5 part of SD3 prompt embeddings (:func:`sd3_prompt_embeds`).
 
     Hub ids need a network the first time; with ``HF_HUB_OFFLINE=1`` (or no network) a teacher already in the
-    local Hugging Face cache loads from there. Only
-    safetensors / plain configs are read; no remote code is ever run.
+    local Hugging Face cache loads from there. Weights are read from safetensors, or from a ``.bin`` with
+    torch's ``weights_only`` loader (diffusers' and transformers' own), which refuses pickled objects other
+    than tensors and containers; no remote code is ever run.
 
     Raises:
         TeacherError: the folder is missing, lacks a denoiser folder or ``scheduler/``, or holds unknown or
@@ -452,14 +464,11 @@ def load_teacher(
         import diffusers
 
         sub, sched_cls = denoiser_folder(files) or "unet", None
-        if sub == "unet":
-            unet_cls = diffusers.UNet2DConditionModel if "text_encoder" in files else diffusers.UNet2DModel
-        else:  # a transformer pipeline: its config names the class
-            try:
-                cfg = diffusers.UNet2DModel.load_config(hub_id, subfolder=sub, revision=revision)
-            except Exception as err:
-                raise TeacherError(f"teacher {hub_id!r}: cannot read {sub}/config.json ({err})") from err
-            unet_cls = _denoiser_class(cfg["_class_name"], f"{hub_id}/{sub}")
+        try:  # the network's config names its class
+            cfg = diffusers.UNet2DModel.load_config(hub_id, subfolder=sub, revision=revision)
+        except Exception as err:
+            raise TeacherError(f"teacher {hub_id!r}: cannot read {sub}/config.json ({err})") from err
+        unet_cls = _denoiser_class(cfg.get("_class_name", "UNet2DModel"), f"{hub_id}/{sub}")
         has = {c: c in files for c in TEXT_AND_VAE}
         index = {}
         if has["text_encoder_2"]:  # SD3: model_index.json says which CLIP classes (SD1.5 hub ids: CLIPTextModel)
@@ -475,14 +484,16 @@ def load_teacher(
     if has["vae"]:  # the VAE's class, before any weights load: only AutoencoderKL's latent_dist is read
         import diffusers
 
-        vae_cfg = diffusers.AutoencoderKL.load_config(location, subfolder="vae", **kwargs)
+        try:
+            vae_cfg = diffusers.AutoencoderKL.load_config(location, subfolder="vae", **kwargs)
+        except Exception as err:
+            raise TeacherError(f"teacher {source}: cannot read vae/config.json ({type(err).__name__}: {err})") from err
         if vae_cfg.get("_class_name", "AutoencoderKL") != "AutoencoderKL":
             raise TeacherError(
                 f"teacher {source}: VAE class {vae_cfg['_class_name']!r} is not supported (supported: AutoencoderKL)"
             )
     try:
-        # safetensors only: a pickled .bin could run code when loaded
-        model_kwargs = {**kwargs, "torch_dtype": torch_dtype, "low_cpu_mem_usage": low_cpu_mem_usage(), "use_safetensors": True}
+        model_kwargs = {**kwargs, "torch_dtype": torch_dtype, "low_cpu_mem_usage": low_cpu_mem_usage()}
         extra = unet_cls.load_config(location, subfolder=sub, **kwargs).get("addition_embed_type")
         if extra is not None:  # refused from the config, before the weights load
             raise TeacherError(
@@ -508,7 +519,7 @@ def load_teacher(
         clip_x0 = None  # latents are not bounded to [-1, 1]
     if has["text_encoder"]:
         text_encoder = _text_encoder_class(index, "text_encoder").from_pretrained(
-            location, subfolder="text_encoder", torch_dtype=torch_dtype, use_safetensors=True, **kwargs
+            location, subfolder="text_encoder", torch_dtype=torch_dtype, **kwargs
         )
     if has["tokenizer"]:
         import transformers
@@ -516,7 +527,7 @@ def load_teacher(
         tokenizer = transformers.CLIPTokenizer.from_pretrained(location, subfolder="tokenizer", **kwargs)
     if has["text_encoder_2"]:
         text_encoder_2 = _text_encoder_class(index, "text_encoder_2").from_pretrained(
-            location, subfolder="text_encoder_2", torch_dtype=torch_dtype, use_safetensors=True, **kwargs
+            location, subfolder="text_encoder_2", torch_dtype=torch_dtype, **kwargs
         )
     if has["tokenizer_2"]:
         import transformers

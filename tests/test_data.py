@@ -127,16 +127,21 @@ def test_teacher_folder_without_subfolder(tmp_path, sub):
         load_teacher(str(folder))
 
 
-def test_pickled_teacher_weights_are_refused(tmp_path):
-    """safetensors only: a folder whose weights are a pickled .bin is refused (loading one could run code)."""
+def test_bin_teacher_weights_load_as_tensors_only(tmp_path):
+    """A folder whose weights are a ``.bin`` loads through torch's ``weights_only`` loader (equal to the
+    safetensors folder), and a ``.bin`` holding any other pickled object is refused in one line."""
     from safetensors.torch import load_file
 
-    pickled = write_tiny_teacher(tmp_path / "pickled")
-    weights = next((pickled / "unet").glob("*.safetensors"))
-    torch.save(load_file(weights), pickled / "unet" / "diffusion_pytorch_model.bin")
-    weights.unlink()
+    folder = write_tiny_teacher(tmp_path / "safe")
+    weights = next((folder / "unet").glob("*.safetensors"))
+    for name, extra in (("bin", {}), ("pickled", {"payload": Path(".")})):  # a Path is not a tensor / container
+        other = shutil.copytree(folder, tmp_path / name)
+        torch.save({**load_file(weights), **extra}, other / "unet" / "diffusion_pytorch_model.bin")
+        (other / "unet" / weights.name).unlink()
+    a, b = load_teacher(str(folder)).unet.state_dict(), load_teacher(str(tmp_path / "bin")).unet.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     with pytest.raises(TeacherError, match="could not load unet/"):
-        load_teacher(str(pickled))
+        load_teacher(str(tmp_path / "pickled"))
 
 
 def test_teacher_path_is_a_file(tmp_path):
@@ -297,3 +302,19 @@ def test_cli_channel_mismatch_without_teacher(tmp_path, capsys):
     lines = [line for line in err.splitlines() if line.startswith("lightning-distill: error:")]
     assert len(lines) == 1 and "(3, 8, 8)" in lines[0] and "(1, 8, 8)" in lines[0]
     assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_class_folder_order_is_fixed(tmp_path):
+    """Integer names sort as numbers with ties broken by the text ("01" before "1", whatever the hash seed);
+    any other name (a superscript digit counts as one) sorts everything as text."""
+    from lightning_distill.data import class_folders
+
+    def folder(names):
+        root = tmp_path / "-".join(names)
+        for n in names:
+            (root / n).mkdir(parents=True)
+            Image.fromarray(np.zeros((4, 4), dtype=np.uint8), mode="L").save(root / n / "x.png")
+        return root
+
+    assert class_folders(folder(["10", "01", "2", "1"])) == ["01", "1", "2", "10"]
+    assert class_folders(folder(["10", "2", "\u00b2"])) == ["10", "2", "\u00b2"]
