@@ -51,11 +51,17 @@ class DistillationReport(L.Callback):
         self.rows: list[dict] | None = None
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if not trainer.is_global_zero:
-            return
+        from lightning_distill import sharding
         from lightning_distill.evaluate import evaluate_models
 
         exported = next((cb.exported_to for cb in trainer.callbacks if getattr(cb, "exported_to", None)), None)
+        if exported is None and trainer.world_size > 1:  # exported here: every rank joins the gather (FSDP2)
+            with sharding.unsharded(pl_module.sampling_denoiser(), rank_zero=trainer.is_global_zero):
+                if trainer.is_global_zero:
+                    exported = str(pl_module.export(Path(self.out_dir) / "student"))
+            trainer.strategy.barrier("report_export")
+        if not trainer.is_global_zero:
+            return
         if exported is None:
             exported = str(pl_module.export(Path(self.out_dir) / "student"))
         # the reference set is the run's own data (its folder, size, channels and split), not the digits default
