@@ -18,6 +18,7 @@ the same for any number of ranks. Only rank 0 computes and logs.
 
 from __future__ import annotations
 
+import json
 from typing import Any, Literal
 
 import lightning as L
@@ -142,6 +143,7 @@ class FIDCallback(L.Callback):
         # persisted state
         self.last_eval_step = -1
         self.teacher_metrics: dict[str, float] = {}
+        self.teacher_key: str | None = None  # what teacher_metrics were computed for (_teacher_key)
         self.last_metrics: dict[str, float] = {}
         self._layout_written = False
 
@@ -246,6 +248,8 @@ class FIDCallback(L.Callback):
             num_classes = int(backbones.num_classes(pl_module.student.unet))
         steps = resolve_steps(self.steps, pl_module)
         metrics: dict[str, float] = {}
+        if self.log_teacher and self.teacher_key != (key := self._teacher_key(trainer, pl_module)):
+            self.teacher_metrics, self.teacher_key = {}, key  # stored for another teacher, data or protocol
         # Sampling draws from explicit generators only; fork_rng keeps training's RNG stream untouched
         # regardless (resumed and uninterrupted runs must see the same random numbers).
         with torch.random.fork_rng(devices=[]):
@@ -314,12 +318,24 @@ class FIDCallback(L.Callback):
         if self.at_train_end and trainer.global_step != self.last_eval_step:
             self.evaluate(trainer, pl_module)
 
+    def _teacher_key(self, trainer: L.Trainer, pl_module: L.LightningModule) -> str:
+        """What the stored teacher numbers depend on besides their tag: the run's teacher (the data module's
+        source, revision and dtype: progressive distillation's promoted teachers keep round 0's line), its data
+        and split, and this callback's protocol (reference split, seeds, chunks, KID settings, feature net)."""
+        hp = getattr(getattr(trainer, "datamodule", None), "hparams", None) or {}
+        source = hp.get("teacher") or getattr(getattr(pl_module, "teacher", None), "source", None)
+        run = [str(source), *(hp.get(k) for k in ("teacher_revision", "teacher_dtype", "data", "image_size", "split_seed", "val_fraction"))]
+        protocol = [self.reference, self.seeds, self.chunk_size, self.kid, self.kid_subsets, self.kid_subset_size, str(self.feature_net_spec)]
+        return json.dumps([*run, *protocol], default=str)
+
     def state_dict(self) -> dict[str, Any]:
-        return {"last_eval_step": self.last_eval_step, "teacher_metrics": dict(self.teacher_metrics)}
+        return {"last_eval_step": self.last_eval_step, "teacher_metrics": dict(self.teacher_metrics),
+                "teacher_key": self.teacher_key}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.last_eval_step = int(state_dict.get("last_eval_step", -1))
         self.teacher_metrics = dict(state_dict.get("teacher_metrics", {}))
+        self.teacher_key = state_dict.get("teacher_key")  # None (older checkpoints): computed again once
 
 
 __all__ = ["FIDCallback", "resolve_steps"]

@@ -125,6 +125,14 @@ def test_fid_callback_teacher_once_per_run_and_state_resumes(tmp_path, tiny_teac
     fresh.load_state_dict(state)
     assert fresh.last_eval_step == 3 and fresh.teacher_metrics == fid.teacher_metrics
     assert not fresh.should_evaluate(3) and fresh.should_evaluate(4)
+    # the stored teacher numbers are reused only for the teacher, data and protocol they were computed for
+    for key, new_calls in ((fid.teacher_key, 0), ('["another teacher"]', 2)):
+        again = _callback(tmp_path, steps=[1], every_n_steps=2, log_teacher=True)
+        again.load_state_dict({**state, "last_eval_step": -1, "teacher_key": key})
+        before = len(calls)
+        _fit(tmp_path, again, max_steps=2, teacher=load_teacher(tiny_teacher_dir))
+        assert len(calls) - before == new_calls and again.teacher_key == fid.teacher_key
+        assert again.teacher_metrics == fid.teacher_metrics  # the same teacher, recomputed: the same numbers
 
 
 def test_resolve_steps_and_validation():
