@@ -54,8 +54,10 @@ class DistillationReport(L.Callback):
         from lightning_distill import sharding
         from lightning_distill.evaluate import evaluate_models
 
-        exported = next((cb.exported_to for cb in trainer.callbacks if getattr(cb, "exported_to", None)), None)
-        if exported is None and trainer.world_size > 1:  # exported here: every rank joins the gather (FSDP2)
+        # a PipelineExport's folder (it records the path on rank 0 only, so every rank decides by its presence)
+        exporter = next((cb for cb in trainer.callbacks if hasattr(cb, "exported_to")), None)
+        exported = getattr(exporter, "exported_to", None)
+        if exporter is None and trainer.world_size > 1:  # exported here: every rank joins the gather (FSDP2)
             with sharding.unsharded(pl_module.sampling_denoiser(), rank_zero=trainer.is_global_zero):
                 if trainer.is_global_zero:
                     exported = str(pl_module.export(Path(self.out_dir) / "student"))
