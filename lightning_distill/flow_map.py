@@ -15,7 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from .errors import ConfigError
-from .nn_utils import eval_mode
+from .nn_utils import eval_mode, rebuilt_with_weights
 
 #: the stock schedulers whose ``step`` is the flow-map step z_r = z_t - (t - r) u (see flow_map_intervals).
 FLOW_MAP_SCHEDULERS = ("FlowMapEulerDiscreteScheduler", "DDIMScheduler")
@@ -31,16 +31,19 @@ def is_flow_map_unet(unet: nn.Module) -> bool:
     return cfg.get("class_embed_type") == "timestep" and not cfg.get("num_class_embeds")
 
 
-def flow_map_unet(unet: nn.Module) -> nn.Module:
-    """The teacher's network with a zero-initialised second time input: a float32 copy rebuilt from its
-    config with ``class_embed_type="timestep"``, the teacher's weights loaded, and the new embedding's last
-    linear layer set to 0, so that it adds nothing to the time embedding until trained.
+def flow_map_unet(unet: nn.Module, share: bool = False, seed: int = 0) -> nn.Module:
+    """The teacher's network with a zero-initialised second time input: rebuilt from its config with
+    ``class_embed_type="timestep"`` holding the teacher's weights (a float32 copy, or with ``share`` the
+    teacher's own tensors, built without a transient copy, the new input's first layer drawn from ``seed``:
+    :func:`~lightning_distill.nn_utils.rebuilt_with_weights`),
+    and the new embedding's last linear layer set to 0, so that it adds nothing to the time embedding until
+    trained.
 
     Raises:
         ConfigError: for a class-conditional network (its class table is where the interval goes) or a
             network without diffusers' ``class_embed_type`` option.
     """
-    cfg = {k: v for k, v in dict(getattr(unet, "config", None) or {}).items() if not k.startswith("_")}
+    cfg = dict(getattr(unet, "config", None) or {})
     if "class_embed_type" not in cfg or type(unet).__name__ != "UNet2DModel":
         raise ConfigError(f"MeanFlow needs a diffusers UNet2DModel teacher (second time input), got {type(unet).__name__}")
     if cfg.get("num_class_embeds") or cfg.get("class_embed_type") is not None:
@@ -49,14 +52,13 @@ def flow_map_unet(unet: nn.Module) -> nn.Module:
             f"{cfg.get('num_class_embeds')}, class_embed_type={cfg.get('class_embed_type')!r}): the class "
             "embedding carries the interval t - r"
         )
-    net = type(unet).from_config({**cfg, "class_embed_type": "timestep"})
-    missing, unexpected = net.load_state_dict(unet.state_dict(), strict=False)
-    if unexpected or any(not k.startswith("class_embedding.") for k in missing):
-        raise RuntimeError(f"flow-map UNet rebuild lost weights: missing {missing}, unexpected {unexpected}")
+    net, new = rebuilt_with_weights(unet, {"class_embed_type": "timestep"}, share=share, seed=seed)
+    if any(not k.startswith("class_embedding.") for k in new):
+        raise RuntimeError(f"flow-map UNet rebuild lost weights: {new}")
     with torch.no_grad():
         net.class_embedding.linear_2.weight.zero_()
         net.class_embedding.linear_2.bias.zero_()
-    return net.float()
+    return net
 
 
 def flow_map_intervals(scheduler) -> list[tuple[Tensor, Tensor]]:

@@ -430,7 +430,8 @@ def tie_base(model: nn.Module, base: nn.Module) -> int:
             other = theirs.get(_base_name(f"{module_name}.{name}" if module_name else name))
             if param.requires_grad or other is None or other is param or other.shape != param.shape:
                 continue
-            if torch.equal(param.detach().float(), other.detach().to(param.device).float()):
+            same = (param.data_ptr(), param.dtype, param.stride()) == (other.data_ptr(), other.dtype, other.stride())
+            if same or torch.equal(param.detach().float(), other.detach().to(param.device).float()):
                 module.register_parameter(name, other)
                 tied += 1
     return tied

@@ -173,3 +173,63 @@ def content_digest(*items: "Tensor | nn.Module | str") -> str:
         else:
             h.update(str(item).encode())
     return h.hexdigest()[:24]
+
+
+def rebuilt_with_weights(
+    network: nn.Module, changes: dict, share: bool = False, seed: int = 0
+) -> tuple[nn.Module, list[str]]:
+    """``network``'s diffusers class built from its config with ``changes``, holding ``network``'s weights
+    wherever a name and shape match; returns it and the names of the tensors ``network`` had none for.
+
+    ``share=False``: a float32 copy; the new tensors keep the class's own initialisation.
+    ``share=True``: the matching tensors *are* ``network``'s (its dtype and device). The network is built on
+    the meta device, so no copy of it exists even for a moment (a float32 copy of an SD-size UNet is 3.4 GB
+    of host memory); the new tensors are made float32 on ``network``'s device and initialised by their
+    modules' ``reset_parameters`` from ``seed`` (the global generator untouched), so a rebuild when resuming
+    a checkpoint that leaves the frozen base out gives the same tensors. It is another draw than
+    ``share=False``'s, which initialises the whole network from the global generator.
+
+    Raises:
+        RuntimeError: (``share``) a module holding both matched and new tensors, or a new tensor whose module
+            has no ``reset_parameters``: it cannot be initialised without writing into ``network``'s tensors.
+    """
+    config = {k: v for k, v in network.config.items() if not k.startswith("_")}  # `_use_default_values` would
+    config.update(changes)  # make from_config ignore a changed default
+    theirs = network.state_dict()
+    if not share:
+        net = type(network).from_config(config).float()
+        own = net.state_dict()
+        matching = {k: v for k, v in theirs.items() if k in own and own[k].shape == v.shape}
+        net.load_state_dict(matching, strict=False)
+        return net, [k for k in own if k not in matching]
+    with torch.device("meta"):
+        net = type(network).from_config(config)
+    own = net.state_dict()
+    matching = {k: v for k, v in theirs.items() if k in own and own[k].shape == v.shape}
+    net.load_state_dict(matching, strict=False, assign=True)
+    buffers = dict(network.named_buffers())  # non-persistent ones are not in a state dict
+    fresh = []
+    for module_name, module in net.named_modules():
+        for name, buf in list(module.named_buffers(recurse=False)):
+            full = f"{module_name}.{name}" if module_name else name
+            if buf.is_meta and full in buffers and buffers[full].shape == buf.shape:
+                module.register_buffer(name, buffers[full], persistent=name in module.state_dict())
+        if not any(t.is_meta for t in [*module.parameters(recurse=False), *module.buffers(recurse=False)]):
+            continue
+        # its reset_parameters may reach its children: none of them may hold the network's tensors
+        if not all(t.is_meta for t in [*module.parameters(), *module.buffers()]) or not hasattr(module, "reset_parameters"):
+            raise RuntimeError(
+                f"cannot initialise the new tensors of {module_name or type(net).__name__} ({type(module).__name__}) "
+                "without a copy of the network: rebuild it with share=False"
+            )
+        fresh.append(module)
+    device = next(network.parameters()).device
+    with torch.random.fork_rng(devices=[]):  # initialised on the CPU: no accelerator generator is touched
+        torch.manual_seed(seed)
+        for module in fresh:
+            module.to_empty(device="cpu", recurse=False)
+        for module in fresh:
+            module.reset_parameters()
+    for module in fresh:
+        module.to(device)
+    return net, [k for k in own if k not in matching]

@@ -446,3 +446,43 @@ def test_export_merges_a_bf16_students_adapters_in_float32(tmp_path):
     assert got.keys() == expected.keys()
     for key, value in expected.items():
         torch.testing.assert_close(got[key], value, rtol=0, atol=0, msg=key)
+
+
+@pytest.mark.parametrize("which", ["lcm", "meanflow"])
+def test_a_network_rebuilt_on_a_shared_base_holds_the_teachers_tensors_and_only_its_new_layer(which):
+    """LCM's guidance-input UNet and MeanFlow's interval-input UNet rebuilt with ``share``: every tensor but the
+    new layer's is the teacher's own (same storage and dtype: bf16 here), built on the meta device, so no
+    float32 copy is made and then dropped; the new layer is float32 and zero where the method needs it. The
+    network computes what the float32 copy (``share=False``) computes, and the teacher is untouched. A module
+    holding both matched and new tensors is refused (its init would write into the teacher's)."""
+    from lightning_distill.flow_map import flow_map_unet
+    from lightning_distill.methods.lcm import student_unet_with_guidance_embedding
+    from lightning_distill.nn_utils import rebuilt_with_weights
+
+    teacher = (tiny_cond_unet() if which == "lcm" else make_tiny_unet()).to(torch.bfloat16)
+    before = {k: v.clone() for k, v in teacher.state_dict().items()}
+    if which == "lcm":
+        build, new_prefix = (lambda share: student_unet_with_guidance_embedding(teacher, 8, share=share)), "time_embedding.cond_proj."
+    else:
+        build, new_prefix = (lambda share: flow_map_unet(teacher, share=share)), "class_embedding."
+    shared, copied = build(True), build(False)
+    storage = {k: (p.data_ptr(), p.dtype) for k, p in teacher.named_parameters()}
+    for name, p in shared.named_parameters():
+        if name.startswith(new_prefix):
+            assert p.dtype == torch.float32 and name not in storage and not p.is_meta
+        else:
+            assert (p.data_ptr(), p.dtype) == storage[name], name
+    assert not any(p.data_ptr() in {s for s, _ in storage.values()} for p in copied.parameters())
+    assert {p.dtype for p in copied.parameters()} == {torch.float32}
+
+    x = torch.randn(2, 4 if which == "lcm" else 1, 4 if which == "lcm" else 8, 4 if which == "lcm" else 8)
+    t = torch.tensor([10, 500])
+    kwargs = ({"encoder_hidden_states": torch.randn(2, 3, 16), "timestep_cond": torch.randn(2, 8)} if which == "lcm"
+              else {"class_labels": torch.tensor([3.0, 40.0])})
+    with torch.no_grad():
+        out = shared.float()(x, t, **kwargs).sample  # .float() makes the shared net a float32 copy: compare it
+        torch.testing.assert_close(out, copied(x, t, **kwargs).sample, rtol=0, atol=0)
+    assert all(torch.equal(v, before[k]) for k, v in teacher.state_dict().items())
+
+    with pytest.raises(RuntimeError, match="conv_in .*share=False"):
+        rebuilt_with_weights(make_tiny_unet(), {"in_channels": 2}, share=True)  # conv_in: new weight, matched bias

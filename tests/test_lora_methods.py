@@ -297,3 +297,23 @@ def test_a_shared_base_takes_the_teachers_precision_and_refuses_what_would_break
     with pytest.raises(SystemExit) as exc:
         _fit("scm", tmp_path / "scm", fixtures, "--data.teacher_dtype", "bfloat16", flow=True)
     assert exc.value.code == 2
+
+
+def test_meanflow_lora_student_holds_the_teachers_base_and_trains_its_interval_input(fixtures, tmp_path):
+    """MeanFlow rebuilds the teacher's UNet with an interval input; with a LoRA student on the shared base the
+    rebuilt network's frozen tensors are the teacher's own (no copy), the new input trains in full in float32
+    beside the adapters, and a resume from the adapter-only checkpoint rebuilds the same student."""
+    from lightning_distill import lora
+    from lightning_distill.methods.meanflow import MeanFlowDistillation
+
+    cli = _fit("meanflow", tmp_path / "mf", fixtures, flow=True)
+    method, student = cli.model, cli.model.student.unet
+    assert cli.trainer.global_step > 0
+    assert lora.shared_tensors(student, method.teacher.unet) == len(list(method.teacher.unet.parameters()))
+    trainable = {n: p for n, p in student.named_parameters() if p.requires_grad}
+    assert any(n.startswith("class_embedding.") for n in trainable) and all(lora.is_lora_key(n) for n in trainable)
+    assert {p.dtype for p in trainable.values()} == {torch.float32}
+    assert student.get_parameter("class_embedding.linear_2.modules_to_save.default.weight").abs().max() > 0
+    resumed = MeanFlowDistillation.load_from_checkpoint(tmp_path / "mf" / "checkpoints" / "last.ckpt", teacher=method.teacher)
+    for key, value in method.student.state_dict().items():
+        assert torch.equal(resumed.student.state_dict()[key], value), key

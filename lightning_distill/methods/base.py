@@ -125,12 +125,19 @@ class DistillationMethod(L.LightningModule):
 
     # --- construction --------------------------------------------------------------------------
 
+    @property
+    def shares_teacher_base(self) -> bool:
+        """Whether the student is a LoRA network whose frozen base is the teacher's own tensors
+        (``student_lora.base: shared`` and no student given: one derived from the teacher)."""
+        spec = LoraSpec.from_config(self.hparams.get("student_lora"))
+        return spec is not None and spec.base == "shared" and self._student_from_teacher
+
     def build_student(self, student: nn.Module | None, prediction_type: PredictionType | None) -> None:
         """Wrap the student network in a Denoiser that shares the teacher's schedule."""
         if self.teacher is None:
             raise ConfigError(f"{type(self).__name__} needs a teacher (set data.teacher)")
         student, spec = build_module(student), LoraSpec.from_config(self.hparams.get("student_lora"))
-        shared = spec is not None and spec.base == "shared" and self._student_from_teacher
+        shared = self.shares_teacher_base
         if student is None:  # a LoRA student on the teacher's own weights (no copy) or a float32 copy
             student = lora.shared_copy(self.teacher.unet) if shared else copy.deepcopy(self.teacher.unet).float()
         student = backbones.prepare_student(student)  # DiT: its label dropout switched off

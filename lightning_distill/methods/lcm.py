@@ -47,6 +47,7 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import ConfigError
+from ..nn_utils import rebuilt_with_weights
 from ..parametrisation import Denoiser, Prediction, cfg_prediction  # cfg_prediction lived here first (__all__)
 from ..sampling import text_to_image_sample
 from ..teacher import DiffusionTeacher
@@ -91,26 +92,21 @@ def text_keywords(cond: Tensor | dict) -> dict:
     return dict(cond) if isinstance(cond, dict) else {"encoder_hidden_states": cond}
 
 
-def student_unet_with_guidance_embedding(teacher_unet: nn.Module, time_cond_proj_dim: int) -> nn.Module:
+def student_unet_with_guidance_embedding(teacher_unet: nn.Module, time_cond_proj_dim: int, share: bool = False) -> nn.Module:
     """The teacher's UNet architecture plus a w-embedding input, initialised from the teacher.
 
     Built from the teacher's config with ``time_cond_proj_dim`` set; every weight whose name and shape
-    match is copied. The new projection ``time_embedding.cond_proj`` is zero-initialised, so the
-    student starts as exactly the teacher's conditional model and learns the w dependence.
+    match is the teacher's: a float32 copy, or with ``share`` the teacher's own tensors (a LoRA student on
+    the teacher's weights, built without a transient copy: :func:`~lightning_distill.nn_utils.rebuilt_with_weights`).
+    The new projection ``time_embedding.cond_proj`` (float32) is zero-initialised, so the student starts as
+    exactly the teacher's conditional model and learns the w dependence.
     """
-    # private keys dropped: an in-memory model's `_use_default_values` (which lists time_cond_proj_dim) would
-    # make from_config ignore the value set below
-    config = {k: v for k, v in teacher_unet.config.items() if not k.startswith("_")}
-    if "time_cond_proj_dim" not in config:
+    if "time_cond_proj_dim" not in teacher_unet.config:
         raise ConfigError(
             f"{type(teacher_unet).__name__} has no time_cond_proj_dim input for the guidance embedding; "
             "LCM needs a UNet2DConditionModel teacher (use ConsistencyDistillation for unconditional teachers)"
         )
-    config["time_cond_proj_dim"] = time_cond_proj_dim
-    student = type(teacher_unet).from_config(config).float()
-    own = student.state_dict()
-    copied = {k: v for k, v in teacher_unet.state_dict().items() if k in own and own[k].shape == v.shape}
-    student.load_state_dict(copied, strict=False)
+    student, _ = rebuilt_with_weights(teacher_unet, {"time_cond_proj_dim": time_cond_proj_dim}, share=share)
     with torch.no_grad():
         student.time_embedding.cond_proj.weight.zero_()
     return student
@@ -199,7 +195,9 @@ class LatentConsistencyDistillation(ConsistencyDistillation):
         adapters (frozen, it would stay zero and the student would ignore w), and its checkpoint leaves out
         the frozen base re-read from the teacher."""
         if student is None and takes_guidance_embedding(self.teacher.unet):
-            student = student_unet_with_guidance_embedding(self.teacher.unet, self.hparams.time_cond_proj_dim)
+            student = student_unet_with_guidance_embedding(
+                self.teacher.unet, self.hparams.time_cond_proj_dim, share=self.shares_teacher_base
+            )
         super().build_student(student, prediction_type)
 
     # --- conditioning ---------------------------------------------------------------------------

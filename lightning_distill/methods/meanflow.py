@@ -276,7 +276,9 @@ class MeanFlowDistillation(DistillationMethod):
                 f"{type(self).__name__} supports unconditional teachers only (this one is "
                 f"{'class' if self.teacher.num_classes else 'text'}-conditional): the class embedding carries the interval"
             )
-        super().build_student(net if is_flow_map_unet(net) else flow_map_unet(net), prediction_type)
+        if not is_flow_map_unet(net):
+            net = flow_map_unet(net, share=self.shares_teacher_base, seed=self.hparams.get("seed", 0))
+        super().build_student(net, prediction_type)
 
     # --- the loss ----------------------------------------------------------------------------
 
