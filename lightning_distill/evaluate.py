@@ -365,9 +365,22 @@ def evaluate_models(
             log(f"{sampler.name} {st} steps: FD {s.fd:.4f}  KID {s.kid:.5f} ± {s.kid_std:.5f}"
                 + (f"  (features read from {path})" if path else ""))
     if out_dir is not None:
-        kid = {"kid_subsets": kid_subsets, "kid_subset_size": kid_subset_size}
+        # KID caps a subset at the smaller set: the size the generated rows used (the held-out row: its own)
+        used = min(kid_subset_size, num_samples, ref.num_images)
+        kid = {"kid_subsets": kid_subsets, "kid_subset_size": kid_subset_size, "kid_subset_size_used": used}
+        if real_baseline and heldout is not None and heldout.shape[0] >= 2:
+            kid["kid_subset_size_used_heldout"] = min(kid_subset_size, int(heldout.shape[0]), ref.num_images)
         write_report(rows, grids, out_dir, models, {**protocol, **kid, "teacher_features_cached": cached_from}, feat_name)
     return rows
+
+
+def kid_sizes(protocol: dict) -> str:
+    """The KID subset size for results.md: the one used, and the requested one where the sets capped it."""
+    req = protocol.get("kid_subset_size", 1000)
+    used = protocol.get("kid_subset_size_used", req)
+    text = f"{used} samples per set" + (f" (requested {req}, capped at the smaller set)" if used != req else "")
+    heldout = protocol.get("kid_subset_size_used_heldout")
+    return text + (f"; the held-out row: {heldout}" if heldout is not None and heldout != used else "")
 
 
 def sample_cell(sampler, steps: int, net, num_samples: int, seed: int, chunk_size: int, grid_size: int, device):
@@ -410,7 +423,7 @@ def write_report(rows: list[dict], grids: dict, out_dir, models, protocol: dict,
         f"- Teacher: {TEACHER_SAMPLER}; students: their own sampler (checkpoint: "
         "`sample()` with EMA weights when stored; pipeline: its scheduler)",
         f"- KID: unbiased polynomial-kernel MMD^2 (x 1e3 below), mean over {protocol.get('kid_subsets', 100)} subsets "
-        f"of up to {protocol.get('kid_subset_size', 1000)}",
+        f"of {kid_sizes(protocol)}",
         "",
     ]
     for metric, scale, title in (("fd", 1.0, "FD"), ("kid", 1e3, "KID x 1e3")):

@@ -181,9 +181,20 @@ def test_report_end_to_end_checkpoint_pipeline_and_teacher(tmp_path, tiny_teache
     assert by[("ckpt", 2)]["fd"] == pytest.approx(by[("pipe", 2)]["fd"], rel=1e-5)
     md = (out / "results.md").read_text()
     assert "Generated samples per cell: 6, seed 5" in md and "EMA weights: yes" in md
-    assert "mean over 3 subsets of up to 4" in md  # the KID settings used, here and in protocol.json
     protocol = json.loads((out / "protocol.json").read_text())
     assert protocol["kid_subsets"] == 3 and protocol["kid_subset_size"] == 4 and protocol["num_samples"] == 6
+    # the KID settings used, here and in protocol.json: 4 per set (the held-out row, fewer images: its own)
+    heldout = next(int(r["num_samples"]) for r in table if r["kind"] == "data")
+    assert protocol["kid_subset_size_used"] == 4 and protocol["kid_subset_size_used_heldout"] == min(4, heldout)
+    assert "mean over 3 subsets of 4 samples per set" in md
+
+    # a requested size above the sets' is recorded with the size used (the smaller set: the 6 samples)
+    main(["--teacher", str(tiny_teacher_dir), "--teacher-steps", "1", "--num-samples", "6", "--seed", "5",
+          "--out", str(tmp_path / "big"), "--feature-net", str(feat_dir), "--kid-subsets", "2", "--kid-subset-size",
+          "50", "--chunk-size", "6", "--cache-dir", str(tmp_path / "cache"), "--device", "cpu", "--no-real-baseline"])
+    big = json.loads((tmp_path / "big" / "protocol.json").read_text())
+    assert big["kid_subset_size"] == 50 and big["kid_subset_size_used"] == 6 and "kid_subset_size_used_heldout" not in big
+    assert "subsets of 6 samples per set (requested 50, capped at the smaller set)" in (tmp_path / "big" / "results.md").read_text()
 
 
 def test_report_rejects_bad_student_spec(tmp_path, capsys):
