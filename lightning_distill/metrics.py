@@ -174,7 +174,7 @@ class InceptionFeatures(nn.Module):
         from torchmetrics.image.fid import NoTrainInceptionV3
 
         path = inception_weights_path(feature_extractor_weights_path)
-        self.weights_path = str(path)
+        self.weights_path, self.antialias = str(path), bool(antialias)
         self.inception = NoTrainInceptionV3(
             name="inception-v3-compat", features_list=["2048"], feature_extractor_weights_path=str(path),
             antialias=antialias,
@@ -221,9 +221,18 @@ def feature_net_name(net: nn.Module) -> str:
     return str(getattr(net, "name", None) or type(net).__name__)
 
 
+#: feature-network attributes that change its features without being weights (the digits classifier's
+#: ``feature_scale``, Inception's ``antialias`` resize): part of :func:`fingerprint`.
+FEATURE_SETTINGS = ("feature_scale", "antialias")
+
+
 def fingerprint(net: nn.Module) -> str:
-    """A content hash of a feature network (class, width and every weight): part of the cache key."""
+    """A content hash of a feature network (class, width, every weight and its :data:`FEATURE_SETTINGS`):
+    part of the cache keys of reference statistics and teacher features."""
     h = hashlib.sha1(f"{type(net).__qualname__}:{net.num_features}".encode())
+    settings = {k: getattr(net, k) for k in FEATURE_SETTINGS if hasattr(net, k)}
+    if settings:
+        h.update(repr(sorted(settings.items())).encode())
     for k, v in net.state_dict().items():
         h.update(k.encode())
         h.update(v.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())

@@ -88,6 +88,13 @@ def test_reference_stats_are_cached_and_reused(tmp_path):
     torch.testing.assert_close(second.sigma, first.sigma)
     # Other images, or other weights: another entry.
     assert M.reference_key(images[:32], net) != first.key
+    # the same weights with another feature scale (features x 2, FD x 4): another entry
+    net.set_feature_scale(2.0)
+    scaled = M.reference_stats(images, net, tmp_path, batch_size=32)
+    assert not scaled.from_cache and scaled.key != first.key
+    torch.testing.assert_close(scaled.sigma, 4 * first.sigma)
+    net.set_feature_scale(1.0)
+    assert M.reference_key(images, net) == first.key
     with torch.no_grad():
         net.head[-1].weight.add_(1.0)  # even a layer FD does not use changes the fingerprint
     assert M.reference_key(images, net) != first.key
@@ -127,6 +134,9 @@ def test_inception_loads_offline_from_file_and_hub_cache(tmp_path, monkeypatch):
     assert M.get_feature_net(net) is net and net.num_features == 2048
     feats = net(torch.rand(2, 1, 8, 8) * 2 - 1)
     assert feats.shape == (2, 2048) and torch.isfinite(feats).all()
+    # torch-fidelity's resize (antialias False) gives other features from the same weights: another cache key
+    tf1 = M.InceptionFeatures(feature_extractor_weights_path=path, antialias=False)
+    assert M.fingerprint(tf1) != M.fingerprint(net) == M.fingerprint(M.InceptionFeatures(feature_extractor_weights_path=path))
     # The default location is torch hub's cache, where torch-fidelity would put its download.
     hub = tmp_path / "hub"
     (hub / "checkpoints").mkdir(parents=True)
