@@ -79,8 +79,10 @@ def deterministic_scheduler(
     cfg["prediction_type"] = prediction_type
     # Trailing spacing starts at the last training timestep (pure noise for zero-terminal-SNR
     # schedules), which few-step samplers need; set_alpha_to_one makes the last step land on x0.
+    # No dynamic thresholding (a teacher may ship it on, e.g. DeepFloyd IF): the step stays linear in the
+    # prediction, which sample() computes and progressive distillation's target assumes.
     cfg.update(timestep_spacing="trailing", set_alpha_to_one=True, clip_sample=clip_x0 is not None,
-               clip_sample_range=clip_x0 or 1.0)
+               clip_sample_range=clip_x0 or 1.0, thresholding=False)
     return DDIMScheduler.from_config(cfg)
 
 

@@ -23,6 +23,7 @@ from torch.utils.data import DataLoader, Dataset
 from lightning_distill.callbacks import EMA
 from lightning_distill.callbacks.progressive import TeacherSwap
 from lightning_distill.methods.progressive import (
+    sampler_grid_gap,
     ProgressiveDistillation,
     check_halving,
     progressive_loss,
@@ -192,12 +193,38 @@ def test_two_step_target_matches_closed_form(kind):
         torch.testing.assert_close(target[b], A * z[b] + B, atol=tol, rtol=tol)
 
 
-def test_student_grid_nests_in_the_teacher_grid():
-    sched = gaussian_teacher().schedule
-    n = 8
-    t, _, u = student_timesteps(sched, n, torch.arange(n))
-    student_grid = sched.trailing_timesteps(n)
-    assert t.tolist() == student_grid[:-1].tolist() and u.tolist() == student_grid[1:].tolist()
+def test_student_grid_is_what_the_stock_sampler_visits_and_off_grid_rounds_warn(recwarn):
+    """The N-step student trains from point 2i onto point 2i + 2 of the 2N-step grid (the N-step grid). Where N
+    divides T (T = 1024 here), diffusers' DDIM, built as the student's sampler, steps from exactly those
+    timesteps onto exactly those (checked on DDIMScheduler's own timesteps and its t - T // N step), and
+    nothing warns. With T = 1000 (SD / DDPM) N = 32 and 16 land between the trained levels and N = 6 stops
+    at t = 0 with noise left (its N = 3 round is off too); on a shift-3 flow teacher every N >= 3 samples off the trailing grid: the
+    method warns before training, naming those N."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    teacher = gaussian_teacher()
+    sched = teacher.schedule
+    for n in (8, 4, 2, 1):
+        t, _, u = student_timesteps(sched, n, torch.arange(n))
+        ddim = ProgressiveDistillation(teacher, num_student_steps=n, num_log_samples=0).make_scheduler()
+        ddim.set_timesteps(n)
+        visited = ddim.timesteps.long()
+        assert t.tolist() == visited.tolist()
+        assert u.tolist() == (visited - T // n).clamp_min(-1).tolist()
+        assert sampler_grid_gap(ddim, sched, n) == 0.0
+    assert not [w for w in recwarn if "off the grid" in str(w.message)]
+
+    t1000 = DiffusionTeacher(AnalyticGaussianNet(0.3, 0.4), DDIMScheduler(num_train_timesteps=1000), source=None)
+    with pytest.warns(UserWarning, match=r"at N = \[32, 16\] steps the stock sampler visits noise levels up to"):
+        ProgressiveDistillation(t1000, num_student_steps=32, num_log_samples=0)
+    with pytest.warns(UserWarning, match=r"at N = \[6, 3\] steps.*T = 1000"):
+        ProgressiveDistillation(t1000, num_student_steps=6, num_log_samples=0)
+    flow = DiffusionTeacher(
+        AnalyticGaussianNet(0.3, 0.4, "flow_prediction"), FlowMatchEulerDiscreteScheduler(num_train_timesteps=T, shift=3.0),
+        source=None,
+    )
+    with pytest.warns(UserWarning, match=r"at N = \[8, 4\] steps.*flow shift"):
+        ProgressiveDistillation(flow, num_student_steps=8, num_log_samples=0)
 
 
 def test_loss_weighting_closed_form():
@@ -838,3 +865,52 @@ def test_resumed_promoted_teacher_keeps_the_configured_teacher_precision(tmp_pat
     assert {p.dtype for p in resumed.teacher.parameters()} == {torch.bfloat16}
     for (name, a), b in zip(resumed.teacher.unet.named_parameters(), model.teacher.unet.parameters()):
         assert torch.equal(a, b), name
+
+
+def test_an_offloaded_teacher_stays_offloaded_when_promoted_and_when_resumed(tmp_path):
+    """teacher_offload: the round >= 1 teacher (a copy of the student) is offloaded like the configured one,
+    both when promoted and when a checkpoint rebuilds it (before, it sat on the device whole from round 1)."""
+    from lightning_distill import memory
+
+    teacher_dir = write_tiny_teacher(tmp_path / "teacher")
+
+    def method() -> ProgressiveDistillation:
+        return ProgressiveDistillation(load_teacher(str(teacher_dir)), num_student_steps=4, teacher_offload=True)
+
+    model = method()
+    memory.offload_between_calls(model.teacher.unet)  # what setup does for the configured teacher
+    model.promote_student()
+    assert memory.is_offloaded(model.teacher.unet)
+    ckpt = {"state_dict": model.state_dict()}
+    model.on_save_checkpoint(ckpt)
+    resumed = method()
+    resumed.on_load_checkpoint(ckpt)
+    resumed.load_state_dict(ckpt["state_dict"])
+    assert resumed.round_index == 1 and memory.is_offloaded(resumed.teacher.unet)
+
+
+def test_a_clamped_student_sampler_still_trains_on_its_unclamped_x0():
+    """student_clip_x0 clamps the student's sampler, not its training: x_tilde often lies outside [-1, 1],
+    and a clamped estimate gives those pixels no gradient (before, a third of them were stuck)."""
+    teacher = gaussian_teacher(mu=0.9, s=0.6)
+    grads = {}
+    for clip in (None, 1.0):
+        torch.manual_seed(0)
+        model = ProgressiveDistillation(teacher, student=AffineNet(), num_student_steps=2, student_clip_x0=clip,
+                                        num_log_samples=0)
+        with torch.no_grad():
+            model.student.unet.scale.fill_(0.5)
+            model.student.unet.shift.fill_(3.0)  # x0 estimates far above 1
+        model.train()
+        model.compute_loss(_batch()).loss.backward()
+        grads[clip] = model.student.unet.shift.grad.abs().sum()
+    assert grads[1.0] > 0 and torch.equal(grads[1.0], grads[None])
+
+
+def test_the_student_sampler_drops_a_teachers_dynamic_thresholding():
+    """A teacher that ships DDIM with dynamic thresholding (DeepFloyd IF): the student's (and teacher's) stock
+    sampler has it off, so its step stays the linear DDIM step sample() takes and x_tilde assumes."""
+    net = AnalyticGaussianNet(0.3, 0.4)
+    teacher = DiffusionTeacher(net, DDIMScheduler.from_config(_scheduler().config, thresholding=True), source=None)
+    scheduler = ProgressiveDistillation(teacher, num_student_steps=2, num_log_samples=0).make_scheduler()
+    assert teacher.scheduler_config["thresholding"] and not scheduler.config.thresholding

@@ -42,6 +42,7 @@ import torch
 from lightning.pytorch.cli import OptimizerCallable
 from torch import Tensor, nn
 
+from .. import memory
 from ..errors import ConfigError
 from ..parametrisation import Denoiser, NoiseSchedule, expand_like
 from ..teacher import DiffusionTeacher
@@ -112,6 +113,28 @@ def two_step_target(teacher: Denoiser, z_t: Tensor, t: Tensor, t_mid: Tensor, s:
     z_teacher = teacher.ddim(z_mid, t_mid, s, **cond)
     sched = teacher.schedule
     return x_tilde(z_teacher, z_t, sched.alpha(t), sched.sigma(t), sched.alpha(s), sched.sigma(s))
+
+
+def sampler_grid_gap(scheduler, schedule: NoiseSchedule, num_steps: int) -> float:
+    """The largest distance, in the path's sigma, between the noise levels the stock sampler visits at
+    ``num_steps`` steps and the trailing grid an N = ``num_steps`` student trains on; 0 where they coincide.
+
+    DDIM steps from each of its timesteps t to t - T // N (clean below 0), so when N does not divide T
+    its steps land between the trained levels, and the last may stop at t = 0 with noise left. A flow
+    Euler sampler with a shift visits diffusers' stretched grid, not the trailing one (module docstring).
+    """
+    from ..sampling import at_steps
+
+    sched = at_steps(scheduler, num_steps, schedule)
+    sched.set_timesteps(num_steps)
+    trained = schedule.sigma(schedule.trailing_timesteps(num_steps)).double()
+    if hasattr(sched, "alphas_cumprod"):
+        t = sched.timesteps.long()
+        prev = (t - schedule.num_train_timesteps // num_steps).clamp_min(-1)
+        starts, ends = schedule.sigma(t).double(), schedule.sigma(prev).double()
+        return float(torch.maximum((starts - trained[:-1]).abs(), (ends - trained[1:]).abs()).max())
+    visited = sched.sigmas[: num_steps + 1].double()
+    return float((visited - trained).abs().max())
 
 
 def round_lr_factor(step: int, round_length: int | None) -> float:
@@ -225,8 +248,8 @@ class ProgressiveDistillation(TextToImageMixin, DistillationMethod):
         self.student.clip_x0 = student_clip_x0
         # x_tilde assumes the student samples with the path's stock DDIM / Euler step: build that sampler
         # now, so a prediction type it cannot step with (x0 or v on the flow path) fails here, before
-        # training, instead of at the first logged grid or export.
-        self.make_scheduler()
+        # training, instead of at the first logged grid or export (and say which rounds it samples off-grid).
+        self.warn_off_grid_rounds(num_student_steps)
         if student_dropout is not None:
             for m in self.student.modules():
                 if isinstance(m, nn.Dropout):
@@ -236,6 +259,27 @@ class ProgressiveDistillation(TextToImageMixin, DistillationMethod):
         #: optimiser steps per round, for the LR annealing; set by ``TeacherSwap.setup``.
         self.round_length: int | None = None
         self._draws = 0
+
+    def warn_off_grid_rounds(self, num_student_steps: int) -> None:
+        """Warn (once, before training) where the stock sampler of a round's N steps off the levels that round
+        trains on (:func:`sampler_grid_gap` above 1e-3 in sigma: T not divisible by N on the VP path, a
+        shifted flow teacher's stretched grid); the rounds are N, N/2, ... down to 1."""
+        from lightning.pytorch.utilities import rank_zero_warn
+
+        scheduler, rounds, n = self.make_scheduler(), [], num_student_steps
+        while n >= 1:
+            rounds.append(n)
+            n = n // 2 if n % 2 == 0 else 0
+        gaps = {n: sampler_grid_gap(scheduler, self.student.schedule, n) for n in rounds}
+        off = {n: round(g, 4) for n, g in gaps.items() if g > 1e-3}
+        if off:
+            why = ("the flow shift stretches the sampler's grid" if self.student.schedule.path == "flow"
+                   else f"DDIM steps t -> t - T // N, T = {self.student.schedule.num_train_timesteps}")
+            rank_zero_warn(
+                f"progressive distillation: at N = {sorted(off, reverse=True)} steps the stock sampler visits noise "
+                f"levels up to {off} (N: sigma) off the grid the student trains on ({why}); the exported student "
+                "samples there. N dividing T (and shift 1 for flow) keeps them equal"
+            )
 
     # --- loss --------------------------------------------------------------------------------------
 
@@ -262,7 +306,7 @@ class ProgressiveDistillation(TextToImageMixin, DistillationMethod):
         z_t = sched.add_noise(x0, eps, t)
         with torch.no_grad():
             target = two_step_target(self.teacher.denoiser, z_t, t, t_mid, s, **cond)
-        x_hat = self.student(z_t, t, **cond).x0
+        x_hat = self.student(z_t, t, clip=False, **cond).x0  # student_clip_x0 is for sampling: trained unclamped
         loss = progressive_loss(x_hat, target, sched.snr(t), self.hparams.loss_weighting)
         return LossOutput(loss, {"loss": loss})
 
@@ -307,6 +351,9 @@ class ProgressiveDistillation(TextToImageMixin, DistillationMethod):
         teacher.denoiser.schedule = self.student.schedule.copy()
         for p in teacher.parameters():
             p.grad = None
+        if self.hparams.get("teacher_offload"):  # the promoted network stays on the CPU between its calls too
+            memory.offload_between_calls(teacher.unet)
+            return teacher
         return teacher.to(self.device)
 
     def promote_student(self) -> None:
@@ -374,5 +421,6 @@ __all__ = [
     "student_timesteps",
     "two_step_target",
     "round_lr_factor",
+    "sampler_grid_gap",
     "check_halving",
 ]
