@@ -285,7 +285,9 @@ class DistillationMethod(L.LightningModule):
         with torch.random.fork_rng(devices=[self.device] if accel else [], device_type=self.device.type if accel else None):
             torch.manual_seed(self.hparams.seed + 1)
             out = self.compute_loss(batch)
-        self.log_dict({f"{prefix}/{k}": v for k, v in out.logs.items()}, sync_dist=True, batch_size=batch["x"].shape[0])
+        # on the module's device: sync_dist reduces each value across ranks, and NCCL has no CPU tensors
+        logs = {f"{prefix}/{k}": torch.as_tensor(v, device=self.device) for k, v in out.logs.items()}
+        self.log_dict(logs, sync_dist=True, batch_size=batch["x"].shape[0])
         return out.loss
 
     def predict_step(self, batch: dict, batch_idx: int) -> Tensor:

@@ -147,20 +147,23 @@ def total_derivative(
     step: float = 1e-4,
     t_max: float = 1.0,
     r: Tensor | None = None,
+    primal_graph: bool = True,
 ) -> tuple[Tensor, Tensor]:
     """(u, du/dt) with du/dt = v . d_z u + d_t u, the derivative along the teacher's ODE (Eq. 8).
 
     ``u_fn(z, t)`` is u_theta(z, r, t) with r held (its tangent is 0). ``forward``: one ``torch.func.jvp``
     with tangents (v, 1); u keeps its graph to the parameters (the paper's Algorithm 1 uses the JVP's
-    primal output as the prediction), outside autocast. ``finite_difference``: central differences with step h = ``step``
+    primal output as the prediction), outside autocast. With ``primal_graph=False`` the JVP runs without a
+    graph and u is a separate call: the same values at one more forward pass, for a network with activation
+    checkpointing, whose recomputation cannot replay a forward-mode pass. ``finite_difference``: central differences with step h = ``step``
     in flow time, (u(z + h v, t + h) - u(z - h v, t - h)) / 2h, t + h kept below ``t_max`` and t - h above
     the interval's start ``r`` (and 0), one-sided at those ends; u is a separate (third) call. du/dt is
     returned detached: it only enters the stop-gradient target.
     """
     if mode == "forward":
-        with forward_ad_attention(z.device.type):  # math attention kernel, no autocast
-            u, du_dt = torch.func.jvp(u_fn, (z, t), (v, torch.ones_like(t)))
-        return u, du_dt.detach()
+        with forward_ad_attention(z.device.type), torch.set_grad_enabled(primal_graph and torch.is_grad_enabled()):
+            u, du_dt = torch.func.jvp(u_fn, (z, t), (v, torch.ones_like(t)))  # math attention kernel, no autocast
+        return (u if primal_graph else u_fn(z, t)), du_dt.detach()
     if mode != "finite_difference":
         raise ConfigError(f"unknown jvp {mode!r}; choose one of {JVP_MODES}")
     u = u_fn(z, t)
@@ -303,7 +306,8 @@ class MeanFlowDistillation(DistillationMethod):
         # Validation runs under inference mode, which forward-mode AD cannot enter: the (logged) target
         # is then taken by central differences.
         mode = hp.jvp if torch.is_grad_enabled() else "finite_difference"
-        u, du_dt = total_derivative(u_fn, z, t, v, mode, hp.finite_difference_step, self.t_max, r)
+        checkpointed = bool(getattr(self.student.unet, "is_gradient_checkpointing", False))
+        u, du_dt = total_derivative(u_fn, z, t, v, mode, hp.finite_difference_step, self.t_max, r, not checkpointed)
         u_tgt = meanflow_target(v, du_dt, r, t)
         per_sample, sq = adaptive_weighted_loss(u - u_tgt, hp.adaptive_power, hp.adaptive_c)
         loss = per_sample.mean()

@@ -319,7 +319,7 @@ class SCMDistillation(TextToImageMixin, DistillationMethod):
         # F_theta by rounding, a bias that stays in the residual; F_minus above only forms the tangent.
         per_sample, unweighted = scm_loss(F_theta, F_theta.detach(), g.detach(), logvar)
         loss = per_sample.mean()
-        logs = {"loss": loss, "unweighted": unweighted.mean().detach(), "warmup": torch.tensor(warmup)}
+        logs = {"loss": loss, "unweighted": unweighted.mean().detach(), "warmup": torch.tensor(warmup, device=loss.device)}
         if logvar is not None:
             logs["logvar"] = logvar.mean().detach()
         return LossOutput(loss, logs)
