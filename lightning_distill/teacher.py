@@ -413,12 +413,21 @@ def _hub_entries(hub_id: str, revision: str | None) -> set[str]:
     return components or set(os.listdir(cached))
 
 
+def scheduler_clip(config) -> float | None:
+    """The x0 clamp a pixel teacher's scheduler config asks for: ``clip_sample_range`` where ``clip_sample`` is
+    on, None where it is off (e.g. an exported progressive-distillation student, so that a chain continued as
+    a new job keeps the teacher it had in the run); 1.0 for schedulers without the option (DDPM's convention)."""
+    if not config.get("clip_sample", True):
+        return None
+    return float(config.get("clip_sample_range", 1.0))
+
+
 def load_teacher(
     source: str | os.PathLike,
     revision: str | None = None,
     dtype: Literal["float32", "bfloat16", "float16"] = "float32",
     prediction_type: PredictionType | None = None,
-    clip_x0: float | None = 1.0,
+    clip_x0: float | None | Literal["scheduler"] = "scheduler",
     max_sequence_length: int = 256,
 ) -> DiffusionTeacher:
     """Load a frozen teacher from a diffusers folder (``unet/`` or ``transformer/``, + ``scheduler/``) or a hub id.
@@ -436,6 +445,9 @@ def load_teacher(
     local Hugging Face cache loads from there. Weights are read from safetensors, or from a ``.bin`` with
     torch's ``weights_only`` loader (diffusers' and transformers' own), which refuses pickled objects other
     than tensors and containers; no remote code is ever run.
+
+    ``clip_x0``: the clamp of the teacher's x0 estimates; ``"scheduler"`` (default) reads it from the scheduler
+    config (:func:`scheduler_clip`). Latent and flow teachers never clamp.
 
     Raises:
         TeacherError: the folder is missing, lacks a denoiser folder or ``scheduler/``, or holds unknown or
@@ -507,6 +519,8 @@ def load_teacher(
             sched_cfg = diffusers.DDIMScheduler.load_config(location, subfolder="scheduler", **kwargs)
             sched_cls = _diffusers_class(sched_cfg["_class_name"])
         scheduler = sched_cls.from_pretrained(location, subfolder="scheduler", **kwargs)
+        if clip_x0 == "scheduler":
+            clip_x0 = scheduler_clip(scheduler.config)
     except TeacherError:
         raise
     except Exception as err:

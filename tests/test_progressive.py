@@ -914,3 +914,17 @@ def test_the_student_sampler_drops_a_teachers_dynamic_thresholding():
     teacher = DiffusionTeacher(net, DDIMScheduler.from_config(_scheduler().config, thresholding=True), source=None)
     scheduler = ProgressiveDistillation(teacher, num_student_steps=2, num_log_samples=0).make_scheduler()
     assert teacher.scheduler_config["thresholding"] and not scheduler.config.thresholding
+
+
+def test_an_exported_student_continued_as_a_teacher_keeps_its_unclamped_x0(tmp_path):
+    """A chain continued as a new job: the exported student's DDIM says clip_sample false, and load_teacher
+    reads the clamp from the scheduler config, so the new job's teacher is the unclamped one the run promoted
+    (it was clamped at 1 before). The bundled teacher's config clips at 1; an explicit clip_x0 still wins."""
+    teacher_dir = write_tiny_teacher(tmp_path / "teacher")
+    model = ProgressiveDistillation(load_teacher(str(teacher_dir)), num_student_steps=4, num_log_samples=0)
+    model.promote_student()
+    model.export(tmp_path / "student")
+    assert model.teacher.denoiser.clip_x0 is None
+    assert load_teacher(str(tmp_path / "student")).denoiser.clip_x0 is None
+    assert load_teacher(str(tmp_path / "student"), clip_x0=1.0).denoiser.clip_x0 == 1.0
+    assert load_teacher("bundled:digits").denoiser.clip_x0 == 1.0
