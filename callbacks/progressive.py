@@ -13,11 +13,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import lightning as L
 from lightning.pytorch.utilities import rank_zero_info
 
+from lightning_distill import sharding
 from lightning_distill.callbacks.ema import EMA
 from lightning_distill.errors import ConfigError
 from lightning_distill.methods.progressive import check_halving
@@ -54,6 +56,10 @@ class TeacherSwap(L.Callback):
             average as it stands at the swap, i.e. the student that every in-run score and export
             measures. ``"ema"`` needs an :class:`~lightning_distill.callbacks.ema.EMA` callback on
             ``student``.
+        export_rounds: a folder where every round's student (its sampling EMA when there is one, as the
+            in-run FD scores it) is exported when its round ends, before the swap, as ``<N>step/``: a stock
+            pipeline folder per step count. A checkpoint written at a round's last step holds the state after
+            the swap (the next round's start, its EMA restarted), so this is where each round's student is kept.
 
     Example::
 
@@ -71,6 +77,7 @@ class TeacherSwap(L.Callback):
         plateau_smoothing: float = 0.98,
         min_steps_per_round: int = 0,
         promote: str = "student",
+        export_rounds: str | None = None,
     ) -> None:
         if steps_per_round is None and plateau_patience is None:
             raise ConfigError("TeacherSwap needs steps_per_round, plateau_patience, or both")
@@ -94,10 +101,12 @@ class TeacherSwap(L.Callback):
         self.plateau_smoothing = plateau_smoothing
         self.min_steps_per_round = min_steps_per_round
         self.promote = promote
+        self.export_rounds = export_rounds
         # state (checkpointed)
         self.round = 0
         self.num_student_steps: int | None = None
         self.round_start_step = 0
+        self.first_round = 0  # the module's round when this run's chain began: the list's first entry
         self.finished = False
         self._last_step = -1
         self._reset_plateau()
@@ -106,7 +115,7 @@ class TeacherSwap(L.Callback):
     def round_steps(self, round_index: int) -> int | None:
         """The step budget of round ``round_index`` of this run (None: the round ends on a plateau)."""
         if isinstance(self.steps_per_round, list):
-            return self.steps_per_round[round_index]
+            return self.steps_per_round[round_index - self.first_round]
         return self.steps_per_round
 
     # --- the one small override hook ---------------------------------------------------------------
@@ -164,6 +173,9 @@ class TeacherSwap(L.Callback):
                 f"steps_per_round lists {len(self.steps_per_round)} rounds, but {pl_module.num_student_steps} -> "
                 f"{self.final_steps} student steps takes {rounds}: give one count per round, or one count for all"
             )
+        # A module continued from a round >= 1 (load_from_checkpoint, then a fresh Trainer): the list starts
+        # there. (A resume with ckpt_path restores the value its run began with.)
+        self.first_round = pl_module.round_index
         # The method's configure_optimizers anneals the rate over this many steps (after every reset).
         pl_module.round_length = self.round_steps(pl_module.round_index)
 
@@ -201,12 +213,24 @@ class TeacherSwap(L.Callback):
         pl_module.log("progressive/num_student_steps", float(self.num_student_steps), on_step=True, on_epoch=False)
         if self.finished or not self.should_end_round(trainer, pl_module):
             return
+        self.export_round(trainer, pl_module)
         if self.num_student_steps <= self.final_steps:
             self.finished = True
             trainer.should_stop = True
             rank_zero_info(f"Progressive distillation done: {self.num_student_steps}-step student after {step} steps")
             return
         self.swap(trainer, pl_module)
+
+    def export_round(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Export the ending round's student to ``export_rounds/<N>step`` (nothing without ``export_rounds``)."""
+        if self.export_rounds is None:
+            return
+        # FSDP2: every rank gathers its shards; rank 0 writes unsharded copies (as PipelineExport)
+        with sharding.unsharded(pl_module.sampling_denoiser(), rank_zero=trainer.is_global_zero):
+            if trainer.is_global_zero:
+                path = pl_module.export(Path(self.export_rounds) / f"{self.num_student_steps}step")
+                rank_zero_info(f"Progressive distillation: the {self.num_student_steps}-step student exported to {path}")
+        trainer.strategy.barrier("teacher_swap_export")
 
     def swap(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         """Promote the student (or its EMA), reset optimiser + LR schedule and every resettable callback."""
@@ -239,6 +263,7 @@ class TeacherSwap(L.Callback):
             "round": self.round,
             "num_student_steps": self.num_student_steps,
             "round_start_step": self.round_start_step,
+            "first_round": self.first_round,
             "finished": self.finished,
             "last_step": self._last_step,
             "plateau": {
@@ -253,6 +278,7 @@ class TeacherSwap(L.Callback):
         self.round = state_dict["round"]
         self.num_student_steps = state_dict["num_student_steps"]
         self.round_start_step = state_dict["round_start_step"]
+        self.first_round = state_dict.get("first_round", 0)  # (checkpoints before it was stored: chains began at 0)
         self.finished = state_dict["finished"]
         self._last_step = state_dict["last_step"]
         p = state_dict["plateau"]

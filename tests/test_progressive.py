@@ -555,6 +555,69 @@ def test_per_round_step_budgets_end_rounds_anneal_and_resume(tmp_path):
         torch.testing.assert_close(model2.student.state_dict()[k], v, msg=k)
 
 
+def test_per_round_budgets_of_a_chain_continued_from_a_later_round_start_at_its_first_round(tmp_path):
+    """A module restored in round 1 (N = 2) by load_from_checkpoint and trained by a fresh Trainer with
+    steps_per_round=[3, 2] (its rounds 2 -> 1): the first entry is its first round's budget (indexing by the
+    absolute round read entry 2 of 2: IndexError), and a resume of that run keeps the same offset."""
+    teacher_dir = write_tiny_teacher(tmp_path / "teacher")
+    _progressive_run(teacher_dir, tmp_path / "full", steps_per_round=[2, 3, 4])
+    ckpt = tmp_path / "full" / "ckpt" / "step=2.ckpt"  # the swap step: round 1, N = 2
+
+    def continued(root, ckpt_path=None):
+        from lightning.pytorch.callbacks import ModelCheckpoint
+
+        model = ProgressiveDistillation.load_from_checkpoint(ckpt, teacher=load_teacher(str(teacher_dir)))
+        assert (model.round_index, model.num_student_steps) == (1, 2)
+        probe = Probe()
+        swap = TeacherSwap(steps_per_round=[3, 2], final_steps=1)
+        saver = ModelCheckpoint(dirpath=root / "ckpt", filename="{step}", every_n_train_steps=1, save_top_k=-1)
+        trainer = _trainer([swap, EMA(decay=0.9), saver, probe], root, enable_checkpointing=True)
+        trainer.fit(model, FixedBatches(torch.rand(8, 1, 8, 8, generator=torch.Generator().manual_seed(6)) * 2 - 1),
+                    ckpt_path=ckpt_path)
+        return trainer, probe, swap
+
+    trainer, probe, swap = continued(tmp_path / "second")
+    rows = {r["step"]: r for r in probe.rows}
+    assert swap.finished and trainer.global_step == 3 + 2  # (a fresh Trainer counts from 0)
+    assert [rows[k]["n"] for k in range(1, 6)] == [2, 2, 1, 1, 1]  # (a row shows N after its step's swap)
+    trainer2, probe2, swap2 = continued(tmp_path / "resumed", ckpt_path=str(tmp_path / "second" / "ckpt" / "step=4.ckpt"))
+    assert swap2.finished and trainer2.global_step == 5 and swap2.first_round == 1
+    assert [r["n"] for r in probe2.rows] == [1]
+
+
+def test_export_rounds_keeps_every_rounds_student_as_a_pipeline_before_the_swap(tmp_path):
+    """TeacherSwap(export_rounds=...) writes <N>step/ for each round as it ends, before the swap: the round's
+    sampling EMA (with promote="ema" the 4- and 2-step exports are exactly the round 1 and 2 teachers), each a
+    folder that DiffusionPipeline loads and that samples with N steps. The round-end checkpoint holds the
+    state after the swap (the next N, the EMA restarted), which is why the exports exist."""
+    from diffusers import DiffusionPipeline
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    teacher_dir = write_tiny_teacher(tmp_path / "teacher")
+    teachers = {}
+
+    class Teachers(L.Callback):
+        def on_train_batch_end(self, trainer, pl_module, *args):
+            teachers[pl_module.num_student_steps] = {k: v.clone() for k, v in pl_module.teacher.unet.state_dict().items()}
+
+    model = ProgressiveDistillation(load_teacher(str(teacher_dir)), num_student_steps=4,
+                                    optimizer=lambda p: torch.optim.Adam(p, lr=1e-3))
+    swap = TeacherSwap(steps_per_round=3, final_steps=1, promote="ema", export_rounds=str(tmp_path / "rounds"))
+    saver = ModelCheckpoint(dirpath=tmp_path / "ckpt", filename="{step}", every_n_train_steps=3, save_top_k=-1)
+    trainer = _trainer([swap, EMA(decay=0.9), saver, Teachers()], tmp_path, enable_checkpointing=True)
+    trainer.fit(model, FixedBatches(torch.rand(8, 1, 8, 8, generator=torch.Generator().manual_seed(6)) * 2 - 1))
+    assert sorted(p.name for p in (tmp_path / "rounds").iterdir()) == ["1step", "2step", "4step"]
+    pipes = {n: DiffusionPipeline.from_pretrained(tmp_path / "rounds" / f"{n}step") for n in (4, 2, 1)}
+    for n, promoted_at in ((4, 2), (2, 1)):  # the N-step round's EMA became the N/2 round's teacher
+        for k, v in pipes[n].unet.state_dict().items():
+            torch.testing.assert_close(v, teachers[promoted_at][k], rtol=0, atol=0, msg=k)
+    assert any(not torch.equal(v, pipes[2].unet.state_dict()[k]) for k, v in pipes[4].unet.state_dict().items())
+    images = pipes[4](batch_size=1, num_inference_steps=4, generator=torch.Generator().manual_seed(0), output_type="np").images
+    assert images.shape == (1, 8, 8, 1)
+    after_swap = torch.load(tmp_path / "ckpt" / "step=3.ckpt", weights_only=False)
+    assert after_swap["progressive"]["num_student_steps"] == 2  # the checkpoint at the round's last step
+
+
 def test_per_round_step_budgets_must_match_the_rounds(tmp_path):
     model = ProgressiveDistillation(gaussian_teacher(), student=AffineNet(), num_student_steps=8)
     trainer = _trainer([TeacherSwap(steps_per_round=[100, 100], final_steps=2)], tmp_path)
