@@ -106,6 +106,35 @@ class DistillCLI(LightningCLI):
     def add_arguments_to_parser(self, parser) -> None:
         parser.link_arguments("data.teacher", "model.init_args.teacher", apply_on="instantiate")
 
+    def parse_arguments(self, parser, args) -> None:
+        super().parse_arguments(parser, args)
+        # LightningCLI next replaces the model's settings with a --ckpt_path checkpoint's hyperparameters:
+        # the given ones are kept here to name what that drops (before_instantiate_classes)
+        self._given_model = _flat(self._subcommand_config().get("model"))
+
+    def _subcommand_config(self):
+        return self.config[self.config["subcommand"]] if self.config.get("subcommand") else self.config
+
+    def before_instantiate_classes(self) -> None:
+        """Warn when a resume (``--ckpt_path``) replaced model settings that the config or command line gave
+        with other values: LightningCLI builds the model from the checkpoint's hyperparameters, so e.g. a new
+        learning rate or ``student_lora`` given for the resume is not used. (Settings given as null, which the
+        method resolves itself, are not compared.)"""
+        config = self._subcommand_config()
+        given = getattr(self, "_given_model", {})
+        if not config.get("ckpt_path") or not given:
+            return
+        used = _flat(config.get("model"))
+        dropped = {k: (v, used.get(k)) for k, v in given.items() if v is not None and used.get(k) != v}
+        if dropped:
+            from lightning.pytorch.utilities import rank_zero_warn
+
+            shown = "; ".join(f"model.{k}: {v!r} -> {c!r}" for k, (v, c) in sorted(dropped.items()))
+            rank_zero_warn(
+                f"resuming from {config['ckpt_path']}: the model is built from the checkpoint's settings, which replace "
+                f"these given ones (given -> used): {shown}"
+            )
+
     def instantiate_trainer(self, **kwargs) -> L.Trainer:
         """Adds :class:`StepProgressBar` unless the config turns the bar off or brings its own."""
         config = self.config_init[self.subcommand] if self.subcommand else self.config_init
@@ -120,6 +149,18 @@ class DistillCLI(LightningCLI):
         # The frozen teacher is in eval mode on purpose; Lightning cannot tell it from a mistake.
         if not unexpected_eval_modules(self.model):
             warnings.filterwarnings("ignore", message=EVAL_MODE_WARNING, category=PossibleUserWarning)
+
+
+def _flat(node, prefix: str = "") -> dict:
+    """A parsed config subtree as {dotted key: plain value} (namespaces and dicts flattened)."""
+    if hasattr(node, "as_dict"):
+        node = node.as_dict()
+    if isinstance(node, dict):
+        out = {}
+        for key, value in node.items():
+            out.update(_flat(value, f"{prefix}{key}."))
+        return out
+    return {prefix[:-1]: node} if prefix else {}
 
 
 def default_trainer() -> dict:

@@ -177,6 +177,23 @@ def test_fit_validate_test_predict(tmp_path):
     assert not torch.allclose(preds[0], raw)
 
 
+def test_a_resume_names_the_given_model_settings_the_checkpoint_replaces(tmp_path):
+    """LightningCLI builds a resumed model from the checkpoint's hyperparameters, so a model setting given for
+    the resume (here num_log_samples; e.g. student_lora) is silently not used: the CLI warns, naming the key,
+    the given and the used value. A resume that gives the checkpoint's own settings says nothing."""
+    root = tmp_path / "run"
+    common = ["--config", DEBUG_CONFIG, "--trainer.default_root_dir", str(root)]
+    cli_main(["fit", *common])
+    last = str(root / "checkpoints" / "last.ckpt")
+    with warnings.catch_warnings(record=True) as same:
+        warnings.simplefilter("always")
+        cli_main(["validate", *common, "--ckpt_path", last])
+    assert not [w for w in same if "resuming from" in str(w.message)]
+    with pytest.warns(UserWarning, match=r"resuming from .*last\.ckpt: .*model\.init_args\.num_log_samples: 9 -> 4"):
+        cli = cli_main(["validate", *common, "--ckpt_path", last, "--model.init_args.num_log_samples", "9"])
+    assert cli.model.hparams.num_log_samples == 4
+
+
 def _debug_variant(tmp_path: Path, old: str, new: str) -> str:
     """DEBUG_CONFIG with ``old`` replaced by ``new``, written under tmp_path."""
     text = Path(DEBUG_CONFIG).read_text()
