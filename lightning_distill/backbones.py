@@ -325,6 +325,17 @@ def prepare_student(model: nn.Module) -> nn.Module:
     return model
 
 
+def prepare_critic(model: nn.Module) -> nn.Module:
+    """Make a trained copy of a teacher network fit to be queried as a function beside the eval-mode teacher
+    (DMD2's fake score, a trainable discriminator backbone): :func:`prepare_student`, and every ``nn.Dropout``
+    at p = 0, so that in train mode its passes (real, fake, R1's perturbed real; the fake score against the
+    teacher) see one function instead of independent dropout masks."""
+    for m in model.modules():
+        if isinstance(m, nn.Dropout):
+            m.p = 0.0
+    return prepare_student(model)
+
+
 __all__ = [
     "BACKBONES",
     "SUPPORTED",
@@ -338,6 +349,7 @@ __all__ = [
     "is_text_conditional",
     "num_classes",
     "pack_latents",
+    "prepare_critic",
     "prepare_student",
     "sample_shape",
     "unpack_latents",

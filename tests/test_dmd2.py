@@ -98,6 +98,30 @@ def test_dm_gradient_matches_gaussian_closed_form(kind):
         torch.testing.assert_close(xx.grad, expected * scale, atol=1e-3 * scale, rtol=1e-3)
 
 
+def test_dm_gradient_is_unclamped_by_default_on_a_clamping_pixel_teacher():
+    """Scores that clamp x0 at 1 (the bundled VP teacher's clip_sample): generator samples beyond the data range
+    (at 1.6, real data near 0.9) get the closed-form gradient back into range by default, as in DMD2's code;
+    with clip=True (dm_clip_x0, the measured VP presets) both clamped estimates sit at 1 and the gradient
+    nearly vanishes."""
+    sched = _schedule()
+    g = torch.Generator().manual_seed(2)
+    real, fake = (0.9, 0.1), (1.6, 0.1)
+    d_real = Denoiser(GaussianUNet(*real, sched, "sample"), sched, "sample", clip_x0=1.0)
+    d_fake = Denoiser(GaussianUNet(*fake, sched, "sample"), sched, "sample", clip_x0=1.0)
+    x = torch.full((8, 1, 4, 4), 1.6)
+    noise = torch.randn(x.shape, generator=g)
+    t = torch.full((8,), 100)
+    expected = _closed_form_grad(x, t, noise, sched, real, fake)
+    grads = {}
+    for clip in (False, True):
+        xx = x.clone().requires_grad_(True)
+        kwargs = {"clip": True} if clip else {}  # the default is unclamped
+        distribution_matching_loss(xx, d_real, d_fake, t, noise, reduction="sum", **kwargs).loss.backward()
+        grads[clip] = xx.grad
+    torch.testing.assert_close(grads[False], expected, atol=1e-3, rtol=1e-3)
+    assert grads[False].mean() > 0.5 and grads[True].abs().mean() < 0.1 * grads[False].mean()
+
+
 def test_dm_gradient_sign_and_fixed_point():
     """Descent moves samples of the fake Gaussian towards the real mean; equal distributions give 0."""
     sched = _schedule()
@@ -383,6 +407,28 @@ def test_critic_r1_reuses_the_real_logits(tiny_teacher_dir):
     assert out.logs["r1"].item() > 0
 
 
+@pytest.mark.parametrize("r1", ["true", "approx"])
+def test_a_frozen_d_backbone_trains_only_the_head_and_keeps_r1(tiny_teacher_dir, r1):
+    """DiscriminatorSchedule's frozen backbone (StepPlan(train_d_backbone=False)): the GAN and R1 terms give the
+    head gradients and the fake score's weights none (its gradients are the denoising loss's alone, as with
+    those terms weighted 0), and R1 still differentiates D in the real image (the true R1 failed before: the
+    backbone's features were detached from the image)."""
+    batch = next(iter(_loader()))
+    grads = {}
+    for weight in (1.0, 0.0):
+        model = _model(tiny_teacher_dir, r1=r1, r1_weight=weight, gan_discriminator_weight=weight)
+        out = model.critic_loss(batch, torch.Generator().manual_seed(0), StepPlan(train_d_backbone=False)).loss
+        out.loss.backward()
+        grads[weight] = [p.grad.clone() for p in model.fake_score.parameters() if p.grad is not None]
+        if weight:
+            assert out.logs["r1"].item() > 0
+            assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.discriminator_head.parameters())
+            assert all(p.requires_grad for p in model.fake_score.parameters())  # unfrozen again after the call
+    assert len(grads[1.0]) == len(grads[0.0]) > 0
+    for a, b in zip(grads[1.0], grads[0.0]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+
+
 @pytest.mark.parametrize("preset", ["dmd2", "add"])
 def test_teacher_samples_as_the_real_set(tiny_teacher_dir, tmp_path, preset):
     """With ``data.pairs`` the batches' ``x`` are cached teacher samples, and the adversarial loop's critic
@@ -539,3 +585,41 @@ def test_flow_teacher_two_step_generator_trains_and_exports(flow_teacher_dir, tm
     assert_pipeline_reproduces_samples(model, pipe, 2)
     pipe.scheduler = at_steps(pipe.scheduler, 1)
     assert_pipeline_reproduces_samples(model, pipe, 1)
+
+
+def test_the_validation_stream_is_not_a_training_iterations_stream_on_the_cpu(tiny_teacher_dir):
+    """Validation draws from a fixed stream; a CPU generator keeps only a seed's low 32 bits, so that stream
+    must differ there from every training iteration's (step 2**40 replayed iteration 0's draws)."""
+    from lightning_distill.gan.plan import iteration_generator
+
+    model = _model(tiny_teacher_dir)
+    used = []
+    original = model.step_generator
+    model.step_generator = lambda step: used.append(original(step)) or used[-1]
+    model.compute_loss(next(iter(_loader())))
+    low = used[0].initial_seed() & 0xFFFFFFFF
+    assert len(used) == 1 and all(
+        iteration_generator(model.hparams.seed, k, "cpu").initial_seed() & 0xFFFFFFFF != low for k in range(10_000)
+    )
+
+
+def test_a_teacher_with_dropout_gives_a_dropout_free_fake_score_and_d_backbone(tiny_teacher_dir):
+    """A teacher trained with dropout (p = 0.1 here) runs in eval mode; its trained copies queried beside it (the
+    fake score, a trainable D backbone) have dropout off, so at initialisation the fake score equals the teacher
+    and the DM gradient is ~0 (with dropout it was pure mask noise, norm ~8 on this teacher)."""
+    from lightning_distill.gan.features import UNetEncoderFeatures
+
+    dm = TeacherDataModule(teacher=str(tiny_teacher_dir), image_size=8, batch_size=2)
+    dropouts = [m for m in dm.teacher.unet.modules() if isinstance(m, nn.Dropout)]
+    assert dropouts
+    for m in dropouts:
+        m.p = 0.1
+    torch.manual_seed(0)
+    model = DMD2(teacher=dm.teacher, generator_every=1, gan=False)
+    model.train()
+    assert all(m.p == 0.0 for m in model.fake_score.modules() if isinstance(m, nn.Dropout))
+    assert all(m.p == 0.1 for m in dm.teacher.unet.modules() if isinstance(m, nn.Dropout))  # the teacher's own
+    out = model.generator_loss(next(iter(_loader())), torch.Generator().manual_seed(0))
+    assert out.logs["dm_grad_norm"] < 1e-3
+    copy_ = UNetEncoderFeatures.trainable_copy(dm.teacher.unet)
+    assert all(m.p == 0.0 for m in copy_.network.modules() if isinstance(m, nn.Dropout))

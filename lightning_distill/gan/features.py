@@ -119,8 +119,8 @@ class _DenoiserFeatures(nn.Module):
                        requires_grad: bool = True):
         """Features of a float32 copy of ``network`` that is trained and checkpointed with the discriminator
         (APT's backbone, ADD's ``train_features``); ``requires_grad=False`` registers it frozen."""
-        # prepare_student: a DiT's label dropout off, so that the real, fake and R1 passes see one function
-        copy_ = backbones.prepare_student(copy.deepcopy(network).float().requires_grad_(requires_grad))
+        # prepare_critic: no dropout (a DiT's label dropout included), so that the real, fake and R1 passes see one function
+        copy_ = backbones.prepare_critic(copy.deepcopy(network).float().requires_grad_(requires_grad))
         return cls(copy_, levels, trainable=True, timestep=timestep)
 
     @property

@@ -354,7 +354,9 @@ class AdversarialMethod(DistillationMethod):
 
     def compute_loss(self, batch: dict) -> LossOutput:
         """Validation: the critic and generator losses of the current networks, no update, no R1."""
-        gen = self.step_generator(2**40)  # a fixed stream, disjoint from the training iterations' ones
+        # a fixed stream, disjoint from the training iterations' ones: its low 32 bits (all a CPU generator's
+        # seed keeps) are nonzero too; 2**40 alone replayed iteration 0's draws on the CPU
+        gen = self.step_generator(2**40 + 0x5BD1E995)
         critic = self.critic_loss(batch, gen, StepPlan(r1_scale=0.0))
         with torch.no_grad():
             g_out = self.generator_loss(batch, gen)

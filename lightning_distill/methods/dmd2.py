@@ -49,6 +49,7 @@ digits teacher is unconditional).
 
 from __future__ import annotations
 
+import contextlib
 import copy
 from typing import Callable
 
@@ -58,7 +59,7 @@ from lightning.pytorch.cli import OptimizerCallable
 from torch import Tensor, nn
 
 from .. import lora, memory
-from ..backbones import prepare_student
+from ..backbones import prepare_critic
 from ..errors import ConfigError
 from ..gan.discriminators import BottleneckClassifier, bottleneck_features
 from ..gan.features import bottleneck_block
@@ -74,7 +75,7 @@ from ..sampling import (
     lcm_scheduler,
 )
 from ..teacher import DiffusionTeacher
-from .adversarial import AdversarialMethod, Critic, CriticOutput, R1Kind
+from .adversarial import AdversarialMethod, Critic, CriticOutput, R1Kind, frozen
 from .base import LossOutput, default_optimizer
 from .text import GuidedScore, TextToImageMixin
 
@@ -127,6 +128,7 @@ def distribution_matching_loss(
     t: Tensor,
     noise: Tensor,
     reduction: str = "mean",
+    clip: bool = False,
     **cond,
 ) -> LossOutput:
     """The generator's distribution-matching loss at generator samples ``x`` (DMD2, Sec. 3-4).
@@ -136,11 +138,14 @@ def distribution_matching_loss(
 
     Noises x to x_t = alpha_t x + sigma_t noise, queries both scores without gradients, and returns the
     surrogate whose gradient with respect to x is :func:`dm_gradient` (divided by B*C*H*W for "mean").
+    ``clip``: the scores' x0 estimates with their ``clip_x0`` clamp (DMD2's code does not clamp: where x
+    leaves the data range both clamped estimates sit at the bound and the gradient that would pull it back
+    vanishes).
     """
     x_t = real.schedule.add_noise(x.detach(), noise, t)
     with torch.no_grad():
-        x0_real = real(x_t, t, **cond).x0
-        x0_fake = fake(x_t, t, **cond).x0
+        x0_real = real(x_t, t, clip=clip, **cond).x0
+        x0_fake = fake(x_t, t, clip=clip, **cond).x0
     grad = dm_gradient(x, x0_real, x0_fake)
     loss = dm_surrogate_loss(x, grad, reduction)
     return LossOutput(loss, {"dm_loss": loss.detach(), "dm_grad_norm": grad.flatten(1).norm(dim=1).mean()})
@@ -195,6 +200,10 @@ class DMD2(TextToImageMixin, AdversarialMethod):
             distribution-matching gradient, uncond + g (cond - uncond) against the prompt "" (the pipelines'
             convention; 1: the conditional teacher). The generator learns the guided distribution, so its
             export is called with guidance_scale=1 (DMD2 uses g = 8 for SDXL).
+        dm_clip_x0: clamp both scores' x0 estimates (the teacher's ``clip_x0``, pixel VP teachers) in the
+            distribution-matching gradient. Off (default) as in DMD2's code: clamped, a generator pixel beyond
+            the data range gets almost no gradient back into it (:func:`distribution_matching_loss`). The VP
+            digits presets were measured with it on and keep it.
         **kwargs: :class:`AdversarialMethod`'s and :class:`DistillationMethod`'s arguments
             (``optimizer`` / ``lr_scheduler`` are the generator's).
 
@@ -234,6 +243,7 @@ class DMD2(TextToImageMixin, AdversarialMethod):
         sample_steps: int | None = None,
         sample_prompt: str = "",
         real_guidance_scale: float = 1.0,
+        dm_clip_x0: bool = False,
         **kwargs,
     ) -> None:
         if generator_steps < 1:
@@ -271,7 +281,7 @@ class DMD2(TextToImageMixin, AdversarialMethod):
         else:
             fake_score = copy.deepcopy(self.teacher.unet).float() if fake_score is None else fake_score
             fake_score.requires_grad_(True)
-        prepare_student(fake_score).train()  # a DiT's label dropout off: the DM gradient reads conditional scores
+        prepare_critic(fake_score).train()  # no dropout, and a DiT's label dropout off: the DM gradient reads conditional scores
         if self.hparams.get("gradient_checkpointing"):
             memory.enable_gradient_checkpointing(fake_score, "fake score")
         self.fake_score = Denoiser(fake_score, self.teacher.schedule.copy(), self.teacher.prediction_type, self.teacher.denoiser.clip_x0)
@@ -378,8 +388,10 @@ class DMD2(TextToImageMixin, AdversarialMethod):
         # a LoRA fake score runs in the teacher's dtype (its base is the teacher's tensors: bf16 with teacher_dtype)
         dtype = next(self.fake_score.unet.parameters()).dtype
         cond = {k: v.to(dtype) if torch.is_tensor(v) and v.is_floating_point() else v for k, v in cond.items()}
-        feats = bottleneck_features(self.fake_score.unet, x_t.to(dtype), sched.model_timestep(t), **cond).float()
-        return self.discriminator_head(feats if train_backbone else feats.detach())
+        # a frozen backbone (DiscriminatorSchedule) gets no gradient, but x still does (R1 differentiates D in x)
+        with contextlib.nullcontext() if train_backbone else frozen(self.fake_score.parameters()):
+            feats = bottleneck_features(self.fake_score.unet, x_t.to(dtype), sched.model_timestep(t), **cond).float()
+        return self.discriminator_head(feats)
 
     # --- losses --------------------------------------------------------------------------------
 
@@ -389,7 +401,9 @@ class DMD2(TextToImageMixin, AdversarialMethod):
         cond = self._cond(batch)
         x = self.generator_samples(n, g, **cond)
         t = self._t_in(self.hparams.dm_t_range, n, g)
-        out = distribution_matching_loss(x, self.real_score(), self.fake_score, t, self._randn(x.shape, g), **cond)
+        out = distribution_matching_loss(
+            x, self.real_score(), self.fake_score, t, self._randn(x.shape, g), clip=self.hparams.dm_clip_x0, **cond
+        )
         loss, logs = out.loss, dict(out.logs)
         if self.discriminator_head is not None:
             t_gan = self._t_in(self.hparams.gan_t_range, n, g)
@@ -423,15 +437,19 @@ class DMD2(TextToImageMixin, AdversarialMethod):
         def d_real(x: Tensor) -> Tensor:  # D as a function of the clean image only: t and noise fixed now
             return self.discriminator_logits(x, t_real, noise_real, plan.train_d_backbone, **cond)
 
-        real_logits = d_real(x_real)
-        fake_logits = self.discriminator_logits(
-            x_fake, t_fake, self._randn(x_fake.shape, g), plan.train_d_backbone, **cond
-        )
-        d_gan = self.d_loss_fn(real_logits, fake_logits)
+        # a frozen backbone: out of the GAN and R1 graphs, the true R1's double backward included (its graph is
+        # built inside autograd.grad, after discriminator_logits returns)
+        backbone = [] if plan.train_d_backbone else self.fake_score.parameters()
+        with frozen(backbone):
+            real_logits = d_real(x_real)
+            fake_logits = self.discriminator_logits(
+                x_fake, t_fake, self._randn(x_fake.shape, g), plan.train_d_backbone, **cond
+            )
+            d_gan = self.d_loss_fn(real_logits, fake_logits)
+            weight = self.hparams.r1_weight * plan.r1_scale
+            penalty = self.r1_term(d_real, x_real, real_logits, g, weight)
         loss = loss + self.hparams.gan_discriminator_weight * d_gan
         logs["d_gan"] = d_gan.detach()
-        weight = self.hparams.r1_weight * plan.r1_scale
-        penalty = self.r1_term(d_real, x_real, real_logits, g, weight)
         if penalty is not None:
             loss = loss + weight * penalty
             logs["r1"] = penalty.detach()
