@@ -176,7 +176,7 @@ def test_ema_update_by_hand():
     assert target.weight.item() == 1.0
 
 
-def test_online_and_target_share_dropout_masks(tiny_teacher_dir):
+def test_online_and_target_share_dropout_masks(tiny_teacher_dir, monkeypatch):
     """With t_n = t_{n+k} and a DDIM step of zero length the target equals the online output exactly only
     if both passes draw the same dropout masks."""
     dm = TeacherDataModule(teacher=str(tiny_teacher_dir), image_size=8, batch_size=4)
@@ -188,7 +188,9 @@ def test_online_and_target_share_dropout_masks(tiny_teacher_dir):
             m.p = 0.5
     assert any(isinstance(m, nn.Dropout) and m.p == 0.5 for m in student.modules())
     method = ConsistencyDistillation(dm.teacher, student=student, target_decay=0.0, original_inference_steps=32)
-    method.skip = 0
+    import lightning_distill.methods.consistency as cd
+
+    monkeypatch.setattr(cd, "previous_timesteps", lambda grid, t: t)  # t_n = t_{n+k}: a zero-length step
     method.train()
     dm.setup()
     batch = next(iter(dm.train_dataloader()))
@@ -385,7 +387,7 @@ def test_flow_training_step_is_finite_and_export_reproduces_sample(tiny_flow_tea
 
     dm = TeacherDataModule(teacher=str(tiny_flow_teacher_dir), image_size=8, batch_size=4)
     method = ConsistencyDistillation(dm.teacher, original_inference_steps=40, solver="heun", sample_steps=2)
-    assert method.student.path == "flow" and method.skip == 25
+    assert method.student.path == "flow"
     # the grid's levels are s = n / 40: every level the 1/2/4-step samplers visit is a trained one
     levels = method.student.schedule.sigma(method.train_timesteps)
     torch.testing.assert_close(levels, torch.arange(1, 41) / 40)
@@ -413,11 +415,15 @@ def test_sampler_off_the_training_grid_warns(tiny_flow_teacher_dir, tiny_teacher
     assert off_grid_timesteps(torch.tensor([1000.0, 500.0]), torch.tensor([500.0, 1000.0])) == []
     assert off_grid_timesteps(torch.tensor([1000.0, 666.5]), torch.tensor([500.0, 1000.0])) == [666.5]
     flow = TeacherDataModule(teacher=str(tiny_flow_teacher_dir), image_size=8).teacher
-    # T = 1000, N = 32: the top trained level is s = 992 / 1000, the sampler starts at s = 1
-    with pytest.warns(UserWarning, match=r"not on the training grid.*original_inference_steps = 32"):
-        ConsistencyDistillation(flow, original_inference_steps=32, sample_steps=2)
-    with pytest.warns(UserWarning, match=r"4-step sampler"):
-        ConsistencyDistillation(flow, original_inference_steps=50, sample_steps=4)  # s = 1/4 between n / 50
+    # T = 1000, N = 32: the top grid level is s = 992 / 1000 and the sampler starts at s = 1; N = 50 puts
+    # s = 1/4 between n / 50. The levels the 1 / 2 / 4-step and sample_steps samplers visit join the grid,
+    # so those are trained; a 3-step sampler on N = 50 is not served and is warned about
+    grid32 = ConsistencyDistillation(flow, original_inference_steps=32, sample_steps=2).train_timesteps
+    assert 999 in grid32.tolist() and set(lcm_training_timesteps(1000, 32).tolist()) < set(grid32.tolist())
+    assert 249 in ConsistencyDistillation(flow, original_inference_steps=50, sample_steps=4).train_timesteps.tolist()
+    with pytest.warns(UserWarning, match=r"8-step sampler"):
+        method = ConsistencyDistillation(flow, original_inference_steps=50, sample_steps=4)
+        method.warn_if_sampler_leaves_grid(8)  # s = 7/8, 5/8, ... between n / 50
     vp = TeacherDataModule(teacher=str(tiny_teacher_dir), image_size=8).teacher
     import warnings
 
@@ -425,6 +431,36 @@ def test_sampler_off_the_training_grid_warns(tiny_flow_teacher_dir, tiny_teacher
         warnings.simplefilter("error")
         ConsistencyDistillation(flow, original_inference_steps=40, sample_steps=4)
         ConsistencyDistillation(vp, original_inference_steps=30, sample_steps=4)  # LCMScheduler stays on its grid
+
+
+def test_a_shifted_flow_grid_holds_the_levels_its_sampler_visits(tmp_path):
+    """SD3's shift 3 (N = 40, T = 1000): the stock 4-step sampler visits levels between the LCM grid's
+    (928 and 799 in network timesteps); they join the training grid, so the student trains where it samples,
+    and each draw's t_n is the next lower grid level (t - k on the plain grid, as the LCM script). Unshifted,
+    with K dividing N, the grid is the LCM grid."""
+    from conftest import write_tiny_flow_teacher
+    from lightning_distill.methods.consistency import consistency_grid, previous_timesteps, skipped_timesteps
+    from lightning_distill.sampling import generator_timesteps
+
+    shifted = TeacherDataModule(teacher=str(write_tiny_flow_teacher(tmp_path / "s3", shift=3.0)), image_size=8).teacher
+    schedule = shifted.schedule
+    grid = consistency_grid(schedule, 40, (1, 2, 4))
+    plain = lcm_training_timesteps(1000, 40)
+    visited = generator_timesteps(schedule, 4)
+    assert set(visited.tolist()) <= set(grid.tolist()) and not set(visited.tolist()) <= set(plain.tolist())
+    assert sorted(grid.tolist()) == grid.tolist() and set(plain.tolist()) <= set(grid.tolist())
+    t = grid[torch.arange(len(grid))]
+    prev = previous_timesteps(grid, t)
+    assert prev[0] == 0 and torch.equal(prev[1:], grid[:-1])
+    torch.testing.assert_close(previous_timesteps(plain, plain), skipped_timesteps(plain, 25), rtol=0, atol=0)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the 4-step sampler is now on the grid: no off-grid warning
+        method = ConsistencyDistillation(shifted, original_inference_steps=40, sample_steps=4)
+    assert torch.equal(method.train_timesteps, grid)
+    unshifted = consistency_grid(TeacherDataModule(teacher=str(write_tiny_flow_teacher(tmp_path / "s1")), image_size=8).teacher.schedule, 40)
+    assert torch.equal(unshifted, plain)
 
 
 def test_flow_debug_and_digits_configs_build(tiny_flow_teacher_dir, tmp_path):

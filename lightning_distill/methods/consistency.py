@@ -26,8 +26,10 @@ sigma_min boundary         VP: t = 0 (c_skip(0) = 1, c_out(0) = 0, so f(x, 0) = 
 N (discretisation)         ``original_inference_steps`` (LCMScheduler's training grid; on the
                            flow path the levels s = n k / T, i.e. n / N when N divides T)
 k (skipping interval)      ``num_train_timesteps // original_inference_steps``
-t_{n+k}, t_n               ``t_start``, ``t_end`` (= max(t_start - k, 0), as the LCM script; on the
-                           flow path t = 0 is s = 1 / T, where f = x - u / T is the target)
+t_{n+k}, t_n               ``t_start``, ``t_end`` (the next lower grid timestep, 0 below the lowest:
+                           max(t_start - k, 0) as the LCM script on its grid; on the flow path t = 0 is
+                           s = 1 / T, where f = x - u / T is the target; a shifted flow path adds the
+                           levels its stock sampler visits to the grid: :func:`consistency_grid`)
 theta_minus                ``ConsistencyDistillation.theta_minus`` (target network)
 d(., .)                    :func:`consistency_loss`
 =========================  ==========================================================
@@ -50,6 +52,7 @@ from ..errors import ConfigError
 from ..losses import pseudo_huber, regression_distance
 from ..parametrisation import Denoiser, NoiseSchedule, Prediction, ddim_step, expand_like
 from ..sampling import (
+    generator_timesteps,
     lcm_boundary_scalings,  # lived here first; re-exported (__all__)
     lcm_scheduler,
     lcm_training_timesteps,
@@ -186,6 +189,31 @@ def skipped_timesteps(t_start: Tensor, k: int) -> Tensor:
     return (t_start - k).clamp_min(0)
 
 
+def consistency_grid(schedule: NoiseSchedule, original_inference_steps: int, served_steps=(1, 2, 4)) -> Tensor:
+    """The training timesteps, ascending: the LCM grid t = n k - 1 (:func:`lcm_training_timesteps`) and, on the
+    flow path, the levels the stock K-step sampler visits for each K in ``served_steps`` (each the nearest
+    training level, :func:`~lightning_distill.sampling.generator_timesteps`), so the student is trained where
+    it is sampled. Unshifted with K dividing N those are grid levels already and the grid is the LCM grid; a
+    shifted path (SD3: 3) visits others (at N = 40, K = 4: 928 and 799 between the grid's levels). On the VP
+    path ``LCMScheduler`` picks its timesteps from the grid itself."""
+    T = schedule.num_train_timesteps
+    grid = lcm_training_timesteps(T, original_inference_steps)
+    if schedule.path != "flow":
+        return grid
+    limit = original_inference_steps
+    visited = [generator_timesteps(schedule, k) for k in sorted(set(served_steps)) if 1 <= k <= limit]
+    levels = torch.cat([grid, *[v.to(grid.dtype) for v in visited]])
+    return torch.unique(levels[levels >= 1])  # sorted; level 0 is the boundary every chain ends at
+
+
+def previous_timesteps(grid: Tensor, t_start: Tensor) -> Tensor:
+    """t_n for each t_start of the ascending ``grid``: the next lower grid timestep, 0 (the boundary) below
+    the lowest. On the plain LCM grid this is :func:`skipped_timesteps` (t - k, clamped at 0)."""
+    grid = grid.to(t_start.device)
+    idx = torch.searchsorted(grid, t_start)
+    return torch.where(idx > 0, grid[(idx - 1).clamp_min(0)], torch.zeros_like(t_start))
+
+
 @torch.no_grad()
 def consistency_target(
     teacher_predict: Predict,
@@ -246,8 +274,10 @@ class ConsistencyDistillation(TextToImageMixin, DistillationMethod):
         original_inference_steps: N, the LCMScheduler training grid (k = T // N). Choose N dividing T so
             the grid reaches the last timestep T - 1 (e.g. 16 or 32 for T = 1024, 50 for T = 1000). On
             the flow path the K-step sampler visits s = 1, (K-1)/K, ..., 1/K, all on the grid (levels
-            n / N) when N divides T and K divides N (e.g. N = 40 for T = 1000 and K = 1, 2, 4); a
-            ``sample_steps`` sampler that leaves the grid is warned about at construction.
+            n / N) when N divides T and K divides N (e.g. N = 40 for T = 1000 and K = 1, 2, 4); with a shift
+            it visits others, which join the training grid for K = 1, 2, 4 and ``sample_steps``
+            (:func:`consistency_grid`). A ``sample_steps`` sampler that leaves the grid is warned about at
+            construction.
         solver: teacher ODE solver, ``ddim`` (default) or ``heun`` (see :func:`solver_step`).
         solver_substeps: teacher solver steps per grid interval (:func:`solve_ode`; 1 in the paper). A
             coarse grid with several substeps converges in fewer training steps than a fine grid while
@@ -297,9 +327,10 @@ class ConsistencyDistillation(TextToImageMixin, DistillationMethod):
         if teacher is None:
             raise ConfigError(f"{type(self).__name__} needs a teacher (set data.teacher)")
         super().__init__(teacher=teacher, sample_steps=sample_steps, **kwargs)
-        T = self.student.schedule.num_train_timesteps
-        self.register_buffer("train_timesteps", lcm_training_timesteps(T, original_inference_steps), persistent=False)
-        self.skip = T // original_inference_steps
+        served = (1, 2, 4, sample_steps)  # the step counts whose stock sampler levels join a flow grid
+        self.register_buffer(
+            "train_timesteps", consistency_grid(self.student.schedule, original_inference_steps, served), persistent=False
+        )
         # theta_minus: a registered submodule (saved and restored with checkpoints), never optimised;
         # with mu = 0 it is the student itself under stop-gradient, so no copy is kept.
         self.theta_minus: Denoiser | None = None
@@ -348,7 +379,7 @@ class ConsistencyDistillation(TextToImageMixin, DistillationMethod):
         n = x0.shape[0]
         idx = torch.randint(0, self.train_timesteps.numel(), (n,), device=x0.device)
         t_start = self.train_timesteps.to(x0.device)[idx]
-        t_end = skipped_timesteps(t_start, self.skip)
+        t_end = previous_timesteps(self.train_timesteps, t_start)
         eps = torch.randn_like(x0)
         schedule = self.student.schedule
         x_start = schedule.add_noise(x0, eps, t_start)
@@ -391,7 +422,12 @@ class ConsistencyDistillation(TextToImageMixin, DistillationMethod):
             return  # check_sample_steps refuses these when sampling
         sched = self.sampling_scheduler(steps)
         sched.set_timesteps(steps)
-        off = off_grid_timesteps(sched.timesteps, self.student.schedule.model_timestep(self.train_timesteps))
+        schedule = self.student.schedule
+        if schedule.path == "flow":  # trained at the nearest level (half a level away at most), as ADD / DMD2
+            trained = set(self.train_timesteps.tolist())
+            off = [float(schedule.model_timestep(lv)) for lv in generator_timesteps(schedule, steps) if int(lv) not in trained]
+        else:
+            off = off_grid_timesteps(sched.timesteps, schedule.model_timestep(self.train_timesteps))
         if off:
             rank_zero_warn(
                 f"{type(self).__name__}: the {steps}-step sampler ({type(sched).__name__}) visits network "
@@ -412,6 +448,8 @@ __all__ = [
     "consistency_loss",
     "consistency_target",
     "skipped_timesteps",
+    "consistency_grid",
+    "previous_timesteps",
     "off_grid_timesteps",
     "ema_update_",
 ]
