@@ -205,6 +205,9 @@ def test_lcm_distills_tiny_sd_and_exports_lcm_pipeline(tiny_sd, captioned_folder
         theirs = pipe(prompts, height=8, width=8, num_inference_steps=steps, guidance_scale=g,
                       generator=torch.Generator().manual_seed(steps), output_type="latent").images
         torch.testing.assert_close(ours, theirs, rtol=0, atol=0)
+    # a guidance scale outside the trained w range (g = w + 1 in [2, 8]) extrapolates the embedding: warned
+    with pytest.warns(UserWarning, match=r"guidance_scale 12.0 embeds w = 11.0, outside the trained range \[w_min, w_max\] = \[1.0, 7.0\]"):
+        method.sample(1, 1, torch.Generator().manual_seed(0), prompts=["a cat"], guidance_scale=12.0)
 
 
 def test_lcm_configs_build_with_the_tiny_stand_in(tiny_sd, captioned_folder, tmp_path):

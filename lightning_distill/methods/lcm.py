@@ -273,6 +273,13 @@ class LatentConsistencyDistillation(ConsistencyDistillation):
         extra = {}
         if self.guidance_embedding:
             g = hp.sample_guidance_scale if guidance_scale is None else guidance_scale
+            if not hp.w_min <= g - 1 <= hp.w_max:
+                from lightning.pytorch.utilities import rank_zero_warn
+
+                rank_zero_warn(
+                    f"guidance_scale {g} embeds w = {g - 1}, outside the trained range [w_min, w_max] = "
+                    f"[{hp.w_min}, {hp.w_max}] (g in [{hp.w_min + 1}, {hp.w_max + 1}]): the w-embedding extrapolates"
+                )
             den = denoiser or self.sampling_denoiser()
             extra["timestep_cond"] = guidance_scale_embedding(torch.tensor(g - 1).repeat(n), den.unet.config.time_cond_proj_dim)
         elif guidance_scale is not None and guidance_scale != hp.w_min + 1:
