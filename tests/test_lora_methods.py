@@ -317,3 +317,41 @@ def test_meanflow_lora_student_holds_the_teachers_base_and_trains_its_interval_i
     resumed = MeanFlowDistillation.load_from_checkpoint(tmp_path / "mf" / "checkpoints" / "last.ckpt", teacher=method.teacher)
     for key, value in method.student.state_dict().items():
         assert torch.equal(resumed.student.state_dict()[key], value), key
+
+
+def test_lcm_lora_without_a_guidance_input_is_a_drop_in_adapter_file(tiny_sd, captioned_folder, tmp_path):  # noqa: F811
+    """guidance_embedding: false (the diffusers LCM-LoRA script's recipe): the student keeps the teacher's UNet
+    (no time_cond_proj_dim, w ~ U[w_min, w_max] folded in), only adapters train, no full_layers file is written,
+    and, as LCM-LoRA is used, the teacher's StableDiffusionPipeline with LCMScheduler, load_lora_weights and
+    guidance_scale=1 reproduces sample(); the fused export is that pipeline too (LatentConsistencyModelPipeline
+    embeds w unconditionally). A guidance scale outside the folded range is refused."""
+    from diffusers import LCMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+
+    from lightning_distill import lora
+    from lightning_distill.cli import cli_main
+    from lightning_distill.errors import ConfigError
+
+    root = tmp_path / "lcm"
+    cli = cli_main(["fit", "--config", str(ROOT / "configs" / "lcm" / "debug.yaml"), "--data.teacher", str(tiny_sd),
+                    "--data.data", str(captioned_folder), "--trainer.default_root_dir", str(root), *LORA,
+                    "--model.init_args.guidance_embedding", "false", "--model.init_args.optimizer.init_args.lr", "1e-2"])
+    method, student = cli.model, cli.model.student.unet
+    assert student.config.time_cond_proj_dim is None and not method.guidance_embedding
+    assert all(lora.is_lora_key(n) and "lora_" in n for n, p in student.named_parameters() if p.requires_grad)
+    folder = root / "student"
+    assert (folder / lora.LORA_WEIGHT_NAME).is_file() and not (folder / lora.FULL_LAYERS_NAME).exists()
+    teacher_unet = UNet2DConditionModel.from_pretrained(tiny_sd, subfolder="unet")
+    fused = StableDiffusionPipeline.from_pretrained(folder, safety_checker=None)
+    # the teacher's components (its own UNet) with the LCMScheduler, as LCM-LoRA is used
+    teacher_pipe = StableDiffusionPipeline(**{**fused.components, "unet": teacher_unet,
+                                              "scheduler": LCMScheduler.from_pretrained(folder, subfolder="scheduler")})
+    teacher_pipe.load_lora_weights(folder)
+    prompts = ["a red cat", "a blue dog"]
+    for steps in (1, 2):
+        ours = method.sample(2, steps, torch.Generator().manual_seed(steps), prompts=prompts)
+        for pipe in (fused, teacher_pipe):
+            theirs = pipe(prompts, height=8, width=8, num_inference_steps=steps, guidance_scale=1.0,
+                          generator=torch.Generator().manual_seed(steps), output_type="latent").images
+            torch.testing.assert_close(theirs, ours, rtol=0, atol=1e-5)
+    with pytest.raises(ConfigError, match="no guidance input"):
+        method.sample(1, 1, torch.Generator().manual_seed(0), prompts=["a cat"], guidance_scale=50.0)

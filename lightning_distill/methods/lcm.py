@@ -127,6 +127,10 @@ class LatentConsistencyDistillation(ConsistencyDistillation):
         w_min, w_max: range of the distilled guidance scale w, LCM convention (g = w + 1). A student
             without a guidance-embedding input (SD3) distils one scale: w_min = w_max.
         time_cond_proj_dim: size of the w embedding (256 in the diffusers LCM script).
+        guidance_embedding: UNet teachers: give the student the w input (True, LCM). False: the student keeps
+            the teacher's architecture and w ~ U[w_min, w_max] is folded in without an input (the diffusers
+            LCM-LoRA script's recipe), so a LoRA student's adapter file alone runs on the teacher's pipeline
+            (``load_lora_weights``; ``full_layers.safetensors`` is not needed).
         uncond_prompt: the unconditional prompt of the teacher's CFG ("" as in LCM).
         sample_prompt, sample_guidance_scale: prompt and pipeline-convention g for logged samples
             (a fixed-guidance student samples at its own w_min + 1 whatever this says).
@@ -153,6 +157,7 @@ class LatentConsistencyDistillation(ConsistencyDistillation):
         w_min: float = 5.0,
         w_max: float = 15.0,
         time_cond_proj_dim: int = 256,
+        guidance_embedding: bool = True,
         uncond_prompt: str = "",
         sample_prompt: str = "",
         sample_guidance_scale: float = 8.0,
@@ -180,6 +185,9 @@ class LatentConsistencyDistillation(ConsistencyDistillation):
                     f"a {kind} student has no guidance-embedding input: LCM distils one fixed guidance scale into "
                     f"it; set w_min = w_max (got w_min={w_min}, w_max={w_max})"
                 )
+        elif not guidance_embedding:
+            if student is not None:
+                raise ConfigError("guidance_embedding=False builds the student from the teacher's UNet: give no student")
         elif student is not None and getattr(student.config, "time_cond_proj_dim", None) != time_cond_proj_dim:
             raise ConfigError(f"the student UNet's time_cond_proj_dim must equal time_cond_proj_dim={time_cond_proj_dim}")
         super().__init__(
@@ -194,7 +202,7 @@ class LatentConsistencyDistillation(ConsistencyDistillation):
         (base.py): a LoRA student (LCM-LoRA) then trains the new ``time_embedding.cond_proj`` in full beside the
         adapters (frozen, it would stay zero and the student would ignore w), and its checkpoint leaves out
         the frozen base re-read from the teacher."""
-        if student is None and takes_guidance_embedding(self.teacher.unet):
+        if student is None and takes_guidance_embedding(self.teacher.unet) and self.hparams.guidance_embedding:
             student = student_unet_with_guidance_embedding(
                 self.teacher.unet, self.hparams.time_cond_proj_dim, share=self.shares_teacher_base
             )
@@ -204,8 +212,9 @@ class LatentConsistencyDistillation(ConsistencyDistillation):
 
     @property
     def guidance_embedding(self) -> bool:
-        """Whether the student embeds w (UNet); False: one w folded in (SD3)."""
-        return takes_guidance_embedding(self.student.unet)
+        """Whether the student embeds w (a UNet with ``time_cond_proj_dim``); False: the guidance is folded in
+        (SD3: one w; a UNet with ``guidance_embedding=False``: w ~ U[w_min, w_max] without an input)."""
+        return dict(getattr(self.student.unet, "config", None) or {}).get("time_cond_proj_dim") is not None
 
     def prompt_conditioning(self, batch: dict) -> dict:
         """The text keywords of a batch's prompts: precomputed (``text_cond``) or the teacher's ``text_conditioning``."""
@@ -282,9 +291,11 @@ class LatentConsistencyDistillation(ConsistencyDistillation):
                 )
             den = denoiser or self.sampling_denoiser()
             extra["timestep_cond"] = guidance_scale_embedding(torch.tensor(g - 1).repeat(n), den.unet.config.time_cond_proj_dim)
-        elif guidance_scale is not None and guidance_scale != hp.w_min + 1:
+        elif guidance_scale is not None and not hp.w_min + 1 <= guidance_scale <= hp.w_max + 1:
+            folded = f"g = w_min + 1 = {hp.w_min + 1}" if hp.w_min == hp.w_max else f"g in [{hp.w_min + 1}, {hp.w_max + 1}]"
             raise ConfigError(
-                f"this student has one guidance scale folded in, g = w_min + 1 = {hp.w_min + 1}; got guidance_scale={guidance_scale}"
+                f"this student has no guidance input: the guidance it was distilled with ({folded}) is folded in; "
+                f"got guidance_scale={guidance_scale}"
             )
         return text_to_image_sample(self, n, steps, generator, text_keywords(prompt_embeds), denoiser, **extra)
 
@@ -329,7 +340,7 @@ class LatentConsistencyDistillation(ConsistencyDistillation):
             ...                                          "scheduler": LCMScheduler.from_pretrained(folder, subfolder="scheduler")})
             >>> pipe.load_lora_weights(folder)  # the adapters; sample with guidance_scale = w + 1
         """
-        from diffusers import LatentConsistencyModelPipeline
+        from diffusers import LatentConsistencyModelPipeline, StableDiffusionPipeline
 
         from ..export import export_sd3_pipeline, write_student_pipeline
         from ..text_cache import pipeline_parts
@@ -338,7 +349,10 @@ class LatentConsistencyDistillation(ConsistencyDistillation):
         parts = pipeline_parts(self.teacher)  # encoders read back from the source when released
         if type(den.unet).__name__ == "SD3Transformer2DModel":
             return export_sd3_pipeline(den.unet, self.sampling_scheduler(self.hparams.sample_steps), parts, target)
-        return write_student_pipeline(den.unet, lambda unet: LatentConsistencyModelPipeline(
+        # no w input (guidance_embedding=False): LatentConsistencyModelPipeline embeds w unconditionally and
+        # cannot run it; the teacher's StableDiffusionPipeline with LCMScheduler and guidance_scale=1 does
+        cls = LatentConsistencyModelPipeline if self.guidance_embedding else StableDiffusionPipeline
+        return write_student_pipeline(den.unet, lambda unet: cls(
             vae=parts.vae, text_encoder=parts.text_encoder, tokenizer=parts.tokenizer,
             unet=unet, scheduler=self.make_scheduler(), safety_checker=None, feature_extractor=None,
             requires_safety_checker=False,
