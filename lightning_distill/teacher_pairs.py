@@ -48,7 +48,8 @@ from .pairs_store import (  # the storage; every name re-exported from here
     write_manifest,
     write_shard,
 )
-from .parametrisation import Denoiser, VPSchedule
+from .nn_utils import content_digest
+from .parametrisation import Denoiser, VPSchedule, ddim_step
 
 TimeGrid = Literal["trailing", "quadratic"]
 
@@ -173,10 +174,16 @@ def sampling_grid(schedule: VPSchedule, num_steps: int, time_grid: TimeGrid, t_m
 
 @torch.no_grad()
 def ddim_sample(denoiser: Denoiser, noise: Tensor, grid: Tensor, **cond) -> Tensor:
-    """Deterministic DDIM (eta = 0) from ``noise`` at grid[0] down the grid to grid[-1] = -1."""
-    x = noise
+    """Deterministic DDIM (eta = 0) from ``noise`` at grid[0] down the grid to grid[-1] = -1: the stock
+    ``DDIMScheduler`` step, whose x0 is clamped (``clip_x0``) while its eps stays the network's own
+    (``use_clipped_model_output=False``), so the pairs are the samples the teacher's stock sampler (and its
+    evaluation) draws. (``Denoiser.ddim`` recomputes eps from the clamped x0.) Flow: the Euler step."""
+    x, clip = noise, denoiser.clip_x0
     for t, s in zip(grid[:-1].tolist(), grid[1:].tolist()):
-        x = denoiser.ddim(x, torch.tensor(t, device=x.device), torch.tensor(s, device=x.device), **cond)
+        pred = denoiser(x, torch.tensor(t, device=x.device), clip=False, **cond)
+        x0 = pred.x0 if clip is None else pred.x0.clamp(-clip, clip)
+        s_ = torch.full((x.shape[0],), s, device=x.device)
+        x = ddim_step(x0, pred.eps, denoiser.schedule.alpha(s_), denoiser.schedule.sigma(s_))
     return x
 
 
@@ -189,9 +196,17 @@ def teacher_fingerprint(denoiser: Denoiser) -> str:
     return h.hexdigest()[:16]
 
 
+#: the pairs' noise scheme, recorded in their settings (2: hashed seeds, the stock DDIM step).
+NOISE_SCHEME = 2
+
+
 def seed_for_shard(seed: int, index: int) -> int:
-    """Seed of shard ``index``: independent of world size and generation order."""
-    return (int(seed) * 1_000_003 + int(index)) % (2**63 - 1)
+    """Seed of shard ``index``: independent of world size and generation order, and hashed from ("pairs", seed,
+    index), so no shard draws the noise of an evaluation chunk (``metrics.chunk_seed``: seed * 1_000_003 + c; the
+    pairs used that formula too, so evaluating at seed 0 scored a data-distilled student on its own training
+    noise). A CPU generator keeps a seed's low 32 bits: the hash fills them."""
+    digest = hashlib.sha256(f"pairs:{int(seed)}:{int(index)}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") % (2**63 - 1)
 
 
 def shard_noise(cfg: PairsConfig, index: int, shape: tuple[int, ...], num_classes: int | None,
@@ -300,9 +315,15 @@ def pair_settings(
 ) -> dict:
     """Everything that determines the pairs (recorded in the manifest and every shard; compared on reuse)."""
     grid = sampling_grid(denoiser.schedule, cfg.num_steps, cfg.time_grid, cfg.t_max)
+    T = denoiser.schedule.num_train_timesteps
+    levels = torch.arange(-1, T)
     settings = {**cfg.generation_settings(), "teacher": teacher_source, "sample_shape": list(sample_shape),
                 "num_classes": num_classes, "format": FORMAT_VERSION, "teacher_sha256": teacher_fingerprint(denoiser),
-                "timesteps": grid.tolist()}
+                "timesteps": grid.tolist(), "noise_scheme": NOISE_SCHEME,
+                # the sampler, not only the weights: the path and its alpha / sigma table (beta schedule, shift),
+                # the prediction type and the x0 clamp (the same weights read another way give other pairs)
+                "path": denoiser.schedule.path, "prediction_type": denoiser.prediction_type, "clip_x0": denoiser.clip_x0,
+                "schedule_sha256": content_digest(denoiser.schedule.alpha(levels), denoiser.schedule.sigma(levels))}
     if prompts is not None:  # only then: caches of other teachers keep their settings
         settings["prompts"] = prompts.fingerprint()
     if next(denoiser.parameters()).dtype != torch.float32:  # a reduced-precision teacher's caches made before

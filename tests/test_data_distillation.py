@@ -144,6 +144,51 @@ def test_cache_made_with_other_settings_is_refused(teacher, tmp_path):
         _cfg(tmp_path / "q", time_grid="uniform")
 
 
+def test_cache_of_the_same_weights_read_as_another_sampler_is_refused(teacher, tmp_path):
+    """The key holds the sampler, not only the weights: the same network read with another prediction type, x0
+    clamp or noise schedule gives other pairs (before, each silently reused the old cache)."""
+    from diffusers import DDIMScheduler
+
+    from lightning_distill.teacher import DiffusionTeacher
+
+    generate_pairs(teacher.denoiser, _cfg(tmp_path / "p"), SHAPE)
+    config = dict(teacher.scheduler_config)
+    variants = {
+        "prediction": DiffusionTeacher(teacher.unet, DDIMScheduler.from_config(config), prediction_type="epsilon", source=None),
+        "clip": DiffusionTeacher(teacher.unet, DDIMScheduler.from_config(config), clip_x0=None, source=None),
+        "schedule": DiffusionTeacher(teacher.unet, DDIMScheduler.from_config(config, beta_schedule="linear"), source=None),
+    }
+    for name, other in variants.items():
+        with pytest.raises(PairsError, match="other settings"):
+            ensure_pairs(other.denoiser, _cfg(tmp_path / "p"), SHAPE)
+
+
+def test_pairs_are_the_stock_ddim_samples_of_noise_no_evaluation_draws(teacher, tmp_path):
+    """The pairs are what the teacher's stock sampler (DDIMScheduler: x0 clamped, the network's own eps, as the
+    evaluation's teacher row samples) draws from their noise, and that noise is none of the evaluation's: at
+    seed 0 the pairs used the evaluation chunks' seeds, so a data-distilled student was scored on its training
+    inputs."""
+    from diffusers import DDIMScheduler
+
+    from lightning_distill.metrics import chunk_seed
+
+    den = teacher.denoiser
+    assert den.clip_x0 == 1.0  # the tiny teacher's scheduler clips: where the two DDIM forms differ
+    pairs = load_pairs(generate_pairs(den, _cfg(tmp_path / "a", time_grid="trailing", num_steps=4, seed=0), SHAPE))
+    stock = DDIMScheduler.from_config(teacher.scheduler_config, timestep_spacing="trailing", set_alpha_to_one=True,
+                                      clip_sample=True, clip_sample_range=1.0)
+    stock.set_timesteps(4)
+    x = pairs["noise"][:6].clone()
+    with torch.no_grad():
+        for t in stock.timesteps:
+            out = teacher.unet(x, t.expand(6)).sample
+            x = stock.step(out, t, x).prev_sample
+    torch.testing.assert_close(pairs["sample"][:6], x, atol=1e-5, rtol=1e-5)
+    for c in range(8):
+        eval_noise = torch.randn(4, *SHAPE, generator=torch.Generator().manual_seed(chunk_seed(0, c)))
+        assert not any(torch.equal(eval_noise[0], n) for n in pairs["noise"])
+
+
 def test_class_conditional_pairs_carry_labels(tmp_path):
     from conftest import write_tiny_teacher
 

@@ -296,6 +296,8 @@ def test_classifier_kd_runs_through_cli_and_reports_accuracy(tmp_path):
     assert result["teacher_accuracy"] == pytest.approx(teacher_acc, abs=1e-6)
     assert result["student_accuracy"] == pytest.approx((pred_s == y).float().mean().item(), abs=1e-6)
     assert result["agreement"] == pytest.approx((pred_s == pred_t).float().mean().item(), abs=1e-6)
+    # the shift augmentation's random state is in the checkpoint (ResumeRNG), so a resume continues its draws
+    assert any(k.startswith("ResumeRNG") for k in ckpt["callbacks"]), list(ckpt["callbacks"])
 
 
 @pytest.mark.parametrize("config", ["knowledge/digits.yaml", "data_distillation/digits.yaml"])
@@ -365,3 +367,22 @@ def test_flow_student_regresses_velocities_hard_and_soft(tiny_flow_teacher_dir):
         assert got.item() == pytest.approx(expected.item(), rel=1e-4)
     # the student samples with the stock flow Euler sampler, at the teacher's step count
     assert type(model.sampling_scheduler(model.hparams.sample_steps)).__name__ == "FlowMatchEulerDiscreteScheduler"
+
+
+from test_lcm import captioned_folder, tiny_sd  # noqa: E402,F401 - fixtures
+
+
+def test_feature_kd_on_a_text_unet_teacher_builds_and_trains(tiny_sd, captioned_folder):  # noqa: F811
+    """Feature KD with an SD-style UNet2DConditionModel teacher (BK-SDM's setting): the projections' dry pass
+    gives the network text states (it crashed before: encoder_hidden_states missing), and a training loss
+    with the feature term is finite and reaches the student."""
+    from lightning_distill.data import TeacherDataModule
+    from lightning_distill.methods.knowledge import KnowledgeDistillation
+
+    dm = TeacherDataModule(teacher=str(tiny_sd), data=str(captioned_folder), image_size=8, batch_size=2)
+    method = KnowledgeDistillation(dm.teacher, feature_weights={"mid_block": 1.0})
+    dm.setup("fit")
+    out = method.compute_loss(next(iter(dm.train_dataloader())))
+    assert torch.isfinite(out.loss) and any(k.startswith("feat") for k in out.logs), out.logs.keys()
+    out.loss.backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in method.student.parameters())

@@ -101,6 +101,13 @@ class ClassifierKD(L.LightningModule):
         self.teacher.eval()  # a frozen teacher with active dropout would give noisy soft targets
         return self
 
+    def configure_callbacks(self):
+        # the shift augmentation's random state in checkpoints (a resume continues the draws) and reseeded per
+        # rank under DDP (each rank shifts its own images differently), as in every DistillationMethod
+        from ..resume import ResumeRNG
+
+        return [ResumeRNG()]
+
     def configure_optimizers(self):
         opt = self.optimizer_factory(self.student.parameters())
         if self.lr_scheduler_factory is None:

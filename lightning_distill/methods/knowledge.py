@@ -124,10 +124,18 @@ class KnowledgeDistillation(TextToImageMixin, DistillationMethod):
         x = torch.zeros(1, *self.sample_shape, device=next(self.student.parameters()).device)
         t = torch.full((1,), self.student.schedule.num_train_timesteps // 2, device=x.device)
         cond = {"class_labels": torch.zeros(1, dtype=torch.long)} if self.is_class_conditional else {}
+
+        def dry(net: nn.Module, dtype: torch.dtype) -> dict:  # a text UNet's call needs text states (any values)
+            width = dict(getattr(net, "config", None) or {}).get("cross_attention_dim")
+            if not self.text_conditional or not isinstance(width, int):
+                return cond
+            return {**cond, "encoder_hidden_states": torch.zeros(1, 1, width, device=x.device, dtype=dtype)}
+
         with self.student_tap:
-            self.student.raw(x, t, **cond)
+            self.student.raw(x, t, **dry(self.student.unet, x.dtype))
+        dtype = next(self.teacher.parameters()).dtype
         with self.teacher_tap:
-            self.teacher.denoiser.raw(x.to(next(self.teacher.parameters()).dtype), t, **cond)
+            self.teacher.denoiser.raw(x.to(dtype), t, **dry(self.teacher.unet, dtype))
         projections = {}
         for name in self.feature_weights:
             c_s, c_t = self.student_tap.features[name].shape[1], self.teacher_tap.features[name].shape[1]
