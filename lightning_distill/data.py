@@ -99,9 +99,18 @@ def load_image(path: Path, image_size: int, channels: int) -> Tensor:
     try:
         with Image.open(path) as img:
             img.load()  # forces decoding, so a truncated file fails here and is named
-            img = img.convert("L" if channels == 1 else "RGB")
+            if img.mode in ("I;16", "I;16B", "I;16L", "I"):  # 16-bit grey: convert() would clip at 255 (white)
+                import numpy as np
+
+                grey = torch.from_numpy(np.asarray(img, dtype=np.float32) / 65535.0)[None].clamp(0, 1)
+                img = grey.expand(channels if channels in (1, 3) else 3, -1, -1).contiguous()
+            else:
+                img = img.convert("L" if channels == 1 else "RGB")
     except (OSError, UnidentifiedImageError, SyntaxError) as err:
         raise DataError(f"unreadable image {path}: {err}") from err
+    if isinstance(img, Tensor):  # a 16-bit image, already in [0, 1]
+        img = TF.center_crop(TF.resize(img, image_size, antialias=True), image_size)
+        return img * 2 - 1
     img = TF.resize(img, image_size, antialias=True)
     img = TF.center_crop(img, image_size)
     return TF.to_tensor(img) * 2 - 1
@@ -119,12 +128,23 @@ def class_folders(root: str | os.PathLike, files: list[Path] | None = None) -> l
     return sorted(names)
 
 
-def image_folder_labels(root: str | os.PathLike) -> tuple[list[Path], Tensor]:
+def image_folder_labels(root: str | os.PathLike, strict: bool = False) -> tuple[list[Path], Tensor]:
     """The folder's images (sorted) and each one's class: the index of its sub-folder among
-    :func:`class_folders` (0 for an image at the top)."""
+    :func:`class_folders` (0 for an image at the top).
+
+    Raises:
+        DataError: (``strict``: the labels are used) images at the top of a folder that also has class
+            folders: they have no class, and 0 would silently make them the first folder's.
+    """
     files = find_images(root)
     classes = class_folders(root, files)
     root = Path(root).expanduser()
+    loose = [p for p in files if len(p.relative_to(root).parts) == 1]
+    if strict and classes and loose:
+        raise DataError(
+            f"{len(loose)} image(s) at the top of {root} (e.g. {loose[0].name}) beside the class folders {classes[:5]}"
+            f"{'...' if len(classes) > 5 else ''}: they have no class; move them into a class folder"
+        )
     index = {c: i for i, c in enumerate(classes)}
     labels = [index[p.relative_to(root).parts[0]] if len(p.relative_to(root).parts) > 1 else 0 for p in files]
     return files, torch.tensor(labels, dtype=torch.long)
@@ -135,7 +155,7 @@ def load_image_folder(
 ) -> tuple[Tensor, Tensor]:
     """Decode a whole folder into memory (every file checked before training starts); labels are the
     sub-folders' classes when ``class_conditional``, else 0."""
-    files, labels = image_folder_labels(root)
+    files, labels = image_folder_labels(root, strict=class_conditional)
     images = torch.stack([load_image(p, image_size, channels) for p in files])
     return images, labels if class_conditional else torch.zeros_like(labels)
 
@@ -303,7 +323,8 @@ class TeacherDataModule(L.LightningDataModule):
         hp = self.hparams
         images, labels = self.load_all()
         # a prompt's {label} names the image's sub-folder whether or not the labels condition the network
-        named = labels if hp.data == "digits" or hp.class_conditional else image_folder_labels(hp.data)[1]
+        uses_names = "{label}" in (hp.prompt or "")
+        named = labels if hp.data == "digits" or hp.class_conditional else image_folder_labels(hp.data, uses_names)[1]
         extras, text = self.prompt_inputs(named), None
         if extras and (hp.text_cache or hp.release_encoders):  # every prompt encoded once, "" for guidance
             prompts = self.prompts(named)
@@ -394,8 +415,8 @@ class TeacherDataModule(L.LightningDataModule):
 
     def encode_latents(self, images: Tensor, batch_size: int = 32) -> Tensor:
         """Encode the whole data set with the teacher's VAE once (on a GPU if there is one), with a disk cache
-        keyed by the images themselves and the VAE's weights and dtype (the teacher's name and the data's
-        settings alone would let an edited folder or another VAE read stale latents)."""
+        keyed by the images themselves, the VAE's weights and dtype and its scaling / shift factors (the teacher's
+        name and the data's settings alone would let an edited folder or another VAE read stale latents)."""
         from .nn_utils import content_digest
 
         hp = self.hparams
@@ -403,7 +424,10 @@ class TeacherDataModule(L.LightningDataModule):
         key = None if cache is None else {
             "teacher": str(hp.teacher), "revision": hp.teacher_revision, "data": str(hp.data),
             "image_size": self.image_size, "n": int(images.shape[0]),
-            "content": content_digest(images, self.teacher.vae, type(self.teacher.vae).__name__)}
+            "content": content_digest(images, self.teacher.vae, type(self.teacher.vae).__name__),
+            # baked into the cached latents ((mode - shift) * scale): a corrected config must re-encode
+            "vae_scaling": [float(getattr(self.teacher.vae.config, k, None) or d) for k, d in
+                            (("scaling_factor", 1.0), ("shift_factor", 0.0))]}
         if cache is not None and cache.is_file():
             stored = torch.load(cache, map_location="cpu", weights_only=True)
             if stored.get("key") == key:

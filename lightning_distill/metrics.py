@@ -417,12 +417,14 @@ def scheduler_sample(
 
 
 def decode_latents(x: Tensor, vae: nn.Module | None) -> Tensor:
-    """Model space -> images in [-1, 1]: identity for pixel models, VAE decode for latent ones."""
+    """Model space -> images in [-1, 1]: identity for pixel models, VAE decode for latent ones: z / scaling_factor
+    + shift_factor (SD3's VAE has a shift; the inverse of ``DiffusionTeacher.encode_images``)."""
     if vae is None:
         return x
-    scale = float(getattr(vae.config, "scaling_factor", 1.0))
+    scale = float(getattr(vae.config, "scaling_factor", None) or 1.0)
+    shift = float(getattr(vae.config, "shift_factor", None) or 0.0)
     p = next(vae.parameters())
-    return vae.decode(x.to(p.dtype) / scale, return_dict=False)[0].float()
+    return vae.decode((x.float() / scale + shift).to(p.dtype), return_dict=False)[0].float()
 
 
 @torch.no_grad()

@@ -318,3 +318,31 @@ def test_class_folder_order_is_fixed(tmp_path):
 
     assert class_folders(folder(["10", "01", "2", "1"])) == ["01", "1", "2", "10"]
     assert class_folders(folder(["10", "2", "\u00b2"])) == ["10", "2", "\u00b2"]
+
+
+def test_images_beside_class_folders_are_refused_where_labels_are_used(tmp_path):
+    """An image at the top of a folder with class folders has no class: where the labels are used
+    (class_conditional, a {label} prompt) it is a one-line DataError naming it (it silently became the first
+    folder's class); unconditional use reads it as before."""
+    from lightning_distill.data import DataError
+
+    root = _make_folder(tmp_path / "imgs")
+    Image.fromarray(np.zeros((4, 4), dtype=np.uint8), mode="L").save(root / "stray.png")
+    with pytest.raises(DataError, match=r"1 image\(s\) at the top of .* \(e\.g\. stray\.png\) beside the class folders"):
+        TeacherDataModule(teacher=None, data=str(root), image_size=4, channels=3, class_conditional=True).load_all()
+    images, labels = TeacherDataModule(teacher=None, data=str(root), image_size=4, channels=3).load_all()
+    assert images.shape[0] == 5 and labels.tolist() == [0] * 5
+
+
+def test_a_16_bit_grey_png_keeps_its_values(tmp_path):
+    """A 16-bit PNG (mode I;16): 20000 / 65535 grey reads as 2 * 0.305 - 1 = -0.39 in one or three channels
+    (PIL's convert clipped it to 255: solid white, 1.0)."""
+    from lightning_distill.data import load_image
+
+    path = tmp_path / "grey16.png"
+    Image.fromarray(np.full((6, 6), 20000, dtype=np.uint16)).save(path)
+    assert Image.open(path).mode.startswith("I")
+    for channels in (1, 3):
+        x = load_image(path, 4, channels)
+        assert x.shape == (channels, 4, 4)
+        torch.testing.assert_close(x, torch.full_like(x, 20000 / 65535 * 2 - 1), atol=1e-4, rtol=0)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import stat
 from pathlib import Path
 
 import lightning as L
@@ -223,6 +224,12 @@ def test_atomic_write_dir_replaces_only_when_complete(tmp_path):
 
     assert atomic_write_dir(target, write_a) == target.resolve()
     assert _snapshot(target) == {"a.txt": b"A"}
+    umask = os.umask(0o022)  # the folder gets a plain mkdir's mode, not mkdtemp's private 0700
+    try:
+        atomic_write_dir(target, write_a)
+    finally:
+        os.umask(umask)
+    assert stat.S_IMODE(target.stat().st_mode) == 0o755
     atomic_write_dir(target, write_b)  # replaced, not merged
     assert _snapshot(target) == {"b.txt": b"B"}
 

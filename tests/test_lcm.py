@@ -111,6 +111,12 @@ def test_latent_data_prompts_and_cache(tiny_sd, captioned_folder, tmp_path):
         other_vae.teacher.vae.encoder.conv_in.bias.add_(0.5)
     other_vae.setup()
     assert not torch.allclose(other_vae.train_set.dataset.images, dm.train_set.dataset.images)
+    # the same VAE weights with another scaling factor in its config (baked into the cached latents): re-encoded
+    make_dm(tiny_sd, captioned_folder, latent_cache=str(tmp_path / "scaled.pt")).setup()
+    rescaled = make_dm(tiny_sd, captioned_folder, latent_cache=str(tmp_path / "scaled.pt"))
+    rescaled.teacher.vae.register_to_config(scaling_factor=0.5)
+    rescaled.setup()
+    torch.testing.assert_close(rescaled.train_set.dataset.images, dm.train_set.dataset.images * (0.5 / 0.18215))
     import shutil
 
     from PIL import Image
@@ -239,3 +245,28 @@ def test_an_sdxl_unet_is_refused_before_its_weights_load(tiny_sd, tmp_path):
         f.write_bytes(b"not weights")  # refused from the config: the weights are never read
     with pytest.raises(TeacherError, match="addition_embed_type='text_time' .*SDXL.* is not supported"):
         load_teacher(str(xl))
+
+
+@pytest.mark.parametrize("method_name", ["consistency", "knowledge"])
+def test_an_sd15_style_student_exports_a_stable_diffusion_pipeline_that_reproduces_it(tiny_sd, captioned_folder, tmp_path, method_name):
+    """Methods other than LCM on an SD1.5-style teacher: the export is the teacher's StableDiffusionPipeline
+    (VAE, text encoder, tokenizer) around the student UNet and the method's sampler, and at guidance_scale=1
+    it reproduces sample() (it was a DDPMPipeline without text encoder or VAE, which could not run)."""
+    from diffusers import StableDiffusionPipeline
+
+    from lightning_distill.methods.consistency import ConsistencyDistillation
+    from lightning_distill.methods.knowledge import KnowledgeDistillation
+
+    dm = make_dm(tiny_sd, captioned_folder)
+    cls = ConsistencyDistillation if method_name == "consistency" else KnowledgeDistillation
+    method = cls(dm.teacher, sample_steps=2)
+    with torch.no_grad():  # a student that differs from the teacher
+        for p in method.student.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    pipe = StableDiffusionPipeline.from_pretrained(method.export(tmp_path / "student"), safety_checker=None)
+    assert pipe.text_encoder is not None and pipe.vae is not None
+    prompts = ["a red cat", "a blue dog"]
+    ours = method.sample(2, 2, torch.Generator().manual_seed(3), prompts=prompts)
+    theirs = pipe(prompts, height=8, width=8, num_inference_steps=2, guidance_scale=1.0,
+                  generator=torch.Generator().manual_seed(3), output_type="latent").images
+    torch.testing.assert_close(theirs, ours, rtol=0, atol=1e-5)

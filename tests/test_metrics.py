@@ -230,3 +230,18 @@ def test_sample_teacher_one_step_is_the_clipped_x0_prediction(tiny_teacher_dir):
     expected = teacher.denoiser(noise, torch.tensor(t_max)).x0
     torch.testing.assert_close(x, expected, atol=1e-5, rtol=1e-5)
     assert x.abs().max() <= 1.0
+
+
+def test_decode_latents_inverts_the_teachers_encoding_with_an_sd3_shift():
+    """Evaluation's decode is the inverse of DiffusionTeacher.encode_images: z / scaling_factor + shift_factor
+    (an SD3 VAE has a shift; without it FID of SD3 students was computed on colour-shifted images)."""
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(0)
+    vae = AutoencoderKL(block_out_channels=(8,), norm_num_groups=4, latent_channels=4, scaling_factor=1.5,
+                        shift_factor=0.3).eval()
+    z = torch.randn(2, 4, 4, 4)
+    with torch.no_grad():
+        expected = vae.decode(z / 1.5 + 0.3).sample
+        torch.testing.assert_close(M.decode_latents(z, vae), expected)
+        assert (M.decode_latents(z, vae) - vae.decode(z / 1.5).sample).abs().max() > 1e-3

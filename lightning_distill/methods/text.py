@@ -111,17 +111,30 @@ class TextToImageMixin:
 
     def export(self, target, use_ema: bool = True):
         """The base export; an SD3 student as a ``StableDiffusion3Pipeline`` folder (the sampler of
-        ``sample_steps``; load with ``text_encoder_3=None, tokenizer_3=None``, call with ``guidance_scale=1``).
+        ``sample_steps``; load with ``text_encoder_3=None, tokenizer_3=None``, call with ``guidance_scale=1``), an
+        SD1.5-style ``UNet2DConditionModel`` student as a ``StableDiffusionPipeline`` folder (the teacher's VAE and
+        text encoder; call it with ``guidance_scale=1``; before, it was written as an unusable ``DDPMPipeline``).
         A LoRA student (``student_lora``) is written fused, with its adapters beside it in the file the teacher's
         pipeline reads with ``load_lora_weights`` (:func:`~lightning_distill.export.write_student_pipeline`)."""
         den = self.sampling_denoiser() if use_ema else self.student
-        if type(den.unet).__name__ != "SD3Transformer2DModel":
+        kind = type(den.unet).__name__
+        if not self.text_conditional or kind not in ("SD3Transformer2DModel", "UNet2DConditionModel"):
             return super().export(target, use_ema)
-        from ..export import export_sd3_pipeline
+        from ..export import export_sd3_pipeline, write_student_pipeline
         from ..text_cache import pipeline_parts
 
         parts = pipeline_parts(self.teacher)  # encoders read back from the source when released
-        return export_sd3_pipeline(den.unet, self.sampling_scheduler(self.hparams.sample_steps), parts, target)
+        scheduler = self.sampling_scheduler(self.hparams.sample_steps)
+        if kind == "SD3Transformer2DModel":
+            return export_sd3_pipeline(den.unet, scheduler, parts, target)
+        # an SD1.5-style UNet: the teacher's StableDiffusionPipeline around the student (call it with
+        # guidance_scale=1: the student samples the plain conditional teacher's distribution, its loop is sample()'s)
+        from diffusers import StableDiffusionPipeline
+
+        return write_student_pipeline(den.unet, lambda unet: StableDiffusionPipeline(
+            vae=parts.vae, text_encoder=parts.text_encoder, tokenizer=parts.tokenizer, unet=unet, scheduler=scheduler,
+            safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+        ), target)
 
 
 __all__ = ["GuidedScore", "TextToImageMixin"]
