@@ -293,10 +293,82 @@ def backward_simulation(
     return x
 
 
+
+def off_grid_timesteps(visited: Tensor, trained: Tensor, atol: float = 1e-2) -> list[float]:
+    """The sampler timesteps in ``visited`` (``scheduler.timesteps``: the network's timestep units) farther
+    than ``atol`` from every trained one (``trained``, same units): levels the student never trained at."""
+    visited = torch.as_tensor(visited).double().flatten()
+    trained = torch.as_tensor(trained).double().flatten().to(visited.device)
+    far = (visited[:, None] - trained[None, :]).abs().amin(dim=1) > atol
+    return visited[far].tolist()
+
+
+def consistency_grid(schedule: NoiseSchedule, original_inference_steps: int, served_steps=(1, 2, 4)) -> Tensor:
+    """The training timesteps, ascending: the LCM grid t = n k - 1 (:func:`lcm_training_timesteps`) and, on the
+    flow path, the levels the stock K-step sampler visits for each K in ``served_steps`` (each the nearest
+    training level, :func:`~lightning_distill.sampling.generator_timesteps`), so the student is trained where
+    it is sampled. Unshifted with K dividing N those are grid levels already and the grid is the LCM grid; a
+    shifted path (SD3: 3) visits others (at N = 40, K = 4: 928 and 799 between the grid's levels). On the VP
+    path ``LCMScheduler`` picks its timesteps from the grid itself."""
+    T = schedule.num_train_timesteps
+    grid = lcm_training_timesteps(T, original_inference_steps)
+    if schedule.path != "flow":
+        return grid
+    limit = original_inference_steps
+    visited = [generator_timesteps(schedule, k) for k in sorted(set(served_steps)) if 1 <= k <= limit]
+    levels = torch.cat([grid, *[v.to(grid.dtype) for v in visited]])
+    return torch.unique(levels[levels >= 1])  # sorted; level 0 is the boundary every chain ends at
+
+
+def previous_timesteps(grid: Tensor, t_start: Tensor) -> Tensor:
+    """t_n for each t_start of the ascending ``grid``: the next lower grid timestep, 0 (the boundary) below
+    the lowest. On the plain LCM grid this is :func:`skipped_timesteps` (t - k, clamped at 0)."""
+    grid = grid.to(t_start.device)
+    idx = torch.searchsorted(grid, t_start)
+    return torch.where(idx > 0, grid[(idx - 1).clamp_min(0)], torch.zeros_like(t_start))
+
+
+def levels_off_grid(scheduler, schedule: NoiseSchedule, steps: int, trained: Tensor) -> list[float]:
+    """Network timesteps the ``steps``-step x0 sampler ``scheduler`` visits that are not training levels in
+    ``trained``: on the flow path the nearest training level of each visited one (:func:`generator_timesteps`,
+    half a level away at most, as ADD / DMD2 train) must be in ``trained``; ``LCMScheduler`` (VP) visits
+    timesteps itself, compared directly (:func:`off_grid_timesteps`)."""
+    if schedule.path == "flow":
+        kept = set(trained.tolist())
+        return [float(schedule.model_timestep(lv)) for lv in generator_timesteps(schedule, steps) if int(lv) not in kept]
+    scheduler.set_timesteps(steps)
+    return off_grid_timesteps(scheduler.timesteps, schedule.model_timestep(trained))
+
+
+def sampler_grid_gap(scheduler, schedule: NoiseSchedule, num_steps: int) -> float:
+    """The largest distance, in the path's sigma, between the noise levels the stock deterministic sampler
+    visits at ``num_steps`` steps and the trailing grid (a progressive-distillation student's); 0 where they coincide.
+
+    DDIM steps from each of its timesteps t to t - T // N (clean below 0), so when N does not divide T
+    its steps land between the trained levels, and the last may stop at t = 0 with noise left. A flow
+    Euler sampler with a shift visits diffusers' stretched grid, not the trailing one (module docstring).
+    """
+    sched = at_steps(scheduler, num_steps, schedule)
+    sched.set_timesteps(num_steps)
+    trained = schedule.sigma(schedule.trailing_timesteps(num_steps)).double()
+    if hasattr(sched, "alphas_cumprod"):
+        t = sched.timesteps.long()
+        prev = (t - schedule.num_train_timesteps // num_steps).clamp_min(-1)
+        starts, ends = schedule.sigma(t).double(), schedule.sigma(prev).double()
+        return float(torch.maximum((starts - trained[:-1]).abs(), (ends - trained[1:]).abs()).max())
+    visited = sched.sigmas[: num_steps + 1].double()
+    return float((visited - trained).abs().max())
+
+
 __all__ = [
     "STOCK_SAMPLERS",
     "X0_SAMPLER_TIMESTEP_SCALING",
     "at_steps",
+    "consistency_grid",
+    "levels_off_grid",
+    "off_grid_timesteps",
+    "previous_timesteps",
+    "sampler_grid_gap",
     "deterministic_scheduler",
     "flow_map_scheduler",
     "flow_scheduler",

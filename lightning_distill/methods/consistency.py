@@ -51,11 +51,14 @@ from .. import lora
 from ..errors import ConfigError
 from ..losses import pseudo_huber, regression_distance
 from ..parametrisation import Denoiser, NoiseSchedule, Prediction, ddim_step, expand_like
-from ..sampling import (
-    generator_timesteps,
-    lcm_boundary_scalings,  # lived here first; re-exported (__all__)
+from ..sampling import (  # the grid helpers and lcm_boundary_scalings lived here first (__all__)
+    consistency_grid,
+    lcm_boundary_scalings,
     lcm_scheduler,
     lcm_training_timesteps,
+    levels_off_grid,
+    off_grid_timesteps,
+    previous_timesteps,
     x0_sampler_scalings,
 )
 from ..teacher import DiffusionTeacher
@@ -189,31 +192,6 @@ def skipped_timesteps(t_start: Tensor, k: int) -> Tensor:
     return (t_start - k).clamp_min(0)
 
 
-def consistency_grid(schedule: NoiseSchedule, original_inference_steps: int, served_steps=(1, 2, 4)) -> Tensor:
-    """The training timesteps, ascending: the LCM grid t = n k - 1 (:func:`lcm_training_timesteps`) and, on the
-    flow path, the levels the stock K-step sampler visits for each K in ``served_steps`` (each the nearest
-    training level, :func:`~lightning_distill.sampling.generator_timesteps`), so the student is trained where
-    it is sampled. Unshifted with K dividing N those are grid levels already and the grid is the LCM grid; a
-    shifted path (SD3: 3) visits others (at N = 40, K = 4: 928 and 799 between the grid's levels). On the VP
-    path ``LCMScheduler`` picks its timesteps from the grid itself."""
-    T = schedule.num_train_timesteps
-    grid = lcm_training_timesteps(T, original_inference_steps)
-    if schedule.path != "flow":
-        return grid
-    limit = original_inference_steps
-    visited = [generator_timesteps(schedule, k) for k in sorted(set(served_steps)) if 1 <= k <= limit]
-    levels = torch.cat([grid, *[v.to(grid.dtype) for v in visited]])
-    return torch.unique(levels[levels >= 1])  # sorted; level 0 is the boundary every chain ends at
-
-
-def previous_timesteps(grid: Tensor, t_start: Tensor) -> Tensor:
-    """t_n for each t_start of the ascending ``grid``: the next lower grid timestep, 0 (the boundary) below
-    the lowest. On the plain LCM grid this is :func:`skipped_timesteps` (t - k, clamped at 0)."""
-    grid = grid.to(t_start.device)
-    idx = torch.searchsorted(grid, t_start)
-    return torch.where(idx > 0, grid[(idx - 1).clamp_min(0)], torch.zeros_like(t_start))
-
-
 @torch.no_grad()
 def consistency_target(
     teacher_predict: Predict,
@@ -247,15 +225,6 @@ def ema_update_(target: nn.Module, online: nn.Module, mu: float) -> None:
     for b_t, b_o in zip(target.buffers(), online.buffers()):
         if b_t is not b_o:
             b_t.copy_(b_o)
-
-
-def off_grid_timesteps(visited: Tensor, trained: Tensor, atol: float = 1e-2) -> list[float]:
-    """The sampler timesteps in ``visited`` (``scheduler.timesteps``: the network's timestep units) farther
-    than ``atol`` from every trained one (``trained``, same units): levels the student never trained at."""
-    visited = torch.as_tensor(visited).double().flatten()
-    trained = torch.as_tensor(trained).double().flatten().to(visited.device)
-    far = (visited[:, None] - trained[None, :]).abs().amin(dim=1) > atol
-    return visited[far].tolist()
 
 
 def shared_dropout_devices(x: Tensor) -> list:
@@ -421,13 +390,7 @@ class ConsistencyDistillation(TextToImageMixin, DistillationMethod):
         if steps < 1 or (limit is not None and steps > limit):
             return  # check_sample_steps refuses these when sampling
         sched = self.sampling_scheduler(steps)
-        sched.set_timesteps(steps)
-        schedule = self.student.schedule
-        if schedule.path == "flow":  # trained at the nearest level (half a level away at most), as ADD / DMD2
-            trained = set(self.train_timesteps.tolist())
-            off = [float(schedule.model_timestep(lv)) for lv in generator_timesteps(schedule, steps) if int(lv) not in trained]
-        else:
-            off = off_grid_timesteps(sched.timesteps, schedule.model_timestep(self.train_timesteps))
+        off = levels_off_grid(sched, self.student.schedule, steps, self.train_timesteps)
         if off:
             rank_zero_warn(
                 f"{type(self).__name__}: the {steps}-step sampler ({type(sched).__name__}) visits network "

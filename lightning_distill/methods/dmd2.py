@@ -1,11 +1,10 @@
 """Distribution matching distillation, DMD2 (Yin et al. 2024, arXiv 2405.14867): one-step students.
 
-A generator G (initialised from the teacher) maps noise to images in one (or K) steps. Its gradient is
-the difference of two scores at a noised generator sample: the frozen teacher ("real score") and a
-trainable copy of the teacher that tracks the generator's own distribution ("fake score"), trained by
-the ordinary denoising loss on stop-gradient generator samples. Optionally a small classifier on the
-fake-score network's bottleneck features adds a GAN term that sees real data (DMD2, Sec. 4.2), which is
-what lets the student beat its teacher.
+A generator G (initialised from the teacher) maps noise to images in one (or K) steps. Its gradient is the difference
+of two scores at a noised generator sample: the frozen teacher ("real score") and a trainable copy of the teacher that
+tracks the generator's own distribution ("fake score"), trained by the denoising loss on stop-gradient samples.
+Optionally a small classifier on the fake-score network's bottleneck features adds a GAN term that sees real data
+(DMD2, Sec. 4.2), which is what lets the student beat its teacher.
 
 Notation (paper -> code):
 
@@ -19,17 +18,17 @@ fake-score loss                            :func:`~lightning_distill.losses.deno
 two time-scale update rule (TTUR)          ``generator_every`` (paper: 5)
 =========================================  =============================================
 
-Why (p_real - p_fake) is the gradient of the KL: with score s(x_t) = -(x_t - alpha_t mu(x_t)) / sigma_t^2,
-s_real - s_fake = alpha_t (mu_real - mu_fake) / sigma_t^2, and d KL / d x = -w_t (s_real - s_fake) * alpha_t
-is proportional to (mu_fake - mu_real) = p_real - p_fake; the per-sample division by mean|p_real|
-replaces the weight w_t (DMD, Eq. 8), which makes the step size independent of t.
+Why (p_real - p_fake) is the gradient of the KL: with score s(x_t) = -(x_t - alpha_t mu(x_t)) / sigma_t^2, s_real -
+s_fake = alpha_t (mu_real - mu_fake) / sigma_t^2, and d KL / d x = -w_t (s_real - s_fake) * alpha_t is proportional to
+(mu_fake - mu_real) = p_real - p_fake; the per-sample division by mean|p_real| replaces the weight w_t (DMD, Eq. 8),
+which makes the step size independent of t.
 
-The training loop is :class:`~lightning_distill.methods.adversarial.AdversarialMethod`'s, shared with
-ADD and APT: per iteration (one batch) the critic update(s) first (fake-score denoising loss + weighted
-GAN D loss), then, on iterations W, W + N, W + 2N, ... (N = ``generator_every``, W = ``critic_warmup``),
-one generator update; after S iterations the generator has had ceil(S / N) updates (tested).
-``max_steps`` counts iterations. An attached ``DiscriminatorSchedule`` replaces the fixed TTUR (its
-``train_d_backbone=False`` keeps the GAN loss out of the fake-score UNet: the head alone learns it).
+The training loop is :class:`~lightning_distill.methods.adversarial.AdversarialMethod`'s, shared with ADD and APT: per
+iteration (one batch) the critic update(s) first (fake-score denoising loss + weighted GAN D loss), then, on
+iterations W, W + N, W + 2N, ... (N = ``generator_every``, W = ``critic_warmup``), one generator update; after S
+iterations the generator has had ceil(S / N) updates (tested). ``max_steps`` counts iterations. An attached
+``DiscriminatorSchedule`` replaces the fixed TTUR (its ``train_d_backbone=False`` keeps the GAN loss out of the fake-
+score UNet: the head alone learns it).
 
 Multi-step generators (``generator_steps`` K > 1) move between their steps as the paper does: the x0
 estimate at t_i is re-noised with fresh noise to t_{i+1}, in training (:func:`backward_simulation`) and
@@ -37,19 +36,15 @@ in the exported sampler (a stock ``LCMScheduler``, ``FlowMatchLCMScheduler`` on 
 boundary scalings are the identity).
 
 Flow-matching teachers: nothing here changes. Both scores are velocity networks read through
-:class:`~lightning_distill.parametrisation.Denoiser` (x0 = x_s - s u), the fake score is trained on the
-teacher's velocity target (``denoising_loss``), x_t = (1 - s) x + s n, and the score identity above holds
-on any Gaussian path x_t = alpha_t x + sigma_t n, so grad and its normaliser mean|x - x0_real| keep their
-form. The generator's steps are the levels the exported ``FlowMatchLCMScheduler`` visits at K steps
-(s = 1, (K-1)/K, ..., 1/K without a shift; ``sampling.generator_timesteps``).
-
-Not in this file (differences from the paper): no classifier-free guidance on the real score (the
-digits teacher is unconditional).
+:class:`~lightning_distill.parametrisation.Denoiser` (x0 = x_s - s u), the fake score is trained on the teacher's
+velocity target (``denoising_loss``), x_t = (1 - s) x + s n, and the score identity above holds on any Gaussian path
+x_t = alpha_t x + sigma_t n, so grad and its normaliser mean|x - x0_real| keep their form. The generator's steps are
+the levels the exported ``FlowMatchLCMScheduler`` visits at K steps (s = 1, (K-1)/K, ..., 1/K without a shift;
+``sampling.generator_timesteps``).
 """
 
 from __future__ import annotations
 
-import contextlib
 import copy
 from typing import Callable
 
@@ -138,9 +133,7 @@ def distribution_matching_loss(
 
     Noises x to x_t = alpha_t x + sigma_t noise, queries both scores without gradients, and returns the
     surrogate whose gradient with respect to x is :func:`dm_gradient` (divided by B*C*H*W for "mean").
-    ``clip``: the scores' x0 estimates with their ``clip_x0`` clamp (DMD2's code does not clamp: where x
-    leaves the data range both clamped estimates sit at the bound and the gradient that would pull it back
-    vanishes).
+    ``clip``: clamp the scores' x0 (``clip_x0``); DMD2's code does not (a pixel beyond the range loses its pull back).
     """
     x_t = real.schedule.add_noise(x.detach(), noise, t)
     with torch.no_grad():
@@ -200,10 +193,8 @@ class DMD2(TextToImageMixin, AdversarialMethod):
             distribution-matching gradient, uncond + g (cond - uncond) against the prompt "" (the pipelines'
             convention; 1: the conditional teacher). The generator learns the guided distribution, so its
             export is called with guidance_scale=1 (DMD2 uses g = 8 for SDXL).
-        dm_clip_x0: clamp both scores' x0 estimates (the teacher's ``clip_x0``, pixel VP teachers) in the
-            distribution-matching gradient. Off (default) as in DMD2's code: clamped, a generator pixel beyond
-            the data range gets almost no gradient back into it (:func:`distribution_matching_loss`). The VP
-            digits presets were measured with it on and keep it.
+        dm_clip_x0: clamp both scores' x0 (the teacher's ``clip_x0``) in the DM gradient; off as in DMD2's code
+            (:func:`distribution_matching_loss`). The VP digits presets were measured with it on and keep it.
         **kwargs: :class:`AdversarialMethod`'s and :class:`DistillationMethod`'s arguments
             (``optimizer`` / ``lr_scheduler`` are the generator's).
 
@@ -381,16 +372,14 @@ class DMD2(TextToImageMixin, AdversarialMethod):
         x_t = backward_simulation(self.student, z, grid, index, rng=g, **cond)
         return self.student(x_t, grid[index].expand(n), clip=False, **cond).x0
 
-    def discriminator_logits(self, x: Tensor, t: Tensor, noise: Tensor, train_backbone: bool = True, **cond) -> Tensor:
+    def discriminator_logits(self, x: Tensor, t: Tensor, noise: Tensor, **cond) -> Tensor:
         """Head logits on fake-score bottleneck features of x noised to level t (gradient flows to x)."""
         sched = self.fake_score.schedule
         x_t = sched.add_noise(x, noise, t)
         # a LoRA fake score runs in the teacher's dtype (its base is the teacher's tensors: bf16 with teacher_dtype)
         dtype = next(self.fake_score.unet.parameters()).dtype
         cond = {k: v.to(dtype) if torch.is_tensor(v) and v.is_floating_point() else v for k, v in cond.items()}
-        # a frozen backbone (DiscriminatorSchedule) gets no gradient, but x still does (R1 differentiates D in x)
-        with contextlib.nullcontext() if train_backbone else frozen(self.fake_score.parameters()):
-            feats = bottleneck_features(self.fake_score.unet, x_t.to(dtype), sched.model_timestep(t), **cond).float()
+        feats = bottleneck_features(self.fake_score.unet, x_t.to(dtype), sched.model_timestep(t), **cond).float()
         return self.discriminator_head(feats)
 
     # --- losses --------------------------------------------------------------------------------
@@ -401,9 +390,8 @@ class DMD2(TextToImageMixin, AdversarialMethod):
         cond = self._cond(batch)
         x = self.generator_samples(n, g, **cond)
         t = self._t_in(self.hparams.dm_t_range, n, g)
-        out = distribution_matching_loss(
-            x, self.real_score(), self.fake_score, t, self._randn(x.shape, g), clip=self.hparams.dm_clip_x0, **cond
-        )
+        noise, clip = self._randn(x.shape, g), self.hparams.dm_clip_x0
+        out = distribution_matching_loss(x, self.real_score(), self.fake_score, t, noise, clip=clip, **cond)
         loss, logs = out.loss, dict(out.logs)
         if self.discriminator_head is not None:
             t_gan = self._t_in(self.hparams.gan_t_range, n, g)
@@ -435,16 +423,13 @@ class DMD2(TextToImageMixin, AdversarialMethod):
         noise_real = self._randn(x_real.shape, g)
 
         def d_real(x: Tensor) -> Tensor:  # D as a function of the clean image only: t and noise fixed now
-            return self.discriminator_logits(x, t_real, noise_real, plan.train_d_backbone, **cond)
+            return self.discriminator_logits(x, t_real, noise_real, **cond)
 
-        # a frozen backbone: out of the GAN and R1 graphs, the true R1's double backward included (its graph is
-        # built inside autograd.grad, after discriminator_logits returns)
+        # a frozen backbone stays out of the GAN and R1 graphs (the true R1's double backward is built in autograd.grad)
         backbone = [] if plan.train_d_backbone else self.fake_score.parameters()
         with frozen(backbone):
             real_logits = d_real(x_real)
-            fake_logits = self.discriminator_logits(
-                x_fake, t_fake, self._randn(x_fake.shape, g), plan.train_d_backbone, **cond
-            )
+            fake_logits = self.discriminator_logits(x_fake, t_fake, self._randn(x_fake.shape, g), **cond)
             d_gan = self.d_loss_fn(real_logits, fake_logits)
             weight = self.hparams.r1_weight * plan.r1_scale
             penalty = self.r1_term(d_real, x_real, real_logits, g, weight)

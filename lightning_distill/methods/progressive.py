@@ -45,6 +45,7 @@ from torch import Tensor, nn
 from .. import memory
 from ..errors import ConfigError
 from ..parametrisation import Denoiser, NoiseSchedule, expand_like
+from ..sampling import sampler_grid_gap  # lived here first (__all__)
 from ..teacher import DiffusionTeacher
 from .base import DistillationMethod, LossOutput
 from .text import TextToImageMixin
@@ -113,28 +114,6 @@ def two_step_target(teacher: Denoiser, z_t: Tensor, t: Tensor, t_mid: Tensor, s:
     z_teacher = teacher.ddim(z_mid, t_mid, s, **cond)
     sched = teacher.schedule
     return x_tilde(z_teacher, z_t, sched.alpha(t), sched.sigma(t), sched.alpha(s), sched.sigma(s))
-
-
-def sampler_grid_gap(scheduler, schedule: NoiseSchedule, num_steps: int) -> float:
-    """The largest distance, in the path's sigma, between the noise levels the stock sampler visits at
-    ``num_steps`` steps and the trailing grid an N = ``num_steps`` student trains on; 0 where they coincide.
-
-    DDIM steps from each of its timesteps t to t - T // N (clean below 0), so when N does not divide T
-    its steps land between the trained levels, and the last may stop at t = 0 with noise left. A flow
-    Euler sampler with a shift visits diffusers' stretched grid, not the trailing one (module docstring).
-    """
-    from ..sampling import at_steps
-
-    sched = at_steps(scheduler, num_steps, schedule)
-    sched.set_timesteps(num_steps)
-    trained = schedule.sigma(schedule.trailing_timesteps(num_steps)).double()
-    if hasattr(sched, "alphas_cumprod"):
-        t = sched.timesteps.long()
-        prev = (t - schedule.num_train_timesteps // num_steps).clamp_min(-1)
-        starts, ends = schedule.sigma(t).double(), schedule.sigma(prev).double()
-        return float(torch.maximum((starts - trained[:-1]).abs(), (ends - trained[1:]).abs()).max())
-    visited = sched.sigmas[: num_steps + 1].double()
-    return float((visited - trained).abs().max())
 
 
 def round_lr_factor(step: int, round_length: int | None) -> float:
@@ -273,11 +252,9 @@ class ProgressiveDistillation(TextToImageMixin, DistillationMethod):
         gaps = {n: sampler_grid_gap(scheduler, self.student.schedule, n) for n in rounds}
         off = {n: round(g, 4) for n, g in gaps.items() if g > 1e-3}
         if off:
-            why = ("the flow shift stretches the sampler's grid" if self.student.schedule.path == "flow"
-                   else f"DDIM steps t -> t - T // N, T = {self.student.schedule.num_train_timesteps}")
             rank_zero_warn(
                 f"progressive distillation: at N = {sorted(off, reverse=True)} steps the stock sampler visits noise "
-                f"levels up to {off} (N: sigma) off the grid the student trains on ({why}); the exported student "
+                f"levels up to {off} (N: sigma) off the grid the student trains on (DDIM steps t -> t - T // N, T = {self.student.schedule.num_train_timesteps}, or a flow shift stretching the grid); the exported student "
                 "samples there. N dividing T (and shift 1 for flow) keeps them equal"
             )
 
