@@ -131,6 +131,7 @@ class EMA(L.Callback):
         """Restart averaging from the current weights (progressive distillation does this every round)."""
         self._pending = None
         self._build(pl_module)
+        self._last_step = -1  # the fresh average takes in this step's weights (its first update copies them)
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if self.averaged is None:
@@ -153,6 +154,10 @@ class EMA(L.Callback):
         self._last_step = trainer.global_step
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
+        self.update(trainer, pl_module)
+
+    def update(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Average in the optimiser step just taken (once per step: later calls at the same step do nothing)."""
         step = trainer.global_step  # already counts the optimiser step just taken
         # With gradient accumulation this hook runs per micro-batch: update once per optimiser step.
         if step == self._last_step or not self.should_update(step):
@@ -165,7 +170,15 @@ class EMA(L.Callback):
         self.averaged.update_parameters(self._target(pl_module))
 
     def sampling_module(self, pl_module: L.LightningModule) -> nn.Module | None:
-        """The averaged copy of the submodule, or None before averaging has started."""
+        """The averaged copy of the submodule, or None before averaging has started.
+
+        During training it is the average as of the current optimiser step, whichever callback asks: one
+        listed before this one (an FID score, ``TeacherSwap`` promoting or exporting the average) would
+        otherwise read it one update behind, in its ``on_train_batch_end`` before this callback's.
+        """
+        trainer = pl_module._trainer
+        if trainer is not None and trainer.training and self.averaged is not None:
+            self.update(trainer, pl_module)
         if self.averaged is None or int(self.averaged.n_averaged.item()) == 0:
             return None
         return self.averaged.module

@@ -14,6 +14,10 @@ paths (``s3://`` ...) go to Lightning's implementation unchanged.
 
 Enable with ``--trainer.plugins lightning_distill.checkpoint_io.AtomicCheckpointIO`` (or
 ``Trainer(plugins=[AtomicCheckpointIO()])``).
+
+The same writes serve every other file the framework publishes: the reference-feature, latent and text
+caches go through :func:`atomic_torch_save`, exports and LoRA files are fsynced (:func:`fsync_tree`) before
+their renames.
 """
 
 from __future__ import annotations
@@ -29,7 +33,8 @@ from lightning.fabric.utilities.cloud_io import get_filesystem
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 
-def _fsync_dir(folder: Path) -> None:
+def fsync_dir(folder: Path) -> None:
+    """fsync a folder (its entries: a rename in it is durable); a no-op where the file system refuses."""
     with contextlib.suppress(OSError):  # not every file system lets a folder be opened / synced
         fd = os.open(folder, os.O_RDONLY)
         try:
@@ -38,12 +43,40 @@ def _fsync_dir(folder: Path) -> None:
             os.close(fd)
 
 
+def fsync_tree(folder: Path) -> None:
+    """fsync every file under ``folder``, then the folders themselves (deepest first)."""
+    folders = [folder]
+    for path in sorted(folder.rglob("*")):
+        if path.is_symlink():
+            continue
+        if path.is_dir():
+            folders.append(path)
+        elif path.is_file():
+            with open(path, "rb") as f:
+                os.fsync(f.fileno())
+    for d in reversed(folders):
+        fsync_dir(d)
+
+
+def umask_mode(base: int = 0o666) -> int:
+    """The mode a plain ``open`` / ``mkdir`` would give under the current umask (``base`` 0o666 / 0o777)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return base & ~umask
+
+
 def atomic_torch_save(obj: Any, path: str | os.PathLike) -> Path:
-    """``torch.save(obj, path)`` so that ``path`` holds either its old content or all of the new one."""
+    """``torch.save(obj, path)`` so that ``path`` holds either its old content or all of the new one.
+
+    The temporary file has a unique name in the target's folder (``mkstemp``: processes of several nodes
+    writing one shared cache never share it), is fsynced before the rename and gets a plain file's mode
+    under the umask (``mkstemp`` makes it private, 0600), so a shared cache or checkpoint stays readable.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(fd, umask_mode())
         with os.fdopen(fd, "wb") as f:
             torch.save(obj, f)
             f.flush()
@@ -53,7 +86,7 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike) -> Path:
         with contextlib.suppress(FileNotFoundError):
             os.remove(tmp)
         raise
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
     return path
 
 
@@ -74,4 +107,4 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         atomic_torch_save(checkpoint, path)
 
 
-__all__ = ["AtomicCheckpointIO", "atomic_torch_save"]
+__all__ = ["AtomicCheckpointIO", "atomic_torch_save", "fsync_dir", "fsync_tree", "umask_mode"]

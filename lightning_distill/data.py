@@ -37,6 +37,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Subset
 
+from .checkpoint_io import atomic_torch_save
 from .resume import EpochSeededRandomSampler, ResumableDataLoader
 from .teacher import DiffusionTeacher, TeacherError, load_teacher
 from .teacher_pairs import PairsConfig
@@ -444,10 +445,8 @@ class TeacherDataModule(L.LightningDataModule):
         finally:
             vae.to(home)
         if cache is not None:
-            cache.parent.mkdir(parents=True, exist_ok=True)
-            tmp = cache.with_suffix(f"{cache.suffix}.{os.getpid()}.tmp")  # each DDP rank its own file; the last rename wins
-            torch.save({"key": key, "latents": latents}, tmp)
-            os.replace(tmp, cache)  # atomic: an interrupted write never leaves a truncated cache
+            # atomic, each DDP rank its own temporary file (unique across nodes); the last rename wins
+            atomic_torch_save({"key": key, "latents": latents}, cache)
         return latents
 
     def setup_pairs(self) -> None:

@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from .checkpoint_io import fsync_dir, fsync_tree, umask_mode
 from .errors import ConfigError, MissingInputError
 from .teacher import low_cpu_mem_usage
 
@@ -39,14 +40,14 @@ def atomic_write_dir(target: str | os.PathLike, write) -> Path:
     old = None
     try:
         # mkdtemp makes the folder private (0700); the export gets what a plain mkdir would give under the umask
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o777 & ~umask)
+        os.chmod(tmp, umask_mode(0o777))
         write(tmp)
+        fsync_tree(tmp)  # the content is on disk before the rename publishes it (a power loss: old or new)
         if target.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
             os.replace(target, old)  # onto the empty folder mkdtemp made: a unique name, never a stale one
         os.replace(tmp, target)
+        fsync_dir(target.parent)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
     except BaseException:

@@ -35,6 +35,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from .checkpoint_io import fsync_dir, fsync_tree
 from .errors import ConfigError, MissingInputError
 from .lora import (
     _check_adapter,
@@ -170,10 +171,13 @@ def save_lora(model: nn.Module, folder: str | os.PathLike, adapter_name: str = "
             config = {k: v for k, v in dict(getattr(model, "config", None) or {}).items() if not k.startswith("_")}
             header = {NETWORK_CONFIG_KEY: json.dumps({"_class_name": type(model).__name__, **config}, default=list)}
             save_file(full, str(tmp / FULL_LAYERS_NAME), metadata=header)
+        fsync_tree(tmp)  # on disk before the renames publish it
+        if full:
             os.replace(tmp / FULL_LAYERS_NAME, folder / FULL_LAYERS_NAME)
         else:
             (folder / FULL_LAYERS_NAME).unlink(missing_ok=True)  # a stale one from an earlier save
         os.replace(tmp / weight_name, folder / weight_name)
+        fsync_dir(folder)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return folder / weight_name

@@ -30,6 +30,7 @@ from typing import Callable
 import torch
 from torch import Tensor, nn
 
+from .checkpoint_io import atomic_torch_save
 from .errors import ConfigError
 from .nn_utils import eval_mode
 
@@ -299,10 +300,7 @@ def reference_stats(
         return ReferenceStats(d["mu"], d["sigma"], d["features"], key, feature_net_name(net), from_cache=True)
     feats = extract_features(net, images, batch_size, device)
     mu, sigma = gaussian_stats(feats)
-    cache.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".tmp{os.getpid()}")
-    torch.save({"mu": mu, "sigma": sigma, "features": feats}, tmp)
-    os.replace(tmp, path)
+    atomic_torch_save({"mu": mu, "sigma": sigma, "features": feats}, path)
     return ReferenceStats(mu, sigma, feats, key, feature_net_name(net))
 
 

@@ -31,6 +31,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .checkpoint_io import atomic_torch_save
+
 #: the teacher's text encoders, in the order load_teacher reads them.
 TEXT_ENCODER_NAMES = ("text_encoder", "text_encoder_2")
 
@@ -154,10 +156,8 @@ def caption_embeddings(teacher, prompts: list[str], key: dict, cache: str | os.P
             return TextEmbeddings(stored["tensors"], stored["shapes"])
     emb = encode_captions(teacher, prompts)
     if path is not None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f"{path.suffix}.{os.getpid()}.tmp")  # each DDP rank its own file; the last rename wins
-        torch.save({"key": key, "tensors": emb.tensors, "shapes": emb.shapes}, tmp)
-        os.replace(tmp, path)
+        # every DDP rank writes its own temporary file (unique across nodes); the last rename wins
+        atomic_torch_save({"key": key, "tensors": emb.tensors, "shapes": emb.shapes}, path)
     return emb
 
 

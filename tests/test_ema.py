@@ -99,6 +99,33 @@ def test_averaged_weights_match_hand_computation(tmp_path, decay, warmup, every,
     torch.testing.assert_close(model.student.weight, model.theta_0[0] * (1 - LR) ** max_steps)
 
 
+class ReadsTheAverage(L.Callback):
+    """Listed before the EMA: reads the average in its on_train_batch_end, as FIDCallback / TeacherSwap do."""
+
+    def __init__(self, ema: EMA) -> None:
+        self.ema, self.seen = ema, []
+
+    def on_train_batch_end(self, trainer, pl_module, *args) -> None:
+        module = self.ema.sampling_module(pl_module)  # None in the micro-batches before the first step
+        self.seen.append(None if module is None else [t.detach().clone() for t in averaged(self.ema, pl_module)])
+
+
+@pytest.mark.parametrize("accumulate", [1, 2])
+def test_a_callback_before_the_ema_reads_the_current_average(tmp_path, accumulate):
+    """It used to get the average one update behind (the EMA's own hook had not run yet at that step)."""
+    ema = EMA(decay=0.9, warmup=True)
+    probe = ReadsTheAverage(ema)
+    model = Quadratic()
+    L.Trainer(max_steps=3, accumulate_grad_batches=accumulate, callbacks=[probe, ema], logger=False,
+              enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+              default_root_dir=tmp_path, accelerator="cpu").fit(model)
+    assert int(ema.averaged.n_averaged) == 3  # read early, still averaged once per optimiser step
+    for step in (1, 2, 3):
+        got = probe.seen[step * accumulate - 1]  # the micro-batch that completes optimiser step `step`
+        for name, g, w in zip(("weight", "bias", "seen"), got, expected(model, list(range(1, step + 1)), 0.9, True)):
+            torch.testing.assert_close(g, w.to(g.dtype), msg=f"{name} at step {step}")
+
+
 def test_nothing_to_sample_before_start_step(tmp_path):
     ema = EMA(decay=0.5, start_step=3)
     model = fit(tmp_path, ema, 2)

@@ -14,6 +14,7 @@ from diffusers import DDPMPipeline, DiffusionPipeline
 
 from lightning_distill.callbacks import EMA
 from lightning_distill.data import TeacherDataModule
+from lightning_distill import export
 from lightning_distill.export import atomic_write_dir
 from lightning_distill.methods.diffusion import DiffusionTraining
 
@@ -211,6 +212,25 @@ def test_a_failed_rename_into_place_puts_the_previous_folder_back(tmp_path, monk
     assert len(calls) == 3 and calls[0] == "out"  # aside, the failed one, back
     assert _snapshot(target) == {"a.txt": b"A"}
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no temp or .old folder left
+
+
+def test_atomic_write_dir_is_on_disk_before_it_is_published(tmp_path, monkeypatch):
+    """Every file and folder of the new export is fsynced before the rename, the parent after it."""
+    events = []
+    real_fsync, real_replace = os.fsync, export.os.replace
+    monkeypatch.setattr(os, "fsync", lambda fd: events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}"))) or real_fsync(fd))
+    monkeypatch.setattr(export.os, "replace", lambda a, b: events.append(("replace", str(b))) or real_replace(a, b))
+
+    def write(tmp):
+        (tmp / "sub").mkdir()
+        (tmp / "a.txt").write_text("A")
+        (tmp / "sub" / "b.txt").write_text("B")
+
+    target = atomic_write_dir(tmp_path / "out", write)
+    first_rename = events.index(("replace", str(target)))
+    synced = [Path(p).name for kind, p in events[:first_rename] if kind == "fsync"]
+    assert sorted(synced[:2]) == ["a.txt", "b.txt"] and synced[2] == "sub" and synced[3].startswith(".out.tmp-")
+    assert events[first_rename + 1:] == [("fsync", str(tmp_path))]
 
 
 def test_atomic_write_dir_replaces_only_when_complete(tmp_path):

@@ -247,3 +247,41 @@ def test_export_kill_during_write_keeps_previous(tmp_path):
     pipe = DDPMPipeline.from_pretrained(target)
     for (name, a), b in zip(first.state_dict().items(), pipe.unet.state_dict().values()):
         assert torch.equal(a, b), name
+
+
+def test_atomic_torch_save_is_durable_and_keeps_the_umask_mode(tmp_path, monkeypatch):
+    """The file and its folder are fsynced before / after the rename, the temporary name is mkstemp's (no
+    PID: ranks of two nodes sharing a cache never share it) and the file gets a plain open's mode under the
+    umask (mkstemp's 0600 made shared checkpoints and caches unreadable to the group)."""
+    import stat
+
+    from lightning_distill import checkpoint_io
+
+    synced = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: synced.append(os.fstat(fd).st_mode) or real_fsync(fd))
+    monkeypatch.setattr(os, "getpid", lambda: 7)  # two nodes' ranks may share a PID
+    (tmp_path / "x.pt.7.tmp").write_text("the other node's half-written file")
+    umask = os.umask(0o022)
+    try:
+        checkpoint_io.atomic_torch_save({"w": torch.ones(3)}, tmp_path / "x.pt")
+    finally:
+        os.umask(umask)
+    assert stat.S_IMODE((tmp_path / "x.pt").stat().st_mode) == 0o644
+    assert [stat.S_ISREG(m) for m in synced] == [True, False]  # the file, then its folder
+    assert (tmp_path / "x.pt.7.tmp").read_text() == "the other node's half-written file"
+    assert torch.equal(torch.load(tmp_path / "x.pt", weights_only=True)["w"], torch.ones(3))
+
+
+
+def test_the_reference_cache_is_written_durably(tmp_path, monkeypatch):
+    """The feature cache goes through atomic_torch_save, as the text and latent caches do: fsynced."""
+    from lightning_distill import metrics
+    from lightning_distill.feature_net import DigitsFeatureNet
+
+    synced = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: synced.append(fd) or real_fsync(fd))
+    net = DigitsFeatureNet(image_size=8, widths=(4, 8), num_features=8).eval()
+    stats = metrics.reference_stats(torch.rand(16, 1, 8, 8) * 2 - 1, net, tmp_path, batch_size=16)
+    assert len(synced) == 2 and [p.name for p in tmp_path.iterdir()] == [f"{stats.key}.pt"]

@@ -389,9 +389,10 @@ class Probe(L.Callback):
         )
 
 
-def _progressive_run(teacher_dir, root, ckpt_path=None, max_steps=1000, probe=None, steps_per_round=3, promote="student"):
+def _progressive_run(teacher_dir, root, ckpt_path=None, max_steps=1000, probe=None, steps_per_round=3, promote="student",
+                     first=None):
     """4 -> 2 -> 1 steps, 3 optimiser steps per round (or ``steps_per_round``), on a tiny UNet teacher;
-    checkpoint every step."""
+    checkpoint every step. ``probe`` runs after every other callback, ``first`` before them."""
     from lightning.pytorch.callbacks import ModelCheckpoint
 
     teacher = load_teacher(str(teacher_dir))
@@ -400,7 +401,7 @@ def _progressive_run(teacher_dir, root, ckpt_path=None, max_steps=1000, probe=No
     ckpt = ModelCheckpoint(dirpath=root / "ckpt", filename="{step}", every_n_train_steps=1, save_top_k=-1)
     swap = TeacherSwap(steps_per_round=steps_per_round, final_steps=1, promote=promote)
     ema = EMA(decay=0.9)
-    callbacks = [swap, ema, ckpt] + ([probe] if probe else [])
+    callbacks = ([first] if first else []) + [swap, ema, ckpt] + ([probe] if probe else [])
     trainer = _trainer(callbacks, root, max_steps=max_steps, enable_checkpointing=True)
     trainer.fit(model, FixedBatches(x), ckpt_path=ckpt_path)
     return trainer, model, swap, ema
@@ -490,7 +491,8 @@ class WeightProbe(L.Callback):
         ema = next(c for c in trainer.callbacks if isinstance(c, EMA))
         copy = lambda m: {k: v.detach().clone() for k, v in m.state_dict().items()}  # noqa: E731
         self.rows[trainer.global_step] = dict(
-            student=copy(pl_module.student.unet), teacher=copy(pl_module.teacher.unet), ema=copy(ema.averaged.module.unet)
+            student=copy(pl_module.student.unet), teacher=copy(pl_module.teacher.unet), ema=copy(ema.averaged.module.unet),
+            n=int(ema.averaged.n_averaged),
         )
 
 
@@ -499,18 +501,30 @@ def _equal(a: dict, b: dict) -> bool:
 
 
 def test_promote_ema_makes_the_average_the_next_teacher_and_student_and_resumes_exactly(tmp_path):
-    """promote="ema": at the swaps (steps 3 and 6) the new teacher and the student both hold the EMA as it
-    stood after the step before (TeacherSwap runs before EMA here), not the raw student; the default
-    promotes the raw student. A kill inside round 3 resumes to the same weights."""
+    """promote="ema": at the swaps (steps 3 and 6) the new teacher and the student both hold the EMA with the
+    swap step's own update averaged in, although TeacherSwap runs before EMA here (it read the average one
+    update behind before), not the raw student; the default promotes the raw student. A kill inside round 3
+    resumes to the same weights."""
+    from lightning_distill.callbacks.ema import ema_decay
+
+    class RawStudent(L.Callback):  # listed first: the raw student of every step, before any swap
+        rows = {}
+
+        def on_train_batch_end(self, trainer, pl_module, *args):
+            self.rows[trainer.global_step] = {k: v.detach().clone() for k, v in pl_module.student.unet.state_dict().items()}
+
     teacher_dir = write_tiny_teacher(tmp_path / "teacher")
-    probe = WeightProbe()
-    trainer, model, swap, ema = _progressive_run(teacher_dir, tmp_path / "full", probe=probe, promote="ema")
+    probe, raw_student = WeightProbe(), RawStudent()
+    trainer, model, swap, ema = _progressive_run(teacher_dir, tmp_path / "full", probe=probe, promote="ema", first=raw_student)
     assert trainer.global_step == 9 and swap.finished
     rows = probe.rows
     for k in (3, 6):
         before = rows[k - 1]
         assert not _equal(before["ema"], before["student"])  # the average and the raw weights differ
-        assert _equal(rows[k]["teacher"], before["ema"])  # the promoted teacher is the average
+        d = ema_decay(before["n"], 0.9, True)  # the EMA's update at step k (its n-th), taken before the swap
+        for name, v in rows[k]["teacher"].items():  # the promoted teacher is the average, step k included
+            if v.is_floating_point():
+                torch.testing.assert_close(v, d * before["ema"][name] + (1 - d) * raw_student.rows[k][name], msg=name)
         assert _equal(rows[k]["student"], rows[k]["teacher"])  # and the next round's student starts from it
     # the default promotes the raw student (the teacher differs from the EMA before the swap)
     raw = WeightProbe()
