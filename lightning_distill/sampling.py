@@ -88,13 +88,17 @@ def deterministic_scheduler(
 
 def flow_map_scheduler(config: dict, schedule: NoiseSchedule, prediction_type: str):
     """The stock sampler of a flow-map (MeanFlow) student: ``FlowMapEulerDiscreteScheduler`` (T, the
-    path's shift) on the flow path; on the VP path ``DDIMScheduler`` (trailing, eta 0), whose step with the
-    mean (x0, eps) is the flow-map step. No clipping: a clamped x0 would no longer be that step."""
+    path's shift) on the flow path; on the VP path the first-order ``DPMSolverMultistepScheduler`` (trailing,
+    onto x0: :func:`~lightning_distill.flow_map.vp_flow_map_scheduler`), whose step with the mean (x0, eps)
+    is the flow-map step between consecutive grid levels, for any N (DDIM's t -> t - T // N is not when N
+    does not divide T). No clipping: a clamped x0 would no longer be that step."""
     if schedule.path == "flow":
         from diffusers import FlowMapEulerDiscreteScheduler
 
         return FlowMapEulerDiscreteScheduler(num_train_timesteps=schedule.num_train_timesteps, shift=schedule.shift)
-    return deterministic_scheduler(config, schedule, prediction_type, None)
+    from .flow_map import vp_flow_map_scheduler
+
+    return vp_flow_map_scheduler(config, prediction_type)
 
 
 def lcm_training_timesteps(num_train_timesteps: int, original_inference_steps: int) -> Tensor:

@@ -262,35 +262,65 @@ def test_class_conditional_teacher_is_refused(tmp_path):
 # --- sampling and export -------------------------------------------------------------------------
 
 
-def test_ddim_step_is_the_flow_map_step(teacher_dirs):
-    """On the VP path DDIMScheduler.step with the student's output = (alpha_r + sigma_r)(z_t - (t - r) u)."""
+@pytest.mark.parametrize("steps", [2, 3])  # 3 does not divide T = 1024
+def test_vp_step_is_the_flow_map_step(teacher_dirs, steps):
+    """On the VP path the sampler's step with the student's output = (alpha_r + sigma_r)(z_t - (t - r) u),
+    from each grid level t to the next one r (the last to r = 0)."""
     method = _method(teacher_dirs, "vp")
     _perturb_interval_input(method)
-    sched = method.sampling_scheduler(2)
-    sched.set_timesteps(2)
+    sched = method.sampling_scheduler(steps)
+    sched.set_timesteps(steps)
     schedule = method.student.schedule
     T = schedule.num_train_timesteps
+    grid = schedule.trailing_timesteps(steps)
     x = torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        for t_step, interval in flow_map_intervals(sched):
-            t_int = int(t_step)
-            lam_t = schedule.flow_time(torch.tensor([t_int] * 2))
-            lam_r = schedule.flow_time(torch.tensor([max(t_int - T // 2, -1)] * 2))
+        for k, (t_step, interval) in enumerate(flow_map_intervals(sched)):
+            assert int(t_step) == int(grid[k])
+            lam_t, lam_r = schedule.flow_time(grid[k].expand(2)), schedule.flow_time(grid[k + 1].expand(2))
             torch.testing.assert_close(interval.float(), lam_t[0] - lam_r[0], rtol=1e-5, atol=1e-6)
             out = method.student.unet(x, t_step, class_labels=(interval * T).float().expand(2)).sample
-            ddim = sched.step(out, t_step, x).prev_sample
+            step = sched.step(out, t_step, x).prev_sample
             alpha_t, sigma_t, _ = schedule.at_flow_time(lam_t)
             z = x / (alpha_t + sigma_t).view(-1, 1, 1, 1)
             u = average_velocity(method.student, z, lam_r, lam_t)
             alpha_r, sigma_r, _ = schedule.at_flow_time(lam_r)
             flow_map = (alpha_r + sigma_r).view(-1, 1, 1, 1) * (z - (lam_t - lam_r).view(-1, 1, 1, 1) * u)
-            torch.testing.assert_close(ddim, flow_map, rtol=1e-4, atol=1e-5)
-            x = ddim
+            torch.testing.assert_close(step, flow_map, rtol=1e-4, atol=1e-5)
+            x = step
+
+
+def test_a_ddim_folder_exported_before_samples_as_the_stepped_ddim_where_n_divides_t(teacher_dirs):
+    """A VP folder exported with ``DDIMScheduler`` (before the DPM-Solver sampler) still samples: read as its
+    table, it gives sample()'s images, and where N divides T (1024) those are DDIM's own steps."""
+    from diffusers import DDIMScheduler
+    from diffusers.utils.torch_utils import randn_tensor
+
+    from lightning_distill.sampling import deterministic_scheduler
+
+    method = _method(teacher_dirs, "vp")
+    _perturb_interval_input(method)
+    unet, schedule = method.sampling_denoiser().unet, method.student.schedule
+    ddim = deterministic_scheduler(method.student_scheduler_config, schedule, method.student.prediction_type, None)
+    assert type(ddim) is DDIMScheduler
+    T = schedule.num_train_timesteps
+    for steps in (2, 3):
+        ours = method.sample(2, steps, torch.Generator().manual_seed(0))
+        torch.testing.assert_close(flow_map_sample(unet, ddim, 2, steps, torch.Generator().manual_seed(0)), ours,
+                                   rtol=0, atol=1e-5)
+    ddim.set_timesteps(4)  # the stock DDIM loop, its intervals t -> t - T // 4
+    x = randn_tensor((2, 1, 8, 8), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        for t in ddim.timesteps:
+            interval = schedule.flow_time(t) - schedule.flow_time((t - T // 4).clamp_min(-1))
+            out = unet(x, t, class_labels=(interval * T).float().expand(2)).sample
+            x = ddim.step(out, t, x).prev_sample
+    torch.testing.assert_close(x, method.sample(2, 4, torch.Generator().manual_seed(0)), rtol=0, atol=1e-5)
 
 
 @pytest.mark.parametrize("path", PATHS)
 def test_export_loads_with_stock_classes_and_reproduces_sample(teacher_dirs, path, tmp_path):
-    from diffusers import DDIMScheduler, FlowMapEulerDiscreteScheduler, UNet2DModel
+    from diffusers import DPMSolverMultistepScheduler, FlowMapEulerDiscreteScheduler, UNet2DModel
 
     from lightning_distill.metrics import scheduler_sample
 
@@ -298,14 +328,15 @@ def test_export_loads_with_stock_classes_and_reproduces_sample(teacher_dirs, pat
     _perturb_interval_input(method)  # the interval input matters: a wrong label would show
     folder = method.export(tmp_path / "student")
     unet = UNet2DModel.from_pretrained(folder, subfolder="unet")
-    sched_cls = FlowMapEulerDiscreteScheduler if path == "flow" else DDIMScheduler
+    sched_cls = FlowMapEulerDiscreteScheduler if path == "flow" else DPMSolverMultistepScheduler
     sched = sched_cls.from_pretrained(folder, subfolder="scheduler")
     assert type(method.sampling_scheduler(1)) is sched_cls
     if path == "flow":
         assert sched.config.shift == method.teacher.schedule.shift
     else:
-        assert not sched.config.clip_sample and sched.config.timestep_spacing == "trailing"
-    for steps in (1, 2, 4):
+        assert sched.config.solver_order == 1 and sched.config.final_sigmas_type == "zero"
+        assert not sched.config.thresholding and sched.config.timestep_spacing == "trailing"
+    for steps in (1, 2, 3, 4):  # 3 does not divide T = 1024
         ours = method.sample(3, steps, torch.Generator().manual_seed(steps))
         theirs = flow_map_sample(unet, sched, 3, steps, torch.Generator().manual_seed(steps))
         torch.testing.assert_close(theirs, ours, rtol=0, atol=1e-5, msg=f"{path}, {steps} steps")
@@ -391,3 +422,72 @@ def test_gradient_checkpointing_with_the_forward_jvp_trains_as_without_it(teache
     scale = max(float(g.abs().max()) for g in grads[False][1])
     for a, b in zip(grads[True][1], grads[False][1]):  # (u by the default attention kernel, not the math one)
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6 * scale)
+
+
+# --- N not dividing T: the VP sampler's grid -----------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def vp_teacher_1000(tmp_path_factory):
+    """A VP teacher with T = 1000 (the bundled one has T = 1024): 3 and 6 steps do not divide it."""
+    return write_tiny_teacher(tmp_path_factory.mktemp("meanflow_t1000") / "vp", num_train_timesteps=1000)
+
+
+def _recorded_calls(unet) -> tuple[list, object]:
+    """(timestep, class_labels) of each call of ``unet``, and the hook's handle."""
+    calls = []
+
+    def hook(module, args, kwargs):
+        t = args[1] if len(args) > 1 else kwargs["timestep"]
+        calls.append((float(torch.as_tensor(t).flatten()[0]), float(kwargs["class_labels"].flatten()[0])))
+
+    return calls, unet.register_forward_pre_hook(hook, with_kwargs=True)
+
+
+@pytest.mark.parametrize("steps", [3, 6, 4, 1])  # 3 and 6 do not divide T = 1000 (4 and 1 do)
+def test_vp_sampler_steps_the_intervals_it_calls_the_network_with(vp_teacher_1000, steps, tmp_path):
+    """Each network call's (r, t) is the step taken: its t is the level the state is at (the previous call's
+    r, T - 1 first), its r the next level of the trailing grid, and the last r is the clean end (0): a
+    stepped DDIM (t -> t - T // N) read the state one timestep off and stopped at t = 0 (sigma_0 = 0.006 of
+    noise) for N = 6. The samples are the flow-map chain z_r = z_t - (t - r) u(z_t, r, t) on that grid, and
+    the exported folder reproduces them."""
+    from diffusers import DPMSolverMultistepScheduler, UNet2DModel
+    from diffusers.utils.torch_utils import randn_tensor
+
+    from lightning_distill.evaluate import load_sampler
+
+    method = MeanFlowDistillation(load_teacher(str(vp_teacher_1000)))
+    _perturb_interval_input(method)
+    schedule, den = method.student.schedule, method.sampling_denoiser()
+    T = schedule.num_train_timesteps
+    assert T == 1000
+    calls, handle = _recorded_calls(den.unet)
+    ours = method.sample(2, steps, torch.Generator().manual_seed(0))
+    handle.remove()
+
+    grid = schedule.trailing_timesteps(steps)  # T - 1, ..., -1 (the clean end, flow time 0)
+    levels = schedule.flow_time(grid).double()
+    assert [c[0] for c in calls] == grid[:-1].tolist()
+    for k, (t_step, label) in enumerate(calls):
+        r = float(levels[k]) - label / T  # where the interval the network is told ends: the next call's level
+        assert r == pytest.approx(float(levels[k + 1]), abs=1e-6), (k, t_step, r)
+
+    # the flow-map chain in flow coordinates, written out by hand
+    x = randn_tensor((2, 1, 8, 8), generator=torch.Generator().manual_seed(0))
+    lam = levels.float()
+    alpha, sigma, _ = schedule.at_flow_time(lam[:1])
+    z = x / (alpha + sigma)
+    with torch.no_grad():
+        for k in range(steps):
+            t, r = lam[k].expand(2), lam[k + 1].expand(2)
+            z = z - (t - r).view(-1, 1, 1, 1) * average_velocity(den, z, r, t)
+    torch.testing.assert_close(ours, z, rtol=0, atol=2e-4)
+
+    folder = method.export(tmp_path / "student")
+    unet = UNet2DModel.from_pretrained(folder, subfolder="unet")
+    sched = DPMSolverMultistepScheduler.from_pretrained(folder, subfolder="scheduler")
+    torch.testing.assert_close(flow_map_sample(unet, sched, 2, steps, torch.Generator().manual_seed(0)), ours,
+                               rtol=0, atol=1e-5)
+    sampler = load_sampler("meanflow", folder, None, torch.device("cpu"))
+    torch.testing.assert_close(sampler.sample(2, steps, torch.Generator().manual_seed(0), None), ours,
+                               rtol=0, atol=1e-5)

@@ -37,12 +37,16 @@ w = 1 / (||Delta||^2 + c)^p  :func:`adaptive_weighted_loss` (``adaptive_power`` 
 (r, t) ~ logit-normal        :func:`sample_interval` (``time_mean``, ``time_std``, ``ratio_r_neq_t``)
 ===========================  ==================================================================
 
-Sampling (any N): a grid of flow times from 1 to 0 and z_r = z_t - (t - r) u(z_t, r, t) per step.
-Flow teachers: diffusers' ``FlowMapEulerDiscreteScheduler`` (sigmas shift(linspace(1, 0, N + 1)), the
-network fed sigma T and the interval (sigma_t - sigma_r) T). VP teachers: ``DDIMScheduler`` (eta 0,
-trailing spacing, no clipping), which takes exactly the flow-map step (``flow_map.flow_map_intervals``);
-its grid starts at timestep T - 1, i.e. at flow time ``flow_time(T - 1)`` < 1 (for the digits teacher
-1 - 5e-5), where the sampler's Gaussian draw stands for the VP point x_{T-1} as it does for the teacher.
+Sampling (any N): a grid of flow times from 1 to 0 and z_r = z_t - (t - r) u(z_t, r, t) per step, each
+network call told the interval it steps. Flow teachers: diffusers' ``FlowMapEulerDiscreteScheduler``
+(sigmas shift(linspace(1, 0, N + 1)), the network fed sigma T and the interval (sigma_t - sigma_r) T). VP
+teachers: the first-order ``DPMSolverMultistepScheduler`` (data prediction, trailing spacing, last step onto
+x0, no clipping: ``flow_map.vp_flow_map_scheduler``), which is DDIM between consecutive levels of the trailing
+grid T - 1, ..., round(T / N) - 1, clean (``NoiseSchedule.trailing_timesteps``) and so exactly the flow-map
+step (``flow_map.flow_map_intervals``). ``DDIMScheduler`` itself steps t -> t - T // N, off that grid when
+N does not divide T. The grid starts at timestep T - 1, i.e. at flow time ``flow_time(T - 1)`` < 1 (for the
+digits teacher 1 - 5e-5), where the sampler's Gaussian draw stands for the VP point x_{T-1} as it does for
+the teacher.
 No stock pipeline passes the interval to a ``UNet2DModel`` (``DDPMPipeline`` passes no class_labels), so
 ``flow_map.flow_map_sample`` (:mod:`lightning_distill.flow_map`) is the one loop of :meth:`MeanFlowDistillation.sample` and of evaluating an
 exported folder (``metrics.scheduler_sample`` dispatches to it for any UNet with a ``"timestep"`` class
@@ -318,8 +322,8 @@ class MeanFlowDistillation(DistillationMethod):
 
     def make_scheduler(self):
         """The stock flow-map sampler: ``FlowMapEulerDiscreteScheduler`` (T, the teacher's shift) on the flow
-        path; on the VP path ``DDIMScheduler`` (trailing, eta 0, no clipping), whose step is the flow-map
-        step (:func:`~lightning_distill.flow_map.flow_map_intervals`)."""
+        path; on the VP path the first-order ``DPMSolverMultistepScheduler`` (trailing, onto x0, no clipping),
+        whose step is the flow-map step (:func:`~lightning_distill.flow_map.flow_map_intervals`)."""
         from ..sampling import flow_map_scheduler
 
         return flow_map_scheduler(self.student_scheduler_config, self.student.schedule, self.student.prediction_type)
