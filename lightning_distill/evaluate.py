@@ -14,6 +14,8 @@ Euler steps at s = 1, (N-1)/N, ..., 0 (``sampling.at_steps``), as are flow pipel
 Any denoiser :mod:`lightning_distill.backbones` supports for unprompted sampling (UNets, a class-conditional
 ``DiTTransformer2DModel``, pixel or latent) is called through its adapter, its sample shape and class count
 read from its config; class-conditional models get the balanced labels ``i % num_classes`` (image i).
+Text-to-image networks (a ``StableDiffusionPipeline`` or ``StableDiffusion3Pipeline`` folder, their checkpoints,
+an SD-style teacher) are refused as they load, in one line: evaluation has no prompts to condition them on.
 
 Writes to ``--out``: ``results.csv`` and ``results.md`` (FD and KID per model and step count, with the
 protocol: sample count, seed, reference set, feature network), ``fd_vs_steps.png`` and one sample grid
@@ -146,16 +148,37 @@ def load_checkpoint_model(
     return model.eval(), used_ema
 
 
+#: The denoisers evaluate samples: unconditional or class-conditional (labels i % num_classes). It has no
+#: prompts to give a text-to-image network (UNet2DConditionModel, SD3Transformer2DModel, ...).
+UNPROMPTED_DENOISERS = ("UNet2DModel", "DiTTransformer2DModel")
+
+
+def check_unprompted(what: str, net: nn.Module) -> None:
+    """Refuse a text-conditional network as it loads: evaluation has no prompts to condition it on.
+
+    ``metrics.scheduler_sample`` refuses one too, but only when its first cell is drawn, after the reference
+    features and every earlier model's cells; and a text student's checkpoint never reached it: its
+    ``sample()`` drew every image from one ``sample_prompt``, scored while its export was refused.
+    """
+    if backbones.is_text_conditional(net):
+        raise ConfigError(
+            f"{what} is text-conditional ({type(net).__name__}): evaluate has no prompts to condition it on; "
+            f"it scores unconditional or class-conditional denoisers ({', '.join(UNPROMPTED_DENOISERS)})"
+        )
+
+
 def load_sampler(name: str, spec: str | os.PathLike, teacher: DiffusionTeacher | None, device: torch.device) -> Sampler:
     """A checkpoint (file) or an exported diffusers pipeline (folder) as a :class:`Sampler`."""
     p = Path(spec).expanduser()
     vae = teacher.vae if teacher is not None and teacher.is_latent else None
     if p.is_file():
         model, used_ema = load_checkpoint_model(p, teacher)
-        model.to(device)
         if not hasattr(model, "sample"):
             raise ValueError(f"{type(model).__name__} from {p} has no sample() method")
         den = getattr(model, "student", None)
+        if getattr(den, "unet", None) is not None:
+            check_unprompted(f"student {name!r} ({p})", den.unet)
+        model.to(device)
         # classes read through the backbone adapter: UNet num_class_embeds, DiT num_embeds_ada_norm
         ncls = backbones.num_classes(den.unet) if getattr(model, "is_class_conditional", False) else None
         mvae = getattr(getattr(model, "teacher", None), "vae", None) or vae
@@ -167,6 +190,7 @@ def load_sampler(name: str, spec: str | os.PathLike, teacher: DiffusionTeacher |
         return Sampler(name, "checkpoint", str(p), sample, ncls, used_ema, limit)
     if p.is_dir():
         net, sched, pvae = load_pipeline_folder(p)
+        check_unprompted(f"student {name!r} ({p})", net)
         net = net.to(device)
         pvae = pvae or vae
         ncls = backbones.num_classes(net)
@@ -228,6 +252,7 @@ def _load_pipeline_components(path: Path):
 
 
 def teacher_sampler(teacher: DiffusionTeacher, name: str = "teacher") -> Sampler:
+    check_unprompted(f"teacher {str(teacher.source)!r}", teacher.unet)
     return Sampler(
         name, "teacher", str(teacher.source), lambda n, steps, g, labels: sample_teacher(teacher, n, steps, g, labels),
         teacher.num_classes,
