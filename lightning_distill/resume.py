@@ -29,6 +29,22 @@ import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from torch.utils.data import DataLoader, RandomSampler
 
+#: 2^32 / the golden ratio. A CPU generator keeps only a seed's low 32 bits, and multiples k * GOLDEN of
+#: different small k stay far apart there (at least 1.9e6 for k <= 1000), so ``offset_seed`` streams of small
+#: indices never share those bits while their offsets (epochs, ranks, batches) stay below that.
+GOLDEN = 0x9E3779B1
+
+
+def offset_seed(base: int, index: int) -> int:
+    """``base + index * GOLDEN`` (mod 2^63): stream ``index`` of ``base``; index 0 is ``base`` itself.
+
+    Plain ``base + index`` aliases across indices: seed s at epoch e + 1 shuffled as seed s + 1 at epoch e,
+    and rank r of seed s drew rank 0 of seed s + r's noise, so runs of neighbouring seeds were not
+    independent draws.
+    """
+    return (int(base) + int(index) * GOLDEN) % 2**63
+
+
 # --- random state as plain types (checkpoints load with torch.load(weights_only=True)) ------------
 
 
@@ -76,7 +92,7 @@ class ResumeRNG(L.Callback):
 
     Args:
         decorrelate_ranks: on a fresh (not resumed) multi-process run, reseed rank r > 0 with
-            ``seed + r``. ``seed_everything`` gives every rank the same seed, so without this all ranks
+            ``offset_seed(seed, r)``. ``seed_everything`` gives every rank the same seed, so without this all ranks
             would draw the same noise and timesteps for their different images. Rank 0 keeps the
             single-process stream.
 
@@ -122,7 +138,7 @@ class ResumeRNG(L.Callback):
                 return
             set_rng_state(states[rank])
         elif self.decorrelate_ranks and world > 1 and rank > 0:
-            seed = int(os.environ.get("PL_GLOBAL_SEED", 0)) + rank
+            seed = offset_seed(int(os.environ.get("PL_GLOBAL_SEED", 0)), rank) % 2**32
             torch.manual_seed(seed)
             random.seed(seed)
             try:
@@ -152,7 +168,8 @@ class EpochSeededRandomSampler(RandomSampler):
         self.epoch = int(epoch)
 
     def __iter__(self) -> Iterator[int]:
-        self.generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        # epoch e of seed s; seed 0's orders are epoch e's (as before offset_seed)
+        self.generator = torch.Generator().manual_seed(offset_seed(self.epoch, self.seed))
         return super().__iter__()
 
 
@@ -193,7 +210,7 @@ class ResumableDataLoader(DataLoader):
             skip = int(resume["consumed"])
         self._state = {"epoch": epoch, "consumed": skip}
         # Worker seeds of this epoch: a function of (seed, epoch), as the sampler's order is.
-        self.generator.manual_seed(self._base_seed + (epoch or 0))
+        self.generator.manual_seed(offset_seed(epoch or 0, self._base_seed))
         it = super().__iter__()
         # Skipped batches are still loaded (cheap for the in-memory data sets of TeacherDataModule).
         for _ in range(skip):

@@ -285,3 +285,33 @@ def test_the_reference_cache_is_written_durably(tmp_path, monkeypatch):
     net = DigitsFeatureNet(image_size=8, widths=(4, 8), num_features=8).eval()
     stats = metrics.reference_stats(torch.rand(16, 1, 8, 8) * 2 - 1, net, tmp_path, batch_size=16)
     assert len(synced) == 2 and [p.name for p in tmp_path.iterdir()] == [f"{stats.key}.pt"]
+
+
+def test_streams_of_neighbouring_seeds_do_not_alias():
+    """Seed s at epoch e + 1 shuffled as seed s + 1 at epoch e (seed + epoch), rank r of seed s reseeded as
+    rank 0 of seed s + r, and a DDP predict's ranks drew the same noise: the derived seeds are offset_seed's
+    now, whose low 32 bits (all a CPU generator keeps) differ for every small (base, index) pair. Seed 0's
+    data order is unchanged (the measured runs' and the guard's)."""
+    from types import SimpleNamespace
+
+    from lightning_distill.methods.base import DistillationMethod
+    from lightning_distill.resume import EpochSeededRandomSampler, offset_seed
+
+    low = {offset_seed(b, i) % 2**32 for b in range(200) for i in range(200)}
+    assert len(low) == 200 * 200
+
+    def order(seed, epoch):
+        sampler = EpochSeededRandomSampler(range(50), seed=seed)
+        sampler.set_epoch(epoch)
+        return list(sampler)
+
+    assert order(1, 0) != order(0, 1) and order(2, 3) != order(3, 2)
+    assert order(0, 4) == torch.randperm(50, generator=torch.Generator().manual_seed(4)).tolist()
+
+    noise = []
+    for rank in (0, 1):
+        module = SimpleNamespace(hparams=SimpleNamespace(seed=0), global_rank=rank,
+                                 trainer=SimpleNamespace(world_size=2))
+        gens = [DistillationMethod.predict_generator(module, b) for b in (0, 1)]
+        noise += [torch.randn(4, generator=g) for g in gens]
+    assert all(not torch.equal(a, b) for i, a in enumerate(noise) for b in noise[i + 1:])

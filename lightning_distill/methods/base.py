@@ -31,6 +31,7 @@ from .. import checkpoint_content, lora, memory, sharding
 from ..checkpoint_content import build_module, module_spec  # noqa: F401 - re-exported: methods import them here
 from ..lora import LoraSpec
 from ..parametrisation import Denoiser, PredictionType
+from ..resume import offset_seed
 from ..teacher import DiffusionTeacher
 
 
@@ -290,8 +291,14 @@ class DistillationMethod(L.LightningModule):
         self.log_dict(logs, sync_dist=True, batch_size=batch["x"].shape[0])
         return out.loss
 
+    def predict_generator(self, batch_idx: int) -> torch.Generator:
+        """The noise of prediction batch ``batch_idx`` on this rank (each rank numbers its own batches from 0:
+        with ``seed + batch_idx`` alone, the ranks of a DDP predict drew the same noise)."""
+        stream = batch_idx * self.trainer.world_size + self.global_rank
+        return torch.Generator(device="cpu").manual_seed(offset_seed(self.hparams.seed, stream))
+
     def predict_step(self, batch: dict, batch_idx: int) -> Tensor:
-        gen = torch.Generator(device="cpu").manual_seed(self.hparams.seed + batch_idx)
+        gen = self.predict_generator(batch_idx)
         return self.sample(batch["x"].shape[0], self.hparams.sample_steps, gen, labels=self._labels(batch))
 
     def on_train_batch_end(self, outputs, batch, batch_idx) -> None:

@@ -300,7 +300,7 @@ class LatentConsistencyDistillation(ConsistencyDistillation):
         return text_to_image_sample(self, n, steps, generator, text_keywords(prompt_embeds), denoiser, **extra)
 
     def predict_step(self, batch: dict, batch_idx: int) -> Tensor:
-        gen = torch.Generator(device="cpu").manual_seed(self.hparams.seed + batch_idx)
+        gen = self.predict_generator(batch_idx)
         emb = self.prompt_conditioning(batch) if "input_ids" in batch or "text_cond" in batch else None
         return self.sample(batch["x"].shape[0], self.hparams.sample_steps, gen, prompt_embeds=emb)
 

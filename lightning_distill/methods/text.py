@@ -106,7 +106,7 @@ class TextToImageMixin:
     def predict_step(self, batch: dict, batch_idx: int) -> Tensor:
         if not self.text_conditional:
             return super().predict_step(batch, batch_idx)
-        gen = torch.Generator(device="cpu").manual_seed(self.hparams.seed + batch_idx)
+        gen = self.predict_generator(batch_idx)
         return self.sample(batch["x"].shape[0], self.hparams.sample_steps, gen, prompt_embeds=self.text_cond(batch))
 
     def export(self, target, use_ema: bool = True):
