@@ -452,6 +452,7 @@ class TeacherDataModule(L.LightningDataModule):
     def setup_pairs(self) -> None:
         """Teacher-data mode: generate (or resume, or verify) the pairs and train on them."""
         from .teacher_pairs import PromptPool, ensure_pairs, pair_datasets
+        from .text_cache import encoder_key
 
         cfg = self.hparams.pairs
         if isinstance(cfg, dict):
@@ -466,7 +467,8 @@ class TeacherDataModule(L.LightningDataModule):
         prompts = None
         if self.teacher.is_text_conditional:  # the training images' prompts; each pair stores its token ids
             ids, train = self.image_train_set.dataset.extras, torch.as_tensor(self.image_train_set.indices)
-            prompts = PromptPool({k: v[train] for k, v in ids.items()}, self.teacher.text_conditioning)
+            prompts = PromptPool({k: v[train] for k, v in ids.items()}, self.teacher.text_conditioning,
+                                 encoder_key(self.teacher))
         pairs = ensure_pairs(
             self.teacher.denoiser, cfg, self.sample_shape, self.teacher.num_classes, self.teacher.source, **dist,
             prompts=prompts,

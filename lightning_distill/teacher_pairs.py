@@ -62,6 +62,8 @@ class PromptPool:
         inputs: every prompt's token ids, ``{"input_ids": (P, L)[, "input_ids_2": (P, L)]}`` (``teacher.text_inputs``).
         encode: token ids (a dict like ``inputs``, on the teacher's device) -> the network's text keywords
             (``teacher.text_conditioning``).
+        encoders: what ``encode`` depends on besides the ids (``text_cache.encoder_key``: the text encoders'
+            settings and weights digests), part of the fingerprint: other encoders, other pairs.
 
     Example::
 
@@ -70,6 +72,7 @@ class PromptPool:
 
     inputs: dict[str, Tensor]
     encode: Callable[[dict], dict]
+    encoders: dict | None = None
 
     def __post_init__(self) -> None:
         sizes = {k: v.shape[0] for k, v in self.inputs.items()}
@@ -81,12 +84,14 @@ class PromptPool:
         return next(iter(self.inputs.values())).shape[0]
 
     def fingerprint(self) -> dict:
-        """Number of prompts and sha256 of their token ids (first 16 hex digits): other prompts, another cache."""
+        """Number of prompts, sha256 of their token ids (first 16 hex digits) and the encoders' key: other
+        prompts or other text encoders, another cache."""
         h = hashlib.sha256()
         for k in sorted(self.inputs):
             h.update(k.encode())
             h.update(self.inputs[k].long().contiguous().numpy().tobytes())
-        return {"count": self.size, "sha256": h.hexdigest()[:16]}
+        out = {"count": self.size, "sha256": h.hexdigest()[:16]}
+        return out if self.encoders is None else {**out, "encoders": self.encoders}
 
 
 @dataclass

@@ -126,9 +126,17 @@ def encode_captions(teacher, prompts: list[str], batch_size: int = 64) -> TextEm
 
 
 def cache_key(teacher, source: str, revision: str | None, prompts: list[str]) -> dict:
-    """What the cached embeddings depend on: teacher, revision, the captions (content and order), the
-    encoder settings (classes and configs, dtype, tokenizer length, SD3's T5 length and joint width), the
-    encoders' weights and the tokenizers' vocabularies."""
+    """What the cached embeddings depend on: teacher, revision, the captions (content and order) and
+    :func:`encoder_key`."""
+    digest = lambda obj: hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()  # noqa: E731
+    return {"teacher": str(source), "revision": revision, "n": len(prompts), "captions": digest(prompts),
+            **encoder_key(teacher)}
+
+
+def encoder_key(teacher) -> dict:
+    """What a prompt's embedding depends on besides its text: the encoder settings (classes and configs,
+    dtype, tokenizer length, SD3's T5 length and joint width), the encoders' weights and the tokenizers'
+    vocabularies (``settings`` and ``weights`` digests; also in the teacher pairs' key)."""
     from .nn_utils import content_digest
 
     encoders = {n: {"class": type(m).__name__, "config": m.config.to_dict()}
@@ -142,8 +150,7 @@ def cache_key(teacher, source: str, revision: str | None, prompts: list[str]) ->
     digest = lambda obj: hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()  # noqa: E731
     tokenizers = [t.get_vocab() for t in (teacher.tokenizer, teacher.tokenizer_2) if t is not None]
     weights = content_digest(*_encoders(teacher), digest(tokenizers))
-    return {"teacher": str(source), "revision": revision, "n": len(prompts), "captions": digest(prompts),
-            "settings": digest(settings), "weights": weights}
+    return {"settings": digest(settings), "weights": weights}
 
 
 def caption_embeddings(teacher, prompts: list[str], key: dict, cache: str | os.PathLike | None) -> TextEmbeddings:
@@ -232,6 +239,6 @@ def pipeline_parts(teacher):
 
 
 __all__ = [
-    "Released", "TextEmbeddings", "cache_key", "caption_embeddings", "encode_captions", "nonzero_extent", "pad_to",
+    "Released", "TextEmbeddings", "cache_key", "caption_embeddings", "encode_captions", "encoder_key", "nonzero_extent", "pad_to",
     "parameter_bytes", "pipeline_parts", "release_encoders", "remember_prompts",
 ]

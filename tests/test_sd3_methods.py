@@ -55,6 +55,16 @@ def test_sd3_data_distillation_pairs_carry_prompts_and_export_reproduces(tiny_sd
     ids = dm.teacher.text_inputs(train)["input_ids"]
     which = [next(j for j in range(len(train)) if torch.equal(ids[j], row)) for row in pairs["input_ids"]]
     assert len({train[j] for j in which}) > 3
+    # the text encoders are in the pairs' key: the same transformer with other encoder weights, other pairs
+    from lightning_distill.pairs_store import read_manifest
+    from lightning_distill.text_cache import encoder_key
+
+    teacher = load_teacher(str(tiny_sd3_dir))
+    key = encoder_key(teacher)
+    assert read_manifest(root / "pairs")["settings"]["prompts"]["encoders"] == key
+    with torch.no_grad():
+        next(teacher.text_encoder.parameters()).add_(1e-3)
+    assert encoder_key(teacher)["weights"] != key["weights"]
     # the pairs are the stock pipeline's samples: the teacher's 4-step Euler sampler (trailing levels 1, .75, .5,
     # .25 before SD3's shift) from the stored noise, on the stored prompt, no guidance
     teacher_pipe = StableDiffusion3Pipeline.from_pretrained(tiny_sd3_dir, text_encoder_3=None, tokenizer_3=None)
