@@ -15,7 +15,7 @@ from torch.utils.data import DataLoader
 from lightning_distill.data import TeacherDataModule, TensorImageDataset
 from lightning_distill.gan import StepPlan, iteration_generator
 from lightning_distill.methods.add import AdversarialDiffusionDistillation
-from lightning_distill.methods.base import DistillationMethod
+from lightning_distill.methods.manual_optimisation import ManualOptimisation
 from lightning_distill.methods.dmd2 import DMD2
 
 CLIP = 1e-2  # far below these networks' gradient norms, so the clip binds on every step
@@ -87,13 +87,13 @@ def test_optimisers_of_one_backward_follow_a_changed_loss_scale():
             scaler.scale = 2.0  # an overflow halved the scale after the first step
 
     fake = SimpleNamespace(trainer=SimpleNamespace(precision_plugin=SimpleNamespace(scaler=scaler)), step_optimizer=step)
-    DistillationMethod.step_optimizers(fake, [(o, None, False) for o in opts])
+    ManualOptimisation.step_optimizers(fake, [(o, None, False) for o in opts])
     assert params[0].grad.tolist() == [8.0] * 3
     assert params[1].grad.tolist() == params[2].grad.tolist() == [4.0] * 3
     # without a scaler (fp32, bf16) nothing is rescaled
     fake.trainer.precision_plugin = SimpleNamespace()
     fake.step_optimizer = lambda *a: None
-    DistillationMethod.step_optimizers(fake, [(o, None, False) for o in opts])
+    ManualOptimisation.step_optimizers(fake, [(o, None, False) for o in opts])
     assert params[1].grad.tolist() == [4.0] * 3
 
 

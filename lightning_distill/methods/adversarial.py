@@ -47,6 +47,7 @@ from ..gan.losses import GAN_LOSSES, GanLoss, approx_r1_penalty, r1_penalty
 from ..gan.plan import StepPlan, attached_schedule, d_updates_at, iteration_generator
 from ..teacher import DiffusionTeacher
 from .base import DistillationMethod, LossOutput, check_finite, default_optimizer
+from .manual_optimisation import ManualOptimisation
 
 R1Kind = Literal["true", "approx", "none"]
 
@@ -130,7 +131,7 @@ def remember_initial_lr(opt: torch.optim.Optimizer) -> torch.optim.Optimizer:
     return opt
 
 
-class AdversarialMethod(DistillationMethod):
+class AdversarialMethod(ManualOptimisation, DistillationMethod):
     """Generator (``student``) against critic networks, trained by one manual-optimisation loop.
 
     Args:
