@@ -149,6 +149,42 @@ class ResumeRNG(L.Callback):
                 pass
 
 
+class OptimizerSettingsCheck(L.Callback):
+    """Warn when a resume restores optimiser settings other than the configured ones.
+
+    Lightning restores the optimiser's state from the checkpoint, its param groups' learning rate and
+    weight decay included, after ``configure_optimizers`` built it from the given settings; so a new
+    learning rate given for a resume (``--model.init_args.optimizer.init_args.lr``) is silently not used.
+    The learning rate compared is a group's ``initial_lr`` where an LR scheduler set one (a schedule moves
+    ``lr`` itself). Registered with :class:`ResumeRNG` by :meth:`DistillationMethod.configure_callbacks`.
+    """
+
+    KEYS = ("lr", "weight_decay")
+
+    @staticmethod
+    def settings(trainer: L.Trainer) -> list[list[dict]]:
+        return [[{"lr": g.get("initial_lr", g.get("lr")), "weight_decay": g.get("weight_decay")} for g in opt.param_groups]
+                for opt in trainer.optimizers]
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._configured = self.settings(trainer)  # built from the config; the checkpoint's state comes next
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        configured, self._configured = getattr(self, "_configured", None), None
+        if not trainer.ckpt_path or configured is None:
+            return
+        restored = self.settings(trainer)
+        changed = [f"optimizer {i} group {j} {k}: {c[k]!r} -> {r[k]!r}"
+                   for i, (co, ro) in enumerate(zip(configured, restored)) for j, (c, r) in enumerate(zip(co, ro))
+                   for k in self.KEYS if c[k] != r[k]]
+        if changed:
+            rank_zero_warn(
+                f"resuming from {trainer.ckpt_path}: the checkpoint's optimiser state replaces the configured "
+                f"settings (configured -> used): {'; '.join(changed)}. To train on with new ones, start a new run "
+                f"from the trained student instead of resuming"
+            )
+
+
 # --- data order ------------------------------------------------------------------------------------
 
 
@@ -226,4 +262,4 @@ class ResumableDataLoader(DataLoader):
         self._resume_from = dict(state_dict)
 
 
-__all__ = ["ResumeRNG", "EpochSeededRandomSampler", "ResumableDataLoader", "collect_rng_state", "set_rng_state"]
+__all__ = ["ResumeRNG", "OptimizerSettingsCheck", "EpochSeededRandomSampler", "ResumableDataLoader", "collect_rng_state", "set_rng_state"]

@@ -194,6 +194,24 @@ def test_a_resume_names_the_given_model_settings_the_checkpoint_replaces(tmp_pat
     assert cli.model.hparams.num_log_samples == 4
 
 
+def test_a_resume_warns_when_the_checkpoints_optimiser_state_replaces_a_new_learning_rate(tmp_path):
+    """The optimiser is not a checkpoint hyperparameter: a resume builds it from the given settings, and then
+    Lightning restores its state, the old learning rate included. The new lr was silently not used; now a
+    warning names it. A resume with the configured lr trains on without the warning."""
+    root = tmp_path / "run"
+    common = ["--config", DEBUG_CONFIG, "--trainer.default_root_dir", str(root), "--trainer.enable_checkpointing", "true"]
+    cli_main(["fit", *common, "--trainer.max_steps", "2"])
+    last = str(root / "checkpoints" / "last.ckpt")
+    with warnings.catch_warnings(record=True) as same:
+        warnings.simplefilter("always")
+        cli_main(["fit", *common, "--ckpt_path", last, "--trainer.max_steps", "3"])
+    assert not [w for w in same if "optimiser state replaces" in str(w.message)]
+    with pytest.warns(UserWarning, match=r"optimiser state replaces .*optimizer 0 group 0 lr: 0\.0001 -> 0\.001"):
+        cli = cli_main(["fit", *common, "--ckpt_path", last, "--trainer.max_steps", "4",  # last.ckpt: step 3 now
+                        "--model.init_args.optimizer.init_args.lr", "1e-4"])
+    assert cli.trainer.optimizers[0].param_groups[0]["lr"] == 1e-3  # what Lightning does: the checkpoint's
+
+
 def _debug_variant(tmp_path: Path, old: str, new: str) -> str:
     """DEBUG_CONFIG with ``old`` replaced by ``new``, written under tmp_path."""
     text = Path(DEBUG_CONFIG).read_text()

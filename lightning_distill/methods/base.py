@@ -209,10 +209,11 @@ class DistillationMethod(L.LightningModule):
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
     def configure_callbacks(self):
-        # Random state in checkpoints, so a resumed run draws the noise an uninterrupted one would.
-        from ..resume import ResumeRNG
+        # Random state in checkpoints, so a resumed run draws the noise an uninterrupted one would; a warning
+        # when a resume's restored optimiser state replaces a newly configured learning rate.
+        from ..resume import OptimizerSettingsCheck, ResumeRNG
 
-        return [ResumeRNG()]
+        return [ResumeRNG(), OptimizerSettingsCheck()]
 
     def compute_loss(self, batch: dict) -> LossOutput:  # pragma: no cover - abstract
         raise NotImplementedError
