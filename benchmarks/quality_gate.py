@@ -147,7 +147,7 @@ def averaged_fds(run_dir: Path, eval_seeds: Sequence[int], student_steps: int = 
     evaluation seed, with the report's sample count and feature network; each FD the mean over the seeds."""
     import statistics
 
-    from lightning_distill.seeds import callback_arg, evaluate_eval_seeds, export_dir
+    from lightning_distill.seeds import callback_arg, evaluate_eval_seeds, export_dir, run_evaluation_data, run_teacher
 
     _, cfg = saved_config(run_dir)
     data = cfg.get("data") or {}
@@ -155,12 +155,11 @@ def averaged_fds(run_dir: Path, eval_seeds: Sequence[int], student_steps: int = 
     if not (export / "model_index.json").is_file():
         raise GateError(f"the job exported no student at {export}")
     rows = evaluate_eval_seeds(
-        list(eval_seeds), run_dir / "gate_eval", data.get("teacher"), students={"student": export},
+        list(eval_seeds), run_dir / "gate_eval", run_teacher(data), students={"student": export},
         steps=[student_steps], teacher_steps=[teacher_steps],
         num_samples=callback_arg(cfg, "DistillationReport", "num_samples") or 2000,
         feature_net=callback_arg(cfg, "DistillationReport", "feature_net") or "digits",
-        data=data.get("data") or "digits", image_size=data.get("image_size"), channels=data.get("channels"),
-        cache_dir=cache_dir,
+        **run_evaluation_data(data), cache_dir=cache_dir,
     )
     student = [r["fd"] for r in rows if r["kind"] not in ("teacher", "data") and int(r["steps"]) == student_steps]
     teacher = [r["fd"] for r in rows if r["kind"] == "teacher" and int(r["steps"]) == teacher_steps]

@@ -34,6 +34,7 @@ from lightning_distill.metrics import (
     chunk_bounds,
     decode_latents,
     feature_net_name,
+    fingerprint,
     generated_features,
     get_feature_net,
     merge_rank_features,
@@ -321,11 +322,15 @@ class FIDCallback(L.Callback):
     def _teacher_key(self, trainer: L.Trainer, pl_module: L.LightningModule) -> str:
         """What the stored teacher numbers depend on besides their tag: the run's teacher (the data module's
         source, revision and dtype: progressive distillation's promoted teachers keep round 0's line), its data
-        and split, and this callback's protocol (reference split, seeds, chunks, KID settings, feature net)."""
+        and split, and this callback's protocol (reference split, seeds, sample count, chunks, KID settings, and
+        the feature network's content: a retrained or rescaled network under the same name is another one)."""
         hp = getattr(getattr(trainer, "datamodule", None), "hparams", None) or {}
         source = hp.get("teacher") or getattr(getattr(pl_module, "teacher", None), "source", None)
-        run = [str(source), *(hp.get(k) for k in ("teacher_revision", "teacher_dtype", "data", "image_size", "split_seed", "val_fraction"))]
-        protocol = [self.reference, self.seeds, self.chunk_size, self.kid, self.kid_subsets, self.kid_subset_size, str(self.feature_net_spec)]
+        run = [str(source), *(hp.get(k) for k in ("teacher_revision", "teacher_dtype", "teacher_prediction_type", "data",
+                                                  "image_size", "split_seed", "val_fraction"))]
+        net = fingerprint(self.feature_net) if self.feature_net is not None else str(self.feature_net_spec)
+        protocol = [self.reference, self.seeds, self.num_samples, self.chunk_size, self.kid, self.kid_subsets,
+                    self.kid_subset_size, net]
         return json.dumps([*run, *protocol], default=str)
 
     def state_dict(self) -> dict[str, Any]:

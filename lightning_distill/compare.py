@@ -41,7 +41,8 @@ from typing import Callable, Sequence
 import yaml
 
 from .seeds import (
-    PER_SEED_FIELDS, SUMMARY_FIELDS, evaluate_eval_seeds, mean_over_eval_seeds, plot_spread, summarise, write_csv,
+    PER_SEED_FIELDS, SUMMARY_FIELDS, evaluate_eval_seeds, mean_over_eval_seeds, plot_spread, run_evaluation_data,
+    run_teacher, summarise, write_csv,
 )
 
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")
@@ -299,15 +300,19 @@ def compare_methods(
     settings = next((m.data for m in methods if m.data), {})
     # each evaluated student's (method, seed, export), keyed by its name in the evaluate run
     owner = {student_key(m.name, s): (m.name, s, p) for m in methods for s, p in m.exports.items()}
+    if len(owner) != sum(len(m.exports) for m in methods):  # e.g. --run cd=<report> and --run cd_seed0=<pipeline>
+        keys = [(student_key(m.name, s), m.name) for m in methods for s in m.exports]
+        clash = sorted({k for k, _ in keys if sum(k == j for j, _ in keys) > 1})
+        raise ValueError(f"--run names give students the same name {clash} (each seed is NAME_seedS): rename a --run")
     student_steps = {k: list(run_steps[v[0]]) for k, v in owner.items() if v[0] in (run_steps or {})}
     from .evaluate import StepCountError
 
     try:
+        reference = run_evaluation_data({**settings, **{k: v for k, v in (("data", data), ("image_size", image_size)) if v}})
         rows = evaluate_eval_seeds(
-            eval_seeds, Path(out) / "evaluate", teacher, students={k: v[2] for k, v in owner.items()}, steps=steps,
-            teacher_steps=teacher_steps, num_samples=num_samples, student_steps=student_steps, feature_net=feature_net,
-            data=data or settings.get("data") or "digits", image_size=image_size or settings.get("image_size"),
-            channels=settings.get("channels"), cache_dir=cache_dir, device=device, log=log,
+            eval_seeds, Path(out) / "evaluate", run_teacher(settings, teacher), students={k: v[2] for k, v in owner.items()},
+            steps=steps, teacher_steps=teacher_steps, num_samples=num_samples, student_steps=student_steps,
+            feature_net=feature_net, **reference, cache_dir=cache_dir, device=device, log=log,
         )
     except StepCountError as err:  # name the --run and seed, not the evaluate run's internal key
         run, seed, _ = owner.get(err.name, (err.name, None, None))

@@ -205,6 +205,24 @@ def last_checkpoint(run_dir: Path) -> Path | None:
     return max(found, key=lambda p: p.stat().st_mtime) if found else None
 
 
+def earlier_output(preset: dict, run_dir: Path) -> list[Path]:
+    """An earlier run's export and checkpoints in ``run_dir`` (empty when there are none)."""
+    export = export_dir(preset, run_dir)
+    found = [export] if (export / "model_index.json").is_file() else []
+    return found + sorted(Path(run_dir).rglob("*.ckpt")) if Path(run_dir).is_dir() else found
+
+
+def finished_export(preset: dict, run_dir: Path) -> Path | None:
+    """The run's export if its training finished: written after the run's saved config (a fit that was killed
+    leaves an export older than the config it saved at its start)."""
+    export = export_dir(preset, run_dir)
+    index = export / "model_index.json"
+    if not index.is_file():
+        return None
+    saved = saved_run_config(run_dir)
+    return export if saved is None or index.stat().st_mtime >= saved.stat().st_mtime else None
+
+
 def train_seeds(
     config: Path, seeds: Sequence[int], out: Path, overrides: Sequence[str] = (), jobs: int = 1,
     log: Callable[[str], None] = print, resume: bool = False,
@@ -226,14 +244,21 @@ def train_seeds(
     if jobs > 1:  # N processes on N cores: one thread each, else they oversubscribe the CPU
         env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
 
+    if not resume:  # a fresh start never trains over (or later resumes from, or keeps) an earlier run's output
+        earlier = {seed: found for seed in seeds if (found := earlier_output(preset, out / f"seed_{seed}"))}
+        if earlier:
+            listed = "; ".join(f"seed {s}: {', '.join(map(str, f))}" for s, f in earlier.items())
+            raise FileExistsError(f"{out} holds earlier runs ({listed}): pass --resume to continue them, or choose "
+                                  f"another --out (nothing was deleted)")
+
     def one(seed: int) -> tuple[int, int, Path, str]:
         run_dir = out / f"seed_{seed}"
         run_dir.mkdir(parents=True, exist_ok=True)
         cmd = [sys.executable, "-m", "lightning_distill", *train_command(config, seed, run_dir, overrides, seed_arg)]
         done, mode = "trained", "w"
         if resume:
-            if ((export := export_dir(preset, run_dir)) / "model_index.json").is_file():
-                log(f"seed {seed}: {export} exists, not trained again (--resume)")
+            if finished_export(preset, run_dir) is not None:
+                log(f"seed {seed}: {export_dir(preset, run_dir)} exists, not trained again (--resume)")
                 return seed, 0, run_dir / "train.log", "kept (export exists)"
             if (ckpt := last_checkpoint(run_dir)) is not None:
                 cmd += ["--ckpt_path", str(ckpt)]
@@ -317,6 +342,22 @@ def mean_over_eval_seeds(per_eval: Sequence[dict]) -> list[dict]:
                for k in ("fd", "kid", "kid_std")}
         out.append({**rows[0], **avg, "eval_seed": " ".join(str(r["eval_seed"]) for r in rows)})
     return out
+
+
+def run_evaluation_data(data: dict) -> dict:
+    """``evaluate_models``'s reference settings from a run's ``data`` config block: the images, size, channels
+    and the train / val split it trained with (``split_seed``, ``val_fraction``: the reference is the train split,
+    so another split is another reference; the run's own ``DistillationReport`` uses them too)."""
+    return dict(data=data.get("data") or "digits", image_size=data.get("image_size"), channels=data.get("channels"),
+                split_seed=int(data.get("split_seed") or 0), val_fraction=float(data.get("val_fraction") or 0.1))
+
+
+def run_teacher(data: dict, source: str | os.PathLike | None = None):
+    """The teacher as a run's ``data`` block loads it (revision, dtype, prediction type), from ``source`` if given."""
+    from .teacher import load_teacher
+
+    return load_teacher(str(source if source is not None else data.get("teacher")), revision=data.get("teacher_revision"),
+                        dtype=data.get("teacher_dtype") or "float32", prediction_type=data.get("teacher_prediction_type"))
 
 
 def evaluate_eval_seeds(eval_seeds: Sequence[int], out_dir: Path, teacher, **kwargs) -> list[dict]:
@@ -520,9 +561,9 @@ def run_seeds(
         )
     students = {f"seed_{r.seed}": r.export for r in runs}
     rows = evaluate_eval_seeds(
-        eval_seeds, out / "evaluate", teacher, students=students, steps=steps, teacher_steps=teacher_steps,
-        num_samples=num_samples, feature_net=feature_net, data=data.get("data") or "digits",
-        image_size=data.get("image_size"), channels=data.get("channels"), cache_dir=cache_dir, device=device, log=log,
+        eval_seeds, out / "evaluate", run_teacher(data), students=students, steps=steps, teacher_steps=teacher_steps,
+        num_samples=num_samples, feature_net=feature_net, **run_evaluation_data(data), cache_dir=cache_dir,
+        device=device, log=log,
     )
     by_name = {f"seed_{r.seed}": r for r in runs}
     per_seed = []

@@ -153,3 +153,24 @@ def test_evaluations_leave_training_random_stream_untouched(tmp_path, monkeypatc
     assert fid.last_eval_step == 3
     for k in plain:
         torch.testing.assert_close(with_fid[k], plain[k], rtol=0, atol=0, msg=k)
+
+
+def test_the_stored_teacher_line_is_keyed_by_sample_count_and_feature_network_content():
+    """A resumed run reuses the checkpoint's teacher numbers only under the same protocol: another sample count,
+    or the same feature network name with other weights / feature scale (FD x 4 at scale 2), is another key."""
+    from types import SimpleNamespace
+
+    trainer = SimpleNamespace(datamodule=SimpleNamespace(hparams={"teacher": "t", "data": "digits", "image_size": 8}))
+    module = SimpleNamespace(teacher=None)
+
+    def key(num_samples=64, scale=1.0, shift=0.0):
+        fid = FIDCallback(every_n_steps=1, num_samples=num_samples, feature_net="digits")
+        torch.manual_seed(0)
+        fid.feature_net = DigitsFeatureNet(image_size=8, widths=(4, 8), num_features=8)
+        fid.feature_net.set_feature_scale(scale)
+        with torch.no_grad():
+            fid.feature_net.head[-1].bias.add_(shift)
+        return fid._teacher_key(trainer, module)
+
+    assert key() == key()
+    assert len({key(), key(num_samples=32), key(scale=2.0), key(shift=1.0)}) == 4

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import shutil
 import statistics
 from pathlib import Path
@@ -249,3 +250,90 @@ def test_resume_keeps_finished_seeds_and_continues_interrupted_ones_exactly(tmp_
     line = one_line_error(seeds._entry, "seeds", ["--config", str(config), "--seeds", "1", "--out", str(out),
                                                    "--resume", "--skip-train"], monkeypatch, capsys)
     assert "--resume" in line and "--skip-train" in line
+
+
+def _fake_run(run_dir: Path, data: dict | None = None, stale: bool = False, seed: int = 0) -> None:
+    """A seed folder as a finished run leaves it: LightningCLI's saved config, then the export; ``stale``: the
+    export older than the config (an earlier run's export, then a restarted fit that was killed)."""
+    cfg = yaml.safe_load(CONFIG.read_text())
+    cfg["trainer"]["default_root_dir"], cfg["seed_everything"] = str(run_dir), seed
+    cfg["data"] = {**cfg.get("data", {}), **(data or {})}
+    (run_dir / "student").mkdir(parents=True)
+    index, saved = run_dir / "student" / "model_index.json", run_dir / "config.yaml"
+    index.write_text("{}")
+    saved.write_text(yaml.safe_dump(cfg))
+    os.utime(index if stale else saved, (1_000_000, 1_000_000))
+
+
+def test_a_fresh_start_refuses_an_out_holding_earlier_runs_and_resume_skips_a_stale_export(tmp_path, monkeypatch):
+    """A fresh start over an earlier run's export would later be --resume'd as "kept" (PipelineExport writes only
+    at the end of a fit): it is refused, nothing deleted. With --resume, an export older than the run's saved
+    config (a restarted fit that was killed) is not kept: the seed trains."""
+    import subprocess
+
+    calls = []
+    monkeypatch.setattr(subprocess, "run", lambda cmd, **kw: calls.append(cmd) or subprocess.CompletedProcess(cmd, 0))
+    quiet = lambda msg: None  # noqa: E731
+    _fake_run(tmp_path / "out" / "seed_0")
+    with pytest.raises(FileExistsError, match=r"holds earlier runs \(seed 0: .*student.*pass --resume"):
+        seeds.train_seeds(CONFIG, [0], tmp_path / "out", log=quiet)
+    assert not calls and (tmp_path / "out" / "seed_0" / "student" / "model_index.json").is_file()
+    assert seeds.train_seeds(CONFIG, [0], tmp_path / "out", log=quiet, resume=True) == {0: "kept (export exists)"}
+    _fake_run(tmp_path / "stale" / "seed_0", stale=True)
+    assert seeds.train_seeds(CONFIG, [0], tmp_path / "stale", log=quiet, resume=True) == {0: "trained"}
+    assert len(calls) == 1
+
+
+def test_runners_evaluate_with_the_runs_split_and_teacher_settings(tmp_path, monkeypatch):
+    """seeds (--skip-train), compare and the quality gate score against the train split the run used and load
+    its teacher as it did (they used split 0 / 10% and the teacher's defaults whatever the run set)."""
+    import importlib
+
+    from lightning_distill import compare, teacher as teacher_module
+
+    data = {"teacher": "some/teacher", "split_seed": 3, "val_fraction": 0.2, "teacher_dtype": "bfloat16",
+            "teacher_prediction_type": "v_prediction", "teacher_revision": "abc"}
+    for s in (0, 1):
+        _fake_run(tmp_path / "out" / f"seed_{s}", data, seed=s)
+    loaded, evaluated = [], []
+    monkeypatch.setattr(teacher_module, "load_teacher", lambda *a, **kw: loaded.append((a, kw)) or "TEACHER")
+
+    class Stop(Exception):
+        pass
+
+    def fake_eval(eval_seeds, out_dir, teacher, **kw):
+        evaluated.append((teacher, kw))
+        raise Stop
+
+    monkeypatch.setattr(seeds, "evaluate_eval_seeds", fake_eval)
+    monkeypatch.setattr(compare, "evaluate_eval_seeds", fake_eval)
+    with pytest.raises(Stop):
+        seeds.run_seeds(CONFIG, [0, 1], tmp_path / "out", skip_train=True, log=lambda m: None)
+    (tmp_path / "out" / "protocol.json").write_text(json.dumps({
+        "teacher": "some/teacher", "exports": {str(s): str(tmp_path / "out" / f"seed_{s}" / "student") for s in (0, 1)},
+        "saved_configs": {"0": str(tmp_path / "out" / "seed_0" / "config.yaml")}}))
+    with pytest.raises(Stop):
+        compare.compare_methods([("cd", tmp_path / "out")], out=tmp_path / "cmp", log=lambda m: None)
+    monkeypatch.syspath_prepend(str(REPO / "benchmarks"))
+    gate = importlib.import_module("quality_gate")
+    with pytest.raises(Stop):
+        gate.averaged_fds(tmp_path / "out" / "seed_0", [0])
+    assert len(evaluated) == 3
+    for teacher, kw in evaluated:
+        assert teacher == "TEACHER" and (kw["split_seed"], kw["val_fraction"]) == (3, 0.2)
+    for args, kw in loaded:
+        assert args == ("some/teacher",)
+        assert kw == {"revision": "abc", "dtype": "bfloat16", "prediction_type": "v_prediction"}
+
+
+def test_compare_refuses_two_runs_whose_students_share_a_name(tmp_path):
+    """--run cd=<seeds report> and --run cd_seed0=<pipeline>: both students were named cd_seed0, and one dropped out."""
+    from lightning_distill import compare
+
+    for s in (0, 1):
+        _fake_run(tmp_path / "report" / f"seed_{s}", seed=s)
+    (tmp_path / "report" / "protocol.json").write_text(json.dumps(
+        {"teacher": "t", "exports": {str(s): str(tmp_path / "report" / f"seed_{s}" / "student") for s in (0, 1)}}))
+    with pytest.raises(ValueError, match=r"the same name \['cd_seed0'\]"):
+        compare.compare_methods([("cd", tmp_path / "report"), ("cd_seed0", tmp_path / "report" / "seed_0" / "student")],
+                                out=tmp_path / "cmp", log=lambda m: None)
