@@ -14,11 +14,28 @@ Euler steps at s = 1, (N-1)/N, ..., 0 (``sampling.at_steps``), as are flow pipel
 Any denoiser :mod:`lightning_distill.backbones` supports for unprompted sampling (UNets, a class-conditional
 ``DiTTransformer2DModel``, pixel or latent) is called through its adapter, its sample shape and class count
 read from its config; class-conditional models get the balanced labels ``i % num_classes`` (image i).
-Text-to-image networks (a ``StableDiffusionPipeline`` or ``StableDiffusion3Pipeline`` folder, their checkpoints,
-an SD-style teacher) are refused as they load, in one line: evaluation has no prompts to condition them on.
+
+Text-to-image models (SD1.5-style ``UNet2DConditionModel``, ``SD3Transformer2DModel``) are sampled from prompts:
+``--prompts FILE`` (one prompt per line, UTF-8, blank lines ignored) or ``--prompts captions`` (the captions of
+the reference images, read from the ``--data`` folder's ``metadata.jsonl`` / ``prompts.txt`` by
+``TeacherDataModule``). Image i is drawn with prompt i % P, whatever the chunking (as the noise: see
+``metrics.chunk_seed``). Without prompts a text model is a one-line error as it loads; prompts given where no
+model is text-conditional, too.
+
+* the teacher: the sampler above in the text pipelines' loop on ``teacher.encode_prompts`` keywords
+  (``metrics.sample_text_teacher``), with classifier-free guidance at ``--guidance-scale`` g (the empty prompt
+  as the unconditional one, as the stock pipelines; default 1: none);
+* an exported folder: the stock pipeline it was saved as (``StableDiffusionPipeline``,
+  ``StableDiffusion3Pipeline``, ``LatentConsistencyModelPipeline``), with the latents drawn from the same
+  generator as every other model (``metrics.pipeline_sample``) and ``guidance_scale=1``, as exported;
+* a checkpoint: its ``sample(..., prompts=...)``.
+
+An LCM student with a guidance input (its w embedding: a ``LatentConsistencyModelPipeline`` folder or its
+checkpoint) embeds w = g - 1 from ``--student-guidance`` g, which it then needs.
 
 Writes to ``--out``: ``results.csv`` and ``results.md`` (FD and KID per model and step count, with the
-protocol: sample count, seed, reference set, feature network), ``fd_vs_steps.png`` and one sample grid
+protocol: sample count, seed, reference set, feature network; text models: the prompts' source, count and
+sha256, the guidance scales), ``protocol.json``, ``fd_vs_steps.png`` and one sample grid
 ``samples_<model>.png`` per model (one row per step count, the same noise in every row and model).
 
 Every model is sampled from the same seeded noise chunks (common random numbers), so differences
@@ -30,7 +47,9 @@ from __future__ import annotations
 
 import argparse
 import csv
+import hashlib
 import importlib
+import inspect
 import json
 import os
 import re
@@ -46,18 +65,16 @@ from . import backbones, lora, teacher_features
 from .export import ema_state_from_checkpoint
 from .errors import ConfigError
 from .metrics import (
-    ReferenceStats,
     check_kid_settings,
     decode_latents,
-    fd_from_features,
-    gaussian_stats,
-    kernel_distance,
     extract_features,
     feature_net_name,
     generated_features,
     get_feature_net,
+    pipeline_sample,
     reference_stats,
     sample_teacher,
+    sample_text_teacher,
     scheduler_sample,
     score_features,
 )
@@ -66,6 +83,11 @@ from .teacher import DiffusionTeacher, load_teacher, low_cpu_mem_usage
 
 #: The teacher's sampler in every report's protocol (this module's and the seeds runner's).
 TEACHER_SAMPLER = "deterministic DDIM (eta = 0, trailing timesteps; a flow-matching teacher: Euler at s = 1, (N-1)/N, ..., 0)"
+#: How a text-to-image evaluation gets its prompts (the one-line errors name them).
+PROMPT_OPTIONS = ("--prompts FILE (one prompt per line) or --prompts captions (the captions of the --data image "
+                  "folder, metadata.jsonl)")
+#: The stock pipelines an exported text-to-image student is sampled with (the classes ``export`` writes).
+TEXT_PIPELINES = ("StableDiffusionPipeline", "StableDiffusion3Pipeline", "LatentConsistencyModelPipeline")
 
 CSV_FIELDS = [
     "model", "kind", "steps", "fd", "kid", "kid_std", "num_samples", "seed", "feature_net", "reference", "num_reference",
@@ -74,15 +96,91 @@ CSV_FIELDS = [
 
 @dataclass
 class Sampler:
-    """Something that draws images in [-1, 1]: ``sample(n, steps, generator, labels)``."""
+    """Something that draws images in [-1, 1]: ``sample(n, steps, generator, labels)``; a text-to-image model's
+    takes the n images' prompts (``list[str]``) in place of the labels."""
 
     name: str
     kind: str  # "teacher", "checkpoint", "pipeline"
     source: str
-    sample: Callable[[int, int, torch.Generator, Tensor | None], Tensor]
+    sample: Callable[[int, int, torch.Generator, Tensor | list[str] | None], Tensor]
     num_classes: int | None = None
     ema: bool | None = None
     max_steps: int | None = None  # an LCMScheduler sampler's limit (its training grid); None: any
+    text_network: str | None = None  # the class of a text-conditional network: sample() takes prompts
+    guidance: float | None = None  # text models: the guidance scale g they are sampled at (1: none)
+    guidance_input: bool = False  # an LCM student embedding w = g - 1 (its g is --student-guidance)
+
+    @property
+    def what(self) -> str:
+        """The model as errors name it."""
+        return f"teacher {self.source!r}" if self.kind == "teacher" else f"student {self.name!r} ({self.source})"
+
+
+@dataclass(frozen=True)
+class Prompts:
+    """The prompt list of a text-to-image evaluation; image i is drawn with prompt i % P.
+
+    ``sha256`` (of the list as a UTF-8 JSON array, so no separator is ambiguous) and the count go into the
+    protocol and the teacher cells' cache key (:func:`~lightning_distill.teacher_features.text_conditioning`).
+
+    Example::
+
+        >>> p = Prompts(("a cat", "a dog"), "file prompts.txt")
+        >>> p.for_images(torch.arange(3))
+        ['a cat', 'a dog', 'a cat']
+    """
+
+    texts: tuple[str, ...]
+    source: str
+
+    def __post_init__(self) -> None:
+        if not self.texts:
+            raise ConfigError(f"no prompts in {self.source}: a text-to-image evaluation needs at least one")
+
+    def __len__(self) -> int:
+        return len(self.texts)
+
+    @property
+    def sha256(self) -> str:
+        return hashlib.sha256(json.dumps(list(self.texts), ensure_ascii=False).encode("utf-8")).hexdigest()
+
+    def for_images(self, index: Tensor) -> list[str]:
+        """The prompts of images ``index``: prompt i % P for image i (``generated_features`` hands out i % P
+        already, which this leaves as it is)."""
+        return [self.texts[int(i) % len(self.texts)] for i in index]
+
+    def protocol(self) -> dict:
+        return {"source": self.source, "count": len(self), "sha256": self.sha256}
+
+
+def read_prompt_file(path: str | os.PathLike) -> Prompts:
+    """``--prompts FILE``: one prompt per line, UTF-8; surrounding whitespace stripped, blank lines ignored."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"prompt file {str(path)!r} does not exist; --prompts takes FILE or 'captions'")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"prompt file {str(path)!r} is not UTF-8 ({err.reason} at byte {err.start})") from None
+    return Prompts(tuple(line.strip() for line in text.splitlines() if line.strip()), f"file {path}")
+
+
+def resolve_prompts(prompts: str | os.PathLike | Sequence[str] | Prompts | None, data: str) -> Prompts | str | None:
+    """``evaluate_models``' ``prompts``: a :class:`Prompts`, ``"captions"`` (checked here, read with the
+    reference set), or None. A sequence of strings is taken as the list itself."""
+    if prompts is None or isinstance(prompts, Prompts):
+        return prompts
+    if isinstance(prompts, (str, os.PathLike)):
+        if str(prompts) != "captions":
+            return read_prompt_file(prompts)
+        folder = None if data == "digits" else Path(data).expanduser()
+        if folder is None or not any((folder / n).is_file() for n in ("metadata.jsonl", "prompts.txt")):
+            raise ConfigError(
+                f"--prompts captions reads the captions of the reference images: --data must be an image folder "
+                f"with metadata.jsonl (or prompts.txt); data is {data!r}"
+            )
+        return "captions"
+    return Prompts(tuple(str(p) for p in prompts), "the given list")
 
 
 # --- loading models ------------------------------------------------------------------------------
@@ -148,27 +246,33 @@ def load_checkpoint_model(
     return model.eval(), used_ema
 
 
-#: The denoisers evaluate samples: unconditional or class-conditional (labels i % num_classes). It has no
-#: prompts to give a text-to-image network (UNet2DConditionModel, SD3Transformer2DModel, ...).
-UNPROMPTED_DENOISERS = ("UNet2DModel", "DiTTransformer2DModel")
+def check_text_inputs(sampler: Sampler, prompts) -> None:
+    """A text-to-image model without prompts (or an LCM student with a guidance input without its g): a one-line
+    ConfigError as it loads, before the reference features and any other model's cells.
 
-
-def check_unprompted(what: str, net: nn.Module) -> None:
-    """Refuse a text-conditional network as it loads: evaluation has no prompts to condition it on.
-
-    ``metrics.scheduler_sample`` refuses one too, but only when its first cell is drawn, after the reference
-    features and every earlier model's cells; and a text student's checkpoint never reached it: its
-    ``sample()`` drew every image from one ``sample_prompt``, scored while its export was refused.
+    The guidance scale has no default: an exported folder records none (its pipeline's own default, 8.5, would
+    score an arbitrary w), and it is part of the protocol.
     """
-    if backbones.is_text_conditional(net):
+    if sampler.text_network is None:
+        return
+    if prompts is None:
         raise ConfigError(
-            f"{what} is text-conditional ({type(net).__name__}): evaluate has no prompts to condition it on; "
-            f"it scores unconditional or class-conditional denoisers ({', '.join(UNPROMPTED_DENOISERS)})"
+            f"{sampler.what} is text-conditional ({sampler.text_network}): evaluate needs prompts to condition it "
+            f"on: pass {PROMPT_OPTIONS}"
         )
+    if sampler.guidance_input and sampler.guidance is None:
+        raise ConfigError(f"{sampler.what} takes a guidance input (LCM's w embedding, w = g - 1): pass --student-guidance g")
 
 
-def load_sampler(name: str, spec: str | os.PathLike, teacher: DiffusionTeacher | None, device: torch.device) -> Sampler:
-    """A checkpoint (file) or an exported diffusers pipeline (folder) as a :class:`Sampler`."""
+def load_sampler(
+    name: str, spec: str | os.PathLike, teacher: DiffusionTeacher | None, device: torch.device,
+    student_guidance: float | None = None,
+) -> Sampler:
+    """A checkpoint (file) or an exported diffusers pipeline (folder) as a :class:`Sampler`.
+
+    Text-to-image students sample prompts (module docstring); ``student_guidance`` is the g of those with a
+    guidance input (LCM), the others are sampled at guidance 1, as exported.
+    """
     p = Path(spec).expanduser()
     vae = teacher.vae if teacher is not None and teacher.is_latent else None
     if p.is_file():
@@ -176,21 +280,32 @@ def load_sampler(name: str, spec: str | os.PathLike, teacher: DiffusionTeacher |
         if not hasattr(model, "sample"):
             raise ValueError(f"{type(model).__name__} from {p} has no sample() method")
         den = getattr(model, "student", None)
-        if getattr(den, "unet", None) is not None:
-            check_unprompted(f"student {name!r} ({p})", den.unet)
         model.to(device)
+        mvae = getattr(getattr(model, "teacher", None), "vae", None) or vae
+        limit = model.max_sample_steps() if hasattr(model, "max_sample_steps") else None
+        if den is not None and backbones.is_text_conditional(den.unet):
+            if "prompts" not in inspect.signature(model.sample).parameters:
+                raise ConfigError(f"student {name!r} ({p}): {type(model).__name__}.sample() takes no prompts, so it "
+                                  "cannot be evaluated as a text-to-image model")
+            guided = getattr(model, "guidance_embedding", False)  # LCM's w input (check_text_inputs wants its g)
+            kw = {"guidance_scale": student_guidance} if guided else {}
+
+            def sample(n, steps, g, prompts):
+                return decode_latents(model.sample(n, steps, g, denoiser=den, prompts=list(prompts), **kw), mvae)
+
+            return Sampler(name, "checkpoint", str(p), sample, None, used_ema, limit, type(den.unet).__name__,
+                           student_guidance if guided else 1.0, guided)
         # classes read through the backbone adapter: UNet num_class_embeds, DiT num_embeds_ada_norm
         ncls = backbones.num_classes(den.unet) if getattr(model, "is_class_conditional", False) else None
-        mvae = getattr(getattr(model, "teacher", None), "vae", None) or vae
 
         def sample(n, steps, g, labels):
             return decode_latents(model.sample(n, steps, g, labels=labels, denoiser=den), mvae)
 
-        limit = model.max_sample_steps() if hasattr(model, "max_sample_steps") else None
         return Sampler(name, "checkpoint", str(p), sample, ncls, used_ema, limit)
     if p.is_dir():
-        net, sched, pvae = load_pipeline_folder(p)
-        check_unprompted(f"student {name!r} ({p})", net)
+        pipe, net, sched, pvae = read_pipeline_folder(p)
+        if backbones.is_text_conditional(net):
+            return text_pipeline_sampler(name, p, pipe, net, device, student_guidance)
         net = net.to(device)
         pvae = pvae or vae
         ncls = backbones.num_classes(net)
@@ -202,24 +317,55 @@ def load_sampler(name: str, spec: str | os.PathLike, teacher: DiffusionTeacher |
     raise FileNotFoundError(f"student {name!r}: {str(spec)!r} is neither a checkpoint file nor a pipeline folder")
 
 
-def load_pipeline_folder(path: str | os.PathLike):
-    """(denoiser, scheduler, vae or None) of an exported pipeline folder, as a user loads it.
+def text_pipeline_sampler(name: str, path: Path, pipe, net: nn.Module, device: torch.device,
+                          student_guidance: float | None) -> Sampler:
+    """An exported text-to-image folder, sampled with the stock pipeline it was saved as (:data:`TEXT_PIPELINES`)
+    through :func:`~lightning_distill.metrics.pipeline_sample`; its latents decoded by its own VAE."""
+    what = f"student {name!r} ({path})"
+    kind = type(pipe).__name__ if pipe is not None else "no stock pipeline"
+    if kind not in TEXT_PIPELINES:
+        raise ConfigError(f"{what} is text-conditional ({type(net).__name__}) but saved as {kind}: evaluate samples "
+                          f"exported text-to-image students with {', '.join(TEXT_PIPELINES)}")
+    # LatentConsistencyModelPipeline embeds w = g - 1 (no CFG; check_text_inputs wants its g); the others are
+    # students of the plain conditional sampler, called with guidance_scale=1 as export documents
+    guided = kind == "LatentConsistencyModelPipeline"
+    g = student_guidance if guided else 1.0
+    pipe = pipe.to(device)
+    pipe.set_progress_bar_config(disable=True)
+
+    def sample(n, steps, gen, prompts):
+        return decode_latents(pipeline_sample(pipe, list(prompts), steps, gen, g), pipe.vae)
+
+    return Sampler(name, "pipeline", str(path), sample, None, None, lcm_step_limit(pipe.scheduler),
+                   type(net).__name__, g, guided)
+
+
+def read_pipeline_folder(path: str | os.PathLike):
+    """(pipeline or None, denoiser, scheduler, vae or None) of an exported pipeline folder, as a user loads it.
 
     ``DiffusionPipeline.from_pretrained`` reads the folder (a UNet's ``DDPMPipeline``, a latent DiT's
-    ``DiTPipeline``, a pixel DiT's ``DDPMPipeline`` folder holding the transformer); the denoiser is its
-    ``unet`` or ``transformer``. A folder no stock pipeline loads (a pixel-space DiT laid out as
-    ``DiTPipeline`` without ``vae/``, as DiT teacher folders are) is read component by component:
+    ``DiTPipeline``, a pixel DiT's ``DDPMPipeline`` folder holding the transformer, the text-to-image
+    pipelines); the denoiser is its ``unet`` or ``transformer``. A folder no stock pipeline loads (a pixel-space
+    DiT laid out as ``DiTPipeline`` without ``vae/``, as DiT teacher folders are) is read component by component:
     ``unet/`` or ``transformer/`` (a class :mod:`~lightning_distill.backbones` supports), ``scheduler/``
-    and an optional ``vae/``.
+    and an optional ``vae/``; its pipeline is then None.
+
+    Components ``model_index.json`` records as absent (``[null, null]``: an SD3 export's T5, an SD export's safety
+    checker) are passed as None, as the export tells users to load them (``text_encoder_3=None, tokenizer_3=None``).
     """
     import diffusers
 
     path = Path(path)
     try:
-        pipe = diffusers.DiffusionPipeline.from_pretrained(path, low_cpu_mem_usage=low_cpu_mem_usage())
+        index = json.loads((path / "model_index.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        index = {}
+    absent = {k: None for k, v in index.items() if isinstance(v, list) and v == [None, None]}
+    try:
+        pipe = diffusers.DiffusionPipeline.from_pretrained(path, low_cpu_mem_usage=low_cpu_mem_usage(), **absent)
     except (ValueError, TypeError, OSError) as err:
         try:
-            return _load_pipeline_components(path)
+            return (None, *_load_pipeline_components(path))
         except Exception:
             raise err from None
     net = getattr(pipe, "unet", None)
@@ -227,7 +373,12 @@ def load_pipeline_folder(path: str | os.PathLike):
         net = getattr(pipe, "transformer", None)
     if net is None:
         raise ValueError(f"pipeline folder {path} ({type(pipe).__name__}) has no unet or transformer to sample")
-    return net, pipe.scheduler, getattr(pipe, "vae", None)
+    return pipe, net, pipe.scheduler, getattr(pipe, "vae", None)
+
+
+def load_pipeline_folder(path: str | os.PathLike):
+    """(denoiser, scheduler, vae or None) of an exported pipeline folder (:func:`read_pipeline_folder`)."""
+    return read_pipeline_folder(path)[1:]
 
 
 def _load_pipeline_components(path: Path):
@@ -251,8 +402,18 @@ def _load_pipeline_components(path: Path):
     return net, sched, vae
 
 
-def teacher_sampler(teacher: DiffusionTeacher, name: str = "teacher") -> Sampler:
-    check_unprompted(f"teacher {str(teacher.source)!r}", teacher.unet)
+def teacher_sampler(teacher: DiffusionTeacher, name: str = "teacher", guidance_scale: float = 1.0) -> Sampler:
+    """The teacher with :data:`TEACHER_SAMPLER`; a text-to-image teacher from prompts, guided at ``guidance_scale``
+    (:func:`~lightning_distill.metrics.sample_text_teacher`)."""
+    if backbones.is_text_conditional(teacher.unet):
+        if not teacher.is_text_conditional:
+            raise ConfigError(f"teacher {str(teacher.source)!r} is text-conditional ({type(teacher.unet).__name__}) "
+                              "but has no text_encoder/ and tokenizer/ to encode prompts with")
+        return Sampler(
+            name, "teacher", str(teacher.source),
+            lambda n, steps, g, prompts: sample_text_teacher(teacher, list(prompts), steps, g, guidance_scale),
+            text_network=type(teacher.unet).__name__, guidance=float(guidance_scale),
+        )
     return Sampler(
         name, "teacher", str(teacher.source), lambda n, steps, g, labels: sample_teacher(teacher, n, steps, g, labels),
         teacher.num_classes,
@@ -263,18 +424,33 @@ def teacher_sampler(teacher: DiffusionTeacher, name: str = "teacher") -> Sampler
 
 
 def reference_images(data: str, image_size: int, reference: str, split_seed: int, val_fraction: float, channels: int | None):
+    """(reference images, held-out images or None) in [-1, 1]: :func:`reference_set` without captions."""
+    return reference_set(data, image_size, reference, split_seed, val_fraction, channels)[:2]
+
+
+def reference_set(
+    data: str, image_size: int, reference: str, split_seed: int, val_fraction: float, channels: int | None,
+    captions: bool = False,
+) -> tuple[Tensor, Tensor | None, Prompts | None]:
+    """The reference images, the held-out ones (``reference="train"``: the val split; else None) and, with
+    ``captions``, the reference images' captions in the same order (``--prompts captions``), read by
+    ``TeacherDataModule.prompts`` from the folder's ``metadata.jsonl`` / ``prompts.txt``."""
     from .data import TeacherDataModule
 
     dm = TeacherDataModule(teacher=None, data=data, image_size=image_size, channels=channels,
                            split_seed=split_seed, val_fraction=val_fraction)
     dm.setup("fit")
-    if reference == "train":
-        return dm.train_images(), dm.val_images()
-    if reference == "val":
-        return dm.val_images(), None
-    if reference == "all":
-        return torch.cat([dm.train_images(), dm.val_images()]), None
-    raise ValueError(f"reference must be 'train', 'val' or 'all', got {reference!r}")
+    if reference not in ("train", "val", "all"):
+        raise ValueError(f"reference must be 'train', 'val' or 'all', got {reference!r}")
+    train, val = list(dm.image_train_set.indices), list(dm.image_val_set.indices)
+    index = {"train": train, "val": val, "all": train + val}[reference]  # rows of the folder, in load order
+    ref = dm.pixels[index]
+    heldout = dm.pixels[val] if reference == "train" else None
+    text = None
+    if captions:  # one caption per image of the folder, in load order; the labels only fill a {label} prompt
+        every = dm.prompts(torch.zeros(len(dm.pixels), dtype=torch.long))
+        text = Prompts(tuple(every[i] for i in index), f"captions of the {data} {reference} split")
+    return ref, heldout, text
 
 
 def evaluate_models(
@@ -304,6 +480,9 @@ def evaluate_models(
     teacher_cache: bool = True,
     teacher_cache_out: str | os.PathLike | None = None,
     student_steps: dict[str, Sequence[int]] | None = None,
+    prompts: str | os.PathLike | Sequence[str] | Prompts | None = None,
+    guidance_scale: float = 1.0,
+    student_guidance: float | None = None,
 ) -> list[dict]:
     """FD / KID of the teacher (at ``teacher_steps``) and each student (at ``steps``); one dict per row.
 
@@ -315,6 +494,10 @@ def evaluate_models(
     write the ones they compute to ``cache_dir`` and to ``teacher_cache_out`` when given.
     ``student_steps`` gives the students it names their own step counts instead of ``steps`` (a 1-step
     generator need not be scored at 4).
+
+    Text-to-image models (module docstring): ``prompts`` is a prompt file, ``"captions"`` (the reference
+    images' captions) or the list itself; ``guidance_scale`` the teacher's classifier-free guidance (1: none);
+    ``student_guidance`` the g of LCM students with a guidance input.
 
     Example::
 
@@ -328,6 +511,10 @@ def evaluate_models(
     check_kid_settings(kid_subsets, kid_subset_size)
     if teacher is not None and teacher_steps and "teacher" in (students or {}):
         raise ConfigError("a student is named 'teacher', the teacher's own row: rename it (its rows would merge)")
+    for flag, g in (("--guidance-scale", guidance_scale), ("--student-guidance", student_guidance)):
+        if g is not None and not g >= 1:
+            raise ConfigError(f"{flag} must be >= 1 (the pipelines' convention, 1: no guidance), got {g}")
+    prompts = resolve_prompts(prompts, data)  # a prompt file is read (and refused) before any model loads
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if isinstance(teacher, (str, os.PathLike)):
         teacher = load_teacher(teacher)
@@ -341,9 +528,11 @@ def evaluate_models(
     # fails at once instead of after minutes of reference feature extraction
     models: list[tuple[Sampler, Sequence[int]]] = []
     if teacher is not None and teacher_steps:
-        models.append((teacher_sampler(teacher), list(teacher_steps)))
+        models.append((teacher_sampler(teacher, guidance_scale=guidance_scale), list(teacher_steps)))
+        check_text_inputs(models[-1][0], prompts)
     for name, spec in (students or {}).items():
-        sampler = load_sampler(name, spec, teacher, device)
+        sampler = load_sampler(name, spec, teacher, device, student_guidance)
+        check_text_inputs(sampler, prompts)
         own = list((student_steps or {}).get(name, steps))
         ok = [s for s in own if sampler.max_steps is None or s <= sampler.max_steps]
         if not ok:
@@ -352,10 +541,13 @@ def evaluate_models(
             log(f"{name}: samples with at most {sampler.max_steps} steps (its training grid); "
                 f"skipping steps {[s for s in own if s not in ok]}")
         models.append((sampler, ok))
+    check_text_options([s for s, _ in models], prompts, guidance_scale, student_guidance)
     kwargs = {"feature_extractor_weights_path": feature_extractor_weights_path} if feature_extractor_weights_path else {}
     net = get_feature_net(feature_net, **kwargs).to(device)
     feat_name = feature_net_name(net)
-    ref_images, heldout = reference_images(data, image_size, reference, split_seed, val_fraction, channels)
+    ref_images, heldout, captions = reference_set(data, image_size, reference, split_seed, val_fraction, channels,
+                                                  captions=prompts == "captions")
+    prompts = captions or prompts
     ref = reference_stats(ref_images, net, cache_dir, device=device)
     ref_desc = f"{data} {reference} split (split_seed={split_seed}, val_fraction={val_fraction}, {ref.num_images} images, {image_size}x{image_size})"
     log(f"reference: {ref_desc}; feature net {feat_name}; {'cached' if ref.from_cache else 'computed'} stats {ref.key}")
@@ -363,6 +555,11 @@ def evaluate_models(
     rows: list[dict] = []
     grids: dict[str, dict[int, Tensor]] = {}
     protocol = dict(num_samples=num_samples, seed=seed, feature_net=feat_name, reference=ref_desc, num_reference=ref.num_images)
+    text = {}  # the text-to-image protocol (results.md, protocol.json); empty otherwise, so other reports stay as they were
+    if prompts is not None:
+        text = {"prompts": prompts.protocol(), "guidance_scale": float(guidance_scale), "student_guidance": student_guidance}
+        log(f"prompts: {len(prompts)} from {prompts.source} (sha256 {prompts.sha256[:12]}); image i gets prompt i % "
+            f"{len(prompts)}; teacher guidance scale {guidance_scale}")
     if real_baseline and heldout is not None and heldout.shape[0] >= 2:
         s = score_features(extract_features(net, heldout, device=device), ref, True, kid_subsets, kid_subset_size, seed)
         rows.append(dict(model="real held-out (val split)", kind="data", steps=0, fd=s.fd, kid=s.kid, kid_std=s.kid_std,
@@ -372,12 +569,16 @@ def evaluate_models(
     for sampler, step_list in models:
         grids[sampler.name] = {}
         for st in step_list:
-            compute = lambda st=st: sample_cell(sampler, st, net, num_samples, seed, chunk_size, grid_size, device)
+            compute = lambda st=st: sample_cell(sampler, st, net, num_samples, seed, chunk_size, grid_size, device,
+                                                prompts)
             if sampler.kind == "teacher":
                 digest = digest or teacher_features.teacher_digest(teacher, net, device)
+                conditioning = None
+                if sampler.text_network is not None:  # another prompt list or scale: another entry
+                    conditioning = teacher_features.text_conditioning(prompts.sha256, len(prompts), sampler.guidance)
                 feats, grid, path = teacher_features.cached_cell(
                     teacher, digest, st, num_samples, seed, chunk_size, compute, cache_dir, teacher_cache,
-                    teacher_cache_out,
+                    teacher_cache_out, conditioning,
                 )
                 if path is not None:
                     cached_from[st] = path
@@ -395,8 +596,28 @@ def evaluate_models(
         kid = {"kid_subsets": kid_subsets, "kid_subset_size": kid_subset_size, "kid_subset_size_used": used}
         if real_baseline and heldout is not None and heldout.shape[0] >= 2:
             kid["kid_subset_size_used_heldout"] = min(kid_subset_size, int(heldout.shape[0]), ref.num_images)
-        write_report(rows, grids, out_dir, models, {**protocol, **kid, "teacher_features_cached": cached_from}, feat_name)
+        write_report(rows, grids, out_dir, models, {**protocol, **kid, **text, "teacher_features_cached": cached_from},
+                     feat_name)
     return rows
+
+
+def check_text_options(samplers: list[Sampler], prompts, guidance_scale: float, student_guidance: float | None) -> None:
+    """Prompts or guidance scales given where no model takes them: one-line ConfigErrors (they would be
+    silently ignored, and a report stating them would be wrong)."""
+    text = [s for s in samplers if s.text_network is not None]
+    if prompts is not None and not text:
+        source = "--prompts captions" if prompts == "captions" else f"--prompts ({prompts.source})"
+        raise ConfigError(
+            f"{source} given, but no model here is text-conditional ({', '.join(s.what for s in samplers) or 'none'}): "
+            "prompts condition text-to-image models (UNet2DConditionModel, SD3Transformer2DModel) only"
+        )
+    if guidance_scale != 1 and not any(s.kind == "teacher" for s in text):
+        raise ConfigError(f"--guidance-scale {guidance_scale} guides a text-to-image teacher, and there is none here")
+    if student_guidance is not None and not any(s.guidance_input for s in samplers):
+        raise ConfigError(
+            f"--student-guidance {student_guidance} is the g of LCM students with a guidance input "
+            "(LatentConsistencyModelPipeline folders, their checkpoints), and there is none here"
+        )
 
 
 def kid_sizes(protocol: dict) -> str:
@@ -408,18 +629,28 @@ def kid_sizes(protocol: dict) -> str:
     return text + (f"; the held-out row: {heldout}" if heldout is not None and heldout != used else "")
 
 
-def sample_cell(sampler, steps: int, net, num_samples: int, seed: int, chunk_size: int, grid_size: int, device):
+def sample_cell(sampler, steps: int, net, num_samples: int, seed: int, chunk_size: int, grid_size: int, device,
+                prompts: Prompts | None = None):
     """Features of ``num_samples`` images the sampler draws at ``steps`` (the protocol's chunks and seeds),
-    and the first ``grid_size`` images for the sample grid."""
+    and the first ``grid_size`` images for the sample grid.
+
+    A text-to-image sampler draws image i with prompt i % P: ``generated_features`` hands out the indices
+    i % P as it hands out class labels, from the image's own index, so the prompts (like the noise) do not
+    depend on how the images are split into chunks or over ranks.
+    """
     first: list[Tensor] = []
+    text = sampler.text_network is not None
+    if text and prompts is None:
+        raise ConfigError(f"{sampler.what} is text-conditional: its cells need prompts")
 
     def fn(n, g, labels):
-        x = sampler.sample(n, steps, g, labels)
+        x = sampler.sample(n, steps, g, prompts.for_images(labels) if text else labels)
         if not first:
             first.append(x[:grid_size].float().cpu())
         return x
 
-    return generated_features(fn, net, num_samples, seed, chunk_size, sampler.num_classes, device=device), first[0]
+    classes = len(prompts) if text else sampler.num_classes
+    return generated_features(fn, net, num_samples, seed, chunk_size, classes, device=device), first[0]
 
 
 # --- report files --------------------------------------------------------------------------------
@@ -449,6 +680,7 @@ def write_report(rows: list[dict], grids: dict, out_dir, models, protocol: dict,
         "`sample()` with EMA weights when stored; pipeline: its scheduler)",
         f"- KID: unbiased polynomial-kernel MMD^2 (x 1e3 below), mean over {protocol.get('kid_subsets', 100)} subsets "
         f"of {kid_sizes(protocol)}",
+        *text_protocol_lines(protocol),
         "",
     ]
     for metric, scale, title in (("fd", 1.0, "FD"), ("kid", 1e3, "KID x 1e3")):
@@ -468,6 +700,7 @@ def write_report(rows: list[dict], grids: dict, out_dir, models, protocol: dict,
                   "sampler, protocol and library versions; `--no-teacher-cache` samples them again)", ""]
     lines += ["Models:", ""] + [
         f"- {s.name}: {s.kind} `{s.source}`" + (f" (EMA weights: {'yes' if s.ema else 'no'})" if s.ema is not None else "")
+        + (f"; text-to-image ({s.text_network}), guidance scale {s.guidance:g}" if s.text_network is not None else "")
         for s, _ in models
     ] + [""]
     (out / "results.md").write_text("\n".join(lines))
@@ -475,6 +708,21 @@ def write_report(rows: list[dict], grids: dict, out_dir, models, protocol: dict,
     plot_fd_vs_steps(rows, out / "fd_vs_steps.png", feat_name, protocol["num_samples"])
     save_grids(grids, out)
     return out
+
+
+def text_protocol_lines(protocol: dict) -> list[str]:
+    """results.md's lines on the prompts and guidance of a text-to-image evaluation; none for other reports."""
+    if "prompts" not in protocol:
+        return []
+    p, g, sg = protocol["prompts"], protocol["guidance_scale"], protocol.get("student_guidance")
+    return [
+        f"- Prompts: {p['count']} from {p['source']} (sha256 of the list as a UTF-8 JSON array: `{p['sha256']}`); "
+        f"image i is drawn with prompt i % {p['count']} by every model",
+        f"- Teacher guidance: classifier-free, scale {g:g} (the empty prompt as the unconditional one; 1 = no guidance); "
+        "students: sampled as exported, guidance scale 1 (pipeline folders: the stock pipeline they were saved as, "
+        "on the same latents; checkpoints: `sample(..., prompts=...)`)"
+        + (f"; LCM students with a guidance input: g = {sg:g} (w = {sg - 1:g})" if sg is not None else ""),
+    ]
 
 
 def style_fd_axes(ax, feat_name: str, title: str, log_y: bool) -> None:
@@ -528,117 +776,6 @@ def save_grids(grids: dict[str, dict[int, Tensor]], out: Path) -> None:
 # --- sanity checks of the metric itself ----------------------------------------------------------
 
 
-def fd_checks(
-    out_path: str | os.PathLike,
-    feature_net: str | nn.Module = "digits",
-    image_size: int = 16,
-    model: str | os.PathLike | None = None,
-    model_steps: int = 4,
-    num_samples: int = 500,
-    splits: int = 5,
-    noise_levels: Sequence[float] = (0.0, 0.025, 0.05, 0.1, 0.2, 0.4, 0.8),
-    device: str | None = None,
-) -> dict:
-    """Measure the metric's noise floor, its response to noise, and its determinism; write markdown.
-
-    * noise floor: FD / KID between two random disjoint halves of all digits (``splits`` splits);
-    * monotonicity: FD of half B plus Gaussian noise of std ``sigma`` (in [-1, 1] units) against half A,
-      and of half A plus noise against half A itself (the noise's effect without the split's);
-    * determinism: ``model`` (a ``.ckpt`` file, or a teacher source sampled with DDIM) sampled twice with seed 0 and
-      once with seed 1 through the report's own sampling path.
-    """
-    from .data import load_digits_tensor
-
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    net = get_feature_net(feature_net).to(device)
-    name = feature_net_name(net)
-    images = load_digits_tensor(image_size)[0]
-    n = images.shape[0]
-    floor = []
-    for k in range(splits):
-        perm = torch.randperm(n, generator=torch.Generator().manual_seed(k))
-        a, b = images[perm[: n // 2]], images[perm[n // 2 :]]
-        fa, fb = extract_features(net, a, device=device), extract_features(net, b, device=device)
-        kid, _ = kernel_distance(fa, fb, 100, 1000, generator=torch.Generator().manual_seed(0))
-        floor.append((fd_from_features(fa, fb), kid))
-    perm = torch.randperm(n, generator=torch.Generator().manual_seed(0))
-    a, b = images[perm[: n // 2]], images[perm[n // 2 :]]
-    fa = extract_features(net, a, device=device)
-    noise = torch.randn(b.shape, generator=torch.Generator().manual_seed(1))
-
-    noise_a = torch.randn(a.shape, generator=torch.Generator().manual_seed(2))
-    mono = []
-    for sigma in noise_levels:
-        fb = extract_features(net, b + sigma * noise, device=device)
-        fa_noisy = extract_features(net, a + sigma * noise_a, device=device)
-        kid, _ = kernel_distance(fa, fb, 100, 1000, generator=torch.Generator().manual_seed(0))
-        mono.append((sigma, fd_from_features(fa, fb), kid, fd_from_features(fa, fa_noisy)))
-    fds = [m[1] for m in mono]
-    fds_same = [m[3] for m in mono]
-    det = []
-    if model is not None:
-        # A checkpoint file goes through the student path; anything else is a teacher source (DDIM).
-        if Path(model).is_file():
-            sampler = load_sampler("model", model, None, device)
-        else:
-            sampler = teacher_sampler(load_teacher(str(model)).to(device))
-        refstats = ReferenceStats(*gaussian_stats(fa), fa, "half-A", name)
-        for seed in (0, 0, 1):
-            f = generated_features(lambda m, g, lab: sampler.sample(m, model_steps, g, lab), net, num_samples, seed, device=device)
-            sc = score_features(f, refstats, True, 100, 1000, seed)
-            det.append((seed, sc.fd, sc.kid))
-    lines = [
-        f"# FD-{name.split('-')[0]} checks: noise floor, monotonicity, determinism",
-        "",
-        f"Feature network: **{name}** ({getattr(net, 'num_features', '?')}-d penultimate features of the bundled "
-        f"digits classifier when `digits`). Data: all {n} scikit-learn digits at {image_size}x{image_size}, [-1, 1].",
-        f"Feature scale: features multiplied by {getattr(net, 'feature_scale', 1.0):.4g} so that training images "
-        "have unit mean variance per feature dimension (trace of their feature covariance = num_features).",
-        f"Command: `python -m lightning_distill.evaluate --fd-checks --out <dir>"
-        + (f" --fd-checks-model {model} --fd-checks-steps {model_steps} --num-samples {num_samples}`" if model else "`"),
-        "",
-        f"## Noise floor: real vs real, two random disjoint halves ({n // 2} vs {n - n // 2} images)",
-        "",
-        "| split seed | FD | KID x 1e3 |",
-        "|---|---|---|",
-        *[f"| {k} | {fd:.4f} | {kid * 1e3:.4f} |" for k, (fd, kid) in enumerate(floor)],
-        f"| mean ± std | {torch.tensor([f for f, _ in floor]).mean():.4f} ± {torch.tensor([f for f, _ in floor]).std():.4f} "
-        f"| {torch.tensor([k for _, k in floor]).mean() * 1e3:.4f} ± {torch.tensor([k for _, k in floor]).std() * 1e3:.4f} |",
-        "",
-        "FD below this floor is not a difference; it also sets the scale of 'good' (FD is biased upwards at",
-        "small sample counts, so the floor for 2000 generated vs 1617 reference images is at most about this).",
-        "",
-        "## Monotonicity: half B + Gaussian noise (std sigma, [-1, 1] units, clamped) vs half A",
-        "",
-        "| sigma | FD (B + noise vs A) | KID x 1e3 (B + noise vs A) | FD (A + noise vs A) |",
-        "|---|---|---|---|",
-        *[f"| {s} | {fd:.4f} | {kid * 1e3:.4f} | {fds_:.4f} |" for s, fd, kid, fds_ in mono],
-        "",
-        f"Monotonic increasing, B + noise vs A: **{all(x < y for x, y in zip(fds, fds[1:]))}**; "
-        f"A + noise vs A: **{all(x < y for x, y in zip(fds_same, fds_same[1:]))}**.",
-        "(Against the other half, noise below the noise floor can move FD either way by split noise.)",
-        "",
-    ]
-    if det:
-        lines += [
-            f"## Determinism: `{model}` at {model_steps} steps, {num_samples} samples, vs half A",
-            "",
-            "| run | seed | FD | KID x 1e3 |",
-            "|---|---|---|---|",
-            *[f"| {i + 1} | {sd} | {fd!r} | {kid * 1e3!r} |" for i, (sd, fd, kid) in enumerate(det)],
-            "",
-            f"Same seed, same number: **{det[0][1] == det[1][1] and det[0][2] == det[1][2]}** (bit-identical); "
-            f"another seed differs: **{det[0][1] != det[2][1]}**.",
-            "",
-        ]
-    Path(out_path).parent.mkdir(parents=True, exist_ok=True)
-    Path(out_path).write_text("\n".join(lines))
-    return {"floor": floor, "monotonic": mono, "determinism": det}
-
-
-# --- command line --------------------------------------------------------------------------------
-
-
 def _student(arg: str) -> tuple[str, str]:
     name, sep, path = arg.partition("=")
     if not sep or not name or not path:
@@ -673,6 +810,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also write the teacher's cell features here (e.g. <teacher folder>/eval_cache to ship them)")
     p.add_argument("--device", default=None)
     p.add_argument("--no-real-baseline", action="store_true")
+    p.add_argument("--prompts", default=None, metavar="FILE|captions",
+                   help="text-to-image models: a prompt file (one per line, UTF-8; blank lines ignored) or 'captions' "
+                        "(the --data folder's metadata.jsonl); image i gets prompt i %% P")
+    p.add_argument("--guidance-scale", type=float, default=1.0,
+                   help="the text-to-image teacher's classifier-free guidance scale ('' as unconditional; 1: none)")
+    p.add_argument("--student-guidance", type=float, default=None,
+                   help="g of LCM students with a guidance input (they embed w = g - 1); other students: 1, as exported")
     p.add_argument("--fd-checks", action="store_true", help="run the metric's own checks instead; writes <out>/fd_checks.md")
     p.add_argument("--fd-checks-model", default=None, help="model sampled twice for the determinism check")
     p.add_argument("--fd-checks-steps", type=int, default=4)
@@ -682,6 +826,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> list[dict]:
     a = build_parser().parse_args(argv)
     if a.fd_checks:
+        from .fd_checks import fd_checks
+
         fd_checks(Path(a.out) / "fd_checks.md", a.feature_net, a.image_size or 16, a.fd_checks_model,
                   a.fd_checks_steps, a.num_samples, device=a.device)
         print((Path(a.out) / "fd_checks.md").read_text())
@@ -710,7 +856,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         chunk_size=a.chunk_size,
         real_baseline=not a.no_real_baseline,
         cache_dir=a.cache_dir, teacher_cache=not a.no_teacher_cache, teacher_cache_out=a.teacher_cache_out,
-        device=a.device,
+        device=a.device, prompts=a.prompts, guidance_scale=a.guidance_scale, student_guidance=a.student_guidance,
     )
     print((Path(a.out) / "results.md").read_text())
     return rows

@@ -443,6 +443,118 @@ def sample_teacher(teacher, n: int, steps: int, generator: torch.Generator | Non
     return decode_latents(scheduler_sample(teacher.unet, sched, n, steps, generator, labels), teacher.vae)
 
 
+class GuidedNetwork:
+    """A denoiser's network under classifier-free guidance as the stock text-to-image pipelines apply it:
+    one batched call on (unconditional, conditional) keywords, then uncond + g (cond - uncond) on the raw output.
+
+    :class:`~lightning_distill.methods.text.GuidedScore` guides the (x0, eps, v) prediction a training loss
+    reads; a sampler's ``scheduler.step`` takes the raw output instead (eps, v or velocity), which is what
+    ``StableDiffusionPipeline`` / ``StableDiffusion3Pipeline`` guide. Both are linear in the output, so they
+    agree up to rounding; this one keeps the pipelines' order of operations. It has the ``network`` call of
+    :class:`~lightning_distill.parametrisation.Denoiser`, so :func:`~lightning_distill.sampling.text_to_image_loop`
+    runs it.
+
+    Args:
+        denoiser: the teacher's denoiser.
+        uncond: the text keywords of the unconditional prompt (batch 1; the pipelines' negative prompt "").
+        guidance_scale: g, the pipelines' convention (g = 1: the conditional network).
+    """
+
+    def __init__(self, denoiser, uncond: dict, guidance_scale: float) -> None:
+        self.denoiser, self.uncond, self.guidance_scale = denoiser, uncond, float(guidance_scale)
+
+    def network(self, x_t: Tensor, model_t: Tensor, **cond) -> Tensor:
+        n = x_t.shape[0]
+        model_t = torch.as_tensor(model_t, device=x_t.device)
+        model_t = model_t.expand(n) if model_t.ndim == 0 else model_t
+        both = {k: torch.cat([self.uncond[k].to(v).expand(n, *v.shape[1:]), v]) for k, v in cond.items()}
+        uncond, text = self.denoiser.network(torch.cat([x_t, x_t]), torch.cat([model_t, model_t]), **both).chunk(2)
+        return uncond + self.guidance_scale * (text - uncond)
+
+
+@torch.no_grad()
+def sample_text_teacher(
+    teacher, prompts: list[str], steps: int, generator: torch.Generator | None = None, guidance_scale: float = 1.0,
+) -> Tensor:
+    """Sample a text-to-image :class:`~lightning_distill.teacher.DiffusionTeacher`: one image per prompt.
+
+    The sampler of :func:`sample_teacher` (DDIM, eta = 0, trailing; flow: Euler on the trailing grid) in the
+    text pipelines' loop (:func:`~lightning_distill.sampling.text_to_image_loop`) with the prompts' keywords
+    (``teacher.encode_prompts``, as the pipelines' ``encode_prompt``) and, for ``guidance_scale`` > 1,
+    classifier-free guidance with the empty prompt as the unconditional one (:class:`GuidedNetwork`). The
+    initial noise is ``randn_tensor`` from ``generator`` in float32, as every evaluated model draws it.
+
+    Returns:
+        (len(prompts), C, H, W) images in [-1, 1] (decoded by the teacher's VAE).
+    """
+    from diffusers.utils.torch_utils import randn_tensor
+
+    from . import backbones
+    from .sampling import at_steps, deterministic_scheduler, text_to_image_loop
+
+    if guidance_scale < 1:
+        raise ConfigError(f"guidance_scale must be >= 1 (1: no guidance, as the pipelines), got {guidance_scale}")
+    den = teacher.denoiser
+    device = next(teacher.unet.parameters()).device
+    sched = deterministic_scheduler(teacher.scheduler_config, den.schedule, den.prediction_type, den.clip_x0)
+    sched = at_steps(sched, steps, den.schedule)
+    sched.set_timesteps(steps, device=device)
+    cond = {k: v.to(device) for k, v in teacher.encode_prompts(list(prompts)).items()}
+    x = randn_tensor((len(prompts), *backbones.sample_shape(teacher.unet)), generator=generator, device=device,
+                     dtype=torch.float32)
+    x = x * getattr(sched, "init_noise_sigma", 1.0)
+    net = den
+    if guidance_scale != 1:
+        net = GuidedNetwork(den, {k: v.to(device) for k, v in teacher.encode_prompts([""]).items()}, guidance_scale)
+    with eval_mode(teacher.unet):
+        x = text_to_image_loop(net, sched, x, generator, **cond)
+    return decode_latents(x, teacher.vae)
+
+
+@torch.no_grad()
+def pipeline_sample(
+    pipe, prompts: list[str], steps: int, generator: torch.Generator | None = None, guidance_scale: float = 1.0,
+) -> Tensor:
+    """A stock text-to-image pipeline (``StableDiffusionPipeline``, ``StableDiffusion3Pipeline``,
+    ``LatentConsistencyModelPipeline``) called as a user calls it, with ``output_type="latent"``: (n, C, h, w) latents.
+
+    * The initial latents are drawn here, ``randn_tensor`` from ``generator`` in float32 (as the teacher and the
+      checkpoints draw theirs), and passed as ``latents``: the values the pipeline draws itself from the same
+      generator, which it then also receives for the scheduler's fresh noise (``LCMScheduler``).
+    * ``StableDiffusion3Pipeline`` calls ``scheduler.step`` without the generator, so a ``FlowMatchLCMScheduler``'s
+      fresh noise would come from torch's global generator: for the call, the global CPU generator holds
+      ``generator``'s state after the latents (what the framework's ``sample()`` draws from; CUDA's global
+      generator is seeded from ``generator``'s seed), and the global state is restored afterwards.
+    * A flow scheduler is rebuilt for ``steps`` by :func:`~lightning_distill.sampling.at_steps` (the trailing grid,
+      as for unconditional flow folders; at an export's own step count it is the exported scheduler).
+
+    ``pipe.vae`` decodes the result (:func:`decode_latents`: the pipelines' own decode, without their clamp to [0, 1]).
+    """
+    from diffusers.utils.torch_utils import randn_tensor
+
+    from . import backbones
+    from .sampling import at_steps
+
+    net = pipe.unet if getattr(pipe, "unet", None) is not None else pipe.transformer
+    device = next(net.parameters()).device
+    latents = randn_tensor((len(prompts), *backbones.sample_shape(net)), generator=generator, device=device,
+                           dtype=torch.float32)
+    scheduler = pipe.scheduler
+    pipe.scheduler = at_steps(scheduler, steps)
+    cuda = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else []
+    try:
+        with torch.random.fork_rng(devices=cuda):
+            if generator is not None and generator.device.type == "cpu":
+                torch.set_rng_state(generator.get_state())
+            if cuda and generator is not None:
+                with torch.cuda.device(cuda[0]):
+                    torch.cuda.manual_seed(generator.initial_seed())
+            return pipe(prompt=list(prompts), num_inference_steps=steps, guidance_scale=guidance_scale, latents=latents,
+                        generator=generator, output_type="latent", return_dict=False)[0].float()
+    finally:
+        pipe.scheduler = scheduler
+
+
 # --- generated feature sets, reproducible across ranks and batch sizes ---------------------------
 
 
@@ -472,7 +584,8 @@ def generated_features(
 
     Chunk c (images c*chunk_size ...) is sampled from ``chunk_seed(seed, c)`` by ``sample_fn(count,
     generator, labels)`` on rank ``c % world_size``; class-conditional models get labels ``i % num_classes``
-    (balanced classes). Every rank calls ``sample_fn`` equally often: a rank without a chunk in the last
+    (balanced classes; a text-to-image evaluation passes the prompt count P, so image i gets prompt i % P,
+    whatever the chunking). Every rank calls ``sample_fn`` equally often: a rank without a chunk in the last
     round draws one image and drops it, since under FSDP2 each network forward is a collective that every
     rank must join (with uneven counts the other ranks would wait forever).
     """
@@ -538,6 +651,9 @@ __all__ = [
     "scheduler_sample",
     "decode_latents",
     "sample_teacher",
+    "GuidedNetwork",
+    "sample_text_teacher",
+    "pipeline_sample",
     "chunk_seed",
     "chunk_bounds",
     "generated_features",

@@ -16,7 +16,9 @@ everything they depend on and reads them from, in order,
 The key covers every weight of the teacher network (and of its VAE), its scheduler config, the sampler, the step count,
 the protocol (samples, seed, chunk size, classes), the feature network's fingerprint, the device type
 and the torch / diffusers versions (a sampler or kernel change in either gives a new key, so a stale
-entry is never read; it is recomputed instead). An entry holds the features and the first sample-grid
+entry is never read; it is recomputed instead); for a text-to-image teacher also its text encoders
+(``text_cache.encoder_key``: settings and weights), the prompts (sha256 of the list, count) and the guidance
+scale, so another prompt set or scale never reuses a cell. An entry holds the features and the first sample-grid
 images, so a report from the cache is the same report. ``teacher_cache=False`` in
 :func:`~lightning_distill.evaluate.evaluate_models` (``--no-teacher-cache``) always samples.
 """
@@ -41,7 +43,9 @@ SHIPPED_DIR = "eval_cache"
 def teacher_digest(teacher, net: nn.Module, device: torch.device | str) -> str:
     """What every cell of one teacher shares: a sha256 over the teacher's (and its VAE's) weights, its
     scheduler and parametrisation, the feature network's fingerprint, the device type and the torch /
-    diffusers versions. Computed once per report; :func:`cell_key` adds the cell's own settings."""
+    diffusers versions; a text-to-image teacher's text encoders too (:func:`~lightning_distill.text_cache.encoder_key`:
+    another encoder gives other embeddings of the same prompts). Computed once per report; :func:`cell_key`
+    adds the cell's own settings."""
     import diffusers
 
     h = hashlib.sha256()
@@ -52,6 +56,10 @@ def teacher_digest(teacher, net: nn.Module, device: torch.device | str) -> str:
         "feature_net": fingerprint(net), "device": torch.device(device).type,
         "torch": ".".join(torch.__version__.split("+")[0].split(".")[:2]), "diffusers": diffusers.__version__,
     }
+    if teacher.is_text_conditional:  # only there, so the keys of unconditional teachers (shipped entries) stay
+        from .text_cache import encoder_key
+
+        meta["text_encoders"] = encoder_key(teacher)
     h.update(json.dumps(meta, sort_keys=True, default=str).encode())
     for name, module in (("unet", teacher.unet), ("vae", teacher.vae)):
         for k, v in (module.state_dict().items() if module is not None else ()):
@@ -60,18 +68,32 @@ def teacher_digest(teacher, net: nn.Module, device: torch.device | str) -> str:
     return h.hexdigest()
 
 
-def cell_key(digest: str, steps: int, num_samples: int, seed: int, chunk_size: int) -> str:
-    """Content key of one teacher cell: ``teacher-<steps>step-n<N>-s<seed>-<sha256 prefix>``."""
-    cell = json.dumps({"steps": int(steps), "num_samples": int(num_samples), "seed": int(seed),
-                       "chunk_size": int(chunk_size)}, sort_keys=True)
+def cell_key(digest: str, steps: int, num_samples: int, seed: int, chunk_size: int,
+             conditioning: dict | None = None) -> str:
+    """Content key of one teacher cell: ``teacher-<steps>step-n<N>-s<seed>-<sha256 prefix>``.
+
+    ``conditioning``: what a text-to-image teacher's cell is drawn with (the prompts' sha256 and count, the
+    guidance scale: :func:`text_conditioning`); None for other teachers, whose keys it leaves as they were.
+    """
+    cell = {"steps": int(steps), "num_samples": int(num_samples), "seed": int(seed), "chunk_size": int(chunk_size)}
+    if conditioning is not None:
+        cell["conditioning"] = conditioning
+    cell = json.dumps(cell, sort_keys=True)
     return f"teacher-{steps}step-n{num_samples}-s{seed}-{hashlib.sha256((digest + cell).encode()).hexdigest()[:20]}"
 
 
+def text_conditioning(prompts_sha256: str, num_prompts: int, guidance_scale: float) -> dict:
+    """The ``conditioning`` of a text-to-image teacher's cells: the prompt list (sha256, count; image i is drawn
+    with prompt i % count) and the classifier-free guidance scale."""
+    return {"prompts_sha256": str(prompts_sha256), "num_prompts": int(num_prompts), "guidance_scale": float(guidance_scale)}
+
+
 def teacher_features_key(
-    teacher, steps: int, num_samples: int, seed: int, chunk_size: int, net: nn.Module, device: torch.device | str
+    teacher, steps: int, num_samples: int, seed: int, chunk_size: int, net: nn.Module, device: torch.device | str,
+    conditioning: dict | None = None,
 ) -> str:
     """:func:`cell_key` of one cell, digest included (one-off lookups; a report computes the digest once)."""
-    return cell_key(teacher_digest(teacher, net, device), steps, num_samples, seed, chunk_size)
+    return cell_key(teacher_digest(teacher, net, device), steps, num_samples, seed, chunk_size, conditioning)
 
 
 def search_dirs(teacher, cache_dir: str | os.PathLike | None) -> list[Path]:
@@ -105,15 +127,16 @@ def save_entry(key: str, features: Tensor, grid: Tensor, directory: str | os.Pat
 def cached_cell(
     teacher, digest: str, steps: int, num_samples: int, seed: int, chunk_size: int,
     compute: Callable[[], tuple[Tensor, Tensor]], cache_dir=None, use_cache: bool = True, cache_out=None,
+    conditioning: dict | None = None,
 ) -> tuple[Tensor, Tensor, str | None]:
     """Features and sample-grid images of one teacher cell, and the entry file they were read from (None
     when computed).
 
     Read from the first entry with the cell's key (:func:`search_dirs`) when ``use_cache``; otherwise
     ``compute()`` samples them and they are written to the user cache (when ``use_cache``). ``cache_out``
-    receives the entry either way.
+    receives the entry either way. ``conditioning``: a text-to-image teacher's prompts and guidance (:func:`cell_key`).
     """
-    key = cell_key(digest, steps, num_samples, seed, chunk_size)
+    key = cell_key(digest, steps, num_samples, seed, chunk_size, conditioning)
     entry = load_entry(key, search_dirs(teacher, cache_dir)) if use_cache else None
     if entry is not None:
         feats, grid, path = entry
@@ -126,5 +149,5 @@ def cached_cell(
     return feats, grid, None if path is None else str(path)
 
 
-__all__ = ["cached_cell", "cell_key", "teacher_digest", "teacher_features_key", "search_dirs", "load_entry",
-           "save_entry", "SHIPPED_DIR"]
+__all__ = ["cached_cell", "cell_key", "text_conditioning", "teacher_digest", "teacher_features_key", "search_dirs",
+           "load_entry", "save_entry", "SHIPPED_DIR"]

@@ -183,6 +183,8 @@ def test_report_end_to_end_checkpoint_pipeline_and_teacher(tmp_path, tiny_teache
     assert "Generated samples per cell: 6, seed 5" in md and "EMA weights: yes" in md
     protocol = json.loads((out / "protocol.json").read_text())
     assert protocol["kid_subsets"] == 3 and protocol["kid_subset_size"] == 4 and protocol["num_samples"] == 6
+    # no text-to-image model: no prompt or guidance entries (the text protocol is tests/test_evaluate_sd.py's)
+    assert not {"prompts", "guidance_scale", "student_guidance"} & set(protocol) and "- Prompts:" not in md
     # the KID settings used, here and in protocol.json: 4 per set (the held-out row, fewer images: its own)
     heldout = next(int(r["num_samples"]) for r in table if r["kind"] == "data")
     assert protocol["kid_subset_size_used"] == 4 and protocol["kid_subset_size_used_heldout"] == min(4, heldout)
