@@ -490,15 +490,14 @@ def sample_text_teacher(
     from diffusers.utils.torch_utils import randn_tensor
 
     from . import backbones
-    from .sampling import at_steps, deterministic_scheduler, text_to_image_loop
+    from .sampling import at_steps, deterministic_scheduler, set_pipeline_steps, text_to_image_loop
 
     if guidance_scale < 1:
         raise ConfigError(f"guidance_scale must be >= 1 (1: no guidance, as the pipelines), got {guidance_scale}")
     den = teacher.denoiser
     device = next(teacher.unet.parameters()).device
     sched = deterministic_scheduler(teacher.scheduler_config, den.schedule, den.prediction_type, den.clip_x0)
-    sched = at_steps(sched, steps, den.schedule)
-    sched.set_timesteps(steps, device=device)
+    sched = set_pipeline_steps(at_steps(sched, steps, den.schedule), steps, den.schedule, device=device)  # Flux: its sigmas
     cond = {k: v.to(device) for k, v in teacher.encode_prompts(list(prompts)).items()}
     x = randn_tensor((len(prompts), *backbones.sample_shape(teacher.unet)), generator=generator, device=device,
                      dtype=torch.float32)

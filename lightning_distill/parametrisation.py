@@ -19,7 +19,9 @@ Notation for VP (diffusers name -> paper name):
 ``"flow_prediction"``          flow velocity u = dx_s/ds = eps - x (diffusers' DPM-Solver name for it)
 =============================  =========================================
 
-SNR = alpha^2 / sigma^2 on both paths.
+SNR = alpha^2 / sigma^2 on both paths. A zero-terminal-SNR VP schedule (``rescale_betas_zero_snr``, Lin et al.
+2023) keeps its exact alpha = 0 at T - 1, as the stock samplers do; the flow path always ends there. At that
+level x0 = (x_t - sigma eps) / alpha is undefined, so :class:`Denoiser` refuses eps-prediction on both.
 
 Methods index noise levels by integer timesteps ``0 .. T-1`` on both paths; ``t = -1`` stands for
 clean data (alpha = 1, sigma = 0), which is where the last DDIM / Euler step lands. On the VP path the
@@ -41,6 +43,7 @@ import torch
 from torch import Tensor, nn
 
 from . import backbones
+from .errors import ConfigError
 
 PredictionType = Literal["epsilon", "sample", "v_prediction", "flow_prediction"]
 PREDICTION_TYPES = ("epsilon", "sample", "v_prediction", "flow_prediction")
@@ -132,6 +135,11 @@ class NoiseSchedule(nn.Module):
     def copy(self) -> "NoiseSchedule":  # pragma: no cover - abstract
         raise NotImplementedError
 
+    @property
+    def zero_terminal_snr(self) -> bool:
+        """alpha = 0 at the last training timestep (pure noise): the flow path, or a VP schedule rescaled to zero SNR."""
+        return float(self._alpha[-1]) == 0.0
+
     # --- continuous time (sCM's TrigFlow, MeanFlow's flow map) ------------------------------------
 
     def at_flow_time(self, lam: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -169,8 +177,12 @@ class VPSchedule(NoiseSchedule):
     def __init__(self, alphas_cumprod: Tensor) -> None:
         super().__init__()
         ac = torch.as_tensor(alphas_cumprod, dtype=torch.float64)
-        if ac.ndim != 1 or not bool(((ac > 0) & (ac <= 1)).all()):
-            raise ValueError("alphas_cumprod must be a 1-D tensor with values in (0, 1]")
+        # The last entry may be exactly 0 (zero terminal SNR: DDIM / DDPM / LCM with rescale_betas_zero_snr).
+        # It stays 0 (alpha = 0, sigma = 1), as those samplers keep it, so sampler and Denoiser agree there.
+        if ac.ndim != 1 or ac.numel() < 1 or not bool((ac[:-1] > 0).all() and ac[-1] >= 0 and (ac <= 1).all()):
+            raise ValueError(
+                "alphas_cumprod must be a 1-D tensor with values in (0, 1] (the last may be 0: zero terminal SNR)"
+            )
         # index 0 holds t = -1 (clean data): alpha_bar = 1.
         padded = torch.cat([torch.ones(1, dtype=torch.float64), ac])
         self.register_buffer("_alphas_cumprod", padded.float(), persistent=False)
@@ -251,6 +263,12 @@ class FlowSchedule(NoiseSchedule):
     Args:
         num_train_timesteps: T.
         shift: the static timestep shift (1: none; SD3 uses 3.0).
+        linspace_sigmas: how the network's stock pipeline sets N sampling steps (read by
+            :func:`~lightning_distill.sampling.set_pipeline_steps`): True, ``set_timesteps(sigmas=linspace(1, 1/N, N),
+            mu=mu)``, i.e. the levels shift(1 - k/N), as ``FluxPipeline`` does; False, ``set_timesteps(N)``, diffusers'
+            shifted grid stretched down to its smallest training level, as ``DDPMPipeline`` and
+            ``StableDiffusion3Pipeline`` do. :meth:`from_scheduler` sets it for a ``use_dynamic_shifting`` config
+            (Flux's); :class:`~lightning_distill.teacher.DiffusionTeacher` from the network's pipeline.
 
     Example::
 
@@ -261,11 +279,12 @@ class FlowSchedule(NoiseSchedule):
     path = "flow"
     velocity_prediction = "flow_prediction"
 
-    def __init__(self, num_train_timesteps: int = 1000, shift: float = 1.0) -> None:
+    def __init__(self, num_train_timesteps: int = 1000, shift: float = 1.0, linspace_sigmas: bool = False) -> None:
         super().__init__()
         if num_train_timesteps < 1 or shift <= 0:
             raise ValueError(f"FlowSchedule needs num_train_timesteps >= 1 and shift > 0, got {num_train_timesteps}, {shift}")
         self.shift = float(shift)
+        self.linspace_sigmas = bool(linspace_sigmas)
         levels = torch.arange(num_train_timesteps + 1, dtype=torch.float64) / num_train_timesteps
         sigma = flow_shift(levels, self.shift)
         self._set_tables(1 - sigma, sigma)
@@ -273,7 +292,8 @@ class FlowSchedule(NoiseSchedule):
 
     @classmethod
     def from_scheduler(cls, scheduler, image_seq_len: int | None = None) -> "FlowSchedule":
-        """Build from a ``FlowMatch*`` scheduler; a dynamically shifting one needs ``image_seq_len``."""
+        """Build from a ``FlowMatch*`` scheduler; a dynamically shifting one needs ``image_seq_len`` and is taken
+        for the Flux family's (``linspace_sigmas``)."""
         cfg = dict(scheduler.config)
         shift = float(cfg.get("shift", 1.0))
         if cfg.get("use_dynamic_shifting"):
@@ -283,10 +303,10 @@ class FlowSchedule(NoiseSchedule):
                     "the image token count is needed to fix its shift"
                 )
             shift = dynamic_shift(image_seq_len, cfg)
-        return cls(int(cfg["num_train_timesteps"]), shift)
+        return cls(int(cfg["num_train_timesteps"]), shift, linspace_sigmas=bool(cfg.get("use_dynamic_shifting")))
 
     def copy(self) -> "FlowSchedule":
-        return FlowSchedule(self.num_train_timesteps, self.shift)
+        return FlowSchedule(self.num_train_timesteps, self.shift, self.linspace_sigmas)
 
     def model_timestep(self, t: Tensor) -> Tensor:
         return self._timestep[self._index(t)]
@@ -363,9 +383,10 @@ def prediction_from_output(
 ) -> Prediction:
     """Turn a network output of type ``kind`` into (x0, eps, v) at noise level (alpha, sigma).
 
-    Valid on any Gaussian path x_t = alpha x0 + sigma eps. The v-prediction inversion
-    (x0 = alpha x_t - sigma v) assumes alpha^2 + sigma^2 = 1 (VP); the flow velocity u = eps - x0
-    inverts as x0 = (x_t - sigma u) / (alpha + sigma), i.e. x0 = x_t - s u on the flow path.
+    Valid on any Gaussian path x_t = alpha x0 + sigma eps. v = alpha eps - sigma x0 inverts as
+    x0 = (alpha x_t - sigma v) / d, eps = (sigma x_t + alpha v) / d with d = alpha^2 + sigma^2 (d = 1 on
+    the VP path, the familiar x0 = alpha x_t - sigma v); the flow velocity u = eps - x0 inverts as
+    x0 = (x_t - sigma u) / (alpha + sigma), i.e. x0 = x_t - s u on the flow path.
     With ``clip_x0`` the x0 estimate is clamped and eps re-derived from it, as diffusers' schedulers do
     with ``clip_sample`` + ``use_clipped_model_output``.
     """
@@ -378,8 +399,9 @@ def prediction_from_output(
         x0 = output
         eps = (x_t - a * x0) / s
     elif kind == "v_prediction":
-        x0 = a * x_t - s * output
-        eps = s * x_t + a * output
+        d = a * a + s * s  # 1 on the VP path; not on the flow path, where a + s = 1
+        x0 = (a * x_t - s * output) / d
+        eps = (s * x_t + a * output) / d
     else:  # flow_prediction
         x0 = (x_t - s * output) / (a + s)
         eps = output + x0
@@ -445,6 +467,11 @@ class Denoiser(nn.Module):
         super().__init__()
         if prediction_type not in PREDICTION_TYPES:
             raise ValueError(f"unknown prediction_type {prediction_type!r}; choose one of {PREDICTION_TYPES}")
+        if prediction_type == "epsilon" and schedule.zero_terminal_snr:
+            raise ConfigError(
+                f"prediction_type 'epsilon' is undefined at the last timestep of a zero-terminal-SNR schedule "
+                f"(alpha = 0: x0 = (x_t - sigma eps) / alpha); choose one of {(schedule.velocity_prediction, 'sample')}"
+            )
         backbones.backbone_for(unet)  # an unsupported diffusers model fails here, not at its first call
         self.unet = unet
         self.schedule = schedule

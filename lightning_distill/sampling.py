@@ -11,12 +11,21 @@ visits s = 1, (N-1)/N, ..., 1/N, 0 (Flux's grid), the grid flow students are tra
 flow pipeline carries the scheduler of its trained step count K, so a call with ``num_inference_steps=K``
 reproduces the framework's samples exactly. The stock stretch visits other levels at another count
 (and gives NaN sigmas at 1 step when K >= 2): rebuild the scheduler with :func:`at_steps` for it.
+
+The pipelines set those N steps two ways, and the framework follows the network's own
+(:func:`set_pipeline_steps`, wherever it samples or picks the levels a few-step student trains at):
+``DDPMPipeline`` and ``StableDiffusion3Pipeline`` call ``set_timesteps(N)`` (the grid above), ``FluxPipeline``
+calls ``set_timesteps(sigmas=linspace(1, 1/N, N), mu=mu)``, which on the scheduler :func:`at_steps` built
+visits shift(1 - k/N), the trailing grid where N divides T, at any shift (Flux at 4096 tokens, N = 4: 1, 0.9045,
+0.7595, 0.513, where ``set_timesteps(4)`` would give 1, 0.933, 0.810, 0.513).
 """
 
 from __future__ import annotations
 
+import math
 from typing import TYPE_CHECKING
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -32,6 +41,10 @@ STOCK_SAMPLERS = {
     "vp": {"ddim": "DDIMScheduler", "x0": "LCMScheduler"},
     "flow": {"ddim": "FlowMatchEulerDiscreteScheduler", "x0": "FlowMatchLCMScheduler"},
 }
+
+
+#: what the stock VP samplers (DDIM, LCM, DPM-Solver) accept as ``prediction_type``: not the flow velocity.
+VP_SAMPLER_PREDICTIONS = ("epsilon", "sample", "v_prediction")
 
 
 def flow_scheduler(kind: str, schedule: FlowSchedule):
@@ -58,6 +71,27 @@ def at_steps(scheduler, steps: int, schedule: NoiseSchedule | None = None):
     return type(scheduler).from_config(cfg)
 
 
+def set_pipeline_steps(scheduler, steps: int, schedule: NoiseSchedule, device=None):
+    """``scheduler.set_timesteps`` for ``steps`` steps the way the network's stock pipeline calls it; returns it.
+
+    A flow schedule with ``linspace_sigmas`` (the Flux family, :class:`~lightning_distill.parametrisation.FlowSchedule`)
+    gets ``FluxPipeline``'s call, ``set_timesteps(sigmas=linspace(1, 1/N, N), mu=mu)``; every other scheduler
+    (VP, SD3, unconditional flow folders) the plain ``set_timesteps(N)``. ``mu`` matters only to a scheduler
+    that still shifts dynamically (a teacher's own; :func:`at_steps` fixes the shift): the one whose shift is
+    ``schedule.shift`` (e^mu for exponential time shifting, mu for linear).
+    """
+    flow = hasattr(scheduler, "sigmas") and not hasattr(scheduler, "alphas_cumprod")  # as at_steps tells them
+    if not (flow and getattr(schedule, "linspace_sigmas", False)):
+        scheduler.set_timesteps(steps, device=device)
+        return scheduler
+    mu = None
+    if scheduler.config.get("use_dynamic_shifting"):
+        exponential = scheduler.config.get("time_shift_type", "exponential") == "exponential"
+        mu = math.log(schedule.shift) if exponential else schedule.shift
+    scheduler.set_timesteps(sigmas=np.linspace(1.0, 1.0 / steps, steps), mu=mu, device=device)
+    return scheduler
+
+
 def deterministic_scheduler(
     scheduler_config: dict, schedule: NoiseSchedule, prediction_type: str, clip_x0: float | None
 ):
@@ -65,7 +99,7 @@ def deterministic_scheduler(
     clipping as ``clip_x0``) on the VP path, ``FlowMatchEulerDiscreteScheduler`` on the flow path.
 
     Students and teachers alike, so step counts mean the same grid. Take a flow one through
-    :func:`at_steps` before sampling.
+    :func:`at_steps` before sampling, and set its steps with :func:`set_pipeline_steps`.
     """
     if schedule.path == "flow":
         if prediction_type != "flow_prediction":
@@ -75,6 +109,11 @@ def deterministic_scheduler(
         return flow_scheduler("ddim", schedule)
     from diffusers import DDIMScheduler
 
+    if prediction_type not in VP_SAMPLER_PREDICTIONS:
+        raise ConfigError(
+            f"a VP sampler (DDIMScheduler) steps with {', '.join(VP_SAMPLER_PREDICTIONS)}: prediction_type "
+            f"{prediction_type!r} has no stock VP sampler"
+        )
     cfg = {k: v for k, v in dict(scheduler_config).items() if not k.startswith("_")}
     cfg["prediction_type"] = prediction_type
     # Trailing spacing starts at the last training timestep (pure noise for zero-terminal-SNR
@@ -246,7 +285,7 @@ def text_to_image_sample(
     method.check_sample_steps(steps)
     cond = {k: v.to(device) for k, v in text_cond.items()}
     sched = method.sampling_scheduler(steps)  # built once per count; set_timesteps resets it
-    sched.set_timesteps(steps, device=device)
+    set_pipeline_steps(sched, steps, method.student.schedule, device=device)
     x = randn_tensor((n, *method.sample_shape), generator=generator, device=device,
                      dtype=cond["encoder_hidden_states"].dtype)
     x = x * getattr(sched, "init_noise_sigma", 1.0)  # the flow schedulers (and SD3 pipeline) have none
@@ -265,13 +304,14 @@ def generator_timesteps(schedule: NoiseSchedule, num_steps: int) -> Tensor:
       nearest training level (at most half a level away). Without a shift they are s = 1, (K-1)/K, ...,
       1/K, the trailing grid. With a shift (SD3: 3) and K >= 3 the stock grid is the shifted linspace
       stretched to end at shift(1/K) (``shift_terminal``), not shift(1 - k/K): at shift 3, K = 4 it feeds
-      the network 1000, 928, 799, 500, where shift(1 - k/K) would be 1000, 900, 750, 500.
+      the network 1000, 928, 799, 500, where shift(1 - k/K) would be 1000, 900, 750, 500. A Flux-family
+      schedule (``linspace_sigmas``) sets its steps as ``FluxPipeline`` does (:func:`set_pipeline_steps`) and
+      visits shift(1 - k/K) itself.
 
     K = 1 gives [T - 1], one step from pure noise, on both paths.
     """
     if schedule.path == "flow":
-        sampler = at_steps(flow_scheduler("x0", schedule), num_steps, schedule)
-        sampler.set_timesteps(num_steps)
+        sampler = set_pipeline_steps(at_steps(flow_scheduler("x0", schedule), num_steps, schedule), num_steps, schedule)
         visits = sampler.sigmas[:-1].double().cpu()
         levels = schedule.sigma(torch.arange(schedule.num_train_timesteps)).double().cpu()
         return (levels[None, :] - visits[:, None]).abs().argmin(1)
@@ -340,7 +380,7 @@ def levels_off_grid(scheduler, schedule: NoiseSchedule, steps: int, trained: Ten
     if schedule.path == "flow":
         kept = set(trained.tolist())
         return [float(schedule.model_timestep(lv)) for lv in generator_timesteps(schedule, steps) if int(lv) not in kept]
-    scheduler.set_timesteps(steps)
+    set_pipeline_steps(scheduler, steps, schedule)
     return off_grid_timesteps(scheduler.timesteps, schedule.model_timestep(trained))
 
 
@@ -350,10 +390,10 @@ def sampler_grid_gap(scheduler, schedule: NoiseSchedule, num_steps: int) -> floa
 
     DDIM steps from each of its timesteps t to t - T // N (clean below 0), so when N does not divide T
     its steps land between the trained levels, and the last may stop at t = 0 with noise left. A flow
-    Euler sampler with a shift visits diffusers' stretched grid, not the trailing one (module docstring).
+    Euler sampler with a shift visits diffusers' stretched grid, not the trailing one, unless its pipeline
+    sets Flux's sigmas (module docstring).
     """
-    sched = at_steps(scheduler, num_steps, schedule)
-    sched.set_timesteps(num_steps)
+    sched = set_pipeline_steps(at_steps(scheduler, num_steps, schedule), num_steps, schedule)
     trained = schedule.sigma(schedule.trailing_timesteps(num_steps)).double()
     if hasattr(sched, "alphas_cumprod"):
         t = sched.timesteps.long()
@@ -373,6 +413,8 @@ __all__ = [
     "off_grid_timesteps",
     "previous_timesteps",
     "sampler_grid_gap",
+    "set_pipeline_steps",
+    "VP_SAMPLER_PREDICTIONS",
     "deterministic_scheduler",
     "flow_map_scheduler",
     "flow_scheduler",

@@ -164,8 +164,13 @@ class DiffusionTeacher(nn.Module):
             raise TeacherError(f"teacher {source or type(unet).__name__}: {err}") from err
         if schedule.path == "flow":
             # flow-matching networks predict the velocity, and their samplers never clamp x0
-            prediction_type = prediction_type or "flow_prediction"
-            clip_x0 = None
+            if prediction_type not in (None, "flow_prediction"):
+                raise TeacherError(
+                    f"teacher {source or type(unet).__name__}: a flow-matching teacher ({type(scheduler).__name__}) "
+                    f"predicts the velocity: prediction_type must be 'flow_prediction' (or unset), not {prediction_type!r}"
+                )
+            prediction_type, clip_x0 = "flow_prediction", None
+            schedule.linspace_sigmas = pipeline_linspace_sigmas(unet, schedule.linspace_sigmas)
         prediction_type = prediction_type or scheduler.config.get("prediction_type", "epsilon")
         self.denoiser = Denoiser(unet, schedule, prediction_type, clip_x0)
         self.scheduler_class = type(scheduler).__name__
@@ -366,6 +371,19 @@ def image_seq_len(unet: nn.Module) -> int | None:
     What a resolution-dependent flow shift (``use_dynamic_shifting``) is computed from.
     """
     return backbones.image_seq_len(unet)
+
+
+def pipeline_linspace_sigmas(unet: nn.Module, from_config: bool) -> bool:
+    """Whether the stock pipeline of a flow network sets N steps with ``sigmas = linspace(1, 1/N, N)``
+    (``FluxPipeline``, whatever its scheduler config) rather than ``set_timesteps(N)`` (``DDPMPipeline``,
+    ``DiTPipeline``, ``StableDiffusion3Pipeline``, ``SanaPipeline``, also with a ``use_dynamic_shifting`` config):
+    :attr:`FlowSchedule.linspace_sigmas <lightning_distill.parametrisation.FlowSchedule>`. A network of no
+    diffusers class (a test double) keeps ``from_config``, the config's family (``use_dynamic_shifting``: Flux's).
+    """
+    if isinstance(backbones.backbone_for(unet), backbones.FluxBackbone):
+        return True
+    classes = {c.__name__ for c in type(getattr(unet, "_orig_mod", unet)).__mro__}
+    return False if "ModelMixin" in classes else bool(from_config)
 
 
 def low_cpu_mem_usage() -> bool:

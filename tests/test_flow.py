@@ -79,7 +79,7 @@ def test_schedule_from_scheduler_recognises_the_path_and_names_the_supported_one
 # --- conversions ----------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("kind", ["epsilon", "sample", "flow_prediction"])
+@pytest.mark.parametrize("kind", PREDICTION_TYPES)  # v too: its inversion divides by alpha^2 + sigma^2 (not 1 here)
 def test_conversions_round_trip_on_the_flow_path(kind):
     g = torch.Generator().manual_seed(0)
     x0, eps = torch.randn(5, 2, 3, 3, generator=g), torch.randn(5, 2, 3, 3, generator=g)
@@ -276,3 +276,98 @@ def test_a_non_velocity_student_of_a_flow_teacher_is_refused_at_construction(tin
     with pytest.raises(ConfigError, match="predicts the velocity .'flow_prediction'.: student_prediction_type 'sample'"):
         KnowledgeDistillation(teacher, student_prediction_type="sample")
     assert KnowledgeDistillation(teacher).student.prediction_type == "flow_prediction"
+
+
+def test_a_flow_teacher_refuses_another_prediction_type_at_load():
+    from lightning_distill.teacher import TeacherError, load_teacher
+
+    for kind in ("v_prediction", "epsilon", "sample"):
+        with pytest.raises(TeacherError, match=rf"prediction_type must be 'flow_prediction' \(or unset\), not '{kind}'"):
+            load_teacher("bundled:digits-flow", prediction_type=kind)
+    assert load_teacher("bundled:digits-flow", prediction_type="flow_prediction").prediction_type == "flow_prediction"
+
+
+# --- how N steps are set: the teacher's pipeline family ---------------------------------------------
+
+FLUX_CONFIG = dict(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
+                   base_image_seq_len=256, max_image_seq_len=4096)
+
+
+class RecordingVelocity(nn.Module):
+    """A flow network of no diffusers class at 64 x 64 = 4096 tokens that records the timesteps it is fed."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.tensor(0.1))
+        self.config = {"sample_size": 64, "in_channels": 1}
+        self.fed: list[float] = []
+
+    def forward(self, x, t, return_dict=False, **cond):
+        self.fed.append(float(t.flatten()[0]))
+        return (self.w * x,)
+
+
+@pytest.mark.parametrize("K", [2, 4])
+def test_flux_family_samples_and_trains_where_flux_pipeline_samples(K):
+    """A use_dynamic_shifting (Flux) scheduler: FluxPipeline calls set_timesteps(sigmas=linspace(1, 1/K, K), mu=mu).
+    The framework's sampler (deterministic and x0), the levels its x0-sampler students train at and the trailing
+    grid all equal those sigmas; set_timesteps(K) would visit 1, 0.933, 0.810, 0.513 at K = 4 instead."""
+    import numpy as np
+    from diffusers.pipelines.flux.pipeline_flux import calculate_shift, retrieve_timesteps
+
+    from lightning_distill.methods import KnowledgeDistillation
+    from lightning_distill.methods.consistency import consistency_grid
+    from lightning_distill.sampling import flow_scheduler, generator_timesteps, lcm_training_timesteps, sampler_grid_gap
+    from lightning_distill.teacher import DiffusionTeacher
+
+    mu = calculate_shift(4096, 256, 4096, 0.5, 1.15)
+    ref = FlowMatchEulerDiscreteScheduler(**FLUX_CONFIG)
+    ref_t, _ = retrieve_timesteps(ref, K, sigmas=np.linspace(1.0, 1 / K, K), mu=mu)
+    want = ref.sigmas.double()
+    teacher = DiffusionTeacher(RecordingVelocity(), FlowMatchEulerDiscreteScheduler(**FLUX_CONFIG))
+    schedule = teacher.schedule
+    assert schedule.shift == pytest.approx(math.exp(mu))
+    close = dict(atol=1e-5, rtol=0)
+    # framework sample(): the scheduler it steps with and the timesteps the network is fed
+    model = KnowledgeDistillation(teacher, sample_steps=K)
+    model.sample(1, K, torch.Generator().manual_seed(0))
+    torch.testing.assert_close(model.sampling_scheduler(K).sigmas.double(), want, **close)
+    torch.testing.assert_close(torch.tensor(model.student.unet.fed, dtype=torch.float64), ref_t.double(), atol=1e-2, rtol=0)
+    # the levels x0-sampler students (ADD, DMD2, consistency) train at, and their sampler
+    torch.testing.assert_close(schedule.sigma(generator_timesteps(schedule, K)).double(), want[:-1], **close)
+    from lightning_distill.sampling import set_pipeline_steps
+
+    assert schedule.linspace_sigmas
+    x0_sampler = set_pipeline_steps(at_steps(flow_scheduler("x0", schedule), K, schedule), K, schedule)
+    torch.testing.assert_close(x0_sampler.sigmas.double(), want, **close)
+    # progressive distillation's trailing grid is that grid: no gap; consistency needs no levels beyond its own grid
+    torch.testing.assert_close(schedule.sigma(schedule.trailing_timesteps(K)).double(), want, **close)
+    assert sampler_grid_gap(flow_scheduler("ddim", schedule), schedule, K) < 1e-6
+    assert torch.equal(consistency_grid(schedule, 40, (1, 2, 4)), lcm_training_timesteps(1000, 40))
+    # the teacher's own (dynamically shifting) scheduler, through the same helper, gives them too
+    own = set_pipeline_steps(FlowMatchEulerDiscreteScheduler(**FLUX_CONFIG), K, schedule)
+    torch.testing.assert_close(own.sigmas.double(), want, **close)
+
+
+def test_pipeline_family_follows_the_network_and_leaves_sd3_and_unet_folders_alone():
+    """FluxPipeline passes the linspace sigmas whatever its config; DDPMPipeline (a UNet flow folder, also with a
+    use_dynamic_shifting config) and StableDiffusion3Pipeline call set_timesteps(N): their grid is unchanged."""
+    from test_backbones import tiny_flux
+
+    from lightning_distill.sampling import flow_scheduler, set_pipeline_steps
+    from lightning_distill.teacher import DiffusionTeacher
+    from conftest import make_tiny_unet
+
+    assert DiffusionTeacher(tiny_flux(), FlowMatchEulerDiscreteScheduler(shift=3.0)).schedule.linspace_sigmas
+    unet = make_tiny_unet(8)
+    assert not DiffusionTeacher(unet, FlowMatchEulerDiscreteScheduler(**FLUX_CONFIG)).schedule.linspace_sigmas
+    sd3 = FlowSchedule(1000, 3.0)  # SD3: static shift 3, no dynamic shifting
+    assert not sd3.linspace_sigmas and not sd3.copy().linspace_sigmas
+    assert FlowSchedule.from_scheduler(FlowMatchEulerDiscreteScheduler(**FLUX_CONFIG), 4096).copy().linspace_sigmas
+    for K in (1, 2, 4):
+        plain = at_steps(flow_scheduler("ddim", sd3), K, sd3)
+        plain.set_timesteps(K)
+        ours = set_pipeline_steps(at_steps(flow_scheduler("ddim", sd3), K, sd3), K, sd3)
+        assert torch.equal(ours.sigmas, plain.sigmas) and torch.equal(ours.timesteps, plain.timesteps)
+    # the documented SD3 grid at K = 4 (sampling.generator_timesteps): 1000, 928, 799, 500
+    assert [round(v) for v in set_pipeline_steps(at_steps(flow_scheduler("ddim", sd3), 4, sd3), 4, sd3).timesteps.tolist()] == [1000, 928, 799, 500]

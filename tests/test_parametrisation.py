@@ -117,7 +117,7 @@ def test_alpha_sigma_snr_lookups():
     with pytest.raises(ValueError, match="got 1001"):
         vp.trailing_timesteps(1001)
     with pytest.raises(ValueError, match="alphas_cumprod"):
-        VPSchedule(torch.tensor([0.5, 0.0]))
+        VPSchedule(torch.tensor([0.5, 0.0, 0.0]))  # only the last may be 0 (zero terminal SNR)
 
 
 def test_public_table_copy_and_broadcast():
@@ -287,3 +287,88 @@ def test_ddim_trajectory_maps_noise_to_gaussian_data():
     for t, s in zip(grid[:-1], grid[1:]):
         y = den.ddim(y, t, s)
     assert torch.equal(x, y)
+
+
+# --- zero terminal SNR (Lin et al. 2023): alphas_cumprod[-1] == 0 exactly ----------------------------
+
+
+@pytest.mark.parametrize("cls", ["DDIMScheduler", "DDPMScheduler", "LCMScheduler"])
+def test_zero_terminal_snr_schedule_keeps_its_exact_zero(cls):
+    import diffusers
+
+    sched = getattr(diffusers, cls)(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085,
+                                    beta_end=0.012, rescale_betas_zero_snr=True, prediction_type="v_prediction")
+    assert float(sched.alphas_cumprod[-1]) == 0.0
+    vp = VPSchedule.from_scheduler(sched)
+    last = torch.tensor(999)
+    # pure noise at T - 1, as the sampler has it: alpha = 0, sigma = 1, SNR = 0
+    assert (vp.alpha(last).item(), vp.sigma(last).item(), vp.snr(last).item()) == (0.0, 1.0, 0.0)
+    assert vp.zero_terminal_snr and not VPSchedule.from_scheduler(_sched()).zero_terminal_snr
+    torch.testing.assert_close(vp.alphas_cumprod_table, sched.alphas_cumprod.float(), atol=0, rtol=0)
+    for bad in ([0.5, 0.0, 0.0], [1.2, 0.5], [0.5, -1e-3]):  # a zero before the end, above 1, negative
+        with pytest.raises(ValueError, match="alphas_cumprod must be"):
+            VPSchedule(torch.tensor(bad))
+
+
+def test_eps_prediction_is_refused_on_a_zero_terminal_snr_schedule():
+    from lightning_distill.errors import ConfigError
+    from lightning_distill.parametrisation import FlowSchedule
+
+    zsnr = VPSchedule.from_scheduler(DDIMScheduler(rescale_betas_zero_snr=True))
+    for schedule in (zsnr, FlowSchedule(1000)):  # the flow path ends at alpha = 0 too
+        with pytest.raises(ConfigError, match=r"'epsilon' is undefined .*zero-terminal-SNR.*choose one of"):
+            Denoiser(nn.Identity(), schedule, "epsilon")
+    Denoiser(nn.Identity(), zsnr, "v_prediction")
+    Denoiser(nn.Identity(), VPSchedule.from_scheduler(_sched()), "epsilon")  # alpha_bar[-1] > 0: fine
+
+
+def test_zero_terminal_snr_diffusion_training_steps_and_samples_finite():
+    """DiffusionTraining(rescale_betas_zero_snr=True) with v-prediction: the loss at T - 1 (alpha = 0, Min-SNR
+    weighting there: SNR = 0) is finite and trains; the DDIM sampler starts at T - 1 and equals Denoiser.ddim."""
+    from diffusers.utils.torch_utils import randn_tensor
+
+    from conftest import make_tiny_unet
+    from lightning_distill.methods import DiffusionTraining
+
+    model = DiffusionTraining(unet=make_tiny_unet(8), rescale_betas_zero_snr=True, prediction_type="v_prediction",
+                              min_snr_gamma=5.0, sample_steps=4, num_train_timesteps=1000, clip_sample=False)
+    sched = model.student.schedule
+    assert sched.alpha(torch.tensor(999)).item() == 0.0
+    model.training_timesteps = lambda n, device: torch.tensor([999, 999, 500, 0])[:n]  # pure noise included
+    opt = model.configure_optimizers()
+    x0 = torch.rand(4, 1, 8, 8, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    torch.manual_seed(0)
+    loss = model.compute_loss({"x": x0, "label": torch.zeros(4, dtype=torch.long)}).loss
+    assert torch.isfinite(loss)
+    loss.backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.student.parameters() if p.grad is not None)
+    opt.step()
+    out = model.sample(3, 4, torch.Generator().manual_seed(1))
+    assert torch.isfinite(out).all()
+    assert model.sampling_scheduler(4).timesteps[0].item() == 999
+    x = randn_tensor((3, 1, 8, 8), generator=torch.Generator().manual_seed(1))
+    grid = sched.trailing_timesteps(4)
+    with torch.no_grad():
+        for t, s in zip(grid[:-1], grid[1:]):
+            x = model.student.ddim(x, t, s)
+    torch.testing.assert_close(out, x, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="'epsilon' is undefined"):
+        DiffusionTraining(unet=make_tiny_unet(8), rescale_betas_zero_snr=True, prediction_type="epsilon")
+
+
+# --- the samplers each student type has ------------------------------------------------------------
+
+
+def test_a_flow_velocity_student_of_a_vp_teacher_is_refused_at_construction(tiny_teacher_dir):
+    from lightning_distill.errors import ConfigError
+    from lightning_distill.methods import KnowledgeDistillation
+    from lightning_distill.sampling import deterministic_scheduler
+    from lightning_distill.teacher import load_teacher
+
+    teacher = load_teacher(str(tiny_teacher_dir))
+    with pytest.raises(ConfigError, match=r"epsilon, sample, v_prediction: student_prediction_type 'flow_prediction'"):
+        KnowledgeDistillation(teacher, student_prediction_type="flow_prediction")
+    with pytest.raises(ConfigError, match=r"epsilon, sample, v_prediction: prediction_type 'flow_prediction'"):
+        deterministic_scheduler(teacher.scheduler_config, teacher.schedule, "flow_prediction", None)
+    for kind in ("epsilon", "sample", "v_prediction"):
+        assert KnowledgeDistillation(teacher, student_prediction_type=kind).student.prediction_type == kind

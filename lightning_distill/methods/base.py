@@ -32,6 +32,7 @@ from ..checkpoint_content import build_module, module_spec  # noqa: F401 - re-ex
 from ..lora import LoraSpec
 from ..parametrisation import Denoiser, PredictionType
 from ..resume import offset_seed
+from ..sampling import VP_SAMPLER_PREDICTIONS
 from ..teacher import DiffusionTeacher
 
 
@@ -167,6 +168,12 @@ class DistillationMethod(L.LightningModule):
             raise ConfigError(
                 f"a student of a flow-matching teacher predicts the velocity ({velocity!r}): "
                 f"student_prediction_type {prediction_type!r} has no stock flow sampler"
+            )
+        if self.teacher.schedule.path == "vp" and prediction_type not in VP_SAMPLER_PREDICTIONS:
+            # DDIM / LCM / DPM-Solver refuse the flow velocity: fail here, not at the first sample after training
+            raise ConfigError(
+                f"a student of a variance-preserving teacher has a stock VP sampler only for "
+                f"{', '.join(VP_SAMPLER_PREDICTIONS)}: student_prediction_type {prediction_type!r} has none"
             )
         self.student = Denoiser(student, self.teacher.schedule.copy(), prediction_type, self.teacher.denoiser.clip_x0)
         self.student_scheduler_config = dict(self.teacher.scheduler_config)
@@ -384,11 +391,14 @@ class DistillationMethod(L.LightningModule):
         """
         from diffusers.utils.torch_utils import randn_tensor
 
+        from ..sampling import set_pipeline_steps
+
         den = denoiser or self.sampling_denoiser()
         steps = steps or self.hparams.sample_steps
         self.check_sample_steps(steps)
         sched = self.sampling_scheduler(steps)
-        sched.set_timesteps(steps)  # resets the scheduler's step state, so reuse is safe
+        # as the network's stock pipeline sets them (Flux's sigmas); resets the step state, so reuse is safe
+        set_pipeline_steps(sched, steps, self.student.schedule)
         device = next(den.parameters()).device
         x = randn_tensor((n, *self.sample_shape), generator=generator, device=device)
         with eval_mode(den):
