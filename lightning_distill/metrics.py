@@ -325,7 +325,14 @@ def score_features(
     kid_subset_size: int = 1000,
     seed: int = 0,
 ) -> Score:
-    """FD (and KID, its subsets drawn from ``seed``) of generated features against a reference."""
+    """FD (and KID, its subsets drawn from ``seed``) of generated features against a reference.
+
+    Non-finite features (a diverged student's NaN images) score NaN rather than raising in the matrix square
+    root: one such model then shows as NaN in a report instead of aborting every other model's evaluation.
+    """
+    if not bool(torch.isfinite(fake).all()):
+        nan = float("nan")
+        return Score(nan, nan if kid else None, nan if kid else None, int(fake.shape[0]), ref.feature_net, ref.num_images)
     mu, sigma = gaussian_stats(fake)
     fd = frechet_distance(mu, sigma, ref.mu, ref.sigma)
     k = ks = None

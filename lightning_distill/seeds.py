@@ -40,6 +40,7 @@ import argparse
 import csv
 import inspect
 import json
+import math
 import os
 import shlex
 import statistics
@@ -304,26 +305,38 @@ def find_runs(config: Path, seeds: Sequence[int], out: Path, overrides: Sequence
 # --- summary (pure) ------------------------------------------------------------------------------
 
 
+def _worst_last(v: float) -> tuple[bool, float]:
+    return (math.isnan(v), 0.0 if math.isnan(v) else v)
+
+
+def _median(ordered: list[float]) -> float:
+    """``statistics.median`` of values sorted with NaN last (statistics.median itself sorts NaN arbitrarily)."""
+    n = len(ordered)
+    return ordered[n // 2] if n % 2 else (ordered[n // 2 - 1] + ordered[n // 2]) / 2
+
+
 def summarise(per_seed: Sequence[dict]) -> list[dict]:
     """Median, min and max of FD and KID per (model, steps) over the rows' seeds, in first-seen order.
 
     A row's ``seed`` is its training seed (None for the teacher, which is the same model for every seed and
     is evaluated once). The median of an even count is the mean of the middle two (``statistics.median``).
+    A NaN FD (a diverged seed) counts as the worst value: the median and max are taken with it sorted last,
+    so they do not depend on the rows' order, and a majority of NaN seeds gives a NaN median.
     """
     groups: dict[tuple[str, int], list[dict]] = {}
     for r in per_seed:
         groups.setdefault((r["model"], r["steps"]), []).append(r)
     out = []
     for (model, steps), rows in groups.items():
-        fd = [r["fd"] for r in rows]
-        kid = [r["kid"] for r in rows if r.get("kid") is not None]
+        fd = sorted((r["fd"] for r in rows), key=_worst_last)
+        kid = sorted((r["kid"] for r in rows if r.get("kid") is not None), key=_worst_last)
         first = rows[0]
         out.append(dict(
             model=model, kind=first["kind"], steps=steps, num_seeds=len(rows),
             seeds=" ".join(str(r["seed"]) for r in rows if r["seed"] is not None),
-            fd_median=statistics.median(fd), fd_min=min(fd), fd_max=max(fd),
-            kid_median=statistics.median(kid) if kid else None, kid_min=min(kid) if kid else None,
-            kid_max=max(kid) if kid else None,
+            fd_median=_median(fd), fd_min=fd[0], fd_max=fd[-1],
+            kid_median=_median(kid) if kid else None, kid_min=kid[0] if kid else None,
+            kid_max=kid[-1] if kid else None,
             num_samples=first["num_samples"], eval_seed=first["eval_seed"], feature_net=first["feature_net"],
             reference=first["reference"],
         ))

@@ -337,3 +337,27 @@ def test_compare_refuses_two_runs_whose_students_share_a_name(tmp_path):
     with pytest.raises(ValueError, match=r"the same name \['cd_seed0'\]"):
         compare.compare_methods([("cd", tmp_path / "report"), ("cd_seed0", tmp_path / "report" / "seed_0" / "student")],
                                 out=tmp_path / "cmp", log=lambda m: None)
+
+
+def test_a_diverged_seed_is_the_worst_value_in_any_order_and_does_not_abort_the_evaluation():
+    """A NaN FD sorted arbitrarily inside statistics.median / min / max (the median of (nan, 0.2, 0.1) was 0.2 or
+    nan by row order); and NaN features raised in the matrix square root, aborting every model's evaluation."""
+    import itertools
+
+    from lightning_distill import metrics
+
+    def row(seed, fd):
+        return dict(model="m", kind="pipeline", seed=seed, steps=1, fd=fd, kid=fd, num_samples=8, eval_seed=0,
+                    feature_net="f", reference="r")
+
+    nan = float("nan")
+    for order in itertools.permutations([(0, nan), (1, 0.2), (2, 0.1)]):
+        (got,) = seeds.summarise([row(*r) for r in order])
+        assert (got["fd_median"], got["fd_min"]) == (0.2, 0.1) and got["fd_max"] != got["fd_max"]  # max: NaN
+    (two_nan,) = seeds.summarise([row(0, nan), row(1, 0.1), row(2, nan)])
+    assert two_nan["fd_median"] != two_nan["fd_median"]
+    ref = metrics.ReferenceStats(*metrics.gaussian_stats(torch.randn(16, 4)), torch.randn(16, 4), "k", "f")
+    fake = torch.randn(16, 4)
+    fake[3, 1] = nan
+    score = metrics.score_features(fake, ref, kid=True, kid_subsets=2, kid_subset_size=8)
+    assert score.fd != score.fd and score.kid != score.kid
