@@ -97,12 +97,19 @@ def test_optimisers_of_one_backward_follow_a_changed_loss_scale():
     assert params[1].grad.tolist() == [4.0] * 3
 
 
-def test_iteration_streams_differ_by_rank_and_rank_zero_is_unchanged():
-    draw = lambda **kw: torch.randn(4, generator=iteration_generator(3, 17, torch.device("cpu"), **kw))
-    reference = torch.randn(4, generator=torch.Generator().manual_seed(3 * 1_000_003 + 17))
-    torch.testing.assert_close(draw(), reference)  # single-process runs draw what they always drew
+def test_iteration_streams_differ_by_rank_and_never_replay_evaluation_noise():
+    """Each (seed, step, rank) its own stream, none an evaluation chunk's (metrics.chunk_seed): the previous
+    seed * 1_000_003 + step was chunk_seed(seed, step), so APT's input noise at iteration c was evaluation
+    chunk c's first rows."""
+    from lightning_distill.metrics import chunk_seed
+
+    draw = lambda seed=3, step=17, **kw: torch.randn(4, generator=iteration_generator(seed, step, torch.device("cpu"), **kw))  # noqa: E731
     torch.testing.assert_close(draw(rank=1), draw(rank=1))
     assert not torch.allclose(draw(rank=0), draw(rank=1))
+    for seed in range(3):
+        chunks = [torch.randn(4, generator=torch.Generator().manual_seed(chunk_seed(seed, c))) for c in range(8)]
+        for step in range(8):
+            assert not any(torch.allclose(draw(seed, step), c) for c in chunks), (seed, step)
 
 
 @pytest.mark.parametrize("method", ["add", "dmd2"])

@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import math
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
@@ -72,15 +73,23 @@ def attached_schedule(trainer) -> AdversarialSchedule | None:
     return next((cb for cb in trainer.callbacks if isinstance(cb, AdversarialSchedule)), None)
 
 
+def iteration_seed(seed: int, step: int, rank: int = 0) -> int:
+    """The seed of :func:`iteration_generator`: hashed from ("gan", seed, step, rank), so it fills the low 32
+    bits (all a CPU generator keeps) and never equals an evaluation chunk's seed. The formula before,
+    seed * 1_000_003 + step, was ``metrics.chunk_seed(seed, step)``: iteration c's generator input noise (APT,
+    DMD2 at K = 1) was the first rows of evaluation chunk c's noise at the same seed."""
+    digest = hashlib.sha256(f"gan:{int(seed)}:{int(step)}:{int(rank)}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") % (2**63 - 1)
+
+
 def iteration_generator(seed: int, step: int, device: torch.device, rank: int = 0) -> torch.Generator:
-    """Random stream of iteration ``step`` on process ``rank``: a pure function of (seed, step, rank), so
-    resumes are exact, and under DDP every process draws its own noise and timesteps (with one stream for
-    all, every rank of an unconditional model would generate the same fake batch). Rank 0's stream does
-    not depend on the world size. The rank offset changes the low 32 bits: CPU generators seed their
-    Mersenne twister from those alone."""
+    """Random stream of iteration ``step`` on process ``rank``: a pure function of (seed, step, rank)
+    (:func:`iteration_seed`), so resumes are exact, and under DDP every process draws its own noise and
+    timesteps (with one stream for all, every rank of an unconditional model would generate the same fake
+    batch). Rank 0's stream does not depend on the world size."""
     gen = torch.Generator(device=device)
-    gen.manual_seed(seed * 1_000_003 + step + rank * 0x9E3779B1)
+    gen.manual_seed(iteration_seed(seed, step, rank))
     return gen
 
 
-__all__ = ["AdversarialSchedule", "StepPlan", "attached_schedule", "d_updates_at", "iteration_generator"]
+__all__ = ["AdversarialSchedule", "StepPlan", "attached_schedule", "d_updates_at", "iteration_generator", "iteration_seed"]
