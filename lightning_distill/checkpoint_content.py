@@ -80,10 +80,27 @@ def check_lora_spec(checkpoint: dict, spec) -> None:
         )
 
 
+def base_identity(teacher) -> dict:
+    """What a left-out LoRA base is beyond its source: the teacher network's dtype and a sha256 of its weights
+    (computed once per teacher; a sharded network records its dtype only). A teacher loaded in another dtype,
+    a hub id whose ``main`` moved, or a folder rewritten in place is then another base."""
+    from . import sharding
+    from .nn_utils import content_digest
+
+    net = teacher.unet
+    out = {"dtype": str(next(net.parameters()).dtype)}
+    if not sharding.is_sharded(net):
+        if "_base_digest" not in teacher.__dict__:
+            teacher.__dict__["_base_digest"] = content_digest(net)
+        out["weights"] = teacher.__dict__["_base_digest"]
+    return out
+
+
 def check_left_out_base(recorded: dict | None, teacher, lora_prefixes: list[str]) -> None:
     """A LoRA network's frozen base is re-read from the live teacher: refuse a checkpoint whose recorded
-    teacher (``teacher_source``: source and revision) is another one, where the adapters would sit on a base
-    they were not trained on. Folders compare by resolved path, hub ids with their revision."""
+    teacher (``teacher_source``: source and revision, and where recorded its dtype and weights digest,
+    :func:`base_identity`) is another one, where the adapters would sit on a base they were not trained on.
+    Folders compare by resolved path, hub ids with their revision."""
     from .errors import ConfigError
     from .teacher import TeacherError, resolve_teacher_source
 
@@ -102,4 +119,15 @@ def check_left_out_base(recorded: dict | None, teacher, lora_prefixes: list[str]
             f"this checkpoint's LoRA adapters were trained on teacher {recorded['source']!r}"
             f"{' (revision ' + repr(recorded.get('revision')) + ')' if recorded.get('revision') else ''}, not on "
             f"{teacher.source!r}: their frozen base is re-read from the teacher, so pass --data.teacher {recorded['source']}"
+        )
+    live = base_identity(teacher) if ("dtype" in recorded or "weights" in recorded) else {}
+    if "dtype" in recorded and recorded["dtype"] != live["dtype"]:
+        raise ConfigError(
+            f"this checkpoint's LoRA adapters were trained on teacher {recorded['source']!r} held in {recorded['dtype']}, "
+            f"not {live['dtype']}: their frozen base is re-read from the teacher, so load it as then (data.teacher_dtype)"
+        )
+    if recorded.get("weights") and live.get("weights") and recorded["weights"] != live["weights"]:
+        raise ConfigError(
+            f"this checkpoint's LoRA adapters were trained on other weights of teacher {recorded['source']!r} (its "
+            "weights changed since: a moved hub revision or a rewritten folder): pin the revision they were trained on"
         )

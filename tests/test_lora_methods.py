@@ -80,6 +80,20 @@ def test_lora_student_trains_adapters_only_and_exports_fused_and_adapter(name, f
     other = shutil.copytree(model.teacher.source, tmp_path / "other_teacher")
     with pytest.raises(ConfigError, match=r"LoRA adapters were trained on teacher .*, not on .*other_teacher"):
         type(model).load_from_checkpoint(tmp_path / "run" / "checkpoints" / "last.ckpt", teacher=load_teacher(str(other)))
+    # ... and so is the same teacher held in another dtype, or with other weights (a moved hub revision, a
+    # rewritten folder): the checkpoint records the base's dtype and a digest of its weights (both resumed silently)
+    from lightning_distill.nn_utils import content_digest
+
+    assert ckpt["teacher_source"]["dtype"] == "torch.float32"
+    assert ckpt["teacher_source"]["weights"] == content_digest(model.teacher.unet)
+    with pytest.raises(ConfigError, match=r"held in torch.float32, not torch.bfloat16"):
+        type(model).load_from_checkpoint(tmp_path / "run" / "checkpoints" / "last.ckpt",
+                                         teacher=load_teacher(model.teacher.source, dtype="bfloat16"))
+    changed = load_teacher(model.teacher.source)
+    with torch.no_grad():
+        next(changed.unet.parameters()).add_(1e-3)
+    with pytest.raises(ConfigError, match=r"trained on other weights of teacher"):
+        type(model).load_from_checkpoint(tmp_path / "run" / "checkpoints" / "last.ckpt", teacher=changed)
     # ... and so is resuming with other adapter settings (before: torch's per-layer size-mismatch dump)
     from lightning_distill.checkpoint_content import check_lora_spec
 

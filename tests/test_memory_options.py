@@ -154,6 +154,15 @@ def test_dmd2_lora_fake_score_trains_checkpoints_reloads_and_is_smaller(fixtures
     for key, value in lora.lora_state_dict(fake).items():
         torch.testing.assert_close(lora.lora_state_dict(reloaded.fake_score.unet)[key], value, rtol=0, atol=0)
     assert reloaded.fake_score.unet.conv_in.weight is reloaded.teacher.unet.conv_in.weight
+    # the fake score's base is re-read from the teacher too: another teacher is refused, as for a LoRA student
+    # (it resumed silently on other weights)
+    import shutil
+
+    from lightning_distill.errors import ConfigError
+
+    other = load_teacher(str(shutil.copytree(teacher.source, tmp_path / "other_teacher")))
+    with pytest.raises(ConfigError, match="trained on teacher"):
+        DMD2.load_from_checkpoint(ckpt_path, teacher=other)
 
     # memory: parameters + optimiser state of the whole method, each tensor once, against the full-copy run
     full = _fit_dmd2(tmp_path / "full", fixtures, "--trainer.max_steps", "1")

@@ -275,6 +275,11 @@ class DistillationMethod(L.LightningModule):
         return [f"{name}.unet." for name, child in self.named_children()
                 if isinstance(child, Denoiser) and lora.has_lora(child.unet)]
 
+    def _left_out_base_prefixes(self) -> list[str]:
+        """Every network whose frozen base a checkpoint leaves out and a resume re-reads from the teacher
+        (:meth:`_lora_prefixes`; DMD2 adds its LoRA fake score): what ``check_left_out_base`` guards."""
+        return self._lora_prefixes()
+
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         hparams = checkpoint.get("hyper_parameters") or {}
         for key, value in list(hparams.items()):
@@ -284,12 +289,14 @@ class DistillationMethod(L.LightningModule):
                 hparams[key] = value.to_dict()
         if self.teacher is not None and self.teacher.reloadable:
             checkpoint["teacher_source"] = {"source": self.teacher.source, "revision": self.teacher.revision}
+            if self._left_out_base_prefixes():  # the base as it is (dtype, bytes): a resume must re-read the same
+                checkpoint["teacher_source"].update(checkpoint_content.base_identity(self.teacher))
         if not sharding.is_sharded_state(checkpoint["state_dict"]):  # FSDP2 shards: its loader needs every key
             checkpoint_content.drop_left_out_weights(checkpoint["state_dict"], self._lora_prefixes(), self.teacher)
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         checkpoint_content.check_lora_spec(checkpoint, self.hparams.get("student_lora"))
-        checkpoint_content.check_left_out_base(checkpoint.get("teacher_source"), self.teacher, self._lora_prefixes())
+        checkpoint_content.check_left_out_base(checkpoint.get("teacher_source"), self.teacher, self._left_out_base_prefixes())
         if "state_dict" in checkpoint:  # FSDP strategies pop it: loaded already, through the pre-hook below
             self.restore_left_out_weights(checkpoint["state_dict"])
 

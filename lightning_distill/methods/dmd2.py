@@ -319,6 +319,9 @@ class DMD2(TextToImageMixin, AdversarialMethod):
         # the fake score's base is the teacher's weights whoever built the student: handled below, always
         return [p for p in super()._lora_prefixes() if p != self._FAKE]
 
+    def _left_out_base_prefixes(self) -> list[str]:
+        return super()._left_out_base_prefixes() + ([self._FAKE] if self._fake_score_is_lora() and self.teacher.reloadable else [])
+
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         super().on_save_checkpoint(checkpoint)
         if self._fake_score_is_lora():  # the adapters; the base is the teacher (re-read, or saved as teacher.*)
@@ -442,9 +445,4 @@ class DMD2(TextToImageMixin, AdversarialMethod):
         return CriticOutput(LossOutput(loss, logs), d_gan.detach(), real_logits.detach(), fake_logits.detach())
 
 
-__all__ = [
-    "DMD2",
-    "distribution_matching_loss",
-    "dm_gradient",
-    "dm_surrogate_loss",
-]
+__all__ = ["DMD2", "distribution_matching_loss", "dm_gradient", "dm_surrogate_loss"]
