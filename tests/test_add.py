@@ -443,3 +443,18 @@ def test_flow_teacher_student_sampler_and_discriminator_timesteps(flow_teacher):
     torch.testing.assert_close(clean, sched.model_timestep(torch.zeros(4, dtype=torch.long)))  # 2.99..., not 0
     g = torch.Generator().manual_seed(7)
     torch.testing.assert_close(noised, sched.model_timestep(torch.randint(100, 601, (4,), generator=g)))
+
+
+def test_approximate_r1_on_a_reduced_precision_teacher_backbone_is_refused(teacher):
+    """The approximated R1 is E(D(x) - D(x + sigma n))^2 ~ sigma^2 ||grad D||^2, far below a bf16 backbone's
+    rounding (a review measured 1,650x the float32 value at sigma 1e-4): ADD's frozen teacher-feature
+    discriminator in bf16 with r1 approx is refused; true R1, or a float32 copy (train_features), is not."""
+    from lightning_distill.errors import ConfigError
+    from lightning_distill.teacher import load_teacher
+
+    bf16 = load_teacher(teacher.source, dtype="bfloat16")
+    with pytest.raises(ConfigError, match=r"r1: approx .* torch.bfloat16 teacher network .* use r1: true"):
+        AdversarialDiffusionDistillation(bf16, num_student_steps=2, r1="approx")
+    AdversarialDiffusionDistillation(bf16, num_student_steps=2, r1="true")
+    AdversarialDiffusionDistillation(bf16, num_student_steps=2, r1="approx", train_features=True)
+    AdversarialDiffusionDistillation(teacher, num_student_steps=2, r1="approx")

@@ -203,6 +203,17 @@ class AdversarialDiffusionDistillation(TextToImageMixin, AdversarialMethod):
             backbone_cond=teacher_features and (self.teacher.num_classes is not None or self.text_conditional),
             probe_cond=text if teacher_features else None,
         )
+        # the frozen teacher's network is not registered in the feature wrapper: its parameters come from the teacher
+        read = self.teacher.unet if teacher_features and not train_features else feature_network
+        backbone_dtype = next(iter(read.parameters()), torch.empty(0)).dtype
+        if self.hparams.r1 == "approx" and backbone_dtype != torch.float32:
+            # E(D(x) - D(x + sigma n))^2 is ~sigma^2 ||grad D||^2: a reduced-precision backbone's rounding floor
+            # (bf16: ~2.5e-8) swamps it (1,650x the float32 value at sigma 1e-4)
+            raise ConfigError(
+                f"r1: approx measures D's change under noise of std r1_sigma = {self.hparams.r1_sigma}, below the rounding "
+                f"of the {backbone_dtype} teacher network the discriminator reads: use r1: true, a float32 teacher "
+                "(data.teacher_dtype) or train_features: true (a float32 copy)"
+            )
         self.make_scheduler()  # fail at construction if LCMScheduler cannot express the teacher's schedule
 
     def make_scheduler(self):
