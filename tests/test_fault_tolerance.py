@@ -311,7 +311,7 @@ def test_streams_of_neighbouring_seeds_do_not_alias():
     noise = []
     for rank in (0, 1):
         module = SimpleNamespace(hparams=SimpleNamespace(seed=0), global_rank=rank,
-                                 trainer=SimpleNamespace(world_size=2))
+                                 _trainer=SimpleNamespace(world_size=2))
         gens = [DistillationMethod.predict_generator(module, b) for b in (0, 1)]
         noise += [torch.randn(4, generator=g) for g in gens]
     assert all(not torch.equal(a, b) for i, a in enumerate(noise) for b in noise[i + 1:])

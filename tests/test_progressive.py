@@ -741,9 +741,12 @@ def test_base_settings_reach_the_hparams_and_are_used(tmp_path):
     # Every saved hyper-parameter is a constructor argument (load_from_checkpoint and a CLI resume re-apply them).
     again = ProgressiveDistillation(teacher, **hp)
     assert dict(again.hparams) == dict(hp)
-    # predict samples with hparams.sample_steps from seed + batch_idx, as sample() does by hand.
+    # predict samples with hparams.sample_steps from the batch's stream (offset_seed(seed, batch_idx) on one
+    # process), as sample() does by hand.
+    from lightning_distill.resume import offset_seed
+
     got = model.predict_step({"x": torch.zeros(2, 1, 8, 8), "label": torch.zeros(2, dtype=torch.long)}, 1)
-    assert torch.equal(got, model.sample(2, 4, torch.Generator().manual_seed(8)))
+    assert torch.equal(got, model.sample(2, 4, torch.Generator().manual_seed(offset_seed(7, 1))))
     # A round's N becomes the step count of grids and predict (and is what a checkpoint records).
     model.set_round(1, 2)
     assert model.hparams.sample_steps == 2 and model.sample(2, None, torch.Generator().manual_seed(0)).shape == (2, 1, 8, 8)

@@ -253,7 +253,8 @@ class DistillationMethod(L.LightningModule):
     def predict_generator(self, batch_idx: int) -> torch.Generator:
         """The noise of prediction batch ``batch_idx`` on this rank (each rank numbers its own batches from 0:
         with ``seed + batch_idx`` alone, the ranks of a DDP predict drew the same noise)."""
-        stream = batch_idx * self.trainer.world_size + self.global_rank
+        world = self._trainer.world_size if self._trainer is not None else 1  # (predict_step called directly)
+        stream = batch_idx * world + self.global_rank
         return torch.Generator(device="cpu").manual_seed(offset_seed(self.hparams.seed, stream))
 
     def predict_step(self, batch: dict, batch_idx: int) -> Tensor:
