@@ -469,17 +469,27 @@ def check_shared_base(pl_module: nn.Module, trainer=None) -> None:
                         f"{name} share (a LoRA network's frozen base): use DDP, or ModelParallelStrategy "
                         "(configs/strategies/fsdp2.yaml) with student_lora.base: copy"
                     )
-    student, teacher = getattr(pl_module, "student", None), getattr(pl_module, "teacher", None)
-    if student is None or teacher is None or not shared_tensors(student, teacher):
+    teacher = getattr(pl_module, "teacher", None)
+    if teacher is None:
         return
-    fix = "or set student_lora.base: copy (a float32 copy of the base)"
+    for name, network in pl_module.named_children():
+        if name != "teacher" and shared_tensors(network, teacher):
+            _check_network_on_base(pl_module, trainer, name, network)
+
+
+def _check_network_on_base(pl_module: nn.Module, trainer, name: str, network: nn.Module) -> None:
+    """:func:`check_shared_base` for one network (the student, DMD2's fake score) whose frozen base is the teacher's."""
+    student = name == "student"
+    fix = ("or give the fake score its own network (fake_score) instead of fake_score_lora" if name == "fake_score"
+           else "or set student_lora.base: copy (a float32 copy of the base)")  # theta_minus: the student's copy
+    what = "the LoRA student's frozen base is" if student else f"the LoRA {name}'s frozen base is"
     if getattr(pl_module, "hparams", {}).get("teacher_offload"):
         raise ConfigError(
-            f"teacher_offload moves the teacher's weights between its calls, and the LoRA student's frozen base is "
-            f"those weights (student_lora.base: shared): set teacher_offload: false, {fix}"
+            f"teacher_offload moves the teacher's weights between its calls, and {what} "
+            f"those weights: set teacher_offload: false, {fix}"
         )
-    dtypes = {p.dtype for p in student.parameters() if not p.requires_grad} - {torch.float32, torch.float64}
-    if dtypes and getattr(pl_module, "float32_student", False):
+    dtypes = {p.dtype for p in network.parameters() if not p.requires_grad} - {torch.float32, torch.float64}
+    if student and dtypes and getattr(pl_module, "float32_student", False):
         raise ConfigError(
             f"{type(pl_module).__name__} differentiates the student in float32, and a LoRA student on the "
             f"{sorted(map(str, dtypes))[0]} teacher's weights computes in that precision: {fix.removeprefix('or ')}"
@@ -487,16 +497,17 @@ def check_shared_base(pl_module: nn.Module, trainer=None) -> None:
     precision = str(getattr(trainer, "precision", None))
     if precision not in ("32", "32-true", "64", "64-true"):
         return
-    full = full_layers(student)
+    full = full_layers(network)
+    label = "LoRA student" if student else f"LoRA {name}"
     if full and dtypes:
         raise ConfigError(
-            f"the LoRA student shares the {sorted(map(str, dtypes))[0]} teacher's base and trains {full} in float32: "
+            f"the {label} shares the {sorted(map(str, dtypes))[0]} teacher's base and trains {full} in float32: "
             f"under precision {precision!r} those layers get the base's reduced-precision activations; use "
             f"trainer.precision bf16-mixed (or 16-mixed), {fix}"
         )
     if torch.float16 in dtypes:
         raise ConfigError(
-            f"the LoRA student shares the float16 teacher's base: under precision {precision!r} nothing scales the "
+            f"the {label} shares the float16 teacher's base: under precision {precision!r} nothing scales the "
             f"loss for the gradients through it; use trainer.precision 16-mixed, {fix}"
         )
 

@@ -182,3 +182,14 @@ def test_dmd2_lora_fake_score_trains_checkpoints_reloads_and_is_smaller(fixtures
         DMD2(teacher=teacher, fake_score_lora={"rank": 0})
     with pytest.raises(ConfigError, match="cannot be combined"):
         DMD2(teacher=teacher, fake_score_lora={"rank": 2}, teacher_offload=True)
+    # a LoRA fake score on a float16 teacher's base under 32-true (no loss scaling through the float16 base) is
+    # refused like a LoRA student on it; it passed before (only the student was checked)
+    half = load_teacher(teacher.source, dtype="float16")
+    fp16 = DMD2(teacher=half, fake_score_lora={"rank": 2})
+
+    def run(precision):
+        return type("Trainer", (), {"precision": precision, "strategy": type("SingleDeviceStrategy", (), {})()})()
+
+    with pytest.raises(ConfigError, match="LoRA fake_score shares the float16 teacher's base.*16-mixed.*own network"):
+        lora.check_shared_base(fp16, run("32-true"))
+    lora.check_shared_base(fp16, run("16-mixed"))
