@@ -55,10 +55,10 @@ def is_flow_map_unet(unet: nn.Module) -> bool:
 def flow_map_unet(unet: nn.Module, share: bool = False, seed: int = 0) -> nn.Module:
     """The teacher's network with a zero-initialised second time input: rebuilt from its config with
     ``class_embed_type="timestep"`` holding the teacher's weights (a float32 copy, or with ``share`` the
-    teacher's own tensors, built without a transient copy, the new input's first layer drawn from ``seed``:
-    :func:`~lightning_distill.nn_utils.rebuilt_with_weights`),
-    and the new embedding's last linear layer set to 0, so that it adds nothing to the time embedding until
-    trained.
+    teacher's own tensors, built without a transient copy: :func:`~lightning_distill.nn_utils.rebuilt_with_weights`),
+    the new input's first layer drawn from ``seed`` whichever ``share`` (so ``student_lora.base: shared`` and
+    ``copy`` start from the same student, and the global generator is left as it was), and the new
+    embedding's last linear layer set to 0, so that it adds nothing to the time embedding until trained.
 
     Raises:
         ConfigError: for a class-conditional network (its class table is where the interval goes) or a

@@ -181,13 +181,13 @@ def rebuilt_with_weights(
     """``network``'s diffusers class built from its config with ``changes``, holding ``network``'s weights
     wherever a name and shape match; returns it and the names of the tensors ``network`` had none for.
 
-    ``share=False``: a float32 copy; the new tensors keep the class's own initialisation.
-    ``share=True``: the matching tensors *are* ``network``'s (its dtype and device). The network is built on
-    the meta device, so no copy of it exists even for a moment (a float32 copy of an SD-size UNet is 3.4 GB
-    of host memory); the new tensors are made float32 on ``network``'s device and initialised by their
-    modules' ``reset_parameters`` from ``seed`` (the global generator untouched), so a rebuild when resuming
-    a checkpoint that leaves the frozen base out gives the same tensors. It is another draw than
-    ``share=False``'s, which initialises the whole network from the global generator.
+    ``share=False``: a float32 copy. ``share=True``: the matching tensors *are* ``network``'s (its dtype and
+    device). The network is built on the meta device, so no copy of it exists even for a moment (a float32
+    copy of an SD-size UNet is 3.4 GB of host memory); the new tensors are made float32 on ``network``'s
+    device. Either way the modules holding only new tensors are initialised by their ``reset_parameters``
+    from ``seed``, in ``named_modules`` order, with the global generator untouched: a rebuild when resuming a
+    checkpoint that leaves the frozen base out gives the same tensors, both settings give the same network
+    (a LoRA student's ``base: shared`` and ``copy`` start alike), and building it moves no later training draw.
 
     Raises:
         RuntimeError: (``share``) a module holding both matched and new tensors, or a new tensor whose module
@@ -197,11 +197,24 @@ def rebuilt_with_weights(
     config.update(changes)  # make from_config ignore a changed default
     theirs = network.state_dict()
     if not share:
-        net = type(network).from_config(config).float()
+        with torch.random.fork_rng(devices=[]):  # built on the CPU: the class's own draws leave no trace
+            torch.manual_seed(seed)
+            net = type(network).from_config(config).float()
         own = net.state_dict()
         matching = {k: v for k, v in theirs.items() if k in own and own[k].shape == v.shape}
         net.load_state_dict(matching, strict=False)
-        return net, [k for k in own if k not in matching]
+        new = {k for k in own if k not in matching}
+        fresh = []  # as share=True picks them: a module with a new tensor of its own and no matched one below it
+        for prefix, module in net.named_modules():
+            keys = [f"{prefix}.{k}" if prefix else k for k in module.state_dict()]
+            mine = [k for k in keys if "." not in k.removeprefix(f"{prefix}.")]
+            if any(k in new for k in mine) and all(k in new for k in keys) and hasattr(module, "reset_parameters"):
+                fresh.append(module)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            for module in fresh:
+                module.reset_parameters()
+        return net, [k for k in net.state_dict() if k in new]
     with torch.device("meta"):
         net = type(network).from_config(config)
     own = net.state_dict()

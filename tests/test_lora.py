@@ -465,7 +465,15 @@ def test_a_network_rebuilt_on_a_shared_base_holds_the_teachers_tensors_and_only_
         build, new_prefix = (lambda share: student_unet_with_guidance_embedding(teacher, 8, share=share)), "time_embedding.cond_proj."
     else:
         build, new_prefix = (lambda share: flow_map_unet(teacher, share=share)), "class_embedding."
+    rng = torch.random.get_rng_state()
     shared, copied = build(True), build(False)
+    # both settings draw the new layers alike (student_lora.base: shared and copy start from one student) and
+    # leave the global generator as it was (the copy drew them from it, moving every later training draw)
+    assert torch.equal(torch.random.get_rng_state(), rng)
+    mine = dict(shared.named_parameters())
+    for name, p in copied.named_parameters():
+        if name.startswith(new_prefix):
+            torch.testing.assert_close(mine[name], p, rtol=0, atol=0, msg=name)
     storage = {k: (p.data_ptr(), p.dtype) for k, p in teacher.named_parameters()}
     for name, p in shared.named_parameters():
         if name.startswith(new_prefix):
