@@ -11,6 +11,14 @@ and cached on disk (see :func:`lightning_distill.metrics.reference_stats`). With
 teacher's DDIM FD at the same step counts is computed once per run (kept in the checkpoint) and logged
 next to it as ``.../teacher``, with a TensorBoard custom-scalars chart holding both lines.
 
+Text-to-image students (SD1.5-style ``UNet2DConditionModel``, ``SD3Transformer2DModel``) are scored from
+``prompts`` (a prompt file, a list, or ``"captions"``: the data module's captions of the reference images) with
+``evaluate``'s protocol (:mod:`lightning_distill.evaluate`): image i is drawn with prompt i % P, the student by
+its own ``sample(..., prompts=...)``, the teacher by ``evaluate``'s text sampler with classifier-free guidance at
+``guidance_scale``. The stored teacher line is keyed by the prompts' sha256 and count and the scale, so the
+numbers equal ``python -m lightning_distill.evaluate --prompts ...`` on the same models, seeds and data. A text
+student without prompts is a one-line error at fit start.
+
 Under DDP the samples are split into fixed chunks, each with its own seed, dealt round-robin to ranks
 and gathered back into chunk order: the image set, and its row order (which KID's subsets depend on), is
 the same for any number of ranks. Only rank 0 computes and logs.
@@ -18,7 +26,9 @@ the same for any number of ranks. Only rank 0 computes and logs.
 
 from __future__ import annotations
 
+import inspect
 import json
+import os
 from typing import Any, Literal
 
 import lightning as L
@@ -26,7 +36,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 
-from lightning_distill import backbones
+from lightning_distill import backbones, teacher_features
 from lightning_distill.errors import ConfigError
 from lightning_distill.metrics import (
     ReferenceStats,
@@ -44,6 +54,91 @@ from lightning_distill.metrics import (
 )
 
 StepSpec = int | Literal["current"]
+#: What a callback's ``prompts`` takes (the one-line errors name it).
+PROMPT_CHOICES = ("a prompt file (one prompt per line, UTF-8), a list of prompts, or 'captions' (the data module's "
+                  "captions of the reference images)")
+
+
+def callback_prompts(spec: str | os.PathLike | list[str] | None):
+    """A callback's ``prompts`` as :mod:`~lightning_distill.evaluate` reads them: None, ``"captions"`` (resolved
+    against the run's data module by :func:`datamodule_captions` when first needed), a prompt file
+    (:func:`~lightning_distill.evaluate.read_prompt_file`, read now: a wrong path fails before training) or the
+    list itself (a :class:`~lightning_distill.evaluate.Prompts`)."""
+    if spec is None or (isinstance(spec, str) and spec == "captions"):
+        return spec
+    from lightning_distill.evaluate import Prompts, read_prompt_file
+
+    if isinstance(spec, (str, os.PathLike)):
+        return read_prompt_file(spec)
+    return Prompts(tuple(str(p) for p in spec), "the given list")
+
+
+def datamodule_captions(datamodule, reference: str):
+    """``prompts: captions``: the data module's prompt of each reference image, in the order of its
+    ``train_images()`` / ``val_images()`` (``all``: train then val), as ``evaluate --prompts captions`` reads them
+    (:func:`~lightning_distill.evaluate.reference_set`: ``prompts()`` of the folder's images in load order, the
+    labels only filling a ``{label}`` prompt), so both give the same list and sha256 on the same data."""
+    from lightning_distill.evaluate import Prompts
+
+    if datamodule is None or not hasattr(datamodule, "prompts") or not hasattr(datamodule, "train_images"):
+        raise ConfigError("prompts 'captions' reads the data module's captions: it needs a TeacherDataModule")
+    datamodule.setup()
+    train, val = list(datamodule.image_train_set.indices), list(datamodule.image_val_set.indices)
+    index = {"train": train, "val": val, "all": train + val}[reference]
+    every = datamodule.prompts(torch.zeros(len(datamodule.pixels), dtype=torch.long))
+    return Prompts(tuple(every[i] for i in index), f"captions of the {datamodule.hparams.data} {reference} split")
+
+
+def check_text_settings(
+    who: str, pl_module: L.LightningModule, prompts, guidance_scale: float, student_guidance: float | None,
+    teacher_sampled: bool,
+) -> None:
+    """One-line ConfigErrors, at fit start, for what ``evaluate`` refuses (its ``check_text_inputs`` /
+    ``check_text_options``): a text-to-image student without prompts or whose ``sample()`` takes none, prompts
+    for a model without text input, a guidance scale with no text teacher sampled, an LCM guidance input without
+    its ``student_guidance`` g (or a g no student takes)."""
+    for name, g in (("guidance_scale", guidance_scale), ("student_guidance", student_guidance)):
+        if g is not None and not g >= 1:
+            raise ConfigError(f"{who}: {name} must be >= 1 (the pipelines' convention, 1: no guidance), got {g}")
+    net = getattr(getattr(pl_module, "student", None), "unet", None)
+    text = net is not None and backbones.is_text_conditional(net)
+    teacher = getattr(pl_module, "teacher", None)
+    text_teacher = teacher_sampled and teacher is not None and backbones.is_text_conditional(teacher.unet)
+    kind = type(net).__name__
+    if text and prompts is None:
+        raise ConfigError(f"{who}: the student is text-conditional ({kind}): scoring it needs prompts to condition it "
+                          f"on: set prompts to {PROMPT_CHOICES}")
+    if text and "prompts" not in inspect.signature(pl_module.sample).parameters:
+        raise ConfigError(f"{who}: {type(pl_module).__name__}.sample() takes no prompts, so its text-conditional "
+                          f"student ({kind}) cannot be scored")
+    if prompts is not None and not text:
+        raise ConfigError(f"{who}: prompts given, but the student ({kind}) is not text-conditional: prompts condition "
+                          "text-to-image models (UNet2DConditionModel, SD3Transformer2DModel) only")
+    if guidance_scale != 1 and not text_teacher:
+        raise ConfigError(f"{who}: guidance_scale {guidance_scale} guides a text-to-image teacher, and none is sampled "
+                          "here")
+    guided = text and bool(getattr(pl_module, "guidance_embedding", False))
+    if guided and student_guidance is None:
+        raise ConfigError(f"{who}: the student takes a guidance input (LCM's w embedding, w = g - 1): set "
+                          "student_guidance g")
+    if student_guidance is not None and not guided:
+        raise ConfigError(f"{who}: student_guidance {student_guidance} is the g of LCM students with a guidance input, "
+                          f"and {type(pl_module).__name__}'s student has none")
+
+
+def check_cached_prompts(who: str, pl_module: L.LightningModule, prompts, guidance_scale: float) -> None:
+    """Prompts the student and teacher can encode: once ``data.release_encoders`` dropped the text encoders, only
+    those in the teacher's ``prompt_table`` (``""`` too where the teacher is guided); refused in one line at fit
+    start rather than at the first evaluation."""
+    teacher = getattr(pl_module, "teacher", None)
+    if prompts is None or teacher is None or getattr(teacher, "released", None) is None:
+        return
+    needed = set(prompts.texts) | ({""} if guidance_scale != 1 else set())
+    missing = sorted(p for p in needed if p not in teacher.prompt_table)
+    if missing:
+        raise ConfigError(f"{who}: the text encoders were released (data.release_encoders) and {len(missing)} of the "
+                          f"prompts have no cached embedding (e.g. {missing[0]!r}): drop data.release_encoders to "
+                          "score from prompts")
 
 
 def resolve_steps(spec: list[StepSpec], pl_module: L.LightningModule) -> list[int]:
@@ -78,6 +173,13 @@ class FIDCallback(L.Callback):
         kid_subsets, kid_subset_size: KID subset protocol (subset size capped at the set sizes).
         log_teacher: also log the teacher's DDIM FD at the same step counts (once per run).
         at_train_end: evaluate when training ends (if the last step was not just evaluated).
+        prompts: text-to-image students: the prompts image i is drawn with (prompt i % P), as ``evaluate --prompts``:
+            a prompt file (one per line, UTF-8, blank lines ignored), the list itself, or ``"captions"`` (the data
+            module's captions of the ``reference`` images). Required for a text student, refused for others.
+        guidance_scale: the text teacher's classifier-free guidance scale g (``log_teacher``; 1: none), as
+            ``evaluate --guidance-scale``.
+        student_guidance: g of an LCM student with a guidance input (it embeds w = g - 1), as
+            ``evaluate --student-guidance``; required for one, refused for others.
         seed: seed of the evaluation noise (the same images every evaluation: curves show the model
             changing, not the noise), or a list of seeds: each metric is then the mean over them, the
             protocol of ``evaluate`` / ``seeds --eval-seeds`` (one seed's FD is a draw: the digits teacher's
@@ -110,6 +212,9 @@ class FIDCallback(L.Callback):
         chunk_size: int = 250,
         cache_dir: str | None = None,
         tag_format: str = "{metric}/{feature}/{steps}step/n{num_samples}",
+        prompts: str | list[str] | None = None,
+        guidance_scale: float = 1.0,
+        student_guidance: float | None = None,
     ) -> None:
         if every_n_steps < 0 or num_samples < 2 or chunk_size < 1:
             raise ConfigError(
@@ -139,6 +244,10 @@ class FIDCallback(L.Callback):
         self.chunk_size = chunk_size
         self.cache_dir = cache_dir
         self.tag_format = tag_format
+        self.prompts = callback_prompts(prompts)  # a Prompts, "captions" (read at fit start) or None
+        self.guidance_scale = float(guidance_scale)
+        self.student_guidance = None if student_guidance is None else float(student_guidance)
+        self._captions = None  # prompts "captions", read from the data module
         self.feature_net: nn.Module | None = None
         self._ref: ReferenceStats | None = None
         # persisted state
@@ -222,6 +331,22 @@ class FIDCallback(L.Callback):
             out["kid"] = s.kid
         return out
 
+    def text_prompts(self, trainer: L.Trainer):
+        """The prompts images are drawn with (a :class:`~lightning_distill.evaluate.Prompts`), or None."""
+        if isinstance(self.prompts, str):  # "captions"
+            if self._captions is None:
+                self._captions = datamodule_captions(getattr(trainer, "datamodule", None), self.reference)
+            return self._captions
+        return self.prompts
+
+    def _check_text(self, trainer: L.Trainer, pl_module: L.LightningModule):
+        """The text options checked (one-line errors); returns :meth:`text_prompts`."""
+        check_text_settings("FIDCallback", pl_module, self.prompts, self.guidance_scale, self.student_guidance,
+                           self.log_teacher)
+        prompts = self.text_prompts(trainer)
+        check_cached_prompts("FIDCallback", pl_module, prompts, self.guidance_scale)
+        return prompts
+
     def _mean_score(self, trainer, sample_fn, num_classes: int | None, device) -> dict[str, float]:
         """``sample_fn``'s metrics averaged over the evaluation seeds (rank 0; {} on the other ranks)."""
         per_seed = [
@@ -247,6 +372,11 @@ class FIDCallback(L.Callback):
         if getattr(pl_module, "is_class_conditional", False):
             # through the backbone adapter: UNet num_class_embeds, DiT num_embeds_ada_norm
             num_classes = int(backbones.num_classes(pl_module.student.unet))
+        prompts = self._check_text(trainer, pl_module)
+        if prompts is not None:
+            # image i gets prompt i % P: generated_features hands out the indices i % P as it hands out class labels
+            num_classes = len(prompts)
+            guided = {"guidance_scale": self.student_guidance} if getattr(pl_module, "guidance_embedding", False) else {}
         steps = resolve_steps(self.steps, pl_module)
         metrics: dict[str, float] = {}
         if self.log_teacher and self.teacher_key != (key := self._teacher_key(trainer, pl_module)):
@@ -255,7 +385,11 @@ class FIDCallback(L.Callback):
         # regardless (resumed and uninterrupted runs must see the same random numbers).
         with torch.random.fork_rng(devices=[]):
             for s in steps:
-                fn = lambda n, g, labels, s=s: decode_latents(pl_module.sample(n, s, g, labels=labels), vae)
+                if prompts is None:
+                    fn = lambda n, g, labels, s=s: decode_latents(pl_module.sample(n, s, g, labels=labels), vae)
+                else:
+                    fn = lambda n, g, idx, s=s: decode_latents(
+                        pl_module.sample(n, s, g, prompts=prompts.for_images(idx), **guided), vae)
                 for metric, v in self._mean_score(trainer, fn, num_classes, device).items():
                     metrics[self.tag(metric, s)] = v
             if self.log_teacher and teacher is not None:
@@ -263,7 +397,13 @@ class FIDCallback(L.Callback):
                     key = self.tag("fid", s) + "/teacher"
                     if key in self.teacher_metrics:
                         continue
-                    fn = lambda n, g, labels, s=s: sample_teacher(teacher, n, s, g, labels)
+                    if prompts is None:
+                        fn = lambda n, g, labels, s=s: sample_teacher(teacher, n, s, g, labels)
+                    else:  # evaluate's text teacher: its sampler, guided at guidance_scale
+                        from lightning_distill.evaluate import teacher_sampler
+
+                        text_teacher = teacher_sampler(teacher, guidance_scale=self.guidance_scale)
+                        fn = lambda n, g, idx, s=s, t=text_teacher: t.sample(n, s, g, prompts.for_images(idx))
                     for metric, v in self._mean_score(trainer, fn, num_classes, device).items():
                         self.teacher_metrics[self.tag(metric, s) + "/teacher"] = v
         if self.log_teacher:
@@ -302,6 +442,8 @@ class FIDCallback(L.Callback):
     # --- hooks ---------------------------------------------------------------------------------
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # a text student without prompts (and the other text options' misuse) fails now, in one line
+        self._check_text(trainer, pl_module)
         # a step count the student's sampler cannot take fails now, not at the first evaluation
         check = getattr(pl_module, "check_sample_steps", None)
         if callable(check):
@@ -323,7 +465,9 @@ class FIDCallback(L.Callback):
         """What the stored teacher numbers depend on besides their tag: the run's teacher (the data module's
         source, revision and dtype: progressive distillation's promoted teachers keep round 0's line), its data
         and split, and this callback's protocol (reference split, seeds, sample count, chunks, KID settings, and
-        the feature network's content: a retrained or rescaled network under the same name is another one)."""
+        the feature network's content: a retrained or rescaled network under the same name is another one); for
+        text-to-image runs also the prompts (sha256, count) and the teacher's guidance scale (appended only then, so
+        the keys of other runs, and the teacher lines their checkpoints hold, stay as they were)."""
         hp = getattr(getattr(trainer, "datamodule", None), "hparams", None) or {}
         source = hp.get("teacher") or getattr(getattr(pl_module, "teacher", None), "source", None)
         run = [str(source), *(hp.get(k) for k in ("teacher_revision", "teacher_dtype", "teacher_prediction_type", "data",
@@ -331,6 +475,9 @@ class FIDCallback(L.Callback):
         net = fingerprint(self.feature_net) if self.feature_net is not None else str(self.feature_net_spec)
         protocol = [self.reference, self.seeds, self.num_samples, self.chunk_size, self.kid, self.kid_subsets,
                     self.kid_subset_size, net]
+        prompts = self.text_prompts(trainer)
+        if prompts is not None:
+            protocol.append(teacher_features.text_conditioning(prompts.sha256, len(prompts), self.guidance_scale))
         return json.dumps([*run, *protocol], default=str)
 
     def state_dict(self) -> dict[str, Any]:
@@ -343,4 +490,4 @@ class FIDCallback(L.Callback):
         self.teacher_key = state_dict.get("teacher_key")  # None (older checkpoints): computed again once
 
 
-__all__ = ["FIDCallback", "resolve_steps"]
+__all__ = ["FIDCallback", "callback_prompts", "check_text_settings", "datamodule_captions", "resolve_steps"]

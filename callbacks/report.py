@@ -25,6 +25,11 @@ class DistillationReport(L.Callback):
         teacher_cache: read the teacher's cells from :mod:`~lightning_distill.teacher_features` entries with
             the same content key (the user cache, or those the teacher folder ships) instead of sampling
             the fixed teacher again; the report names every entry it read. False samples them.
+        prompts: text-to-image students: ``evaluate --prompts`` (image i gets prompt i % P): a prompt file, the
+            list itself, or ``"captions"`` (the data module's captions of the reference, train, images). Required
+            for a text student (checked at fit start), refused for others.
+        guidance_scale: the text teacher's classifier-free guidance scale (``evaluate --guidance-scale``; 1: none).
+        student_guidance: g of an LCM student with a guidance input (``evaluate --student-guidance``).
 
     Example::
 
@@ -40,7 +45,12 @@ class DistillationReport(L.Callback):
         seed: int = 0,
         feature_net: str = "digits",
         teacher_cache: bool = True,
+        prompts: str | list[str] | None = None,
+        guidance_scale: float = 1.0,
+        student_guidance: float | None = None,
     ) -> None:
+        from .fid import callback_prompts
+
         self.out_dir = out_dir
         self.steps = list(steps)
         self.teacher_steps = list(teacher_steps)
@@ -48,7 +58,26 @@ class DistillationReport(L.Callback):
         self.seed = seed
         self.feature_net = feature_net
         self.teacher_cache = teacher_cache
+        self.prompts = callback_prompts(prompts)  # a Prompts, "captions" (read from the data module) or None
+        self.guidance_scale = float(guidance_scale)
+        self.student_guidance = None if student_guidance is None else float(student_guidance)
         self.rows: list[dict] | None = None
+
+    def _text_prompts(self, trainer: L.Trainer, pl_module: L.LightningModule):
+        """The prompts the report scores with (evaluate's reference is the train split), the options checked."""
+        from .fid import check_cached_prompts, check_text_settings, datamodule_captions
+
+        check_text_settings("DistillationReport", pl_module, self.prompts, self.guidance_scale, self.student_guidance,
+                           bool(self.teacher_steps))
+        prompts = self.prompts
+        if isinstance(prompts, str):  # "captions"
+            prompts = datamodule_captions(trainer.datamodule, "train")
+        check_cached_prompts("DistillationReport", pl_module, prompts, self.guidance_scale)
+        return prompts
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # a text student without prompts fails here, in one line, not after the whole training
+        self._text_prompts(trainer, pl_module)
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         from lightning_distill import sharding
@@ -64,6 +93,7 @@ class DistillationReport(L.Callback):
             trainer.strategy.barrier("report_export")
         if not trainer.is_global_zero:
             return
+        prompts = self._text_prompts(trainer, pl_module)
         if exported is None:
             exported = str(pl_module.export(Path(self.out_dir) / "student"))
         # the reference set is the run's own data (its folder, size, channels and split), not the digits default
@@ -82,6 +112,9 @@ class DistillationReport(L.Callback):
             device=pl_module.device,
             log=rank_zero_info,
             teacher_cache=self.teacher_cache,
+            prompts=prompts,
+            guidance_scale=self.guidance_scale,
+            student_guidance=self.student_guidance,
         )
         table = (Path(self.out_dir) / "results.md").read_text()
         print(f"\n{table}\nExported student pipeline: {exported}\nReport: {self.out_dir}\n", file=sys.stdout, flush=True)

@@ -12,6 +12,9 @@ every method goes into one :func:`~lightning_distill.evaluate.evaluate_models` c
 reference statistics and feature network for all of them, so the methods differ only by their students. The
 seeds reports must name the same teacher (``--teacher`` overrides it, and is needed when no seeds report is
 given); the data settings are the first seeds run's saved config (``--data`` / ``--image-size`` override them).
+Text-to-image students are scored from ``--prompts FILE|captions`` with ``--guidance-scale`` (the teacher's) and
+``--student-guidance`` (LCM students with a guidance input), passed through to ``evaluate``; the protocol records
+the prompts' source, count and sha256 and the scales.
 
 With several ``--eval-seeds`` the evaluation is repeated with each noise seed. A training seed's FD is then the
 mean over the evaluation seeds, and each ratio to the teacher is given with the range of the ratios each
@@ -41,8 +44,8 @@ from typing import Callable, Sequence
 import yaml
 
 from .seeds import (
-    PER_SEED_FIELDS, SUMMARY_FIELDS, evaluate_eval_seeds, mean_over_eval_seeds, plot_spread, run_evaluation_data,
-    run_teacher, summarise, write_csv,
+    PER_SEED_FIELDS, SUMMARY_FIELDS, add_text_arguments, evaluate_eval_seeds, evaluation_text_protocol,
+    mean_over_eval_seeds, plot_spread, run_evaluation_data, run_teacher, summarise, text_options, write_csv,
 )
 
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")
@@ -166,7 +169,7 @@ def markdown(summary: Sequence[dict], per_seed: Sequence[dict], protocol: dict,
              by_eval_seed: dict[int, list[dict]] | None = None) -> str:
     """results.md: the comparison table (best median per step count in bold), per-seed values, each evaluation
     seed's medians (when there are several), protocol."""
-    from .evaluate import TEACHER_SAMPLER
+    from .evaluate import TEACHER_SAMPLER, text_protocol_lines
 
     steps = sorted({r["steps"] for r in summary})
     students = [r for r in summary if r["kind"] != "teacher"]
@@ -239,6 +242,7 @@ def markdown(summary: Sequence[dict], per_seed: Sequence[dict], protocol: dict,
         f"- Generated samples per cell: {protocol['num_samples']}, evaluation seed{'s' if several else ''} "
         f"{' '.join(map(str, eval_seeds))} (the same noise for every model"
         + ("; one evaluate run per seed)" if several else ", one evaluate run)"),
+        *text_protocol_lines(protocol),
         "- Median of an even number of seeds: the mean of the middle two",
         f"- Command: `{protocol['command']}`",
         "",
@@ -269,6 +273,9 @@ def compare_methods(
     command: str | None = None,
     log: Callable[[str], None] | None = None,
     run_steps: dict[str, Sequence[int]] | None = None,
+    prompts: str | os.PathLike | Sequence[str] | None = None,
+    guidance_scale: float = 1.0,
+    student_guidance: float | None = None,
 ) -> list[dict]:
     """Score every seed of every method in one evaluate run per evaluation seed; write the report to ``out``;
     return the summary.
@@ -280,6 +287,9 @@ def compare_methods(
         eval_seeds: evaluation noise seeds; with several, one evaluate run each, FD averaged over them.
         run_steps: step counts of the runs named, instead of ``steps`` (a 1-step generator: ``{"dmd2": [1]}``).
         data, image_size: override the data settings read from the first seeds run's saved config.
+        prompts, guidance_scale, student_guidance: text-to-image students: ``evaluate``'s (a prompt file,
+            ``"captions"`` or the list; the teacher's classifier-free guidance; the g of LCM students with a guidance
+            input), recorded in the protocol.
 
     Returns:
         Summary rows (``COMPARE_FIELDS``), one per method (and the teacher) and step count.
@@ -295,6 +305,7 @@ def compare_methods(
     if not eval_seeds or len(set(eval_seeds)) != len(eval_seeds):
         raise ValueError(f"--eval-seeds must be distinct noise seeds, got {eval_seeds}")
     check_run_steps(run_steps or {}, names)
+    text = text_options(prompts, guidance_scale, student_guidance)
     methods = [load_runs(n, Path(p)) for n, p in runs]
     teacher = common_teacher(methods, teacher)
     settings = next((m.data for m in methods if m.data), {})
@@ -312,7 +323,7 @@ def compare_methods(
         rows = evaluate_eval_seeds(
             eval_seeds, Path(out) / "evaluate", run_teacher(settings, teacher), students={k: v[2] for k, v in owner.items()},
             steps=steps, teacher_steps=teacher_steps, num_samples=num_samples, student_steps=student_steps,
-            feature_net=feature_net, **reference, cache_dir=cache_dir, device=device, log=log,
+            feature_net=feature_net, **reference, cache_dir=cache_dir, device=device, log=log, **text,
         )
     except StepCountError as err:  # name the --run and seed, not the evaluate run's internal key
         run, seed, _ = owner.get(err.name, (err.name, None, None))
@@ -343,6 +354,7 @@ def compare_methods(
         runs={m.name: dict(source=str(m.source), config=m.config,
                            exports={"-" if s is None else str(s): str(p) for s, p in m.exports.items()}) for m in methods},
         command=command or "python -m lightning_distill.compare " + " ".join(f"--run {n}={p}" for n, p in runs),
+        **evaluation_text_protocol(Path(out) / "evaluate", eval_seeds),
     )
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -373,6 +385,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image-size", type=int, default=None)
     p.add_argument("--cache-dir", default=None, help="reference-statistics cache")
     p.add_argument("--device", default=None)
+    add_text_arguments(p)
     return p
 
 
@@ -385,6 +398,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         runs, a.out, a.teacher, a.steps, a.teacher_steps, a.num_samples, a.eval_seeds,
         a.feature_net, a.data, a.image_size, a.cache_dir, a.device,
         command="python -m lightning_distill.compare " + " ".join(shlex.quote(x) for x in argv), run_steps=run_steps,
+        prompts=a.prompts, guidance_scale=a.guidance_scale, student_guidance=a.student_guidance,
     )
     print((Path(a.out) / "results.md").read_text())
     return summary

@@ -24,6 +24,9 @@ student), the digits train split as the reference. ``--eval-seeds 0 1 2`` repeat
 noise seed and averages every FD over them (a teacher's FD-digits at 2,000 samples moves by up to 2x between
 noise seeds; ``benchmarks/results/eval_noise``). ``--skip-train`` only evaluates: it summarises runs
 trained elsewhere, laid out as ``OUT/seed_S`` (a ``lightning-distill fit`` run folder with its export).
+Text-to-image presets are scored from prompts as ``evaluate`` scores them: ``--prompts FILE|captions``,
+``--guidance-scale`` (the teacher's) and ``--student-guidance`` (LCM students with a guidance input) are passed
+through, and the protocol records the prompts' source, count and sha256 and the scales.
 ``--resume`` continues an interrupted runner in the same ``--out`` (a run longer than a session, a killed
 machine): a seed whose export exists is not trained again, a seed with a ``last.ckpt`` continues from it
 (``--ckpt_path``, the exact kill-and-resume of every method), the others train from the start.
@@ -357,6 +360,44 @@ def mean_over_eval_seeds(per_eval: Sequence[dict]) -> list[dict]:
     return out
 
 
+def text_options(prompts, guidance_scale: float = 1.0, student_guidance: float | None = None) -> dict:
+    """``evaluate_models``' text keywords from ``--prompts`` / ``--guidance-scale`` / ``--student-guidance``, checked
+    before any training: a prompt file is read now (:func:`~lightning_distill.evaluate.resolve_prompts`; a wrong
+    path fails before hours of training), ``captions`` is passed on (``evaluate`` reads the reference images'
+    captions), a scale below 1 is refused. Empty without prompts or scales, so other runs call ``evaluate`` as before."""
+    from .evaluate import resolve_prompts
+
+    for flag, g in (("--guidance-scale", guidance_scale), ("--student-guidance", student_guidance)):
+        if g is not None and not g >= 1:
+            raise ValueError(f"{flag} must be >= 1 (the pipelines' convention, 1: no guidance), got {g}")
+    if prompts is not None and not (isinstance(prompts, str) and prompts == "captions"):
+        prompts = resolve_prompts(prompts, "digits")  # the data only matters for "captions", passed on as it is
+    if prompts is None and guidance_scale == 1 and student_guidance is None:
+        return {}
+    return dict(prompts=prompts, guidance_scale=float(guidance_scale), student_guidance=student_guidance)
+
+
+def evaluation_text_protocol(out_dir: Path, eval_seeds: Sequence[int]) -> dict:
+    """The prompts (source, count, sha256) and guidance scales the evaluation's own ``protocol.json`` records
+    (those of its first evaluation seed: every seed's evaluation uses the same); empty for other evaluations."""
+    path = Path(out_dir) / (f"seed{eval_seeds[0]}" if len(eval_seeds) > 1 else "") / "protocol.json"
+    protocol = json.loads(path.read_text()) if path.is_file() else {}
+    if "prompts" not in protocol:
+        return {}
+    return {k: protocol.get(k) for k in ("prompts", "guidance_scale", "student_guidance")}
+
+
+def add_text_arguments(p: argparse.ArgumentParser) -> None:
+    """``evaluate``'s text-to-image options, passed through to its scoring (seeds, compare)."""
+    p.add_argument("--prompts", default=None, metavar="FILE|captions",
+                   help="text-to-image models: a prompt file (one per line, UTF-8; blank lines ignored) or 'captions' "
+                        "(the data folder's metadata.jsonl); image i gets prompt i %% P (as evaluate)")
+    p.add_argument("--guidance-scale", type=float, default=1.0,
+                   help="the text-to-image teacher's classifier-free guidance scale ('' as unconditional; 1: none)")
+    p.add_argument("--student-guidance", type=float, default=None,
+                   help="g of LCM students with a guidance input (they embed w = g - 1); other students: 1, as exported")
+
+
 def run_evaluation_data(data: dict) -> dict:
     """``evaluate_models``'s reference settings from a run's ``data`` config block: the images, size, channels
     and the train / val split it trained with (``split_seed``, ``val_fraction``: the reference is the train split,
@@ -428,7 +469,7 @@ def plot_spread(summary: Sequence[dict], path: Path, feat_name: str, num_samples
 
 def write_report(out: Path, summary: Sequence[dict], per_seed: Sequence[dict], protocol: dict) -> None:
     """results.md / results.csv / per_seed.csv / fd_vs_steps.png / protocol.json in ``out``."""
-    from .evaluate import TEACHER_SAMPLER
+    from .evaluate import TEACHER_SAMPLER, text_protocol_lines
     write_csv(out / "results.csv", summary, SUMMARY_FIELDS)
     write_csv(out / "per_seed.csv", per_seed, PER_SEED_FIELDS)
     (out / "protocol.json").write_text(json.dumps(protocol, indent=2) + "\n")
@@ -476,6 +517,7 @@ def write_report(out: Path, summary: Sequence[dict], per_seed: Sequence[dict], p
         f"{' '.join(map(str, protocol['eval_seeds']))} (the same noise for every seed's student and the teacher"
         + ("; a training seed's FD is its mean over them)" if len(protocol["eval_seeds"]) > 1 else ")"),
         f"- Students: their exported pipeline's scheduler; teacher: {TEACHER_SAMPLER}",
+        *text_protocol_lines(protocol),
         "- Median of an even number of seeds: the mean of the middle two",
         f"- Summary command: `{protocol['command']}`",
         "",
@@ -515,6 +557,9 @@ def run_seeds(
     command: str | None = None,
     log: Callable[[str], None] | None = None,
     resume: bool = False,
+    prompts: str | os.PathLike | Sequence[str] | None = None,
+    guidance_scale: float = 1.0,
+    student_guidance: float | None = None,
 ) -> list[dict]:
     """Train (unless ``skip_train``) and evaluate ``config`` once per seed; write the report; return the summary.
 
@@ -532,6 +577,9 @@ def run_seeds(
         name: the students' name in the tables (default: the config's ``method/preset``).
         command: the command line recorded in the protocol.
         resume: continue an interrupted runner in ``out`` (:func:`train_seeds`); not with ``skip_train``.
+        prompts, guidance_scale, student_guidance: text-to-image presets: ``evaluate``'s (a prompt file,
+            ``"captions"`` or the list; the teacher's classifier-free guidance; the g of LCM students with a guidance
+            input), recorded in the protocol.
 
     Returns:
         The summary rows (``SUMMARY_FIELDS``), one per model and step count.
@@ -555,6 +603,7 @@ def run_seeds(
         raise ValueError(f"--eval-seeds must be distinct noise seeds, got {eval_seeds}")
     if resume and skip_train:
         raise ValueError("--resume continues training and --skip-train trains nothing: give one of them")
+    text = text_options(prompts, guidance_scale, student_guidance)
     out = Path(out) if out is not None else default_out(config)
     name = name or "/".join(config.with_suffix("").parts[-2:])
     out.mkdir(parents=True, exist_ok=True)
@@ -576,7 +625,7 @@ def run_seeds(
     rows = evaluate_eval_seeds(
         eval_seeds, out / "evaluate", run_teacher(data), students=students, steps=steps, teacher_steps=teacher_steps,
         num_samples=num_samples, feature_net=feature_net, **run_evaluation_data(data), cache_dir=cache_dir,
-        device=device, log=log,
+        device=device, log=log, **text,
     )
     by_name = {f"seed_{r.seed}": r for r in runs}
     per_seed = []
@@ -603,6 +652,7 @@ def run_seeds(
         exports={str(r.seed): str(r.export) for r in runs},
         saved_configs={str(r.seed): str(r.saved_config) if r.saved_config else None for r in runs},
         command=command or f"python -m lightning_distill.seeds --config {config} --seeds {' '.join(map(str, seeds))}",
+        **evaluation_text_protocol(out / "evaluate", eval_seeds),
     )
     write_report(out, summary, per_seed, protocol)
     log(f"report: {out / 'results.md'}")
@@ -634,6 +684,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cache-dir", default=None, help="reference-statistics cache")
     p.add_argument("--device", default=None)
     p.add_argument("--name", default=None, help="the students' name in the tables (default: method/preset)")
+    add_text_arguments(p)
     return p
 
 
@@ -646,7 +697,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
         raise ValueError(f"--jobs must be at least 1, got {a.jobs}")
     summary = run_seeds(
         a.config, a.seeds, a.out, overrides, a.jobs, a.skip_train, a.steps, a.teacher_steps, a.num_samples,
-        a.eval_seeds, a.feature_net, a.cache_dir, a.device, a.name, resume=a.resume,
+        a.eval_seeds, a.feature_net, a.cache_dir, a.device, a.name, resume=a.resume, prompts=a.prompts,
+        guidance_scale=a.guidance_scale, student_guidance=a.student_guidance,
         command="python -m lightning_distill.seeds " + " ".join(shlex.quote(x) for x in argv),
     )
     out = Path(a.out) if a.out else default_out(Path(a.config))
