@@ -521,9 +521,10 @@ def evaluate_models(
     if teacher is not None:
         teacher.to(device)
     if image_size is None:
-        if teacher is None or teacher.is_latent:
-            raise ValueError("image_size is needed when there is no pixel-space teacher to take it from")
-        image_size = teacher.sample_size
+        if teacher is None:
+            raise ValueError("image_size is needed when there is no teacher to take it from")
+        # a latent teacher's pipeline default: its sample size times its VAE's scale factor (SD3: 128 x 8 = 1024)
+        image_size = teacher.sample_size * teacher.vae_scale_factor
     # every model loads before the feature network and the reference statistics, so a wrong student path
     # fails at once instead of after minutes of reference feature extraction
     models: list[tuple[Sampler, Sequence[int]]] = []
@@ -796,7 +797,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--feature-net", default="digits", help="digits, inception, or a saved classifier folder")
     p.add_argument("--feature-extractor-weights-path", default=None, help="Inception weights file (offline)")
     p.add_argument("--data", default="digits")
-    p.add_argument("--image-size", type=int, default=None, help="default: the teacher's sample size")
+    p.add_argument("--image-size", type=int, default=None,
+                   help="default: the teacher's resolution (a latent teacher's sample size x its VAE's scale factor)")
     p.add_argument("--channels", type=int, default=None)
     p.add_argument("--reference", choices=["train", "val", "all"], default="train")
     p.add_argument("--split-seed", type=int, default=0)

@@ -316,6 +316,11 @@ def test_teacher_guidance_scale_changes_images_and_cache_key_and_is_the_pipeline
         return next(r["fd"] for r in rows if r["kind"] == "teacher"), cached
 
     fd1, cached1 = run(1.0)
+    # without image_size a latent teacher is scored at its pipeline's default resolution, sample size x the VAE's
+    # scale factor (4 x 2 = 8 here: the same cell as above); it was refused before
+    rows = evaluate.evaluate_models(teacher, {}, teacher_steps=[2], prompts=PROMPTS, out_dir=tmp_path / "out_default",
+                                    **{**common(tmp_path, captioned), "image_size": None})
+    assert next(r["fd"] for r in rows if r["kind"] == "teacher") == fd1
     fd3, cached3 = run(3.0)
     assert fd1 != fd3 and not cached1 and not cached3
     _, cached_other = run(3.0, PROMPTS[:2])
