@@ -100,6 +100,15 @@ class Backbone:
     def is_text_conditional(self, model: nn.Module) -> bool:
         return self.text_conditional
 
+    def to_pipeline_layout(self, model: nn.Module, x: Tensor) -> Tensor:
+        """``x`` (B, C, H, W) in the layout the family's stock pipeline keeps its latents in while it steps the
+        scheduler (the identity here; Flux: packed)."""
+        return x
+
+    def from_pipeline_layout(self, model: nn.Module, x: Tensor, shape: tuple[int, ...]) -> Tensor:
+        """The inverse of :meth:`to_pipeline_layout`, back to ``shape`` (B, C, H, W)."""
+        return x
+
     def image_seq_len(self, model: nn.Module) -> int | None:
         """Tokens per sample, (H / patch) (W / patch); None when the config gives no resolution."""
         cfg = _config(model)
@@ -201,11 +210,23 @@ def flux_image_ids(h: int, w: int, device=None, dtype=None) -> Tensor:
     return ids.reshape(-1, 3).to(device=device, dtype=dtype)
 
 
+def flux_text_ids(encoder_hidden_states: Tensor) -> Tensor:
+    """Rotary position ids (L, 3) of the text tokens: zeros, one row per token of ``encoder_hidden_states``
+    (B, L, D), in its dtype (``FluxPipeline.encode_prompt``'s ``text_ids``)."""
+    return torch.zeros(encoder_hidden_states.shape[1], 3, device=encoder_hidden_states.device,
+                       dtype=encoder_hidden_states.dtype)
+
+
 class FluxBackbone(Backbone):
     """``FluxTransformer2DModel``: packed 2x2 latents, rotary ids, timestep s (not s * 1000), optional guidance.
 
     Its config has no resolution: the sample shape is ``config.sample_size`` when a config carries one,
     else ``FluxPipeline``'s default, 128 x 128 latents (1024 px).
+
+    Text keywords are ``FluxPipeline.encode_prompt``'s (:func:`~lightning_distill.teacher.flux_prompt_embeds`):
+    T5's sequence as ``encoder_hidden_states``, CLIP's pooled output as ``pooled_projections``; ``txt_ids``
+    (zeros, :func:`flux_text_ids`) and ``img_ids`` are built here when not given. ``guidance`` (B,): the embedded
+    guidance of a guidance-distilled network (Flux-dev), which the teacher puts among the prompt keywords.
     """
 
     classes = ("FluxTransformer2DModel",)
@@ -218,8 +239,8 @@ class FluxBackbone(Backbone):
         b, _, h, w = x_t.shape
         if guidance is None and _get(_config(model), "guidance_embeds", False):
             raise ConfigError("FluxTransformer2DModel with guidance_embeds needs a guidance scale: pass guidance (B,)")
-        if txt_ids is None:  # FluxPipeline: zeros (text length, 3) in the prompt embeddings' dtype
-            txt_ids = torch.zeros(encoder_hidden_states.shape[1], 3, device=x_t.device, dtype=x_t.dtype)
+        if txt_ids is None:  # FluxPipeline: zeros (text length, 3); zeros in any dtype are the same ids
+            txt_ids = flux_text_ids(encoder_hidden_states).to(device=x_t.device, dtype=x_t.dtype)
         if img_ids is None:
             img_ids = flux_image_ids(h, w, x_t.device, x_t.dtype)
         # FluxPipeline: timestep = t.expand(B).to(latents.dtype), passed as timestep / 1000 (the model
@@ -230,6 +251,14 @@ class FluxBackbone(Backbone):
             txt_ids=txt_ids, img_ids=img_ids, return_dict=False,
         )[0]
         return unpack_latents(out, h, w)
+
+    def to_pipeline_layout(self, model, x):
+        # FluxPipeline steps its scheduler on packed latents: a sampler's fresh noise (FlowMatchLCMScheduler) is
+        # drawn in that shape, so the same random numbers land on other pixels than in (B, C, H, W)
+        return pack_latents(x)
+
+    def from_pipeline_layout(self, model, x, shape):
+        return unpack_latents(x, shape[-2], shape[-1])
 
     def sample_shape(self, model):
         cfg = _config(model)
@@ -318,6 +347,18 @@ def image_seq_len(model: nn.Module) -> int | None:
     return backbone_for(model).image_seq_len(model)
 
 
+def to_pipeline_layout(model: nn.Module, x: Tensor) -> Tensor:
+    """Latents (B, C, H, W) in the layout ``model``'s stock pipeline steps its scheduler in (Flux: packed 2x2,
+    (B, HW/4, 4C); every other family: as they are). A sampling loop that steps the scheduler in this layout
+    draws a stochastic sampler's fresh noise as the pipeline does."""
+    return backbone_for(model).to_pipeline_layout(model, x)
+
+
+def from_pipeline_layout(model: nn.Module, x: Tensor, shape: tuple[int, ...]) -> Tensor:
+    """The inverse of :func:`to_pipeline_layout`: back to ``shape`` (B, C, H, W)."""
+    return backbone_for(model).from_pipeline_layout(model, x, shape)
+
+
 def prepare_student(model: nn.Module) -> nn.Module:
     """Make a copy of a teacher network fit to be a distilled student (DiT: no label dropout)."""
     if isinstance(backbone_for(model), DiTBackbone):
@@ -344,6 +385,8 @@ __all__ = [
     "call",
     "check_supported",
     "flux_image_ids",
+    "flux_text_ids",
+    "from_pipeline_layout",
     "image_seq_len",
     "is_class_conditional",
     "is_text_conditional",
@@ -352,5 +395,6 @@ __all__ = [
     "prepare_critic",
     "prepare_student",
     "sample_shape",
+    "to_pipeline_layout",
     "unpack_latents",
 ]

@@ -7,7 +7,10 @@ once the new one is complete.
 A LoRA student (:mod:`lightning_distill.lora`) is written the same way for every pipeline class
 (:func:`write_student_pipeline`): the folder holds the fused network (a stock model, no peft needed) and,
 beside it, the adapters as ``pytorch_lora_weights.safetensors``, which the *teacher's* pipeline loads with
-``load_lora_weights`` (SD UNets, SD3 transformers) or :func:`lightning_distill.lora.load_lora` (the others).
+``load_lora_weights`` (SD UNets, SD3 and Flux transformers) or :func:`lightning_distill.lora.load_lora` (the others).
+
+Text-to-image students go into their teacher family's stock pipeline (:func:`export_text_pipeline`):
+``StableDiffusionPipeline``, ``StableDiffusion3Pipeline`` (with T5 when the teacher has it), ``FluxPipeline``.
 """
 
 from __future__ import annotations
@@ -130,11 +133,12 @@ def export_pipeline(unet: nn.Module, scheduler, target: str | os.PathLike, vae: 
 
 def export_sd3_pipeline(transformer: nn.Module, scheduler, teacher, target: str | os.PathLike) -> Path:
     """Save an ``SD3Transformer2DModel`` student (float32) with ``scheduler`` and the SD3 ``teacher``'s VAE,
-    CLIP text encoders and tokenizers as a ``StableDiffusion3Pipeline`` folder, T5 absent; a LoRA student as
-    its fused transformer plus the adapter file (:func:`write_student_pipeline`: the teacher's pipeline +
-    ``load_lora_weights(folder)`` + this folder's scheduler samples as the student).
+    text encoders and tokenizers (T5 where the teacher has one) as a ``StableDiffusion3Pipeline`` folder; a LoRA
+    student as its fused transformer plus the adapter file (:func:`write_student_pipeline`: the teacher's pipeline
+    + ``load_lora_weights(folder)`` + this folder's scheduler samples as the student).
 
-    Load it with ``StableDiffusion3Pipeline.from_pretrained(path, text_encoder_3=None, tokenizer_3=None)``.
+    Load it with ``StableDiffusion3Pipeline.from_pretrained(path)``, T5-less folders with ``text_encoder_3=None,
+    tokenizer_3=None``.
     Its loop is :func:`~lightning_distill.sampling.text_to_image_loop` except that it passes no generator to
     ``scheduler.step``: deterministic samplers and one-step x0 samplers reproduce the framework's samples
     for the same generator; a multi-step ``FlowMatchLCMScheduler`` draws its fresh noise from torch's
@@ -147,10 +151,70 @@ def export_sd3_pipeline(transformer: nn.Module, scheduler, teacher, target: str 
     def make(net: nn.Module):
         return StableDiffusion3Pipeline(
             transformer=net, scheduler=scheduler, vae=t.vae, text_encoder=t.text_encoder, tokenizer=t.tokenizer,
-            text_encoder_2=t.text_encoder_2, tokenizer_2=t.tokenizer_2, text_encoder_3=None, tokenizer_3=None,
+            text_encoder_2=t.text_encoder_2, tokenizer_2=t.tokenizer_2,
+            text_encoder_3=getattr(t, "text_encoder_3", None), tokenizer_3=getattr(t, "tokenizer_3", None),
         )
 
     return write_student_pipeline(transformer, make, target)
+
+
+def export_flux_pipeline(transformer: nn.Module, scheduler, teacher, target: str | os.PathLike) -> Path:
+    """Save a ``FluxTransformer2DModel`` student (float32) with ``scheduler`` and the Flux ``teacher``'s VAE, CLIP
+    (``text_encoder``) and T5 (``text_encoder_2``) encoders and tokenizers as a ``FluxPipeline`` folder; a LoRA
+    student as its fused transformer plus the adapter file, which ``FluxPipeline.load_lora_weights`` reads
+    (:func:`write_student_pipeline`).
+
+    Its loop is :func:`~lightning_distill.sampling.text_to_image_loop` with ``FluxPipeline``'s steps
+    (:func:`~lightning_distill.sampling.set_pipeline_steps`) and, like SD3's, no generator passed to
+    ``scheduler.step`` (see :func:`export_sd3_pipeline`). Call it with ``guidance_scale`` = the teacher's
+    ``embedded_guidance`` for a guidance-distilled network (the value it was trained at; ignored otherwise), and
+    ``max_sequence_length`` = the teacher's when that is not the pipeline's 512.
+    """
+    from diffusers import FluxPipeline
+
+    t = teacher
+
+    def make(net: nn.Module):
+        return FluxPipeline(
+            transformer=net, scheduler=scheduler, vae=t.vae, text_encoder=t.text_encoder, tokenizer=t.tokenizer,
+            text_encoder_2=t.text_encoder_2, tokenizer_2=t.tokenizer_2,
+        )
+
+    return write_student_pipeline(transformer, make, target)
+
+
+def export_sd_pipeline(unet: nn.Module, scheduler, teacher, target: str | os.PathLike) -> Path:
+    """Save an SD1.5-style ``UNet2DConditionModel`` student with the teacher's VAE and text encoder as a
+    ``StableDiffusionPipeline`` folder (call it with ``guidance_scale=1``: the student samples the plain
+    conditional teacher's distribution, and its loop is ``sample()``'s)."""
+    from diffusers import StableDiffusionPipeline
+
+    t = teacher
+
+    def make(net: nn.Module):
+        return StableDiffusionPipeline(
+            vae=t.vae, text_encoder=t.text_encoder, tokenizer=t.tokenizer, unet=net, scheduler=scheduler,
+            safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+        )
+
+    return write_student_pipeline(unet, make, target)
+
+
+#: text-to-image network class -> the export writing its stock pipeline.
+TEXT_PIPELINE_EXPORTS = {
+    "UNet2DConditionModel": export_sd_pipeline,
+    "SD3Transformer2DModel": export_sd3_pipeline,
+    "FluxTransformer2DModel": export_flux_pipeline,
+}
+
+
+def export_text_pipeline(network: nn.Module, scheduler, teacher, target: str | os.PathLike) -> Path:
+    """Save a text-to-image student in its family's stock pipeline (:data:`TEXT_PIPELINE_EXPORTS`), with the text
+    encoders, tokenizers and VAE of ``teacher`` (a teacher, or :func:`~lightning_distill.text_cache.pipeline_parts`)."""
+    kind = type(getattr(network, "_orig_mod", network)).__name__
+    if kind not in TEXT_PIPELINE_EXPORTS:
+        raise ConfigError(f"no text-to-image pipeline export for {kind}; supported: {', '.join(TEXT_PIPELINE_EXPORTS)}")
+    return TEXT_PIPELINE_EXPORTS[kind](network, scheduler, teacher, target)
 
 
 # --- reading a trained student back ----------------------------------------------------------------

@@ -251,14 +251,24 @@ def text_to_image_loop(denoiser: Denoiser, scheduler, x: Tensor, generator: torc
     ``StableDiffusion3Pipeline``) from initial latents ``x``, with ``scheduler`` already ``set_timesteps``.
 
     Each step calls the network with the scheduler's timestep and the conditioning keywords ``cond``
-    (text embeddings, LCM's ``timestep_cond``), then ``scheduler.step(..., generator=generator)``. The result
+    (text embeddings, LCM's ``timestep_cond``), then ``scheduler.step(..., generator=generator)`` on the
+    latents in the layout the network's stock pipeline steps them in (``backbones.to_pipeline_layout``; Flux:
+    packed, so a multi-step ``FlowMatchLCMScheduler`` draws its fresh noise as ``FluxPipeline`` does). The result
     is the last step's x0 estimate where the scheduler returns one (``LCMScheduler``'s ``denoised``), else
     its last sample (``FlowMatch*Scheduler``s; ``FlowMatchLCMScheduler``'s last step lands on its x0).
     """
+    from . import backbones
+
+    net, shape = denoiser, x.shape
+    while not hasattr(net, "unet") and hasattr(net, "denoiser"):  # a wrapper of a Denoiser (metrics.GuidedNetwork)
+        net = net.denoiser
+    net = getattr(net, "unet", None)  # None (no network to ask): the latents' own layout
     denoised = x
     for t in scheduler.timesteps:
         out = denoiser.network(x, t, **cond)
-        x, *x0 = scheduler.step(out, t, x, generator=generator, return_dict=False)
+        x, *x0 = scheduler.step(backbones.to_pipeline_layout(net, out), t, backbones.to_pipeline_layout(net, x),
+                                generator=generator, return_dict=False)
+        x, x0 = backbones.from_pipeline_layout(net, x, shape), [backbones.from_pipeline_layout(net, v, shape) for v in x0]
         denoised = x0[0] if x0 else x
     return denoised
 

@@ -94,9 +94,28 @@ def _diffusers_class(name: str):
 
 
 #: optional components load_teacher reads beside the denoiser and scheduler.
-TEXT_AND_VAE = ("vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2", "text_encoder_3")
-#: the text encoder classes a teacher may hold (SD1.5: CLIPTextModel; SD3: CLIPTextModelWithProjection x 2).
-TEXT_ENCODERS = ("CLIPTextModel", "CLIPTextModelWithProjection")
+TEXT_AND_VAE = ("vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2", "text_encoder_3", "tokenizer_3")
+#: the text encoder classes a teacher may hold (SD1.5: CLIPTextModel; SD3: CLIPTextModelWithProjection x 2 and
+#: an optional T5EncoderModel; Flux: CLIPTextModel + T5EncoderModel).
+TEXT_ENCODERS = ("CLIPTextModel", "CLIPTextModelWithProjection", "T5EncoderModel")
+#: per denoiser class, the encoder folders its stock pipeline reads and the classes it reads there (the first:
+#: the default where model_index.json names none). StableDiffusion3Pipeline reads the projected pooled output
+#: (``text_embeds``) of both CLIPs; FluxPipeline the ``pooler_output`` of a plain CLIPTextModel and T5's sequence.
+FAMILY_TEXT_ENCODERS: dict[str, dict[str, tuple[str, ...]]] = {
+    "SD3Transformer2DModel": {
+        "text_encoder": ("CLIPTextModelWithProjection",), "text_encoder_2": ("CLIPTextModelWithProjection",),
+        "text_encoder_3": ("T5EncoderModel",),
+    },
+    "FluxTransformer2DModel": {"text_encoder": ("CLIPTextModel",), "text_encoder_2": ("T5EncoderModel",)},
+}
+#: every other denoiser (SD1.5-style UNets): one or two CLIP encoders, as before T5 was read.
+_CLIP_ONLY = {"text_encoder": TEXT_ENCODERS[:2], "text_encoder_2": TEXT_ENCODERS[:2]}
+#: the tokenizer class read for each encoder class (T5: the ``tokenizers``-backed fast tokenizer, which needs no
+#: sentencepiece; model_index.json's ``T5Tokenizer`` / ``T5TokenizerFast`` both read as it).
+TOKENIZER_FOR = {"CLIPTextModel": "CLIPTokenizer", "CLIPTextModelWithProjection": "CLIPTokenizer",
+                 "T5EncoderModel": "T5TokenizerFast"}
+#: the prompt length of the T5 part by denoiser class, the stock pipelines' ``max_sequence_length`` default.
+MAX_SEQUENCE_LENGTH = {"SD3Transformer2DModel": 256, "FluxTransformer2DModel": 512}
 
 
 def _read_model_index(path: Path) -> dict:
@@ -106,15 +125,55 @@ def _read_model_index(path: Path) -> dict:
         return {}
 
 
-def _text_encoder_class(index: dict, name: str):
-    """The transformers class of text encoder ``name``: model_index.json's entry, CLIPTextModel without one."""
+class TextEncoderError(TeacherError, ConfigError):
+    """A text encoder or tokenizer class the teacher's pipeline family does not read (a one-line ConfigError)."""
+
+
+def family_text_encoders(denoiser_class: str | None) -> dict[str, tuple[str, ...]]:
+    """Encoder folder -> the classes the stock pipeline of ``denoiser_class`` reads there (:data:`FAMILY_TEXT_ENCODERS`)."""
+    return FAMILY_TEXT_ENCODERS.get(denoiser_class or "", _CLIP_ONLY)
+
+
+def _text_encoder_class_name(index: dict, name: str, denoiser_class: str | None = None) -> str:
+    family = family_text_encoders(denoiser_class)
+    allowed = family.get(name)
+    if allowed is None:
+        raise TextEncoderError(
+            f"teacher {name}/: a {denoiser_class} pipeline reads no {name}/ (it reads "
+            f"{', '.join(f + '/' for f in family)}); remove it"
+        )
+    entry = index.get(name) or [None, allowed[0]]
+    cls = entry[1] if isinstance(entry, (list, tuple)) and len(entry) == 2 else None
+    if cls not in allowed:
+        raise TextEncoderError(
+            f"teacher {name}/ is a {cls}; a {denoiser_class or 'UNet'} teacher reads {' or '.join(allowed)} there "
+            f"(supported text encoders: {', '.join(TEXT_ENCODERS)})"
+        )
+    return cls
+
+
+def _text_encoder_class(index: dict, name: str, denoiser_class: str | None = None):
+    """The transformers class of text encoder ``name``: model_index.json's entry (CLIPTextModel, or the family's
+    default, without one), checked against what the pipeline of ``denoiser_class`` reads there."""
     import transformers
 
-    entry = index.get(name) or [None, "CLIPTextModel"]
-    cls = entry[1] if isinstance(entry, (list, tuple)) and len(entry) == 2 else None
-    if cls not in TEXT_ENCODERS:
-        raise TeacherError(f"teacher {name}/ is a {cls}; supported text encoders: {', '.join(TEXT_ENCODERS)}")
-    return getattr(transformers, cls)
+    return getattr(transformers, _text_encoder_class_name(index, name, denoiser_class))
+
+
+def _tokenizer_class(index: dict, name: str, encoder_class: str):
+    """The transformers class of tokenizer ``name`` (``tokenizer``, ``tokenizer_2``, ...): CLIPTokenizer beside a
+    CLIP encoder, T5TokenizerFast beside T5; a model_index.json entry of another kind is refused."""
+    import transformers
+
+    entry = index.get(name)
+    named = entry[1] if isinstance(entry, (list, tuple)) and len(entry) == 2 and entry[1] else None
+    want = TOKENIZER_FOR.get(encoder_class, "CLIPTokenizer")
+    if named is not None and named.removesuffix("Fast") != want.removesuffix("Fast"):
+        raise TextEncoderError(
+            f"teacher {name}/ is a {named} beside a {encoder_class}; supported tokenizers: "
+            f"{', '.join(sorted(set(TOKENIZER_FOR.values())))} (the first for CLIP encoders, the second for T5)"
+        )
+    return getattr(transformers, want)
 
 
 class DiffusionTeacher(nn.Module):
@@ -130,10 +189,15 @@ class DiffusionTeacher(nn.Module):
         source, revision: where it was loaded from; a teacher with a source is reloadable and is
             therefore left out of checkpoints (see ``DistillationMethod``).
         vae, text_encoder, tokenizer: latent / text-conditional teachers (LCM).
-        text_encoder_2, tokenizer_2: the second CLIP encoder of an SD3 teacher (``SD3Transformer2DModel``);
-            T5 (``text_encoder_3``) is absent, as ``StableDiffusion3Pipeline`` allows.
-        max_sequence_length: SD3 teachers: the length of the (zero) T5 part of the prompt embeddings,
-            ``StableDiffusion3Pipeline``'s ``max_sequence_length`` (256 there by default).
+        text_encoder_2, tokenizer_2: the second CLIP encoder of an SD3 teacher (``SD3Transformer2DModel``); the
+            T5 encoder of a Flux teacher (``FluxTransformer2DModel``; ``text_encoder`` is then its CLIP).
+        text_encoder_3, tokenizer_3: SD3's T5 encoder; None (absent, as ``StableDiffusion3Pipeline`` allows): the
+            T5 part of the prompt embeddings is zeros.
+        max_sequence_length: the T5 prompt length (SD3: also of the zero T5 part without T5), the pipelines'
+            ``max_sequence_length``; None: their default (SD3 256, Flux 512).
+        embedded_guidance: a guidance-distilled Flux network (``guidance_embeds``, Flux-dev) takes the guidance
+            scale as an input: ``FluxPipeline``'s ``guidance_scale`` (3.5 there by default). It rides with the
+            prompt keywords (:meth:`text_conditioning`), so teacher, student and export see the same value.
         clip_x0: clamp x0 estimates (pixel teachers); None for latent teachers.
 
     Example::
@@ -155,7 +219,10 @@ class DiffusionTeacher(nn.Module):
         clip_x0: float | None = 1.0,
         text_encoder_2: nn.Module | None = None,
         tokenizer_2=None,
-        max_sequence_length: int = 256,
+        max_sequence_length: int | None = None,
+        text_encoder_3: nn.Module | None = None,
+        tokenizer_3=None,
+        embedded_guidance: float = 3.5,
     ) -> None:
         super().__init__()
         try:
@@ -182,7 +249,12 @@ class DiffusionTeacher(nn.Module):
         self.tokenizer = tokenizer
         self.text_encoder_2 = text_encoder_2
         self.tokenizer_2 = tokenizer_2
-        self.max_sequence_length = max_sequence_length
+        self.text_encoder_3 = text_encoder_3
+        self.tokenizer_3 = tokenizer_3
+        if max_sequence_length is None:
+            max_sequence_length = MAX_SEQUENCE_LENGTH.get(type(getattr(unet, "_orig_mod", unet)).__name__, 256)
+        self.max_sequence_length = int(max_sequence_length)
+        self.embedded_guidance = float(embedded_guidance)
         # Filled by data.text_cache / data.release_encoders (lightning_distill/text_cache.py): prompt -> its text
         # keywords (batch 1), and a record of the encoders released (None while they are held).
         self.prompt_table: dict[str, dict[str, torch.Tensor]] = {}
@@ -281,18 +353,37 @@ class DiffusionTeacher(nn.Module):
         device = next(self.text_encoder.parameters()).device
         return self.text_encoder(input_ids.to(device))[0]
 
-    def text_inputs(self, prompts: list[str]) -> dict[str, torch.Tensor]:
-        """What a batch carries for ``prompts``: ``input_ids`` (and ``input_ids_2`` for a second CLIP tokenizer).
+    @property
+    def is_flux(self) -> bool:
+        """A Flux teacher: its second encoder is T5 (``FluxPipeline``), not a second CLIP."""
+        return isinstance(backbones.backbone_for(self.unet), backbones.FluxBackbone)
 
-        Both CLIP tokenizers pad and truncate to the *first* tokenizer's ``model_max_length``, as
-        ``StableDiffusion3Pipeline._get_clip_prompt_embeds`` does (``tokenizer_max_length``).
+    def text_inputs(self, prompts: list[str]) -> dict[str, torch.Tensor]:
+        """What a batch carries for ``prompts``: token ids ``input_ids`` (CLIP), and where the teacher has them:
+
+        * SD3: ``input_ids_2`` (the second CLIP), padded and truncated to the *first* tokenizer's
+          ``model_max_length`` as ``StableDiffusion3Pipeline._get_clip_prompt_embeds`` does; ``input_ids_3`` (T5,
+          ``max_sequence_length``, special tokens added), as its ``_get_t5_prompt_embeds``;
+        * Flux: ``input_ids_2`` (T5, ``max_sequence_length``), as ``FluxPipeline._get_t5_prompt_embeds``.
         """
+        prompts = list(prompts)
         inputs = {"input_ids": self.tokenize(prompts)}
+
+        def t5_ids(tokenizer) -> torch.Tensor:
+            return tokenizer(prompts, padding="max_length", max_length=self.max_sequence_length, truncation=True,
+                             add_special_tokens=True, return_tensors="pt").input_ids
+
+        if self.is_flux:
+            if self.tokenizer_2 is not None:
+                inputs["input_ids_2"] = t5_ids(self.tokenizer_2)
+            return inputs
         if self.tokenizer_2 is not None:
             inputs["input_ids_2"] = self.tokenizer_2(
-                list(prompts), padding="max_length", max_length=self.tokenizer.model_max_length, truncation=True,
+                prompts, padding="max_length", max_length=self.tokenizer.model_max_length, truncation=True,
                 return_tensors="pt",
             ).input_ids
+        if self.tokenizer_3 is not None:
+            inputs["input_ids_3"] = t5_ids(self.tokenizer_3)
         return inputs
 
     @torch.no_grad()
@@ -301,18 +392,43 @@ class DiffusionTeacher(nn.Module):
 
         SD1.5-style teachers: ``{"encoder_hidden_states"}`` (:meth:`encode_text`). SD3 teachers:
         ``{"encoder_hidden_states", "pooled_projections"}`` as ``StableDiffusion3Pipeline.encode_prompt``
-        gives them with T5 absent (:func:`sd3_prompt_embeds`).
+        gives them, with T5 or without (:func:`sd3_prompt_embeds`). Flux teachers: the same two keywords as
+        ``FluxPipeline.encode_prompt`` gives them (:func:`flux_prompt_embeds`; its ``text_ids`` are zeros the
+        backbone builds), plus ``guidance`` (B,) = ``embedded_guidance`` for a guidance-distilled network.
         """
-        if not isinstance(backbones.backbone_for(self.unet), backbones.SD3Backbone):
+        backbone = backbones.backbone_for(self.unet)
+        if isinstance(backbone, backbones.FluxBackbone):
+            if self.text_encoder is None or self.text_encoder_2 is None or "input_ids_2" not in inputs:
+                raise TeacherError(
+                    "a Flux teacher encodes prompts with CLIP (pooled) and T5 (sequence): it needs text_encoder/ and "
+                    "text_encoder_2/ (and their tokenizers), and the inputs input_ids and input_ids_2"
+                )
+            cond = flux_prompt_embeds(self.text_encoder, self.text_encoder_2, inputs["input_ids"], inputs["input_ids_2"])
+            if self.unet.config.get("guidance_embeds", False):  # FluxPipeline: full([1], g, float32).expand(B)
+                n = cond["pooled_projections"].shape[0]
+                cond["guidance"] = torch.full((n,), self.embedded_guidance, dtype=torch.float32,
+                                              device=cond["pooled_projections"].device)
+            return cond
+        if not isinstance(backbone, backbones.SD3Backbone):
             return {"encoder_hidden_states": self.encode_text(inputs["input_ids"])}
         if self.text_encoder is None or self.text_encoder_2 is None or "input_ids_2" not in inputs:
             raise TeacherError(
                 "an SD3 teacher encodes prompts with two CLIP encoders: it needs text_encoder/ and text_encoder_2/ "
                 "(and their tokenizers), and the inputs input_ids and input_ids_2"
             )
+        t5 = None
+        if self.text_encoder_3 is not None:
+            if "input_ids_3" not in inputs:
+                raise TeacherError("this SD3 teacher has a T5 text_encoder_3/: its inputs need input_ids_3 (text_inputs)")
+            t5 = (self.text_encoder_3, inputs["input_ids_3"])
+        elif "input_ids_3" in inputs:  # T5 ids from a teacher that had T5: zeros here would be another conditioning
+            raise TeacherError(
+                "the inputs carry T5 ids (input_ids_3) but this SD3 teacher has no text_encoder_3/: build it with the "
+                "T5 encoder of the teacher that tokenized them (DiffusionTeacher(text_encoder_3=..., tokenizer_3=...))"
+            )
         return sd3_prompt_embeds(
             (self.text_encoder, self.text_encoder_2), (inputs["input_ids"], inputs["input_ids_2"]),
-            int(self.unet.config.joint_attention_dim), self.max_sequence_length,
+            int(self.unet.config.joint_attention_dim), self.max_sequence_length, t5,
         )
 
     def encode_prompts(self, prompts: list[str]) -> dict[str, torch.Tensor]:
@@ -338,14 +454,16 @@ class DiffusionTeacher(nn.Module):
 @torch.no_grad()
 def sd3_prompt_embeds(
     text_encoders: tuple[nn.Module, nn.Module], input_ids: tuple[torch.Tensor, torch.Tensor], joint_attention_dim: int,
-    max_sequence_length: int = 256,
+    max_sequence_length: int = 256, t5: tuple[nn.Module, torch.Tensor] | None = None,
 ) -> dict[str, torch.Tensor]:
-    """``StableDiffusion3Pipeline.encode_prompt`` with T5 absent (``text_encoder_3=None``), from token ids.
+    """``StableDiffusion3Pipeline.encode_prompt`` from token ids, with T5 (``t5`` = (encoder, ids)) or without.
 
     * each CLIP encoder's penultimate hidden state (``clip_skip`` None), cast to the first encoder's dtype,
-      concatenated on the feature axis and zero-padded to the transformer's ``joint_attention_dim``;
-    * then the T5 part: zeros (B, ``max_sequence_length``, joint_attention_dim), appended on the token axis;
-    * ``pooled_projections``: the two encoders' projected pooled outputs (``text_embeds``), concatenated.
+      concatenated on the feature axis and zero-padded to the T5 width;
+    * then the T5 part, appended on the token axis: T5's last hidden state (B, ``max_sequence_length``, d) in its
+      own dtype, or without T5 zeros (B, ``max_sequence_length``, joint_attention_dim);
+    * ``pooled_projections``: the two CLIP encoders' projected pooled outputs (``text_embeds``), concatenated
+      (T5 has no part in them).
 
     Returns:
         ``{"encoder_hidden_states": (B, L1 + max_sequence_length, joint_attention_dim),
@@ -358,10 +476,32 @@ def sd3_prompt_embeds(
         pooled.append(out[0])
         hidden.append(out.hidden_states[-2].to(dtype))
     clip = torch.cat(hidden, dim=-1)
-    # the pipeline pads to the T5 width, which without T5 is joint_attention_dim
-    clip = torch.nn.functional.pad(clip, (0, joint_attention_dim - clip.shape[-1]))
-    t5 = torch.zeros(clip.shape[0], max_sequence_length, joint_attention_dim, device=clip.device, dtype=dtype)
-    return {"encoder_hidden_states": torch.cat([clip, t5], dim=-2), "pooled_projections": torch.cat(pooled, dim=-1)}
+    if t5 is None:
+        t5_embeds = torch.zeros(clip.shape[0], max_sequence_length, joint_attention_dim, device=clip.device, dtype=dtype)
+    else:
+        encoder, ids = t5
+        t5_embeds = encoder(ids.to(encoder.device))[0].to(device=clip.device, dtype=encoder.dtype)
+    # the pipeline pads the CLIP features to the T5 width (joint_attention_dim for its zeros)
+    clip = torch.nn.functional.pad(clip, (0, t5_embeds.shape[-1] - clip.shape[-1]))
+    return {"encoder_hidden_states": torch.cat([clip, t5_embeds], dim=-2), "pooled_projections": torch.cat(pooled, dim=-1)}
+
+
+@torch.no_grad()
+def flux_prompt_embeds(
+    clip: nn.Module, t5: nn.Module, clip_input_ids: torch.Tensor, t5_input_ids: torch.Tensor,
+) -> dict[str, torch.Tensor]:
+    """``FluxPipeline.encode_prompt`` from token ids (``prompt_2`` = ``prompt``, no LoRA scale).
+
+    * ``pooled_projections``: the CLIPTextModel's ``pooler_output`` (B, D_clip), in its dtype (Flux reads only
+      CLIP's pooled output);
+    * ``encoder_hidden_states``: T5's last hidden state (B, ``max_sequence_length``, D_t5), in T5's dtype.
+
+    The pipeline's third output, ``text_ids``, is zeros (L, 3): :class:`~lightning_distill.backbones.FluxBackbone`
+    builds it (:func:`~lightning_distill.backbones.flux_text_ids`), so it stays out of the batched keywords.
+    """
+    pooled = clip(clip_input_ids.to(clip.device), output_hidden_states=False).pooler_output.to(clip.dtype)
+    hidden = t5(t5_input_ids.to(t5.device), output_hidden_states=False)[0].to(device=pooled.device, dtype=t5.dtype)
+    return {"encoder_hidden_states": hidden, "pooled_projections": pooled}
 
 
 def image_seq_len(unet: nn.Module) -> int | None:
@@ -446,18 +586,21 @@ def load_teacher(
     dtype: Literal["float32", "bfloat16", "float16"] = "float32",
     prediction_type: PredictionType | None = None,
     clip_x0: float | None | Literal["scheduler"] = "scheduler",
-    max_sequence_length: int = 256,
+    max_sequence_length: int | None = None,
+    embedded_guidance: float = 3.5,
 ) -> DiffusionTeacher:
     """Load a frozen teacher from a diffusers folder (``unet/`` or ``transformer/``, + ``scheduler/``) or a hub id.
 
     The denoiser may be any class of :data:`lightning_distill.backbones.SUPPORTED` (UNets, DiT, SD3,
     Flux, SANA transformers); ``model_index.json`` says whether it lives in ``unet/`` or ``transformer/``.
 
-    Text encoders: ``text_encoder/`` + ``tokenizer/`` (CLIP, SD1.5-style), and for an SD3 folder also
-    ``text_encoder_2/`` + ``tokenizer_2/``; each encoder's class (``CLIPTextModel`` or
-    ``CLIPTextModelWithProjection``) is read from ``model_index.json`` (``CLIPTextModel`` without one). A T5
-    ``text_encoder_3/`` is refused (save the folder with ``text_encoder_3=None``); ``max_sequence_length`` is
-    the length of the zero T5 part of SD3 prompt embeddings (:func:`sd3_prompt_embeds`).
+    Text encoders: ``text_encoder/`` + ``tokenizer/`` (CLIP, SD1.5-style); an SD3 folder also ``text_encoder_2/``
+    + ``tokenizer_2/`` (the second CLIP) and optionally ``text_encoder_3/`` + ``tokenizer_3/`` (T5); a Flux folder
+    ``text_encoder/`` (CLIPTextModel) + ``text_encoder_2/`` (T5EncoderModel) and their tokenizers. Each encoder's
+    class is read from ``model_index.json`` and checked against what the family's pipeline reads there
+    (:data:`FAMILY_TEXT_ENCODERS`; a :class:`TextEncoderError` names the supported ones); T5 tokenizers are read
+    as ``T5TokenizerFast``. ``max_sequence_length``: the T5 prompt length (None: the pipeline's, SD3 256, Flux
+    512); ``embedded_guidance``: the guidance input of a guidance-distilled Flux network (:class:`DiffusionTeacher`).
 
     Hub ids need a network the first time; with ``HF_HUB_OFFLINE=1`` (or no network) a teacher already in the
     local Hugging Face cache loads from there. Weights are read from safetensors, or from a ``.bin`` with
@@ -506,11 +649,11 @@ def load_teacher(
                 index = diffusers.DiffusionPipeline.load_config(hub_id, revision=revision)
             except Exception as err:
                 raise TeacherError(f"teacher {hub_id!r}: cannot read model_index.json ({err})") from err
-    if has["text_encoder_3"]:
-        raise TeacherError(
-            f"teacher {source}: a T5 text_encoder_3/ is not supported yet; SD3 teachers are read with T5 absent "
-            "(save the pipeline with text_encoder_3=None, tokenizer_3=None)"
-        )
+    # every encoder's class, checked against the denoiser family before any weights load
+    encoder_classes = {
+        n: _text_encoder_class_name(index, n, unet_cls.__name__)
+        for n in ("text_encoder", "text_encoder_2", "text_encoder_3") if has[n]
+    }
     if has["vae"]:  # the VAE's class, before any weights load: only AutoencoderKL's latent_dist is read
         import diffusers
 
@@ -543,28 +686,25 @@ def load_teacher(
         raise
     except Exception as err:
         raise TeacherError(f"teacher {location}: could not load {sub}/ or scheduler/ ({type(err).__name__}: {err})") from err
-    vae = text_encoder = tokenizer = text_encoder_2 = tokenizer_2 = None
+    vae = None
     if has["vae"]:
         import diffusers
 
         vae = diffusers.AutoencoderKL.from_pretrained(location, subfolder="vae", **model_kwargs)
         clip_x0 = None  # latents are not bounded to [-1, 1]
-    if has["text_encoder"]:
-        text_encoder = _text_encoder_class(index, "text_encoder").from_pretrained(
-            location, subfolder="text_encoder", torch_dtype=torch_dtype, **kwargs
-        )
-    if has["tokenizer"]:
-        import transformers
+    text = {}
+    for n, tok in (("text_encoder", "tokenizer"), ("text_encoder_2", "tokenizer_2"), ("text_encoder_3", "tokenizer_3")):
+        text[n] = text[tok] = None
+        if has[n]:
+            import transformers
 
-        tokenizer = transformers.CLIPTokenizer.from_pretrained(location, subfolder="tokenizer", **kwargs)
-    if has["text_encoder_2"]:
-        text_encoder_2 = _text_encoder_class(index, "text_encoder_2").from_pretrained(
-            location, subfolder="text_encoder_2", torch_dtype=torch_dtype, **kwargs
-        )
-    if has["tokenizer_2"]:
-        import transformers
-
-        tokenizer_2 = transformers.CLIPTokenizer.from_pretrained(location, subfolder="tokenizer_2", **kwargs)
+            text[n] = getattr(transformers, encoder_classes[n]).from_pretrained(
+                location, subfolder=n, torch_dtype=torch_dtype, **kwargs
+            )
+        if has[tok]:  # the tokenizer kind follows the encoder beside it (CLIP without one)
+            default = family_text_encoders(unet_cls.__name__).get(n, ("CLIPTextModel",))[0]
+            cls = _tokenizer_class(index, tok, encoder_classes.get(n, default))
+            text[tok] = cls.from_pretrained(location, subfolder=tok, **kwargs)
     return DiffusionTeacher(
         unet,
         scheduler,
@@ -572,10 +712,13 @@ def load_teacher(
         source=str(source),
         revision=revision,
         vae=vae,
-        text_encoder=text_encoder,
-        tokenizer=tokenizer,
+        text_encoder=text["text_encoder"],
+        tokenizer=text["tokenizer"],
         clip_x0=clip_x0,
-        text_encoder_2=text_encoder_2,
-        tokenizer_2=tokenizer_2,
+        text_encoder_2=text["text_encoder_2"],
+        tokenizer_2=text["tokenizer_2"],
         max_sequence_length=max_sequence_length,
+        text_encoder_3=text["text_encoder_3"],
+        tokenizer_3=text["tokenizer_3"],
+        embedded_guidance=embedded_guidance,
     )

@@ -1,7 +1,8 @@
 """Prompt embeddings computed once, cached on disk, and the text encoders released (#23 item 4).
 
 A text-conditional teacher's methods need the prompt embeddings (the denoiser's text keywords:
-``encoder_hidden_states``, SD3 also ``pooled_projections``), not the encoders: with ``data.text_cache`` /
+``encoder_hidden_states``, SD3 and Flux also ``pooled_projections``, guidance-distilled Flux its ``guidance``), not
+the encoders: with ``data.text_cache`` /
 ``data.release_encoders`` (:class:`~lightning_distill.data.TeacherDataModule`) every caption is encoded once
 at setup (:func:`caption_embeddings`, a ``.pt`` file reused while its key matches), batches carry the
 embeddings (``batch["text_cond"]``), and the few prompts a method samples with (``""``, ``sample_prompt``)
@@ -14,7 +15,8 @@ Storage: the embeddings are stored with their trailing all-zero slices cut off a
 (:class:`TextEmbeddings`). For SD3 with T5 absent most of ``encoder_hidden_states`` is such zeros: the
 zero T5 tokens (256 of 333) and the padding of the CLIP features to ``joint_attention_dim`` (2,048 of 4,096),
 so the cache holds 77 x 2,048 of 333 x 4,096 values per caption (11.6 %). Cutting only exact zeros that
-span the whole data set and padding zeros back is lossless.
+span the whole data set and padding zeros back is lossless. With T5 (SD3's ``text_encoder_3``, Flux's
+``text_encoder_2``) the T5 tokens are not zeros and are stored whole.
 """
 
 from __future__ import annotations
@@ -33,8 +35,10 @@ from torch import Tensor
 
 from .checkpoint_io import atomic_torch_save
 
-#: the teacher's text encoders, in the order load_teacher reads them.
-TEXT_ENCODER_NAMES = ("text_encoder", "text_encoder_2")
+#: the teacher's text encoders, in the order load_teacher reads them (SD3's T5 is the third, Flux's the second).
+TEXT_ENCODER_NAMES = ("text_encoder", "text_encoder_2", "text_encoder_3")
+#: their tokenizers, in the same order.
+TOKENIZER_NAMES = ("tokenizer", "tokenizer_2", "tokenizer_3")
 
 
 @dataclass(frozen=True)
@@ -44,7 +48,7 @@ class Released:
     source: str | None
     revision: str | None
     dtype: torch.dtype
-    modules: tuple[str, ...]  # "text_encoder", "text_encoder_2", "vae.encoder"
+    modules: tuple[str, ...]  # "text_encoder", "text_encoder_2", "text_encoder_3", "vae.encoder"
     nbytes: int  # parameter bytes released
 
 
@@ -135,8 +139,10 @@ def cache_key(teacher, source: str, revision: str | None, prompts: list[str]) ->
 
 def encoder_key(teacher) -> dict:
     """What a prompt's embedding depends on besides its text: the encoder settings (classes and configs,
-    dtype, tokenizer length, SD3's T5 length and joint width), the encoders' weights and the tokenizers'
-    vocabularies (``settings`` and ``weights`` digests; also in the teacher pairs' key)."""
+    dtype, tokenizer length, the T5 length and SD3's joint width, a guidance-distilled Flux network's embedded
+    guidance), the encoders' weights and the tokenizers' vocabularies (``settings`` and ``weights`` digests; also
+    in the teacher pairs' key). Teachers without T5 or guidance input keep the digests they had before either
+    was read, so their caches stay valid."""
     from .nn_utils import content_digest
 
     encoders = {n: {"class": type(m).__name__, "config": m.config.to_dict()}
@@ -147,8 +153,12 @@ def encoder_key(teacher) -> dict:
         "max_sequence_length": teacher.max_sequence_length, "denoiser": type(teacher.unet).__name__,
         "joint_attention_dim": dict(teacher.unet.config).get("joint_attention_dim"),
     }
+    if getattr(teacher, "tokenizer_3", None) is not None:
+        settings["has_tokenizer_3"] = True
+    if getattr(teacher, "is_flux", False) and dict(teacher.unet.config).get("guidance_embeds"):
+        settings["embedded_guidance"] = teacher.embedded_guidance  # it rides with the keywords (text_conditioning)
     digest = lambda obj: hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()  # noqa: E731
-    tokenizers = [t.get_vocab() for t in (teacher.tokenizer, teacher.tokenizer_2) if t is not None]
+    tokenizers = [t.get_vocab() for n in TOKENIZER_NAMES if (t := getattr(teacher, n, None)) is not None]
     weights = content_digest(*_encoders(teacher), digest(tokenizers))
     return {"settings": digest(settings), "weights": weights}
 
@@ -225,20 +235,23 @@ def pipeline_parts(teacher):
 
     from .teacher import _read_model_index, _text_encoder_class, resolve_teacher_source
 
+    denoiser_class = type(getattr(teacher.unet, "_orig_mod", teacher.unet)).__name__
+
     folder, hub_id = resolve_teacher_source(rel.source)
     location, kwargs = (str(folder), {}) if folder is not None else (hub_id, {"revision": rel.revision})
     index = _read_model_index(folder / "model_index.json") if folder is not None else (
         diffusers.DiffusionPipeline.load_config(hub_id, revision=rel.revision))
-    parts = {n: getattr(teacher, n) for n in ("vae", "tokenizer", "tokenizer_2", *TEXT_ENCODER_NAMES)}
+    parts = {n: getattr(teacher, n, None) for n in ("vae", *TOKENIZER_NAMES, *TEXT_ENCODER_NAMES)}
     for n in TEXT_ENCODER_NAMES:
         if n in rel.modules:
-            parts[n] = _text_encoder_class(index, n).from_pretrained(location, subfolder=n, torch_dtype=rel.dtype, **kwargs)
+            parts[n] = _text_encoder_class(index, n, denoiser_class).from_pretrained(
+                location, subfolder=n, torch_dtype=rel.dtype, **kwargs)
     if "vae.encoder" in rel.modules:
         parts["vae"] = diffusers.AutoencoderKL.from_pretrained(location, subfolder="vae", torch_dtype=rel.dtype, **kwargs)
     return SimpleNamespace(**parts)
 
 
 __all__ = [
-    "Released", "TextEmbeddings", "cache_key", "caption_embeddings", "encode_captions", "encoder_key", "nonzero_extent", "pad_to",
+    "TEXT_ENCODER_NAMES", "TOKENIZER_NAMES", "Released", "TextEmbeddings", "cache_key", "caption_embeddings", "encode_captions", "encoder_key", "nonzero_extent", "pad_to",
     "parameter_bytes", "pipeline_parts", "release_encoders", "remember_prompts",
 ]

@@ -3,7 +3,8 @@
 transformer/ (SD3Transformer2DModel, 2 layers, 8x8 latents, patch 2), vae/ (AutoencoderKL, factor 2, SD3's
 scaling and shift factors), text_encoder/ + text_encoder_2/ (CLIPTextModelWithProjection of different widths,
 16 and 24, so a swapped or mis-concatenated encoder shows), tokenizer/ + tokenizer_2/ (the character-level
-CLIPTokenizer of tests/test_lcm.py), text_encoder_3 / tokenizer_3 absent (None, as the pipeline allows) and
+CLIPTokenizer of tests/test_lcm.py), text_encoder_3 / tokenizer_3 absent (None, as the pipeline allows; with
+``t5=True`` a T5EncoderModel of width joint_attention_dim and the tiny T5TokenizerFast of tests/_flux.py) and
 scheduler/ (FlowMatchEulerDiscreteScheduler, shift 3 as SD3). The CLIP features concatenate to 16 + 24 = 40,
 zero-padded to joint_attention_dim 48; the pooled projections to 8 + 12 = 20 = pooled_projection_dim.
 Images are 16 x 16 pixels (latents 4 x 8 x 8).
@@ -43,8 +44,9 @@ def tiny_sd3_transformer(seed: int = 0):
     )
 
 
-def write_tiny_sd3(path: Path, seed: int = 0) -> Path:
-    """Build the tiny SD3 stack and save it with ``StableDiffusion3Pipeline.save_pretrained``; returns ``path``."""
+def write_tiny_sd3(path: Path, seed: int = 0, t5: bool = False) -> Path:
+    """Build the tiny SD3 stack and save it with ``StableDiffusion3Pipeline.save_pretrained``; returns ``path``.
+    ``t5``: with a tiny T5 ``text_encoder_3`` / ``tokenizer_3`` (SD3.5's third encoder)."""
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
     from transformers import CLIPTokenizer
 
@@ -62,10 +64,16 @@ def write_tiny_sd3(path: Path, seed: int = 0) -> Path:
         up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"), block_out_channels=(8, 16), latent_channels=4,
         norm_num_groups=4, sample_size=IMAGE_SIZE, scaling_factor=1.5305, shift_factor=0.0609,
     )
+    text_encoder_3 = tokenizer_3 = None
+    if t5:
+        from _flux import tiny_t5, tiny_t5_tokenizer
+
+        tokenizer_3 = tiny_t5_tokenizer()
+        text_encoder_3 = tiny_t5(len(tokenizer_3), width=JOINT_ATTENTION_DIM, seed=seed + 4)
     pipe = StableDiffusion3Pipeline(
         transformer=tiny_sd3_transformer(seed + 3), scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), vae=vae,
         text_encoder=encoders[0], tokenizer=tokenizer, text_encoder_2=encoders[1], tokenizer_2=tokenizer,
-        text_encoder_3=None, tokenizer_3=None,
+        text_encoder_3=text_encoder_3, tokenizer_3=tokenizer_3,
     )
     pipe.save_pretrained(path)
     return path

@@ -75,10 +75,14 @@ def test_sd3_text_conditioning_drives_the_transformer_as_the_pipeline(tiny_sd3_d
 
 
 def test_sd3_refusals(tiny_sd3_dir, tmp_path):
-    t5 = tmp_path / "with-t5"
+    # a text_encoder_3/ other than T5 is refused by name, with the supported classes (T5 itself: tests/test_sd3_t5.py)
+    t5 = tmp_path / "clip-as-t5"
     shutil.copytree(tiny_sd3_dir, t5)
-    (t5 / "text_encoder_3").mkdir()
-    with pytest.raises(TeacherError, match="T5 text_encoder_3/ is not supported"):
+    shutil.copytree(t5 / "text_encoder", t5 / "text_encoder_3")
+    index = json.loads((t5 / "model_index.json").read_text())
+    (t5 / "model_index.json").write_text(json.dumps({**index, "text_encoder_3": ["transformers", "CLIPTextModel"]}))
+    with pytest.raises(TeacherError, match=r"text_encoder_3/ is a CLIPTextModel; a SD3Transformer2DModel teacher reads "
+                                           r"T5EncoderModel there \(supported text encoders: .*T5EncoderModel\)"):
         load_teacher(str(t5))
     # a VAE other than AutoencoderKL (SANA's AutoencoderDC) is refused by name, before any weights load
     dc = tmp_path / "dc-vae"
@@ -200,14 +204,17 @@ def test_sd3_lcm_debug_preset(tiny_sd3_dir, sd3_captioned, tmp_path):
 # --- consistency distillation and DMD2 on the SD3 stack (methods/text.py) --------------------------------
 
 
-def assert_export_reproduces(method, folder, steps: int, seed: int, prompts=("a red cat", "a blue dog")):
+def assert_export_reproduces(method, folder, steps: int, seed: int, prompts=("a red cat", "a blue dog"),
+                             load_kwargs: dict | None = None):
     """The exported StableDiffusion3Pipeline (guidance_scale=1) gives method.sample's latents for one generator;
     beyond one step torch's global generator gets the state the generator has after the initial latents
-    (the pipeline steps the scheduler without the generator; see methods/lcm.py)."""
+    (the pipeline steps the scheduler without the generator; see methods/lcm.py). ``load_kwargs``: of
+    ``from_pretrained`` (default: T5 absent; ``{}`` for a folder with T5)."""
     from diffusers import FlowMatchLCMScheduler, StableDiffusion3Pipeline
     from diffusers.utils.torch_utils import randn_tensor
 
-    pipe = StableDiffusion3Pipeline.from_pretrained(folder, text_encoder_3=None, tokenizer_3=None)
+    kw = {"text_encoder_3": None, "tokenizer_3": None} if load_kwargs is None else load_kwargs
+    pipe = StableDiffusion3Pipeline.from_pretrained(folder, **kw)
     assert isinstance(pipe.scheduler, FlowMatchLCMScheduler)
     ours = method.sample(len(prompts), steps, torch.Generator().manual_seed(seed), prompts=list(prompts))
     g = torch.Generator().manual_seed(seed)

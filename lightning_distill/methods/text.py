@@ -1,15 +1,20 @@
 """Text-to-image students for methods whose maths does not depend on the conditioning (#23 item 2).
 
 A method that conditions every network on the same keywords (consistency distillation, DMD2) needs three
-things from a text-conditional (SD3) teacher, gathered here once:
+things from a text-conditional (SD3, Flux) teacher, gathered here once:
 
 * the keywords of a batch: :meth:`TextToImageMixin.text_cond`, the teacher's ``text_conditioning`` of the
-  batch's token ids (SD3: ``encoder_hidden_states`` + ``pooled_projections``), in float32, or the batch's
-  precomputed ``text_cond`` (``data.text_cache`` / ``data.release_encoders``, :mod:`lightning_distill.text_cache`);
+  batch's token ids (SD3, Flux: ``encoder_hidden_states`` + ``pooled_projections``; guidance-distilled Flux also
+  ``guidance``), in float32, or the batch's precomputed ``text_cond`` (``data.text_cache`` /
+  ``data.release_encoders``, :mod:`lightning_distill.text_cache`);
 * sampling from prompts: :meth:`TextToImageMixin.sample` takes ``prompts`` (default: ``sample_prompt``) or
   ``prompt_embeds`` and runs the text pipelines' loop (:func:`~lightning_distill.sampling.text_to_image_sample`);
-* export: an ``SD3Transformer2DModel`` student becomes a ``StableDiffusion3Pipeline`` folder with the
-  method's sampler (:func:`~lightning_distill.export.export_sd3_pipeline`), called with ``guidance_scale=1``.
+* export: the student goes into its family's stock pipeline with the method's sampler
+  (:func:`~lightning_distill.export.export_text_pipeline`): ``StableDiffusion3Pipeline`` (SD3),
+  ``FluxPipeline`` (Flux), ``StableDiffusionPipeline`` (SD1.5-style UNets).
+
+The teacher layer owns every family's conversions (token ids -> keywords, ``teacher.text_conditioning``; Flux's
+packing, ids and guidance input, :mod:`~lightning_distill.backbones`), so nothing here branches on the family.
 
 Unconditional and class-conditional students go to the method's base class unchanged. Guidance: a
 method may guide its teacher with :class:`GuidedScore` (DMD2's ``real_guidance_scale``: the real score is
@@ -63,7 +68,7 @@ class GuidedScore:
 
 
 class TextToImageMixin:
-    """Text conditioning, prompt sampling and SD3 export; put it before the method's base class."""
+    """Text conditioning, prompt sampling and text-to-image pipeline export; put it before the method's base class."""
 
     @property
     def text_conditional(self) -> bool:
@@ -110,31 +115,24 @@ class TextToImageMixin:
         return self.sample(batch["x"].shape[0], self.hparams.sample_steps, gen, prompt_embeds=self.text_cond(batch))
 
     def export(self, target, use_ema: bool = True):
-        """The base export; an SD3 student as a ``StableDiffusion3Pipeline`` folder (the sampler of
-        ``sample_steps``; load with ``text_encoder_3=None, tokenizer_3=None``, call with ``guidance_scale=1``), an
-        SD1.5-style ``UNet2DConditionModel`` student as a ``StableDiffusionPipeline`` folder (the teacher's VAE and
-        text encoder; call it with ``guidance_scale=1``; before, it was written as an unusable ``DDPMPipeline``).
-        A LoRA student (``student_lora``) is written fused, with its adapters beside it in the file the teacher's
-        pipeline reads with ``load_lora_weights`` (:func:`~lightning_distill.export.write_student_pipeline`)."""
+        """The base export; a text-to-image student as its family's stock pipeline folder with the sampler of
+        ``sample_steps`` and the teacher's VAE, text encoders and tokenizers
+        (:func:`~lightning_distill.export.export_text_pipeline`): an SD3 student as ``StableDiffusion3Pipeline``
+        (T5-less folders load with ``text_encoder_3=None, tokenizer_3=None``), a Flux student as ``FluxPipeline``
+        (call it with ``guidance_scale`` = the teacher's ``embedded_guidance``, which a guidance-distilled network
+        was trained at), an SD1.5-style ``UNet2DConditionModel`` as ``StableDiffusionPipeline``; call SD and SD3
+        with ``guidance_scale=1`` (the student samples the plain conditional teacher's distribution). A LoRA student
+        (``student_lora``) is written fused, with its adapters beside it in the file the teacher's pipeline reads
+        with ``load_lora_weights`` (:func:`~lightning_distill.export.write_student_pipeline`)."""
+        from ..export import TEXT_PIPELINE_EXPORTS, export_text_pipeline
+
         den = self.sampling_denoiser() if use_ema else self.student
-        kind = type(den.unet).__name__
-        if not self.text_conditional or kind not in ("SD3Transformer2DModel", "UNet2DConditionModel"):
+        if not self.text_conditional or type(den.unet).__name__ not in TEXT_PIPELINE_EXPORTS:
             return super().export(target, use_ema)
-        from ..export import export_sd3_pipeline, write_student_pipeline
         from ..text_cache import pipeline_parts
 
         parts = pipeline_parts(self.teacher)  # encoders read back from the source when released
-        scheduler = self.sampling_scheduler(self.hparams.sample_steps)
-        if kind == "SD3Transformer2DModel":
-            return export_sd3_pipeline(den.unet, scheduler, parts, target)
-        # an SD1.5-style UNet: the teacher's StableDiffusionPipeline around the student (call it with
-        # guidance_scale=1: the student samples the plain conditional teacher's distribution, its loop is sample()'s)
-        from diffusers import StableDiffusionPipeline
-
-        return write_student_pipeline(den.unet, lambda unet: StableDiffusionPipeline(
-            vae=parts.vae, text_encoder=parts.text_encoder, tokenizer=parts.tokenizer, unet=unet, scheduler=scheduler,
-            safety_checker=None, feature_extractor=None, requires_safety_checker=False,
-        ), target)
+        return export_text_pipeline(den.unet, self.sampling_scheduler(self.hparams.sample_steps), parts, target)
 
 
 __all__ = ["GuidedScore", "TextToImageMixin"]
