@@ -131,14 +131,29 @@ def export_pipeline(unet: nn.Module, scheduler, target: str | os.PathLike, vae: 
     return write_student_pipeline(unet, lambda net: make_pipeline(net, scheduler, vae), target)
 
 
+def float32_parts(parts, *names: str) -> dict[str, nn.Module | None]:
+    """The named pipeline parts of ``parts`` (a teacher, or :func:`~lightning_distill.text_cache.pipeline_parts`)
+    in float32 on the CPU, as the student is written: a folder whose parts differ in dtype (a bf16 teacher's text
+    encoders beside the float32 student) fails when loaded with a plain ``from_pretrained`` (the pipeline draws
+    latents in its encoders' dtype and feeds them to the float32 network). A part already float32 is used as it
+    is (saving does not change it); a missing one is None."""
+    out = {}
+    for name in names:
+        module = getattr(parts, name, None)
+        floats = [] if module is None else [t for t in [*module.parameters(), *module.buffers()] if t.is_floating_point()]
+        out[name] = module if all(t.dtype == torch.float32 for t in floats) else cpu_float_copy(module)
+    return out
+
+
 def export_sd3_pipeline(transformer: nn.Module, scheduler, teacher, target: str | os.PathLike) -> Path:
     """Save an ``SD3Transformer2DModel`` student (float32) with ``scheduler`` and the SD3 ``teacher``'s VAE,
     text encoders and tokenizers (T5 where the teacher has one) as a ``StableDiffusion3Pipeline`` folder; a LoRA
     student as its fused transformer plus the adapter file (:func:`write_student_pipeline`: the teacher's pipeline
     + ``load_lora_weights(folder)`` + this folder's scheduler samples as the student).
 
-    Load it with ``StableDiffusion3Pipeline.from_pretrained(path)``, T5-less folders with ``text_encoder_3=None,
-    tokenizer_3=None``.
+    Every part is written in float32 (:func:`float32_parts`), so a plain ``from_pretrained`` runs; pass
+    ``torch_dtype`` to run in another. Load it with ``StableDiffusion3Pipeline.from_pretrained(path)``, T5-less
+    folders with ``text_encoder_3=None, tokenizer_3=None``.
     Its loop is :func:`~lightning_distill.sampling.text_to_image_loop` except that it passes no generator to
     ``scheduler.step``: deterministic samplers and one-step x0 samplers reproduce the framework's samples
     for the same generator; a multi-step ``FlowMatchLCMScheduler`` draws its fresh noise from torch's
@@ -147,12 +162,12 @@ def export_sd3_pipeline(transformer: nn.Module, scheduler, teacher, target: str 
     from diffusers import StableDiffusion3Pipeline
 
     t = teacher
+    parts = float32_parts(t, "vae", "text_encoder", "text_encoder_2", "text_encoder_3")
 
     def make(net: nn.Module):
         return StableDiffusion3Pipeline(
-            transformer=net, scheduler=scheduler, vae=t.vae, text_encoder=t.text_encoder, tokenizer=t.tokenizer,
-            text_encoder_2=t.text_encoder_2, tokenizer_2=t.tokenizer_2,
-            text_encoder_3=getattr(t, "text_encoder_3", None), tokenizer_3=getattr(t, "tokenizer_3", None),
+            transformer=net, scheduler=scheduler, tokenizer=t.tokenizer, tokenizer_2=t.tokenizer_2,
+            tokenizer_3=getattr(t, "tokenizer_3", None), **parts,
         )
 
     return write_student_pipeline(transformer, make, target)
@@ -173,12 +188,10 @@ def export_flux_pipeline(transformer: nn.Module, scheduler, teacher, target: str
     from diffusers import FluxPipeline
 
     t = teacher
+    parts = float32_parts(t, "vae", "text_encoder", "text_encoder_2")
 
     def make(net: nn.Module):
-        return FluxPipeline(
-            transformer=net, scheduler=scheduler, vae=t.vae, text_encoder=t.text_encoder, tokenizer=t.tokenizer,
-            text_encoder_2=t.text_encoder_2, tokenizer_2=t.tokenizer_2,
-        )
+        return FluxPipeline(transformer=net, scheduler=scheduler, tokenizer=t.tokenizer, tokenizer_2=t.tokenizer_2, **parts)
 
     return write_student_pipeline(transformer, make, target)
 
@@ -190,11 +203,12 @@ def export_sd_pipeline(unet: nn.Module, scheduler, teacher, target: str | os.Pat
     from diffusers import StableDiffusionPipeline
 
     t = teacher
+    parts = float32_parts(t, "vae", "text_encoder")
 
     def make(net: nn.Module):
         return StableDiffusionPipeline(
-            vae=t.vae, text_encoder=t.text_encoder, tokenizer=t.tokenizer, unet=net, scheduler=scheduler,
-            safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+            tokenizer=t.tokenizer, unet=net, scheduler=scheduler, safety_checker=None, feature_extractor=None,
+            requires_safety_checker=False, **parts,
         )
 
     return write_student_pipeline(unet, make, target)

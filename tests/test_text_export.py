@@ -1,0 +1,34 @@
+"""Text-to-image exports from a reduced-precision teacher: every part of the folder is float32, as the student, so a
+plain ``from_pretrained`` runs it (Flux and SD3 with T5, the tiny stacks of tests/_flux.py and tests/_sd3.py)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from _flux import IMAGE_SIZE, write_tiny_flux
+from lightning_distill.teacher import load_teacher
+
+
+@pytest.fixture(scope="module")
+def tiny_flux_dir(tmp_path_factory):
+    return write_tiny_flux(tmp_path_factory.mktemp("flux") / "tiny-flux")
+
+
+def test_export_from_a_bf16_teacher_is_float32_throughout_and_runs_with_a_plain_from_pretrained(tiny_flux_dir, tmp_path):
+    """The student is written in float32; the bf16 teacher's text encoders and VAE went in as they were, so the
+    folder loaded with mixed dtypes and its pipeline failed (bf16 latents into the float32 transformer)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline
+
+    from lightning_distill.export import cpu_float_copy, export_flux_pipeline
+
+    teacher = load_teacher(str(tiny_flux_dir), dtype="bfloat16")
+    scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(tiny_flux_dir / "scheduler")
+    export_flux_pipeline(cpu_float_copy(teacher.unet), scheduler, teacher, tmp_path / "student")
+    assert {p.dtype for p in teacher.text_encoder_2.parameters()} == {torch.bfloat16}  # the teacher is untouched
+    pipe = FluxPipeline.from_pretrained(tmp_path / "student")
+    for name in ("transformer", "vae", "text_encoder", "text_encoder_2"):
+        assert {p.dtype for p in getattr(pipe, name).parameters()} == {torch.float32}, name
+    image = pipe("a red cat", num_inference_steps=1, height=IMAGE_SIZE, width=IMAGE_SIZE, guidance_scale=3.5,
+                 max_sequence_length=16, output_type="pt", generator=torch.Generator().manual_seed(0)).images
+    assert image.shape == (1, 3, IMAGE_SIZE, IMAGE_SIZE) and torch.isfinite(image).all()
