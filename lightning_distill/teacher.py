@@ -396,6 +396,12 @@ class DiffusionTeacher(nn.Module):
         ``FluxPipeline.encode_prompt`` gives them (:func:`flux_prompt_embeds`; its ``text_ids`` are zeros the
         backbone builds), plus ``guidance`` (B,) = ``embedded_guidance`` for a guidance-distilled network.
         """
+        # the pipelines encode outside any autocast; under a training precision's autocast (it is called in
+        # training_step) bf16 moved Flux's T5 states by 1e-2, and T5 overflows in float16
+        with torch.autocast(inputs["input_ids"].device.type, enabled=False):
+            return self._text_conditioning(inputs)
+
+    def _text_conditioning(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         backbone = backbones.backbone_for(self.unet)
         if isinstance(backbone, backbones.FluxBackbone):
             if self.text_encoder is None or self.text_encoder_2 is None or "input_ids_2" not in inputs:

@@ -1,5 +1,6 @@
-"""Text-to-image exports from a reduced-precision teacher: every part of the folder is float32, as the student, so a
-plain ``from_pretrained`` runs it (Flux and SD3 with T5, the tiny stacks of tests/_flux.py and tests/_sd3.py)."""
+"""Text-to-image teachers in reduced precision: an export from a bf16 teacher is float32 throughout, as the student, so a
+plain ``from_pretrained`` runs it; prompts encode outside the training precision's autocast, as the pipelines do (the tiny
+Flux stack of tests/_flux.py)."""
 
 from __future__ import annotations
 
@@ -32,3 +33,16 @@ def test_export_from_a_bf16_teacher_is_float32_throughout_and_runs_with_a_plain_
     image = pipe("a red cat", num_inference_steps=1, height=IMAGE_SIZE, width=IMAGE_SIZE, guidance_scale=3.5,
                  max_sequence_length=16, output_type="pt", generator=torch.Generator().manual_seed(0)).images
     assert image.shape == (1, 3, IMAGE_SIZE, IMAGE_SIZE) and torch.isfinite(image).all()
+
+
+def test_prompts_encode_as_the_pipeline_under_a_training_precisions_autocast(tiny_flux_dir):
+    """text_conditioning runs inside training_step, under Lightning's autocast: it encodes as the pipeline does,
+    outside it (bf16 autocast moved the T5 states by 1e-2 and the pooled CLIP output by 1.3e-2)."""
+    teacher = load_teacher(str(tiny_flux_dir))
+    inputs = teacher.text_inputs(["a red cat", "a photo of a blue dog"])
+    plain = teacher.text_conditioning(inputs)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mixed = teacher.text_conditioning(inputs)
+    assert plain.keys() == mixed.keys()
+    for key, value in plain.items():
+        assert mixed[key].dtype == value.dtype and torch.equal(mixed[key], value), key
