@@ -478,6 +478,10 @@ class FIDCallback(L.Callback):
         prompts = self.text_prompts(trainer)
         if prompts is not None:
             protocol.append(teacher_features.text_conditioning(prompts.sha256, len(prompts), self.guidance_scale))
+            teacher = getattr(pl_module, "teacher", None)  # how it encodes: the T5 length, a Flux-dev's own guidance
+            if teacher is not None:
+                protocol.append([teacher.max_sequence_length,
+                                 teacher.embedded_guidance if teacher.is_guidance_distilled else None])
         return json.dumps([*run, *protocol], default=str)
 
     def state_dict(self) -> dict[str, Any]:

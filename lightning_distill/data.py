@@ -27,7 +27,9 @@ training prompt each pair was sampled with). ``train_images()`` still gives real
 
 from __future__ import annotations
 
+import math
 import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Literal
 
@@ -38,8 +40,9 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from .checkpoint_io import atomic_torch_save
+from .errors import ConfigError
 from .resume import EpochSeededRandomSampler, ResumableDataLoader
-from .teacher import DiffusionTeacher, TeacherError, load_teacher
+from .teacher import DiffusionTeacher, TeacherError
 from .teacher_pairs import PairsConfig
 from .text_cache import TextEmbeddings
 
@@ -60,6 +63,73 @@ def load_digits_tensor(image_size: int = 16) -> tuple[Tensor, Tensor]:
         x = F.interpolate(x, size=(image_size, image_size), mode="bilinear", align_corners=False, antialias=True)
     x = (x.clamp(0, 1) * 2 - 1).contiguous()
     return x, torch.from_numpy(digits.target).long()
+
+
+#: the longest T5 prompt StableDiffusion3Pipeline and FluxPipeline accept (their check_inputs refuse more)
+MAX_T5_LENGTH = 512
+
+
+def check_teacher_text_settings(
+    teacher: DiffusionTeacher, max_sequence_length: int | None = None, embedded_guidance: float | None = None,
+) -> None:
+    """Refuse, in one line, a T5 length or an embedded guidance the teacher has no use for.
+
+    ``max_sequence_length`` is the T5 prompt length: it needs a T5 encoder (an SD3 ``text_encoder_3/``, a Flux
+    ``text_encoder_2/``) and lies in [1, 512], as the pipelines check. ``embedded_guidance`` is the guidance input
+    of a guidance-distilled Flux network (``guidance_embeds``, Flux-dev); elsewhere it would be silently ignored.
+    None: not set, nothing to check.
+
+    Raises:
+        ConfigError: a setting the teacher does not read, or a value out of range.
+    """
+    name = f"teacher {teacher.source or type(teacher.unet).__name__!r}"
+    net = type(getattr(teacher.unet, "_orig_mod", teacher.unet)).__name__
+    if max_sequence_length is not None:
+        t5 = teacher.text_encoder_2 if teacher.is_flux else teacher.text_encoder_3
+        if t5 is None:
+            raise ConfigError(
+                f"data.teacher_max_sequence_length={max_sequence_length} sets the T5 prompt length, but {name} ({net}) "
+                "has no T5 encoder (an SD3 text_encoder_3/ or a Flux text_encoder_2/): unset it"
+            )
+        if not 1 <= int(max_sequence_length) <= MAX_T5_LENGTH:
+            raise ConfigError(
+                f"data.teacher_max_sequence_length must lie in [1, {MAX_T5_LENGTH}] (the pipelines' limit), got "
+                f"{max_sequence_length}"
+            )
+    if embedded_guidance is not None:
+        if not (teacher.is_flux and teacher.unet.config.get("guidance_embeds", False)):
+            raise ConfigError(
+                f"data.teacher_embedded_guidance={embedded_guidance} is the guidance input of a guidance-distilled "
+                f"Flux network (FluxTransformer2DModel with guidance_embeds), but {name} is a {net} without it: unset it"
+            )
+        if not math.isfinite(float(embedded_guidance)):
+            raise ConfigError(f"data.teacher_embedded_guidance must be a finite number, got {embedded_guidance}")
+
+
+def load_run_teacher(data: Mapping, source: str | os.PathLike | None = None) -> DiffusionTeacher:
+    """The teacher as a run's ``data`` settings load it: :class:`TeacherDataModule`'s ``teacher*`` arguments (its
+    ``hparams``, or a config's ``data`` block) passed to :func:`~lightning_distill.teacher.load_teacher` (revision,
+    dtype, prediction type, T5 length, embedded guidance), from ``source`` instead of ``data["teacher"]`` if given.
+    The one place a run's teacher is loaded from its settings, so a re-load (seeds, compare) is the run's teacher.
+
+    Raises:
+        ConfigError: a T5 length or embedded guidance the teacher does not read (:func:`check_teacher_text_settings`).
+        TeacherError: the teacher cannot be loaded.
+    """
+    from . import teacher as teacher_module  # looked up at call time: a patched load_teacher is the one called
+
+    length, guidance = data.get("teacher_max_sequence_length"), data.get("teacher_embedded_guidance")
+    kwargs = dict(revision=data.get("teacher_revision"), dtype=data.get("teacher_dtype") or "float32",
+                  prediction_type=data.get("teacher_prediction_type"))
+    # passed only where set: None is load_teacher's own default (the pipeline's T5 length; 3.5)
+    if length is not None:
+        kwargs["max_sequence_length"] = int(length)
+    if guidance is not None:
+        kwargs["embedded_guidance"] = float(guidance)
+    teacher = teacher_module.load_teacher(str(source if source is not None else data.get("teacher")), **kwargs)
+    if length is not None or guidance is not None:
+        check_teacher_text_settings(teacher, length, guidance)
+    return teacher
 
 
 class TensorImageDataset(Dataset):
@@ -171,6 +241,12 @@ class TeacherDataModule(L.LightningDataModule):
         teacher_dtype: precision the teacher is held in; a full student stays float32, a LoRA student's
             shared base (``student_lora.base: shared``) is the teacher's and computes in this precision.
         teacher_prediction_type: override the teacher scheduler's ``prediction_type``.
+        teacher_max_sequence_length: the T5 prompt length of an SD3 teacher with ``text_encoder_3/`` or a Flux
+            teacher (the pipelines' ``max_sequence_length``); None: the pipeline's default (SD3 256, Flux 512).
+            Refused for a teacher without T5.
+        teacher_embedded_guidance: the guidance input of a guidance-distilled Flux network (``guidance_embeds``,
+            Flux-dev; ``FluxPipeline``'s ``guidance_scale``), given with every prompt to teacher and student, and
+            what the exported student is called with; None: 3.5, the pipeline's default. Refused for other networks.
         data: ``"digits"`` or a folder of images.
         image_size: side of the square training images.
         channels: image channels for a folder (1 or 3); default: the teacher's, else 3. Digits are 1.
@@ -220,6 +296,8 @@ class TeacherDataModule(L.LightningDataModule):
         latent_cache: str | None = None,
         text_cache: str | None = None,
         release_encoders: bool = False,
+        teacher_max_sequence_length: int | None = None,
+        teacher_embedded_guidance: float | None = None,
     ) -> None:
         super().__init__()
         if image_size < 4:
@@ -231,11 +309,10 @@ class TeacherDataModule(L.LightningDataModule):
         if channels is not None and channels not in (1, 3):
             raise DataError(f"channels must be 1 or 3, got {channels}")
         self.save_hyperparameters()
-        self.teacher: DiffusionTeacher | None = (
-            load_teacher(teacher, revision=teacher_revision, dtype=teacher_dtype, prediction_type=teacher_prediction_type)
-            if teacher is not None
-            else None
-        )
+        if teacher is None and (teacher_max_sequence_length is not None or teacher_embedded_guidance is not None):
+            raise ConfigError("data.teacher_max_sequence_length and data.teacher_embedded_guidance set a teacher's text "
+                              "conditioning, but data.teacher is null: unset them")
+        self.teacher: DiffusionTeacher | None = load_run_teacher(self.hparams) if teacher is not None else None
         if data == "digits":
             if channels not in (None, 1):
                 raise DataError("the digits data set is grayscale: channels must be 1")
@@ -518,4 +595,5 @@ class TeacherDataModule(L.LightningDataModule):
         return self.val_dataloader()
 
 
-__all__ = ["TeacherDataModule", "DataError", "TeacherError", "image_folder_labels", "load_digits_tensor", "load_image_folder"]
+__all__ = ["TeacherDataModule", "DataError", "TeacherError", "check_teacher_text_settings", "image_folder_labels",
+           "load_digits_tensor", "load_image_folder", "load_run_teacher"]

@@ -15,10 +15,10 @@ Any denoiser :mod:`lightning_distill.backbones` supports for unprompted sampling
 ``DiTTransformer2DModel``, pixel or latent) is called through its adapter, its sample shape and class count
 read from its config; class-conditional models get the balanced labels ``i % num_classes`` (image i).
 
-Text-to-image models (SD1.5-style ``UNet2DConditionModel``, ``SD3Transformer2DModel``) are sampled from prompts:
-``--prompts FILE`` (one prompt per line, UTF-8, blank lines ignored) or ``--prompts captions`` (the captions of
-the reference images, read from the ``--data`` folder's ``metadata.jsonl`` / ``prompts.txt`` by
-``TeacherDataModule``). Image i is drawn with prompt i % P, whatever the chunking (as the noise: see
+Text-to-image models (SD1.5-style ``UNet2DConditionModel``, ``SD3Transformer2DModel``, ``FluxTransformer2DModel``)
+are sampled from prompts: ``--prompts FILE`` (one prompt per line, UTF-8, blank lines ignored) or ``--prompts
+captions`` (the captions of the reference images, read from the ``--data`` folder's ``metadata.jsonl`` /
+``prompts.txt`` by ``TeacherDataModule``). Image i is drawn with prompt i % P, whatever the chunking (as the noise: see
 ``metrics.chunk_seed``). Without prompts a text model is a one-line error as it loads; prompts given where no
 model is text-conditional, too.
 
@@ -26,8 +26,11 @@ model is text-conditional, too.
   (``metrics.sample_text_teacher``), with classifier-free guidance at ``--guidance-scale`` g (the empty prompt
   as the unconditional one, as the stock pipelines; default 1: none);
 * an exported folder: the stock pipeline it was saved as (``StableDiffusionPipeline``,
-  ``StableDiffusion3Pipeline``, ``LatentConsistencyModelPipeline``), with the latents drawn from the same
-  generator as every other model (``metrics.pipeline_sample``) and ``guidance_scale=1``, as exported;
+  ``StableDiffusion3Pipeline``, ``LatentConsistencyModelPipeline``, ``FluxPipeline``), with the latents drawn from
+  the same generator as every other model (``metrics.pipeline_sample``; Flux: drawn unpacked, passed packed) and
+  ``guidance_scale=1``, as exported; a guidance-distilled Flux folder with ``guidance_scale`` = the teacher's
+  embedded guidance (``--teacher-embedded-guidance``, default 3.5: what its student was trained at), and folders
+  with T5 with the teacher's T5 length (``--teacher-max-sequence-length``);
 * a checkpoint: its ``sample(..., prompts=...)``.
 
 An LCM student with a guidance input (its w embedding: a ``LatentConsistencyModelPipeline`` folder or its
@@ -87,7 +90,7 @@ TEACHER_SAMPLER = "deterministic DDIM (eta = 0, trailing timesteps; a flow-match
 PROMPT_OPTIONS = ("--prompts FILE (one prompt per line) or --prompts captions (the captions of the --data image "
                   "folder, metadata.jsonl)")
 #: The stock pipelines an exported text-to-image student is sampled with (the classes ``export`` writes).
-TEXT_PIPELINES = ("StableDiffusionPipeline", "StableDiffusion3Pipeline", "LatentConsistencyModelPipeline")
+TEXT_PIPELINES = ("StableDiffusionPipeline", "StableDiffusion3Pipeline", "LatentConsistencyModelPipeline", "FluxPipeline")
 
 CSV_FIELDS = [
     "model", "kind", "steps", "fd", "kid", "kid_std", "num_samples", "seed", "feature_net", "reference", "num_reference",
@@ -109,6 +112,7 @@ class Sampler:
     text_network: str | None = None  # the class of a text-conditional network: sample() takes prompts
     guidance: float | None = None  # text models: the guidance scale g they are sampled at (1: none)
     guidance_input: bool = False  # an LCM student embedding w = g - 1 (its g is --student-guidance)
+    embedded_guidance: float | None = None  # a guidance-distilled Flux network's guidance input (None: it has none)
 
     @property
     def what(self) -> str:
@@ -230,8 +234,14 @@ def load_checkpoint_model(
     if needs_teacher:
         src = ckpt.get("teacher_source")
         if src:
-            if teacher is None or teacher.source != src["source"]:
-                teacher = load_teacher(src["source"], revision=src.get("revision"))
+            # the run's T5 length and embedded guidance (data.teacher_max_sequence_length / _embedded_guidance, in
+            # the data module's hyper-parameters) condition the student as it was trained; None: the defaults
+            from .data import load_run_teacher
+
+            data_hp = ckpt.get("datamodule_hyper_parameters") or {}
+            text = {k: data_hp.get(k) for k in ("teacher_max_sequence_length", "teacher_embedded_guidance")}
+            if teacher is None or teacher.source != src["source"] or not _text_settings_match(teacher, text):
+                teacher = load_run_teacher({"teacher": src["source"], "teacher_revision": src.get("revision"), **text})
         elif teacher is None:
             raise ValueError(f"checkpoint {path} holds a teacher without a source: pass --teacher with the same architecture")
         kwargs["teacher"] = teacher
@@ -244,6 +254,18 @@ def load_checkpoint_model(
         model.student.load_state_dict(ema)
         used_ema = True
     return model.eval(), used_ema
+
+
+def _text_settings_match(teacher: DiffusionTeacher, text: dict) -> bool:
+    """Whether ``teacher`` has the T5 length and embedded guidance a run's data settings ``text`` give it (None:
+    the defaults of :class:`~lightning_distill.teacher.DiffusionTeacher`)."""
+    from .teacher import MAX_SEQUENCE_LENGTH
+
+    net = type(getattr(teacher.unet, "_orig_mod", teacher.unet)).__name__
+    length = text.get("teacher_max_sequence_length") or MAX_SEQUENCE_LENGTH.get(net, 256)
+    guidance = text.get("teacher_embedded_guidance")
+    guidance = 3.5 if guidance is None else float(guidance)
+    return teacher.max_sequence_length == int(length) and teacher.embedded_guidance == guidance
 
 
 def check_text_inputs(sampler: Sampler, prompts) -> None:
@@ -305,7 +327,7 @@ def load_sampler(
     if p.is_dir():
         pipe, net, sched, pvae = read_pipeline_folder(p)
         if backbones.is_text_conditional(net):
-            return text_pipeline_sampler(name, p, pipe, net, device, student_guidance)
+            return text_pipeline_sampler(name, p, pipe, net, device, student_guidance, teacher)
         net = net.to(device)
         pvae = pvae or vae
         ncls = backbones.num_classes(net)
@@ -318,9 +340,13 @@ def load_sampler(
 
 
 def text_pipeline_sampler(name: str, path: Path, pipe, net: nn.Module, device: torch.device,
-                          student_guidance: float | None) -> Sampler:
+                          student_guidance: float | None, teacher: DiffusionTeacher | None = None) -> Sampler:
     """An exported text-to-image folder, sampled with the stock pipeline it was saved as (:data:`TEXT_PIPELINES`)
-    through :func:`~lightning_distill.metrics.pipeline_sample`; its latents decoded by its own VAE."""
+    through :func:`~lightning_distill.metrics.pipeline_sample`; its latents decoded by its own VAE.
+
+    A ``FluxPipeline`` folder of a guidance-distilled network is called with ``guidance_scale`` = the teacher's
+    embedded guidance (the value its student was trained at; without a teacher the pipeline's 3.5), and a folder
+    with T5 (Flux, SD3 with ``text_encoder_3``) with the teacher's T5 length where the teacher is of its family."""
     what = f"student {name!r} ({path})"
     kind = type(pipe).__name__ if pipe is not None else "no stock pipeline"
     if kind not in TEXT_PIPELINES:
@@ -330,14 +356,29 @@ def text_pipeline_sampler(name: str, path: Path, pipe, net: nn.Module, device: t
     # students of the plain conditional sampler, called with guidance_scale=1 as export documents
     guided = kind == "LatentConsistencyModelPipeline"
     g = student_guidance if guided else 1.0
+    embedded, length = folder_text_settings(pipe, net, teacher)
+    call_g = g if embedded is None else embedded  # FluxPipeline's guidance_scale is the embedded guidance
     pipe = pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
 
     def sample(n, steps, gen, prompts):
-        return decode_latents(pipeline_sample(pipe, list(prompts), steps, gen, g), pipe.vae)
+        return decode_latents(pipeline_sample(pipe, list(prompts), steps, gen, call_g, length), pipe.vae)
 
     return Sampler(name, "pipeline", str(path), sample, None, None, lcm_step_limit(pipe.scheduler),
-                   type(net).__name__, g, guided)
+                   type(net).__name__, g, guided, embedded)
+
+
+def folder_text_settings(pipe, net: nn.Module, teacher: DiffusionTeacher | None) -> tuple[float | None, int | None]:
+    """(embedded guidance, T5 length) an exported text folder is called with, from the teacher it was distilled
+    from: the embedded guidance of a guidance-distilled Flux network (None for others; 3.5, ``FluxPipeline``'s
+    default, without a teacher of its family) and, for a folder with T5 and a teacher of the same network class,
+    the teacher's ``max_sequence_length`` (None: the pipeline's default)."""
+    same_family = teacher is not None and type(teacher.unet).__name__ == type(net).__name__
+    embedded = None
+    if isinstance(backbones.backbone_for(net), backbones.FluxBackbone) and net.config.get("guidance_embeds", False):
+        embedded = float(teacher.embedded_guidance) if same_family else 3.5
+    has_t5 = getattr(pipe, "text_encoder_3", None) is not None or type(pipe).__name__ == "FluxPipeline"
+    return embedded, (teacher.max_sequence_length if same_family and has_t5 else None)
 
 
 def read_pipeline_folder(path: str | os.PathLike):
@@ -405,14 +446,22 @@ def _load_pipeline_components(path: Path):
 def teacher_sampler(teacher: DiffusionTeacher, name: str = "teacher", guidance_scale: float = 1.0) -> Sampler:
     """The teacher with :data:`TEACHER_SAMPLER`; a text-to-image teacher from prompts, guided at ``guidance_scale``
     (:func:`~lightning_distill.metrics.sample_text_teacher`)."""
+    if guidance_scale != 1 and teacher.is_guidance_distilled:
+        raise ConfigError(
+            f"guidance scale {guidance_scale}: the teacher is guidance-distilled (a guidance input, e.g. Flux-dev), "
+            f"guided by its embedded guidance {teacher.embedded_guidance} (FluxPipeline's guidance_scale; "
+            "--teacher-embedded-guidance / data.teacher_embedded_guidance); classifier-free guidance against \"\" "
+            "would guide it twice: use 1"
+        )
     if backbones.is_text_conditional(teacher.unet):
         if not teacher.is_text_conditional:
             raise ConfigError(f"teacher {str(teacher.source)!r} is text-conditional ({type(teacher.unet).__name__}) "
                               "but has no text_encoder/ and tokenizer/ to encode prompts with")
+        embedded = teacher.embedded_guidance if teacher.is_flux and teacher.unet.config.get("guidance_embeds") else None
         return Sampler(
             name, "teacher", str(teacher.source),
             lambda n, steps, g, prompts: sample_text_teacher(teacher, list(prompts), steps, g, guidance_scale),
-            text_network=type(teacher.unet).__name__, guidance=float(guidance_scale),
+            text_network=type(teacher.unet).__name__, guidance=float(guidance_scale), embedded_guidance=embedded,
         )
     return Sampler(
         name, "teacher", str(teacher.source), lambda n, steps, g, labels: sample_teacher(teacher, n, steps, g, labels),
@@ -610,7 +659,8 @@ def check_text_options(samplers: list[Sampler], prompts, guidance_scale: float, 
         source = "--prompts captions" if prompts == "captions" else f"--prompts ({prompts.source})"
         raise ConfigError(
             f"{source} given, but no model here is text-conditional ({', '.join(s.what for s in samplers) or 'none'}): "
-            "prompts condition text-to-image models (UNet2DConditionModel, SD3Transformer2DModel) only"
+            "prompts condition text-to-image models (UNet2DConditionModel, SD3Transformer2DModel, "
+            "FluxTransformer2DModel) only"
         )
     if guidance_scale != 1 and not any(s.kind == "teacher" for s in text):
         raise ConfigError(f"--guidance-scale {guidance_scale} guides a text-to-image teacher, and there is none here")
@@ -702,6 +752,7 @@ def write_report(rows: list[dict], grids: dict, out_dir, models, protocol: dict,
     lines += ["Models:", ""] + [
         f"- {s.name}: {s.kind} `{s.source}`" + (f" (EMA weights: {'yes' if s.ema else 'no'})" if s.ema is not None else "")
         + (f"; text-to-image ({s.text_network}), guidance scale {s.guidance:g}" if s.text_network is not None else "")
+        + (f", embedded guidance {s.embedded_guidance:g}" if s.embedded_guidance is not None else "")
         for s, _ in models
     ] + [""]
     (out / "results.md").write_text("\n".join(lines))
@@ -819,6 +870,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the text-to-image teacher's classifier-free guidance scale ('' as unconditional; 1: none)")
     p.add_argument("--student-guidance", type=float, default=None,
                    help="g of LCM students with a guidance input (they embed w = g - 1); other students: 1, as exported")
+    p.add_argument("--teacher-embedded-guidance", type=float, default=None,
+                   help="a guidance-distilled Flux teacher's embedded guidance, as the run's data.teacher_embedded_guidance "
+                        "(default 3.5); its FluxPipeline students are called with it")
+    p.add_argument("--teacher-max-sequence-length", type=int, default=None,
+                   help="the T5 prompt length of an SD3-with-T5 or Flux teacher and its students, as the run's "
+                        "data.teacher_max_sequence_length (default: the pipeline's, 256 / 512)")
     p.add_argument("--fd-checks", action="store_true", help="run the metric's own checks instead; writes <out>/fd_checks.md")
     p.add_argument("--fd-checks-model", default=None, help="model sampled twice for the determinism check")
     p.add_argument("--fd-checks-steps", type=int, default=4)
@@ -837,8 +894,18 @@ def main(argv: list[str] | None = None) -> list[dict]:
     names = [n for n, _ in a.student]
     if len(set(names)) != len(names):
         raise SystemExit(f"evaluate: duplicate student names {names}")
+    teacher = None if a.teacher.lower() == "none" else a.teacher
+    text = {"teacher_embedded_guidance": a.teacher_embedded_guidance,
+            "teacher_max_sequence_length": a.teacher_max_sequence_length}
+    if any(v is not None for v in text.values()):  # the teacher as the run's data settings load it
+        if teacher is None:
+            raise ConfigError("--teacher-embedded-guidance and --teacher-max-sequence-length set the teacher's text "
+                              "conditioning, but --teacher is none: unset them")
+        from .data import load_run_teacher
+
+        teacher = load_run_teacher({"teacher": teacher, **text})
     rows = evaluate_models(
-        teacher=None if a.teacher.lower() == "none" else a.teacher,
+        teacher=teacher,
         students=dict(a.student),
         steps=a.steps,
         teacher_steps=a.teacher_steps,

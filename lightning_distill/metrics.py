@@ -520,33 +520,49 @@ def sample_text_teacher(
 @torch.no_grad()
 def pipeline_sample(
     pipe, prompts: list[str], steps: int, generator: torch.Generator | None = None, guidance_scale: float = 1.0,
+    max_sequence_length: int | None = None,
 ) -> Tensor:
     """A stock text-to-image pipeline (``StableDiffusionPipeline``, ``StableDiffusion3Pipeline``,
-    ``LatentConsistencyModelPipeline``) called as a user calls it, with ``output_type="latent"``: (n, C, h, w) latents.
+    ``LatentConsistencyModelPipeline``, ``FluxPipeline``) called as a user calls it, with ``output_type="latent"``:
+    (n, C, h, w) latents.
 
     * The initial latents are drawn here, ``randn_tensor`` from ``generator`` in float32 (as the teacher and the
       checkpoints draw theirs), and passed as ``latents``: the values the pipeline draws itself from the same
       generator, which it then also receives for the scheduler's fresh noise (``LCMScheduler``).
-    * ``StableDiffusion3Pipeline`` calls ``scheduler.step`` without the generator, so a ``FlowMatchLCMScheduler``'s
-      fresh noise would come from torch's global generator: for the call, the global CPU generator holds
-      ``generator``'s state after the latents (what the framework's ``sample()`` draws from; CUDA's global
-      generator is seeded from ``generator``'s seed), and the global state is restored afterwards.
+    * ``FluxPipeline`` draws them as (n, C, h, w) too and packs them 2 x 2 (:func:`~lightning_distill.backbones.
+      pack_latents`): they are passed packed, with the ``height`` / ``width`` they decode to (the pipeline's
+      default is 1024 px whatever the network), and its packed output is unpacked.
+    * ``StableDiffusion3Pipeline`` and ``FluxPipeline`` call ``scheduler.step`` without the generator, so a
+      ``FlowMatchLCMScheduler``'s fresh noise would come from torch's global generator: for the call, the global
+      CPU generator holds ``generator``'s state after the latents (what the framework's ``sample()`` draws from;
+      CUDA's global generator is seeded from ``generator``'s seed), and the global state is restored afterwards.
     * A flow scheduler is rebuilt for ``steps`` by :func:`~lightning_distill.sampling.at_steps` (the trailing grid,
-      as for unconditional flow folders; at an export's own step count it is the exported scheduler).
+      as for unconditional flow folders; at an export's own step count it is the exported scheduler); a
+      resolution-dependent one (Flux's ``use_dynamic_shifting``) with its shift at the network's token count, as
+      the teacher's sampler (:func:`sample_text_teacher`) fixes it.
 
+    ``guidance_scale``: the pipeline's (``FluxPipeline``: the embedded guidance of a guidance-distilled network);
+    ``max_sequence_length``: the T5 prompt length of a pipeline with T5 (None: the pipeline's default).
     ``pipe.vae`` decodes the result (:func:`decode_latents`: the pipelines' own decode, without their clamp to [0, 1]).
     """
     from diffusers.utils.torch_utils import randn_tensor
 
     from . import backbones
+    from .parametrisation import FlowSchedule
     from .sampling import at_steps
 
     net = pipe.unet if getattr(pipe, "unet", None) is not None else pipe.transformer
     device = next(net.parameters()).device
-    latents = randn_tensor((len(prompts), *backbones.sample_shape(net)), generator=generator, device=device,
-                           dtype=torch.float32)
+    shape = (len(prompts), *backbones.sample_shape(net))
+    latents = randn_tensor(shape, generator=generator, device=device, dtype=torch.float32)
+    extra = {} if max_sequence_length is None else {"max_sequence_length": int(max_sequence_length)}
+    if isinstance(backbones.backbone_for(net), backbones.FluxBackbone):
+        extra.update(height=shape[-2] * pipe.vae_scale_factor, width=shape[-1] * pipe.vae_scale_factor)
     scheduler = pipe.scheduler
-    pipe.scheduler = at_steps(scheduler, steps)
+    schedule = None
+    if scheduler.config.get("use_dynamic_shifting"):
+        schedule = FlowSchedule.from_scheduler(scheduler, backbones.image_seq_len(net))
+    pipe.scheduler = at_steps(scheduler, steps, schedule)
     cuda = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else []
     try:
         with torch.random.fork_rng(devices=cuda):
@@ -555,8 +571,10 @@ def pipeline_sample(
             if cuda and generator is not None:
                 with torch.cuda.device(cuda[0]):
                     torch.cuda.manual_seed(generator.initial_seed())
-            return pipe(prompt=list(prompts), num_inference_steps=steps, guidance_scale=guidance_scale, latents=latents,
-                        generator=generator, output_type="latent", return_dict=False)[0].float()
+            out = pipe(prompt=list(prompts), num_inference_steps=steps, guidance_scale=guidance_scale,
+                       latents=backbones.to_pipeline_layout(net, latents), generator=generator, output_type="latent",
+                       return_dict=False, **extra)[0]
+            return backbones.from_pipeline_layout(net, out, shape).float()
     finally:
         pipe.scheduler = scheduler
 

@@ -407,11 +407,11 @@ def run_evaluation_data(data: dict) -> dict:
 
 
 def run_teacher(data: dict, source: str | os.PathLike | None = None):
-    """The teacher as a run's ``data`` block loads it (revision, dtype, prediction type), from ``source`` if given."""
-    from .teacher import load_teacher
+    """The teacher as a run's ``data`` block loads it (revision, dtype, prediction type, T5 length, embedded
+    guidance: :func:`~lightning_distill.data.load_run_teacher`, as the run's data module), from ``source`` if given."""
+    from .data import load_run_teacher
 
-    return load_teacher(str(source if source is not None else data.get("teacher")), revision=data.get("teacher_revision"),
-                        dtype=data.get("teacher_dtype") or "float32", prediction_type=data.get("teacher_prediction_type"))
+    return load_run_teacher(data, source)
 
 
 def evaluate_eval_seeds(eval_seeds: Sequence[int], out_dir: Path, teacher, **kwargs) -> list[dict]:

@@ -304,6 +304,12 @@ class DiffusionTeacher(nn.Module):
     # --- latent and text-conditional teachers (LCM) ---------------------------------------------
 
     @property
+    def is_guidance_distilled(self) -> bool:
+        """A network with a guidance input (Flux-dev's ``guidance_embeds``): guided by ``embedded_guidance``, not
+        by classifier-free guidance against another prompt."""
+        return bool(getattr(self.unet, "config", {}).get("guidance_embeds", False))
+
+    @property
     def is_text_conditional(self) -> bool:
         held = self.text_encoder is not None or self.released is not None  # released: prompts come from prompt_table
         return held and self.tokenizer is not None
@@ -410,7 +416,7 @@ class DiffusionTeacher(nn.Module):
                     "text_encoder_2/ (and their tokenizers), and the inputs input_ids and input_ids_2"
                 )
             cond = flux_prompt_embeds(self.text_encoder, self.text_encoder_2, inputs["input_ids"], inputs["input_ids_2"])
-            if self.unet.config.get("guidance_embeds", False):  # FluxPipeline: full([1], g, float32).expand(B)
+            if self.is_guidance_distilled:  # FluxPipeline: full([1], g, float32).expand(B)
                 n = cond["pooled_projections"].shape[0]
                 cond["guidance"] = torch.full((n,), self.embedded_guidance, dtype=torch.float32,
                                               device=cond["pooled_projections"].device)

@@ -227,6 +227,23 @@ def test_bad_settings(kwargs, match):
         TeacherDataModule(teacher=None, data="digits", **{"image_size": 8, **kwargs})
 
 
+@pytest.mark.parametrize("kwargs, match", [
+    ({"teacher_embedded_guidance": 2.0}, r"data.teacher_embedded_guidance=2.0 is the guidance input of a "
+                                         r"guidance-distilled Flux network .* but teacher 'bundled:digits' is a UNet2DModel"),
+    ({"teacher_max_sequence_length": 77}, r"data.teacher_max_sequence_length=77 sets the T5 prompt length, but teacher "
+                                          r"'bundled:digits' \(UNet2DModel\) has no T5 encoder"),
+])
+def test_text_conditioning_settings_of_a_teacher_without_them_are_refused(kwargs, match):
+    """The T5 length and embedded guidance apply to SD3-with-T5 / Flux teachers only (tests/test_flux.py: the
+    CLI, and where they apply); an unconditional teacher, or none, refuses them rather than ignore them."""
+    from lightning_distill.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=match):
+        TeacherDataModule(teacher="bundled:digits", data="digits", image_size=16, **kwargs)
+    with pytest.raises(ConfigError, match="but data.teacher is null: unset them"):
+        TeacherDataModule(teacher=None, data="digits", image_size=8, **kwargs)
+
+
 # --- bad input via the CLI ------------------------------------------------------------------------
 
 

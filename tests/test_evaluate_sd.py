@@ -367,12 +367,12 @@ def test_text_options_no_model_takes_are_one_line_errors(case, text_models, tiny
             ["--teacher", str(tiny_teacher_dir), "--prompts", prompts],
             f"ConfigError: --prompts (file {prompts}) given, but no model here is text-conditional (teacher "
             f"{str(tiny_teacher_dir)!r}): prompts condition text-to-image models (UNet2DConditionModel, "
-            "SD3Transformer2DModel) only"),
+            "SD3Transformer2DModel, FluxTransformer2DModel) only"),
         "captions_unconditional_student": (
             ["--teacher", "none", "--student", f"s={tiny_teacher_dir}", "--prompts", "captions", "--data", str(captioned)],
             f"ConfigError: --prompts captions given, but no model here is text-conditional (student 's' "
             f"({tiny_teacher_dir})): prompts condition text-to-image models (UNet2DConditionModel, "
-            "SD3Transformer2DModel) only"),
+            "SD3Transformer2DModel, FluxTransformer2DModel) only"),
         "captions_digits": (
             ["--teacher", str(text_models["sd15"]), "--prompts", "captions"],
             "ConfigError: --prompts captions reads the captions of the reference images: --data must be an image "
@@ -428,3 +428,103 @@ def test_an_lcm_students_checkpoint_and_export_are_scored_alike(text_models, cap
     md = (tmp_path / "out" / "results.md").read_text()
     assert "LCM students with a guidance input: g = 3 (w = 2)" in md
     assert f"from captions of the {captioned} train split" in md
+
+
+# --- Flux: FluxPipeline folders and Flux teachers ---------------------------------------------------------------
+
+
+@torch.no_grad()
+def flux_pipeline_features(pipe, net, prompts, n, seed, chunk_size, steps, guidance_scale):
+    """:func:`pipeline_features` for ``FluxPipeline``, as a user calls it: it draws its own latents from the
+    generator (height / width given: its default is 1024 px), returns them packed, and steps a
+    ``FlowMatchLCMScheduler`` with torch's global generator (given here the chunk generator's state after the
+    latents, as tests/test_flux.py's pipeline_latents); unpacked and decoded as the pipeline decodes."""
+    from diffusers.utils.torch_utils import randn_tensor
+
+    from lightning_distill import backbones
+
+    feats = []
+    for c, (a, b) in enumerate(chunk_bounds(n, chunk_size)):
+        g = torch.Generator().manual_seed(chunk_seed(seed, c))
+        randn_tensor((b - a, 4, 8, 8), generator=g)
+        with torch.random.fork_rng(devices=[]):
+            torch.set_rng_state(g.get_state())
+            z = pipe(prompt=[prompts[i % len(prompts)] for i in range(a, b)], height=16, width=16,
+                     num_inference_steps=steps, generator=torch.Generator().manual_seed(chunk_seed(seed, c)),
+                     guidance_scale=guidance_scale, output_type="latent").images
+        z = backbones.unpack_latents(z, 8, 8)
+        cfg = pipe.vae.config
+        feats.append(net(pipe.vae.decode(z / cfg.scaling_factor + cfg.shift_factor).sample).double())
+    return torch.cat(feats)
+
+
+def test_flux_folders_and_teacher_end_to_end(captioned, tmp_path):
+    """A Flux teacher is scored from prompts, and a FluxPipeline folder through the stock FluxPipeline: the teacher
+    and its own folder draw the same images (packed latents, FluxPipeline's sigmas, the embedded guidance 3.5); the
+    exported student of the consistency debug preset (FlowMatchLCMScheduler, 2 steps) scores as the FluxPipeline's
+    own images for the same generators and prompts, called with guidance_scale = the teacher's embedded guidance,
+    also at another one (data.teacher_embedded_guidance, reaching the student folder's call through the teacher)."""
+    from diffusers import FluxPipeline
+
+    from _flux import write_tiny_flux
+    from lightning_distill.teacher import load_teacher
+    from test_flux import run_preset
+
+    flux = write_tiny_flux(tmp_path / "tiny-flux")
+    prompts = prompt_file(tmp_path)
+    feat = save_feature_net(feature_net(16), tmp_path / "feat")
+    out = tmp_path / "report"
+    rows = evaluate.main([
+        "--teacher", str(flux), "--student", f"own={flux}", "--steps", "1", "2", "--teacher-steps", "1", "2",
+        "--prompts", str(prompts), "--data", str(captioned), "--image-size", "16", "--channels", "3", "--num-samples",
+        "6", "--seed", "3", "--chunk-size", "4", "--kid-subsets", "2", "--kid-subset-size", "4", "--feature-net",
+        str(feat), "--cache-dir", str(tmp_path / "cache"), "--device", "cpu", "--out", str(out),
+    ])
+    fd = {(r["model"], r["steps"]): r["fd"] for r in rows if r["kind"] != "data"}
+    assert set(fd) == {(m, s) for m in ("teacher", "own") for s in (1, 2)} and all(math.isfinite(v) for v in fd.values())
+    assert fd[("own", 1)] == fd[("teacher", 1)] and fd[("own", 2)] == fd[("teacher", 2)]
+    md = (out / "results.md").read_text()
+    assert "text-to-image (FluxTransformer2DModel), guidance scale 1, embedded guidance 3.5" in md
+
+    net = feature_net(16)  # common()'s network, the same weights
+    ref = net(evaluate.reference_images(str(captioned), 16, "train", 0, 0.1, 3)[0]).double()
+    for g in (None, 2.0):
+        root = tmp_path / f"cd-{g}"
+        run_preset(flux, captioned, root, "--trainer.max_steps", "1", "--trainer.logger", "false",
+                   *(["--data.teacher_embedded_guidance", str(g)] if g is not None else []))
+        rows = evaluate.main([  # the run's guidance given to the teacher, from which the folder's call takes it
+            "--teacher", str(flux), "--student", f"cd={root / 'student'}", "--steps", "2", "--teacher-steps", "1",
+            "--prompts", str(prompts), "--data", str(captioned), "--image-size", "16", "--channels", "3",
+            "--num-samples", "6", "--seed", "3", "--chunk-size", "4", "--kid-subsets", "2", "--kid-subset-size", "4",
+            "--feature-net", str(feat), "--cache-dir", str(tmp_path / "cache"), "--device", "cpu", "--out",
+            str(tmp_path / f"out-{g}"), *(["--teacher-embedded-guidance", str(g)] if g is not None else []),
+        ])
+        teacher = load_teacher(str(flux), embedded_guidance=3.5 if g is None else g)
+        (row,) = [r for r in rows if r["model"] == "cd"]
+        assert f"embedded guidance {teacher.embedded_guidance:g}" in (tmp_path / f"out-{g}" / "results.md").read_text()
+        pipe = FluxPipeline.from_pretrained(root / "student")
+        pipe.set_progress_bar_config(disable=True)
+        hand = flux_pipeline_features(pipe, net, PROMPTS, 6, 3, 4, 2, teacher.embedded_guidance)
+        assert math.isfinite(row["fd"]) and row["fd"] == pytest.approx(fd_from_features(hand, ref), rel=1e-6)
+        if g is not None:  # the guidance matters: at the pipeline's default 3.5 the folder draws other images
+            other = flux_pipeline_features(pipe, net, PROMPTS, 6, 3, 4, 2, 3.5)
+            assert not torch.allclose(other, hand, atol=1e-4)
+
+
+@pytest.mark.parametrize("teacher, option, expected", [
+    ("sd15", "--teacher-embedded-guidance",
+     "ConfigError: data.teacher_embedded_guidance=2.0 is the guidance input of a guidance-distilled Flux network "
+     "(FluxTransformer2DModel with guidance_embeds), but teacher "),
+    ("none", "--teacher-embedded-guidance", "ConfigError: --teacher-embedded-guidance and --teacher-max-sequence-length "
+                                            "set the teacher's text conditioning, but --teacher is none: unset them"),
+    ("sd3", "--teacher-max-sequence-length", "ConfigError: data.teacher_max_sequence_length=2 sets the T5 prompt length"),
+])
+def test_teacher_text_options_where_they_do_not_apply_are_one_line(teacher, option, expected, text_models, tmp_path,
+                                                                  monkeypatch, capsys):
+    no_reference_features(monkeypatch)
+    line = error_line([
+        "--teacher", str(text_models.get(teacher, "none")), option, "2", "--prompts", str(prompt_file(tmp_path)),
+        "--teacher-steps", "1", "--num-samples", "4", "--image-size", "8", "--device", "cpu", "--out",
+        str(tmp_path / "out"), "--cache-dir", str(tmp_path / "cache")], monkeypatch, capsys)
+    assert line.startswith(f"evaluate: error: {expected}"), line
+    assert not (tmp_path / "out").exists() and not (tmp_path / "cache").exists()

@@ -221,24 +221,135 @@ def test_flux_lora_student_with_released_encoders_exports_a_load_lora_weights_fi
     torch.testing.assert_close(pipeline_latents(teacher, prompts, steps, 5, ours.shape, g), ours, rtol=0, atol=1e-4)
 
 
-def test_flux_dmd2_with_guided_real_score_distils_and_exports(tiny_flux_dir, sd3_captioned, tmp_path):  # noqa: F811
-    """DMD2's SD3 preset runs unchanged on the Flux teacher: the real score is guided with the prompt "" (both
-    halves at the embedded guidance), and the 1-step FluxPipeline export reproduces sample()."""
+def test_flux_dmd2_distils_and_exports_and_refuses_a_second_guidance(tiny_flux_dir, sd3_captioned, tmp_path, capsys):  # noqa: F811
+    """DMD2's SD3 preset runs on the Flux teacher with its real score unguided (real_guidance_scale 1: the
+    guidance-distilled network is guided by its embedded guidance), and the 1-step FluxPipeline export reproduces
+    sample(). The preset's real_guidance_scale 4 (classifier-free guidance against "" on top of the embedded
+    guidance: guided twice) is refused in one line, before anything is written."""
     from diffusers import FluxPipeline
 
     from lightning_distill.cli import cli_main
-    from lightning_distill.methods.text import GuidedScore
+
+    args = ["fit", "--config", str(ROOT / "configs/dmd2/debug_sd3.yaml"), "--data.teacher", str(tiny_flux_dir),
+            "--data.data", str(sd3_captioned)]
+    with pytest.raises(SystemExit) as exc:
+        cli_main([*args, "--trainer.default_root_dir", str(tmp_path / "twice")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exc.value.code == 2 and "guidance-distilled" in err[-1] and "real_guidance_scale to 1.0" in err[-1]
+    assert not (tmp_path / "twice" / "checkpoints").exists()
 
     root = tmp_path / "dmd2_flux"
-    cli = cli_main(["fit", "--config", str(ROOT / "configs/dmd2/debug_sd3.yaml"), "--data.teacher", str(tiny_flux_dir),
-                    "--data.data", str(sd3_captioned), "--trainer.default_root_dir", str(root)])
+    cli = cli_main([*args, "--model.init_args.real_guidance_scale", "1.0", "--trainer.default_root_dir", str(root)])
     method = cli.model
     assert method.text_conditional and cli.trainer.global_step > 0
     assert torch.isfinite(cli.trainer.callback_metrics["train/fake_score_loss"])
-    real = method.real_score()
-    assert isinstance(real, GuidedScore) and torch.equal(real.uncond["guidance"], torch.full((1,), 3.5))
+    assert method.real_score() is method.teacher.denoiser
     prompts = ["a red cat", "a blue dog"]
     ours = method.sample(2, 1, torch.Generator().manual_seed(3), prompts=prompts)
     pipe = FluxPipeline.from_pretrained(root / "student")
     theirs = pipeline_latents(pipe, prompts, 1, 3, ours.shape, method.teacher.embedded_guidance)
     torch.testing.assert_close(theirs, ours, rtol=0, atol=1e-4)
+
+
+# --- the data options: T5 length and embedded guidance from the CLI ----------------------------------------
+
+
+def test_flux_data_options_reach_the_teacher_and_change_the_training(tiny_flux_dir, sd3_captioned, tmp_path):  # noqa: F811
+    """--data.teacher_embedded_guidance / --data.teacher_max_sequence_length reach the teacher the run trains with,
+    the batches and conditioning follow them (so the loss moves), and every re-load of the run's teacher (seeds'
+    and compare's run_teacher, evaluate's checkpoint loading) gets the same values."""
+    from lightning_distill.evaluate import load_checkpoint_model
+    from lightning_distill.seeds import run_teacher
+
+    base = run_preset(tiny_flux_dir, sd3_captioned, tmp_path / "default", "--trainer.max_steps", "1")
+    cli = run_preset(tiny_flux_dir, sd3_captioned, tmp_path / "g2", "--trainer.max_steps", "1",
+                     "--data.teacher_embedded_guidance", "2.0", "--data.teacher_max_sequence_length", "16")
+    method = cli.model
+    assert cli.datamodule.teacher is method.teacher
+    assert method.teacher.embedded_guidance == 2.0 and method.teacher.max_sequence_length == 16
+    batch = next(iter(cli.datamodule.train_dataloader()))
+    assert batch["input_ids_2"].shape == (4, 16)  # T5 ids at the run's length
+    cond, teacher_predict = method.conditioning(batch, 4)
+    assert torch.equal(cond["guidance"], torch.full((4,), 2.0))
+    # the teacher's targets are those of guidance 2.0, not of the default 3.5 ...
+    default = load_teacher(str(tiny_flux_dir), max_sequence_length=16)
+    x, t = torch.randn(4, 4, 8, 8, generator=torch.Generator().manual_seed(0)), torch.full((4,), 519)
+    ref = default.denoiser(x, t, **{**default.text_conditioning(batch), "guidance": torch.full((4,), 2.0)}).v
+    torch.testing.assert_close(teacher_predict(x, t).v, ref, rtol=0, atol=1e-6)
+    assert (default.denoiser(x, t, **default.text_conditioning(batch)).v - ref).abs().max() > 1e-4
+    # ... so the same first step (same seed, data and noise) has another loss
+    loss, loss_default = (float(c.trainer.callback_metrics["train/loss"]) for c in (cli, base))
+    assert loss != pytest.approx(loss_default, rel=1e-6, abs=0)
+
+    data = cli.config["fit.data"].as_dict()  # the run's data block, as seeds / compare read it from its config
+    again = run_teacher(data)
+    assert again.embedded_guidance == 2.0 and again.max_sequence_length == 16
+    model, _ = load_checkpoint_model(tmp_path / "g2" / "checkpoints" / "last.ckpt", teacher=default)
+    assert model.teacher.embedded_guidance == 2.0 and model.teacher.max_sequence_length == 16
+    model, _ = load_checkpoint_model(tmp_path / "default" / "checkpoints" / "last.ckpt", teacher=default)
+    assert model.teacher.embedded_guidance == 3.5 and model.teacher.max_sequence_length == 512
+
+
+@pytest.mark.parametrize("stack, option, value, message", [
+    ("schnell", "--data.teacher_embedded_guidance", "2.0",
+     "ConfigError: data.teacher_embedded_guidance=2.0 is the guidance input of a guidance-distilled Flux network "
+     "(FluxTransformer2DModel with guidance_embeds), but teacher "),
+    ("sd3", "--data.teacher_max_sequence_length", "77",
+     "ConfigError: data.teacher_max_sequence_length=77 sets the T5 prompt length, but teacher "),
+    ("sd3", "--data.teacher_embedded_guidance", "2.0", "ConfigError: data.teacher_embedded_guidance=2.0 is the "),
+    ("flux", "--data.teacher_max_sequence_length", "513",
+     "ConfigError: data.teacher_max_sequence_length must lie in [1, 512] (the pipelines' limit), got 513"),
+])
+def test_flux_data_options_where_they_do_not_apply_are_one_line(
+        stack, option, value, message, tiny_flux_dir, sd3_captioned, tmp_path, capsys, monkeypatch):  # noqa: F811
+    from _sd3 import write_tiny_sd3
+
+    from lightning_distill.cli import cli_main
+
+    monkeypatch.delenv("LIGHTNING_DISTILL_TRACEBACK", raising=False)
+    teacher = {"flux": lambda: tiny_flux_dir, "schnell": lambda: write_tiny_flux(tmp_path / "schnell", guidance_embeds=False),
+               "sd3": lambda: write_tiny_sd3(tmp_path / "sd3")}[stack]()  # the SD3 stack: no T5, no guidance input
+    preset = "consistency/debug_flux.yaml" if stack != "sd3" else "consistency/debug_sd3.yaml"
+    root = tmp_path / "run"
+    with pytest.raises(SystemExit) as exc:
+        cli_main(["fit", "--config", str(ROOT / "configs" / preset), "--data.teacher", str(teacher), "--data.data",
+                  str(sd3_captioned), "--trainer.default_root_dir", str(root), option, value])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith(f"lightning-distill: error: {message}"), err[-3:]
+    assert not (root / "checkpoints").exists()
+
+
+def test_flux_progressive_promoted_teachers_keep_the_embedded_guidance(tiny_flux_dir, sd3_captioned, tmp_path):  # noqa: F811
+    """Progressive distillation 4 -> 2 -> 1 steps on the Flux stack at --data.teacher_embedded_guidance 2.0: every
+    promoted teacher conditions its network at 2.0 (not the constructor's 3.5), as the configured teacher did."""
+    from lightning_distill.cli import cli_main
+
+    root = tmp_path / "pd_flux"
+    cli = cli_main(["fit", "--config", str(ROOT / "configs/progressive/debug_sd3.yaml"), "--data.teacher",
+                    str(tiny_flux_dir), "--data.data", str(sd3_captioned), "--trainer.default_root_dir", str(root),
+                    "--model.init_args.num_student_steps", "4", "--data.teacher_embedded_guidance", "2.0"])
+    method, configured = cli.model, cli.datamodule.teacher
+    assert method.round_index == 2 and method.num_student_steps == 1
+    assert torch.isfinite(cli.trainer.callback_metrics["train/loss"])
+    promoted = method.teacher
+    assert promoted is not configured and not promoted.reloadable and promoted.embedded_guidance == 2.0
+    batch = next(iter(cli.datamodule.train_dataloader()))
+    cond = promoted.text_conditioning(batch)
+    assert torch.equal(cond["guidance"], torch.full((4,), 2.0))
+    assert all(torch.equal(v, configured.text_conditioning(batch)[k]) for k, v in cond.items())
+
+
+def test_classifier_free_guidance_on_a_guidance_distilled_teacher_is_refused_in_evaluate(tiny_flux_dir):
+    """evaluate's (and the callbacks') guidance_scale is classifier-free guidance against "": on Flux-dev, whose
+    own guidance is the embedded one (FluxPipeline's guidance_scale), it would guide twice, under the pipeline's
+    name for the other thing; refused in one line naming the embedded guidance. A network without a guidance input
+    (Flux-schnell) keeps classifier-free guidance."""
+    from lightning_distill.evaluate import teacher_sampler
+
+    teacher = load_teacher(str(tiny_flux_dir))
+    assert teacher.is_guidance_distilled and teacher_sampler(teacher).guidance == 1.0
+    with pytest.raises(ConfigError, match=r"guidance scale 3.5: the teacher is guidance-distilled .* embedded guidance 3.5"):
+        teacher_sampler(teacher, guidance_scale=3.5)
+    schnell = load_teacher(str(write_tiny_flux(tiny_flux_dir.parent / "schnell", guidance_embeds=False)))
+    assert not schnell.is_guidance_distilled and teacher_sampler(schnell, guidance_scale=3.5).guidance == 3.5

@@ -63,3 +63,36 @@ def test_sd3_t5_consistency_preset_with_released_encoders_exports_with_t5(tiny_s
     assert all(torch.equal(v, ref[k]) for k, v in pipe.text_encoder_3.state_dict().items())
     assert_export_reproduces(method, root / "student", steps=2, seed=5, prompts=(method.hparams.sample_prompt, ""),
                              load_kwargs={})
+
+
+def test_sd3_t5_progressive_debug_preset_runs_two_rounds_with_t5_and_exports(tiny_sd3_t5_dir, sd3_captioned, tmp_path):  # noqa: F811
+    """Progressive distillation 4 -> 2 -> 1 steps on the SD3-with-T5 stack: each promoted teacher carries T5 (the
+    batches' T5 ids, input_ids_3, are encoded as round 0 encoded them; a teacher without it refused them at round
+    1), and the final 1-step StableDiffusion3Pipeline export, T5 kept, reproduces sample()."""
+    from diffusers import StableDiffusion3Pipeline
+
+    from lightning_distill.cli import cli_main
+
+    root = tmp_path / "pd_sd3_t5"
+    cli = cli_main(["fit", "--config", str(ROOT / "configs/progressive/debug_sd3.yaml"), "--data.teacher",
+                    str(tiny_sd3_t5_dir), "--data.data", str(sd3_captioned), "--trainer.default_root_dir", str(root),
+                    "--model.init_args.num_student_steps", "4", "--data.teacher_max_sequence_length", "12"])
+    method, configured = cli.model, cli.datamodule.teacher
+    assert method.round_index == 2 and method.num_student_steps == 1  # rounds 0 (4 -> 2) and 1 (2 -> 1) done
+    assert torch.isfinite(cli.trainer.callback_metrics["train/loss"])
+    promoted = method.teacher
+    assert promoted is not configured and not promoted.reloadable
+    assert promoted.text_encoder_3 is configured.text_encoder_3 and promoted.tokenizer_3 is configured.tokenizer_3
+    assert promoted.max_sequence_length == 12 and promoted.embedded_guidance == configured.embedded_guidance
+    batch = next(iter(cli.datamodule.train_dataloader()))
+    assert batch["input_ids_3"].shape == (4, 12)
+    ref = configured.text_conditioning(batch)
+    cond = promoted.text_conditioning(batch)
+    assert cond.keys() == ref.keys() and all(torch.equal(cond[k], ref[k]) for k in ref)
+    pipe = StableDiffusion3Pipeline.from_pretrained(root / "student")
+    assert pipe.text_encoder_3 is not None
+    prompts = ["a red cat", "a blue dog"]
+    ours = method.sample(2, 1, torch.Generator().manual_seed(7), prompts=prompts)
+    theirs = pipe(prompts, height=16, width=16, num_inference_steps=1, guidance_scale=1.0, max_sequence_length=12,
+                  generator=torch.Generator().manual_seed(7), output_type="latent").images
+    torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-4)

@@ -169,6 +169,16 @@ def test_fid_teacher_line_key_follows_prompts_and_scale_and_an_unconditional_key
     assert key(prompts=PROMPTS) == key(prompts=list(PROMPTS))
     sha = evaluate.Prompts(tuple(PROMPTS), "-").sha256
     assert json.loads(keys[3])[-1] == teacher_features.text_conditioning(sha, 4, 3.0)
+    # and how the teacher encodes them: its T5 length, and a guidance-distilled network's embedded guidance
+    teacher = lambda length, g, distilled: SimpleNamespace(  # noqa: E731
+        max_sequence_length=length, embedded_guidance=g, is_guidance_distilled=distilled)
+    encoded = {}
+    for spec in [(512, 3.5, True), (16, 3.5, True), (512, 2.0, True), (512, 2.0, False)]:
+        module.teacher = teacher(*spec)
+        encoded[spec] = key(prompts=PROMPTS)
+    assert len(set(encoded.values())) == 4
+    module.teacher = teacher(512, 3.5, False)
+    assert key(prompts=PROMPTS) == encoded[(512, 2.0, False)]  # no guidance input: the value means nothing
 
 
 def test_fid_prompts_from_a_file_and_captions_are_evaluates(captioned, tmp_path):

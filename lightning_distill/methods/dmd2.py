@@ -192,7 +192,8 @@ class DMD2(TextToImageMixin, AdversarialMethod):
         real_guidance_scale: text-conditional teachers: classifier-free guidance g of the real score in the
             distribution-matching gradient, uncond + g (cond - uncond) against the prompt "" (the pipelines'
             convention; 1: the conditional teacher). The generator learns the guided distribution, so its
-            export is called with guidance_scale=1 (DMD2 uses g = 8 for SDXL).
+            export is called with guidance_scale=1 (DMD2 uses g = 8 for SDXL). A guidance-distilled teacher
+            (Flux-dev) is guided by its embedded guidance instead: 1 only.
         dm_clip_x0: clamp both scores' x0 (the teacher's ``clip_x0``) in the DM gradient; off as in DMD2's code
             (:func:`distribution_matching_loss`). The VP digits presets were measured with it on and keep it.
         **kwargs: :class:`AdversarialMethod`'s and :class:`DistillationMethod`'s arguments
@@ -260,6 +261,13 @@ class DMD2(TextToImageMixin, AdversarialMethod):
             raise ConfigError(
                 f"real_guidance_scale={real_guidance_scale} guides the real score against the prompt \"\": it needs a "
                 "text-conditional teacher (1.0 otherwise)"
+            )
+        if real_guidance_scale != 1.0 and self.teacher.is_guidance_distilled:
+            raise ConfigError(
+                f"real_guidance_scale={real_guidance_scale}: the teacher is guidance-distilled (a guidance input, e.g. "
+                f"Flux-dev), already guided by its embedded guidance {self.teacher.embedded_guidance} "
+                "(data.teacher_embedded_guidance); classifier-free guidance against \"\" would guide it twice: set "
+                "real_guidance_scale to 1.0 and change the embedded guidance instead"
             )
         spec = LoraSpec.from_config(fake_score_lora, "fake_score_lora")
         if spec is not None:
