@@ -117,6 +117,10 @@ def check_text_settings(
     if guidance_scale != 1 and not text_teacher:
         raise ConfigError(f"{who}: guidance_scale {guidance_scale} guides a text-to-image teacher, and none is sampled "
                           "here")
+    if guidance_scale != 1 and teacher.is_guidance_distilled:
+        raise ConfigError(f"{who}: guidance_scale {guidance_scale} is classifier-free guidance against \"\", and the "
+                          f"teacher is guidance-distilled (guided by its embedded guidance {teacher.embedded_guidance}, "
+                          "data.teacher_embedded_guidance): use 1")
     guided = text and bool(getattr(pl_module, "guidance_embedding", False))
     if guided and student_guidance is None:
         raise ConfigError(f"{who}: the student takes a guidance input (LCM's w embedding, w = g - 1): set "

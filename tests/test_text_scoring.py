@@ -199,7 +199,7 @@ def test_fid_prompts_from_a_file_and_captions_are_evaluates(captioned, tmp_path)
     assert FIDCallback(prompts="captions", reference="val").text_prompts(SimpleNamespace(datamodule=dm)) == val
 
 
-def test_text_student_without_prompts_and_misused_options_are_one_line_errors_at_fit_start(stacks, tmp_path):
+def test_text_student_without_prompts_and_misused_options_are_one_line_errors_at_fit_start(stacks, tmp_path, monkeypatch):
     from conftest import make_tiny_unet
     from lightning_distill.methods.diffusion import DiffusionTraining
 
@@ -231,6 +231,11 @@ def test_text_student_without_prompts_and_misused_options_are_one_line_errors_at
         FIDCallback(prompts=PROMPTS, guidance_scale=0.5).on_fit_start(stub, text)
     FIDCallback(prompts=PROMPTS, guidance_scale=2.0, log_teacher=True).on_fit_start(stub, text)  # accepted
     FIDCallback().on_fit_start(stub, plain)
+    # a guidance-distilled teacher (Flux-dev) is guided by its embedded guidance: classifier-free guidance on top is
+    # refused at fit start (it was refused only at the first evaluation)
+    monkeypatch.setattr(type(text.teacher), "is_guidance_distilled", property(lambda self: True))
+    with pytest.raises(ConfigError, match=r"FIDCallback: guidance_scale 2.0 is classifier-free .* guidance-distilled"):
+        FIDCallback(prompts=PROMPTS, guidance_scale=2.0, log_teacher=True).on_fit_start(stub, text)
 
 
 # --- the closing report -------------------------------------------------------------------------------------------
