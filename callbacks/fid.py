@@ -74,10 +74,10 @@ def callback_prompts(spec: str | os.PathLike | list[str] | None):
 
 
 def datamodule_captions(datamodule, reference: str):
-    """``prompts: captions``: the data module's prompt of each reference image, in the order of its
-    ``train_images()`` / ``val_images()`` (``all``: train then val), as ``evaluate --prompts captions`` reads them
-    (:func:`~lightning_distill.evaluate.reference_set`: ``prompts()`` of the folder's images in load order, the
-    labels only filling a ``{label}`` prompt), so both give the same list and sha256 on the same data."""
+    """``prompts: captions``: the prompt each reference image was trained with (the run's ``data.prompt``, with each
+    image's own label, or ``data.captions``), in the order of ``train_images()`` / ``val_images()`` (``all``: train
+    then val). Where those are the folder's own caption file this is ``evaluate --prompts captions``' list and
+    sha256 (:func:`~lightning_distill.evaluate.reference_set`); ``evaluate`` reads only that file."""
     from lightning_distill.evaluate import Prompts
 
     if datamodule is None or not hasattr(datamodule, "prompts") or not hasattr(datamodule, "train_images"):
@@ -85,7 +85,7 @@ def datamodule_captions(datamodule, reference: str):
     datamodule.setup()
     train, val = list(datamodule.image_train_set.indices), list(datamodule.image_val_set.indices)
     index = {"train": train, "val": val, "all": train + val}[reference]
-    every = datamodule.prompts(torch.zeros(len(datamodule.pixels), dtype=torch.long))
+    every = datamodule.prompts(datamodule.prompt_labels)
     return Prompts(tuple(every[i] for i in index), f"captions of the {datamodule.hparams.data} {reference} split")
 
 

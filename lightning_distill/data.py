@@ -403,6 +403,7 @@ class TeacherDataModule(L.LightningDataModule):
         # a prompt's {label} names the image's sub-folder whether or not the labels condition the network
         uses_names = "{label}" in (hp.prompt or "")
         named = labels if hp.data == "digits" or hp.class_conditional else image_folder_labels(hp.data, uses_names)[1]
+        self.prompt_labels = named  # what each image's prompt is built from: prompts(prompt_labels), in load order
         extras, text = self.prompt_inputs(named), None
         if extras and (hp.text_cache or hp.release_encoders):  # every prompt encoded once, "" for guidance
             prompts = self.prompts(named)

@@ -46,3 +46,18 @@ def test_prompts_encode_as_the_pipeline_under_a_training_precisions_autocast(tin
     assert plain.keys() == mixed.keys()
     for key, value in plain.items():
         assert mixed[key].dtype == value.dtype and torch.equal(mixed[key], value), key
+
+
+def test_a_students_samples_from_a_bf16_teachers_prompts_start_from_float32_noise(tiny_flux_dir):
+    """sample(prompts=...) encodes with the teacher; a bf16 teacher's embeddings made the starting latents bf16
+    (rounded noise, 7.8e-3), while its export draws float32 and batches (text_cond) are float32: the student now
+    samples the same from prompts as from the float32 embeddings."""
+    from lightning_distill.methods.consistency import ConsistencyDistillation
+
+    teacher = load_teacher(str(tiny_flux_dir), dtype="bfloat16")
+    method = ConsistencyDistillation(teacher, original_inference_steps=4, sample_steps=1)
+    prompts = ["a red cat", "a blue dog"]
+    embeds = {k: v.float() for k, v in teacher.encode_prompts(prompts).items()}
+    ours = method.sample(2, 1, torch.Generator().manual_seed(0), prompts=prompts)
+    ref = method.sample(2, 1, torch.Generator().manual_seed(0), prompt_embeds=embeds)
+    assert ours.dtype == torch.float32 and torch.equal(ours, ref)

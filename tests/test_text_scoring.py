@@ -197,6 +197,12 @@ def test_fid_prompts_from_a_file_and_captions_are_evaluates(captioned, tmp_path)
     pixels = {c: dm.pixels[i] for i, c in enumerate(dm.prompts(torch.zeros(12, dtype=torch.long)))}
     assert all(torch.equal(pixels[c], x) for c, x in zip(train.texts, dm.train_images()))
     assert FIDCallback(prompts="captions", reference="val").text_prompts(SimpleNamespace(datamodule=dm)) == val
+    # a class-template prompt: each image's own class, as it trained (every caption named class a before)
+    templ = TeacherDataModule(teacher=None, data=str(captioned), image_size=8, channels=3, split_seed=2,
+                              prompt="a photo of class {label}")
+    got = datamodule_captions(templ, "all")
+    # the same images in the same order as `every` (metadata: "cat i" in folder a, "dog i" in folder b)
+    assert list(got.texts) == [f"a photo of class {'a' if 'cat' in t.split() else 'b'}" for t in every.texts]
 
 
 def test_text_student_without_prompts_and_misused_options_are_one_line_errors_at_fit_start(stacks, tmp_path, monkeypatch):

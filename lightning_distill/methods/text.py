@@ -106,6 +106,9 @@ class TextToImageMixin:
         if prompt_embeds is None:
             prompt = self.hparams.get("sample_prompt") or ""
             prompt_embeds = self.teacher.encode_prompts(prompts if prompts is not None else [prompt] * n)
+        # float32, as text_cond gives batches and the exported float32 pipeline draws: the latents are drawn in the
+        # embeddings' dtype, and a bf16 teacher's would round the starting noise (7.8e-3)
+        prompt_embeds = {k: v.float() if v.is_floating_point() else v for k, v in prompt_embeds.items()}
         return text_to_image_sample(self, n, steps, generator, prompt_embeds, denoiser)
 
     def predict_step(self, batch: dict, batch_idx: int) -> Tensor:
