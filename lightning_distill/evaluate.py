@@ -234,14 +234,16 @@ def load_checkpoint_model(
     if needs_teacher:
         src = ckpt.get("teacher_source")
         if src:
-            # the run's T5 length and embedded guidance (data.teacher_max_sequence_length / _embedded_guidance, in
-            # the data module's hyper-parameters) condition the student as it was trained; None: the defaults
+            # the teacher as the run loaded it (data.teacher_dtype / _prediction_type / _max_sequence_length /
+            # _embedded_guidance, in the data module's hyper-parameters): its encoders, VAE and conditioning are the
+            # student's as it was trained; None: the defaults
             from .data import load_run_teacher
 
             data_hp = ckpt.get("datamodule_hyper_parameters") or {}
-            text = {k: data_hp.get(k) for k in ("teacher_max_sequence_length", "teacher_embedded_guidance")}
-            if teacher is None or teacher.source != src["source"] or not _text_settings_match(teacher, text):
-                teacher = load_run_teacher({"teacher": src["source"], "teacher_revision": src.get("revision"), **text})
+            run = {k: data_hp.get(k) for k in ("teacher_dtype", "teacher_prediction_type", "teacher_max_sequence_length",
+                                               "teacher_embedded_guidance")}
+            if teacher is None or teacher.source != src["source"] or not _run_settings_match(teacher, run):
+                teacher = load_run_teacher({"teacher": src["source"], "teacher_revision": src.get("revision"), **run})
         elif teacher is None:
             raise ValueError(f"checkpoint {path} holds a teacher without a source: pass --teacher with the same architecture")
         kwargs["teacher"] = teacher
@@ -256,10 +258,15 @@ def load_checkpoint_model(
     return model.eval(), used_ema
 
 
-def _text_settings_match(teacher: DiffusionTeacher, text: dict) -> bool:
-    """Whether ``teacher`` has the T5 length and embedded guidance a run's data settings ``text`` give it (None:
-    the defaults of :class:`~lightning_distill.teacher.DiffusionTeacher`)."""
-    from .teacher import MAX_SEQUENCE_LENGTH
+def _run_settings_match(teacher: DiffusionTeacher, text: dict) -> bool:
+    """Whether ``teacher`` has the dtype, prediction type, T5 length and embedded guidance a run's data settings
+    ``text`` give it (None: the defaults of :class:`~lightning_distill.teacher.DiffusionTeacher`)."""
+    from .teacher import DTYPES, MAX_SEQUENCE_LENGTH
+
+    if next(teacher.unet.parameters()).dtype != DTYPES[text.get("teacher_dtype") or "float32"]:
+        return False
+    if text.get("teacher_prediction_type") not in (None, teacher.denoiser.prediction_type):
+        return False
 
     net = type(getattr(teacher.unet, "_orig_mod", teacher.unet)).__name__
     length = text.get("teacher_max_sequence_length") or MAX_SEQUENCE_LENGTH.get(net, 256)

@@ -288,6 +288,15 @@ def test_flux_data_options_reach_the_teacher_and_change_the_training(tiny_flux_d
     assert model.teacher.embedded_guidance == 2.0 and model.teacher.max_sequence_length == 16
     model, _ = load_checkpoint_model(tmp_path / "default" / "checkpoints" / "last.ckpt", teacher=default)
     assert model.teacher.embedded_guidance == 3.5 and model.teacher.max_sequence_length == 512
+    # a run whose teacher was loaded in bf16 is re-loaded so (its encoders and VAE are the student's as trained);
+    # the given float32 teacher was used as it was before
+    ckpt = torch.load(tmp_path / "default" / "checkpoints" / "last.ckpt", weights_only=False)
+    ckpt["datamodule_hyper_parameters"]["teacher_dtype"] = "bfloat16"
+    torch.save(ckpt, tmp_path / "bf16.ckpt")
+    model, _ = load_checkpoint_model(tmp_path / "bf16.ckpt", teacher=default)
+    assert {p.dtype for p in model.teacher.unet.parameters()} == {torch.bfloat16}
+    assert {p.dtype for p in model.teacher.text_encoder_2.parameters()} <= {torch.bfloat16, torch.float32}
+    assert {p.dtype for p in model.student.unet.parameters()} == {torch.float32}
 
 
 @pytest.mark.parametrize("stack, option, value, message", [
