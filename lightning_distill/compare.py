@@ -44,7 +44,7 @@ from typing import Callable, Sequence
 import yaml
 
 from .seeds import (
-    PER_SEED_FIELDS, SUMMARY_FIELDS, add_text_arguments, evaluate_eval_seeds, evaluation_text_protocol,
+    PER_SEED_FIELDS, SUMMARY_FIELDS, evaluate_eval_seeds, evaluation_text_protocol,
     mean_over_eval_seeds, plot_spread, run_evaluation_data, run_teacher, summarise, text_options, write_csv,
 )
 
@@ -385,6 +385,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image-size", type=int, default=None)
     p.add_argument("--cache-dir", default=None, help="reference-statistics cache")
     p.add_argument("--device", default=None)
+    from .evaluate import add_text_arguments
+
     add_text_arguments(p)
     return p
 

@@ -842,6 +842,18 @@ def _student(arg: str) -> tuple[str, str]:
     return name, path
 
 
+def add_text_arguments(p: argparse.ArgumentParser) -> None:
+    """The text-to-image options (``--prompts``, ``--guidance-scale``, ``--student-guidance``) of ``evaluate`` and
+    of the runners that pass them through to its scoring (``seeds``, ``compare``)."""
+    p.add_argument("--prompts", default=None, metavar="FILE|captions",
+                   help="text-to-image models: a prompt file (one per line, UTF-8; blank lines ignored) or 'captions' "
+                        "(the data folder's metadata.jsonl); image i gets prompt i %% P")
+    p.add_argument("--guidance-scale", type=float, default=1.0,
+                   help="the text-to-image teacher's classifier-free guidance scale ('' as unconditional; 1: none)")
+    p.add_argument("--student-guidance", type=float, default=None,
+                   help="g of LCM students with a guidance input (they embed w = g - 1); other students: 1, as exported")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m lightning_distill.evaluate", description=__doc__.split("\n\n")[0])
     p.add_argument("--teacher", default="bundled:digits", help="teacher source; 'none' for students only")
@@ -870,13 +882,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also write the teacher's cell features here (e.g. <teacher folder>/eval_cache to ship them)")
     p.add_argument("--device", default=None)
     p.add_argument("--no-real-baseline", action="store_true")
-    p.add_argument("--prompts", default=None, metavar="FILE|captions",
-                   help="text-to-image models: a prompt file (one per line, UTF-8; blank lines ignored) or 'captions' "
-                        "(the --data folder's metadata.jsonl); image i gets prompt i %% P")
-    p.add_argument("--guidance-scale", type=float, default=1.0,
-                   help="the text-to-image teacher's classifier-free guidance scale ('' as unconditional; 1: none)")
-    p.add_argument("--student-guidance", type=float, default=None,
-                   help="g of LCM students with a guidance input (they embed w = g - 1); other students: 1, as exported")
+    add_text_arguments(p)
     p.add_argument("--teacher-embedded-guidance", type=float, default=None,
                    help="a guidance-distilled Flux teacher's embedded guidance, as the run's data.teacher_embedded_guidance "
                         "(default 3.5); its FluxPipeline students are called with it")

@@ -387,17 +387,6 @@ def evaluation_text_protocol(out_dir: Path, eval_seeds: Sequence[int]) -> dict:
     return {k: protocol.get(k) for k in ("prompts", "guidance_scale", "student_guidance")}
 
 
-def add_text_arguments(p: argparse.ArgumentParser) -> None:
-    """``evaluate``'s text-to-image options, passed through to its scoring (seeds, compare)."""
-    p.add_argument("--prompts", default=None, metavar="FILE|captions",
-                   help="text-to-image models: a prompt file (one per line, UTF-8; blank lines ignored) or 'captions' "
-                        "(the data folder's metadata.jsonl); image i gets prompt i %% P (as evaluate)")
-    p.add_argument("--guidance-scale", type=float, default=1.0,
-                   help="the text-to-image teacher's classifier-free guidance scale ('' as unconditional; 1: none)")
-    p.add_argument("--student-guidance", type=float, default=None,
-                   help="g of LCM students with a guidance input (they embed w = g - 1); other students: 1, as exported")
-
-
 def run_evaluation_data(data: dict) -> dict:
     """``evaluate_models``'s reference settings from a run's ``data`` config block: the images, size, channels
     and the train / val split it trained with (``split_seed``, ``val_fraction``: the reference is the train split,
@@ -684,6 +673,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cache-dir", default=None, help="reference-statistics cache")
     p.add_argument("--device", default=None)
     p.add_argument("--name", default=None, help="the students' name in the tables (default: method/preset)")
+    from .evaluate import add_text_arguments
+
     add_text_arguments(p)
     return p
 

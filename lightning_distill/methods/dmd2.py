@@ -257,18 +257,7 @@ class DMD2(TextToImageMixin, AdversarialMethod):
             return
         # the generator's K input timesteps, the levels its exported sampler visits
         self.register_buffer("generator_grid", generator_timesteps(self.student.schedule, generator_steps), persistent=False)
-        if real_guidance_scale != 1.0 and not self.text_conditional:
-            raise ConfigError(
-                f"real_guidance_scale={real_guidance_scale} guides the real score against the prompt \"\": it needs a "
-                "text-conditional teacher (1.0 otherwise)"
-            )
-        if real_guidance_scale != 1.0 and self.teacher.is_guidance_distilled:
-            raise ConfigError(
-                f"real_guidance_scale={real_guidance_scale}: the teacher is guidance-distilled (a guidance input, e.g. "
-                f"Flux-dev), already guided by its embedded guidance {self.teacher.embedded_guidance} "
-                "(data.teacher_embedded_guidance); classifier-free guidance against \"\" would guide it twice: set "
-                "real_guidance_scale to 1.0 and change the embedded guidance instead"
-            )
+        GuidedScore.check(real_guidance_scale, self.teacher, self.text_conditional, "real_guidance_scale")
         spec = LoraSpec.from_config(fake_score_lora, "fake_score_lora")
         if spec is not None:
             if fake_score is not None or self.hparams.get("teacher_offload") or spec.base != "shared":

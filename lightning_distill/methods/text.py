@@ -33,6 +33,7 @@ import torch
 from torch import Tensor
 
 from .. import backbones
+from ..errors import ConfigError
 from ..parametrisation import Denoiser, NoiseSchedule, Prediction, cfg_prediction
 from ..sampling import text_to_image_sample
 
@@ -52,6 +53,24 @@ class GuidedScore:
 
     def __init__(self, denoiser: Denoiser, uncond: dict, guidance_scale: float) -> None:
         self.denoiser, self.uncond, self.guidance_scale = denoiser, uncond, float(guidance_scale)
+
+    @staticmethod
+    def check(guidance_scale: float, teacher, text_conditional: bool, option: str) -> None:
+        """Refuse, in one line, a scale g != 1 that cannot guide ``teacher``: one without text input (no prompt ""
+        to guide against), or a guidance-distilled one (Flux-dev: already guided by its embedded guidance, so
+        classifier-free guidance on top would guide it twice)."""
+        if guidance_scale == 1.0:
+            return
+        if not text_conditional:
+            raise ConfigError(f"{option}={guidance_scale} guides the real score against the prompt \"\": it needs a "
+                              "text-conditional teacher (1.0 otherwise)")
+        if teacher.is_guidance_distilled:
+            raise ConfigError(
+                f"{option}={guidance_scale}: the teacher is guidance-distilled (a guidance input, e.g. Flux-dev), already "
+                f"guided by its embedded guidance {teacher.embedded_guidance} (data.teacher_embedded_guidance); "
+                f"classifier-free guidance against \"\" would guide it twice: set {option} to 1.0 and change the "
+                "embedded guidance instead"
+            )
 
     @property
     def schedule(self) -> NoiseSchedule:
