@@ -97,7 +97,7 @@ def check_teacher_text_settings(
                 f"{max_sequence_length}"
             )
     if embedded_guidance is not None:
-        if not (teacher.is_flux and teacher.unet.config.get("guidance_embeds", False)):
+        if not teacher.is_guidance_distilled:
             raise ConfigError(
                 f"data.teacher_embedded_guidance={embedded_guidance} is the guidance input of a guidance-distilled "
                 f"Flux network (FluxTransformer2DModel with guidance_embeds), but {name} is a {net} without it: unset it"

@@ -464,7 +464,7 @@ def teacher_sampler(teacher: DiffusionTeacher, name: str = "teacher", guidance_s
         if not teacher.is_text_conditional:
             raise ConfigError(f"teacher {str(teacher.source)!r} is text-conditional ({type(teacher.unet).__name__}) "
                               "but has no text_encoder/ and tokenizer/ to encode prompts with")
-        embedded = teacher.embedded_guidance if teacher.is_flux and teacher.unet.config.get("guidance_embeds") else None
+        embedded = teacher.embedded_guidance if teacher.is_guidance_distilled else None
         return Sampler(
             name, "teacher", str(teacher.source),
             lambda n, steps, g, prompts: sample_text_teacher(teacher, list(prompts), steps, g, guidance_scale),

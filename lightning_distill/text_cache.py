@@ -155,7 +155,7 @@ def encoder_key(teacher) -> dict:
     }
     if getattr(teacher, "tokenizer_3", None) is not None:
         settings["has_tokenizer_3"] = True
-    if getattr(teacher, "is_flux", False) and dict(teacher.unet.config).get("guidance_embeds"):
+    if getattr(teacher, "is_guidance_distilled", False):
         settings["embedded_guidance"] = teacher.embedded_guidance  # it rides with the keywords (text_conditioning)
     digest = lambda obj: hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()  # noqa: E731
     tokenizers = [t.get_vocab() for n in TOKENIZER_NAMES if (t := getattr(teacher, n, None)) is not None]
