@@ -382,6 +382,22 @@ def previous_timesteps(grid: Tensor, t_start: Tensor) -> Tensor:
     return torch.where(idx > 0, grid[(idx - 1).clamp_min(0)], torch.zeros_like(t_start))
 
 
+def lognormal_interval_probabilities(sigma_end: Tensor, sigma_start: Tensor, p_mean: float, p_std: float) -> Tensor:
+    """p(i): the mass a log-normal noise level, log sigma ~ N(P_mean, P_std^2), puts on each grid interval
+    [sigma_end_i, sigma_start_i] (Song & Dhariwal 2023, improved consistency training, Sec. 3.5:
+    p(sigma_i) proportional to erf((log sigma_{i+1} - P_mean) / (sqrt 2 P_std)) - erf((log sigma_i - P_mean) /
+    (sqrt 2 P_std)); they use P_mean = -1.1, P_std = 2.0). The sigmas are EDM noise levels, sigma / alpha of
+    the path; an infinite one (zero terminal SNR, the flow path's s = 1) counts as erf = 1.
+    """
+    def cdf(sigma: Tensor) -> Tensor:
+        return torch.erf((sigma.double().log() - p_mean) / (2.0**0.5 * p_std))
+
+    mass = (cdf(sigma_start) - cdf(sigma_end)).clamp_min(0.0)
+    if not bool(mass.sum() > 0):
+        raise ConfigError(f"the log-normal N({p_mean}, {p_std}^2) puts no mass on the training grid's intervals")
+    return (mass / mass.sum()).float()
+
+
 def levels_off_grid(scheduler, schedule: NoiseSchedule, steps: int, trained: Tensor) -> list[float]:
     """Network timesteps the ``steps``-step x0 sampler ``scheduler`` visits that are not training levels in
     ``trained``: on the flow path the nearest training level of each visited one (:func:`generator_timesteps`,

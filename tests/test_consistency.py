@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from lightning_distill.data import TeacherDataModule
+from lightning_distill.errors import ConfigError
 from lightning_distill.methods.consistency import (
     ConsistencyDistillation,
     consistency_function,
@@ -17,6 +18,7 @@ from lightning_distill.methods.consistency import (
     consistency_target,
     ema_update_,
     lcm_boundary_scalings,
+    lognormal_interval_probabilities,
     skipped_timesteps,
     solve_ode,
     solver_step,
@@ -164,6 +166,70 @@ def test_losses_by_hand():
     torch.testing.assert_close(consistency_loss(a, b, "pseudo_huber", 1.0), torch.tensor([26**0.5 - 1, 0.0]))
     ref = ((10.0**0.5 - 1) + (17**0.5 - 1)) / 2
     torch.testing.assert_close(consistency_loss(a, b, "pseudo_huber_elementwise", 1.0), torch.tensor([ref, 0.0]))
+
+
+def test_lognormal_interval_probabilities_by_hand():
+    """Edges at exp(P_mean) and exp(P_mean +- P_std): the normal's masses 0.5 and erf(1 / sqrt 2) / 2 = 0.3413;
+    an infinite sigma (zero terminal SNR) closes the last interval."""
+    import math
+
+    m, s = -1.1, 2.0
+    edges = torch.tensor([0.0, math.exp(m - s), math.exp(m), math.exp(m + s), float("inf")])
+    p = lognormal_interval_probabilities(edges[:-1], edges[1:], m, s)
+    c = math.erf(1 / math.sqrt(2)) / 2
+    torch.testing.assert_close(p, torch.tensor([0.5 - c, c, c, 0.5 - c]))
+    with pytest.raises(ConfigError, match="no mass"):
+        lognormal_interval_probabilities(torch.tensor([0.0]), torch.tensor([0.0]), m, s)
+
+
+@pytest.mark.parametrize("flow", [False, True])
+def test_lognormal_timestep_sampling_draws_the_grid_intervals_masses(tiny_teacher_dir, tiny_flow_teacher_dir, flow):
+    """Each grid point t_{n+k} is drawn with the log-normal mass of [sigma(t_n), sigma(t_{n+k})], EDM sigma computed
+    here from alphas_cumprod (VP) or s / (1 - s) (flow); uniform sampling draws exactly as before (torch.randint)."""
+    import math
+
+    dm = TeacherDataModule(teacher=str(tiny_flow_teacher_dir if flow else tiny_teacher_dir), image_size=8, batch_size=4)
+    method = ConsistencyDistillation(dm.teacher, original_inference_steps=8, timestep_sampling="lognormal")
+    sched, grid = method.student.schedule, method.train_timesteps
+    if flow:
+        s = sched.sigma(grid).double().tolist()
+        s_end = [sched.sigma(torch.zeros(1)).item()] + s[:-1]
+        edm = lambda v: v / (1 - v) if v < 1 else float("inf")  # noqa: E731
+    else:
+        from diffusers import DDPMScheduler
+
+        ac = DDPMScheduler.from_pretrained(str(tiny_teacher_dir), subfolder="scheduler").alphas_cumprod.double()
+        s = [math.sqrt((1 - ac[t]) / ac[t]) for t in grid.tolist()]
+        s_end = [math.sqrt((1 - ac[0]) / ac[0])] + s[:-1]
+        edm = lambda v: v  # noqa: E731
+    cdf = lambda v: 1.0 if v == float("inf") else math.erf((math.log(v) + 1.1) / (2.0 * math.sqrt(2)))  # noqa: E731
+    expected = torch.tensor([cdf(edm(b)) - cdf(edm(a)) for a, b in zip(s_end, s)], dtype=torch.float32)
+    torch.testing.assert_close(method.interval_probabilities, expected / expected.sum())
+    torch.manual_seed(0)
+    counts = torch.bincount(method.draw_intervals(40000, "cpu"), minlength=grid.numel()) / 40000
+    torch.testing.assert_close(counts, method.interval_probabilities, atol=0.01, rtol=0)
+
+    # all the mass on the lowest interval: every training step starts there
+    inside = (math.log(edm(s_end[0])) + math.log(edm(s[0]))) / 2
+    low = ConsistencyDistillation(dm.teacher, original_inference_steps=8, timestep_sampling="lognormal", p_mean=inside, p_std=0.01)
+    dm.setup()
+    out = low.compute_loss(next(iter(dm.train_dataloader())))
+    assert out.logs["t_start"].item() == grid[0].item()
+
+    uniform = ConsistencyDistillation(dm.teacher, original_inference_steps=8)
+    assert uniform.interval_probabilities is None
+    torch.manual_seed(1)
+    drawn = uniform.draw_intervals(64, "cpu")
+    torch.manual_seed(1)
+    assert torch.equal(drawn, torch.randint(0, grid.numel(), (64,)))
+
+
+def test_timestep_sampling_settings_are_checked(tiny_teacher_dir):
+    teacher = TeacherDataModule(teacher=str(tiny_teacher_dir), image_size=8).teacher
+    with pytest.raises(ConfigError, match=r"unknown timestep_sampling 'normal'.*uniform.*lognormal"):
+        ConsistencyDistillation(teacher, timestep_sampling="normal")
+    with pytest.raises(ConfigError, match="p_std"):
+        ConsistencyDistillation(teacher, timestep_sampling="lognormal", p_std=0.0)
 
 
 def test_ema_update_by_hand():

@@ -57,6 +57,7 @@ from ..sampling import (  # the grid helpers and lcm_boundary_scalings lived her
     lcm_scheduler,
     lcm_training_timesteps,
     levels_off_grid,
+    lognormal_interval_probabilities,
     off_grid_timesteps,
     previous_timesteps,
     x0_sampler_scalings,
@@ -67,8 +68,10 @@ from .text import TextToImageMixin
 
 Solver = Literal["ddim", "heun"]
 LossKind = Literal["l2", "l1", "pseudo_huber", "pseudo_huber_elementwise"]
+TimestepSampling = Literal["uniform", "lognormal"]
 SOLVERS = ("ddim", "heun")
 LOSSES = ("l2", "l1", "pseudo_huber", "pseudo_huber_elementwise")
+TIMESTEP_SAMPLINGS = ("uniform", "lognormal")
 
 
 # --- boundary condition (pure functions) ----------------------------------------------------------
@@ -257,6 +260,10 @@ class ConsistencyDistillation(TextToImageMixin, DistillationMethod):
             Song et al. use 0 on CIFAR-10 and 0.95 on ImageNet-64; the LCM script 0.95).
         timestep_scaling: LCMScheduler's ``timestep_scaling`` of the boundary scalings (VP path only:
             ``FlowMatchLCMScheduler`` applies none).
+        timestep_sampling: how t_{n+k} is drawn from the grid: ``uniform`` (the LCM script) or
+            ``lognormal``, each interval with the mass log sigma ~ N(p_mean, p_std^2) puts on it in EDM
+            sigma (improved consistency training; :func:`lognormal_interval_probabilities`).
+        p_mean, p_std: that log-normal (iCT: -1.1, 2.0); read only with ``lognormal``.
         sample_steps: steps of logged grids and ``predict``.
         sample_prompt: text-conditional (SD3) teachers: the prompt of logged grids and the default of
             :meth:`sample` (:class:`~lightning_distill.methods.text.TextToImageMixin`).
@@ -281,6 +288,9 @@ class ConsistencyDistillation(TextToImageMixin, DistillationMethod):
         huber_c: float = 0.001,
         target_decay: float = 0.95,
         timestep_scaling: float = 10.0,
+        timestep_sampling: TimestepSampling = "uniform",
+        p_mean: float = -1.1,
+        p_std: float = 2.0,
         sample_steps: int = 2,
         sample_prompt: str = "",
         **kwargs,
@@ -291,6 +301,10 @@ class ConsistencyDistillation(TextToImageMixin, DistillationMethod):
             raise ConfigError(f"solver_substeps must be >= 1, got {solver_substeps}")
         if loss not in LOSSES:
             raise ConfigError(f"unknown loss {loss!r}; choose one of {LOSSES}")
+        if timestep_sampling not in TIMESTEP_SAMPLINGS:
+            raise ConfigError(f"unknown timestep_sampling {timestep_sampling!r}; choose one of {TIMESTEP_SAMPLINGS}")
+        if not p_std > 0:
+            raise ConfigError(f"p_std (the log-normal's standard deviation) must be > 0, got {p_std}")
         if not 0.0 <= target_decay < 1.0:
             raise ConfigError(f"target_decay (mu) must lie in [0, 1), got {target_decay}")
         if teacher is None:
@@ -300,6 +314,7 @@ class ConsistencyDistillation(TextToImageMixin, DistillationMethod):
         self.register_buffer(
             "train_timesteps", consistency_grid(self.student.schedule, original_inference_steps, served), persistent=False
         )
+        self.register_buffer("interval_probabilities", self.interval_distribution(), persistent=False)
         # theta_minus: a registered submodule (saved and restored with checkpoints), never optimised;
         # with mu = 0 it is the student itself under stop-gradient, so no copy is kept.
         self.theta_minus: Denoiser | None = None
@@ -338,6 +353,22 @@ class ConsistencyDistillation(TextToImageMixin, DistillationMethod):
 
     # --- the loss ----------------------------------------------------------------------------
 
+    def interval_distribution(self) -> Tensor | None:
+        """The probability of each grid point as t_{n+k}: None for uniform (torch.randint, the LCM script),
+        else :func:`lognormal_interval_probabilities` of the intervals [t_n, t_{n+k}] in EDM sigma."""
+        hp = self.hparams
+        if hp.timestep_sampling == "uniform":
+            return None
+        schedule, grid = self.student.schedule, self.train_timesteps
+        edm_sigma = lambda t: schedule.snr(t).double().rsqrt()  # noqa: E731 - sigma / alpha; inf at zero SNR
+        return lognormal_interval_probabilities(edm_sigma(previous_timesteps(grid, grid)), edm_sigma(grid), hp.p_mean, hp.p_std)
+
+    def draw_intervals(self, n: int, device) -> Tensor:
+        """n indices into the training grid: uniform, or from :meth:`interval_distribution`."""
+        if self.interval_probabilities is None:
+            return torch.randint(0, self.train_timesteps.numel(), (n,), device=device)
+        return torch.multinomial(self.interval_probabilities.to(device), n, replacement=True)
+
     @property
     def target_denoiser(self) -> Denoiser:
         return self.theta_minus if self.theta_minus is not None else self.student
@@ -346,7 +377,7 @@ class ConsistencyDistillation(TextToImageMixin, DistillationMethod):
         hp = self.hparams
         x0 = batch["x"].float()
         n = x0.shape[0]
-        idx = torch.randint(0, self.train_timesteps.numel(), (n,), device=x0.device)
+        idx = self.draw_intervals(n, x0.device)
         t_start = self.train_timesteps.to(x0.device)[idx]
         t_end = previous_timesteps(self.train_timesteps, t_start)
         eps = torch.randn_like(x0)
