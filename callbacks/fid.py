@@ -59,6 +59,14 @@ PROMPT_CHOICES = ("a prompt file (one prompt per line, UTF-8), a list of prompts
                   "captions of the reference images)")
 
 
+
+def reference_teacher(pl_module: L.LightningModule):
+    """The run's configured teacher, the one every teacher line and report row scores: the method's
+    ``reference_teacher`` where it replaces ``teacher`` during the run (progressive distillation promotes each
+    round's student to teacher), else ``teacher`` (None without one)."""
+    teacher = getattr(pl_module, "reference_teacher", None)
+    return teacher if teacher is not None else getattr(pl_module, "teacher", None)
+
 def callback_prompts(spec: str | os.PathLike | list[str] | None):
     """A callback's ``prompts`` as :mod:`~lightning_distill.evaluate` reads them: None, ``"captions"`` (resolved
     against the run's data module by :func:`datamodule_captions` when first needed), a prompt file
@@ -102,7 +110,7 @@ def check_text_settings(
             raise ConfigError(f"{who}: {name} must be >= 1 (the pipelines' convention, 1: no guidance), got {g}")
     net = getattr(getattr(pl_module, "student", None), "unet", None)
     text = net is not None and backbones.is_text_conditional(net)
-    teacher = getattr(pl_module, "teacher", None)
+    teacher = reference_teacher(pl_module)
     text_teacher = teacher_sampled and teacher is not None and backbones.is_text_conditional(teacher.unet)
     kind = type(net).__name__
     if text and prompts is None:
@@ -134,7 +142,7 @@ def check_cached_prompts(who: str, pl_module: L.LightningModule, prompts, guidan
     """Prompts the student and teacher can encode: once ``data.release_encoders`` dropped the text encoders, only
     those in the teacher's ``prompt_table`` (``""`` too where the teacher is guided); refused in one line at fit
     start rather than at the first evaluation."""
-    teacher = getattr(pl_module, "teacher", None)
+    teacher = reference_teacher(pl_module)
     if prompts is None or teacher is None or getattr(teacher, "released", None) is None:
         return
     needed = set(prompts.texts) | ({""} if guidance_scale != 1 else set())
@@ -370,7 +378,9 @@ class FIDCallback(L.Callback):
         # (and a run resumed after it would draw other numbers than the uninterrupted run).
         with torch.random.fork_rng(devices=[]):
             self._get_feature_net(device)
-        teacher = getattr(pl_module, "teacher", None)
+        teacher = reference_teacher(pl_module)
+        if teacher is not None and teacher is not getattr(pl_module, "teacher", None):
+            teacher.to(device)  # not a submodule now (replaced by a promoted one), so not moved with the method
         vae = getattr(teacher, "vae", None)
         num_classes = None
         if getattr(pl_module, "is_class_conditional", False):
@@ -473,7 +483,7 @@ class FIDCallback(L.Callback):
         text-to-image runs also the prompts (sha256, count) and the teacher's guidance scale (appended only then, so
         the keys of other runs, and the teacher lines their checkpoints hold, stay as they were)."""
         hp = getattr(getattr(trainer, "datamodule", None), "hparams", None) or {}
-        source = hp.get("teacher") or getattr(getattr(pl_module, "teacher", None), "source", None)
+        source = hp.get("teacher") or getattr(reference_teacher(pl_module), "source", None)
         run = [str(source), *(hp.get(k) for k in ("teacher_revision", "teacher_dtype", "teacher_prediction_type", "data",
                                                   "image_size", "split_seed", "val_fraction"))]
         net = fingerprint(self.feature_net) if self.feature_net is not None else str(self.feature_net_spec)
@@ -482,7 +492,7 @@ class FIDCallback(L.Callback):
         prompts = self.text_prompts(trainer)
         if prompts is not None:
             protocol.append(teacher_features.text_conditioning(prompts.sha256, len(prompts), self.guidance_scale))
-            teacher = getattr(pl_module, "teacher", None)  # how it encodes: the T5 length, a Flux-dev's own guidance
+            teacher = reference_teacher(pl_module)  # how it encodes: the T5 length, a Flux-dev's own guidance
             if teacher is not None:
                 protocol.append([teacher.max_sequence_length,
                                  teacher.embedded_guidance if teacher.is_guidance_distilled else None])

@@ -83,6 +83,8 @@ class DistillationReport(L.Callback):
         from lightning_distill import sharding
         from lightning_distill.evaluate import evaluate_models
 
+        from .fid import reference_teacher
+
         # a PipelineExport's folder (it records the path on rank 0 only, so every rank decides by its presence)
         exporter = next((cb for cb in trainer.callbacks if hasattr(cb, "exported_to")), None)
         exported = getattr(exporter, "exported_to", None)
@@ -101,7 +103,7 @@ class DistillationReport(L.Callback):
         data = {k: hp[k] for k in ("data", "image_size", "channels", "split_seed", "val_fraction") if hp.get(k) is not None}
         self.rows = evaluate_models(
             **data,
-            teacher=pl_module.teacher,
+            teacher=reference_teacher(pl_module),
             students={"student": exported},
             steps=self.steps,
             teacher_steps=self.teacher_steps,

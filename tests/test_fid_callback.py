@@ -174,3 +174,41 @@ def test_the_stored_teacher_line_is_keyed_by_sample_count_and_feature_network_co
 
     assert key() == key()
     assert len({key(), key(num_samples=32), key(scale=2.0), key(shift=1.0)}) == 4
+
+
+def test_progressive_teacher_line_scores_the_configured_teacher_after_promotions(tiny_teacher_dir, tmp_path):
+    """steps=["current"] on a progressive run: the 1-step teacher line is first sampled in round 1, after the
+    2-step student was promoted to teacher; it must be the configured teacher's 1-step FD (the line's key says
+    so), not the promoted student's."""
+    from lightning_distill.callbacks.progressive import TeacherSwap
+    from lightning_distill.methods.progressive import ProgressiveDistillation
+    from lightning_distill.metrics import sample_teacher
+
+    fid = FIDCallback(every_n_steps=2, num_samples=8, steps=["current"], feature_net=tiny_net(), kid=False,
+                      log_teacher=True, chunk_size=4, seed=1, cache_dir=str(tmp_path / "cache"))
+    logger = MemoryLogger()
+    L.seed_everything(0)
+    dm = TeacherDataModule(teacher=str(tiny_teacher_dir), image_size=8, batch_size=8)
+    model = ProgressiveDistillation(dm.teacher, num_student_steps=2, num_log_samples=0,
+                                    optimizer=lambda p: torch.optim.Adam(p, lr=5e-2))
+    configured = dm.teacher
+    swap = TeacherSwap(steps_per_round=2, final_steps=1)
+    trainer = L.Trainer(max_steps=-1, max_epochs=-1, logger=logger, callbacks=[fid, swap], enable_checkpointing=False,
+                        default_root_dir=tmp_path, limit_val_batches=0,
+                        enable_progress_bar=False, enable_model_summary=False, accelerator="cpu")
+    trainer.fit(model, dm)
+    assert model.num_student_steps == 1 and model.teacher is not configured  # promoted once
+    logged = {k: v for _, m in logger.logged for k, v in m.items() if k.endswith("/teacher")}
+    net = fid.feature_net.eval()
+    real = net(dm.train_images()).double().numpy()
+
+    def fd_of(teacher, steps):
+        chunks = enumerate(chunk_bounds(fid.num_samples, fid.chunk_size))
+        fake = [net(sample_teacher(teacher, b - a, steps, torch.Generator().manual_seed(chunk_seed(1, c)))).double()
+                for c, (a, b) in chunks]
+        return np_fd(real, torch.cat(fake).numpy())
+
+    for steps in (2, 1):
+        assert logged[f"fid/digits-feat/{steps}step/n8/teacher"] == pytest.approx(fd_of(configured, steps), rel=1e-6)
+    assert logged["fid/digits-feat/1step/n8/teacher"] != pytest.approx(fd_of(model.teacher, 1), rel=1e-3), \
+        "the promoted teacher scores the same: the check cannot tell them apart"

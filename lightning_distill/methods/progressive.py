@@ -235,6 +235,7 @@ class ProgressiveDistillation(TextToImageMixin, DistillationMethod):
                     m.p = student_dropout
         self.num_student_steps = num_student_steps
         self.round_index = 0
+        self._configured_teacher = (teacher,)  # a tuple: not a submodule, so neither saved nor replaced
         #: optimiser steps per round, for the LR annealing; set by ``TeacherSwap.setup``.
         self.round_length: int | None = None
         self._draws = 0
@@ -356,6 +357,12 @@ class ProgressiveDistillation(TextToImageMixin, DistillationMethod):
         param = next(self.teacher.parameters(), None)
         param = param if param is not None else next(self.student.parameters())
         return copy.deepcopy(self.student.unet).to(dtype=param.dtype)
+
+    @property
+    def reference_teacher(self) -> DiffusionTeacher:
+        """The configured (round-0) teacher in every round: what the FID callback's teacher line and the report
+        score (:attr:`teacher` is the previous round's student from round 1 on)."""
+        return self._configured_teacher[0]
 
     @property
     def current_steps(self) -> int:
