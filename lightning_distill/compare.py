@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import re
 import shlex
@@ -161,7 +162,8 @@ def add_eval_ranges(summary: list[dict], by_seed: dict[int, list[dict]]) -> None
     """Set each summary row's ``ratio_eval_min`` / ``ratio_eval_max``: its ratio's range over the evaluation seeds."""
     for r in summary:
         ratios = [x["ratio_to_teacher"] for rows in by_seed.values() for x in rows
-                  if x["model"] == r["model"] and x["steps"] == r["steps"] and x["ratio_to_teacher"] is not None]
+                  if x["model"] == r["model"] and x["steps"] == r["steps"] and x["ratio_to_teacher"] is not None
+                  and not math.isnan(x["ratio_to_teacher"])]  # a diverged seed's NaN: min / max would depend on order
         r["ratio_eval_min"], r["ratio_eval_max"] = (min(ratios), max(ratios)) if ratios else (None, None)
 
 
@@ -173,7 +175,8 @@ def markdown(summary: Sequence[dict], per_seed: Sequence[dict], protocol: dict,
 
     steps = sorted({r["steps"] for r in summary})
     students = [r for r in summary if r["kind"] != "teacher"]
-    best = {s: min((r["fd_median"] for r in students if r["steps"] == s), default=None) for s in steps}
+    best = {s: min((r["fd_median"] for r in students if r["steps"] == s and not math.isnan(r["fd_median"])), default=None)
+            for s in steps}  # a diverged (NaN) median is never best, wherever it is listed
     teacher = [r for r in summary if r["kind"] == "teacher"]
     ref = max(teacher, key=lambda r: r["steps"]) if teacher else None
     head = " | ".join(f"{s} step{'s' if s > 1 else ''}" for s in steps)

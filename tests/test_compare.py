@@ -182,3 +182,28 @@ def test_a_run_that_cannot_take_the_step_counts_is_named_by_run_and_seed(setup, 
     assert line.startswith("compare: error: ValueError: ")
     assert "--run cd seed 5 samples with at most 2 steps; none of [4] fit (e.g. --run-steps cd=1,2)" in line
     assert "cd_seed" not in line
+
+
+@pytest.mark.parametrize("order", [["diverged", "good", "ok"], ["good", "diverged", "ok"]])
+def test_a_diverged_method_is_never_best_and_leaves_the_ratio_range_alone(order):
+    """A NaN median (a diverged method) listed first made min() NaN, so no student was bolded; a NaN ratio in one
+    evaluation seed made the range depend on the order of the rows."""
+    from lightning_distill.compare import add_eval_ranges, add_ratios, markdown
+
+    def row(model, kind, fd):
+        return dict(model=model, kind=kind, steps=2, num_seeds=3, seeds="" if kind == "teacher" else "0 1 2",
+                    fd_median=fd, fd_min=fd, fd_max=fd, kid_median=None, kid_min=None, kid_max=None, num_samples=2000,
+                    eval_seed="0", feature_net="digits-feat", reference="r")
+
+    fds = {"diverged": float("nan"), "good": 0.20, "ok": 0.30}
+    summary = [row("teacher", "teacher", 0.15)] + [row(m, "checkpoint", fds[m]) for m in order]
+    add_ratios(summary)
+    protocol = dict(eval_seeds=[0], teacher="t", feature_net="digits-feat", reference="r", num_samples=2000,
+                    command="c", runs={})
+    lines = markdown(summary, [], protocol).splitlines()
+    assert any(line.startswith("| good |") and "**0.2**" in line for line in lines)
+    assert not any("**" in line for line in lines if line.startswith(("| ok |", "| diverged |")))
+    by_seed = {0: [dict(model="good", steps=2, ratio_to_teacher=r) for r in (float("nan"), 1.2, 1.4)[::1 if order[0] == "good" else -1]]}
+    add_eval_ranges(summary, by_seed)
+    good = next(r for r in summary if r["model"] == "good")
+    assert (good["ratio_eval_min"], good["ratio_eval_max"]) == (1.2, 1.4)
