@@ -15,22 +15,24 @@ Any denoiser :mod:`lightning_distill.backbones` supports for unprompted sampling
 ``DiTTransformer2DModel``, pixel or latent) is called through its adapter, its sample shape and class count
 read from its config; class-conditional models get the balanced labels ``i % num_classes`` (image i).
 
-Text-to-image models (SD1.5-style ``UNet2DConditionModel``, ``SD3Transformer2DModel``, ``FluxTransformer2DModel``)
-are sampled from prompts: ``--prompts FILE`` (one prompt per line, UTF-8, blank lines ignored) or ``--prompts
-captions`` (the captions of the reference images, read from the ``--data`` folder's ``metadata.jsonl`` /
-``prompts.txt`` by ``TeacherDataModule``). Image i is drawn with prompt i % P, whatever the chunking (as the noise: see
-``metrics.chunk_seed``). Without prompts a text model is a one-line error as it loads; prompts given where no
-model is text-conditional, too.
+Text-to-image models (SD1.5-style ``UNet2DConditionModel``, ``SD3Transformer2DModel``, ``FluxTransformer2DModel``,
+``SanaTransformer2DModel``) are sampled from prompts: ``--prompts FILE`` (one prompt per line, UTF-8, blank lines
+ignored) or ``--prompts captions`` (the captions of the reference images, read from the ``--data`` folder's
+``metadata.jsonl`` / ``prompts.txt`` by ``TeacherDataModule``). Image i is drawn with prompt i % P, whatever the
+chunking (as the noise: see ``metrics.chunk_seed``). Without prompts a text model is a one-line error as it loads;
+prompts given where no model is text-conditional, too.
 
 * the teacher: the sampler above in the text pipelines' loop on ``teacher.encode_prompts`` keywords
   (``metrics.sample_text_teacher``), with classifier-free guidance at ``--guidance-scale`` g (the empty prompt
   as the unconditional one, as the stock pipelines; default 1: none);
 * an exported folder: the stock pipeline it was saved as (``StableDiffusionPipeline``,
-  ``StableDiffusion3Pipeline``, ``LatentConsistencyModelPipeline``, ``FluxPipeline``), with the latents drawn from
-  the same generator as every other model (``metrics.pipeline_sample``; Flux: drawn unpacked, passed packed) and
-  ``guidance_scale=1``, as exported; a guidance-distilled Flux folder with ``guidance_scale`` = the teacher's
-  embedded guidance (``--teacher-embedded-guidance``, default 3.5: what its student was trained at), and folders
-  with T5 with the teacher's T5 length (``--teacher-max-sequence-length``);
+  ``StableDiffusion3Pipeline``, ``LatentConsistencyModelPipeline``, ``FluxPipeline``, ``SanaPipeline``), with the
+  latents drawn from the same generator as every other model (``metrics.pipeline_sample``; Flux: drawn unpacked,
+  passed packed) and ``guidance_scale=1``, as exported; a guidance-distilled Flux folder with ``guidance_scale`` =
+  the teacher's embedded guidance (``--teacher-embedded-guidance``, default 3.5: what its student was trained at),
+  and folders with T5 with the teacher's T5 length (``--teacher-max-sequence-length``); a ``SanaPipeline`` folder
+  with the SANA teacher's Gemma2 prompt length and ``complex_human_instruction`` (the pipeline's defaults
+  without one);
 * a checkpoint: its ``sample(..., prompts=...)``.
 
 An LCM student with a guidance input (its w embedding: a ``LatentConsistencyModelPipeline`` folder or its
@@ -90,7 +92,8 @@ TEACHER_SAMPLER = "deterministic DDIM (eta = 0, trailing timesteps; a flow-match
 PROMPT_OPTIONS = ("--prompts FILE (one prompt per line) or --prompts captions (the captions of the --data image "
                   "folder, metadata.jsonl)")
 #: The stock pipelines an exported text-to-image student is sampled with (the classes ``export`` writes).
-TEXT_PIPELINES = ("StableDiffusionPipeline", "StableDiffusion3Pipeline", "LatentConsistencyModelPipeline", "FluxPipeline")
+TEXT_PIPELINES = ("StableDiffusionPipeline", "StableDiffusion3Pipeline", "LatentConsistencyModelPipeline",
+                  "FluxPipeline", "SanaPipeline")
 
 CSV_FIELDS = [
     "model", "kind", "steps", "fd", "kid", "kid_std", "num_samples", "seed", "feature_net", "reference", "num_reference",
@@ -260,12 +263,16 @@ def load_checkpoint_model(
 
 def _run_settings_match(teacher: DiffusionTeacher, text: dict) -> bool:
     """Whether ``teacher`` has the dtype, prediction type, T5 length and embedded guidance a run's data settings
-    ``text`` give it (None: the defaults of :class:`~lightning_distill.teacher.DiffusionTeacher`)."""
-    from .teacher import DTYPES, MAX_SEQUENCE_LENGTH
+    ``text`` give it (None: the defaults of :class:`~lightning_distill.teacher.DiffusionTeacher`), and, a SANA
+    teacher, the pipeline's ``complex_human_instruction`` (a run's teacher always has it: no data option sets it)."""
+    from .teacher import DTYPES, MAX_SEQUENCE_LENGTH, SANA_COMPLEX_HUMAN_INSTRUCTION
 
     if next(teacher.unet.parameters()).dtype != DTYPES[text.get("teacher_dtype") or "float32"]:
         return False
     if text.get("teacher_prediction_type") not in (None, teacher.denoiser.prediction_type):
+        return False
+    sana = isinstance(backbones.backbone_for(teacher.unet), backbones.SanaBackbone)
+    if sana and teacher.complex_human_instruction != SANA_COMPLEX_HUMAN_INSTRUCTION:
         return False
 
     net = type(getattr(teacher.unet, "_orig_mod", teacher.unet)).__name__
@@ -353,7 +360,8 @@ def text_pipeline_sampler(name: str, path: Path, pipe, net: nn.Module, device: t
 
     A ``FluxPipeline`` folder of a guidance-distilled network is called with ``guidance_scale`` = the teacher's
     embedded guidance (the value its student was trained at; without a teacher the pipeline's 3.5), and a folder
-    with T5 (Flux, SD3 with ``text_encoder_3``) with the teacher's T5 length where the teacher is of its family."""
+    with T5 (Flux, SD3 with ``text_encoder_3``) with the teacher's T5 length where the teacher is of its family;
+    a ``SanaPipeline`` folder with the teacher's Gemma2 length and instruction (:func:`folder_text_settings`)."""
     what = f"student {name!r} ({path})"
     kind = type(pipe).__name__ if pipe is not None else "no stock pipeline"
     if kind not in TEXT_PIPELINES:
@@ -363,29 +371,38 @@ def text_pipeline_sampler(name: str, path: Path, pipe, net: nn.Module, device: t
     # students of the plain conditional sampler, called with guidance_scale=1 as export documents
     guided = kind == "LatentConsistencyModelPipeline"
     g = student_guidance if guided else 1.0
-    embedded, length = folder_text_settings(pipe, net, teacher)
+    embedded, text = folder_text_settings(pipe, net, teacher)
     call_g = g if embedded is None else embedded  # FluxPipeline's guidance_scale is the embedded guidance
     pipe = pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
 
     def sample(n, steps, gen, prompts):
-        return decode_latents(pipeline_sample(pipe, list(prompts), steps, gen, call_g, length), pipe.vae)
+        return decode_latents(pipeline_sample(pipe, list(prompts), steps, gen, call_g, **text), pipe.vae)
 
     return Sampler(name, "pipeline", str(path), sample, None, None, lcm_step_limit(pipe.scheduler),
                    type(net).__name__, g, guided, embedded)
 
 
-def folder_text_settings(pipe, net: nn.Module, teacher: DiffusionTeacher | None) -> tuple[float | None, int | None]:
-    """(embedded guidance, T5 length) an exported text folder is called with, from the teacher it was distilled
-    from: the embedded guidance of a guidance-distilled Flux network (None for others; 3.5, ``FluxPipeline``'s
-    default, without a teacher of its family) and, for a folder with T5 and a teacher of the same network class,
-    the teacher's ``max_sequence_length`` (None: the pipeline's default)."""
+def folder_text_settings(pipe, net: nn.Module, teacher: DiffusionTeacher | None) -> tuple[float | None, dict]:
+    """(embedded guidance, text keywords of the pipeline call) an exported text folder is called with, from the
+    teacher it was distilled from: the embedded guidance of a guidance-distilled Flux network (None for others;
+    3.5, ``FluxPipeline``'s default, without a teacher of its family) and, with a teacher of the same network class,
+    its ``max_sequence_length`` for a folder with T5 or a ``SanaPipeline`` (Gemma2's length), and a SANA teacher's
+    ``complex_human_instruction`` (None: no instruction). Without such a teacher the keywords are empty: the
+    pipeline's defaults, which are the defaults of a loaded teacher."""
     same_family = teacher is not None and type(teacher.unet).__name__ == type(net).__name__
     embedded = None
     if isinstance(backbones.backbone_for(net), backbones.FluxBackbone) and net.config.get("guidance_embeds", False):
         embedded = float(teacher.embedded_guidance) if same_family else 3.5
+    text: dict = {}
+    sana = isinstance(backbones.backbone_for(net), backbones.SanaBackbone)
     has_t5 = getattr(pipe, "text_encoder_3", None) is not None or type(pipe).__name__ == "FluxPipeline"
-    return embedded, (teacher.max_sequence_length if same_family and has_t5 else None)
+    if same_family and (has_t5 or sana):
+        text["max_sequence_length"] = teacher.max_sequence_length
+    if same_family and sana:
+        instruction = teacher.complex_human_instruction
+        text["complex_human_instruction"] = list(instruction) if instruction else None
+    return embedded, text
 
 
 def read_pipeline_folder(path: str | os.PathLike):

@@ -7,10 +7,12 @@ once the new one is complete.
 A LoRA student (:mod:`lightning_distill.lora`) is written the same way for every pipeline class
 (:func:`write_student_pipeline`): the folder holds the fused network (a stock model, no peft needed) and,
 beside it, the adapters as ``pytorch_lora_weights.safetensors``, which the *teacher's* pipeline loads with
-``load_lora_weights`` (SD UNets, SD3 and Flux transformers) or :func:`lightning_distill.lora.load_lora` (the others).
+``load_lora_weights`` (SD UNets, SD3, Flux and SANA transformers) or :func:`lightning_distill.lora.load_lora` (the
+others).
 
 Text-to-image students go into their teacher family's stock pipeline (:func:`export_text_pipeline`):
-``StableDiffusionPipeline``, ``StableDiffusion3Pipeline`` (with T5 when the teacher has it), ``FluxPipeline``.
+``StableDiffusionPipeline``, ``StableDiffusion3Pipeline`` (with T5 when the teacher has it), ``FluxPipeline``,
+``SanaPipeline``.
 """
 
 from __future__ import annotations
@@ -196,6 +198,28 @@ def export_flux_pipeline(transformer: nn.Module, scheduler, teacher, target: str
     return write_student_pipeline(transformer, make, target)
 
 
+def export_sana_pipeline(transformer: nn.Module, scheduler, teacher, target: str | os.PathLike) -> Path:
+    """Save a ``SanaTransformer2DModel`` student (float32) with ``scheduler`` and the SANA ``teacher``'s
+    ``AutoencoderDC``, Gemma2 encoder and tokenizer as a ``SanaPipeline`` folder; a LoRA student as its fused
+    transformer plus the adapter file, which ``SanaPipeline.load_lora_weights`` reads (:func:`write_student_pipeline`).
+
+    Its loop is :func:`~lightning_distill.sampling.text_to_image_loop`'s, and it passes its generator to
+    ``scheduler.step``, so a multi-step ``FlowMatchLCMScheduler`` draws its fresh noise as ``sample()`` does. Call
+    it with ``guidance_scale=1`` (the student samples the plain conditional teacher), ``use_resolution_binning=False``
+    below the pipeline's bin tables' sizes (it refuses a ``sample_size`` other than 16, 32, 64 or 128), and the
+    teacher's ``complex_human_instruction`` / ``max_sequence_length`` where they are not the pipeline's defaults.
+    """
+    from diffusers import SanaPipeline
+
+    t = teacher
+    parts = float32_parts(t, "vae", "text_encoder")
+
+    def make(net: nn.Module):
+        return SanaPipeline(transformer=net, scheduler=scheduler, tokenizer=t.tokenizer, **parts)
+
+    return write_student_pipeline(transformer, make, target)
+
+
 def export_sd_pipeline(unet: nn.Module, scheduler, teacher, target: str | os.PathLike) -> Path:
     """Save an SD1.5-style ``UNet2DConditionModel`` student with the teacher's VAE and text encoder as a
     ``StableDiffusionPipeline`` folder (call it with ``guidance_scale=1``: the student samples the plain
@@ -219,6 +243,7 @@ TEXT_PIPELINE_EXPORTS = {
     "UNet2DConditionModel": export_sd_pipeline,
     "SD3Transformer2DModel": export_sd3_pipeline,
     "FluxTransformer2DModel": export_flux_pipeline,
+    "SanaTransformer2DModel": export_sana_pipeline,
 }
 
 

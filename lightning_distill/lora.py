@@ -298,8 +298,10 @@ def new_layers(model: nn.Module, base: nn.Module) -> list[str]:
     """Names of ``model``'s layers with a parameter that ``base`` lacks (by name and shape): the layers a student
     built from the teacher adds (LCM's ``time_embedding.cond_proj``), which a LoRA student trains in full."""
     theirs = {k: v.shape for k, v in base.state_dict().items()}
+    # the root module's own parameters (SANA's scale_shift_table) have no "name." prefix
     return [name for name, module in model.named_modules()
-            if any(theirs.get(f"{name}.{p}") != v.shape for p, v in module.named_parameters(recurse=False))]
+            if any(theirs.get(f"{name}.{p}" if name else p) != v.shape
+                   for p, v in module.named_parameters(recurse=False))]
 
 
 def full_layers(model: nn.Module) -> list[str]:

@@ -22,6 +22,7 @@ and :mod:`lightning_distill.evaluate` only orchestrate them.
 from __future__ import annotations
 
 import hashlib
+import inspect
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -520,18 +521,22 @@ def sample_text_teacher(
 @torch.no_grad()
 def pipeline_sample(
     pipe, prompts: list[str], steps: int, generator: torch.Generator | None = None, guidance_scale: float = 1.0,
-    max_sequence_length: int | None = None,
+    max_sequence_length: int | None = None, **pipeline_kwargs,
 ) -> Tensor:
     """A stock text-to-image pipeline (``StableDiffusionPipeline``, ``StableDiffusion3Pipeline``,
-    ``LatentConsistencyModelPipeline``, ``FluxPipeline``) called as a user calls it, with ``output_type="latent"``:
-    (n, C, h, w) latents.
+    ``LatentConsistencyModelPipeline``, ``FluxPipeline``, ``SanaPipeline``) called as a user calls it, with
+    ``output_type="latent"``: (n, C, h, w) latents.
 
     * The initial latents are drawn here, ``randn_tensor`` from ``generator`` in float32 (as the teacher and the
       checkpoints draw theirs), and passed as ``latents``: the values the pipeline draws itself from the same
       generator, which it then also receives for the scheduler's fresh noise (``LCMScheduler``).
     * ``FluxPipeline`` draws them as (n, C, h, w) too and packs them 2 x 2 (:func:`~lightning_distill.backbones.
       pack_latents`): they are passed packed, with the ``height`` / ``width`` they decode to (the pipeline's
-      default is 1024 px whatever the network), and its packed output is unpacked.
+      default is 1024 px whatever the network), and its packed output is unpacked. ``SanaPipeline`` gets the
+      ``height`` / ``width`` too, and ``use_resolution_binning=False`` (as every pipeline with that option): it would
+      look the size up in its aspect-ratio tables, which refuse a network ``sample_size`` outside 16 - 128 (a square
+      size in them maps onto itself, so nothing else changes).
+    * ``SanaPipeline`` steps the scheduler with the generator, as the framework's loop does.
     * ``StableDiffusion3Pipeline`` and ``FluxPipeline`` call ``scheduler.step`` without the generator, so a
       ``FlowMatchLCMScheduler``'s fresh noise would come from torch's global generator: for the call, the global
       CPU generator holds ``generator``'s state after the latents (what the framework's ``sample()`` draws from;
@@ -542,7 +547,9 @@ def pipeline_sample(
       the teacher's sampler (:func:`sample_text_teacher`) fixes it.
 
     ``guidance_scale``: the pipeline's (``FluxPipeline``: the embedded guidance of a guidance-distilled network);
-    ``max_sequence_length``: the T5 prompt length of a pipeline with T5 (None: the pipeline's default).
+    ``max_sequence_length``: the T5 prompt length of a pipeline with T5, ``SanaPipeline``'s Gemma2 length (None: the
+    pipeline's default); ``pipeline_kwargs``: further keywords of the call (``SanaPipeline``'s
+    ``complex_human_instruction``).
     ``pipe.vae`` decodes the result (:func:`decode_latents`: the pipelines' own decode, without their clamp to [0, 1]).
     """
     from diffusers.utils.torch_utils import randn_tensor
@@ -556,8 +563,11 @@ def pipeline_sample(
     shape = (len(prompts), *backbones.sample_shape(net))
     latents = randn_tensor(shape, generator=generator, device=device, dtype=torch.float32)
     extra = {} if max_sequence_length is None else {"max_sequence_length": int(max_sequence_length)}
-    if isinstance(backbones.backbone_for(net), backbones.FluxBackbone):
+    extra.update(pipeline_kwargs)
+    if isinstance(backbones.backbone_for(net), (backbones.FluxBackbone, backbones.SanaBackbone)):
         extra.update(height=shape[-2] * pipe.vae_scale_factor, width=shape[-1] * pipe.vae_scale_factor)
+    if "use_resolution_binning" in inspect.signature(pipe.__call__).parameters:
+        extra["use_resolution_binning"] = False
     scheduler = pipe.scheduler
     schedule = None
     if scheduler.config.get("use_dynamic_shifting"):

@@ -10,7 +10,7 @@ import json
 import os
 import re
 from pathlib import Path
-from typing import Literal
+from typing import Literal, Sequence
 
 import torch
 from torch import nn
@@ -96,8 +96,8 @@ def _diffusers_class(name: str):
 #: optional components load_teacher reads beside the denoiser and scheduler.
 TEXT_AND_VAE = ("vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2", "text_encoder_3", "tokenizer_3")
 #: the text encoder classes a teacher may hold (SD1.5: CLIPTextModel; SD3: CLIPTextModelWithProjection x 2 and
-#: an optional T5EncoderModel; Flux: CLIPTextModel + T5EncoderModel).
-TEXT_ENCODERS = ("CLIPTextModel", "CLIPTextModelWithProjection", "T5EncoderModel")
+#: an optional T5EncoderModel; Flux: CLIPTextModel + T5EncoderModel; SANA: Gemma2Model).
+TEXT_ENCODERS = ("CLIPTextModel", "CLIPTextModelWithProjection", "T5EncoderModel", "Gemma2Model")
 #: per denoiser class, the encoder folders its stock pipeline reads and the classes it reads there (the first:
 #: the default where model_index.json names none). StableDiffusion3Pipeline reads the projected pooled output
 #: (``text_embeds``) of both CLIPs; FluxPipeline the ``pooler_output`` of a plain CLIPTextModel and T5's sequence.
@@ -107,15 +107,39 @@ FAMILY_TEXT_ENCODERS: dict[str, dict[str, tuple[str, ...]]] = {
         "text_encoder_3": ("T5EncoderModel",),
     },
     "FluxTransformer2DModel": {"text_encoder": ("CLIPTextModel",), "text_encoder_2": ("T5EncoderModel",)},
+    "SanaTransformer2DModel": {"text_encoder": ("Gemma2Model",)},
 }
 #: every other denoiser (SD1.5-style UNets): one or two CLIP encoders, as before T5 was read.
 _CLIP_ONLY = {"text_encoder": TEXT_ENCODERS[:2], "text_encoder_2": TEXT_ENCODERS[:2]}
 #: the tokenizer class read for each encoder class (T5: the ``tokenizers``-backed fast tokenizer, which needs no
 #: sentencepiece; model_index.json's ``T5Tokenizer`` / ``T5TokenizerFast`` both read as it).
 TOKENIZER_FOR = {"CLIPTextModel": "CLIPTokenizer", "CLIPTextModelWithProjection": "CLIPTokenizer",
-                 "T5EncoderModel": "T5TokenizerFast"}
-#: the prompt length of the T5 part by denoiser class, the stock pipelines' ``max_sequence_length`` default.
-MAX_SEQUENCE_LENGTH = {"SD3Transformer2DModel": 256, "FluxTransformer2DModel": 512}
+                 "T5EncoderModel": "T5TokenizerFast", "Gemma2Model": "GemmaTokenizerFast"}
+#: the prompt length of the T5 part (SANA: of the Gemma2 sequence) by denoiser class, the stock pipelines'
+#: ``max_sequence_length`` default.
+MAX_SEQUENCE_LENGTH = {"SD3Transformer2DModel": 256, "FluxTransformer2DModel": 512, "SanaTransformer2DModel": 300}
+#: the VAE class the stock pipeline of a denoiser class reads (``SanaPipeline``: the deep-compression
+#: ``AutoencoderDC``); every other family: ``AutoencoderKL``.
+FAMILY_VAES = {"SanaTransformer2DModel": "AutoencoderDC"}
+#: ``SanaPipeline.__call__``'s default ``complex_human_instruction`` (diffusers 0.42.1; tests/test_sana.py checks
+#: it against the installed pipeline's): lines joined with
+#: "\n" and put before every prompt (not before the negative prompt) when Gemma2 encodes it.
+SANA_COMPLEX_HUMAN_INSTRUCTION: tuple[str, ...] = (
+    "Given a user prompt, generate an 'Enhanced prompt' that provides detailed visual descriptions suitable for "
+    "image generation. Evaluate the level of detail in the user prompt:",
+    "- If the prompt is simple, focus on adding specifics about colors, shapes, sizes, textures, and spatial "
+    "relationships to create vivid and concrete scenes.",
+    "- If the prompt is already detailed, refine and enhance the existing details slightly without overcomplicating.",
+    "Here are examples of how to transform or refine prompts:",
+    "- User Prompt: A cat sleeping -> Enhanced: A small, fluffy white cat curled up in a round shape, sleeping "
+    "peacefully on a warm sunny windowsill, surrounded by pots of blooming red flowers.",
+    "- User Prompt: A busy city street -> Enhanced: A bustling city street scene at dusk, featuring glowing street "
+    "lamps, a diverse crowd of people in colorful clothing, and a double-decker bus passing by towering glass "
+    "skyscrapers.",
+    "Please generate only the enhanced description for the prompt below and avoid including any additional "
+    "commentary or evaluations:",
+    "User Prompt: ",
+)
 
 
 def _read_model_index(path: Path) -> dict:
@@ -127,6 +151,11 @@ def _read_model_index(path: Path) -> dict:
 
 class TextEncoderError(TeacherError, ConfigError):
     """A text encoder or tokenizer class the teacher's pipeline family does not read (a one-line ConfigError)."""
+
+
+def vae_class_name(denoiser_class: str | None) -> str:
+    """The VAE class the stock pipeline of ``denoiser_class`` reads (:data:`FAMILY_VAES`; AutoencoderKL otherwise)."""
+    return FAMILY_VAES.get(denoiser_class or "", "AutoencoderKL")
 
 
 def family_text_encoders(denoiser_class: str | None) -> dict[str, tuple[str, ...]]:
@@ -145,9 +174,11 @@ def _text_encoder_class_name(index: dict, name: str, denoiser_class: str | None 
     entry = index.get(name) or [None, allowed[0]]
     cls = entry[1] if isinstance(entry, (list, tuple)) and len(entry) == 2 else None
     if cls not in allowed:
+        # SANA's Gemma2Model named apart, after the CLIP / T5 list the SD / SD3 / Flux messages always gave
+        clip_t5 = [e for e in TEXT_ENCODERS if e != "Gemma2Model"]
         raise TextEncoderError(
             f"teacher {name}/ is a {cls}; a {denoiser_class or 'UNet'} teacher reads {' or '.join(allowed)} there "
-            f"(supported text encoders: {', '.join(TEXT_ENCODERS)})"
+            f"(supported text encoders: {', '.join(clip_t5)}) or Gemma2Model (SanaTransformer2DModel teachers)"
         )
     return cls
 
@@ -170,8 +201,8 @@ def _tokenizer_class(index: dict, name: str, encoder_class: str):
     want = TOKENIZER_FOR.get(encoder_class, "CLIPTokenizer")
     if named is not None and named.removesuffix("Fast") != want.removesuffix("Fast"):
         raise TextEncoderError(
-            f"teacher {name}/ is a {named} beside a {encoder_class}; supported tokenizers: "
-            f"{', '.join(sorted(set(TOKENIZER_FOR.values())))} (the first for CLIP encoders, the second for T5)"
+            f"teacher {name}/ is a {named} beside a {encoder_class}; supported tokenizers: CLIPTokenizer (CLIP "
+            "encoders), T5TokenizerFast (T5), GemmaTokenizerFast (Gemma2)"
         )
     return getattr(transformers, want)
 
@@ -198,6 +229,10 @@ class DiffusionTeacher(nn.Module):
         embedded_guidance: a guidance-distilled Flux network (``guidance_embeds``, Flux-dev) takes the guidance
             scale as an input: ``FluxPipeline``'s ``guidance_scale`` (3.5 there by default). It rides with the
             prompt keywords (:meth:`text_conditioning`), so teacher, student and export see the same value.
+        complex_human_instruction: SANA teachers (``SanaTransformer2DModel``): the lines ``SanaPipeline`` puts
+            before every prompt it encodes, its ``complex_human_instruction`` (default: the pipeline's own,
+            :data:`SANA_COMPLEX_HUMAN_INSTRUCTION`; None or empty: no instruction). Other families read none (kept
+            None). ``max_sequence_length`` is then the Gemma2 prompt length (300, the pipeline's default).
         clip_x0: clamp x0 estimates (pixel teachers); None for latent teachers.
 
     Example::
@@ -223,6 +258,7 @@ class DiffusionTeacher(nn.Module):
         text_encoder_3: nn.Module | None = None,
         tokenizer_3=None,
         embedded_guidance: float = 3.5,
+        complex_human_instruction: Sequence[str] | None = SANA_COMPLEX_HUMAN_INSTRUCTION,
     ) -> None:
         super().__init__()
         try:
@@ -255,6 +291,11 @@ class DiffusionTeacher(nn.Module):
             max_sequence_length = MAX_SEQUENCE_LENGTH.get(type(getattr(unet, "_orig_mod", unet)).__name__, 256)
         self.max_sequence_length = int(max_sequence_length)
         self.embedded_guidance = float(embedded_guidance)
+        sana = isinstance(backbones.backbone_for(unet), backbones.SanaBackbone)
+        if isinstance(complex_human_instruction, str):  # one string would read as its characters, one per line
+            raise TeacherError("complex_human_instruction is a list of lines (SanaPipeline's), not one string")
+        self.complex_human_instruction: tuple[str, ...] | None = (
+            tuple(complex_human_instruction) if sana and complex_human_instruction else None)
         # Filled by data.text_cache / data.release_encoders (lightning_distill/text_cache.py): prompt -> its text
         # keywords (batch 1), and a record of the encoders released (None while they are held).
         self.prompt_table: dict[str, dict[str, torch.Tensor]] = {}
@@ -297,9 +338,13 @@ class DiffusionTeacher(nn.Module):
 
     @property
     def vae_scale_factor(self) -> int:
+        """Pixels per latent pixel, as the pipelines compute it: 2 ** (blocks - 1) of ``AutoencoderKL``'s
+        ``block_out_channels`` or ``AutoencoderDC``'s ``encoder_block_out_channels`` (``SanaPipeline``)."""
         if self.vae is None:
             return 1
-        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+        cfg = self.vae.config
+        blocks = cfg.get("block_out_channels") or cfg.get("encoder_block_out_channels")
+        return 2 ** (len(blocks) - 1)
 
     # --- latent and text-conditional teachers (LCM) ---------------------------------------------
 
@@ -319,12 +364,16 @@ class DiffusionTeacher(nn.Module):
         """Images in [-1, 1] -> model-space latents (mode of q(z | x) - shift_factor) * scaling_factor.
 
         The mode, not a sample, so a latent cache is deterministic (the SD VAE's posterior std is tiny).
+        ``AutoencoderDC`` (SANA) is deterministic: its ``encode`` returns the latent itself (``.latent``), and
+        its config has no shift.
         """
         if self.vae is None:
             raise TeacherError("encode_images needs a latent teacher (a vae/ folder)")
         cfg = self.vae.config
         dtype = next(self.vae.parameters()).dtype
-        z = self.vae.encode(x.to(dtype)).latent_dist.mode().float()
+        out = self.vae.encode(x.to(dtype))
+        posterior = getattr(out, "latent_dist", None)
+        z = (posterior.mode() if posterior is not None else out.latent).float()
         return (z - (getattr(cfg, "shift_factor", None) or 0.0)) * cfg.scaling_factor
 
     @torch.no_grad()
@@ -371,8 +420,12 @@ class DiffusionTeacher(nn.Module):
           ``model_max_length`` as ``StableDiffusion3Pipeline._get_clip_prompt_embeds`` does; ``input_ids_3`` (T5,
           ``max_sequence_length``, special tokens added), as its ``_get_t5_prompt_embeds``;
         * Flux: ``input_ids_2`` (T5, ``max_sequence_length``), as ``FluxPipeline._get_t5_prompt_embeds``.
+
+        SANA teachers: Gemma2's ``input_ids``, ``attention_mask`` and ``input_length`` (:meth:`_sana_text_inputs`).
         """
         prompts = list(prompts)
+        if isinstance(backbones.backbone_for(self.unet), backbones.SanaBackbone):
+            return self._sana_text_inputs(prompts)
         inputs = {"input_ids": self.tokenize(prompts)}
 
         def t5_ids(tokenizer) -> torch.Tensor:
@@ -392,6 +445,47 @@ class DiffusionTeacher(nn.Module):
             inputs["input_ids_3"] = t5_ids(self.tokenizer_3)
         return inputs
 
+    def _sana_text_inputs(self, prompts: list[str]) -> dict[str, torch.Tensor]:
+        """Gemma2 token ids as ``SanaPipeline._get_gemma_prompt_embeds`` makes them (``clean_caption`` False).
+
+        Each prompt is lower-cased and stripped, prefixed with the ``complex_human_instruction`` lines joined by
+        "\n", and tokenized with special tokens, right-padded and truncated to I + ``max_sequence_length`` - 2
+        tokens (I: the instruction's own token count, BOS included). A prompt that is empty after that
+        preprocessing is the *unconditional* one, every method's ``""``: it is tokenized as the pipeline's
+        classifier-free guidance tokenizes its ``negative_prompt`` ``""``, without the instruction, to
+        ``max_sequence_length`` tokens. (A user calling ``SanaPipeline(prompt="")`` gets the instruction
+        before ""; here ``""`` always means no prompt.)
+
+        Returns:
+            ``input_ids`` and ``attention_mask`` (N, W), padded (pad id, mask 0) to the widest row, and
+            ``input_length`` (N,): each row's own width, which :func:`sana_prompt_embeds` encodes.
+        """
+        if self.tokenizer is None:
+            raise TeacherError("a SANA teacher tokenizes prompts with Gemma's tokenizer: it needs tokenizer/")
+        length = self.max_sequence_length
+        texts = [p.lower().strip() for p in prompts]
+        instruction = "\n".join(self.complex_human_instruction) if self.complex_human_instruction else None
+        rows = []  # (row indices, width, ids, mask): prompts with the instruction, then the unconditional ones
+        for kind in ("prompt", "unconditional"):
+            index = [i for i, t in enumerate(texts) if (t == "") == (kind == "unconditional")]
+            if not index:
+                continue
+            batch, width = [texts[i] for i in index], length
+            if kind == "prompt" and instruction is not None:
+                batch = [instruction + t for t in batch]
+                width = len(self.tokenizer.encode(instruction)) + length - 2  # the pipeline's max_length_all
+            tok = self.tokenizer(batch, padding="max_length", max_length=width, truncation=True,
+                                 add_special_tokens=True, return_tensors="pt", padding_side="right")
+            rows.append((index, width, tok.input_ids, tok.attention_mask))
+        wide = max(width for _, width, _, _ in rows)
+        pad = self.tokenizer.pad_token_id or 0
+        ids = torch.full((len(texts), wide), pad, dtype=torch.long)
+        mask = torch.zeros(len(texts), wide, dtype=torch.long)
+        lengths = torch.zeros(len(texts), dtype=torch.long)
+        for index, width, row_ids, row_mask in rows:
+            ids[index, :width], mask[index, :width], lengths[index] = row_ids, row_mask.to(torch.long), width
+        return {"input_ids": ids, "attention_mask": mask, "input_length": lengths}
+
     @torch.no_grad()
     def text_conditioning(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Token ids (:meth:`text_inputs`, or a batch holding them) -> the denoiser's text keywords.
@@ -400,7 +494,9 @@ class DiffusionTeacher(nn.Module):
         ``{"encoder_hidden_states", "pooled_projections"}`` as ``StableDiffusion3Pipeline.encode_prompt``
         gives them, with T5 or without (:func:`sd3_prompt_embeds`). Flux teachers: the same two keywords as
         ``FluxPipeline.encode_prompt`` gives them (:func:`flux_prompt_embeds`; its ``text_ids`` are zeros the
-        backbone builds), plus ``guidance`` (B,) = ``embedded_guidance`` for a guidance-distilled network.
+        backbone builds), plus ``guidance`` (B,) = ``embedded_guidance`` for a guidance-distilled network. SANA
+        teachers: ``{"encoder_hidden_states", "encoder_attention_mask"}`` as ``SanaPipeline.encode_prompt`` gives
+        ``prompt_embeds`` and ``prompt_attention_mask`` (:func:`sana_prompt_embeds`).
         """
         # the pipelines encode outside any autocast; under a training precision's autocast (it is called in
         # training_step) bf16 moved Flux's T5 states by 1e-2, and T5 overflows in float16
@@ -409,6 +505,14 @@ class DiffusionTeacher(nn.Module):
 
     def _text_conditioning(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         backbone = backbones.backbone_for(self.unet)
+        if isinstance(backbone, backbones.SanaBackbone):
+            if self.text_encoder is None or "attention_mask" not in inputs:
+                raise TeacherError(
+                    "a SANA teacher encodes prompts with Gemma2 and its attention mask: it needs text_encoder/ (and "
+                    "tokenizer/), and the inputs input_ids and attention_mask (text_inputs)"
+                )
+            return sana_prompt_embeds(self.text_encoder, inputs["input_ids"], inputs["attention_mask"],
+                                      self.max_sequence_length, inputs.get("input_length"))
         if isinstance(backbone, backbones.FluxBackbone):
             if self.text_encoder is None or self.text_encoder_2 is None or "input_ids_2" not in inputs:
                 raise TeacherError(
@@ -516,6 +620,45 @@ def flux_prompt_embeds(
     return {"encoder_hidden_states": hidden, "pooled_projections": pooled}
 
 
+@torch.no_grad()
+def sana_prompt_embeds(
+    text_encoder: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_sequence_length: int = 300,
+    input_length: torch.Tensor | None = None,
+) -> dict[str, torch.Tensor]:
+    """``SanaPipeline.encode_prompt`` from Gemma2 token ids (:meth:`DiffusionTeacher.text_inputs`).
+
+    * Gemma2's last hidden state with the tokenizer's attention mask, in the encoder's dtype;
+    * of the w tokens of a row, token 0 (BOS) and the last ``max_sequence_length`` - 1 (the pipeline's
+      ``select_index``, "Section 3.1" of the SANA paper): with the instruction that drops the instruction's tokens
+      but BOS, keeping the prompt's tokens, whose states have read the instruction; without one (w =
+      ``max_sequence_length``: the unconditional prompt, which the pipeline does not select) every token;
+    * the attention mask of the kept tokens, which the transformer reads as ``encoder_attention_mask``.
+
+    Rows of different widths (``input_length``; None: every row is the full width) are encoded in separate
+    batches, each at its own width, as the pipeline encodes prompts and negative prompts apart: the right
+    padding that :meth:`DiffusionTeacher.text_inputs` adds to join them is never read.
+
+    Returns:
+        ``{"encoder_hidden_states": (B, max_sequence_length, D), "encoder_attention_mask": (B, max_sequence_length)}``
+        (the mask in the tokenizer's integer dtype).
+    """
+    n, wide = input_ids.shape
+    device = next(text_encoder.parameters()).device
+    lengths = torch.full((n,), wide, dtype=torch.long) if input_length is None else torch.as_tensor(input_length).cpu()
+    hidden = mask = None
+    for width in lengths.unique().tolist():
+        rows = (lengths == width).nonzero().squeeze(1)
+        ids, row_mask = input_ids[rows, :width].to(device), attention_mask[rows, :width].to(device)
+        out = text_encoder(ids, attention_mask=row_mask)[0].to(dtype=text_encoder.dtype)
+        select = [0, *range(width - max_sequence_length + 1, width)]  # [0] + range(-L + 1, 0)
+        if hidden is None:
+            hidden = out.new_empty(n, len(select), out.shape[-1])
+            mask = row_mask.new_empty(n, len(select))
+        rows = rows.to(device)
+        hidden[rows], mask[rows] = out[:, select], row_mask[:, select]
+    return {"encoder_hidden_states": hidden, "encoder_attention_mask": mask}
+
+
 def image_seq_len(unet: nn.Module) -> int | None:
     """Tokens per sample of a network: (sample_size / patch_size)^2 (1 x 1 patches for a UNet, 2 x 2 packing
     for Flux); None when its config gives no resolution.
@@ -600,6 +743,7 @@ def load_teacher(
     clip_x0: float | None | Literal["scheduler"] = "scheduler",
     max_sequence_length: int | None = None,
     embedded_guidance: float = 3.5,
+    complex_human_instruction: Sequence[str] | None = SANA_COMPLEX_HUMAN_INSTRUCTION,
 ) -> DiffusionTeacher:
     """Load a frozen teacher from a diffusers folder (``unet/`` or ``transformer/``, + ``scheduler/``) or a hub id.
 
@@ -613,6 +757,10 @@ def load_teacher(
     (:data:`FAMILY_TEXT_ENCODERS`; a :class:`TextEncoderError` names the supported ones); T5 tokenizers are read
     as ``T5TokenizerFast``. ``max_sequence_length``: the T5 prompt length (None: the pipeline's, SD3 256, Flux
     512); ``embedded_guidance``: the guidance input of a guidance-distilled Flux network (:class:`DiffusionTeacher`).
+    A SANA folder (``SanaPipeline``): ``text_encoder/`` (Gemma2Model) + ``tokenizer/`` (``GemmaTokenizerFast``),
+    its VAE an ``AutoencoderDC`` (every other family's an ``AutoencoderKL``); ``max_sequence_length`` is then the
+    Gemma2 prompt length (default 300) and ``complex_human_instruction`` the pipeline's instruction
+    (:class:`DiffusionTeacher`; ignored by other families).
 
     Hub ids need a network the first time; with ``HF_HUB_OFFLINE=1`` (or no network) a teacher already in the
     local Hugging Face cache loads from there. Weights are read from safetensors, or from a ``.bin`` with
@@ -666,16 +814,19 @@ def load_teacher(
         n: _text_encoder_class_name(index, n, unet_cls.__name__)
         for n in ("text_encoder", "text_encoder_2", "text_encoder_3") if has[n]
     }
-    if has["vae"]:  # the VAE's class, before any weights load: only AutoencoderKL's latent_dist is read
+    vae_class = vae_class_name(unet_cls.__name__)
+    if has["vae"]:  # the VAE's class, before any weights load: the one the family's pipeline reads
         import diffusers
 
         try:
             vae_cfg = diffusers.AutoencoderKL.load_config(location, subfolder="vae", **kwargs)
         except Exception as err:
             raise TeacherError(f"teacher {source}: cannot read vae/config.json ({type(err).__name__}: {err})") from err
-        if vae_cfg.get("_class_name", "AutoencoderKL") != "AutoencoderKL":
+        if vae_cfg.get("_class_name", vae_class) != vae_class:
             raise TeacherError(
-                f"teacher {source}: VAE class {vae_cfg['_class_name']!r} is not supported (supported: AutoencoderKL)"
+                f"teacher {source}: VAE class {vae_cfg['_class_name']!r} is not supported (supported: {vae_class}) "
+                f"beside a {unet_cls.__name__}; supported VAE classes: AutoencoderKL (SD, SD3, Flux, DiT pipelines), "
+                "AutoencoderDC (SanaTransformer2DModel)"
             )
     try:
         model_kwargs = {**kwargs, "torch_dtype": torch_dtype, "low_cpu_mem_usage": low_cpu_mem_usage()}
@@ -702,7 +853,7 @@ def load_teacher(
     if has["vae"]:
         import diffusers
 
-        vae = diffusers.AutoencoderKL.from_pretrained(location, subfolder="vae", **model_kwargs)
+        vae = getattr(diffusers, vae_class).from_pretrained(location, subfolder="vae", **model_kwargs)
         clip_x0 = None  # latents are not bounded to [-1, 1]
     text = {}
     for n, tok in (("text_encoder", "tokenizer"), ("text_encoder_2", "tokenizer_2"), ("text_encoder_3", "tokenizer_3")):
@@ -733,4 +884,5 @@ def load_teacher(
         text_encoder_3=text["text_encoder_3"],
         tokenizer_3=text["tokenizer_3"],
         embedded_guidance=embedded_guidance,
+        complex_human_instruction=complex_human_instruction,
     )

@@ -1,8 +1,8 @@
 """Prompt embeddings computed once, cached on disk, and the text encoders released (#23 item 4).
 
 A text-conditional teacher's methods need the prompt embeddings (the denoiser's text keywords:
-``encoder_hidden_states``, SD3 and Flux also ``pooled_projections``, guidance-distilled Flux its ``guidance``), not
-the encoders: with ``data.text_cache`` /
+``encoder_hidden_states``, SD3 and Flux also ``pooled_projections``, guidance-distilled Flux its ``guidance``, SANA
+its ``encoder_attention_mask``), not the encoders: with ``data.text_cache`` /
 ``data.release_encoders`` (:class:`~lightning_distill.data.TeacherDataModule`) every caption is encoded once
 at setup (:func:`caption_embeddings`, a ``.pt`` file reused while its key matches), batches carry the
 embeddings (``batch["text_cond"]``), and the few prompts a method samples with (``""``, ``sample_prompt``)
@@ -16,7 +16,8 @@ Storage: the embeddings are stored with their trailing all-zero slices cut off a
 zero T5 tokens (256 of 333) and the padding of the CLIP features to ``joint_attention_dim`` (2,048 of 4,096),
 so the cache holds 77 x 2,048 of 333 x 4,096 values per caption (11.6 %). Cutting only exact zeros that
 span the whole data set and padding zeros back is lossless. With T5 (SD3's ``text_encoder_3``, Flux's
-``text_encoder_2``) the T5 tokens are not zeros and are stored whole.
+``text_encoder_2``) the T5 tokens are not zeros and are stored whole. SANA's Gemma2 states are stored whole beside
+their attention mask, whose padding zeros past the data set's longest caption are cut as any other.
 """
 
 from __future__ import annotations
@@ -142,7 +143,9 @@ def encoder_key(teacher) -> dict:
     dtype, tokenizer length, the T5 length and SD3's joint width, a guidance-distilled Flux network's embedded
     guidance), the encoders' weights and the tokenizers' vocabularies (``settings`` and ``weights`` digests; also
     in the teacher pairs' key). Teachers without T5 or guidance input keep the digests they had before either
-    was read, so their caches stay valid."""
+    was read, so their caches stay valid. A SANA teacher's also holds its ``complex_human_instruction`` (the
+    lines put before every prompt; its Gemma2 prompt length is ``max_sequence_length``, in every key)."""
+    from . import backbones
     from .nn_utils import content_digest
 
     encoders = {n: {"class": type(m).__name__, "config": m.config.to_dict()}
@@ -157,6 +160,9 @@ def encoder_key(teacher) -> dict:
         settings["has_tokenizer_3"] = True
     if getattr(teacher, "is_guidance_distilled", False):
         settings["embedded_guidance"] = teacher.embedded_guidance  # it rides with the keywords (text_conditioning)
+    if isinstance(backbones.backbone_for(teacher.unet), backbones.SanaBackbone):
+        # the instruction changes every prompt's Gemma2 states (None: the teacher puts none before them)
+        settings["complex_human_instruction"] = teacher.complex_human_instruction
     digest = lambda obj: hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()  # noqa: E731
     tokenizers = [t.get_vocab() for n in TOKENIZER_NAMES if (t := getattr(teacher, n, None)) is not None]
     weights = content_digest(*_encoders(teacher), digest(tokenizers))
@@ -233,7 +239,7 @@ def pipeline_parts(teacher):
         raise TeacherError("the teacher's encoders were released and it has no source to read them back from")
     import diffusers
 
-    from .teacher import _read_model_index, _text_encoder_class, resolve_teacher_source
+    from .teacher import _read_model_index, _text_encoder_class, resolve_teacher_source, vae_class_name
 
     denoiser_class = type(getattr(teacher.unet, "_orig_mod", teacher.unet)).__name__
 
@@ -247,7 +253,8 @@ def pipeline_parts(teacher):
             parts[n] = _text_encoder_class(index, n, denoiser_class).from_pretrained(
                 location, subfolder=n, torch_dtype=rel.dtype, **kwargs)
     if "vae.encoder" in rel.modules:
-        parts["vae"] = diffusers.AutoencoderKL.from_pretrained(location, subfolder="vae", torch_dtype=rel.dtype, **kwargs)
+        parts["vae"] = getattr(diffusers, vae_class_name(denoiser_class)).from_pretrained(
+            location, subfolder="vae", torch_dtype=rel.dtype, **kwargs)
     return SimpleNamespace(**parts)
 
 

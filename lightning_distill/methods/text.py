@@ -1,20 +1,23 @@
 """Text-to-image students for methods whose maths does not depend on the conditioning (#23 item 2).
 
 A method that conditions every network on the same keywords (consistency distillation, DMD2) needs three
-things from a text-conditional (SD3, Flux) teacher, gathered here once:
+things from a text-conditional (SD3, Flux, SANA) teacher, gathered here once:
 
 * the keywords of a batch: :meth:`TextToImageMixin.text_cond`, the teacher's ``text_conditioning`` of the
   batch's token ids (SD3, Flux: ``encoder_hidden_states`` + ``pooled_projections``; guidance-distilled Flux also
-  ``guidance``), in float32, or the batch's precomputed ``text_cond`` (``data.text_cache`` /
+  ``guidance``; SANA: ``encoder_hidden_states`` + ``encoder_attention_mask``), in float32, or the batch's
+  precomputed ``text_cond`` (``data.text_cache`` /
   ``data.release_encoders``, :mod:`lightning_distill.text_cache`);
 * sampling from prompts: :meth:`TextToImageMixin.sample` takes ``prompts`` (default: ``sample_prompt``) or
   ``prompt_embeds`` and runs the text pipelines' loop (:func:`~lightning_distill.sampling.text_to_image_sample`);
 * export: the student goes into its family's stock pipeline with the method's sampler
   (:func:`~lightning_distill.export.export_text_pipeline`): ``StableDiffusion3Pipeline`` (SD3),
-  ``FluxPipeline`` (Flux), ``StableDiffusionPipeline`` (SD1.5-style UNets).
+  ``FluxPipeline`` (Flux), ``SanaPipeline`` (SANA), ``StableDiffusionPipeline`` (SD1.5-style UNets).
 
 The teacher layer owns every family's conversions (token ids -> keywords, ``teacher.text_conditioning``; Flux's
-packing, ids and guidance input, :mod:`~lightning_distill.backbones`), so nothing here branches on the family.
+packing, ids and guidance input, SANA's timestep scale, :mod:`~lightning_distill.backbones`), so nothing here
+branches on the family. The unconditional prompt ``""`` is encoded as each family's pipeline encodes its negative
+prompt for classifier-free guidance (SANA: without the instruction its prompts get).
 
 Unconditional and class-conditional students go to the method's base class unchanged. Guidance: a
 method may guide its teacher with :class:`GuidedScore` (DMD2's ``real_guidance_scale``: the real score is
@@ -142,8 +145,10 @@ class TextToImageMixin:
         (:func:`~lightning_distill.export.export_text_pipeline`): an SD3 student as ``StableDiffusion3Pipeline``
         (T5-less folders load with ``text_encoder_3=None, tokenizer_3=None``), a Flux student as ``FluxPipeline``
         (call it with ``guidance_scale`` = the teacher's ``embedded_guidance``, which a guidance-distilled network
-        was trained at), an SD1.5-style ``UNet2DConditionModel`` as ``StableDiffusionPipeline``; call SD and SD3
-        with ``guidance_scale=1`` (the student samples the plain conditional teacher's distribution). A LoRA student
+        was trained at), a SANA student as ``SanaPipeline``, an SD1.5-style ``UNet2DConditionModel`` as
+        ``StableDiffusionPipeline``; call SD, SD3 and SANA with ``guidance_scale=1`` (the student samples the plain
+        conditional teacher's distribution; SANA below its resolution bins also with ``use_resolution_binning=False``,
+        :func:`~lightning_distill.export.export_sana_pipeline`). A LoRA student
         (``student_lora``) is written fused, with its adapters beside it in the file the teacher's pipeline reads
         with ``load_lora_weights`` (:func:`~lightning_distill.export.write_student_pipeline`)."""
         from ..export import TEXT_PIPELINE_EXPORTS, export_text_pipeline
