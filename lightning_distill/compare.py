@@ -45,7 +45,7 @@ from typing import Callable, Sequence
 import yaml
 
 from .seeds import (
-    PER_SEED_FIELDS, SUMMARY_FIELDS, evaluate_eval_seeds, evaluation_text_protocol,
+    PER_SEED_FIELDS, SUMMARY_FIELDS, evaluate_eval_seeds, evaluation_protocol,
     mean_over_eval_seeds, plot_spread, run_evaluation_data, run_teacher, summarise, text_options, write_csv,
 )
 
@@ -171,7 +171,7 @@ def markdown(summary: Sequence[dict], per_seed: Sequence[dict], protocol: dict,
              by_eval_seed: dict[int, list[dict]] | None = None) -> str:
     """results.md: the comparison table (best median per step count in bold), per-seed values, each evaluation
     seed's medians (when there are several), protocol."""
-    from .evaluate import TEACHER_SAMPLER, text_protocol_lines
+    from .evaluate import TEACHER_SAMPLER, chunk_protocol_lines, text_protocol_lines
 
     steps = sorted({r["steps"] for r in summary})
     students = [r for r in summary if r["kind"] != "teacher"]
@@ -245,6 +245,7 @@ def markdown(summary: Sequence[dict], per_seed: Sequence[dict], protocol: dict,
         f"- Generated samples per cell: {protocol['num_samples']}, evaluation seed{'s' if several else ''} "
         f"{' '.join(map(str, eval_seeds))} (the same noise for every model"
         + ("; one evaluate run per seed)" if several else ", one evaluate run)"),
+        *chunk_protocol_lines(protocol),
         *text_protocol_lines(protocol),
         "- Median of an even number of seeds: the mean of the middle two",
         f"- Command: `{protocol['command']}`",
@@ -357,7 +358,7 @@ def compare_methods(
         runs={m.name: dict(source=str(m.source), config=m.config,
                            exports={"-" if s is None else str(s): str(p) for s, p in m.exports.items()}) for m in methods},
         command=command or "python -m lightning_distill.compare " + " ".join(f"--run {n}={p}" for n, p in runs),
-        **evaluation_text_protocol(Path(out) / "evaluate", eval_seeds),
+        **evaluation_protocol(Path(out) / "evaluate", eval_seeds),
     )
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)

@@ -10,7 +10,9 @@ Students are checkpoints (``.ckpt`` of any LightningModule with a ``sample`` met
 ``lightning-distill fit``: the class is rebuilt from the class path stored in its hyper-parameters and
 the sampling-EMA weights are used when the checkpoint holds them) or exported diffusers pipeline folders.
 The teacher is sampled with deterministic DDIM (eta = 0, trailing spacing); a flow-matching teacher with
-Euler steps at s = 1, (N-1)/N, ..., 0 (``sampling.at_steps``), as are flow pipeline folders.
+Euler steps at s = 1, (N-1)/N, ..., 0 (``sampling.at_steps``), as are flow pipeline folders. ``--teacher-dtype``
+holds it in bfloat16 / float16, as a run's ``data.teacher_dtype`` does (a checkpoint's own teacher is reloaded in
+the run's dtype whatever this says).
 Any denoiser :mod:`lightning_distill.backbones` supports for unprompted sampling (UNets, a class-conditional
 ``DiTTransformer2DModel``, pixel or latent) is called through its adapter, its sample shape and class count
 read from its config; class-conditional models get the balanced labels ``i % num_classes`` (image i).
@@ -39,7 +41,7 @@ An LCM student with a guidance input (its w embedding: a ``LatentConsistencyMode
 checkpoint) embeds w = g - 1 from ``--student-guidance`` g, which it then needs.
 
 Writes to ``--out``: ``results.csv`` and ``results.md`` (FD and KID per model and step count, with the
-protocol: sample count, seed, reference set, feature network; text models: the prompts' source, count and
+protocol: sample count, seed, noise chunk size, reference set, feature network; text models: the prompts' source, count and
 sha256, the guidance scales), ``protocol.json``, ``fd_vs_steps.png`` and one sample grid
 ``samples_<model>.png`` per model (one row per step count, the same noise in every row and model).
 
@@ -84,7 +86,7 @@ from .metrics import (
     score_features,
 )
 from .nn_utils import lcm_step_limit
-from .teacher import DiffusionTeacher, load_teacher, low_cpu_mem_usage
+from .teacher import DTYPES, DiffusionTeacher, load_teacher, low_cpu_mem_usage
 
 #: The teacher's sampler in every report's protocol (this module's and the seeds runner's).
 TEACHER_SAMPLER = "deterministic DDIM (eta = 0, trailing timesteps; a flow-matching teacher: Euler at s = 1, (N-1)/N, ..., 0)"
@@ -265,7 +267,7 @@ def _run_settings_match(teacher: DiffusionTeacher, text: dict) -> bool:
     """Whether ``teacher`` has the dtype, prediction type, T5 length and embedded guidance a run's data settings
     ``text`` give it (None: the defaults of :class:`~lightning_distill.teacher.DiffusionTeacher`), and, a SANA
     teacher, the pipeline's ``complex_human_instruction`` (a run's teacher always has it: no data option sets it)."""
-    from .teacher import DTYPES, MAX_SEQUENCE_LENGTH, SANA_COMPLEX_HUMAN_INSTRUCTION
+    from .teacher import MAX_SEQUENCE_LENGTH, SANA_COMPLEX_HUMAN_INSTRUCTION
 
     if next(teacher.unet.parameters()).dtype != DTYPES[text.get("teacher_dtype") or "float32"]:
         return False
@@ -670,8 +672,9 @@ def evaluate_models(
         kid = {"kid_subsets": kid_subsets, "kid_subset_size": kid_subset_size, "kid_subset_size_used": used}
         if real_baseline and heldout is not None and heldout.shape[0] >= 2:
             kid["kid_subset_size_used_heldout"] = min(kid_subset_size, int(heldout.shape[0]), ref.num_images)
-        write_report(rows, grids, out_dir, models, {**protocol, **kid, **text, "teacher_features_cached": cached_from},
-                     feat_name)
+        # chunk_size: each chunk draws from its own generator (metrics.chunk_seed), so it is part of the noise
+        write_report(rows, grids, out_dir, models, {**protocol, "chunk_size": chunk_size, **kid, **text,
+                                                    "teacher_features_cached": cached_from}, feat_name)
     return rows
 
 
@@ -751,6 +754,7 @@ def write_report(rows: list[dict], grids: dict, out_dir, models, protocol: dict,
         f"- Reference set: {protocol['reference']}",
         f"- Generated samples per cell: {protocol['num_samples']}, seed {protocol['seed']} (the same noise chunks "
         "for every model and step count)",
+        *chunk_protocol_lines(protocol),
         f"- Teacher: {TEACHER_SAMPLER}; students: their own sampler (checkpoint: "
         "`sample()` with EMA weights when stored; pipeline: its scheduler)",
         f"- KID: unbiased polynomial-kernel MMD^2 (x 1e3 below), mean over {protocol.get('kid_subsets', 100)} subsets "
@@ -784,6 +788,15 @@ def write_report(rows: list[dict], grids: dict, out_dir, models, protocol: dict,
     plot_fd_vs_steps(rows, out / "fd_vs_steps.png", feat_name, protocol["num_samples"])
     save_grids(grids, out)
     return out
+
+
+def chunk_protocol_lines(protocol: dict) -> list[str]:
+    """results.md's line on the noise chunks (``protocol["chunk_size"]``), for this module's, the seeds runner's
+    and compare's reports: none when the protocol does not record it."""
+    if protocol.get("chunk_size") is None:
+        return []
+    return [f"- Noise chunks: {protocol['chunk_size']} images each (`--chunk-size`), chunk c drawn from its own "
+            "generator seeded from (seed, c): another chunk size draws other noise, hence other values"]
 
 
 def text_protocol_lines(protocol: dict) -> list[str]:
@@ -906,6 +919,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--teacher-max-sequence-length", type=int, default=None,
                    help="the T5 prompt length of an SD3-with-T5 or Flux teacher and its students, as the run's "
                         "data.teacher_max_sequence_length (default: the pipeline's, 256 / 512)")
+    # checked in main, not by argparse's choices: a bad value is then one line (argparse adds its usage line)
+    p.add_argument("--teacher-dtype", default=None, metavar="{" + ",".join(DTYPES) + "}",
+                   help="the precision the teacher (and its VAE and text encoders) is held in, as the run's "
+                        "data.teacher_dtype (default float32); a checkpoint's teacher is the run's own, in its dtype")
     p.add_argument("--fd-checks", action="store_true", help="run the metric's own checks instead; writes <out>/fd_checks.md")
     p.add_argument("--fd-checks-model", default=None, help="model sampled twice for the determinism check")
     p.add_argument("--fd-checks-steps", type=int, default=4)
@@ -914,6 +931,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> list[dict]:
     a = build_parser().parse_args(argv)
+    if a.teacher_dtype is not None and a.teacher_dtype not in DTYPES:
+        raise ConfigError(f"--teacher-dtype {a.teacher_dtype!r} is not one of {', '.join(DTYPES)}")
     if a.fd_checks:
         from .fd_checks import fd_checks
 
@@ -927,13 +946,16 @@ def main(argv: list[str] | None = None) -> list[dict]:
     teacher = None if a.teacher.lower() == "none" else a.teacher
     text = {"teacher_embedded_guidance": a.teacher_embedded_guidance,
             "teacher_max_sequence_length": a.teacher_max_sequence_length}
-    if any(v is not None for v in text.values()):  # the teacher as the run's data settings load it
-        if teacher is None:
-            raise ConfigError("--teacher-embedded-guidance and --teacher-max-sequence-length set the teacher's text "
-                              "conditioning, but --teacher is none: unset them")
+    if teacher is None and any(v is not None for v in text.values()):
+        raise ConfigError("--teacher-embedded-guidance and --teacher-max-sequence-length set the teacher's text "
+                          "conditioning, but --teacher is none: unset them")
+    if teacher is None and a.teacher_dtype is not None:
+        raise ConfigError(f"--teacher-dtype {a.teacher_dtype} sets the teacher's precision, but --teacher is none: unset it")
+    settings = {**text, "teacher_dtype": a.teacher_dtype}
+    if any(v is not None for v in settings.values()):  # the teacher as the run's data settings load it
         from .data import load_run_teacher
 
-        teacher = load_run_teacher({"teacher": teacher, **text})
+        teacher = load_run_teacher({"teacher": teacher, **settings})
     rows = evaluate_models(
         teacher=teacher,
         students=dict(a.student),

@@ -24,6 +24,7 @@ from __future__ import annotations
 import hashlib
 import inspect
 import os
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -188,8 +189,13 @@ class InceptionFeatures(nn.Module):
             x = x.expand(-1, 3, -1, -1)
         elif x.shape[1] != 3:
             raise ValueError(f"Inception features take 1- or 3-channel images, got {x.shape[1]} channels")
-        img = ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-        return self.inception(img).reshape(x.shape[0], -1)
+        # The uint8 cast turns NaN into 0 (a black image): a diverged model's NaN images would get finite features,
+        # hence a finite FD / KID. Rows with a non-finite pixel come out NaN instead, as the digits network's do,
+        # so score_features scores them NaN (the seeds runner's worst value).
+        bad = ~torch.isfinite(x).flatten(1).all(1)
+        img = ((x.float().nan_to_num(0.0).clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+        feats = self.inception(img).reshape(x.shape[0], -1)
+        return feats.masked_fill(bad[:, None].to(feats.device), float("nan"))
 
 
 FEATURE_NETS = ("digits", "inception")
@@ -284,6 +290,41 @@ def reference_key(images: Tensor, net: nn.Module) -> str:
     return f"{feature_net_name(net)}-n{images.shape[0]}-{h.hexdigest()[:12]}-{fingerprint(net)}"
 
 
+def read_cache_entry(
+    path: str | os.PathLike, shapes: dict[str, tuple[int | None, ...]], then: str = "computing it again",
+) -> dict[str, Tensor] | None:
+    """The tensors of a cache file written by ``atomic_torch_save``, or None, with a warning naming the file,
+    when it cannot be used: ``torch.load`` fails (a copy cut short, a disk error; its own message names no
+    file), or a key of ``shapes`` is missing or has another shape (None: any size in that dimension).
+    ``then``: what the caller does instead, for the warning.
+
+    The writes are atomic, so a damaged entry comes from outside (a copy, a disk); the caller recomputes it,
+    which is what an absent entry would cost, instead of aborting an evaluation over a cache.
+    """
+    try:
+        entry = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - torch.load raises RuntimeError, EOFError, OSError, UnpicklingError ...
+        problem = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+    else:
+        problem = None
+        if not isinstance(entry, dict):
+            problem = f"holds a {type(entry).__name__}, not a dict of tensors"
+        else:
+            for k, shape in shapes.items():
+                v = entry.get(k)
+                if not isinstance(v, Tensor):
+                    problem = f"no tensor {k!r} (keys {sorted(map(str, entry))})"
+                elif v.ndim != len(shape) or any(want is not None and got != want for got, want in zip(v.shape, shape)):
+                    want = "(" + ", ".join("any" if w is None else str(w) for w in shape) + ")"
+                    problem = f"{k!r} has shape {tuple(v.shape)}, expected {want}"
+                if problem:
+                    break
+    if problem is None:
+        return entry
+    warnings.warn(f"cache entry {path} cannot be used ({problem}): {then}", stacklevel=3)
+    return None
+
+
 def reference_stats(
     images: Tensor,
     net: nn.Module,
@@ -292,13 +333,16 @@ def reference_stats(
     device: torch.device | str | None = None,
 ) -> ReferenceStats:
     """Reference features and Gaussian statistics, read from ``cache_dir`` when present, else computed
-    once and written there (atomically: a crash never leaves a half-written entry)."""
+    once and written there (atomically: a crash never leaves a half-written entry). An entry that cannot be
+    read (a copy cut short, a disk error, other contents: :func:`read_cache_entry`) is recomputed and
+    replaced, with a warning naming the file."""
     key = reference_key(images, net)
     cache = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
     path = cache / f"{key}.pt"
-    if path.is_file():
-        d = torch.load(path, map_location="cpu", weights_only=True)
-        return ReferenceStats(d["mu"], d["sigma"], d["features"], key, feature_net_name(net), from_cache=True)
+    d, n = net.num_features, images.shape[0]
+    entry = read_cache_entry(path, {"mu": (d,), "sigma": (d, d), "features": (n, d)}) if path.is_file() else None
+    if entry is not None:
+        return ReferenceStats(entry["mu"], entry["sigma"], entry["features"], key, feature_net_name(net), from_cache=True)
     feats = extract_features(net, images, batch_size, device)
     mu, sigma = gaussian_stats(feats)
     atomic_torch_save({"mu": mu, "sigma": sigma, "features": feats}, path)
@@ -678,6 +722,7 @@ __all__ = [
     "ReferenceStats",
     "reference_stats",
     "reference_key",
+    "read_cache_entry",
     "default_cache_dir",
     "Score",
     "score_features",

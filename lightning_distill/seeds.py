@@ -377,14 +377,15 @@ def text_options(prompts, guidance_scale: float = 1.0, student_guidance: float |
     return dict(prompts=prompts, guidance_scale=float(guidance_scale), student_guidance=student_guidance)
 
 
-def evaluation_text_protocol(out_dir: Path, eval_seeds: Sequence[int]) -> dict:
-    """The prompts (source, count, sha256) and guidance scales the evaluation's own ``protocol.json`` records
-    (those of its first evaluation seed: every seed's evaluation uses the same); empty for other evaluations."""
+def evaluation_protocol(out_dir: Path, eval_seeds: Sequence[int]) -> dict:
+    """What the evaluation's own ``protocol.json`` records beyond the rows (that of its first evaluation seed:
+    every seed's evaluation uses the same settings): the noise ``chunk_size`` (each chunk has its own generator,
+    so it changes the values), and for text-to-image evaluations the prompts (source, count, sha256) and guidance
+    scales."""
     path = Path(out_dir) / (f"seed{eval_seeds[0]}" if len(eval_seeds) > 1 else "") / "protocol.json"
     protocol = json.loads(path.read_text()) if path.is_file() else {}
-    if "prompts" not in protocol:
-        return {}
-    return {k: protocol.get(k) for k in ("prompts", "guidance_scale", "student_guidance")}
+    keys = ("chunk_size",) + (("prompts", "guidance_scale", "student_guidance") if "prompts" in protocol else ())
+    return {k: protocol.get(k) for k in keys if k in protocol}
 
 
 def run_evaluation_data(data: dict) -> dict:
@@ -458,7 +459,8 @@ def plot_spread(summary: Sequence[dict], path: Path, feat_name: str, num_samples
 
 def write_report(out: Path, summary: Sequence[dict], per_seed: Sequence[dict], protocol: dict) -> None:
     """results.md / results.csv / per_seed.csv / fd_vs_steps.png / protocol.json in ``out``."""
-    from .evaluate import TEACHER_SAMPLER, text_protocol_lines
+    from .evaluate import TEACHER_SAMPLER, chunk_protocol_lines, text_protocol_lines
+
     write_csv(out / "results.csv", summary, SUMMARY_FIELDS)
     write_csv(out / "per_seed.csv", per_seed, PER_SEED_FIELDS)
     (out / "protocol.json").write_text(json.dumps(protocol, indent=2) + "\n")
@@ -505,6 +507,7 @@ def write_report(out: Path, summary: Sequence[dict], per_seed: Sequence[dict], p
         f"- Generated samples per cell: {protocol['num_samples']}, evaluation seed{'s' if len(protocol['eval_seeds']) > 1 else ''} "
         f"{' '.join(map(str, protocol['eval_seeds']))} (the same noise for every seed's student and the teacher"
         + ("; a training seed's FD is its mean over them)" if len(protocol["eval_seeds"]) > 1 else ")"),
+        *chunk_protocol_lines(protocol),
         f"- Students: their exported pipeline's scheduler; teacher: {TEACHER_SAMPLER}",
         *text_protocol_lines(protocol),
         "- Median of an even number of seeds: the mean of the middle two",
@@ -641,7 +644,7 @@ def run_seeds(
         exports={str(r.seed): str(r.export) for r in runs},
         saved_configs={str(r.seed): str(r.saved_config) if r.saved_config else None for r in runs},
         command=command or f"python -m lightning_distill.seeds --config {config} --seeds {' '.join(map(str, seeds))}",
-        **evaluation_text_protocol(out / "evaluate", eval_seeds),
+        **evaluation_protocol(out / "evaluate", eval_seeds),
     )
     write_report(out, summary, per_seed, protocol)
     log(f"report: {out / 'results.md'}")

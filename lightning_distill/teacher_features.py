@@ -28,6 +28,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import warnings
 from pathlib import Path
 from typing import Callable
 
@@ -35,7 +36,7 @@ import torch
 from torch import Tensor, nn
 
 from .checkpoint_io import atomic_torch_save
-from .metrics import default_cache_dir, fingerprint
+from .metrics import default_cache_dir, fingerprint, read_cache_entry
 
 SHIPPED_DIR = "eval_cache"
 
@@ -108,13 +109,20 @@ def search_dirs(teacher, cache_dir: str | os.PathLike | None) -> list[Path]:
     return dirs
 
 
-def load_entry(key: str, dirs: list[Path]) -> tuple[Tensor, Tensor, Path] | None:
-    """(features, grid images, file) of the first entry named ``key``; None when there is none."""
+def load_entry(key: str, dirs: list[Path], num_samples: int | None = None) -> tuple[Tensor, Tensor, Path] | None:
+    """(features, grid images, file) of the first usable entry named ``key``; None when there is none.
+
+    An entry that cannot be read, or lacks (N, d) ``features`` (N = ``num_samples`` when given) or (B, C, H, W)
+    ``grid`` images, is skipped with a warning naming the file (:func:`~lightning_distill.metrics.read_cache_entry`):
+    the next folder's entry is read, or the cell is computed, as when there is no entry.
+    """
     for d in dirs:
         path = d / f"{key}.pt"
         if path.is_file():
-            e = torch.load(path, map_location="cpu", weights_only=True)
-            return e["features"], e["grid"], path
+            e = read_cache_entry(path, {"features": (num_samples, None), "grid": (None, None, None, None)},
+                                 "skipping it (the cell is read from another entry or sampled)")
+            if e is not None:
+                return e["features"], e["grid"], path
     return None
 
 
@@ -132,18 +140,30 @@ def cached_cell(
     """Features and sample-grid images of one teacher cell, and the entry file they were read from (None
     when computed).
 
-    Read from the first entry with the cell's key (:func:`search_dirs`) when ``use_cache``; otherwise
-    ``compute()`` samples them and they are written to the user cache (when ``use_cache``). ``cache_out``
-    receives the entry either way. ``conditioning``: a text-to-image teacher's prompts and guidance (:func:`cell_key`).
+    Read from the first usable entry with the cell's key (:func:`search_dirs`, :func:`load_entry`) when
+    ``use_cache``; otherwise ``compute()`` samples them and they are written to the user cache (when
+    ``use_cache``). A damaged entry (:func:`load_entry` warns, naming it) is replaced there, atomically, by the
+    cell computed or read from the teacher folder; one shipped in the teacher folder is left as it is (the folder
+    may be read-only, or a checkout's tracked files): the user cache, searched first, holds the cell from then
+    on. A user cache that cannot be written (read-only) is warned about and the cell used uncached.
+    ``cache_out`` receives the entry either way. ``conditioning``: a text-to-image teacher's prompts and
+    guidance (:func:`cell_key`).
     """
     key = cell_key(digest, steps, num_samples, seed, chunk_size, conditioning)
-    entry = load_entry(key, search_dirs(teacher, cache_dir)) if use_cache else None
+    dirs = search_dirs(teacher, cache_dir)
+    user = dirs[0] / f"{key}.pt"
+    entry = load_entry(key, dirs, num_samples) if use_cache else None
     if entry is not None:
         feats, grid, path = entry
     else:
         (feats, grid), path = compute(), None
-        if use_cache:
-            save_entry(key, feats, grid, cache_dir if cache_dir is not None else default_cache_dir())
+    # a computed cell, or one read from the teacher folder while the user cache's entry was damaged
+    if use_cache and path != user and (path is None or user.is_file()):
+        try:
+            save_entry(key, feats, grid, dirs[0])
+        except OSError as err:
+            warnings.warn(f"cannot write the teacher cell's cache entry {user} ({err}): the cell is used without "
+                          "being cached", stacklevel=2)
     if cache_out is not None:
         save_entry(key, feats, grid, cache_out)
     return feats, grid, None if path is None else str(path)

@@ -207,3 +207,11 @@ def test_a_diverged_method_is_never_best_and_leaves_the_ratio_range_alone(order)
     add_eval_ranges(summary, by_seed)
     good = next(r for r in summary if r["model"] == "good")
     assert (good["ratio_eval_min"], good["ratio_eval_max"]) == (1.2, 1.4)
+
+
+def test_the_noise_chunk_size_is_recorded_in_the_protocol(setup):
+    """Each chunk of samples has its own generator, so the chunk size changes the values: compare's protocol.json
+    and results.md record the one its evaluation used (evaluate_models' default here)."""
+    protocol = json.loads((setup["out"] / "protocol.json").read_text())
+    assert protocol["chunk_size"] == 250 == json.loads((setup["out"] / "evaluate" / "protocol.json").read_text())["chunk_size"]
+    assert "- Noise chunks: 250 images each (`--chunk-size`)" in (setup["out"] / "results.md").read_text()

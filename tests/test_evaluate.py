@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 from pathlib import Path
 
 import lightning as L
@@ -303,3 +304,63 @@ def test_fid_callback_refuses_a_kid_protocol_it_cannot_compute():
 
     with pytest.raises(ConfigError, match="kid_subset_size >= 2, got 100 and 1"):
         FIDCallback(kid_subset_size=1)
+
+
+def test_the_chunk_size_is_recorded_in_the_protocol(tmp_path, tiny_teacher_dir):
+    """Each chunk of samples has its own generator, so --chunk-size changes the noise, hence the values: two reports
+    stating the same protocol (8 samples, seed 0) disagreed. protocol.json and results.md now record it."""
+    from lightning_distill.evaluate import main
+
+    feat = save_feature_net(tiny_net(), tmp_path / "feat")
+    fds = {}
+    for cs in (4, 8):
+        out = tmp_path / f"chunk{cs}"
+        rows = main(["--teacher", str(tiny_teacher_dir), "--teacher-steps", "2", "--num-samples", "8", "--seed", "0",
+                     "--chunk-size", str(cs), "--out", str(out), "--feature-net", str(feat), "--kid-subsets", "2",
+                     "--kid-subset-size", "4", "--cache-dir", str(tmp_path / "cache"), "--device", "cpu",
+                     "--no-real-baseline"])
+        fds[cs] = rows[0]["fd"]
+        assert json.loads((out / "protocol.json").read_text())["chunk_size"] == cs
+        assert f"- Noise chunks: {cs} images each (`--chunk-size`)" in (out / "results.md").read_text()
+    assert fds[4] != fds[8]  # what makes it part of the protocol
+
+
+def test_teacher_dtype_loads_the_teacher_as_data_teacher_dtype_does(tmp_path, tiny_teacher_dir, monkeypatch, capsys):
+    """--teacher-dtype: the teacher a run with data.teacher_dtype holds (load_run_teacher), scored in that dtype;
+    a bad value is one line naming the choices (exit 2) before anything is written."""
+    from lightning_distill import evaluate
+    from lightning_distill.data import load_run_teacher
+
+    from conftest import one_line_error
+
+    seen = []
+    real = evaluate.evaluate_models
+    monkeypatch.setattr(evaluate, "evaluate_models", lambda teacher, **kw: seen.append(teacher) or real(teacher, **kw))
+    feat = save_feature_net(tiny_net(), tmp_path / "feat")
+    common = ["--teacher", str(tiny_teacher_dir), "--teacher-steps", "1", "--num-samples", "6", "--chunk-size", "6",
+              "--feature-net", str(feat), "--kid-subsets", "2", "--kid-subset-size", "4", "--device", "cpu",
+              "--cache-dir", str(tmp_path / "cache"), "--no-real-baseline"]
+    rows = {}
+    for dtype in ("bfloat16", None):
+        rows[dtype] = evaluate.main(common + ["--out", str(tmp_path / f"out-{dtype}")]
+                                    + (["--teacher-dtype", dtype] if dtype else []))
+    bf16, default = seen
+    assert next(bf16.unet.parameters()).dtype == torch.bfloat16
+    assert evaluate._run_settings_match(bf16, {"teacher_dtype": "bfloat16"})
+    run = load_run_teacher({"teacher": str(tiny_teacher_dir), "teacher_dtype": "bfloat16"})
+    assert all(torch.equal(a, b) for a, b in zip(bf16.unet.state_dict().values(), run.unet.state_dict().values()))
+    assert default == str(tiny_teacher_dir)  # without the option: loaded by evaluate_models, float32 as before
+    fd16, fd32 = rows["bfloat16"][0]["fd"], rows[None][0]["fd"]
+    assert math.isfinite(fd16) and fd16 != fd32  # the bfloat16 teacher draws (slightly) other images
+
+    capsys.readouterr()
+    out = tmp_path / "bad"
+    for argv, words in (
+        (common + ["--teacher-dtype", "fp16", "--out", str(out)],
+         "ConfigError: --teacher-dtype 'fp16' is not one of float32, bfloat16, float16"),
+        (["--teacher", "none", "--student", f"s={tiny_teacher_dir}", "--teacher-dtype", "float16", "--out", str(out)],
+         "ConfigError: --teacher-dtype float16 sets the teacher's precision, but --teacher is none: unset it"),
+    ):
+        line = one_line_error(evaluate._entry, "evaluate", argv, monkeypatch, capsys)
+        assert line == f"evaluate: error: {words}", line
+    assert not out.exists()

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import math
+import warnings
 
 import pytest
 import torch
@@ -100,6 +102,37 @@ def test_reference_stats_are_cached_and_reused(tmp_path):
     assert M.reference_key(images, net) != first.key
 
 
+@pytest.mark.parametrize("damage", ["truncated", "other keys", "other shape"])
+def test_a_damaged_reference_cache_entry_is_recomputed_and_replaced(tmp_path, damage):
+    """A reference-statistics entry cut short (a copy, a disk error) made torch.load raise an error naming no file,
+    aborting the evaluation; one without the expected tensors raised KeyError. Now: a warning naming the file,
+    the statistics computed again, and the entry replaced (atomically) by a good one."""
+    torch.manual_seed(0)
+    net = DigitsFeatureNet(image_size=8, widths=(4, 8), num_features=8).eval()
+    images = _real_digits()[:40]
+    first = M.reference_stats(images, net, tmp_path)
+    path = tmp_path / f"{first.key}.pt"
+    if damage == "truncated":
+        data = path.read_bytes()
+        path.write_bytes(data[: len(data) // 2])
+    elif damage == "other keys":
+        torch.save({"mu": first.mu}, path)
+    else:
+        torch.save({"mu": first.mu, "sigma": first.sigma, "features": first.features[:10]}, path)
+    with pytest.warns(UserWarning, match=f"cache entry {path} cannot be used") as record:
+        again = M.reference_stats(images, net, tmp_path)
+    assert len(record) == 1 and "computing it again" in str(record[0].message)
+    assert not again.from_cache
+    torch.testing.assert_close(again.features, first.features)
+    torch.testing.assert_close(again.sigma, first.sigma)
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        third = M.reference_stats(images, net, tmp_path)  # the entry was replaced: read back, no warning
+    assert third.from_cache and not record
+    torch.testing.assert_close(third.features, first.features)
+    assert [p.name for p in tmp_path.iterdir()] == [path.name]  # no temporary file left behind
+
+
 def test_fd_grows_monotonically_with_gaussian_noise():
     torch.manual_seed(0)
     net = DigitsFeatureNet(image_size=8, widths=(4, 8), num_features=8).eval()
@@ -146,6 +179,30 @@ def test_inception_loads_offline_from_file_and_hub_cache(tmp_path, monkeypatch):
     assert str(hub / "checkpoints" / M.INCEPTION_FILE) in str(err.value)
     path.rename(hub / "checkpoints" / M.INCEPTION_FILE)
     assert M.inception_weights_path() == hub / "checkpoints" / M.INCEPTION_FILE
+
+
+def test_inception_features_of_non_finite_images_are_nan(tmp_path, monkeypatch):
+    """A diverged model's NaN images: the uint8 quantisation cast NaN to 0, so they got the features of an all-black
+    image and a finite FD / KID, where score_features promises NaN (the digits network's NaN already propagated)."""
+    path, _ = _random_inception_file(tmp_path, monkeypatch)
+    net = M.InceptionFeatures(feature_extractor_weights_path=path)
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(4, 3, 16, 16, generator=g) * 2 - 1
+    x[1] = float("nan")
+    x[2, 0, 3, 5] = float("inf")  # one non-finite pixel is enough
+    with torch.no_grad():
+        feats = net(x)
+        alone = net(x[[0, 3]])
+    assert torch.isnan(feats[1]).all() and torch.isnan(feats[2]).all()
+    torch.testing.assert_close(feats[[0, 3]], alone)  # the finite rows are untouched
+    real = torch.rand(6, 3, 16, 16, generator=g) * 2 - 1
+    with torch.no_grad():
+        fr = net(real).double()
+        black = net(torch.full((2, 3, 16, 16), -1.0))
+    assert torch.isfinite(fr).all() and torch.isfinite(black).all()
+    ref = M.ReferenceStats(*M.gaussian_stats(fr), fr, "k", "inception")
+    s = M.score_features(feats.double(), ref, kid=True, kid_subsets=2, kid_subset_size=4)
+    assert math.isnan(s.fd) and math.isnan(s.kid)
 
 
 def test_inception_missing_explicit_file_names_it(tmp_path):

@@ -361,3 +361,22 @@ def test_a_diverged_seed_is_the_worst_value_in_any_order_and_does_not_abort_the_
     fake[3, 1] = nan
     score = metrics.score_features(fake, ref, kid=True, kid_subsets=2, kid_subset_size=8)
     assert score.fd != score.fd and score.kid != score.kid
+
+
+def test_the_noise_chunk_size_is_recorded_in_the_protocol(tmp_path):
+    """Each chunk of samples has its own generator, so the chunk size changes the values: the seeds report's
+    protocol.json and results.md record the one its evaluation used (evaluate_models' default), with several
+    evaluation seeds too (read from the first seed's evaluation)."""
+    fx = write_fixtures(tmp_path / "fixtures")
+    feat = _tiny_feature_net(tmp_path / "feat")
+    for s in (0, 1):
+        _fake_run(tmp_path / "out" / f"seed_{s}", {"teacher": str(fx["tiny_teacher"]), "image_size": 8}, seed=s)
+        student = tmp_path / "out" / f"seed_{s}" / "student"
+        shutil.rmtree(student)
+        shutil.copytree(fx["tiny_teacher"] if s == 0 else fx["tiny_eps_teacher"], student)
+    for eval_seeds in ([0], [0, 1]):
+        seeds.run_seeds(CONFIG, [0, 1], tmp_path / "out", skip_train=True, steps=[1], num_samples=8,
+                        eval_seeds=eval_seeds, feature_net=str(feat), cache_dir=tmp_path / "cache", device="cpu",
+                        log=lambda m: None)
+        assert json.loads((tmp_path / "out" / "protocol.json").read_text())["chunk_size"] == 250
+        assert "- Noise chunks: 250 images each (`--chunk-size`)" in (tmp_path / "out" / "results.md").read_text()

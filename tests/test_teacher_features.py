@@ -3,6 +3,9 @@ bundled teacher's shipped entries equal a fresh computation."""
 
 from __future__ import annotations
 
+import warnings
+
+import pytest
 import torch
 
 from lightning_distill import evaluate
@@ -102,3 +105,80 @@ def test_bundled_teacher_entries_equal_a_fresh_computation(tmp_path):
                                         sampler.num_classes, device="cpu")
     torch.testing.assert_close(fresh, feats, atol=1e-4, rtol=1e-4)
     assert grid.shape[0] == 16
+
+
+def _truncate(path):
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
+def _count_sampling(monkeypatch):
+    calls = []
+    real = evaluate.sample_cell
+    monkeypatch.setattr(evaluate, "sample_cell", lambda *a, **k: calls.append(a[1]) or real(*a, **k))
+    return calls
+
+
+def test_a_damaged_user_cache_entry_is_sampled_again_and_replaced(tmp_path, monkeypatch):
+    """A cell entry cut short made torch.load raise an error naming no file and aborted the report. Now: a warning
+    naming it, the cell sampled again (to the same numbers) and the entry replaced; the next report reads it back."""
+    teacher = load_teacher(str(write_tiny_teacher(tmp_path / "teacher")))
+    first, _ = _report(teacher, tmp_path, "a")
+    (damaged,) = (tmp_path / "cache").glob("teacher-3step-*.pt")
+    _truncate(damaged)
+    calls = _count_sampling(monkeypatch)
+    with pytest.warns(UserWarning, match=f"cache entry {damaged} cannot be used"):
+        second, logs = _report(teacher, tmp_path, "b")
+    assert calls == [3]  # only the damaged cell is sampled
+    assert {s: (r["fd"], r["kid"]) for s, r in second.items()} == {s: (r["fd"], r["kid"]) for s, r in first.items()}
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        _report(teacher, tmp_path, "c")
+    assert calls == [3] and not [w for w in record if "cache entry" in str(w.message)]  # replaced: read back
+    assert tf.load_entry(damaged.stem, [tmp_path / "cache"], 12) is not None
+
+
+def test_a_damaged_entry_shipped_in_a_teacher_folder_is_sampled_without_writing_there(tmp_path, monkeypatch):
+    """A shipped entry cut short (a read-only teacher folder, or a checkout's tracked file): the cell is sampled and
+    written to the user cache only; the teacher folder is left as it was. An entry with features of another sample
+    count is refused the same way."""
+    folder = write_tiny_teacher(tmp_path / "teacher")
+    first, _ = _report(load_teacher(str(folder)), tmp_path, "a", teacher_cache_out=folder / tf.SHIPPED_DIR)
+    for p in (tmp_path / "cache").glob("teacher-*.pt"):
+        p.unlink()  # a fresh machine: empty user cache
+    shipped = folder / tf.SHIPPED_DIR
+    (damaged,) = shipped.glob("teacher-3step-*.pt")
+    _truncate(damaged)
+    (short,) = shipped.glob("teacher-1step-*.pt")
+    e = torch.load(short, weights_only=True)
+    torch.save({"features": e["features"][:5], "grid": e["grid"]}, short)
+    before = {p.name: p.read_bytes() for p in shipped.iterdir()}
+    mode = shipped.stat().st_mode
+    shipped.chmod(0o555)
+    try:
+        calls = _count_sampling(monkeypatch)
+        with pytest.warns(UserWarning) as record:
+            second, logs = _report(load_teacher(str(folder)), tmp_path, "b")
+    finally:
+        shipped.chmod(mode)
+    named = " ".join(str(w.message) for w in record)
+    assert f"cache entry {damaged} cannot be used" in named and f"cache entry {short} cannot be used" in named
+    assert "(5, any)" not in named and "expected (12, any)" in named
+    assert sorted(calls) == [1, 3]
+    assert {s: (r["fd"], r["kid"]) for s, r in second.items()} == {s: (r["fd"], r["kid"]) for s, r in first.items()}
+    assert {p.name: p.read_bytes() for p in shipped.iterdir()} == before  # nothing written in the teacher folder
+    assert len(list((tmp_path / "cache").glob("teacher-*.pt"))) == 2  # the user cache holds the cells now
+
+
+def test_a_cell_whose_cache_cannot_be_written_is_used_uncached(tmp_path, monkeypatch):
+    """A read-only cache: the computed cell is returned, with a warning naming the entry, instead of an error."""
+    teacher = load_teacher(str(write_tiny_teacher(tmp_path / "teacher")))
+
+    def read_only(obj, path):
+        raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr(tf, "atomic_torch_save", read_only)
+    feats, grid = torch.ones(4, 8, dtype=torch.float64), torch.zeros(2, 1, 8, 8)
+    with pytest.warns(UserWarning, match="cannot write the teacher cell's cache entry .*Permission denied"):
+        got = tf.cached_cell(teacher, "d", 1, 4, 0, 2, lambda: (feats, grid), tmp_path / "cache")
+    assert torch.equal(got[0], feats) and got[2] is None
