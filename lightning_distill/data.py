@@ -31,7 +31,7 @@ import math
 import os
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Literal
+from typing import Literal, Sequence, Union
 
 import lightning as L
 import torch
@@ -39,10 +39,11 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Subset
 
+from . import backbones
 from .checkpoint_io import atomic_torch_save
 from .errors import ConfigError
 from .resume import EpochSeededRandomSampler, ResumableDataLoader
-from .teacher import DiffusionTeacher, TeacherError
+from .teacher import SANA_COMPLEX_HUMAN_INSTRUCTION, DiffusionTeacher, TeacherError
 from .teacher_pairs import PairsConfig
 from .text_cache import TextEmbeddings
 
@@ -69,29 +70,51 @@ def load_digits_tensor(image_size: int = 16) -> tuple[Tensor, Tensor]:
 MAX_T5_LENGTH = 512
 
 
+#: ``data.teacher_complex_human_instruction``'s default: ``SanaPipeline``'s own instruction (named, not spelled out,
+#: so that the saved config of every run does not carry its lines).
+DEFAULT_INSTRUCTION = "default"
+Instruction = Union[Literal["default"], list[str], None]
+
+
+def is_default_instruction(instruction: Instruction | Sequence[str]) -> bool:
+    """Whether ``data.teacher_complex_human_instruction`` is its default, ``SanaPipeline``'s own instruction
+    (``"default"``, or its lines)."""
+    if isinstance(instruction, str):
+        return instruction == DEFAULT_INSTRUCTION
+    return instruction is not None and tuple(instruction) == SANA_COMPLEX_HUMAN_INSTRUCTION
+
+
 def check_teacher_text_settings(
     teacher: DiffusionTeacher, max_sequence_length: int | None = None, embedded_guidance: float | None = None,
+    complex_human_instruction: Instruction | Sequence[str] = DEFAULT_INSTRUCTION,
 ) -> None:
-    """Refuse, in one line, a T5 length or an embedded guidance the teacher has no use for.
+    """Refuse, in one line, a prompt length, an embedded guidance or an instruction the teacher has no use for.
 
     ``max_sequence_length`` is the T5 prompt length: it needs a T5 encoder (an SD3 ``text_encoder_3/``, a Flux
-    ``text_encoder_2/``) and lies in [1, 512], as the pipelines check. ``embedded_guidance`` is the guidance input
-    of a guidance-distilled Flux network (``guidance_embeds``, Flux-dev); elsewhere it would be silently ignored.
-    None: not set, nothing to check.
+    ``text_encoder_2/``) and lies in [1, 512], as the pipelines check; a SANA teacher's is the Gemma2 prompt length
+    (``SanaPipeline``'s ``max_sequence_length``, 300 by default; at least 1, the pipeline sets no upper limit).
+    ``embedded_guidance`` is the guidance input of a guidance-distilled Flux network (``guidance_embeds``, Flux-dev);
+    elsewhere it would be silently ignored. ``complex_human_instruction`` other than its default (``SanaPipeline``'s
+    own) is ``SanaPipeline``'s, for SANA teachers only. None (length, guidance): not set, nothing to check.
 
     Raises:
         ConfigError: a setting the teacher does not read, or a value out of range.
     """
     name = f"teacher {teacher.source or type(teacher.unet).__name__!r}"
     net = type(getattr(teacher.unet, "_orig_mod", teacher.unet)).__name__
+    sana = isinstance(backbones.backbone_for(teacher.unet), backbones.SanaBackbone)
     if max_sequence_length is not None:
         t5 = teacher.text_encoder_2 if teacher.is_flux else teacher.text_encoder_3
-        if t5 is None:
+        if sana:
+            if int(max_sequence_length) < 1:
+                raise ConfigError(f"data.teacher_max_sequence_length (a SANA teacher's Gemma2 prompt length) must be at "
+                                  f"least 1, got {max_sequence_length}")
+        elif t5 is None:
             raise ConfigError(
                 f"data.teacher_max_sequence_length={max_sequence_length} sets the T5 prompt length, but {name} ({net}) "
-                "has no T5 encoder (an SD3 text_encoder_3/ or a Flux text_encoder_2/): unset it"
+                "has no T5 encoder (an SD3 text_encoder_3/ or a Flux text_encoder_2/) nor SANA's Gemma2: unset it"
             )
-        if not 1 <= int(max_sequence_length) <= MAX_T5_LENGTH:
+        elif not 1 <= int(max_sequence_length) <= MAX_T5_LENGTH:
             raise ConfigError(
                 f"data.teacher_max_sequence_length must lie in [1, {MAX_T5_LENGTH}] (the pipelines' limit), got "
                 f"{max_sequence_length}"
@@ -104,31 +127,44 @@ def check_teacher_text_settings(
             )
         if not math.isfinite(float(embedded_guidance)):
             raise ConfigError(f"data.teacher_embedded_guidance must be a finite number, got {embedded_guidance}")
+    if not sana and not is_default_instruction(complex_human_instruction):
+        raise ConfigError(
+            "data.teacher_complex_human_instruction is the instruction SanaPipeline puts before every prompt, but "
+            f"{name} is a {net} (SANA teachers: SanaTransformer2DModel): unset it"
+        )
 
 
 def load_run_teacher(data: Mapping, source: str | os.PathLike | None = None) -> DiffusionTeacher:
     """The teacher as a run's ``data`` settings load it: :class:`TeacherDataModule`'s ``teacher*`` arguments (its
     ``hparams``, or a config's ``data`` block) passed to :func:`~lightning_distill.teacher.load_teacher` (revision,
-    dtype, prediction type, T5 length, embedded guidance), from ``source`` instead of ``data["teacher"]`` if given.
-    The one place a run's teacher is loaded from its settings, so a re-load (seeds, compare) is the run's teacher.
+    dtype, prediction type, T5 / Gemma2 length, embedded guidance, SANA's instruction), from ``source`` instead of
+    ``data["teacher"]`` if given. The one place a run's teacher is loaded from its settings, so a re-load (seeds,
+    compare) is the run's teacher.
+
+    ``teacher_complex_human_instruction`` absent from ``data`` (settings written before it existed) is its default,
+    ``SanaPipeline``'s own; present and None is no instruction.
 
     Raises:
-        ConfigError: a T5 length or embedded guidance the teacher does not read (:func:`check_teacher_text_settings`).
+        ConfigError: a prompt length, embedded guidance or instruction the teacher does not read
+            (:func:`check_teacher_text_settings`).
         TeacherError: the teacher cannot be loaded.
     """
     from . import teacher as teacher_module  # looked up at call time: a patched load_teacher is the one called
 
     length, guidance = data.get("teacher_max_sequence_length"), data.get("teacher_embedded_guidance")
+    instruction = data.get("teacher_complex_human_instruction", DEFAULT_INSTRUCTION)
     kwargs = dict(revision=data.get("teacher_revision"), dtype=data.get("teacher_dtype") or "float32",
                   prediction_type=data.get("teacher_prediction_type"))
-    # passed only where set: None is load_teacher's own default (the pipeline's T5 length; 3.5)
+    # passed only where set: None is load_teacher's own default (the pipeline's prompt length; 3.5)
     if length is not None:
         kwargs["max_sequence_length"] = int(length)
     if guidance is not None:
         kwargs["embedded_guidance"] = float(guidance)
+    if not is_default_instruction(instruction):  # None (no instruction) or other lines: passed as given
+        kwargs["complex_human_instruction"] = instruction
     teacher = teacher_module.load_teacher(str(source if source is not None else data.get("teacher")), **kwargs)
-    if length is not None or guidance is not None:
-        check_teacher_text_settings(teacher, length, guidance)
+    if length is not None or guidance is not None or not is_default_instruction(instruction):
+        check_teacher_text_settings(teacher, length, guidance, instruction)
     return teacher
 
 
@@ -242,8 +278,11 @@ class TeacherDataModule(L.LightningDataModule):
             shared base (``student_lora.base: shared``) is the teacher's and computes in this precision.
         teacher_prediction_type: override the teacher scheduler's ``prediction_type``.
         teacher_max_sequence_length: the T5 prompt length of an SD3 teacher with ``text_encoder_3/`` or a Flux
-            teacher (the pipelines' ``max_sequence_length``); None: the pipeline's default (SD3 256, Flux 512).
-            Refused for a teacher without T5.
+            teacher, the Gemma2 prompt length of a SANA teacher (the pipelines' ``max_sequence_length``); None: the
+            pipeline's default (SD3 256, Flux 512, SANA 300). Refused for a teacher without T5 or Gemma2.
+        teacher_complex_human_instruction: a SANA teacher's ``complex_human_instruction``, the lines
+            ``SanaPipeline`` puts before every prompt (a list of strings); ``"default"``: the pipeline's own; None: no
+            instruction. Any other value is refused for other teachers.
         teacher_embedded_guidance: the guidance input of a guidance-distilled Flux network (``guidance_embeds``,
             Flux-dev; ``FluxPipeline``'s ``guidance_scale``), given with every prompt to teacher and student, and
             what the exported student is called with; None: 3.5, the pipeline's default. Refused for other networks.
@@ -298,8 +337,15 @@ class TeacherDataModule(L.LightningDataModule):
         release_encoders: bool = False,
         teacher_max_sequence_length: int | None = None,
         teacher_embedded_guidance: float | None = None,
+        teacher_complex_human_instruction: Instruction = DEFAULT_INSTRUCTION,
     ) -> None:
         super().__init__()
+        if isinstance(teacher_complex_human_instruction, str) and teacher_complex_human_instruction != DEFAULT_INSTRUCTION:
+            raise ConfigError(  # one string would read as its characters
+                f"data.teacher_complex_human_instruction takes {DEFAULT_INSTRUCTION!r} (SanaPipeline's own), null (none) "
+                f"or a list of lines, not the string {teacher_complex_human_instruction!r}")
+        if teacher_complex_human_instruction is not None and not isinstance(teacher_complex_human_instruction, str):
+            teacher_complex_human_instruction = list(teacher_complex_human_instruction)  # hparams.yaml stays plain YAML
         if image_size < 4:
             raise DataError(f"image_size must be at least 4, got {image_size}")
         if batch_size < 1:
@@ -309,9 +355,11 @@ class TeacherDataModule(L.LightningDataModule):
         if channels is not None and channels not in (1, 3):
             raise DataError(f"channels must be 1 or 3, got {channels}")
         self.save_hyperparameters()
-        if teacher is None and (teacher_max_sequence_length is not None or teacher_embedded_guidance is not None):
-            raise ConfigError("data.teacher_max_sequence_length and data.teacher_embedded_guidance set a teacher's text "
-                              "conditioning, but data.teacher is null: unset them")
+        if teacher is None and (teacher_max_sequence_length is not None or teacher_embedded_guidance is not None
+                                or not is_default_instruction(teacher_complex_human_instruction)):
+            raise ConfigError("data.teacher_max_sequence_length, data.teacher_embedded_guidance and "
+                              "data.teacher_complex_human_instruction set a teacher's text conditioning, but data.teacher "
+                              "is null: unset them")
         self.teacher: DiffusionTeacher | None = load_run_teacher(self.hparams) if teacher is not None else None
         if data == "digits":
             if channels not in (None, 1):

@@ -4,7 +4,8 @@ Two Gaussian paths x_t = alpha_t x + sigma_t eps share one interface (:class:`No
 
 * variance preserving (:class:`VPSchedule`, DDPM / DDIM / LCM schedulers): alpha^2 + sigma^2 = 1;
 * rectified flow (:class:`FlowSchedule`, ``FlowMatchEulerDiscreteScheduler``; SD3, Flux, SANA, Wan):
-  alpha = 1 - s, sigma = s, s in [0, 1] (Liu et al. 2022; Esser et al. 2024).
+  alpha = 1 - s, sigma = s, s in [0, 1] (Liu et al. 2022; Esser et al. 2024). The flow-sigma DPM-Solver /
+  UniPC configs SANA and Wan ship (``use_flow_sigmas``) are the same path: :func:`flow_matching_config`.
 
 Notation for VP (diffusers name -> paper name):
 
@@ -54,6 +55,9 @@ VP_SCHEDULERS = (
     "DEISMultistepScheduler", "HeunDiscreteScheduler", "TCDScheduler",
 )
 FLOW_SCHEDULERS = ("FlowMatchEulerDiscreteScheduler", "FlowMatchHeunDiscreteScheduler", "FlowMatchLCMScheduler")
+#: multistep solvers that diffusers runs on the flow path with ``use_flow_sigmas`` (SANA's folders ship DPM-Solver,
+#: Wan's UniPC): read as the ``FlowMatchEulerDiscreteScheduler`` of the same path (:func:`flow_matching_config`).
+FLOW_SOLVER_SCHEDULERS = ("DPMSolverMultistepScheduler", "UniPCMultistepScheduler")
 
 
 def expand_like(coef: Tensor, like: Tensor) -> Tensor:
@@ -293,7 +297,9 @@ class FlowSchedule(NoiseSchedule):
     @classmethod
     def from_scheduler(cls, scheduler, image_seq_len: int | None = None) -> "FlowSchedule":
         """Build from a ``FlowMatch*`` scheduler; a dynamically shifting one needs ``image_seq_len`` and is taken
-        for the Flux family's (``linspace_sigmas``)."""
+        for the Flux family's (``linspace_sigmas``). A flow-sigma DPM-Solver / UniPC config is read as
+        :func:`flow_matching_config` says."""
+        scheduler = as_flow_matching(scheduler)
         cfg = dict(scheduler.config)
         shift = float(cfg.get("shift", 1.0))
         if cfg.get("use_dynamic_shifting"):
@@ -316,17 +322,83 @@ class FlowSchedule(NoiseSchedule):
         return 1 - lam, lam, lam * self.num_train_timesteps
 
 
+def flow_matching_config(class_name: str, config) -> dict | None:
+    """The ``FlowMatchEulerDiscreteScheduler`` config of the path a flow-sigma solver config samples; None for a
+    config without ``use_flow_sigmas`` (read as it is).
+
+    SANA's folders ship ``DPMSolverMultistepScheduler``, Wan's ``UniPCMultistepScheduler``, with
+    ``use_flow_sigmas: true``, ``prediction_type: flow_prediction`` and ``flow_shift`` (3.0, 4.0, ...). In
+    diffusers 0.42.1 (``set_timesteps``, ``_sigma_to_alpha_sigma_t``, ``convert_model_output``) both then
+
+    * step on x_s = (1 - s) x + s eps (alpha = 1 - sigma, sigma = s) with the network's velocity u
+      (DPM-Solver++'s data prediction x0 = x_s - s u); their ``alphas_cumprod`` table (betas) is never read;
+    * visit levels s = shift u / (1 + (shift - 1) u) with shift = ``flow_shift``, the static shift of
+      ``FlowMatchEulerDiscreteScheduler(shift=flow_shift)`` (:func:`flow_shift`), at N steps spaced as
+      DPM-Solver u = k (1 - 1/T) / N for k = N .. 1, UniPC u = 1 - k (1 - 1/T) / N for k = 0 .. N - 1 (its first
+      level nudged to s = 1 - 1e-6, against log(0) in its update), then s = 0;
+    * call the network with the timestep s T, cast to int64 (truncated: SANA at T = 1000, shift 3, gets 999 for
+      s = 0.99967); FlowMatchEulerDiscreteScheduler and the framework feed s T itself.
+
+    So the path is ``FlowSchedule(num_train_timesteps, shift=flow_shift)``; only the grid and the solver differ,
+    and the framework samples with its own flow samplers (Euler / ``FlowMatchLCMScheduler`` on its trailing grid),
+    whatever the grid options say (``timestep_spacing``, ``use_karras_sigmas``, ``shift_terminal``,
+    ``final_sigmas_type``, ``solver_order``). ``time_shift_type`` only applies with ``use_dynamic_shifting``.
+
+    Args:
+        class_name: the scheduler's class (``_class_name``).
+        config: its config (a ``scheduler.config`` or the JSON's dict).
+
+    Returns:
+        ``{"num_train_timesteps": T, "shift": flow_shift}``, or None without ``use_flow_sigmas``.
+
+    Raises:
+        ValueError, one line naming the supported configs, for what does not map: ``use_flow_sigmas`` on another
+        class, a prediction other than the velocity, or ``use_dynamic_shifting`` (the shift is then
+        exp(mu) / mu with the pipeline's mu, which the config does not fix).
+
+    Example::
+
+        >>> flow_matching_config("DPMSolverMultistepScheduler", {"use_flow_sigmas": True, "flow_shift": 3.0,
+        ...                      "prediction_type": "flow_prediction", "num_train_timesteps": 1000})
+        {'num_train_timesteps': 1000, 'shift': 3.0}
+    """
+    config = dict(config or {})
+    if not config.get("use_flow_sigmas"):
+        return None
+    supported = (f"supported flow-sigma configs: {' or '.join(FLOW_SOLVER_SCHEDULERS)} with use_flow_sigmas, "
+                 "prediction_type flow_prediction and a static flow_shift; flow-matching: " + ", ".join(FLOW_SCHEDULERS))
+    if class_name not in FLOW_SOLVER_SCHEDULERS:
+        raise ValueError(f"scheduler {class_name} with use_flow_sigmas is not supported; {supported}")
+    prediction = config.get("prediction_type", "epsilon")
+    if prediction != "flow_prediction":
+        raise ValueError(f"scheduler {class_name} with use_flow_sigmas and prediction_type {prediction!r} is not "
+                         f"supported (a flow teacher predicts the velocity); {supported}")
+    if config.get("use_dynamic_shifting"):
+        raise ValueError(f"scheduler {class_name} with use_flow_sigmas and use_dynamic_shifting (its shift comes from "
+                         f"the pipeline's mu, time_shift_type {config.get('time_shift_type', 'exponential')!r}) is not "
+                         f"supported; {supported}")
+    return {"num_train_timesteps": int(config.get("num_train_timesteps", 1000)),
+            "shift": float(config.get("flow_shift", 1.0))}
+
+
+def as_flow_matching(scheduler):
+    """``scheduler`` itself, or, for a flow-sigma solver (:func:`flow_matching_config`), the
+    ``FlowMatchEulerDiscreteScheduler`` of the same path: what the framework reads a teacher's scheduler as and
+    builds its own samplers from. Raises ValueError for a flow-sigma config that does not map."""
+    cfg = flow_matching_config(type(scheduler).__name__, getattr(scheduler, "config", None))
+    if cfg is None:
+        return scheduler
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    return FlowMatchEulerDiscreteScheduler.from_config(cfg)
+
+
 def schedule_from_scheduler(scheduler, image_seq_len: int | None = None) -> NoiseSchedule:
-    """The path of a diffusers scheduler instance: :class:`FlowSchedule` for ``FlowMatch*`` classes,
-    :class:`VPSchedule` for the DDPM family. Raises ValueError naming the supported classes otherwise."""
+    """The path of a diffusers scheduler instance: :class:`FlowSchedule` for ``FlowMatch*`` classes and flow-sigma
+    DPM-Solver / UniPC configs (:func:`flow_matching_config`), :class:`VPSchedule` for the DDPM family. Raises
+    ValueError naming the supported classes otherwise."""
+    scheduler = as_flow_matching(scheduler)  # before the VP test: a flow-sigma solver has a (VP) alphas_cumprod too
     name = type(scheduler).__name__
-    if (getattr(scheduler, "config", None) or {}).get("use_flow_sigmas"):
-        # SANA and Wan ship DPM-Solver / UniPC configs on the flow path: their alphas_cumprod table is not
-        # the path they sample, and their flow levels i / T sit one level off FlowMatchEuler's (i + 1) / T.
-        raise ValueError(
-            f"scheduler {name} with use_flow_sigmas (a flow-matching DPM-Solver / UniPC config, as SANA ships) "
-            f"is not supported yet; flow-matching: {', '.join(FLOW_SCHEDULERS)}"
-        )
     if name in FLOW_SCHEDULERS:
         return FlowSchedule.from_scheduler(scheduler, image_seq_len)
     if name in VP_SCHEDULERS or hasattr(scheduler, "alphas_cumprod"):

@@ -30,7 +30,7 @@ import torch
 from torch import Tensor
 
 from .errors import ConfigError
-from .parametrisation import Denoiser, FlowSchedule, NoiseSchedule
+from .parametrisation import Denoiser, FlowSchedule, NoiseSchedule, as_flow_matching
 
 if TYPE_CHECKING:
     from .methods.base import DistillationMethod
@@ -59,8 +59,12 @@ def at_steps(scheduler, steps: int, schedule: NoiseSchedule | None = None):
     """The scheduler to take ``steps`` steps with: VP schedulers unchanged; a flow one rebuilt with
     ``shift_terminal`` so that ``set_timesteps(steps)`` visits the trailing grid (module docstring).
 
-    ``schedule`` defaults to the one the scheduler's config describes (a static shift).
+    ``schedule`` defaults to the one the scheduler's config describes (a static shift). A flow-sigma DPM-Solver /
+    UniPC scheduler (a SANA or Wan folder's) is rebuilt as the ``FlowMatchEulerDiscreteScheduler`` of its path
+    (:func:`~lightning_distill.parametrisation.flow_matching_config`), as the teacher reads it: its folder then
+    samples as the teacher does.
     """
+    scheduler = as_flow_matching(scheduler)  # before the VP test: a flow-sigma solver has a (VP) alphas_cumprod too
     if not hasattr(scheduler, "sigmas") or hasattr(scheduler, "alphas_cumprod"):
         return scheduler
     schedule = schedule if schedule is not None else FlowSchedule.from_scheduler(scheduler)

@@ -17,7 +17,7 @@ from torch import nn
 
 from . import backbones
 from .errors import ConfigError
-from .parametrisation import Denoiser, NoiseSchedule, PredictionType, schedule_from_scheduler
+from .parametrisation import Denoiser, NoiseSchedule, PredictionType, as_flow_matching, schedule_from_scheduler
 
 ASSETS = Path(__file__).resolve().parent / "assets"
 BUNDLED_TEACHERS = {
@@ -215,7 +215,9 @@ class DiffusionTeacher(nn.Module):
 
     Args:
         unet: the teacher network.
-        scheduler: a diffusers scheduler instance (its config is kept for exports).
+        scheduler: a diffusers scheduler instance (its config is kept for exports); a flow-sigma DPM-Solver / UniPC
+            one (SANA's, Wan's) is kept as the ``FlowMatchEulerDiscreteScheduler`` of its path
+            (:func:`~lightning_distill.parametrisation.flow_matching_config`; one info line says so).
         prediction_type: overrides the scheduler's ``prediction_type`` when given.
         source, revision: where it was loaded from; a teacher with a source is reloadable and is
             therefore left out of checkpoints (see ``DistillationMethod``).
@@ -262,9 +264,22 @@ class DiffusionTeacher(nn.Module):
     ) -> None:
         super().__init__()
         try:
-            schedule = schedule_from_scheduler(scheduler, image_seq_len(unet))
+            # a flow-sigma DPM-Solver / UniPC config (SANA's, Wan's) is read as the FlowMatchEulerDiscreteScheduler of
+            # its path, so every sampler, export and promoted teacher built from scheduler_config is a flow one
+            read_as = as_flow_matching(scheduler)
+            schedule = schedule_from_scheduler(read_as, image_seq_len(unet))
         except ValueError as err:
             raise TeacherError(f"teacher {source or type(unet).__name__}: {err}") from err
+        if read_as is not scheduler:
+            from lightning.pytorch.utilities import rank_zero_info
+
+            rank_zero_info(
+                f"teacher {source or type(unet).__name__}: {type(scheduler).__name__} (use_flow_sigmas, flow_shift="
+                f"{scheduler.config.get('flow_shift', 1.0):g}) read as FlowMatchEulerDiscreteScheduler(num_train_timesteps="
+                f"{read_as.config.num_train_timesteps}, shift={read_as.config.shift:g}), the same rectified-flow path; "
+                "the framework samples it with its flow Euler / FlowMatchLCM samplers"
+            )
+            scheduler = read_as
         if schedule.path == "flow":
             # flow-matching networks predict the velocity, and their samplers never clamp x0
             if prediction_type not in (None, "flow_prediction"):

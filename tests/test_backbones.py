@@ -325,16 +325,17 @@ def test_consistency_distils_a_dit_teacher(tmp_path):
     assert not torch.allclose(x, model.sample(3, 2, torch.Generator().manual_seed(0), labels=labels + 5))
 
 
-def test_flow_sigma_dpm_solver_config_is_refused_not_read_as_vp():
+def test_flow_sigma_dpm_solver_config_is_read_as_flow_not_vp():
     # SanaPipeline checkpoints ship DPMSolverMultistepScheduler(use_flow_sigmas=True, flow_prediction):
-    # its alphas_cumprod is not the path it samples, so it must not load as a VP teacher.
+    # its alphas_cumprod is not the path it samples, so it must not load as a VP teacher, but as the flow path
+    # of its flow_shift (tests/test_flow_solver_configs.py).
     from diffusers import DPMSolverMultistepScheduler
 
-    from lightning_distill.parametrisation import schedule_from_scheduler
+    from lightning_distill.parametrisation import FlowSchedule, schedule_from_scheduler
 
     sched = DPMSolverMultistepScheduler(use_flow_sigmas=True, flow_shift=3.0, prediction_type="flow_prediction")
-    with pytest.raises(ValueError, match="with use_flow_sigmas .* is not supported yet"):
-        schedule_from_scheduler(sched)
+    schedule = schedule_from_scheduler(sched)
+    assert isinstance(schedule, FlowSchedule) and schedule.shift == 3.0 and schedule.num_train_timesteps == 1000
 
 
 def write_tiny_latent_dit_teacher(path):

@@ -155,10 +155,12 @@ def test_sana_refusals_name_the_supported_classes(tiny_sana_dir, tmp_path):
         load_teacher(str(none)).text_conditioning({"input_ids": torch.zeros(1, 4, dtype=torch.long)})
     with pytest.raises(TeacherError, match="a list of lines"):
         load_teacher(str(tiny_sana_dir), complex_human_instruction="Draw:")
-    # SANA's shipped DPM-Solver flow config (use_flow_sigmas) is one the flow schedule does not read yet: one line
+    # SANA's shipped DPM-Solver flow config loads (tests/test_flow_solver_configs.py); one whose shift comes from the
+    # pipeline's mu does not map onto a static flow shift: one line naming the supported configs
     dpm = write_tiny_sana(tmp_path / "dpm", scheduler=DPMSolverMultistepScheduler(
-        use_flow_sigmas=True, flow_shift=3.0, prediction_type="flow_prediction"))
-    with pytest.raises(TeacherError, match=r"DPMSolverMultistepScheduler with use_flow_sigmas .* not supported yet"):
+        use_flow_sigmas=True, flow_shift=3.0, prediction_type="flow_prediction", use_dynamic_shifting=True))
+    with pytest.raises(TeacherError, match=r"DPMSolverMultistepScheduler with use_flow_sigmas and use_dynamic_shifting "
+                                           r".* not supported; supported flow-sigma configs: "):
         load_teacher(str(dpm))
 
 

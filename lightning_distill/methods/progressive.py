@@ -321,11 +321,13 @@ class ProgressiveDistillation(TextToImageMixin, DistillationMethod):
             text_encoder_2=old.text_encoder_2,
             tokenizer_2=old.tokenizer_2,
             max_sequence_length=old.max_sequence_length,
-            # every text part of the configured teacher (SD3's T5, a Flux network's embedded guidance): a round
-            # conditions the promoted network on the prompts as round 0 did (T5 ids in the batches need T5)
+            # every text part of the configured teacher (SD3's T5, a Flux network's embedded guidance, a SANA
+            # teacher's instruction): a round conditions the promoted network on the prompts as round 0 did (T5 ids
+            # in the batches need T5)
             text_encoder_3=old.text_encoder_3,
             tokenizer_3=old.tokenizer_3,
             embedded_guidance=old.embedded_guidance,
+            complex_human_instruction=old.complex_human_instruction,
         )
         # cached prompts and the record of released encoders (data.release_encoders) carry over
         teacher.prompt_table, teacher.released = old.prompt_table, old.released
