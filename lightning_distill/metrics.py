@@ -345,7 +345,11 @@ def reference_stats(
         return ReferenceStats(entry["mu"], entry["sigma"], entry["features"], key, feature_net_name(net), from_cache=True)
     feats = extract_features(net, images, batch_size, device)
     mu, sigma = gaussian_stats(feats)
-    atomic_torch_save({"mu": mu, "sigma": sigma, "features": feats}, path)
+    try:
+        atomic_torch_save({"mu": mu, "sigma": sigma, "features": feats}, path)
+    except OSError as err:  # a read-only or full cache: as teacher cells (teacher_features.cached_cell), not fatal
+        warnings.warn(f"cannot write the reference statistics' cache entry {path} ({err}): they are used without "
+                      "being cached", stacklevel=2)
     return ReferenceStats(mu, sigma, feats, key, feature_net_name(net))
 
 

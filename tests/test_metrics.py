@@ -133,6 +133,26 @@ def test_a_damaged_reference_cache_entry_is_recomputed_and_replaced(tmp_path, da
     assert [p.name for p in tmp_path.iterdir()] == [path.name]  # no temporary file left behind
 
 
+def test_reference_stats_are_used_uncached_when_the_cache_cannot_be_written(tmp_path, monkeypatch):
+    """A read-only or full cache directory (simulated: the atomic write raises PermissionError, as it does for a
+    user without write access) aborted the evaluation with a traceback; teacher cells already fell back to
+    uncached. Now the statistics are computed, returned and not cached, with a warning naming the file."""
+    torch.manual_seed(0)
+    net = DigitsFeatureNet(image_size=8, widths=(4, 8), num_features=8).eval()
+    images = _real_digits()[:40]
+    want = M.reference_stats(images, net, tmp_path / "writable")
+
+    def read_only(obj, path):
+        raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr(M, "atomic_torch_save", read_only)
+    with pytest.warns(UserWarning, match=r"cannot write the reference statistics' cache entry .*Permission denied"):
+        got = M.reference_stats(images, net, tmp_path / "read_only")
+    assert not got.from_cache and not (tmp_path / "read_only" / f"{got.key}.pt").exists()
+    torch.testing.assert_close(got.sigma, want.sigma)
+    torch.testing.assert_close(got.mu, want.mu)
+
+
 def test_fd_grows_monotonically_with_gaussian_noise():
     torch.manual_seed(0)
     net = DigitsFeatureNet(image_size=8, widths=(4, 8), num_features=8).eval()
