@@ -33,16 +33,17 @@ prompts given where no model is text-conditional, too.
   passed packed) and ``guidance_scale=1``, as exported; a guidance-distilled Flux folder with ``guidance_scale`` =
   the teacher's embedded guidance (``--teacher-embedded-guidance``, default 3.5: what its student was trained at),
   and folders with T5 with the teacher's T5 length (``--teacher-max-sequence-length``); a ``SanaPipeline`` folder
-  with the SANA teacher's Gemma2 prompt length and ``complex_human_instruction`` (the pipeline's defaults
-  without one);
+  with the SANA teacher's Gemma2 prompt length and ``complex_human_instruction``. Without a teacher of the folder's
+  family these text settings come from the folder's ``distillation_call.json`` (the export records the ones its
+  student was trained with: ``export.CALL_SETTINGS_NAME``), else the pipeline's defaults;
 * a checkpoint: its ``sample(..., prompts=...)``.
 
 An LCM student with a guidance input (its w embedding: a ``LatentConsistencyModelPipeline`` folder or its
 checkpoint) embeds w = g - 1 from ``--student-guidance`` g, which it then needs.
 
 Writes to ``--out``: ``results.csv`` and ``results.md`` (FD and KID per model and step count, with the
-protocol: sample count, seed, noise chunk size, reference set, feature network; text models: the prompts' source, count and
-sha256, the guidance scales), ``protocol.json``, ``fd_vs_steps.png`` and one sample grid
+protocol: sample count, seed, noise chunk size, reference set, feature network, the teacher's dtype; text models:
+the prompts' source, count and sha256, the guidance scales), ``protocol.json``, ``fd_vs_steps.png`` and one sample grid
 ``samples_<model>.png`` per model (one row per step count, the same noise in every row and model).
 
 Every model is sampled from the same seeded noise chunks (common random numbers), so differences
@@ -240,13 +241,17 @@ def load_checkpoint_model(
         src = ckpt.get("teacher_source")
         if src:
             # the teacher as the run loaded it (data.teacher_dtype / _prediction_type / _max_sequence_length /
-            # _embedded_guidance, in the data module's hyper-parameters): its encoders, VAE and conditioning are the
-            # student's as it was trained; None: the defaults
+            # _embedded_guidance / _complex_human_instruction, in the data module's hyper-parameters): its encoders,
+            # VAE and conditioning are the student's as it was trained; None: the defaults
             from .data import load_run_teacher
 
             data_hp = ckpt.get("datamodule_hyper_parameters") or {}
             run = {k: data_hp.get(k) for k in ("teacher_dtype", "teacher_prediction_type", "teacher_max_sequence_length",
                                                "teacher_embedded_guidance")}
+            # carried only when recorded: absent (a run from before the option) is the default instruction, while a
+            # recorded None is no instruction
+            if "teacher_complex_human_instruction" in data_hp:
+                run["teacher_complex_human_instruction"] = data_hp["teacher_complex_human_instruction"]
             if teacher is None or teacher.source != src["source"] or not _run_settings_match(teacher, run):
                 teacher = load_run_teacher({"teacher": src["source"], "teacher_revision": src.get("revision"), **run})
         elif teacher is None:
@@ -266,7 +271,10 @@ def load_checkpoint_model(
 def _run_settings_match(teacher: DiffusionTeacher, text: dict) -> bool:
     """Whether ``teacher`` has the dtype, prediction type, T5 length and embedded guidance a run's data settings
     ``text`` give it (None: the defaults of :class:`~lightning_distill.teacher.DiffusionTeacher`), and, a SANA
-    teacher, the pipeline's ``complex_human_instruction`` (a run's teacher always has it: no data option sets it)."""
+    teacher, the ``complex_human_instruction`` of ``text["teacher_complex_human_instruction"]`` (absent or
+    ``"default"``: the pipeline's; None: none; else the lines), as :func:`~lightning_distill.data.load_run_teacher`
+    reads them."""
+    from .data import DEFAULT_INSTRUCTION, is_default_instruction
     from .teacher import MAX_SEQUENCE_LENGTH, SANA_COMPLEX_HUMAN_INSTRUCTION
 
     if next(teacher.unet.parameters()).dtype != DTYPES[text.get("teacher_dtype") or "float32"]:
@@ -274,7 +282,10 @@ def _run_settings_match(teacher: DiffusionTeacher, text: dict) -> bool:
     if text.get("teacher_prediction_type") not in (None, teacher.denoiser.prediction_type):
         return False
     sana = isinstance(backbones.backbone_for(teacher.unet), backbones.SanaBackbone)
-    if sana and teacher.complex_human_instruction != SANA_COMPLEX_HUMAN_INSTRUCTION:
+    instruction = text.get("teacher_complex_human_instruction", DEFAULT_INSTRUCTION)
+    if is_default_instruction(instruction):
+        instruction = SANA_COMPLEX_HUMAN_INSTRUCTION
+    if sana and teacher.complex_human_instruction != (tuple(instruction) if instruction else None):
         return False
 
     net = type(getattr(teacher.unet, "_orig_mod", teacher.unet)).__name__
@@ -363,7 +374,8 @@ def text_pipeline_sampler(name: str, path: Path, pipe, net: nn.Module, device: t
     A ``FluxPipeline`` folder of a guidance-distilled network is called with ``guidance_scale`` = the teacher's
     embedded guidance (the value its student was trained at; without a teacher the pipeline's 3.5), and a folder
     with T5 (Flux, SD3 with ``text_encoder_3``) with the teacher's T5 length where the teacher is of its family;
-    a ``SanaPipeline`` folder with the teacher's Gemma2 length and instruction (:func:`folder_text_settings`)."""
+    a ``SanaPipeline`` folder with the teacher's Gemma2 length and instruction; without such a teacher, with the
+    settings the folder's export recorded (:func:`folder_text_settings`)."""
     what = f"student {name!r} ({path})"
     kind = type(pipe).__name__ if pipe is not None else "no stock pipeline"
     if kind not in TEXT_PIPELINES:
@@ -373,7 +385,7 @@ def text_pipeline_sampler(name: str, path: Path, pipe, net: nn.Module, device: t
     # students of the plain conditional sampler, called with guidance_scale=1 as export documents
     guided = kind == "LatentConsistencyModelPipeline"
     g = student_guidance if guided else 1.0
-    embedded, text = folder_text_settings(pipe, net, teacher)
+    embedded, text = folder_text_settings(pipe, net, teacher, path)
     call_g = g if embedded is None else embedded  # FluxPipeline's guidance_scale is the embedded guidance
     pipe = pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
@@ -385,26 +397,72 @@ def text_pipeline_sampler(name: str, path: Path, pipe, net: nn.Module, device: t
                    type(net).__name__, g, guided, embedded)
 
 
-def folder_text_settings(pipe, net: nn.Module, teacher: DiffusionTeacher | None) -> tuple[float | None, dict]:
-    """(embedded guidance, text keywords of the pipeline call) an exported text folder is called with, from the
-    teacher it was distilled from: the embedded guidance of a guidance-distilled Flux network (None for others;
-    3.5, ``FluxPipeline``'s default, without a teacher of its family) and, with a teacher of the same network class,
-    its ``max_sequence_length`` for a folder with T5 or a ``SanaPipeline`` (Gemma2's length), and a SANA teacher's
-    ``complex_human_instruction`` (None: no instruction). Without such a teacher the keywords are empty: the
-    pipeline's defaults, which are the defaults of a loaded teacher."""
+def folder_text_settings(pipe, net: nn.Module, teacher: DiffusionTeacher | None,
+                         folder: str | os.PathLike | None = None) -> tuple[float | None, dict]:
+    """(embedded guidance, text keywords of the pipeline call) an exported text folder is called with: the embedded
+    guidance of a guidance-distilled Flux network (None for others), the T5 ``max_sequence_length`` of a folder with
+    T5 or a ``SanaPipeline``'s Gemma2 length, and a ``SanaPipeline``'s ``complex_human_instruction`` (None: no
+    instruction).
+
+    Where they come from, first found:
+
+    1. a ``teacher`` of the folder's network class: its own settings (``--teacher-embedded-guidance``,
+       ``--teacher-max-sequence-length``, or a run's data settings), the teacher the folder is scored against; a
+       recorded value that differs is warned about;
+    2. the folder's :data:`~lightning_distill.export.CALL_SETTINGS_NAME`, the settings its export recorded (the
+       teacher's the student was trained with; read only for the keys above: ``pipeline_sample`` sets the size);
+    3. the pipeline's defaults (``FluxPipeline``'s guidance 3.5), which are those of a teacher loaded without options.
+
+    Raises:
+        ConfigError: the recorded file is not a JSON object.
+    """
     same_family = teacher is not None and type(teacher.unet).__name__ == type(net).__name__
-    embedded = None
-    if isinstance(backbones.backbone_for(net), backbones.FluxBackbone) and net.config.get("guidance_embeds", False):
-        embedded = float(teacher.embedded_guidance) if same_family else 3.5
-    text: dict = {}
+    recorded = read_call_settings(folder) if folder is not None else {}
     sana = isinstance(backbones.backbone_for(net), backbones.SanaBackbone)
     has_t5 = getattr(pipe, "text_encoder_3", None) is not None or type(pipe).__name__ == "FluxPipeline"
-    if same_family and (has_t5 or sana):
-        text["max_sequence_length"] = teacher.max_sequence_length
-    if same_family and sana:
-        instruction = teacher.complex_human_instruction
-        text["complex_human_instruction"] = list(instruction) if instruction else None
-    return embedded, text
+    flux = isinstance(backbones.backbone_for(net), backbones.FluxBackbone)
+    guided = flux and net.config.get("guidance_embeds", False)
+    ours: dict = {}  # the teacher's, in the pipeline call's keywords
+    if same_family:
+        if guided:
+            ours["guidance_scale"] = float(teacher.embedded_guidance)
+        if has_t5 or sana:
+            ours["max_sequence_length"] = teacher.max_sequence_length
+        if sana:
+            instruction = teacher.complex_human_instruction
+            ours["complex_human_instruction"] = list(instruction) if instruction else None
+        differ = sorted(k for k in ours if k in recorded and recorded[k] != ours[k])
+        if differ:
+            import warnings
+
+            warnings.warn(f"{folder}: scored with the teacher's {', '.join(f'{k}={ours[k]!r}' for k in differ)}; its "
+                          f"export recorded {', '.join(f'{k}={recorded[k]!r}' for k in differ)} (what its student was "
+                          "trained with)", stacklevel=2)
+        settings = ours
+    else:
+        settings = {k: v for k, v in recorded.items()
+                    if k == "max_sequence_length" or (k == "complex_human_instruction" and sana)
+                    or (k == "guidance_scale" and guided)}
+    embedded = float(settings.pop("guidance_scale", 3.5)) if guided else None
+    return embedded, settings
+
+
+def read_call_settings(folder: str | os.PathLike) -> dict:
+    """The keywords an export recorded beside ``model_index.json``
+    (:data:`~lightning_distill.export.CALL_SETTINGS_NAME`); empty when the folder has none (exported before it existed, or written by something else)."""
+    from .export import CALL_SETTINGS_NAME
+
+    path = Path(folder) / CALL_SETTINGS_NAME
+    if not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ConfigError(f"{path} cannot be read as JSON ({err}): re-export the folder or remove the file") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path} holds a {type(data).__name__}, not the JSON object of pipeline keywords an export "
+                          "writes")
+    return data
 
 
 def read_pipeline_folder(path: str | os.PathLike):
@@ -672,8 +730,12 @@ def evaluate_models(
         kid = {"kid_subsets": kid_subsets, "kid_subset_size": kid_subset_size, "kid_subset_size_used": used}
         if real_baseline and heldout is not None and heldout.shape[0] >= 2:
             kid["kid_subset_size_used_heldout"] = min(kid_subset_size, int(heldout.shape[0]), ref.num_images)
-        # chunk_size: each chunk draws from its own generator (metrics.chunk_seed), so it is part of the noise
-        write_report(rows, grids, out_dir, models, {**protocol, "chunk_size": chunk_size, **kid, **text,
+        # chunk_size: each chunk draws from its own generator (metrics.chunk_seed), so it is part of the noise;
+        # the teacher's dtype (--teacher-dtype): a bf16 teacher draws other images (and decodes the latents of
+        # students without a VAE of their own)
+        weight = None if teacher is None else next(iter(teacher.unet.parameters()), None)
+        held = {} if weight is None else {"teacher_dtype": str(weight.dtype).removeprefix("torch.")}
+        write_report(rows, grids, out_dir, models, {**protocol, "chunk_size": chunk_size, **kid, **text, **held,
                                                     "teacher_features_cached": cached_from}, feat_name)
     return rows
 
@@ -757,6 +819,8 @@ def write_report(rows: list[dict], grids: dict, out_dir, models, protocol: dict,
         *chunk_protocol_lines(protocol),
         f"- Teacher: {TEACHER_SAMPLER}; students: their own sampler (checkpoint: "
         "`sample()` with EMA weights when stored; pipeline: its scheduler)",
+        *([f"- Teacher precision: {protocol['teacher_dtype']} (`--teacher-dtype`; its VAE and text encoders too; a "
+           "checkpoint's own teacher is the run's, in the run's dtype)"] if protocol.get("teacher_dtype") else []),
         f"- KID: unbiased polynomial-kernel MMD^2 (x 1e3 below), mean over {protocol.get('kid_subsets', 100)} subsets "
         f"of {kid_sizes(protocol)}",
         *text_protocol_lines(protocol),

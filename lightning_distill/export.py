@@ -12,7 +12,12 @@ others).
 
 Text-to-image students go into their teacher family's stock pipeline (:func:`export_text_pipeline`):
 ``StableDiffusionPipeline``, ``StableDiffusion3Pipeline`` (with T5 when the teacher has it), ``FluxPipeline``,
-``SanaPipeline``.
+``SanaPipeline``. Beside ``model_index.json``, in the same atomic write, goes :data:`CALL_SETTINGS_NAME`: the keywords
+of the pipeline call that samples as the student's ``sample()`` (the teacher's text settings the student was trained
+with, which the folder's components do not record: :func:`pipeline_call_settings`)::
+
+    >>> pipe = FluxPipeline.from_pretrained(folder)
+    >>> images = pipe(prompt="a red cat", **json.loads((folder / "distillation_call.json").read_text())).images
 """
 
 from __future__ import annotations
@@ -94,9 +99,10 @@ def cpu_float_copy(module: nn.Module) -> nn.Module:
     return copy.deepcopy(module, memo)  # deepcopy's memo returns each listed tensor's copy
 
 
-def write_student_pipeline(network: nn.Module, make_pipe, target: str | os.PathLike) -> Path:
+def write_student_pipeline(network: nn.Module, make_pipe, target: str | os.PathLike, call_settings=None) -> Path:
     """Save ``make_pipe(plain)`` (a diffusers pipeline around ``plain``, a float32 CPU copy of the student
-    ``network``) at ``target``, atomically; the one path every export takes.
+    ``network``) at ``target``, atomically; the one path every export takes. ``call_settings(pipe)``: the keywords
+    of the pipeline's call, written as :data:`CALL_SETTINGS_NAME` inside the same atomic write (None: no file).
 
     A LoRA ``network`` goes into the pipeline fused (``W + alpha / r * B A``: a stock folder loadable with
     ``from_pretrained`` and no peft), and its adapters go into the same folder, inside the same atomic write,
@@ -113,11 +119,14 @@ def write_student_pipeline(network: nn.Module, make_pipe, target: str | os.PathL
         lora.fuse_lora(plain, inplace=True)
     plain.requires_grad_(True)  # save_pretrained does not care; keep the copy a plain trainable model
     pipe = make_pipe(plain)
+    call = call_settings(pipe) if call_settings is not None else None  # before the write: a failure writes nothing
 
     def write(tmp: Path) -> None:
         pipe.save_pretrained(tmp, safe_serialization=True)
         if adapters:
             lora.save_lora(network, tmp)
+        if call is not None:
+            (tmp / CALL_SETTINGS_NAME).write_text(json.dumps(call, indent=2) + "\n")
 
     return atomic_write_dir(target, write)
 
@@ -147,6 +156,58 @@ def float32_parts(parts, *names: str) -> dict[str, nn.Module | None]:
     return out
 
 
+#: the file a text-to-image export writes beside ``model_index.json``: the keywords of the stock pipeline's call that
+#: sample as the student's ``sample()`` (:func:`pipeline_call_settings`). diffusers does not read it; evaluate does.
+CALL_SETTINGS_NAME = "distillation_call.json"
+
+
+def pipeline_call_settings(pipe, teacher) -> dict:
+    """The keywords to call ``pipe`` (a text-to-image export's stock pipeline) with so that it samples as the
+    student's ``sample()``, from the ``teacher`` the student was distilled from (a teacher, or
+    :func:`~lightning_distill.text_cache.pipeline_parts`); written as :data:`CALL_SETTINGS_NAME`.
+
+    * ``height`` / ``width``: the network's sample size in pixels (``FluxPipeline`` draws 1024 px whatever the
+      network's config says; the others default to it already);
+    * ``guidance_scale``: 1 for SD, SD3 and SANA students (they sample the plain conditional teacher's
+      distribution; the pipelines' own defaults would add classifier-free guidance); for a guidance-distilled Flux
+      network the teacher's ``embedded_guidance`` it was trained at (``FluxPipeline``'s guidance_scale is that input;
+      a network without it takes no guidance keyword);
+    * ``max_sequence_length``: the teacher's T5 prompt length (SD3, also of the zero T5 part without T5; Flux) or
+      Gemma2 prompt length (SANA);
+    * SANA: ``complex_human_instruction`` (null: none; else the lines) and ``use_resolution_binning: false``
+      (``sample()`` draws at the network's own size; the bin tables refuse sizes outside them).
+
+    A setting ``teacher`` does not carry (a namespace of parts without it) is left out, with a warning: the
+    pipeline's default is then used, which may not be the student's.
+    """
+    import warnings
+
+    from . import backbones
+
+    net = pipe.unet if getattr(pipe, "unet", None) is not None else pipe.transformer
+    kind = type(net).__name__
+    flux, sana = kind == "FluxTransformer2DModel", kind == "SanaTransformer2DModel"
+    size = backbones.sample_shape(net)[1] * int(pipe.vae_scale_factor)
+    call: dict = {"height": size, "width": size, **({} if flux else {"guidance_scale": 1.0})}
+    recorded = {}  # call keyword -> (the teacher's attribute, its JSON value)
+    if kind != "UNet2DConditionModel":
+        recorded["max_sequence_length"] = ("max_sequence_length", int)
+    if flux and net.config.get("guidance_embeds", False):
+        recorded["guidance_scale"] = ("embedded_guidance", float)
+    if sana:
+        recorded["complex_human_instruction"] = ("complex_human_instruction",
+                                                 lambda lines: list(lines) if lines else None)
+        call["use_resolution_binning"] = False
+    missing = [attr for attr, _ in recorded.values() if not hasattr(teacher, attr)]
+    if missing:
+        warnings.warn(f"{CALL_SETTINGS_NAME}: the teacher's {', '.join(missing)} cannot be read from a "
+                      f"{type(teacher).__name__}; left out (the pipeline's default is then used)", stacklevel=3)
+    for key, (attr, as_json) in recorded.items():
+        if hasattr(teacher, attr):
+            call[key] = as_json(getattr(teacher, attr))
+    return call
+
+
 def export_sd3_pipeline(transformer: nn.Module, scheduler, teacher, target: str | os.PathLike) -> Path:
     """Save an ``SD3Transformer2DModel`` student (float32) with ``scheduler`` and the SD3 ``teacher``'s VAE,
     text encoders and tokenizers (T5 where the teacher has one) as a ``StableDiffusion3Pipeline`` folder; a LoRA
@@ -155,7 +216,8 @@ def export_sd3_pipeline(transformer: nn.Module, scheduler, teacher, target: str 
 
     Every part is written in float32 (:func:`float32_parts`), so a plain ``from_pretrained`` runs; pass
     ``torch_dtype`` to run in another. Load it with ``StableDiffusion3Pipeline.from_pretrained(path)``, T5-less
-    folders with ``text_encoder_3=None, tokenizer_3=None``.
+    folders with ``text_encoder_3=None, tokenizer_3=None``, and call it with the keywords in
+    :data:`CALL_SETTINGS_NAME` (``guidance_scale=1``, the teacher's T5 ``max_sequence_length``).
     Its loop is :func:`~lightning_distill.sampling.text_to_image_loop` except that it passes no generator to
     ``scheduler.step``: deterministic samplers and one-step x0 samplers reproduce the framework's samples
     for the same generator; a multi-step ``FlowMatchLCMScheduler`` draws its fresh noise from torch's
@@ -172,7 +234,7 @@ def export_sd3_pipeline(transformer: nn.Module, scheduler, teacher, target: str 
             tokenizer_3=getattr(t, "tokenizer_3", None), **parts,
         )
 
-    return write_student_pipeline(transformer, make, target)
+    return write_student_pipeline(transformer, make, target, lambda pipe: pipeline_call_settings(pipe, t))
 
 
 def export_flux_pipeline(transformer: nn.Module, scheduler, teacher, target: str | os.PathLike) -> Path:
@@ -183,9 +245,9 @@ def export_flux_pipeline(transformer: nn.Module, scheduler, teacher, target: str
 
     Its loop is :func:`~lightning_distill.sampling.text_to_image_loop` with ``FluxPipeline``'s steps
     (:func:`~lightning_distill.sampling.set_pipeline_steps`) and, like SD3's, no generator passed to
-    ``scheduler.step`` (see :func:`export_sd3_pipeline`). Call it with ``guidance_scale`` = the teacher's
-    ``embedded_guidance`` for a guidance-distilled network (the value it was trained at; ignored otherwise), and
-    ``max_sequence_length`` = the teacher's when that is not the pipeline's 512.
+    ``scheduler.step`` (see :func:`export_sd3_pipeline`). Call it with the keywords in :data:`CALL_SETTINGS_NAME`:
+    ``guidance_scale`` = the teacher's ``embedded_guidance`` for a guidance-distilled network (the value it was
+    trained at; absent otherwise), the teacher's T5 ``max_sequence_length``, and the network's ``height`` / ``width``.
     """
     from diffusers import FluxPipeline
 
@@ -195,7 +257,7 @@ def export_flux_pipeline(transformer: nn.Module, scheduler, teacher, target: str
     def make(net: nn.Module):
         return FluxPipeline(transformer=net, scheduler=scheduler, tokenizer=t.tokenizer, tokenizer_2=t.tokenizer_2, **parts)
 
-    return write_student_pipeline(transformer, make, target)
+    return write_student_pipeline(transformer, make, target, lambda pipe: pipeline_call_settings(pipe, t))
 
 
 def export_sana_pipeline(transformer: nn.Module, scheduler, teacher, target: str | os.PathLike) -> Path:
@@ -205,9 +267,9 @@ def export_sana_pipeline(transformer: nn.Module, scheduler, teacher, target: str
 
     Its loop is :func:`~lightning_distill.sampling.text_to_image_loop`'s, and it passes its generator to
     ``scheduler.step``, so a multi-step ``FlowMatchLCMScheduler`` draws its fresh noise as ``sample()`` does. Call
-    it with ``guidance_scale=1`` (the student samples the plain conditional teacher), ``use_resolution_binning=False``
-    below the pipeline's bin tables' sizes (it refuses a ``sample_size`` other than 16, 32, 64 or 128), and the
-    teacher's ``complex_human_instruction`` / ``max_sequence_length`` where they are not the pipeline's defaults.
+    it with the keywords in :data:`CALL_SETTINGS_NAME`: ``guidance_scale=1`` (the student samples the plain
+    conditional teacher), ``use_resolution_binning=False`` (the bin tables refuse a ``sample_size`` other than 16,
+    32, 64 or 128), and the teacher's ``complex_human_instruction`` (null: none) and Gemma2 ``max_sequence_length``.
     """
     from diffusers import SanaPipeline
 
@@ -217,13 +279,13 @@ def export_sana_pipeline(transformer: nn.Module, scheduler, teacher, target: str
     def make(net: nn.Module):
         return SanaPipeline(transformer=net, scheduler=scheduler, tokenizer=t.tokenizer, **parts)
 
-    return write_student_pipeline(transformer, make, target)
+    return write_student_pipeline(transformer, make, target, lambda pipe: pipeline_call_settings(pipe, t))
 
 
 def export_sd_pipeline(unet: nn.Module, scheduler, teacher, target: str | os.PathLike) -> Path:
     """Save an SD1.5-style ``UNet2DConditionModel`` student with the teacher's VAE and text encoder as a
-    ``StableDiffusionPipeline`` folder (call it with ``guidance_scale=1``: the student samples the plain
-    conditional teacher's distribution, and its loop is ``sample()``'s)."""
+    ``StableDiffusionPipeline`` folder (call it with the keywords in :data:`CALL_SETTINGS_NAME`, ``guidance_scale=1``:
+    the student samples the plain conditional teacher's distribution, and its loop is ``sample()``'s)."""
     from diffusers import StableDiffusionPipeline
 
     t = teacher
@@ -235,7 +297,7 @@ def export_sd_pipeline(unet: nn.Module, scheduler, teacher, target: str | os.Pat
             requires_safety_checker=False, **parts,
         )
 
-    return write_student_pipeline(unet, make, target)
+    return write_student_pipeline(unet, make, target, lambda pipe: pipeline_call_settings(pipe, t))
 
 
 #: text-to-image network class -> the export writing its stock pipeline.
@@ -249,7 +311,12 @@ TEXT_PIPELINE_EXPORTS = {
 
 def export_text_pipeline(network: nn.Module, scheduler, teacher, target: str | os.PathLike) -> Path:
     """Save a text-to-image student in its family's stock pipeline (:data:`TEXT_PIPELINE_EXPORTS`), with the text
-    encoders, tokenizers and VAE of ``teacher`` (a teacher, or :func:`~lightning_distill.text_cache.pipeline_parts`)."""
+    encoders, tokenizers and VAE of ``teacher`` (a teacher, or :func:`~lightning_distill.text_cache.pipeline_parts`),
+    and, beside ``model_index.json``, :data:`CALL_SETTINGS_NAME`: the keywords of the call that samples as
+    ``sample()`` (the teacher's text settings, read from ``teacher``: :func:`pipeline_call_settings`)::
+
+        >>> pipe(prompt="a red cat", **json.loads((folder / CALL_SETTINGS_NAME).read_text()))
+    """
     kind = type(getattr(network, "_orig_mod", network)).__name__
     if kind not in TEXT_PIPELINE_EXPORTS:
         raise ConfigError(f"no text-to-image pipeline export for {kind}; supported: {', '.join(TEXT_PIPELINE_EXPORTS)}")

@@ -352,6 +352,11 @@ def test_teacher_dtype_loads_the_teacher_as_data_teacher_dtype_does(tmp_path, ti
     assert default == str(tiny_teacher_dir)  # without the option: loaded by evaluate_models, float32 as before
     fd16, fd32 = rows["bfloat16"][0]["fd"], rows[None][0]["fd"]
     assert math.isfinite(fd16) and fd16 != fd32  # the bfloat16 teacher draws (slightly) other images
+    # so the reports say which: protocol.json and results.md record the teacher's dtype
+    for dtype, held in (("bfloat16", "bfloat16"), (None, "float32")):
+        out = tmp_path / f"out-{dtype}"
+        assert json.loads((out / "protocol.json").read_text())["teacher_dtype"] == held
+        assert f"- Teacher precision: {held} (`--teacher-dtype`" in (out / "results.md").read_text()
 
     capsys.readouterr()
     out = tmp_path / "bad"
