@@ -229,7 +229,8 @@ def release_encoders(teacher) -> Released:
 
 def pipeline_parts(teacher):
     """The teacher's VAE, text encoders and tokenizers for an exported pipeline: the teacher itself while it
-    holds them, else a namespace with the released parts read back from its source (CPU, teacher dtype)."""
+    holds them, else a namespace with the released parts read back from its source (CPU, teacher dtype) and the
+    teacher's text settings (prompt length, embedded guidance, SANA's instruction)."""
     rel = teacher.released
     if rel is None:
         return teacher
@@ -255,7 +256,9 @@ def pipeline_parts(teacher):
     if "vae.encoder" in rel.modules:
         parts["vae"] = getattr(diffusers, vae_class_name(denoiser_class)).from_pretrained(
             location, subfolder="vae", torch_dtype=rel.dtype, **kwargs)
-    return SimpleNamespace(**parts)
+    # and the text settings the student was trained with, which the export records (export.pipeline_call_settings)
+    settings = {n: getattr(teacher, n) for n in ("max_sequence_length", "embedded_guidance", "complex_human_instruction")}
+    return SimpleNamespace(**parts, **settings)
 
 
 __all__ = [

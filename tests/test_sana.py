@@ -261,6 +261,12 @@ def test_sana_lora_student_with_released_encoders_exports_a_load_lora_weights_fi
     ref_sd = sana_pipe.text_encoder.state_dict()
     assert all(torch.equal(v, ref_sd[k]) for k, v in fused.text_encoder.state_dict().items())
     torch.testing.assert_close(pipeline_latents(fused, prompts, steps, 5), ours, rtol=0, atol=1e-5)
+    # the call settings come from the teacher, not from the released parts read back (which carry none)
+    import json
+
+    call = json.loads((folder / "distillation_call.json").read_text())
+    assert call["max_sequence_length"] == method.teacher.max_sequence_length
+    assert call["complex_human_instruction"] == list(method.teacher.complex_human_instruction)
 
     # ... and the adapters in diffusers' layout, which the teacher's own SanaPipeline loads
     with safe_open(str(folder / lora.LORA_WEIGHT_NAME), framework="pt") as f:
