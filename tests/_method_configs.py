@@ -8,7 +8,6 @@ teacher gets the 8x8 tiny teacher; LCM gets the tiny Stable-Diffusion stand-in o
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import yaml
@@ -61,17 +60,9 @@ def _lcm_fixtures(fixtures: dict) -> tuple[Path, Path]:
 
         write_tiny_sd(sd)
     if not images.is_dir():
-        import numpy as np
-        from PIL import Image
+        from conftest import write_captions, write_image_folder
 
-        rng = np.random.default_rng(0)
-        rows = []
-        for cls in ("a", "b"):
-            (images / cls).mkdir(parents=True)
-            for i in range(6):
-                Image.fromarray(rng.integers(0, 255, (12, 10, 3), dtype=np.uint8)).save(images / cls / f"{i}.png")
-                rows.append({"file_name": f"{cls}/{i}.png", "text": f"a photo of {'cat' if cls == 'a' else 'dog'} {i}"})
-        (images / "metadata.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+        write_captions(write_image_folder(images))
     return sd, images
 
 

@@ -102,20 +102,34 @@ def tiny_eps_teacher_dir(tmp_path):
     return write_tiny_teacher(tmp_path / "teacher_eps", prediction_type="epsilon")
 
 
-@pytest.fixture
-def image_folder(tmp_path):
-    """Twelve small PNGs in two class sub-folders."""
+def write_image_folder(root):
+    """Twelve small PNGs (12 x 10, RGB, seeded) in two class sub-folders ``a/`` and ``b/``; returns ``root``."""
     from PIL import Image
     import numpy as np
 
     rng = np.random.default_rng(0)
-    root = tmp_path / "images"
     for cls in ("a", "b"):
         (root / cls).mkdir(parents=True)
         for i in range(6):
             arr = rng.integers(0, 255, (12, 10, 3), dtype=np.uint8)
             Image.fromarray(arr).save(root / cls / f"{i}.png")
     return root
+
+
+def write_captions(root):
+    """``metadata.jsonl`` for :func:`write_image_folder`'s folder: a caption per image; returns ``root``."""
+    import json
+
+    rows = [{"file_name": f"{c}/{i}.png", "text": f"a photo of {'cat' if c == 'a' else 'dog'} {i}"}
+            for c in ("a", "b") for i in range(6)]
+    (root / "metadata.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    return root
+
+
+@pytest.fixture
+def image_folder(tmp_path):
+    """Twelve small PNGs in two class sub-folders."""
+    return write_image_folder(tmp_path / "images")
 
 
 def one_line_error(entry, prog: str, argv: list[str], monkeypatch, capsys) -> str:

@@ -9,6 +9,8 @@ import lightning as L
 import pytest
 import torch
 
+from conftest import write_captions
+
 from lightning_distill.data import DataError, TeacherDataModule
 from lightning_distill.methods.consistency import solver_step
 from lightning_distill.methods.lcm import LatentConsistencyDistillation, cfg_prediction, guidance_scale_embedding
@@ -68,10 +70,7 @@ def tiny_sd(tmp_path_factory):
 
 @pytest.fixture
 def captioned_folder(image_folder):
-    rows = [{"file_name": f"{c}/{i}.png", "text": f"a photo of {'cat' if c == 'a' else 'dog'} {i}"}
-            for c in ("a", "b") for i in range(6)]
-    (image_folder / "metadata.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
-    return image_folder
+    return write_captions(image_folder)
 
 
 def make_dm(tiny_sd, folder, **kw):

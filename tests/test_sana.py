@@ -41,19 +41,9 @@ def sana_pipe(tiny_sana_dir):
 @pytest.fixture(scope="module")
 def captioned(tmp_path_factory):
     """Twelve 12 x 10 PNGs in two class folders, a caption each (metadata.jsonl)."""
-    import numpy as np
-    from PIL import Image
+    from conftest import write_captions, write_image_folder
 
-    root = tmp_path_factory.mktemp("captioned") / "images"
-    rng = np.random.default_rng(0)
-    rows = []
-    for c in ("a", "b"):
-        (root / c).mkdir(parents=True)
-        for i in range(6):
-            Image.fromarray(rng.integers(0, 255, (12, 10, 3), dtype=np.uint8)).save(root / c / f"{i}.png")
-            rows.append({"file_name": f"{c}/{i}.png", "text": f"a photo of {'cat' if c == 'a' else 'dog'} {i}"})
-    (root / "metadata.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
-    return root
+    return write_captions(write_image_folder(tmp_path_factory.mktemp("captioned") / "images"))
 
 
 def encode(pipe, prompts, **kw):

@@ -11,6 +11,8 @@ import lightning as L
 import pytest
 import torch
 
+from conftest import write_captions
+
 from _sd3 import IMAGE_SIZE, JOINT_ATTENTION_DIM, write_tiny_sd3
 from lightning_distill.teacher import TeacherError, load_teacher
 
@@ -106,10 +108,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.fixture
 def sd3_captioned(image_folder):
-    rows = [{"file_name": f"{c}/{i}.png", "text": f"a photo of {'cat' if c == 'a' else 'dog'} {i}"}
-            for c in ("a", "b") for i in range(6)]
-    (image_folder / "metadata.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
-    return image_folder
+    return write_captions(image_folder)
 
 
 def sd3_lcm(tiny_sd3_dir, folder, **kw):
