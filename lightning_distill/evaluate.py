@@ -983,6 +983,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--teacher-max-sequence-length", type=int, default=None,
                    help="the T5 prompt length of an SD3-with-T5 or Flux teacher and its students, as the run's "
                         "data.teacher_max_sequence_length (default: the pipeline's, 256 / 512)")
+    p.add_argument("--teacher-complex-human-instruction", default=None, metavar="FILE|none",
+                   help="a SANA teacher's complex_human_instruction, as the run's data.teacher_complex_human_instruction: "
+                        "a UTF-8 file of its lines, or none (default: SanaPipeline's own)")
     # checked in main, not by argparse's choices: a bad value is then one line (argparse adds its usage line)
     p.add_argument("--teacher-dtype", default=None, metavar="{" + ",".join(DTYPES) + "}",
                    help="the precision the teacher (and its VAE and text encoders) is held in, as the run's "
@@ -991,6 +994,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fd-checks-model", default=None, help="model sampled twice for the determinism check")
     p.add_argument("--fd-checks-steps", type=int, default=4)
     return p
+
+
+def instruction_lines(value: str) -> list[str] | None:
+    """``--teacher-complex-human-instruction``: None for ``none``, else the lines of the UTF-8 file ``value`` (every
+    line kept, blank ones too; one final newline is not a line)."""
+    if value.lower() == "none":
+        return None
+    path = Path(value)
+    if not path.is_file():
+        raise ConfigError(f"--teacher-complex-human-instruction {value!r}: no such file (a UTF-8 file of the "
+                          "instruction's lines, or none)")
+    return path.read_text(encoding="utf-8").removesuffix("\n").split("\n")
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
@@ -1013,10 +1028,16 @@ def main(argv: list[str] | None = None) -> list[dict]:
     if teacher is None and any(v is not None for v in text.values()):
         raise ConfigError("--teacher-embedded-guidance and --teacher-max-sequence-length set the teacher's text "
                           "conditioning, but --teacher is none: unset them")
+    if a.teacher_complex_human_instruction is not None:
+        if teacher is None:
+            raise ConfigError("--teacher-complex-human-instruction sets a SANA teacher's instruction, but --teacher is "
+                              "none: unset it")
+        text["teacher_complex_human_instruction"] = instruction_lines(a.teacher_complex_human_instruction)
     if teacher is None and a.teacher_dtype is not None:
         raise ConfigError(f"--teacher-dtype {a.teacher_dtype} sets the teacher's precision, but --teacher is none: unset it")
     settings = {**text, "teacher_dtype": a.teacher_dtype}
-    if any(v is not None for v in settings.values()):  # the teacher as the run's data settings load it
+    if any(v is not None for v in settings.values()) or "teacher_complex_human_instruction" in settings:
+        # the teacher as the run's data settings load it (an instruction set to none is a setting)
         from .data import load_run_teacher
 
         teacher = load_run_teacher({"teacher": teacher, **settings})

@@ -90,3 +90,44 @@ def test_progressive_promoted_sana_teachers_keep_the_length_and_instruction(  # 
     ours, theirs = promoted.encode_prompts(PROMPTS), configured.encode_prompts(PROMPTS)
     assert ours["encoder_hidden_states"].shape[1] == 7
     assert all(torch.equal(v, theirs[k]) for k, v in ours.items())
+
+
+def test_evaluate_takes_the_instruction_as_data_does(tiny_sana_dir, tmp_path, monkeypatch, capsys):  # noqa: F811
+    """evaluate --teacher-complex-human-instruction: none, or a file of lines (blank lines kept), loads the teacher
+    as data.teacher_complex_human_instruction does; without a teacher, on another family or with no file: one line."""
+    from lightning_distill import evaluate
+
+    from conftest import one_line_error
+
+    class Loaded(Exception):
+        pass
+
+    def capture(teacher, **kw):
+        raise Loaded(teacher)
+
+    monkeypatch.setattr(evaluate, "evaluate_models", capture)
+    lines = ["Draw this:", "", "- in colour"]
+    (tmp_path / "instruction.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    for value, want in (("none", None), (str(tmp_path / "instruction.txt"), tuple(lines))):
+        with pytest.raises(Loaded) as got:
+            evaluate.main(["--teacher", str(tiny_sana_dir), "--teacher-complex-human-instruction", value,
+                           "--out", str(tmp_path / "out")])
+        teacher = got.value.args[0]
+        assert teacher.complex_human_instruction == want
+        run = load_run_teacher({"teacher": str(tiny_sana_dir), "teacher_complex_human_instruction": want})
+        assert encoder_key(teacher) == encoder_key(run)
+
+    monkeypatch.undo()
+    capsys.readouterr()  # the loads above wrote their progress bars
+    out = tmp_path / "bad"
+    for argv, words in (
+        (["--teacher", "none", "--student", f"s={tiny_sana_dir}", "--teacher-complex-human-instruction", "none"],
+         "ConfigError: --teacher-complex-human-instruction sets a SANA teacher's instruction, but --teacher is none"),
+        (["--teacher", "bundled:digits", "--teacher-complex-human-instruction", "none"],
+         "ConfigError: data.teacher_complex_human_instruction is the instruction SanaPipeline puts before every prompt"),
+        (["--teacher", str(tiny_sana_dir), "--teacher-complex-human-instruction", str(tmp_path / "missing.txt")],
+         "ConfigError: --teacher-complex-human-instruction"),
+    ):
+        line = one_line_error(evaluate._entry, "evaluate", argv + ["--out", str(out)], monkeypatch, capsys)
+        assert line.startswith(f"evaluate: error: {words}"), line
+    assert not out.exists()
