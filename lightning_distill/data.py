@@ -84,6 +84,15 @@ def is_default_instruction(instruction: Instruction | Sequence[str]) -> bool:
     return instruction is not None and tuple(instruction) == SANA_COMPLEX_HUMAN_INSTRUCTION
 
 
+def resolved_instruction(instruction: Instruction | Sequence[str]) -> tuple[str, ...] | None:
+    """The instruction lines a ``data.teacher_complex_human_instruction`` value gives a SANA teacher (what
+    :attr:`DiffusionTeacher.complex_human_instruction` then holds): ``"default"`` -> ``SanaPipeline``'s own; None or
+    no lines -> None."""
+    if is_default_instruction(instruction):
+        return SANA_COMPLEX_HUMAN_INSTRUCTION
+    return tuple(instruction) if instruction else None
+
+
 def check_teacher_text_settings(
     teacher: DiffusionTeacher, max_sequence_length: int | None = None, embedded_guidance: float | None = None,
     complex_human_instruction: Instruction | Sequence[str] = DEFAULT_INSTRUCTION,

@@ -274,18 +274,16 @@ def _run_settings_match(teacher: DiffusionTeacher, text: dict) -> bool:
     teacher, the ``complex_human_instruction`` of ``text["teacher_complex_human_instruction"]`` (absent or
     ``"default"``: the pipeline's; None: none; else the lines), as :func:`~lightning_distill.data.load_run_teacher`
     reads them."""
-    from .data import DEFAULT_INSTRUCTION, is_default_instruction
-    from .teacher import MAX_SEQUENCE_LENGTH, SANA_COMPLEX_HUMAN_INSTRUCTION
+    from .data import DEFAULT_INSTRUCTION, resolved_instruction
+    from .teacher import MAX_SEQUENCE_LENGTH
 
     if next(teacher.unet.parameters()).dtype != DTYPES[text.get("teacher_dtype") or "float32"]:
         return False
     if text.get("teacher_prediction_type") not in (None, teacher.denoiser.prediction_type):
         return False
     sana = isinstance(backbones.backbone_for(teacher.unet), backbones.SanaBackbone)
-    instruction = text.get("teacher_complex_human_instruction", DEFAULT_INSTRUCTION)
-    if is_default_instruction(instruction):
-        instruction = SANA_COMPLEX_HUMAN_INSTRUCTION
-    if sana and teacher.complex_human_instruction != (tuple(instruction) if instruction else None):
+    instruction = resolved_instruction(text.get("teacher_complex_human_instruction", DEFAULT_INSTRUCTION))
+    if sana and teacher.complex_human_instruction != instruction:
         return False
 
     net = type(getattr(teacher.unet, "_orig_mod", teacher.unet)).__name__
@@ -419,18 +417,17 @@ def folder_text_settings(pipe, net: nn.Module, teacher: DiffusionTeacher | None,
     same_family = teacher is not None and type(teacher.unet).__name__ == type(net).__name__
     recorded = read_call_settings(folder) if folder is not None else {}
     sana = isinstance(backbones.backbone_for(net), backbones.SanaBackbone)
-    has_t5 = getattr(pipe, "text_encoder_3", None) is not None or type(pipe).__name__ == "FluxPipeline"
     flux = isinstance(backbones.backbone_for(net), backbones.FluxBackbone)
     guided = flux and net.config.get("guidance_embeds", False)
-    ours: dict = {}  # the teacher's, in the pipeline call's keywords
+
+    def text_keys(call: dict) -> dict:  # the teacher's text settings among a call's keywords (not size, binning)
+        return {k: v for k, v in call.items() if k == "max_sequence_length"
+                or (k == "complex_human_instruction" and sana) or (k == "guidance_scale" and guided)}
+
     if same_family:
-        if guided:
-            ours["guidance_scale"] = float(teacher.embedded_guidance)
-        if has_t5 or sana:
-            ours["max_sequence_length"] = teacher.max_sequence_length
-        if sana:
-            instruction = teacher.complex_human_instruction
-            ours["complex_human_instruction"] = list(instruction) if instruction else None
+        from .export import pipeline_call_settings
+
+        ours = text_keys(pipeline_call_settings(pipe, teacher))  # what the export records, from this teacher
         differ = sorted(k for k in ours if k in recorded and recorded[k] != ours[k])
         if differ:
             import warnings
@@ -440,9 +437,7 @@ def folder_text_settings(pipe, net: nn.Module, teacher: DiffusionTeacher | None,
                           "trained with)", stacklevel=2)
         settings = ours
     else:
-        settings = {k: v for k, v in recorded.items()
-                    if k == "max_sequence_length" or (k == "complex_human_instruction" and sana)
-                    or (k == "guidance_scale" and guided)}
+        settings = text_keys(recorded)
     embedded = float(settings.pop("guidance_scale", 3.5)) if guided else None
     return embedded, settings
 

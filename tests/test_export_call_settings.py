@@ -140,6 +140,14 @@ def test_evaluate_scores_a_folder_with_its_recorded_settings(family, flux_export
     fd_explicit = scored(tmp_path, bare, captioned, size, load_teacher(str(source), **settings), name="explicit")
     fd_default = scored(tmp_path, bare, captioned, size, name="default")
     assert fd_recorded == fd_explicit and fd_recorded != fd_default
+    # each setting, not only their joint effect on the FD: from the file, and from a teacher of the family
+    from diffusers import DiffusionPipeline
+
+    pipe = DiffusionPipeline.from_pretrained(folder)
+    want = (2.0, {"max_sequence_length": 8}) if family == "flux" else (
+        None, {"max_sequence_length": 8, "complex_human_instruction": None})
+    assert evaluate.folder_text_settings(pipe, pipe.transformer, None, folder) == want
+    assert evaluate.folder_text_settings(pipe, pipe.transformer, load_teacher(str(source), **settings)) == want
     with pytest.warns(UserWarning, match="its export recorded .*max_sequence_length=8"):
         fd_teacher = scored(tmp_path, folder, captioned, size, load_teacher(str(source)), name="teacher")
     assert fd_teacher == fd_default
